@@ -1,0 +1,67 @@
+/**
+ * One measurement: run one fio workload against one case while sampling the CPU of the
+ * case's server process trees over a window inside fio's steady (post-ramp) period.
+ * Threads: harness main thread.
+ *
+ * Timeline (t = 0 when fio is spawned; fio connects within a few ms):
+ *
+ *   0 -- ramp --+----------- runtime (fio's report) -----------+ exit
+ *               | +kWindowStartGuardMs     -kWindowEndGuardMs |
+ *               |  [=========== CPU window ===========]        |
+ *
+ * Invariants: the CPU window is strictly inside the measured period, so CPU seconds per
+ * GiB = (CPU seconds / window seconds) / (fio GiB per second). A sample that cannot be
+ * taken (process gone, fio ended early) yields NaN, never a made-up number.
+ */
+import { performance } from 'node:perf_hooks';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { assert } from '../../src/core/assert.js';
+import { treeCpuSeconds } from './cpu.js';
+import { runFio, type FioOptions, type FioResult } from './fio.js';
+import type { Workload } from './workloads.js';
+
+const kWindowStartGuardMs = 300;
+const kWindowEndGuardMs = 200;
+const kBytesPerGiB = 1024 ** 3;
+
+export interface Measurement extends FioResult {
+  /** Server trees' CPU in percent of one core over the window (NaN if not sampled). */
+  serverCpuPercent: number;
+  /** Server trees' CPU seconds per GiB transferred (NaN if not sampled). */
+  serverCpuSecPerGiB: number;
+}
+
+interface Sample {
+  cpuSeconds: number;
+  wallMs: number;
+}
+
+function sampleAfter(delayMs: number, pids: readonly number[],
+  fioDone: () => boolean): Promise<Sample | null> {
+  return sleep(delayMs).then(() => {
+    if (fioDone()) return null;
+    return { cpuSeconds: treeCpuSeconds(pids), wallMs: performance.now() };
+  });
+}
+
+export async function measure(workload: Workload, options: FioOptions,
+  serverPids: readonly number[]): Promise<Measurement> {
+  assert(serverPids.length > 0, 'measure needs the server pids');
+  const rampMs = options.rampSec * 1000;
+  const windowStartMs = rampMs + kWindowStartGuardMs;
+  const windowEndMs = rampMs + options.runtimeSec * 1000 - kWindowEndGuardMs;
+  assert(windowEndMs > windowStartMs, 'runtime too short for a CPU window');
+  let done = false;
+  const fio = runFio(workload, options).finally(() => (done = true));
+  const startSample = sampleAfter(windowStartMs, serverPids, () => done);
+  const endSample = sampleAfter(windowEndMs, serverPids, () => done);
+  const [result, start, end] = await Promise.all([fio, startSample, endSample]);
+  let serverCpuPercent = Number.NaN;
+  let serverCpuSecPerGiB = Number.NaN;
+  if (start !== null && end !== null && end.wallMs > start.wallMs) {
+    const cpuRate = (end.cpuSeconds - start.cpuSeconds) / ((end.wallMs - start.wallMs) / 1000);
+    serverCpuPercent = cpuRate * 100;
+    if (result.bytesPerSec > 0) serverCpuSecPerGiB = cpuRate / (result.bytesPerSec / kBytesPerGiB);
+  }
+  return { ...result, serverCpuPercent, serverCpuSecPerGiB };
+}

@@ -1,0 +1,78 @@
+/**
+ * Result records and the JSON file written per run: bench/results/<ISO date>.json (colons
+ * replaced by '-' so the name is portable). The schema is versioned; add fields, never
+ * change the meaning of an existing one.
+ * Threads: harness main thread.
+ */
+import { mkdirSync, writeFileSync, renameSync } from 'node:fs';
+import { join } from 'node:path';
+import { assert } from '../../src/core/assert.js';
+import type { MachineLimits } from './limits.js';
+import type { MachineInfo, SourceInfo } from './machine.js';
+import type { Measurement } from './measure.js';
+
+export const kResultsSchemaVersion = 1;
+
+export interface RowResult {
+  caseName: string;
+  workload: string;
+  /** null when the row ran; otherwise why it did not (not built, failed to start, fio error). */
+  error: string | null;
+  /** The round with the median IOPS (null when no round succeeded). */
+  measurement: Measurement | null;
+  /** Every successful round, in run order (length <= rounds). */
+  rounds: Measurement[];
+  /** (max - min) / median of the rounds' IOPS, percent; NaN with fewer than two rounds. */
+  spreadPercent: number;
+}
+
+export interface RatioResult {
+  caseName: string;
+  versus: string;
+  workload: string;
+  /**
+   * Throughput ratio caseName / versus (IOPS; same as MB/s for one workload): the median of
+   * per-round ratios when both rows have the same rounds, else the ratio of the median rounds.
+   */
+  throughputRatio: number | null;
+  /** Server CPU s/GiB ratio caseName / versus (lower is better). */
+  cpuPerGiBRatio: number | null;
+  minRatio: number | null;
+  met: boolean | null;
+}
+
+export interface RunResults {
+  schema: number;
+  startedAt: string;
+  finishedAt: string;
+  options: {
+    quick: boolean;
+    rounds: number;
+    runtimeSec: number;
+    rampSec: number;
+    sizeBytes: number;
+    cases: string[];
+    workloads: string[];
+  };
+  machine: MachineInfo;
+  source: SourceInfo;
+  limits: MachineLimits | null;
+  cases: Array<{ name: string; description: string; status: string }>;
+  rows: RowResult[];
+  ratios: RatioResult[];
+}
+
+/** Writes results atomically (tmp + rename) and returns the path. */
+export function writeResults(resultsDir: string, results: RunResults): string {
+  assert(results.schema === kResultsSchemaVersion);
+  mkdirSync(resultsDir, { recursive: true });
+  const name = `${results.startedAt.replace(/:/g, '-').replace(/\.\d+Z$/, 'Z')}.json`;
+  const path = join(resultsDir, name);
+  const tmpPath = `${path}.tmp`;
+  // NaN is not JSON; store unmeasured numbers as null.
+  const text = JSON.stringify(results, (_key, value: unknown) =>
+    (typeof value === 'number' && !Number.isFinite(value) ? null : value), 2);
+  writeFileSync(tmpPath, `${text}\n`);
+  renameSync(tmpPath, path);
+  return path;
+}

@@ -1,0 +1,403 @@
+/**
+ * `npm run bench` entry: starts every selected case's servers (children of this process,
+ * sockets in a tmp dir, data on /dev/shm), runs every selected fio workload against each
+ * case (workload-major, so cases of one workload run back to back and drift hits them
+ * alike), prints a table and the ratio block, and writes bench/results/<ISO date>.json.
+ * Threads: main thread of the harness process.
+ *
+ * Invariants:
+ * - A case that is unavailable, fails to start, or dies mid-run becomes rows with an error
+ *   text; the harness never crashes because of a case.
+ * - Every child process and scratch directory is removed on exit, including Ctrl-C.
+ * - Performance numbers are compared only within one run (noise between runs is 15-20 %).
+ */
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { assert } from '../src/core/assert.js';
+import { loadCases, type BenchCase, type CaseContext, type CaseSetup } from './lib/case.js';
+import { measureLimits, type MachineLimits } from './lib/limits.js';
+import { hasTool, machineInfo, sourceInfo } from './lib/machine.js';
+import { measure, type Measurement } from './lib/measure.js';
+import { killAllSync, startProcess, type ManagedProcess } from './lib/proc.js';
+import { computeRatios, limitsLine, ratioBlock, resultsTable } from './lib/report.js';
+import { kResultsSchemaVersion, writeResults } from './lib/results.js';
+import type { RowResult, RunResults } from './lib/results.js';
+import { kWorkloads, type Workload } from './lib/workloads.js';
+
+const kDefaultRuntimeSec = 5;
+const kQuickRuntimeSec = 2;
+const kDefaultRounds = 3;
+const kQuickRounds = 1;
+const kRampSec = 1;
+const kDefaultSizeMiB = 1024;
+const kQuickSizeMiB = 256;
+const kLimitsDurationMs = 1000;
+const kDefaultBaseline = 'nbdkit-file';
+const kMiB = 1024 * 1024;
+const kTableErrorChars = 140;
+const kDeathNoticeMs = 200;
+const kMaxRounds = 20;
+
+const distRoot = fileURLToPath(new URL('../', import.meta.url));
+const repoRoot = fileURLToPath(new URL('../../', import.meta.url));
+const casesDir = fileURLToPath(new URL('./cases/', import.meta.url));
+
+const kHelp = `usage: node dist/bench/run.js [options]
+
+  --quick              2 s per workload, 1 round, 256 MiB export, quick cases/workloads, no limits
+  --rounds N           run each (workload, case) N times, interleaved, report the median
+                       (default ${kDefaultRounds}, quick ${kQuickRounds})
+  --runtime S          seconds per workload, after a ${kRampSec} s ramp (default ${kDefaultRuntimeSec})
+  --size-mib N         export size in MiB (default ${kDefaultSizeMiB}, quick ${kQuickSizeMiB})
+  --cases a,b          only these cases (default: all but opt-in ones; --quick: the quick ones)
+  --workloads x,y      only these workloads
+  --baseline NAME      case the ratio column compares with (default ${kDefaultBaseline})
+  --limits / --no-limits  measure memcpy and Unix-socket limits (default: on unless --quick)
+  --no-save            do not write bench/results/<date>.json
+  --list               list cases and workloads, then exit
+  --help               this text
+Environment: ENBD_BENCH_MAIN overrides the enbd entry (default <dist>/src/cli/main.js).`;
+
+interface Options {
+  quick: boolean;
+  rounds: number;
+  runtimeSec: number;
+  sizeBytes: number;
+  caseNames: string[] | null;
+  workloadNames: string[] | null;
+  baseline: string;
+  limits: boolean;
+  save: boolean;
+  list: boolean;
+}
+
+function parseOptions(argv: string[]): Options | null {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      quick: { type: 'boolean', default: false },
+      runtime: { type: 'string' },
+      rounds: { type: 'string' },
+      'size-mib': { type: 'string' },
+      cases: { type: 'string' },
+      workloads: { type: 'string' },
+      baseline: { type: 'string', default: kDefaultBaseline },
+      limits: { type: 'boolean' },
+      'no-limits': { type: 'boolean', default: false },
+      'no-save': { type: 'boolean', default: false },
+      list: { type: 'boolean', default: false },
+      help: { type: 'boolean', default: false },
+    },
+    strict: true,
+  });
+  if (values.help) return null;
+  const quick = values.quick;
+  const runtimeSec = Number(values.runtime ?? (quick ? kQuickRuntimeSec : kDefaultRuntimeSec));
+  if (!Number.isInteger(runtimeSec) || runtimeSec < 1) {
+    throw new RangeError('--runtime must be an integer >= 1');
+  }
+  const rounds = Number(values.rounds ?? (quick ? kQuickRounds : kDefaultRounds));
+  if (!Number.isInteger(rounds) || rounds < 1 || rounds > kMaxRounds) {
+    throw new RangeError(`--rounds must be an integer in 1..${kMaxRounds}`);
+  }
+  const sizeMiB = Number(values['size-mib'] ?? (quick ? kQuickSizeMiB : kDefaultSizeMiB));
+  if (!Number.isInteger(sizeMiB) || sizeMiB < 16) {
+    throw new RangeError('--size-mib must be an integer >= 16');
+  }
+  const split = (text: string | undefined): string[] | null => {
+    if (text === undefined) return null;
+    return text.split(',').map((name) => name.trim()).filter((name) => name !== '');
+  };
+  return {
+    quick, rounds, runtimeSec, sizeBytes: sizeMiB * kMiB,
+    caseNames: split(values.cases), workloadNames: split(values.workloads),
+    baseline: values.baseline,
+    limits: values['no-limits'] ? false : (values.limits ?? !quick),
+    save: !values['no-save'],
+    list: values.list,
+  };
+}
+
+interface Selectable {
+  name: string;
+  quick: boolean;
+  optIn?: boolean;
+}
+
+function select<T extends Selectable>(all: readonly T[], names: string[] | null, quick: boolean,
+  what: string): T[] {
+  if (names === null) return all.filter((item) => (!quick || item.quick) && item.optIn !== true);
+  const unknown = names.filter((name) => !all.some((item) => item.name === name));
+  if (unknown.length > 0) {
+    const known = all.map((item) => item.name).join(', ');
+    throw new RangeError(`unknown ${what}: ${unknown.join(', ')} (known: ${known})`);
+  }
+  return all.filter((item) => names.includes(item.name));
+}
+
+function log(message: string): void {
+  process.stderr.write(`[bench] ${message}\n`);
+}
+
+/** One line for the table: the error's first line, plus the last line of a server log. */
+function shortError(error: unknown): string {
+  const text = error instanceof Error ? error.message : String(error);
+  const lines = text.split('\n').filter((line) => line.trim() !== '');
+  const first = lines[0] ?? 'unknown error';
+  const last = lines.length > 1 ? ` | ${lines[lines.length - 1]?.trim() ?? ''}` : '';
+  const short = `${first}${last}`;
+  return short.length > kTableErrorChars ? `${short.slice(0, kTableErrorChars - 3)}...` : short;
+}
+
+function fillImage(path: string, sizeBytes: number): void {
+  assert(sizeBytes % kMiB === 0);
+  const chunk = Buffer.alloc(kMiB);
+  for (let index = 0; index < kMiB; index++) chunk[index] = (index * 131 + 7) & 0xff;
+  const fd = openSync(path, 'w');
+  try {
+    for (let offsetBytes = 0; offsetBytes < sizeBytes; offsetBytes += kMiB) {
+      writeSync(fd, chunk, 0, kMiB, offsetBytes);
+    }
+  } finally {
+    closeSync(fd);
+  }
+}
+
+interface CaseState {
+  benchCase: BenchCase;
+  context: CaseContext;
+  processes: ManagedProcess[];
+  runDir: string;
+  setup: CaseSetup | null;
+  /** 'ok', or why the case cannot be measured. */
+  status: string;
+}
+
+function makeCaseState(benchCase: BenchCase, runRoot: string, dataRoot: string, sizeBytes: number,
+  sharedImage: () => string): CaseState {
+  const runDir = join(runRoot, benchCase.name);
+  const dataDir = join(dataRoot, benchCase.name);
+  mkdirSync(runDir);
+  mkdirSync(dataDir);
+  const processes: ManagedProcess[] = [];
+  const context: CaseContext = {
+    runDir, dataDir, sizeBytes, distRoot, repoRoot, sharedImage,
+    spawn: async (spec) => {
+      const managed = await startProcess({ ...spec, logPath: join(runDir, `${spec.label}.log`) });
+      processes.push(managed);
+      return managed;
+    },
+  };
+  return { benchCase, context, processes, runDir, setup: null, status: 'not started' };
+}
+
+async function startCase(state: CaseState): Promise<void> {
+  const { benchCase, context } = state;
+  const missingTools = benchCase.tools.filter((tool) => !hasTool(tool));
+  const reason = missingTools.length > 0
+    ? `tool(s) missing: ${missingTools.join(', ')}`
+    : benchCase.unavailableReason(context);
+  if (reason !== null) {
+    state.status = `unavailable: ${reason}`;
+    log(`${benchCase.name}: ${state.status}`);
+    return;
+  }
+  try {
+    state.setup = await benchCase.start(context);
+    state.status = 'ok';
+    log(`${benchCase.name}: started (${state.setup.uri})`);
+  } catch (error) {
+    state.status = `failed to start: ${error instanceof Error ? error.message : String(error)}`;
+    log(`${benchCase.name}: ${state.status}`);
+    await stopCase(state);
+  }
+}
+
+async function stopCase(state: CaseState): Promise<void> {
+  for (const managed of [...state.processes].reverse()) await managed.stop();
+  state.processes.length = 0;
+}
+
+function deadProcess(state: CaseState): ManagedProcess | undefined {
+  return state.processes.find((managed) => !managed.running);
+}
+
+interface Attempt {
+  error: string | null;
+  measurement: Measurement | null;
+}
+
+async function runOnce(state: CaseState, workload: Workload, options: Options): Promise<Attempt> {
+  if (state.status !== 'ok' || state.setup === null) {
+    return { error: state.status, measurement: null };
+  }
+  const servers = state.processes.filter((managed) => managed.spec.role === 'server');
+  const measured = servers.length > 0 ? servers : state.processes;
+  const attempt: Attempt = { error: null, measurement: null };
+  try {
+    log(`${workload.name} on ${state.benchCase.name} ...`);
+    attempt.measurement = await measure(workload, {
+      uri: state.setup.uri, runtimeSec: options.runtimeSec, rampSec: kRampSec,
+      sizeBytes: options.sizeBytes,
+      outputPath: join(state.runDir, `${workload.name}.fio.json`),
+    }, measured.map((managed) => managed.pid));
+  } catch (error) {
+    attempt.error = error instanceof Error ? error.message : String(error);
+    await sleep(kDeathNoticeMs); // let a crashed server's 'exit' event arrive
+  }
+  const dead = deadProcess(state);
+  if (dead !== undefined) {
+    state.status = `server died: ${dead.spec.label} ${dead.exitDescription()}\n${dead.logTail()}`;
+    attempt.error = attempt.error === null ? state.status : `${state.status}\n${attempt.error}`;
+    attempt.measurement = null;
+  }
+  return attempt;
+}
+
+/** Folds the rounds of one (case, workload) into a row: the median-IOPS round, and spread. */
+function toRow(state: CaseState, workload: Workload, attempts: readonly Attempt[]): RowResult {
+  assert(attempts.length > 0);
+  const rounds = attempts.flatMap((attempt) => (attempt.measurement ?? []));
+  const failed = attempts.find((attempt) => attempt.error !== null);
+  const sorted = [...rounds].sort((left, right) => left.iops - right.iops);
+  const median = sorted[Math.floor((sorted.length - 1) / 2)] ?? null;
+  const highest = sorted[sorted.length - 1]?.iops ?? 0;
+  const lowest = sorted[0]?.iops ?? 0;
+  const spreadPercent = median !== null && sorted.length > 1
+    ? ((highest - lowest) / median.iops) * 100
+    : Number.NaN;
+  // A case that failed in any round is reported failed: a half-measured row would mislead.
+  return {
+    caseName: state.benchCase.name, workload: workload.name, error: failed?.error ?? null,
+    measurement: failed === undefined ? median : null, rounds, spreadPercent,
+  };
+}
+
+async function runWorkload(states: readonly CaseState[], workload: Workload,
+  options: Options): Promise<RowResult[]> {
+  const attempts = new Map<CaseState, Attempt[]>(states.map((state) => [state, []]));
+  for (let round = 0; round < options.rounds; round++) {
+    // Alternate the order so no case always runs first (warm caches, thermal drift).
+    const order = round % 2 === 0 ? states : [...states].reverse();
+    for (const state of order) attempts.get(state)?.push(await runOnce(state, workload, options));
+  }
+  return states.map((state) => toRow(state, workload, attempts.get(state) ?? []));
+}
+
+async function runLimits(runRoot: string): Promise<MachineLimits | null> {
+  try {
+    log('measuring machine limits ...');
+    return await measureLimits(runRoot, kLimitsDurationMs);
+  } catch (error) {
+    log(`machine limits failed: ${shortError(error)}`);
+    return null;
+  }
+}
+
+async function main(): Promise<number> {
+  const options = parseOptions(process.argv.slice(2));
+  if (options === null) {
+    process.stdout.write(`${kHelp}\n`);
+    return 0;
+  }
+  const allCases = await loadCases(casesDir);
+  if (options.list) {
+    for (const benchCase of allCases) {
+      const tags = `${benchCase.quick ? ' [quick]' : ''}${benchCase.optIn === true ? ' [opt-in]' : ''}`;
+      process.stdout.write(`case      ${benchCase.name.padEnd(20)} ${benchCase.description}${tags}\n`);
+    }
+    for (const workload of kWorkloads) {
+      process.stdout.write(`workload  ${workload.name.padEnd(20)} ${workload.description}\n`);
+    }
+    return 0;
+  }
+  const cases = select(allCases, options.caseNames, options.quick, 'case');
+  const workloads = select(kWorkloads, options.workloadNames, options.quick, 'workload');
+  if (!hasTool('fio')) throw new Error('fio is not installed (apt-get install -y fio)');
+  const startedAt = new Date().toISOString();
+  const machine = machineInfo();
+  const runRoot = mkdtempSync(join(tmpdir(), 'enbd-bench-'));
+  const dataPrefix = existsSync('/dev/shm') ? '/dev/shm/enbd-bench-' : join(tmpdir(), 'enbd-bench-data-');
+  const dataRoot = mkdtempSync(dataPrefix);
+  const cleanup = (): void => {
+    killAllSync();
+    rmSync(runRoot, { recursive: true, force: true });
+    rmSync(dataRoot, { recursive: true, force: true });
+  };
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    process.once(signal, () => {
+      cleanup();
+      process.exit(130);
+    });
+  }
+  try {
+    const limits = options.limits ? await runLimits(runRoot) : null;
+    let sharedImagePath: string | null = null;
+    const sharedImage = (): string => {
+      if (sharedImagePath === null) {
+        sharedImagePath = join(dataRoot, 'shared-leg.img');
+        fillImage(sharedImagePath, options.sizeBytes);
+      }
+      return sharedImagePath;
+    };
+    const states = cases.map((benchCase) =>
+      makeCaseState(benchCase, runRoot, dataRoot, options.sizeBytes, sharedImage));
+    for (const state of states) await startCase(state);
+    const rows: RowResult[] = [];
+    for (const workload of workloads) rows.push(...await runWorkload(states, workload, options));
+    for (const state of states) await stopCase(state);
+    const ratios = computeRatios(cases, workloads, rows, options.baseline);
+    printReport(options, machine.cpuCount, limits, rows, ratios);
+    const results: RunResults = {
+      schema: kResultsSchemaVersion, startedAt, finishedAt: new Date().toISOString(),
+      options: {
+        quick: options.quick, rounds: options.rounds, runtimeSec: options.runtimeSec, rampSec: kRampSec,
+        sizeBytes: options.sizeBytes,
+        cases: cases.map((benchCase) => benchCase.name),
+        workloads: workloads.map((workload) => workload.name),
+      },
+      machine, source: sourceInfo(repoRoot), limits,
+      cases: states.map((state) => ({
+        name: state.benchCase.name, description: state.benchCase.description, status: state.status,
+      })),
+      rows, ratios,
+    };
+    if (options.save) {
+      const path = writeResults(join(repoRoot, 'bench/results'), results);
+      process.stdout.write(`\nresults: ${path}\n`);
+    }
+    return 0;
+  } finally {
+    cleanup();
+  }
+}
+
+function printReport(options: Options, cpuCount: number, limits: MachineLimits | null,
+  rows: readonly RowResult[], ratios: ReturnType<typeof computeRatios>): void {
+  const out = (text: string): void => void process.stdout.write(`${text}\n`);
+  out(`\nenbd bench: ${options.runtimeSec} s per workload after ${kRampSec} s ramp,` +
+    ` ${options.rounds} round(s),` +
+    ` export ${options.sizeBytes / kMiB} MiB, ${cpuCount} CPUs` +
+    ' (compare only within one run: noise between runs is 15-20 %)');
+  if (limits !== null) out(`machine limits: ${limitsLine(limits)}`);
+  out('');
+  const tableRows = rows.map((row) =>
+    (row.error === null ? row : { ...row, error: shortError(row.error) }));
+  out(resultsTable(tableRows, ratios, options.baseline));
+  if (ratios.length > 0) {
+    out('\nratios (throughput: higher is better; CPU/GiB: lower is better)');
+    out(ratioBlock(ratios));
+  }
+}
+
+main().then((code) => {
+  process.exitCode = code;
+}, (error: unknown) => {
+  process.stderr.write(`bench: ${error instanceof Error ? error.message : String(error)}\n`);
+  killAllSync();
+  process.exitCode = 2;
+});

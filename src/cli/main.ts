@@ -1,0 +1,80 @@
+#!/usr/bin/env node
+/**
+ * `enbd` command line: parses arguments with commander and dispatches to the subcommands.
+ * Usage errors exit 2, runtime errors exit 1, a clean shutdown exits 0.
+ * Thread: main thread. User-facing output goes to stdout; logs (pino) go to stderr.
+ */
+import { Command, CommanderError, Option } from 'commander';
+import { describeError } from '../core/errors.js';
+import { runServe } from './serve.js';
+import { runMirror } from './mirror.js';
+
+const kUsageExit = 2;
+
+function buildProgram(): Command {
+  const program = new Command();
+  program
+    .name('enbd')
+    .description('Mirroring network block device daemon: one NBD export mirrored across N legs (RAID1)')
+    .version('0.1.0')
+    .exitOverride()
+    .showHelpAfterError('(run with --help for usage)');
+
+  program
+    .command('serve')
+    .description('serve one file over NBD (usable on its own and as a mirror leg)')
+    .argument('<file>', 'file to export (its size is the export size)')
+    .option('--socket <path>', 'listen on this Unix socket')
+    .option('--listen <[host:]port>', 'listen on TCP (default 127.0.0.1:10809 when no --socket is given)')
+    .option('--name <name>', 'export name (the default export "" reaches it too)', '')
+    .option('--description <text>', 'export description shown to clients')
+    .option('--read-only', 'refuse writes (EPERM)', false)
+    .option('--max-payload <bytes>', 'largest READ/WRITE payload accepted (e.g. 32M)', '32M')
+    .addOption(new Option('--io <mode>', 'file I/O: async (libuv thread pool) or sync (on the serving thread; fastest for page-cached/tmpfs files)').choices(['async', 'sync']).default('async'))
+    .addOption(new Option('--receive <mode>', 'WRITE payloads: stream (copied from Node read chunks) or direct (read straight into the request buffer)').choices(['stream', 'direct']).default('stream'))
+    .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'))
+    .action(async (file: string, options: Record<string, unknown>) => {
+      await runServe(file, options);
+    });
+
+  program
+    .command('mirror')
+    .description('export one device mirrored across N legs (with no --leg: the embedded default, two file legs under ./enbd-data)')
+    .option('--leg <uri>', 'a leg: nbd://host:port/export, nbd+unix:///export?socket=PATH, file:///path or a path (repeat)', (value: string, previous: string[]) => [...previous, value], [] as string[])
+    .option('--config <file>', 'settings from a JSON or YAML file (flags win)')
+    .option('--socket <path>', 'listen on this Unix socket')
+    .option('--listen <[host:]port>', 'listen on TCP (default 127.0.0.1:10809 when no --socket is given)')
+    .option('--name <name>', 'export name (the default export "" reaches it too)')
+    .option('--size <bytes>', 'export size when legs differ (every leg must hold it)')
+    .option('--ring-slots <count>', 'request ring slots (power of two, default 256)')
+    .option('--slot-bytes <bytes>', 'bytes per ring slot (multiple of 4K, default 256K)')
+    .option('--copy-mode <mode>', 'shared (one copy in the ring) or per-leg (a copy per leg, for comparison)')
+    .option('--placement <where>', 'workers (an actor thread per leg) or inline (actors on the main thread)')
+    .option('--max-payload <bytes>', 'largest READ/WRITE payload accepted (default 32M)')
+    .option('--leg-timeout <ms>', 'fail a leg whose request takes longer (0 = never)')
+    .option('--receive <mode>', 'WRITE payloads: stream (copied from Node read chunks) or direct (straight into the ring slot)')
+    .option('--data-dir <dir>', 'where the embedded default keeps its legs and socket (default ./enbd-data)')
+    .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
+    .action(async (options: Record<string, unknown>) => {
+      const renamed: Record<string, unknown> = { ...options, legTimeoutMs: options['legTimeout'] };
+      await runMirror(renamed);
+    });
+
+  return program;
+}
+
+async function main(argv: string[]): Promise<void> {
+  const program = buildProgram();
+  try {
+    await program.parseAsync(argv);
+  } catch (error) {
+    if (error instanceof CommanderError) {
+      process.exitCode = error.exitCode === 0 ? 0 : kUsageExit;
+      return;
+    }
+    process.stderr.write(`enbd: error: ${describeError(error)}\n`);
+    process.exitCode = 1;
+  }
+}
+
+await main(process.argv);

@@ -1,0 +1,187 @@
+/**
+ * `enbd mirror`: exports one device over NBD, mirrored across the given legs. With no legs it
+ * runs the embedded default: two sparse 1 GiB file legs under ./enbd-data, a Unix socket there
+ * and TCP 127.0.0.1:10809. Settings come from flags and/or a JSON or YAML config file
+ * (`--config`); flags win over the file.
+ * Thread: main thread.
+ */
+import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, statSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { parse as parseYaml } from 'yaml';
+import { createLogger, isLogLevel } from '../core/log.js';
+import { EnbdError, describeError } from '../core/errors.js';
+import { MirrorDevice } from '../engine/mirror.js';
+import type { CopyMode, Placement } from '../engine/messages.js';
+import { createNbdServer } from '../nbd/server.js';
+import { parseBytes, parseInteger, parseListen } from './parse.js';
+import { installShutdown } from './shutdown.js';
+
+export interface MirrorSettings {
+  legs: string[];
+  socket: string | null;
+  listen: string | null;
+  name: string;
+  size: number | undefined;
+  ringSlots: number | undefined;
+  slotBytes: number | undefined;
+  copyMode: CopyMode;
+  placement: Placement;
+  maxPayload: number;
+  legTimeoutMs: number;
+  logLevel: string;
+  dataDir: string;
+  receive: 'stream' | 'direct';
+}
+
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'logLevel', 'dataDir', 'receive']);
+const kDefaultLegBytes = 1024 ** 3;
+
+function readConfig(path: string): Record<string, unknown> {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (error) {
+    throw new EnbdError('ENBD_ERR_CONFIG', `cannot read config ${path}: ${describeError(error)}`);
+  }
+  let parsed: unknown;
+  try {
+    parsed = parseYaml(text);
+  } catch (error) {
+    throw new EnbdError('ENBD_ERR_CONFIG', `config ${path} is not valid JSON or YAML: ${describeError(error)}`);
+  }
+  if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) {
+    throw new EnbdError('ENBD_ERR_CONFIG', `config ${path} must be a mapping of settings`);
+  }
+  const config = parsed as Record<string, unknown>;
+  for (const key of Object.keys(config)) {
+    if (!kConfigKeys.has(key)) throw new EnbdError('ENBD_ERR_CONFIG', `config ${path}: unknown setting "${key}" (known: ${[...kConfigKeys].join(', ')})`);
+  }
+  return config;
+}
+
+function text(value: unknown, what: string): string {
+  if (typeof value === 'string') return value;
+  if (typeof value === 'number') return String(value);
+  throw new EnbdError('ENBD_ERR_CONFIG', `${what} must be a string`);
+}
+
+/** Merges the config file (if any) under the command-line flags and validates everything. */
+export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSettings {
+  const config = typeof flags['config'] === 'string' ? readConfig(flags['config']) : {};
+  const pick = (key: string): unknown => flags[key] ?? config[key];
+  const legsValue = (flags['leg'] as string[] | undefined)?.length ? flags['leg'] : config['legs'];
+  if (legsValue !== undefined && !Array.isArray(legsValue)) throw new EnbdError('ENBD_ERR_CONFIG', 'legs must be a list of URIs');
+  const legs = (legsValue ?? []).map((leg: unknown, index: number) => text(leg, `leg ${index}`));
+  const copyMode = text(pick('copyMode') ?? 'shared', 'copyMode');
+  if (copyMode !== 'shared' && copyMode !== 'per-leg') throw new EnbdError('ENBD_ERR_CONFIG', `--copy-mode must be shared or per-leg, got "${copyMode}"`);
+  const placement = text(pick('placement') ?? 'workers', 'placement');
+  if (placement !== 'workers' && placement !== 'inline') throw new EnbdError('ENBD_ERR_CONFIG', `--placement must be workers or inline, got "${placement}"`);
+  const logLevel = text(pick('logLevel') ?? 'info', 'logLevel');
+  if (!isLogLevel(logLevel)) throw new EnbdError('ENBD_ERR_CONFIG', `--log-level "${logLevel}" is not a pino level`);
+  const receive = text(pick('receive') ?? 'stream', 'receive');
+  if (receive !== 'stream' && receive !== 'direct') throw new EnbdError('ENBD_ERR_CONFIG', `--receive must be stream or direct, got "${receive}"`);
+  const size = pick('size');
+  const ringSlots = pick('ringSlots');
+  const slotBytes = pick('slotBytes');
+  const socket = pick('socket');
+  const listen = pick('listen');
+  return {
+    legs,
+    socket: socket === undefined ? null : text(socket, '--socket'),
+    listen: listen === undefined ? null : text(listen, '--listen'),
+    name: text(pick('name') ?? '', '--name'),
+    size: size === undefined ? undefined : parseBytes('--size', text(size, '--size')),
+    ringSlots: ringSlots === undefined ? undefined : parseInteger('--ring-slots', text(ringSlots, '--ring-slots'), 2, 4096),
+    slotBytes: slotBytes === undefined ? undefined : parseBytes('--slot-bytes', text(slotBytes, '--slot-bytes')),
+    copyMode,
+    placement,
+    maxPayload: parseBytes('--max-payload', text(pick('maxPayload') ?? '32M', '--max-payload')),
+    legTimeoutMs: parseInteger('--leg-timeout', text(pick('legTimeoutMs') ?? '0', '--leg-timeout'), 0, 3_600_000),
+    logLevel,
+    dataDir: resolve(text(pick('dataDir') ?? 'enbd-data', '--data-dir')),
+    receive,
+  };
+}
+
+/** The embedded default: two sparse 1 GiB file legs in the data dir (created if missing). */
+function embeddedDefault(settings: MirrorSettings): void {
+  mkdirSync(settings.dataDir, { recursive: true });
+  for (const name of ['leg0.img', 'leg1.img']) {
+    const path = join(settings.dataDir, name);
+    if (!existsSync(path)) {
+      const fd = openSync(path, 'wx');
+      ftruncateSync(fd, kDefaultLegBytes);
+      closeSync(fd);
+    } else if (!statSync(path).isFile()) {
+      throw new EnbdError('ENBD_ERR_CONFIG', `${path} exists and is not a regular file`);
+    }
+    settings.legs.push(join(settings.dataDir, name));
+  }
+  settings.socket ??= join(settings.dataDir, 'enbd.sock');
+  settings.listen ??= '127.0.0.1:10809';
+}
+
+export async function runMirror(flags: Record<string, unknown>): Promise<void> {
+  const settings = resolveMirrorSettings(flags);
+  const embedded = settings.legs.length === 0;
+  if (embedded) embeddedDefault(settings);
+  if (settings.socket === null && settings.listen === null) settings.listen = '127.0.0.1:10809';
+  const listen = settings.listen === null ? null : parseListen('--listen', settings.listen);
+  const logger = createLogger({ level: settings.logLevel });
+  const mirror = await MirrorDevice.open({
+    legs: settings.legs,
+    ...(settings.size !== undefined ? { sizeBytes: settings.size } : {}),
+    ring: {
+      ...(settings.ringSlots !== undefined ? { slotCount: settings.ringSlots } : {}),
+      ...(settings.slotBytes !== undefined ? { slotBytes: settings.slotBytes } : {}),
+    },
+    copyMode: settings.copyMode,
+    placement: settings.placement,
+    logger,
+    logLevel: settings.logLevel,
+    legTimeoutMs: settings.legTimeoutMs,
+  });
+  const server = createNbdServer({
+    device: mirror,
+    exportName: settings.name,
+    logger,
+    maximumPayloadBytes: settings.maxPayload,
+    directReceive: settings.receive === 'direct',
+  });
+  const uris: string[] = [];
+  try {
+    if (settings.socket !== null) {
+      const socketPath = resolve(settings.socket);
+      await server.listenUnix(socketPath);
+      uris.push(`nbd+unix:///${encodeURIComponent(settings.name)}?socket=${socketPath}`);
+    }
+    if (listen !== null) {
+      const port = await server.listenTcp(listen.host, listen.port);
+      const host = listen.host.includes(':') ? `[${listen.host}]` : listen.host;
+      uris.push(`nbd://${host}:${port}/${encodeURIComponent(settings.name)}`);
+    }
+  } catch (error) {
+    await server.close();
+    await mirror.close();
+    throw error;
+  }
+  printBanner(settings, mirror, uris, embedded);
+  installShutdown(logger, async () => {
+    await server.close();
+    const errno = await mirror.flushAll();
+    if (errno !== 0) logger.error({ errno }, 'final flush of the legs failed');
+    logger.info({ stats: mirror.stats(), payload: server.payloadStats() }, 'final stats');
+    await mirror.close();
+  });
+}
+
+function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: string[], embedded: boolean): void {
+  const lines = [`enbd mirror: ${mirror.sizeBytes} bytes mirrored across ${settings.legs.length} legs`];
+  for (const leg of mirror.legStatus()) lines.push(`  leg ${leg.index}: ${leg.uri} (${leg.kind})`);
+  for (const uri of uris) lines.push(`  export: ${uri}`);
+  const first = uris[0] ?? '';
+  lines.push('attach:', `  nbdinfo '${first}'`, `  qemu-io -f raw -c 'read -v 0 512' '${first}'`);
+  lines.push(`  mkdir -p /tmp/enbd-fuse && nbdfuse /tmp/enbd-fuse/disk.img '${first}' &`);
+  if (embedded) lines.push(`(embedded default: data in ${settings.dataDir}; stop with Ctrl-C)`);
+  process.stdout.write(lines.join('\n') + '\n');
+}

@@ -1,0 +1,54 @@
+/**
+ * Parsers for CLI option values: byte sizes ("4096", "64K", "1G"), listen addresses
+ * ("10809", "127.0.0.1:10809", "[::1]:10809"). Each throws EnbdError('ENBD_ERR_CONFIG') with a
+ * message naming the option and the bad value.
+ * Thread: main thread.
+ */
+import { EnbdError } from '../core/errors.js';
+
+const kUnits: Record<string, number> = { '': 1, b: 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 };
+
+export function parseBytes(option: string, text: string): number {
+  const match = /^(\d+)\s*([kmgt]?)(i?b)?$/i.exec(text.trim());
+  const unit = match?.[2]?.toLowerCase() ?? '';
+  const multiplier = kUnits[unit];
+  if (match === null || match[1] === undefined || multiplier === undefined) {
+    throw new EnbdError('ENBD_ERR_CONFIG', `${option}: "${text}" is not a size (examples: 4096, 64K, 1G)`);
+  }
+  const value = Number(match[1]) * multiplier;
+  if (!Number.isSafeInteger(value)) throw new EnbdError('ENBD_ERR_CONFIG', `${option}: "${text}" is too large`);
+  return value;
+}
+
+export function parseInteger(option: string, text: string, minimum: number, maximum: number): number {
+  const value = Number(text);
+  if (!/^\d+$/.test(text.trim()) || !Number.isSafeInteger(value) || value < minimum || value > maximum) {
+    throw new EnbdError('ENBD_ERR_CONFIG', `${option}: "${text}" must be an integer from ${minimum} to ${maximum}`);
+  }
+  return value;
+}
+
+export interface ListenAddress {
+  host: string;
+  port: number;
+}
+
+export function parseListen(option: string, text: string, defaultHost = '127.0.0.1'): ListenAddress {
+  const bracketed = /^\[([^\]]+)\]:(\d+)$/.exec(text);
+  let host = defaultHost;
+  let portText = text;
+  if (bracketed !== null) {
+    host = bracketed[1] ?? defaultHost;
+    portText = bracketed[2] ?? '';
+  } else if (text.includes(':')) {
+    const at = text.lastIndexOf(':');
+    host = text.slice(0, at);
+    portText = text.slice(at + 1);
+  }
+  if (host === '') throw new EnbdError('ENBD_ERR_CONFIG', `${option}: "${text}" has an empty host`);
+  const port = Number(portText);
+  if (!/^\d+$/.test(portText) || port > 65535) {
+    throw new EnbdError('ENBD_ERR_CONFIG', `${option}: "${text}" is not [HOST:]PORT with a port from 0 to 65535`);
+  }
+  return { host, port };
+}

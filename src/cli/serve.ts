@@ -1,0 +1,52 @@
+/**
+ * `enbd serve FILE`: our own NBD file server, on a Unix socket and/or TCP, until SIGINT/SIGTERM.
+ * Thread: main thread.
+ */
+import { resolve } from 'node:path';
+import { createLogger } from '../core/log.js';
+import { EnbdError } from '../core/errors.js';
+import { FileDevice } from '../stubs/file-device.js';
+import { createNbdServer } from '../nbd/server.js';
+import { parseBytes, parseListen } from './parse.js';
+import { installShutdown } from './shutdown.js';
+
+export async function runServe(file: string, options: Record<string, unknown>): Promise<void> {
+  const logger = createLogger({ level: String(options['logLevel'] ?? 'info') });
+  const maximumPayloadBytes = parseBytes('--max-payload', String(options['maxPayload'] ?? '32M'));
+  const socketPath = typeof options['socket'] === 'string' ? resolve(options['socket']) : null;
+  const listenText = typeof options['listen'] === 'string' ? options['listen'] : socketPath === null ? '127.0.0.1:10809' : null;
+  const listen = listenText === null ? null : parseListen('--listen', listenText);
+  const exportName = String(options['name'] ?? '');
+  const io = String(options['io'] ?? 'async');
+  if (io !== 'sync' && io !== 'async') throw new EnbdError('ENBD_ERR_CONFIG', `--io must be sync or async, got "${io}"`);
+  const device = FileDevice.open(resolve(file), { readOnly: options['readOnly'] === true, io });
+  const server = createNbdServer({
+    device,
+    exportName,
+    ...(typeof options['description'] === 'string' ? { description: options['description'] } : {}),
+    logger,
+    maximumPayloadBytes,
+    readOnly: options['readOnly'] === true,
+    directReceive: options['receive'] === 'direct',
+  });
+  try {
+    if (socketPath !== null) await server.listenUnix(socketPath);
+    if (listen !== null) {
+      const port = await server.listenTcp(listen.host, listen.port);
+      const host = listen.host.includes(':') ? `[${listen.host}]` : listen.host;
+      process.stdout.write(`enbd serve: nbd://${host}:${port}/${encodeURIComponent(exportName)}\n`);
+    }
+  } catch (error) {
+    await server.close();
+    await device.close();
+    throw error;
+  }
+  if (socketPath !== null) {
+    process.stdout.write(`enbd serve: nbd+unix:///${encodeURIComponent(exportName)}?socket=${socketPath}\n`);
+  }
+  logger.info({ file, sizeBytes: device.sizeBytes, readOnly: device.features.readOnly }, 'serving');
+  installShutdown(logger, async () => {
+    await server.close();
+    await device.close();
+  });
+}

@@ -1,0 +1,97 @@
+/**
+ * The seam between an NBD export and whatever stores the bytes ("server stub" in the seed
+ * design). The NBD server serves any BlockDevice; the mirror engine is a BlockDevice whose
+ * legs are BlockDevices too (an NBD client, a local file). Neither side knows the other's kind.
+ *
+ * Completion model: no Promise per request. The owner installs one completion handler and
+ * tags each submitted request with an integer token it chooses (unique among its requests in
+ * flight). The device calls the handler exactly once per submitted token, with 0 or an NBD
+ * error value (protocol numbers from src/nbd/protocol.ts, e.g. 5 = EIO).
+ *
+ * Threads: a device is used from one thread only (the thread that created it).
+ *
+ * Invariants:
+ * - `submit` never throws for an operating error; it completes the token with an errno.
+ * - For READ, `data` is the destination (exactly `lengthBytes` long) and is filled before
+ *   completion. For WRITE it is the source and is not retained after completion.
+ * - Requests are validated by the caller (range, alignment, flags) before submit; a device may
+ *   still answer EINVAL/ENOSPC for what it cannot do.
+ */
+
+export interface DeviceFeatures {
+  readOnly: boolean;
+  flush: boolean;
+  fua: boolean;
+  trim: boolean;
+  writeZeroes: boolean;
+  fastZero: boolean;
+  cache: boolean;
+  multiConn: boolean;
+  rotational: boolean;
+  /** base:allocation block status is meaningful (otherwise the server reports all data). */
+  blockStatus: boolean;
+}
+
+export interface BlockSizes {
+  minimumBytes: number;
+  preferredBytes: number;
+  maximumBytes: number;
+}
+
+export interface Extent {
+  lengthBytes: number;
+  /** base:allocation flags: 1 = hole, 2 = reads as zero. */
+  flags: number;
+}
+
+export type CompletionHandler = (token: number, errno: number) => void;
+
+export interface BlockDevice {
+  readonly sizeBytes: number;
+  readonly features: DeviceFeatures;
+  readonly blockSizes: BlockSizes;
+  /** Human description (shown as NBD_INFO_DESCRIPTION and in logs). */
+  readonly description: string;
+  setCompletionHandler(handler: CompletionHandler): void;
+  /**
+   * Start one command (kCmdRead, kCmdWrite, kCmdFlush, kCmdTrim, kCmdWriteZeroes, kCmdCache)
+   * with NBD command flags (FUA, NO_HOLE, FAST_ZERO). Completes through the handler.
+   */
+  submit(
+    command: number,
+    flags: number,
+    offsetBytes: number,
+    lengthBytes: number,
+    data: Uint8Array | null,
+    token: number,
+  ): void;
+  /** base:allocation extents from offset; may cover less or (last extent) more than asked. */
+  getExtents(offsetBytes: number, lengthBytes: number): Promise<Extent[]>;
+  /**
+   * Optional buffer provider: a device that wants payloads in its own memory (the mirror's
+   * shared ring) returns a view of `lengthBytes` for the request `token`, or null when none is
+   * free right now (the caller waits for `onBufferAvailable`). The caller gives the buffer back
+   * with `releaseBuffer` once it no longer reads it (after the reply left, or on error).
+   */
+  acquireBuffer?(command: number, lengthBytes: number, token: number): Uint8Array | null;
+  releaseBuffer?(token: number): void;
+  onBufferAvailable?: (() => void) | null;
+  /** Number of requests submitted and not yet completed. */
+  readonly inFlight: number;
+  close(): Promise<void>;
+}
+
+export function noFeatures(): DeviceFeatures {
+  return {
+    readOnly: false,
+    flush: false,
+    fua: false,
+    trim: false,
+    writeZeroes: false,
+    fastZero: false,
+    cache: false,
+    multiConn: false,
+    rotational: false,
+    blockStatus: false,
+  };
+}

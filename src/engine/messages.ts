@@ -1,0 +1,63 @@
+/**
+ * Every message and shared structure that crosses between the session master and a
+ * connection actor (worker or inline). Plain data only: structured clone keeps SABs shared and
+ * drops Error classes, so failures travel as PlainError.
+ * Threads: both sides.
+ */
+import type { BlockSizes, DeviceFeatures, Extent } from '../core/block-device.js';
+import type { PlainError } from '../core/errors.js';
+import type { RingBuffers } from '../ring/request-ring.js';
+import type { LegKind } from '../stubs/open-leg.js';
+
+export type CopyMode = 'shared' | 'per-leg';
+export type Placement = 'workers' | 'inline';
+
+/** workerData of a connection actor. */
+export interface LegActorInit {
+  legIndex: number;
+  uri: string;
+  ring: RingBuffers;
+  /** master -> actor SPSC queue of slot indices. */
+  dispatch: SharedArrayBuffer;
+  /** actor -> master SPSC queue of completed slot indices. */
+  completion: SharedArrayBuffer;
+  /** The master's doorbell, rung after publishing completions. */
+  doorbell: SharedArrayBuffer;
+  logLevel: string;
+  connectTimeoutMs: number;
+  requestTimeoutMs: number;
+}
+
+export interface LegInfo {
+  kind: LegKind;
+  uri: string;
+  sizeBytes: number;
+  features: DeviceFeatures;
+  blockSizes: BlockSizes;
+  description: string;
+}
+
+export interface LegStats {
+  requests: number;
+  bytesRead: number;
+  bytesWritten: number;
+  errors: number;
+  inFlight: number;
+  connected: boolean;
+}
+
+/** Per-leg copy mode: the payload travels as a private copy instead of a slot pointer. */
+export interface CopyMessage {
+  slot: number;
+  data: Uint8Array;
+}
+
+/** Control plane of a connection actor (comlink for workers, direct calls inline). */
+export interface LegActorApi {
+  open(): Promise<LegInfo | { error: PlainError }>;
+  stats(): Promise<LegStats>;
+  getExtents(offsetBytes: number, lengthBytes: number): Promise<Extent[]>;
+  pause(): Promise<void>;
+  resume(): Promise<void>;
+  shutdown(): Promise<void>;
+}

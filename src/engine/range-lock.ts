@@ -1,0 +1,121 @@
+/**
+ * Range lock for the session master: requests that change data (WRITE, TRIM, WRITE_ZEROES, and
+ * later resync copies) and overlap each other are applied one after another in arrival order,
+ * so every leg sees overlapping changes in the same order and the legs never diverge.
+ * Non-overlapping requests are granted at once and stay fully parallel.
+ *
+ * Thread: main thread only (no Atomics; the master is the only user).
+ *
+ * Design notes
+ * - Holders and waiters are identified by a small integer id (the ring slot of the request).
+ * - `acquire` grants when the range overlaps no holder AND no earlier waiter (so a later
+ *   request can never overtake an earlier overlapping one); otherwise it queues (FIFO).
+ * - `release` re-scans the waiters in order and grants every one that now fits, writing the
+ *   granted ids into a caller-owned Int32Array (no allocation).
+ * Cost: O(holders + waiters) per call; both are bounded by the ring's slot count.
+ *
+ * Invariants:
+ * - No two holders overlap.
+ * - For any two overlapping requests, the one that called acquire first is granted first.
+ */
+import { assert } from '../core/assert.js';
+
+export class RangeLock {
+  private readonly startBytes: Float64Array;
+  private readonly endBytes: Float64Array;
+  private readonly state: Uint8Array; // 0 none, 1 holder, 2 waiter
+  private readonly holders: Int32Array;
+  private holderCount = 0;
+  private readonly waiters: Int32Array;
+  private waiterCount = 0;
+
+  constructor(readonly capacity: number) {
+    assert(Number.isInteger(capacity) && capacity > 0, 'range lock capacity is a positive integer');
+    this.startBytes = new Float64Array(capacity);
+    this.endBytes = new Float64Array(capacity);
+    this.state = new Uint8Array(capacity);
+    this.holders = new Int32Array(capacity);
+    this.waiters = new Int32Array(capacity);
+  }
+
+  get held(): number {
+    return this.holderCount;
+  }
+
+  get waiting(): number {
+    return this.waiterCount;
+  }
+
+  private overlaps(id: number, other: number): boolean {
+    const start = this.startBytes[id] ?? 0;
+    const end = this.endBytes[id] ?? 0;
+    const otherStart = this.startBytes[other] ?? 0;
+    const otherEnd = this.endBytes[other] ?? 0;
+    if (start === end || otherStart === otherEnd) return false;
+    return start < otherEnd && otherStart < end;
+  }
+
+  private overlapsHolder(id: number): boolean {
+    for (let index = 0; index < this.holderCount; index += 1) {
+      if (this.overlaps(id, this.holders[index] ?? 0)) return true;
+    }
+    return false;
+  }
+
+  /** Returns true when granted now; false when queued behind an overlapping request. */
+  acquire(id: number, offsetBytes: number, lengthBytes: number): boolean {
+    assert(id >= 0 && id < this.capacity && this.state[id] === 0, 'range lock id is free');
+    assert(offsetBytes >= 0 && lengthBytes >= 0, 'range is non-negative');
+    this.startBytes[id] = offsetBytes;
+    this.endBytes[id] = offsetBytes + lengthBytes;
+    let blocked = this.overlapsHolder(id);
+    for (let index = 0; !blocked && index < this.waiterCount; index += 1) {
+      blocked = this.overlaps(id, this.waiters[index] ?? 0);
+    }
+    if (blocked) {
+      this.state[id] = 2;
+      this.waiters[this.waiterCount] = id;
+      this.waiterCount += 1;
+      return false;
+    }
+    this.state[id] = 1;
+    this.holders[this.holderCount] = id;
+    this.holderCount += 1;
+    return true;
+  }
+
+  /** Releases a holder; writes newly granted ids into `granted` and returns how many. */
+  release(id: number, granted: Int32Array): number {
+    assert(this.state[id] === 1, 'only a holder releases');
+    let found = -1;
+    for (let index = 0; index < this.holderCount; index += 1) {
+      if (this.holders[index] === id) found = index;
+    }
+    assert(found >= 0, 'holder is listed');
+    this.holderCount -= 1;
+    this.holders[found] = this.holders[this.holderCount] ?? 0;
+    this.state[id] = 0;
+    if (this.waiterCount === 0) return 0;
+    let grantedCount = 0;
+    let kept = 0;
+    for (let index = 0; index < this.waiterCount; index += 1) {
+      const waiter = this.waiters[index] ?? 0;
+      let blocked = this.overlapsHolder(waiter);
+      for (let earlier = 0; !blocked && earlier < kept; earlier += 1) {
+        blocked = this.overlaps(waiter, this.waiters[earlier] ?? 0);
+      }
+      if (blocked) {
+        this.waiters[kept] = waiter;
+        kept += 1;
+      } else {
+        this.state[waiter] = 1;
+        this.holders[this.holderCount] = waiter;
+        this.holderCount += 1;
+        granted[grantedCount] = waiter;
+        grantedCount += 1;
+      }
+    }
+    this.waiterCount = kept;
+    return grantedCount;
+  }
+}

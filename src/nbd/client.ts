@@ -1,0 +1,826 @@
+/**
+ * NbdClient: a BlockDevice backed by a remote NBD export (one connection). The mirror uses one
+ * per remote leg; resync, tools and tests use its Promise convenience API.
+ * Threads: the thread that called `connect` (one client is never shared between threads).
+ *
+ * Design notes
+ * - Hot path (`submit`): no Promise, no closure, no object literal per request. The request
+ *   lives in a preallocated RequestTable slot; cookie = (generation << 32) | slot.
+ * - Send: 28-byte headers go into a ring arena (HeaderArena, kHeaderArenaBytes). The first
+ *   submit of a turn corks the socket and schedules one flush (process.nextTick); the flush
+ *   hands the pending header run to the socket and uncorks, so everything submitted in one
+ *   turn leaves in one writev. A WRITE's payload is the caller's view, written as is (never
+ *   copied); the header run before it is handed over first to keep the order. Arena bytes are
+ *   reused once the socket reports the write that carried them as done.
+ *   nextTick, not setImmediate (measured with 4 KiB requests against nbdkit memory on a Unix
+ *   socket, 2 cores): queue depth 1 ~35k vs ~19-34k IOPS, depth 8 ~100-150k vs ~65-140k, depth
+ *   64 about equal. Completions arrive in one onread callback, so the resubmits they trigger
+ *   are batched by nextTick already, without waiting for the poll phase to end.
+ * - Receive: `onread` with one reusable 256 KiB buffer; ReplyParser copies READ data from it into
+ *   the destination (the only copy) and completes requests.
+ * - Completion: `handler(token, errno)` for caller requests; requests of the Promise API carry
+ *   an internal id and the `internal` mark in their slot, so they never reach the handler and
+ *   cannot clash with caller tokens.
+ * - Failure: connection loss, protocol error or request timeout -> state CLOSED, the socket is
+ *   destroyed, every request in flight completes with EIO, `closeReason` is set, `onClose` fires
+ *   once. Requests submitted when not OPEN complete with EIO on a later macrotask (setImmediate:
+ *   a handler that resubmits on failure cannot starve the event loop).
+ * - Request timeout: one interval timer of requestTimeoutMs/4 bumps an epoch; each slot records
+ *   the epoch at submit; a slot 5 epochs old (older than the timeout) fails the connection.
+ *
+ * States: OPEN --disconnect()--> DRAINING --in flight 0--> CLOSING (DISC sent) --close--> CLOSED
+ *         any state --socket lost / protocol error / timeout / destroy()--> CLOSED
+ */
+import { connect as netConnect, type Socket } from 'node:net';
+import { assert } from '../core/assert.js';
+import { EnbdError } from '../core/errors.js';
+import type { Logger } from '../core/log.js';
+import type {
+  BlockDevice,
+  BlockSizes,
+  CompletionHandler,
+  DeviceFeatures,
+  Extent,
+} from '../core/block-device.js';
+import {
+  commandNames,
+  errnoNames,
+  kCmdBlockStatus,
+  kCmdCache,
+  kCmdDisc,
+  kCmdFlush,
+  kCmdRead,
+  kCmdTrim,
+  kCmdWrite,
+  kCmdWriteZeroes,
+  kDefaultPayloadBytesMax,
+  kEIo,
+  kENoMem,
+  kRequestHeaderBytes,
+  kRequestMagic,
+  kTxFlagCanMultiConn,
+  kTxFlagReadOnly,
+  kTxFlagRotational,
+  kTxFlagSendCache,
+  kTxFlagSendFastZero,
+  kTxFlagSendFlush,
+  kTxFlagSendFua,
+  kTxFlagSendTrim,
+  kTxFlagSendWriteZeroes,
+} from './protocol.js';
+import { describeNbdAddress, formatNbdUri, parseNbdUri, type NbdAddress } from './uri.js';
+import { negotiateClient, type HandshakeIo, type HandshakeResult } from './client-handshake.js';
+import { RequestTable } from './client-requests.js';
+import { ReplyParser, type ReplyEvents } from './client-replies.js';
+import { HeaderArena, type RunSink } from './client-arena.js';
+
+export interface NbdClientOptions {
+  /** Overrides the export name in the URI. */
+  exportName?: string;
+  /** Connect + handshake deadline (default 10000). */
+  connectTimeoutMs?: number;
+  /** Ask for structured replies (default true). */
+  structuredReplies?: boolean;
+  /** Ask for base:allocation block status (default true; needs structured replies). */
+  blockStatus?: boolean;
+  logger?: Logger;
+  /** A request older than this fails the connection (0 = no limit, the default). */
+  requestTimeoutMs?: number;
+}
+
+export const kReceiveBufferBytes = 256 * 1024;
+export const kHeaderArenaBytes = 64 * 1024;
+const kDisconnectTimeoutMs = 5000;
+const kConnectTimeoutMsDefault = 10_000;
+/** Payload-less commands (TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS) are split at 1 GiB. */
+const kPayloadlessBytesMax = 1024 * 1024 * 1024;
+const kTimeoutEpochs = 5;
+const kTwoPow32 = 0x1_0000_0000;
+export const kDefaultBlockSizes: Readonly<BlockSizes> = {
+  minimumBytes: 1,
+  preferredBytes: 4096,
+  maximumBytes: kDefaultPayloadBytesMax,
+};
+
+const kStateOpen = 0;
+const kStateDraining = 1;
+const kStateClosing = 2;
+const kStateClosed = 3;
+
+interface InternalRequest {
+  command: number;
+  offsetBytes: number;
+  lengthBytes: number;
+  resolve: () => void;
+  reject: (error: EnbdError) => void;
+  extents: Extent[] | null;
+}
+
+function noHandler(token: number): void {
+  assert(false, `NbdClient completed token ${token} but no completion handler was set`);
+}
+
+function flushTurn(client: NbdClient): void {
+  client.flushTurnForScheduler();
+}
+
+function failPending(client: NbdClient): void {
+  client.failPendingForScheduler();
+}
+
+function validateOptions(options: NbdClientOptions): void {
+  const { connectTimeoutMs, requestTimeoutMs, exportName } = options;
+  const badConnect = !Number.isInteger(connectTimeoutMs) || (connectTimeoutMs as number) <= 0;
+  if (connectTimeoutMs !== undefined && badConnect) {
+    throw new RangeError('options.connectTimeoutMs must be a positive integer');
+  }
+  const badRequest = !Number.isInteger(requestTimeoutMs) || (requestTimeoutMs as number) < 0;
+  if (requestTimeoutMs !== undefined && badRequest) {
+    throw new RangeError('options.requestTimeoutMs must be a non-negative integer');
+  }
+  if (exportName !== undefined && typeof exportName !== 'string') {
+    throw new TypeError('options.exportName must be a string');
+  }
+}
+
+export function featuresFromFlags(transmissionFlags: number, blockStatus: boolean): DeviceFeatures {
+  const has = (flag: number): boolean => (transmissionFlags & flag) !== 0;
+  return {
+    readOnly: has(kTxFlagReadOnly),
+    flush: has(kTxFlagSendFlush),
+    fua: has(kTxFlagSendFua),
+    trim: has(kTxFlagSendTrim),
+    writeZeroes: has(kTxFlagSendWriteZeroes),
+    fastZero: has(kTxFlagSendFastZero),
+    cache: has(kTxFlagSendCache),
+    multiConn: has(kTxFlagCanMultiConn),
+    rotational: has(kTxFlagRotational),
+    blockStatus,
+  };
+}
+
+export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
+  readonly address: NbdAddress;
+  readonly exportName: string;
+  readonly sizeBytes: number;
+  readonly features: DeviceFeatures;
+  readonly blockSizes: BlockSizes;
+  readonly description: string;
+  readonly transmissionFlags: number;
+  readonly structuredReplies: boolean;
+  /** Called once when the connection ends: null after a clean disconnect, else the reason. */
+  onClose: ((error: EnbdError | null) => void) | null = null;
+
+  private readonly socket: Socket;
+  private readonly serverName: string;
+  private readonly logger: Logger | null;
+  private readonly debugEnabled: boolean;
+  private readonly baseAllocationContextId: number | null;
+  private state = kStateOpen;
+  private reason: EnbdError | null = null;
+  private handler: CompletionHandler = noHandler;
+  private readonly table = new RequestTable();
+  private readonly parser: ReplyParser;
+  // Send side (see design notes).
+  private readonly arena: HeaderArena;
+  private turnScheduled = false;
+  private readonly onRunWritten: (error?: Error | null) => void;
+  // Requests that complete with an error without reaching the server (not OPEN, table full).
+  private readonly failTokens: number[] = [];
+  private readonly failErrnos: number[] = [];
+  private readonly failInternal: boolean[] = [];
+  private failScheduled = false;
+  // Promise API.
+  private readonly internalRequests = new Map<number, InternalRequest>();
+  private nextInternalId = 1;
+  // Timeout.
+  private readonly requestTimeoutMs: number;
+  private timeoutTimer: NodeJS.Timeout | null = null;
+  private epoch = 0;
+  // Disconnect.
+  private drained: (() => void) | null = null;
+  private closedPromise: Promise<void> | null = null;
+  private closedResolve: (() => void) | null = null;
+  private lastSocketError: Error | null = null;
+
+  /** Connect, negotiate and return a client in transmission. */
+  static async connect(
+    uri: string | NbdAddress,
+    options: NbdClientOptions = {},
+  ): Promise<NbdClient> {
+    validateOptions(options);
+    const address = typeof uri === 'string' ? parseNbdUri(uri) : uri;
+    const exportName = options.exportName ?? address.exportName;
+    const timeoutMs = options.connectTimeoutMs ?? kConnectTimeoutMsDefault;
+    const connection = new PendingConnection(address, timeoutMs);
+    try {
+      await connection.connected();
+      const result = await negotiateClient(connection, {
+        exportName,
+        structuredReplies: options.structuredReplies ?? true,
+        blockStatus: options.blockStatus ?? true,
+        serverName: connection.serverName,
+        logger: options.logger,
+      });
+      const leftover = connection.finishHandshake();
+      const client = new NbdClient(connection.socket, address, exportName, result, options);
+      connection.attach(client);
+      if (leftover.length > 0) client.onReceive(leftover, leftover.length);
+      return client;
+    } catch (error) {
+      connection.abort();
+      throw error;
+    }
+  }
+
+  private constructor(
+    socket: Socket,
+    address: NbdAddress,
+    exportName: string,
+    result: HandshakeResult,
+    options: NbdClientOptions,
+  ) {
+    this.socket = socket;
+    this.address = address;
+    this.exportName = exportName;
+    this.serverName = describeNbdAddress(address);
+    this.logger = options.logger ?? null;
+    this.debugEnabled = this.logger?.isLevelEnabled('debug') ?? false;
+    this.sizeBytes = result.sizeBytes;
+    this.transmissionFlags = result.transmissionFlags;
+    this.structuredReplies = result.structuredReplies;
+    this.baseAllocationContextId = result.baseAllocationContextId;
+    const blockStatus = result.baseAllocationContextId !== null;
+    this.features = featuresFromFlags(result.transmissionFlags, blockStatus);
+    this.blockSizes = result.blockSizes ?? { ...kDefaultBlockSizes };
+    this.description =
+      result.description.length > 0 ? result.description : formatNbdUri({ ...address, exportName });
+    this.parser = new ReplyParser(this.table, this);
+    this.arena = new HeaderArena(kHeaderArenaBytes, this);
+    this.onRunWritten = () => this.arena.releaseRun();
+    this.requestTimeoutMs = options.requestTimeoutMs ?? 0;
+    if (this.requestTimeoutMs > 0) {
+      const periodMs = Math.max(1, Math.floor(this.requestTimeoutMs / (kTimeoutEpochs - 1)));
+      this.timeoutTimer = setInterval(() => this.checkTimeouts(), periodMs);
+      this.timeoutTimer.unref();
+    }
+    assert(this.sizeBytes >= 0, 'export size is known');
+    this.logger?.debug(
+      {
+        server: this.serverName,
+        exportName,
+        sizeBytes: this.sizeBytes,
+        flags: this.transmissionFlags,
+      },
+      'nbd client: connected',
+    );
+  }
+
+  get isConnected(): boolean {
+    return this.state === kStateOpen || this.state === kStateDraining;
+  }
+
+  /** Why the connection ended (null while open or after a clean disconnect). */
+  get closeReason(): EnbdError | null {
+    return this.reason;
+  }
+
+  get inFlight(): number {
+    return this.table.inUseCount + this.failTokens.length;
+  }
+
+  setCompletionHandler(handler: CompletionHandler): void {
+    assert(typeof handler === 'function', 'completion handler is a function');
+    this.handler = handler;
+  }
+
+  submit(
+    command: number,
+    flags: number,
+    offsetBytes: number,
+    lengthBytes: number,
+    data: Uint8Array | null,
+    token: number,
+  ): void {
+    assert(command !== kCmdBlockStatus, 'BLOCK_STATUS is internal (getExtents)');
+    assert(command !== kCmdDisc, 'DISC is internal (disconnect)');
+    this.submitRequest(command, flags, offsetBytes, lengthBytes, data, token, false);
+  }
+
+  private submitRequest(
+    command: number,
+    flags: number,
+    offsetBytes: number,
+    lengthBytes: number,
+    data: Uint8Array | null,
+    token: number,
+    internal: boolean,
+  ): void {
+    assert(Number.isSafeInteger(offsetBytes) && offsetBytes >= 0, 'offset is a safe integer >= 0');
+    assert(Number.isInteger(lengthBytes) && lengthBytes >= 0, 'length is an integer >= 0');
+    assert(lengthBytes < kTwoPow32, 'length fits u32');
+    if (command === kCmdRead || command === kCmdWrite) {
+      assert(data !== null && data.length === lengthBytes, 'READ/WRITE data is lengthBytes long');
+    }
+    if (this.state !== kStateOpen) return this.failLater(token, kEIo, internal);
+    const table = this.table;
+    const slot = table.acquire();
+    if (slot < 0) return this.failLater(token, kENoMem, internal);
+    table.command[slot] = command;
+    table.internal[slot] = internal ? 1 : 0;
+    table.token[slot] = token;
+    table.offsetBytes[slot] = offsetBytes;
+    table.lengthBytes[slot] = lengthBytes;
+    table.epoch[slot] = this.epoch;
+    table.data[slot] = command === kCmdRead ? data : null;
+    const cookieHigh = table.generation[slot] as number;
+    this.writeHeader(command, flags, cookieHigh, slot, offsetBytes, lengthBytes);
+    if (command === kCmdWrite && lengthBytes > 0) {
+      assert(data !== null, 'WRITE has a payload');
+      this.arena.flushRun();
+      this.socket.write(data);
+    }
+  }
+
+  // ---- send side -------------------------------------------------------------------------
+
+  private writeHeader(
+    command: number,
+    flags: number,
+    cookieHigh: number,
+    cookieLow: number,
+    offsetBytes: number,
+    lengthBytes: number,
+  ): void {
+    if (!this.turnScheduled) {
+      this.turnScheduled = true;
+      this.socket.cork();
+      process.nextTick(flushTurn, this);
+    }
+    let target = this.arena.buffer;
+    let at = this.arena.reserve();
+    if (at < 0) {
+      // Arena full (the socket is backed up): this header gets its own buffer.
+      this.arena.flushRun();
+      target = Buffer.allocUnsafe(kRequestHeaderBytes);
+      at = 0;
+    }
+    target.writeUInt32BE(kRequestMagic, at);
+    target.writeUInt16BE(flags, at + 4);
+    target.writeUInt16BE(command, at + 6);
+    target.writeUInt32BE(cookieHigh, at + 8);
+    target.writeUInt32BE(cookieLow, at + 12);
+    target.writeUInt32BE(Math.floor(offsetBytes / kTwoPow32), at + 16);
+    target.writeUInt32BE(offsetBytes >>> 0, at + 20);
+    target.writeUInt32BE(lengthBytes, at + 24);
+    if (target !== this.arena.buffer) this.socket.write(target);
+  }
+
+  /** @internal RunSink: the arena hands over a run of headers. */
+  writeRun(view: Buffer): void {
+    this.socket.write(view, this.onRunWritten);
+  }
+
+  /** @internal Called once per turn (process.nextTick) after the first submit of the turn. */
+  flushTurnForScheduler(): void {
+    assert(this.turnScheduled, 'turn flush was scheduled');
+    this.turnScheduled = false;
+    if (this.state === kStateClosed) return;
+    this.arena.flushRun();
+    this.socket.uncork();
+  }
+
+  // ---- completion ------------------------------------------------------------------------
+
+  private failLater(token: number, errno: number, internal: boolean): void {
+    this.failTokens.push(token);
+    this.failErrnos.push(errno);
+    this.failInternal.push(internal);
+    if (!this.failScheduled) {
+      this.failScheduled = true;
+      setImmediate(failPending, this);
+    }
+  }
+
+  /** @internal */
+  failPendingForScheduler(): void {
+    this.failScheduled = false;
+    const count = this.failTokens.length;
+    const tokens = this.failTokens.splice(0, count);
+    const errnos = this.failErrnos.splice(0, count);
+    const internal = this.failInternal.splice(0, count);
+    for (let index = 0; index < count; index++) {
+      this.complete(tokens[index] as number, errnos[index] as number, internal[index] === true);
+    }
+  }
+
+  private complete(token: number, errno: number, internal: boolean): void {
+    if (internal) this.completeInternal(token, errno);
+    else this.handler(token, errno);
+  }
+
+  /** @internal ReplyEvents: the parser finished a request. */
+  onReplyDone(slot: number, errno: number): void {
+    const table = this.table;
+    const token = table.token[slot] as number;
+    const internal = table.internal[slot] === 1;
+    table.release(slot);
+    this.complete(token, errno, internal);
+    if (this.drained !== null && table.inUseCount === 0) this.drained();
+  }
+
+  /** @internal */
+  onBlockStatus(slot: number, view: Buffer, start: number, end: number): void {
+    assert(this.table.internal[slot] === 1, 'BLOCK_STATUS is only sent by getExtents');
+    const request = this.internalRequests.get(this.table.token[slot] as number);
+    if (request === undefined || view.readUInt32BE(start) !== this.baseAllocationContextId) return;
+    const extents: Extent[] = [];
+    for (let at = start + 4; at + 8 <= end; at += 8) {
+      extents.push({ lengthBytes: view.readUInt32BE(at), flags: view.readUInt32BE(at + 4) });
+    }
+    request.extents = extents;
+  }
+
+  /** @internal */
+  onChunkError(slot: number, errno: number, message: string): void {
+    if (!this.debugEnabled) return;
+    const command = this.table.command[slot] as number;
+    this.logger?.debug(
+      { server: this.serverName, command: commandNames[command], errno, message },
+      'nbd client: error chunk',
+    );
+  }
+
+  /** @internal */
+  onProtocolError(message: string): void {
+    const text = `NBD server ${this.serverName} broke the protocol: ${message}`;
+    this.fail(new EnbdError('ENBD_ERR_PROTOCOL', text));
+  }
+
+  /** @internal Receive path (onread): `count` new bytes at the start of `buffer`. */
+  onReceive(buffer: Buffer, count: number): void {
+    if (this.state === kStateClosed) return;
+    this.parser.push(buffer, 0, count);
+  }
+
+  // ---- failure, timeout and close ----------------------------------------------------------
+
+  /** Hard failure: close the socket now; everything in flight completes with EIO. */
+  private fail(reason: EnbdError): void {
+    if (this.state === kStateClosed) return;
+    const wasClosing = this.state === kStateClosing;
+    this.state = kStateClosed;
+    this.reason = wasClosing ? null : reason;
+    this.parser.kill();
+    if (this.timeoutTimer !== null) clearInterval(this.timeoutTimer);
+    this.timeoutTimer = null;
+    this.socket.destroy();
+    this.arena.reset();
+    if (!wasClosing) {
+      this.logger?.warn({ server: this.serverName, code: reason.code }, reason.message);
+    }
+    const table = this.table;
+    for (let slot = 0; slot < table.capacity && table.inUseCount > 0; slot++) {
+      if (table.inUse[slot] !== 1) continue;
+      const token = table.token[slot] as number;
+      const internal = table.internal[slot] === 1;
+      table.release(slot);
+      this.complete(token, kEIo, internal);
+    }
+    this.drained?.();
+    this.closedResolve?.();
+    const onClose = this.onClose;
+    if (onClose !== null) onClose(this.reason);
+  }
+
+  /** @internal Socket 'close' (connection lost or closed after DISC). */
+  handleSocketClose(): void {
+    const error = this.lastSocketError;
+    const detail = error === null ? 'closed by the server' : `lost: ${error.message}`;
+    const text = `connection to NBD server ${this.serverName} ${detail}`;
+    this.fail(new EnbdError('ENBD_ERR_CLOSED', text, kEIo));
+  }
+
+  /** @internal */
+  handleSocketError(error: Error): void {
+    this.lastSocketError = error;
+  }
+
+  private checkTimeouts(): void {
+    this.epoch = (this.epoch + 1) >>> 0;
+    const table = this.table;
+    if (table.inUseCount === 0) return;
+    for (let slot = 0; slot < table.capacity; slot++) {
+      if (table.inUse[slot] !== 1) continue;
+      if (((this.epoch - (table.epoch[slot] as number)) >>> 0) < kTimeoutEpochs) continue;
+      const command = commandNames[table.command[slot] as number] ?? 'request';
+      const where = `${table.offsetBytes[slot] as number}+${table.lengthBytes[slot] as number}`;
+      this.fail(
+        new EnbdError(
+          'ENBD_ERR_TIMEOUT',
+          `NBD server ${this.serverName} did not answer ${command} at ${where} ` +
+            `within ${this.requestTimeoutMs} ms`,
+          kEIo,
+        ),
+      );
+      return;
+    }
+  }
+
+  /** Close at once without waiting for requests in flight (they complete with EIO). */
+  destroy(reason?: EnbdError): void {
+    const text = `connection to NBD server ${this.serverName} destroyed`;
+    this.fail(reason ?? new EnbdError('ENBD_ERR_CLOSED', text, kEIo));
+  }
+
+  /** Wait for requests in flight, send NBD_CMD_DISC, close. Idempotent. */
+  async disconnect(): Promise<void> {
+    if (this.closedPromise === null) this.closedPromise = this.runDisconnect();
+    await this.closedPromise;
+  }
+
+  close(): Promise<void> {
+    return this.disconnect();
+  }
+
+  private async runDisconnect(): Promise<void> {
+    if (this.state !== kStateOpen) return;
+    this.state = kStateDraining;
+    if (this.table.inUseCount > 0) {
+      await new Promise<void>((resolve) => (this.drained = resolve));
+      this.drained = null;
+    }
+    if (this.state !== kStateDraining) return; // failed while draining
+    const closed = new Promise<void>((resolve) => (this.closedResolve = resolve));
+    this.writeHeader(kCmdDisc, 0, 0, 0, 0, 0);
+    this.state = kStateClosing;
+    this.arena.flushRun();
+    this.socket.end();
+    const timer = setTimeout(() => this.destroy(), kDisconnectTimeoutMs);
+    await closed;
+    clearTimeout(timer);
+    this.logger?.debug({ server: this.serverName }, 'nbd client: disconnected');
+  }
+
+  // ---- Promise API -------------------------------------------------------------------------
+
+  private request(
+    command: number,
+    flags: number,
+    offsetBytes: number,
+    lengthBytes: number,
+    data: Uint8Array | null,
+  ): Promise<void> {
+    const id = this.nextInternalId;
+    this.nextInternalId = id >= Number.MAX_SAFE_INTEGER ? 1 : id + 1;
+    return new Promise<void>((resolve, reject) => {
+      const request = { command, offsetBytes, lengthBytes, resolve, reject, extents: null };
+      this.internalRequests.set(id, request);
+      this.submitRequest(command, flags, offsetBytes, lengthBytes, data, id, true);
+    });
+  }
+
+  private completeInternal(id: number, errno: number): void {
+    const request = this.internalRequests.get(id);
+    assert(request !== undefined, 'internal request is known');
+    this.internalRequests.delete(id);
+    if (errno === 0) {
+      request.resolve();
+      return;
+    }
+    const name = errnoNames[errno] ?? `errno ${errno}`;
+    const operation = commandNames[request.command] ?? 'request';
+    const what = `${operation} at ${request.offsetBytes}+${request.lengthBytes}`;
+    const why = this.reason === null ? '' : ` (${this.reason.message})`;
+    request.reject(new EnbdError('ENBD_ERR_NBD_REPLY', `${what} failed: ${name}${why}`, errno));
+  }
+
+  private payloadChunkBytes(): number {
+    const { minimumBytes, maximumBytes } = this.blockSizes;
+    const bytes = Math.min(maximumBytes, kDefaultPayloadBytesMax);
+    return Math.max(minimumBytes, bytes - (bytes % minimumBytes));
+  }
+
+  /** Issue one request per piece of at most `pieceBytes`, all at once; resolve when all did. */
+  private async pieces(
+    command: number,
+    flags: number,
+    offsetBytes: number,
+    lengthBytes: number,
+    pieceBytes: number,
+    data: Uint8Array | null,
+  ): Promise<void> {
+    if (lengthBytes <= pieceBytes) {
+      await this.request(command, flags, offsetBytes, lengthBytes, data);
+      return;
+    }
+    const requests: Promise<void>[] = [];
+    for (let doneBytes = 0; doneBytes < lengthBytes; doneBytes += pieceBytes) {
+      const countBytes = Math.min(pieceBytes, lengthBytes - doneBytes);
+      const view = data === null ? null : data.subarray(doneBytes, doneBytes + countBytes);
+      requests.push(this.request(command, flags, offsetBytes + doneBytes, countBytes, view));
+    }
+    const results = await Promise.allSettled(requests);
+    for (const result of results) if (result.status === 'rejected') throw result.reason;
+  }
+
+  async read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
+    const target = Buffer.allocUnsafe(lengthBytes);
+    await this.readInto(offsetBytes, target);
+    return target;
+  }
+
+  async readInto(offsetBytes: number, target: Uint8Array): Promise<void> {
+    await this.pieces(kCmdRead, 0, offsetBytes, target.length, this.payloadChunkBytes(), target);
+  }
+
+  async write(offsetBytes: number, data: Uint8Array, flags = 0): Promise<void> {
+    await this.pieces(kCmdWrite, flags, offsetBytes, data.length, this.payloadChunkBytes(), data);
+  }
+
+  async flush(flags = 0): Promise<void> {
+    await this.request(kCmdFlush, flags, 0, 0, null);
+  }
+
+  async trim(offsetBytes: number, lengthBytes: number, flags = 0): Promise<void> {
+    await this.pieces(kCmdTrim, flags, offsetBytes, lengthBytes, kPayloadlessBytesMax, null);
+  }
+
+  async writeZeroes(offsetBytes: number, lengthBytes: number, flags = 0): Promise<void> {
+    await this.pieces(kCmdWriteZeroes, flags, offsetBytes, lengthBytes, kPayloadlessBytesMax, null);
+  }
+
+  async cache(offsetBytes: number, lengthBytes: number): Promise<void> {
+    await this.pieces(kCmdCache, 0, offsetBytes, lengthBytes, kPayloadlessBytesMax, null);
+  }
+
+  /** base:allocation extents from `offsetBytes` (one data extent when not negotiated). */
+  async getExtents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    assert(Number.isSafeInteger(lengthBytes) && lengthBytes > 0, 'extent query length is positive');
+    assert(Number.isSafeInteger(offsetBytes), 'extent query offset is an integer');
+    assert(offsetBytes >= 0 && offsetBytes < this.sizeBytes, 'extent query inside the export');
+    if (this.baseAllocationContextId === null) return [{ lengthBytes, flags: 0 }];
+    const countBytes = Math.min(lengthBytes, kPayloadlessBytesMax, this.sizeBytes - offsetBytes);
+    const id = this.nextInternalId; // the id `request` is about to use
+    const done = this.request(kCmdBlockStatus, 0, offsetBytes, countBytes, null);
+    const request = this.internalRequests.get(id);
+    assert(request !== undefined, 'block status request registered');
+    assert(request.command === kCmdBlockStatus, 'registered request is the block status one');
+    await done;
+    const extents = request?.extents ?? null;
+    if (extents === null || extents.length === 0) return [{ lengthBytes: countBytes, flags: 0 }];
+    return extents;
+  }
+}
+
+interface PendingRead {
+  lengthBytes: number;
+  resolve: (data: Buffer) => void;
+  reject: (error: Error) => void;
+}
+
+/**
+ * One connection during connect + handshake: owns the socket until NbdClient takes it over,
+ * turns socket events into HandshakeIo reads, and enforces the connect deadline.
+ */
+class PendingConnection implements HandshakeIo {
+  readonly socket: Socket;
+  readonly serverName: string;
+  private readonly receiveBuffer = Buffer.allocUnsafe(kReceiveBufferBytes);
+  private received: Buffer[] = [];
+  private receivedBytes = 0;
+  private client: NbdClient | null = null;
+  private pending: PendingRead | null = null;
+  private failure: Error | null = null;
+  private isConnected = false;
+  private connectWaiter: { resolve: () => void; reject: (error: Error) => void } | null = null;
+  private readonly deadline: NodeJS.Timeout;
+
+  constructor(address: NbdAddress, timeoutMs: number) {
+    this.serverName = describeNbdAddress(address);
+    const onread = {
+      buffer: this.receiveBuffer,
+      callback: (count: number): boolean => {
+        if (this.client !== null) this.client.onReceive(this.receiveBuffer, count);
+        else this.onHandshakeBytes(count);
+        return true;
+      },
+    };
+    this.socket =
+      address.kind === 'unix'
+        ? netConnect({ path: address.socketPath, onread })
+        : netConnect({ host: address.host, port: address.port, onread, noDelay: true });
+    this.socket.once('connect', () => {
+      this.isConnected = true;
+      if (address.kind === 'tcp') this.socket.setNoDelay(true);
+      this.connectWaiter?.resolve();
+    });
+    this.socket.on('error', (error) => this.onSocketError(error));
+    this.socket.on('close', () => this.onSocketClose());
+    this.deadline = setTimeout(() => {
+      const text = `connecting to NBD server ${this.serverName} timed out after ${timeoutMs} ms`;
+      this.setFailure(new EnbdError('ENBD_ERR_TIMEOUT', text));
+      this.socket.destroy();
+    }, timeoutMs);
+  }
+
+  connected(): Promise<void> {
+    if (this.isConnected) return Promise.resolve();
+    if (this.failure !== null) return Promise.reject(this.failure);
+    return new Promise((resolve, reject) => (this.connectWaiter = { resolve, reject }));
+  }
+
+  read(lengthBytes: number): Promise<Buffer> {
+    assert(this.pending === null, 'one handshake read at a time');
+    if (this.receivedBytes >= lengthBytes) return Promise.resolve(this.take(lengthBytes));
+    if (this.failure !== null) return Promise.reject(this.failure);
+    return new Promise((resolve, reject) => (this.pending = { lengthBytes, resolve, reject }));
+  }
+
+  write(data: Uint8Array): void {
+    if (this.failure === null) this.socket.write(data);
+  }
+
+  /** The handshake succeeded: stop the deadline; returns bytes received beyond it. */
+  finishHandshake(): Buffer {
+    clearTimeout(this.deadline);
+    const leftover = Buffer.concat(this.received);
+    this.received = [];
+    this.receivedBytes = 0;
+    return leftover;
+  }
+
+  attach(client: NbdClient): void {
+    this.client = client;
+    if (this.failure !== null) client.handleSocketClose();
+  }
+
+  abort(): void {
+    clearTimeout(this.deadline);
+    this.socket.destroy();
+  }
+
+  private take(lengthBytes: number): Buffer {
+    const single = this.received.length === 1 ? (this.received[0] as Buffer) : null;
+    const all = single ?? Buffer.concat(this.received);
+    this.received = all.length > lengthBytes ? [all.subarray(lengthBytes)] : [];
+    this.receivedBytes = all.length - lengthBytes;
+    return all.subarray(0, lengthBytes);
+  }
+
+  private onHandshakeBytes(count: number): void {
+    this.received.push(Buffer.from(this.receiveBuffer.subarray(0, count)));
+    this.receivedBytes += count;
+    const pending = this.pending;
+    if (pending !== null && this.receivedBytes >= pending.lengthBytes) {
+      this.pending = null;
+      pending.resolve(this.take(pending.lengthBytes));
+    }
+  }
+
+  private setFailure(error: Error): void {
+    if (this.failure !== null) return;
+    this.failure = error;
+    const pending = this.pending;
+    this.pending = null;
+    pending?.reject(error);
+    const waiter = this.connectWaiter;
+    this.connectWaiter = null;
+    waiter?.reject(error);
+  }
+
+  private onSocketError(error: Error): void {
+    if (this.client !== null) {
+      this.client.handleSocketError(error);
+      return;
+    }
+    const code = (error as NodeJS.ErrnoException).code;
+    const server = `NBD server ${this.serverName}`;
+    const failure = this.isConnected
+      ? new EnbdError(
+          'ENBD_ERR_HANDSHAKE',
+          `connection to ${server} failed during the handshake: ${code ?? error.message}`,
+          0,
+          { cause: error },
+        )
+      : new EnbdError('ENBD_ERR_CONNECT', `cannot connect to ${server}: ${error.message}`, 0, {
+          cause: error,
+        });
+    this.setFailure(failure);
+  }
+
+  private onSocketClose(): void {
+    if (this.client !== null) {
+      this.client.handleSocketClose();
+      return;
+    }
+    this.setFailure(
+      this.isConnected
+        ? new EnbdError(
+            'ENBD_ERR_HANDSHAKE',
+            `NBD server ${this.serverName} closed the connection during the handshake`,
+          )
+        : new EnbdError('ENBD_ERR_CONNECT', `cannot connect to NBD server ${this.serverName}`),
+    );
+  }
+}

@@ -1,0 +1,286 @@
+/**
+ * NBD server: listens on Unix sockets and/or TCP, accepts clients, and serves one export
+ * backed by a BlockDevice. Owns the device's completion handler and routes each completion to
+ * the connection that submitted it (token = connection index << 8 | record index).
+ *
+ * Thread: main thread (session master).
+ *
+ * Invariants:
+ * - A connection index is reused only after that connection closed AND every request it had
+ *   at the device completed (ServerConnection.reusable), so no completion is misrouted.
+ * - A client's bytes can only close that client's connection; nothing a client sends throws
+ *   out of a socket callback (errors are caught per connection and logged).
+ */
+import { createServer, type Server, type Socket } from 'node:net';
+import { existsSync, lstatSync, unlinkSync } from 'node:fs';
+import { createLogger, type Logger } from '../core/log.js';
+import type { BlockDevice } from '../core/block-device.js';
+import { assert, isPowerOfTwo } from '../core/assert.js';
+import { EnbdError, describeError } from '../core/errors.js';
+import * as p from './protocol.js';
+import type { ExportDescriptor } from './server-options.js';
+import { ServerConnection, kRequestIndexBits, kRequestsPerConnection, type ConnectionHost } from './server-connection.js';
+
+export interface NbdServerOptions {
+  device: BlockDevice;
+  /** Canonical export name; the default export "" reaches it too. */
+  exportName?: string;
+  description?: string;
+  logger?: Logger;
+  /** Largest READ/WRITE payload accepted and advertised (default 32 MiB). */
+  maximumPayloadBytes?: number;
+  /** Serve read-only even if the device can write. */
+  readOnly?: boolean;
+  /** Most clients at once (default 64). */
+  connectionsMax?: number;
+  /**
+   * Receive WRITE payloads straight into the device's buffers with net.Socket `onread`
+   * (large payloads skip the copy from Node's read buffer). Default false.
+   */
+  directReceive?: boolean;
+}
+
+export const kConnectionsMaxDefault = 64;
+/** How long a graceful close waits for in-flight requests and replies to drain. */
+export const kShutdownDrainMs = 10_000;
+const kConnectionsMaxLimit = (0x7fff_ffff >>> kRequestIndexBits) - 1;
+
+export function transmissionFlagsFor(device: BlockDevice, readOnly: boolean): number {
+  const features = device.features;
+  let flags = p.kTxFlagHasFlags | p.kTxFlagSendDf | p.kTxFlagSendCache;
+  if (readOnly || features.readOnly) flags |= p.kTxFlagReadOnly;
+  if (features.flush) flags |= p.kTxFlagSendFlush;
+  if (features.fua && !(readOnly || features.readOnly)) flags |= p.kTxFlagSendFua;
+  if (features.rotational) flags |= p.kTxFlagRotational;
+  if (features.multiConn) flags |= p.kTxFlagCanMultiConn;
+  if (!(readOnly || features.readOnly)) {
+    if (features.trim) flags |= p.kTxFlagSendTrim;
+    if (features.writeZeroes) flags |= p.kTxFlagSendWriteZeroes | p.kTxFlagSendFastZero;
+  }
+  return flags;
+}
+
+export class NbdServer implements ConnectionHost {
+  readonly device: BlockDevice;
+  readonly exportDescriptor: ExportDescriptor;
+  readonly fastZero: boolean;
+  private readonly logger: Logger;
+  private readonly connections: (ServerConnection | null)[] = [];
+  private readonly stalledConnections = new Set<ServerConnection>();
+  private readonly listeners: Server[] = [];
+  private readonly unixPaths: string[] = [];
+  private readonly connectionsMax: number;
+  private wakeScheduled = false;
+  private nextConnectionId = 1;
+  private closing = false;
+  private readonly idleWaiters: (() => void)[] = [];
+  private readonly directReceive: boolean;
+  /** Payload bytes copied from socket chunks (closed connections; open ones add theirs). */
+  private payloadBytesCopiedClosed = 0;
+  private payloadBytesDirectClosed = 0;
+
+  constructor(options: NbdServerOptions) {
+    const device = options.device;
+    const maximumPayloadBytes = options.maximumPayloadBytes ?? p.kDefaultPayloadBytesMax;
+    if (!Number.isInteger(maximumPayloadBytes) || maximumPayloadBytes < 4096 || maximumPayloadBytes > 0x7fff_ffff) {
+      throw new RangeError('options.maximumPayloadBytes must be an integer from 4096 to 2^31-1');
+    }
+    const connectionsMax = options.connectionsMax ?? kConnectionsMaxDefault;
+    if (!Number.isInteger(connectionsMax) || connectionsMax < 1 || connectionsMax > kConnectionsMaxLimit) {
+      throw new RangeError(`options.connectionsMax must be an integer from 1 to ${kConnectionsMaxLimit}`);
+    }
+    const name = options.exportName ?? '';
+    if (Buffer.byteLength(name) > p.kStringBytesMax) throw new RangeError('options.exportName is longer than 4096 bytes');
+    const blockSizes = device.blockSizes;
+    assert(isPowerOfTwo(blockSizes.minimumBytes), 'device minimum block size is a power of two');
+    this.device = device;
+    this.logger = options.logger ?? createLogger({ level: 'silent' });
+    this.connectionsMax = connectionsMax;
+    this.directReceive = options.directReceive === true;
+    this.fastZero = device.features.fastZero;
+    this.exportDescriptor = {
+      name,
+      description: options.description ?? device.description,
+      sizeBytes: device.sizeBytes,
+      transmissionFlags: transmissionFlagsFor(device, options.readOnly === true),
+      minimumBlockBytes: blockSizes.minimumBytes,
+      preferredBlockBytes: Math.max(blockSizes.preferredBytes, blockSizes.minimumBytes, 512),
+      maximumPayloadBytes: Math.min(maximumPayloadBytes, blockSizes.maximumBytes),
+    };
+    device.setCompletionHandler((token, errno) => this.onDeviceComplete(token, errno));
+    device.onBufferAvailable = () => this.wake();
+  }
+
+  get connectionCount(): number {
+    let count = 0;
+    for (const connection of this.connections) if (connection !== null && !connection.isClosed) count += 1;
+    return count;
+  }
+
+  get inFlight(): number {
+    let count = 0;
+    for (const connection of this.connections) if (connection !== null) count += connection.inFlight;
+    return count;
+  }
+
+  /** WRITE payload bytes copied from socket chunks, and bytes read straight into buffers. */
+  payloadStats(): { bytesCopied: number; bytesDirect: number } {
+    let bytesCopied = this.payloadBytesCopiedClosed;
+    let bytesDirect = this.payloadBytesDirectClosed;
+    for (const connection of this.connections) {
+      if (connection === null || connection === undefined) continue;
+      bytesCopied += connection.payloadBytesCopied;
+      bytesDirect += connection.payloadBytesDirect;
+    }
+    return { bytesCopied, bytesDirect };
+  }
+
+  private onDeviceComplete(token: number, errno: number): void {
+    const connection = this.connections[token >>> kRequestIndexBits];
+    assert(connection !== undefined && connection !== null, `completion for unknown token ${token}`);
+    connection.onDeviceComplete(token & (kRequestsPerConnection - 1), errno);
+  }
+
+  private createListener(): Server {
+    const server = createServer({ allowHalfOpen: true, noDelay: true, pauseOnConnect: this.directReceive }, (socket) =>
+      this.accept(socket),
+    );
+    server.on('error', (error) => this.logger.error({ err: error }, 'listener error'));
+    this.listeners.push(server);
+    return server;
+  }
+
+  async listenUnix(path: string): Promise<void> {
+    if (existsSync(path)) {
+      if (!lstatSync(path).isSocket()) {
+        throw new EnbdError('ENBD_ERR_CONFIG', `${path} exists and is not a socket; refusing to replace it`);
+      }
+      unlinkSync(path); // a stale socket left by a previous run
+    }
+    const server = this.createListener();
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(path, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    }).catch((error: unknown) => {
+      throw new EnbdError('ENBD_ERR_CONFIG', `cannot listen on ${path}: ${describeError(error)}`);
+    });
+    this.unixPaths.push(path);
+    this.logger.info({ socket: path }, 'listening on Unix socket');
+  }
+
+  /** Listens on TCP; returns the bound port (useful with port 0). */
+  async listenTcp(host: string, port: number): Promise<number> {
+    const server = this.createListener();
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(port, host, () => {
+        server.off('error', reject);
+        resolve();
+      });
+    }).catch((error: unknown) => {
+      throw new EnbdError('ENBD_ERR_CONFIG', `cannot listen on ${host}:${port}: ${describeError(error)}`);
+    });
+    const address = server.address();
+    const bound = typeof address === 'object' && address !== null ? address.port : port;
+    this.logger.info({ host, port: bound }, 'listening on TCP');
+    return bound;
+  }
+
+  /** Serve an already connected socket (socket activation, tests). */
+  accept(socket: Socket): void {
+    if (this.closing) {
+      socket.destroy();
+      return;
+    }
+    const index = this.freeConnectionIndex();
+    if (index < 0) {
+      this.logger.warn({ connectionsMax: this.connectionsMax }, 'too many clients; refusing a connection');
+      socket.destroy();
+      return;
+    }
+    const id = this.nextConnectionId;
+    this.nextConnectionId += 1;
+    const peer = socket.remoteAddress !== undefined ? `${socket.remoteAddress}:${String(socket.remotePort)}` : 'unix';
+    const logger = this.logger.child({ conn: id, peer });
+    logger.debug('client connected');
+    try {
+      const previous = this.connections[index];
+      if (previous !== null && previous !== undefined) {
+        this.payloadBytesCopiedClosed += previous.payloadBytesCopied;
+        this.payloadBytesDirectClosed += previous.payloadBytesDirect;
+      }
+      this.connections[index] = new ServerConnection(index, socket, this, logger, this.directReceive);
+    } catch (error) {
+      logger.error({ err: error }, 'failed to set up connection');
+      socket.destroy();
+    }
+  }
+
+  private freeConnectionIndex(): number {
+    for (let index = 0; index < this.connections.length; index += 1) {
+      const connection = this.connections[index];
+      if (connection === null || connection === undefined || connection.reusable) return index;
+    }
+    return this.connections.length < this.connectionsMax ? this.connections.length : -1;
+  }
+
+  connectionClosed(connection: ServerConnection): void {
+    this.stalledConnections.delete(connection);
+    if (this.idleWaiters.length > 0 && this.inFlight === 0 && this.connectionCount === 0) {
+      for (const waiter of this.idleWaiters.splice(0)) waiter();
+    }
+  }
+
+  stalled(connection: ServerConnection): void {
+    this.stalledConnections.add(connection);
+  }
+
+  wake(): void {
+    if (this.wakeScheduled || this.stalledConnections.size === 0) return;
+    this.wakeScheduled = true;
+    setImmediate(() => {
+      this.wakeScheduled = false;
+      for (const connection of this.stalledConnections) {
+        if (!connection.resume()) this.stalledConnections.delete(connection);
+      }
+    });
+  }
+
+  /**
+   * Graceful stop: stop accepting, let in-flight requests finish and their replies leave,
+   * then close every connection. Resolves when no request is left at the device.
+   */
+  async close(): Promise<void> {
+    if (this.closing) return;
+    this.closing = true;
+    // Stop accepting now; server.close's callback waits for every connection, so don't await it.
+    for (const server of this.listeners) server.close();
+    for (const path of this.unixPaths) {
+      try {
+        unlinkSync(path);
+      } catch {
+        // already gone
+      }
+    }
+    const idle = new Promise<void>((resolve) => this.idleWaiters.push(resolve));
+    for (const connection of this.connections) connection?.shutdown();
+    if (this.inFlight === 0 && this.connectionCount === 0) return;
+    let timer: NodeJS.Timeout | undefined;
+    const drained = await Promise.race([
+      idle.then(() => true),
+      new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), kShutdownDrainMs))),
+    ]);
+    clearTimeout(timer);
+    if (!drained) {
+      this.logger.warn({ inFlight: this.inFlight }, 'clients did not drain in time; dropping them');
+      for (const connection of this.connections) connection?.close('server shutdown timed out');
+    }
+  }
+}
+
+export function createNbdServer(options: NbdServerOptions): NbdServer {
+  return new NbdServer(options);
+}

@@ -1,0 +1,176 @@
+/**
+ * NBD URIs (NetworkBlockDevice/nbd doc/uri.md) <-> typed addresses. Pure functions, no I/O.
+ * Threads: any.
+ *
+ * Accepted forms:
+ *   nbd://HOST[:PORT][/EXPORT]             TCP; PORT defaults to 10809; IPv6 as [::1]
+ *   nbd+unix:///[EXPORT]?socket=PATH       Unix domain socket; the authority must be empty
+ * EXPORT is the percent-decoded path after the first '/', possibly empty (the default export).
+ *
+ * Invariants:
+ * - parseNbdUri either returns a complete, valid address or throws EnbdError('ENBD_ERR_URI')
+ *   whose message quotes the URI and says what is wrong.
+ * - parseNbdUri(formatNbdUri(a)) deep-equals a for every valid address a (property-tested).
+ * - Host names are kept without IPv6 brackets; formatNbdUri adds them back.
+ */
+import { EnbdError } from '../core/errors.js';
+import { kDefaultPort, kStringBytesMax } from './protocol.js';
+
+export type NbdAddress =
+  | { kind: 'tcp'; host: string; port: number; exportName: string }
+  | { kind: 'unix'; socketPath: string; exportName: string };
+
+const kPortMax = 65535;
+const kHostPattern = /^[A-Za-z0-9._~!$&'()*+,;=%-]+$/;
+const kIpv6Pattern = /^[0-9A-Fa-f:.]+(%[A-Za-z0-9._~-]+)?$/;
+const kPortPattern = /^[0-9]{1,5}$/;
+const kUnsupportedSchemes: Readonly<Record<string, string>> = {
+  nbds: 'TLS (nbds://) is not supported',
+  'nbds+unix': 'TLS (nbds+unix://) is not supported',
+  'nbd+vsock': 'vsock transport is not supported',
+  'nbds+vsock': 'vsock transport and TLS are not supported',
+};
+
+function uriError(text: string, problem: string): EnbdError {
+  return new EnbdError('ENBD_ERR_URI', `invalid NBD URI '${text}': ${problem}`);
+}
+
+function decodeComponent(text: string, value: string, what: string): string {
+  try {
+    return decodeURIComponent(value);
+  } catch {
+    throw uriError(text, `${what} has a malformed percent-encoding`);
+  }
+}
+
+function encodeKeepingSlashes(value: string): string {
+  return encodeURIComponent(value).replace(/%2F/gi, '/');
+}
+
+/** Parse an NBD URI; throws EnbdError('ENBD_ERR_URI') naming the URI and the problem. */
+export function parseNbdUri(text: string): NbdAddress {
+  if (typeof text !== 'string' || text.length === 0) throw uriError(String(text), 'empty URI');
+  const schemeEnd = text.indexOf('://');
+  if (schemeEnd <= 0) throw uriError(text, "expected 'nbd://' or 'nbd+unix://'");
+  const scheme = text.slice(0, schemeEnd).toLowerCase();
+  const unsupported = kUnsupportedSchemes[scheme];
+  if (unsupported !== undefined) throw uriError(text, unsupported);
+  if (scheme !== 'nbd' && scheme !== 'nbd+unix') {
+    throw uriError(text, `unknown scheme '${scheme}' (expected nbd or nbd+unix)`);
+  }
+  let rest = text.slice(schemeEnd + 3);
+  if (rest.includes('#')) throw uriError(text, 'fragments (#...) are not allowed');
+  let query: string | null = null;
+  const queryStart = rest.indexOf('?');
+  if (queryStart >= 0) {
+    query = rest.slice(queryStart + 1);
+    rest = rest.slice(0, queryStart);
+  }
+  const pathStart = rest.indexOf('/');
+  const authority = pathStart >= 0 ? rest.slice(0, pathStart) : rest;
+  const path = pathStart >= 0 ? rest.slice(pathStart + 1) : '';
+  const exportName = decodeComponent(text, path, 'export name');
+  if (Buffer.byteLength(exportName, 'utf8') > kStringBytesMax) {
+    throw uriError(text, `export name longer than ${kStringBytesMax} bytes`);
+  }
+  if (exportName.includes('\0')) throw uriError(text, 'export name contains a NUL byte');
+  if (scheme === 'nbd') {
+    if (query !== null) throw uriError(text, 'query parameters are not supported for nbd://');
+    const { host, port } = parseAuthority(text, authority);
+    return { kind: 'tcp', host, port, exportName };
+  }
+  if (authority.length !== 0) {
+    const hint = 'write nbd+unix:///EXPORT?socket=PATH';
+    throw uriError(text, `nbd+unix:// takes no host ('${authority}'); ${hint}`);
+  }
+  const socketPath = parseSocketQuery(text, query);
+  return { kind: 'unix', socketPath, exportName };
+}
+
+function parseAuthority(text: string, authority: string): { host: string; port: number } {
+  if (authority.length === 0) throw uriError(text, 'missing host');
+  if (authority.includes('@')) {
+    throw uriError(text, 'user names in the authority are not supported');
+  }
+  let host: string;
+  let portText: string | null = null;
+  if (authority.startsWith('[')) {
+    const close = authority.indexOf(']');
+    if (close < 0) throw uriError(text, "IPv6 host is missing its closing ']'");
+    host = authority.slice(1, close);
+    if (!host.includes(':') || !kIpv6Pattern.test(host)) {
+      throw uriError(text, `'${host}' is not an IPv6 address`);
+    }
+    const after = authority.slice(close + 1);
+    if (after.length !== 0) {
+      if (!after.startsWith(':')) throw uriError(text, `unexpected '${after}' after the IPv6 host`);
+      portText = after.slice(1);
+    }
+  } else {
+    const colon = authority.indexOf(':');
+    host = colon >= 0 ? authority.slice(0, colon) : authority;
+    if (colon >= 0) portText = authority.slice(colon + 1);
+    if (portText !== null && portText.includes(':')) {
+      throw uriError(text, 'IPv6 hosts must be written in brackets, e.g. nbd://[::1]:10809/');
+    }
+    if (host.length === 0) throw uriError(text, 'missing host');
+    if (!kHostPattern.test(host)) throw uriError(text, `invalid host '${host}'`);
+  }
+  let port = kDefaultPort;
+  if (portText !== null) {
+    if (!kPortPattern.test(portText)) throw uriError(text, `bad port '${portText}'`);
+    port = Number(portText);
+    if (port < 1 || port > kPortMax) {
+      throw uriError(text, `port ${port} is out of range 1..${kPortMax}`);
+    }
+  }
+  return { host, port };
+}
+
+function parseSocketQuery(text: string, query: string | null): string {
+  if (query === null || query.length === 0) {
+    throw uriError(text, 'nbd+unix:// requires ?socket=PATH');
+  }
+  let socketPath: string | null = null;
+  for (const pair of query.split('&')) {
+    const equals = pair.indexOf('=');
+    const key = equals >= 0 ? pair.slice(0, equals) : pair;
+    const value = equals >= 0 ? pair.slice(equals + 1) : '';
+    if (key !== 'socket') throw uriError(text, `unsupported query parameter '${key}'`);
+    if (socketPath !== null) throw uriError(text, 'socket is given more than once');
+    socketPath = decodeComponent(text, value, 'socket path');
+  }
+  if (socketPath === null || socketPath.length === 0) throw uriError(text, 'socket path is empty');
+  if (socketPath.includes('\0')) throw uriError(text, 'socket path contains a NUL byte');
+  return socketPath;
+}
+
+/** Format an address as an NBD URI; throws ENBD_ERR_URI for addresses that have none. */
+export function formatNbdUri(address: NbdAddress): string {
+  let exportPart: string;
+  try {
+    exportPart = encodeKeepingSlashes(address.exportName);
+  } catch {
+    const name = JSON.stringify(address.exportName);
+    throw new EnbdError('ENBD_ERR_URI', `export name ${name} is not valid UTF-8`);
+  }
+  if (address.kind === 'unix') {
+    let socketPart: string;
+    try {
+      socketPart = encodeKeepingSlashes(address.socketPath);
+    } catch {
+      const path = JSON.stringify(address.socketPath);
+      throw new EnbdError('ENBD_ERR_URI', `socket path ${path} is not valid UTF-8`);
+    }
+    return `nbd+unix:///${exportPart}?socket=${socketPart}`;
+  }
+  const host = address.host.includes(':') ? `[${address.host}]` : address.host;
+  return `nbd://${host}:${address.port}/${exportPart}`;
+}
+
+/** Short human form for logs and error messages: 'unix:/path/sock' or 'host:port'. */
+export function describeNbdAddress(address: NbdAddress): string {
+  if (address.kind === 'unix') return `unix:${address.socketPath}`;
+  const host = address.host.includes(':') ? `[${address.host}]` : address.host;
+  return `${host}:${address.port}`;
+}

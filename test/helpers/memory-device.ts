@@ -1,0 +1,202 @@
+/**
+ * In-memory BlockDevice for in-process server tests (the fuzz test): real tools cannot send
+ * arbitrary bytes, so the fuzzer talks to createNbdServer directly and needs a device that is
+ * fast and has no side effects outside the process.
+ *
+ * Threads: the thread that created it (test main thread).
+ *
+ * Invariants:
+ * - Each submitted token completes exactly once, asynchronously (never inside submit), in
+ *   submission order or, with `completion: 'shuffled'`, in a scrambled order.
+ * - READ fills `data` (exactly lengthBytes) before completion; WRITE copies from `data` at
+ *   submit time and never keeps a reference.
+ * - Out-of-range requests (which a correct server never submits) complete with EINVAL/ENOSPC
+ *   and are counted in `rejectedCount` so a test can assert the server validated first.
+ */
+import type { BlockDevice, BlockSizes, CompletionHandler, DeviceFeatures, Extent } from '../../src/core/block-device.js';
+import {
+  kCmdCache,
+  kCmdFlush,
+  kCmdRead,
+  kCmdTrim,
+  kCmdWrite,
+  kCmdWriteZeroes,
+  kEInval,
+  kENoSpc,
+  kEPerm,
+} from '../../src/nbd/protocol.js';
+
+export interface MemoryDeviceOptions {
+  sizeBytes: number;
+  readOnly?: boolean;
+  /** 'ordered' (default): completions in submit order; 'shuffled': a seeded random order. */
+  completion?: 'ordered' | 'shuffled';
+  /** Optional fault hook: return an NBD errno (non-zero) to fail that request. */
+  errnoFor?: (command: number, offsetBytes: number, lengthBytes: number) => number;
+}
+
+interface Pending {
+  token: number;
+  errno: number;
+}
+
+export class MemoryDevice implements BlockDevice {
+  readonly sizeBytes: number;
+  readonly features: DeviceFeatures;
+  readonly blockSizes: BlockSizes = { minimumBytes: 1, preferredBytes: 4096, maximumBytes: 0x7fff_ffff };
+  readonly description = 'memory device (test)';
+  readonly bytes: Uint8Array;
+  /** Requests the device refused because they were out of range or not allowed. */
+  rejectedCount = 0;
+  /** The first few rejected requests, described, for failure messages. */
+  readonly rejections: string[] = [];
+  submittedCount = 0;
+  private handler: CompletionHandler | null = null;
+  private readonly pending: Pending[] = [];
+  private flushScheduled = false;
+  private shuffleSeed = 0x9e3779b9;
+  private closed = false;
+
+  constructor(private readonly options: MemoryDeviceOptions) {
+    if (!Number.isSafeInteger(options.sizeBytes) || options.sizeBytes <= 0) {
+      throw new RangeError('options.sizeBytes must be a positive safe integer');
+    }
+    this.sizeBytes = options.sizeBytes;
+    this.bytes = new Uint8Array(options.sizeBytes);
+    const writable = options.readOnly !== true;
+    this.features = {
+      readOnly: !writable,
+      flush: true,
+      fua: writable,
+      trim: writable,
+      writeZeroes: writable,
+      fastZero: writable,
+      cache: true,
+      multiConn: true,
+      rotational: false,
+      blockStatus: true,
+    };
+  }
+
+  get inFlight(): number {
+    return this.pending.length;
+  }
+
+  setCompletionHandler(handler: CompletionHandler): void {
+    this.handler = handler;
+  }
+
+  submit(command: number, flags: number, offsetBytes: number, lengthBytes: number, data: Uint8Array | null, token: number): void {
+    if (this.closed) throw new Error('submit after close');
+    this.submittedCount += 1;
+    let errno = this.options.errnoFor?.(command, offsetBytes, lengthBytes) ?? 0;
+    const inRange = offsetBytes >= 0 && lengthBytes >= 0 && offsetBytes + lengthBytes <= this.sizeBytes;
+    const isWrite = command === kCmdWrite || command === kCmdTrim || command === kCmdWriteZeroes;
+    if (errno === 0 && command !== kCmdFlush && !inRange) {
+      errno = isWrite ? kENoSpc : kEInval;
+      this.noteRejection('out of range', command, flags, offsetBytes, lengthBytes, data);
+    } else if (errno === 0 && isWrite && this.features.readOnly) {
+      errno = kEPerm;
+      this.noteRejection('write on read-only device', command, flags, offsetBytes, lengthBytes, data);
+    }
+    if (errno === 0) {
+      errno = this.execute(command, offsetBytes, lengthBytes, data);
+      if (errno !== 0) this.noteRejection('malformed', command, flags, offsetBytes, lengthBytes, data);
+    }
+    this.pending.push({ token, errno });
+    this.scheduleCompletions();
+  }
+
+  private noteRejection(
+    why: string,
+    command: number,
+    flags: number,
+    offsetBytes: number,
+    lengthBytes: number,
+    data: Uint8Array | null,
+  ): void {
+    this.rejectedCount += 1;
+    if (this.rejections.length < 10) {
+      const dataLength = data === null ? 'null' : String(data.length);
+      this.rejections.push(`${why}: command ${command} flags 0x${flags.toString(16)} offset ${offsetBytes} length ${lengthBytes} data ${dataLength}`);
+    }
+  }
+
+  private execute(command: number, offsetBytes: number, lengthBytes: number, data: Uint8Array | null): number {
+    switch (command) {
+      case kCmdRead:
+        if (lengthBytes === 0) return 0;
+        if (data === null || data.length !== lengthBytes) return kEInval;
+        data.set(this.bytes.subarray(offsetBytes, offsetBytes + lengthBytes));
+        return 0;
+      case kCmdWrite:
+        if (lengthBytes === 0) return 0;
+        if (data === null || data.length !== lengthBytes) return kEInval;
+        this.bytes.set(data, offsetBytes);
+        return 0;
+      case kCmdWriteZeroes:
+      case kCmdTrim:
+        // TRIM may leave anything; zeroing keeps reads deterministic.
+        this.bytes.fill(0, offsetBytes, offsetBytes + lengthBytes);
+        return 0;
+      case kCmdFlush:
+      case kCmdCache:
+        return 0;
+      default:
+        return kEInval;
+    }
+  }
+
+  private scheduleCompletions(): void {
+    if (this.flushScheduled) return;
+    this.flushScheduled = true;
+    setImmediate(() => {
+      this.flushScheduled = false;
+      const batch = this.pending.splice(0);
+      if (this.options.completion === 'shuffled') this.shuffle(batch);
+      const handler = this.handler;
+      if (handler === null) throw new Error('MemoryDevice: no completion handler installed');
+      for (const entry of batch) handler(entry.token, entry.errno);
+    });
+  }
+
+  private shuffle(batch: Pending[]): void {
+    for (let index = batch.length - 1; index > 0; index -= 1) {
+      this.shuffleSeed = (Math.imul(this.shuffleSeed, 1103515245) + 12345) >>> 0;
+      const other = this.shuffleSeed % (index + 1);
+      const swap = batch[index];
+      const with_ = batch[other];
+      if (swap === undefined || with_ === undefined) continue;
+      batch[index] = with_;
+      batch[other] = swap;
+    }
+  }
+
+  async getExtents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
+    await new Promise((resolveLater) => setImmediate(resolveLater));
+    const end = Math.min(this.sizeBytes, offsetBytes + Math.max(lengthBytes, 1));
+    const extents: Extent[] = [];
+    const blockBytes = 4096;
+    let start = offsetBytes;
+    while (start < end && extents.length < 64) {
+      const zero = this.isZero(start, Math.min(end, start + blockBytes));
+      let stop = Math.min(end, start + blockBytes);
+      while (stop < end && this.isZero(stop, Math.min(end, stop + blockBytes)) === zero) {
+        stop = Math.min(end, stop + blockBytes);
+      }
+      extents.push({ lengthBytes: stop - start, flags: zero ? 2 : 0 });
+      start = stop;
+    }
+    return extents;
+  }
+
+  private isZero(start: number, end: number): boolean {
+    for (let index = start; index < end; index += 1) if (this.bytes[index] !== 0) return false;
+    return true;
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    await Promise.resolve();
+  }
+}

@@ -1,0 +1,194 @@
+/**
+ * Test helpers for real NBD programs: tool detection that fails loudly under CI, scratch
+ * directories, free ports, and child processes (nbdkit, enbd) that are always cleaned up.
+ * Threads: test process main thread.
+ */
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { connect as netConnect, createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { TestContext } from 'node:test';
+
+export const isCi = process.env['CI'] === 'true' || process.env['CI'] === '1';
+export const repoRoot = resolve(new URL('../../../', import.meta.url).pathname);
+export const enbdMain = join(repoRoot, 'dist/src/cli/main.js');
+
+/** PATH with /usr/bin first so nbdsh finds Debian's python3 with the nbd module. */
+export const toolEnv: NodeJS.ProcessEnv = { ...process.env, PATH: `/usr/bin:/usr/sbin:${process.env['PATH'] ?? ''}` };
+
+const found = new Map<string, boolean>();
+export function hasTool(name: string): boolean {
+  let known = found.get(name);
+  if (known === undefined) {
+    known = spawnSync('sh', ['-c', `command -v ${name}`], { env: toolEnv }).status === 0;
+    found.set(name, known);
+  }
+  return known;
+}
+
+/**
+ * Returns true when every tool is present. Otherwise: under CI throws (a missing install step
+ * must never turn the suite green); elsewhere skips the test with a loud reason.
+ */
+export function requires(t: TestContext | null, ...tools: string[]): boolean {
+  const missing = tools.filter((tool) => !hasTool(tool));
+  if (missing.length === 0) return true;
+  const message = `required tool(s) missing: ${missing.join(', ')}`;
+  if (isCi || t === null) throw new Error(`${message} (CI must install them; see .ci/run)`);
+  process.stderr.write(`SKIP: ${message}\n`);
+  t.skip(message);
+  return false;
+}
+
+export interface Scratch {
+  dir: string;
+  path(name: string): string;
+  cleanup(): void;
+}
+
+export function scratch(prefix = 'enbd-test-'): Scratch {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  return {
+    dir,
+    path: (name: string) => join(dir, name),
+    cleanup: () => rmSync(dir, { recursive: true, force: true }),
+  };
+}
+
+export async function freePort(): Promise<number> {
+  return await new Promise((resolvePort, reject) => {
+    const server = createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const address = server.address();
+      const port = typeof address === 'object' && address !== null ? address.port : 0;
+      server.close(() => resolvePort(port));
+    });
+  });
+}
+
+export async function waitFor(what: string, predicate: () => boolean, timeoutMs = 10_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!predicate()) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(25);
+  }
+}
+
+/** True when something accepts a connection on the Unix socket right now. */
+export async function unixAccepts(socketPath: string): Promise<boolean> {
+  if (!existsSync(socketPath)) return false;
+  return await new Promise<boolean>((resolveTry) => {
+    const socket = netConnect(socketPath);
+    socket.once('connect', () => {
+      socket.destroy();
+      resolveTry(true);
+    });
+    socket.once('error', () => resolveTry(false));
+  });
+}
+
+/**
+ * Waits until a server accepts connections on `socketPath`. The socket file alone is not
+ * enough: a server binds (creating the file) before it listens, and a connect in between is
+ * refused.
+ */
+export async function waitForUnixListener(what: string, socketPath: string, child: Child, timeoutMs = 20_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (child.process.exitCode !== null || child.process.signalCode !== null) {
+      throw new Error(`${what} exited ${String(child.process.exitCode ?? child.process.signalCode)} before listening on ${socketPath}:\n${child.output()}`);
+    }
+    if (await unixAccepts(socketPath)) return;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what} to listen on ${socketPath}`);
+    await sleep(25);
+  }
+}
+
+export interface Child {
+  process: ChildProcess;
+  output(): string;
+  stop(signal?: NodeJS.Signals): Promise<number | null>;
+}
+
+const children = new Set<ChildProcess>();
+process.on('exit', () => {
+  for (const child of children) child.kill('SIGKILL');
+});
+
+export function startChild(command: string, args: string[], options: { env?: NodeJS.ProcessEnv } = {}): Child {
+  const child = spawn(command, args, { env: options.env ?? toolEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+  children.add(child);
+  let output = '';
+  child.stdout?.on('data', (chunk: Buffer) => (output += chunk.toString()));
+  child.stderr?.on('data', (chunk: Buffer) => (output += chunk.toString()));
+  const exited = new Promise<number | null>((resolveExit) => {
+    child.once('exit', (code, signal) => {
+      children.delete(child);
+      resolveExit(code ?? (signal === null ? null : 128));
+    });
+  });
+  return {
+    process: child,
+    output: () => output,
+    stop: async (signal: NodeJS.Signals = 'SIGTERM') => {
+      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+      const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+      const code = await exited;
+      clearTimeout(timer);
+      return code;
+    },
+  };
+}
+
+/** nbdkit in the foreground (-f) on a Unix socket, as a child of the test; resolves once listening. */
+export async function startNbdkit(socketPath: string, pluginArgs: string[], extraArgs: string[] = []): Promise<Child> {
+  rmSync(socketPath, { force: true });
+  const child = startChild('nbdkit', ['-f', '--unix', socketPath, ...extraArgs, ...pluginArgs]);
+  try {
+    await waitForUnixListener('nbdkit', socketPath, child);
+  } catch (error) {
+    await child.stop('SIGKILL');
+    throw error;
+  }
+  return child;
+}
+
+export function unixUri(socketPath: string, exportName = ''): string {
+  return `nbd+unix:///${exportName}?socket=${socketPath}`;
+}
+
+export interface RunResult {
+  status: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Run a tool to completion (async, so servers in this process keep serving). */
+export async function run(command: string, args: string[], options: { timeoutMs?: number; input?: string } = {}): Promise<RunResult> {
+  return await new Promise((resolveRun) => {
+    const child = spawn(command, args, { env: toolEnv, stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+    child.stdin.on('error', () => undefined); // a tool may exit before reading its stdin (EPIPE)
+    const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 120_000);
+    child.once('close', (status) => {
+      clearTimeout(timer);
+      resolveRun({ status, stdout, stderr });
+    });
+    child.stdin.end(options.input ?? '');
+  });
+}
+
+/** Like run, but throws with the tool's output when it exits non-zero. */
+export async function runOk(command: string, args: string[], options: { timeoutMs?: number; input?: string } = {}): Promise<RunResult> {
+  const result = await run(command, args, options);
+  if (result.status !== 0) {
+    throw new Error(`${command} ${args.join(' ')} exited ${String(result.status)}\n${result.stdout}\n${result.stderr}`);
+  }
+  return result;
+}
