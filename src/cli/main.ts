@@ -51,12 +51,23 @@ function buildProgram(): Command {
     .option('--copy-mode <mode>', 'shared (one copy in the ring) or per-leg (a copy per leg, for comparison)')
     .option('--placement <where>', 'workers (an actor thread per leg) or inline (actors on the main thread)')
     .option('--max-payload <bytes>', 'largest READ/WRITE payload accepted (default 32M)')
-    .option('--leg-timeout <ms>', 'fail a leg whose request takes longer (0 = never)')
+    .option('--leg-timeout <ms>', 'degrade a leg whose request takes longer (default 5000; 0 = never)')
+    .option('--bitmap-chunk <bytes>', 'bytes per dirty-map bit (power of two, default 4K)')
+    .option('--bitmap-pool <pages>', 'dirty-map pages per leg (4 KiB each, one per 128 MiB of device at 4K chunks; default 64)')
+    .option('--reconnect-min <ms>', 'first reconnect delay of a degraded leg (default 250; doubles per attempt)')
+    .option('--reconnect-max <ms>', 'longest reconnect delay (default 30000)')
+    .option('--resync-rate-min <bytes/s>', 'resync floor kept while clients are busy (default 32M)')
+    .option('--resync-rate-max <bytes/s>', 'resync ceiling while clients are idle (default 0 = unlimited)')
     .option('--receive <mode>', 'WRITE payloads: stream (copied from Node read chunks) or direct (straight into the ring slot)')
     .option('--data-dir <dir>', 'where the embedded default keeps its legs and socket (default ./enbd-data)')
     .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
     .action(async (options: Record<string, unknown>) => {
-      const renamed: Record<string, unknown> = { ...options, legTimeoutMs: options['legTimeout'] };
+      const renamed: Record<string, unknown> = {
+        ...options,
+        legTimeoutMs: options['legTimeout'],
+        reconnectMinMs: options['reconnectMin'],
+        reconnectMaxMs: options['reconnectMax'],
+      };
       await runMirror(renamed);
     });
 

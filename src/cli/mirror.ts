@@ -28,12 +28,18 @@ export interface MirrorSettings {
   placement: Placement;
   maxPayload: number;
   legTimeoutMs: number;
+  bitmapChunk: number;
+  bitmapPool: number;
+  reconnectMinMs: number;
+  reconnectMaxMs: number;
+  resyncRateMin: number;
+  resyncRateMax: number;
   logLevel: string;
   dataDir: string;
   receive: 'stream' | 'direct';
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'logLevel', 'dataDir', 'receive']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'logLevel', 'dataDir', 'receive']);
 const kDefaultLegBytes = 1024 ** 3;
 
 function readConfig(path: string): Record<string, unknown> {
@@ -80,6 +86,14 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
   if (!isLogLevel(logLevel)) throw new EnbdError('ENBD_ERR_CONFIG', `--log-level "${logLevel}" is not a pino level`);
   const receive = text(pick('receive') ?? 'stream', 'receive');
   if (receive !== 'stream' && receive !== 'direct') throw new EnbdError('ENBD_ERR_CONFIG', `--receive must be stream or direct, got "${receive}"`);
+  const reconnectMinMs = parseInteger('--reconnect-min', text(pick('reconnectMinMs') ?? '250', '--reconnect-min'), 1, 3_600_000);
+  const reconnectMaxMs = parseInteger('--reconnect-max', text(pick('reconnectMaxMs') ?? '30000', '--reconnect-max'), 1, 3_600_000);
+  if (reconnectMaxMs < reconnectMinMs) throw new EnbdError('ENBD_ERR_CONFIG', `--reconnect-max (${reconnectMaxMs}) is below --reconnect-min (${reconnectMinMs})`);
+  const resyncRateMin = parseBytes('--resync-rate-min', text(pick('resyncRateMin') ?? '32M', '--resync-rate-min'));
+  const resyncRateMax = parseBytes('--resync-rate-max', text(pick('resyncRateMax') ?? '0', '--resync-rate-max'));
+  if (resyncRateMax !== 0 && resyncRateMax < resyncRateMin) {
+    throw new EnbdError('ENBD_ERR_CONFIG', `--resync-rate-max (${resyncRateMax}) is below --resync-rate-min (${resyncRateMin}); 0 means unlimited`);
+  }
   const size = pick('size');
   const ringSlots = pick('ringSlots');
   const slotBytes = pick('slotBytes');
@@ -96,11 +110,25 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     copyMode,
     placement,
     maxPayload: parseBytes('--max-payload', text(pick('maxPayload') ?? '32M', '--max-payload')),
-    legTimeoutMs: parseInteger('--leg-timeout', text(pick('legTimeoutMs') ?? '0', '--leg-timeout'), 0, 3_600_000),
+    legTimeoutMs: parseInteger('--leg-timeout', text(pick('legTimeoutMs') ?? '5000', '--leg-timeout'), 0, 3_600_000),
+    bitmapChunk: parseBitmapChunk(text(pick('bitmapChunk') ?? '4K', '--bitmap-chunk')),
+    bitmapPool: parseInteger('--bitmap-pool', text(pick('bitmapPool') ?? '64', '--bitmap-pool'), 1, 262_144),
+    reconnectMinMs,
+    reconnectMaxMs,
+    resyncRateMin,
+    resyncRateMax,
     logLevel,
     dataDir: resolve(text(pick('dataDir') ?? 'enbd-data', '--data-dir')),
     receive,
   };
+}
+
+function parseBitmapChunk(value: string): number {
+  const bytes = parseBytes('--bitmap-chunk', value);
+  if (bytes < 512 || bytes > 64 * 1024 * 1024 || (bytes & (bytes - 1)) !== 0) {
+    throw new EnbdError('ENBD_ERR_CONFIG', `--bitmap-chunk: "${value}" must be a power of two from 512 to 64M`);
+  }
+  return bytes;
 }
 
 /** The embedded default: two sparse 1 GiB file legs in the data dir (created if missing). */
@@ -140,6 +168,11 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
     logger,
     logLevel: settings.logLevel,
     legTimeoutMs: settings.legTimeoutMs,
+    bitmapChunkBytes: settings.bitmapChunk,
+    bitmapPoolPages: settings.bitmapPool,
+    reconnectMinMs: settings.reconnectMinMs,
+    reconnectMaxMs: settings.reconnectMaxMs,
+    resyncRates: { minBytesPerSecond: settings.resyncRateMin, maxBytesPerSecond: settings.resyncRateMax },
   });
   const server = createNbdServer({
     device: mirror,

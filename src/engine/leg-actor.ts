@@ -25,7 +25,7 @@
 import type { BlockDevice } from '../core/block-device.js';
 import type { Logger } from '../core/log.js';
 import { assert } from '../core/assert.js';
-import { toPlainError, type PlainError } from '../core/errors.js';
+import { EnbdError, toPlainError, type PlainError } from '../core/errors.js';
 import * as p from '../nbd/protocol.js';
 import { RequestRing } from '../ring/request-ring.js';
 import { Doorbell, SpscQueue } from '../ring/spsc-queue.js';
@@ -44,6 +44,9 @@ export class LegActor implements LegActorApi {
   private readonly legIndex: number;
   private readonly leg: LegAddress;
   private device: BlockDevice | null = null;
+  /** Set while we close the device ourselves, so its close is not reported as a drop. */
+  private closingOnPurpose = false;
+  private readonly events: Int32Array;
   private running = false;
   private paused = false;
   private pumpScheduled = false;
@@ -66,6 +69,7 @@ export class LegActor implements LegActorApi {
     this.doorbell = Doorbell.attach(init.doorbell);
     this.leg = parseLegUri(init.uri);
     this.copies = new Array<Uint8Array | null>(this.ring.slotCount).fill(null);
+    this.events = new Int32Array(init.events);
   }
 
   async open(): Promise<LegInfo | { error: PlainError }> {
@@ -76,6 +80,15 @@ export class LegActor implements LegActorApi {
         requestTimeoutMs: this.init.requestTimeoutMs,
       });
       device.setCompletionHandler((slot, errno) => this.onComplete(slot, errno));
+      const closable = device as { onClose?: ((error: unknown) => void) | null };
+      if ('onClose' in closable) {
+        closable.onClose = () => {
+          if (this.closingOnPurpose || this.device !== device) return;
+          this.logger.warn({ leg: this.legIndex }, 'leg connection dropped');
+          Atomics.add(this.events, this.legIndex, 1);
+          this.doorbell.ring();
+        };
+      }
       this.device = device;
       this.statistics.connected = true;
       this.running = true;
@@ -127,8 +140,13 @@ export class LegActor implements LegActorApi {
 
   private issue(slot: number, copy: Uint8Array | null): void {
     const device = this.device;
-    assert(device !== null, 'issue after open');
     const ring = this.ring;
+    this.statistics.inFlight += 1;
+    if (device === null) {
+      // Disconnected or reconnecting: fail at once, never wait for the leg.
+      this.onComplete(slot, p.kEIo);
+      return;
+    }
     const command = ring.command(slot);
     const lengthBytes = ring.lengthBytes(slot);
     let data: Uint8Array | null = null;
@@ -142,7 +160,6 @@ export class LegActor implements LegActorApi {
       }
     }
     this.statistics.requests += 1;
-    this.statistics.inFlight += 1;
     device.submit(command, ring.flags(slot), ring.offsetBytes(slot), lengthBytes, data, slot);
   }
 
@@ -175,6 +192,26 @@ export class LegActor implements LegActorApi {
     this.doorbell.ring();
   }
 
+  async reconnect(): Promise<LegInfo | { error: PlainError }> {
+    await this.disconnect();
+    return await this.open();
+  }
+
+  async disconnect(): Promise<void> {
+    const device = this.device;
+    this.device = null;
+    this.statistics.connected = false;
+    if (device === null) return;
+    this.closingOnPurpose = true;
+    try {
+      await device.close();
+    } catch (error) {
+      this.logger.debug({ leg: this.legIndex, err: error }, 'closing the leg failed');
+    } finally {
+      this.closingOnPurpose = false;
+    }
+  }
+
   async stats(): Promise<LegStats> {
     const device = this.device;
     const connected = device !== null && (!('isConnected' in device) || (device as { isConnected: boolean }).isConnected);
@@ -182,7 +219,7 @@ export class LegActor implements LegActorApi {
   }
 
   async getExtents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    assert(this.device !== null, 'getExtents after open');
+    if (this.device === null) throw new EnbdError('ENBD_ERR_IO', `leg ${this.legIndex} is not connected`, p.kEIo);
     return await this.device.getExtents(offsetBytes, lengthBytes);
   }
 

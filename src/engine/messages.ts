@@ -23,6 +23,11 @@ export interface LegActorInit {
   completion: SharedArrayBuffer;
   /** The master's doorbell, rung after publishing completions. */
   doorbell: SharedArrayBuffer;
+  /**
+   * Int32 per leg: bumped (Atomics.add) by the actor when its leg's connection drops on its
+   * own; the master compares it with the value it last saw after each doorbell.
+   */
+  events: SharedArrayBuffer;
   logLevel: string;
   connectTimeoutMs: number;
   requestTimeoutMs: number;
@@ -55,6 +60,10 @@ export interface CopyMessage {
 /** Control plane of a connection actor (comlink for workers, direct calls inline). */
 export interface LegActorApi {
   open(): Promise<LegInfo | { error: PlainError }>;
+  /** Closes the leg's connection (failing what it still holds) and opens a new one. */
+  reconnect(): Promise<LegInfo | { error: PlainError }>;
+  /** Closes the leg's connection; requests fail with EIO until reconnect(). */
+  disconnect(): Promise<void>;
   stats(): Promise<LegStats>;
   getExtents(offsetBytes: number, lengthBytes: number): Promise<Extent[]>;
   pause(): Promise<void>;

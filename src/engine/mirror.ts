@@ -47,7 +47,9 @@ import { kMaxLegs, type RingOptions } from '../ring/layout.js';
 import { Doorbell, SpscQueue } from '../ring/spsc-queue.js';
 import { abandonLeg } from '../ring/visited-mask.js';
 import { parseLegUri } from '../stubs/open-leg.js';
+import { DirtyMap } from '../bitmap/dirty-map.js';
 import { RangeLock } from './range-lock.js';
+import { Resync, type CopyOutcome, type ResyncHost, type ResyncProgress, type ResyncRates } from './resync.js';
 import { LegActor } from './leg-actor.js';
 import type { CopyMode, LegActorApi, LegActorInit, LegInfo, LegStats, Placement } from './messages.js';
 
@@ -63,9 +65,26 @@ export interface MirrorOptions {
   connectTimeoutMs?: number;
   /** A leg request older than this fails that leg's connection (0 = never). */
   legTimeoutMs?: number;
+  /** Bytes per dirty-map bit (power of two, default 4096). */
+  bitmapChunkBytes?: number;
+  /** Pool pages of each leg's dirty map (default 64 pages of 4 KiB = 8 GiB of device each). */
+  bitmapPoolPages?: number;
+  /** Reconnect backoff of a degraded leg: first delay and ceiling (ms, jittered +-20 %). */
+  reconnectMinMs?: number;
+  reconnectMaxMs?: number;
+  /** Resync rate floor and ceiling in bytes/s (ceiling 0 = unlimited). */
+  resyncRates?: Partial<ResyncRates>;
 }
 
-export type LegState = 'in-sync' | 'failed';
+/**
+ * in-sync: holds every acknowledged write, serves reads and writes.
+ * degraded: missed writes (or its connection is down); waits for its next reconnect attempt.
+ * reconnecting: a reconnect attempt is under way.
+ * resyncing: connected again and receiving writes; its dirty chunks are being copied back.
+ *   Reads go to it only for ranges its dirty map shows clean.
+ * failed: out for good (its actor thread died, or the daemon is stopping).
+ */
+export type LegState = 'in-sync' | 'degraded' | 'reconnecting' | 'resyncing' | 'failed';
 
 export interface LegStatus {
   index: number;
@@ -74,6 +93,9 @@ export interface LegStatus {
   state: LegState;
   inFlight: number;
   failureReason: string | null;
+  dirtyBytes: number;
+  reconnectAttempts: number;
+  resync: ResyncProgress | null;
 }
 
 export interface MirrorStats {
@@ -87,6 +109,11 @@ export interface MirrorStats {
 }
 
 const kInternalTokenBase = 0x4000_0000;
+const kUnflushedChunkBytes = 64 * 1024;
+const kUnflushedPoolPages = 16;
+/** Errors that answer the request itself (every leg would say the same), not the leg's health. */
+const kRequestLevelErrnos = new Set([p.kEInval, p.kENoSpc, p.kENotSup, p.kEPerm, p.kEOverflow]);
+
 const kWorkerUrl = new URL('../../actors/connection-actor.js', import.meta.url);
 
 class Leg {
@@ -97,6 +124,26 @@ class Leg {
   worker: Worker | null = null;
   inline: LegActor | null = null;
   copyPort: MessagePort | null = null;
+  /** Chunks this leg missed: set before any client hears success for them. */
+  dirty: DirtyMap | null = null;
+  /**
+   * Chunks written to this leg since its last good flush, in two halves: writes mark
+   * unflushed[current]; a FLUSH sent to the leg swaps halves, and its success clears the other.
+   */
+  unflushed: [DirtyMap, DirtyMap] | null = null;
+  unflushedCurrent = 0;
+  /** The FLUSH slot whose success clears unflushed[1 - current], or -1. */
+  flushSlot = -1;
+  /** The connection dropped or a flush failed: unflushed writes may be lost. */
+  mayHaveLostUnflushed = false;
+  /** Was in sync when the last in-sync leg went: holds every acknowledged write. */
+  lastStanding = false;
+  dropsSeen = 0;
+  reconnectAttempts = 0;
+  reconnectTimer: NodeJS.Timeout | null = null;
+  resync: Resync | null = null;
+  /** Bumped whenever the leg fails: a resync copy clears bits only within one epoch. */
+  epoch = 0;
   constructor(
     readonly index: number,
     readonly uri: string,
@@ -106,6 +153,13 @@ class Leg {
   ) {}
   get bit(): number {
     return 1 << this.index;
+  }
+  get currentUnflushed(): DirtyMap | null {
+    return this.unflushed?.[this.unflushedCurrent] ?? null;
+  }
+  /** The half a pending FLUSH covers. */
+  get flushingUnflushed(): DirtyMap | null {
+    return this.unflushed?.[this.unflushedCurrent ^ 1] ?? null;
   }
 }
 
@@ -138,6 +192,9 @@ export class MirrorDevice implements BlockDevice {
   private readonly doorbell: Doorbell;
   private readonly rangeLock: RangeLock;
   private readonly granted: Int32Array;
+  private readonly grantQueue: number[] = [];
+  private grantHead = 0;
+  private drainingGrants = false;
   private handler: CompletionHandler = () => undefined;
   private readonly copyMode: CopyMode;
   private readonly placement: Placement;
@@ -158,6 +215,20 @@ export class MirrorDevice implements BlockDevice {
   private readonly pumpBound = (): void => this.pumpCompletions();
   private readSpread = 0;
   private closed = false;
+  /** Per-leg drop counters bumped by the actors (see LegActorInit.events). */
+  private readonly events: Int32Array;
+  /** Resync copies: phase of each slot, and the leg it copies to. */
+  private readonly copyPhase: Uint8Array;
+  private readonly copyTarget: Int8Array;
+  private readonly copyEpoch: Int32Array;
+  private readonly copyDone = new Map<number, (outcome: CopyOutcome) => void>();
+  private readonly slotWaiters: Array<() => void> = [];
+  private readonly options: MirrorOptions;
+  private resyncRates: ResyncRates;
+  private clientRequests = 0;
+  private clientRequestsSeen = 0;
+  private clientBusyAt = 0;
+  private readonly resyncHost: ResyncHost;
   private readonly counters = { requests: new Map<number, number>(), writeCopies: 0, writeBytesCopied: 0, writeRequests: 0 };
   inFlight = 0;
 
@@ -173,6 +244,21 @@ export class MirrorDevice implements BlockDevice {
     this.internalSlot = new Uint8Array(this.ring.slotCount);
     this.spanOfSlot = new Int32Array(this.ring.slotCount).fill(1);
     this.triedMask = new Int32Array(this.ring.slotCount);
+    this.events = new Int32Array(new SharedArrayBuffer(kMaxLegs * 4));
+    this.copyPhase = new Uint8Array(this.ring.slotCount);
+    this.copyTarget = new Int8Array(this.ring.slotCount).fill(-1);
+    this.copyEpoch = new Int32Array(this.ring.slotCount);
+    this.options = options;
+    this.resyncRates = {
+      minBytesPerSecond: options.resyncRates?.minBytesPerSecond ?? 32 * 1024 * 1024,
+      maxBytesPerSecond: options.resyncRates?.maxBytesPerSecond ?? 0,
+    };
+    this.resyncHost = {
+      copyRange: (legIndex, offsetBytes, lengthBytes) => this.copyRange(legIndex, offsetBytes, lengthBytes),
+      stillResyncing: (legIndex) => !this.closed && this.legs[legIndex]?.state === 'resyncing',
+      clientBusy: (windowMs) => this.clientBusy(windowMs),
+      resyncDone: (legIndex) => this.onResyncDone(this.legs[legIndex] as Leg),
+    };
     this.description = `mirror of ${options.legs.length} legs`;
     this.features = {
       readOnly: false, flush: true, fua: true, trim: true, writeZeroes: true, fastZero: true,
@@ -207,6 +293,7 @@ export class MirrorDevice implements BlockDevice {
         dispatch: dispatch.buffer,
         completion: completion.buffer,
         doorbell: this.doorbell.buffer,
+        events: this.events.buffer as SharedArrayBuffer,
         logLevel: options.logLevel ?? 'info',
         connectTimeoutMs: options.connectTimeoutMs ?? 10_000,
         requestTimeoutMs: options.legTimeoutMs ?? 0,
@@ -222,6 +309,19 @@ export class MirrorDevice implements BlockDevice {
     }
     if (problems.length > 0) throw new EnbdError('ENBD_ERR_LEG', `cannot open leg(s): ${problems.join('; ')}`);
     this.settleGeometry(options.sizeBytes);
+    for (const leg of this.legs) {
+      leg.dirty = DirtyMap.create({
+        deviceBytes: this.sizeBytes,
+        chunkBytes: options.bitmapChunkBytes ?? 4096,
+        poolPages: options.bitmapPoolPages ?? 64,
+      });
+      const unflushed = (): DirtyMap => DirtyMap.create({
+        deviceBytes: this.sizeBytes,
+        chunkBytes: Math.max(kUnflushedChunkBytes, leg.dirty?.chunkBytes ?? 0),
+        poolPages: kUnflushedPoolPages,
+      });
+      leg.unflushed = [unflushed(), unflushed()];
+    }
     this.pumpCompletions();
   }
 
@@ -343,10 +443,13 @@ export class MirrorDevice implements BlockDevice {
       this.bufferWanted = false;
       this.onBufferAvailable?.();
     }
+    // Resync copies wait behind client requests for slots.
+    if (this.slotWaiters.length > 0 && this.ring.freeCount > 0) this.slotWaiters.shift()?.();
   }
 
   submit(command: number, flags: number, offsetBytes: number, lengthBytes: number, data: Uint8Array | null, token: number): void {
     this.inFlight += 1;
+    this.clientRequests += 1;
     this.counters.requests.set(command, (this.counters.requests.get(command) ?? 0) + 1);
     let slot = token < kInternalTokenBase ? this.slotOfToken[token] ?? -1 : -1;
     if (slot >= 0) {
@@ -371,7 +474,7 @@ export class MirrorDevice implements BlockDevice {
 
   /** Describes the request in its slot and dispatches it (after the range lock if needed). */
   private start(slot: number, command: number, flags: number, offsetBytes: number, lengthBytes: number): void {
-    const target = this.targetFor(command);
+    const target = this.targetFor(command, offsetBytes, lengthBytes);
     if (target === 0) {
       this.ring.setRequest(slot, command, flags, offsetBytes, lengthBytes, this.spanOfSlot[slot] ?? 1, 1);
       setImmediate(() => this.finishSlot(slot, p.kEIo));
@@ -387,29 +490,119 @@ export class MirrorDevice implements BlockDevice {
     this.ring.setRequest(slot, command, flags, offsetBytes, lengthBytes, this.spanOfSlot[slot] ?? 1, target);
     this.triedMask[slot] = target;
     if (command === p.kCmdRead || command === p.kCmdCache) this.ring.setReadLeg(slot, 31 - Math.clz32(target));
+    if (command === p.kCmdFlush) this.beginFlush(slot, target);
+    // Data-changing requests: the target set is settled again at dispatch, under the range lock
+    // (see settleWriteTarget).
     if (isDataChanging(command) && !this.rangeLock.acquire(slot, offsetBytes, lengthBytes)) return;
     this.dispatch(slot);
   }
 
+  private clientBusy(windowMs: number): boolean {
+    const now = Date.now();
+    if (this.clientRequests !== this.clientRequestsSeen) {
+      this.clientRequestsSeen = this.clientRequests;
+      this.clientBusyAt = now;
+    }
+    return now - this.clientBusyAt < windowMs;
+  }
 
-  /** Legs a new request goes to: every in-sync leg, or one for READ/CACHE. 0 = none left. */
-  private targetFor(command: number): number {
+  /**
+   * Under the range lock, just before a data-changing request leaves: it goes to every leg
+   * that is in sync or resyncing, and every other leg has the range marked in its dirty map
+   * now, before any leg can answer (so before the client can hear success). Settling here and
+   * not at arrival keeps marks and resync clears of one range strictly ordered by the lock.
+   * Returns false (request finished with EIO) when no leg is in sync.
+   */
+  private settleWriteTarget(slot: number): boolean {
+    let target = 0;
+    let inSync = false;
+    for (const leg of this.legs) {
+      if (leg.state === 'in-sync') inSync = true;
+      if (leg.state === 'in-sync' || leg.state === 'resyncing') target |= leg.bit;
+    }
+    if (!inSync) {
+      this.releaseRange(slot);
+      this.finishSlot(slot, p.kEIo);
+      return false;
+    }
+    const ring = this.ring;
+    if (target !== ring.targetMask(slot)) ring.resetMasks(slot, target);
+    if (target !== this.allLegsMask) {
+      const offsetBytes = ring.offsetBytes(slot);
+      const lengthBytes = ring.lengthBytes(slot);
+      for (const leg of this.legs) {
+        if ((target & leg.bit) === 0) leg.dirty?.markRange(offsetBytes, lengthBytes);
+      }
+    }
+    return true;
+  }
+
+  /** FLUSH sent to a leg swaps its unflushed halves (unless a flush is already pending there). */
+  private beginFlush(slot: number, target: number): void {
+    for (const leg of this.legs) {
+      if ((target & leg.bit) === 0 || leg.flushSlot !== -1) continue;
+      leg.flushSlot = slot;
+      leg.unflushedCurrent ^= 1;
+    }
+  }
+
+  /** FLUSH answered: a leg that flushed forgets the writes the flush covered. */
+  private settleFlush(slot: number, target: number, failed: number): void {
+    for (const leg of this.legs) {
+      if ((target & leg.bit) === 0 || leg.flushSlot !== slot) continue;
+      leg.flushSlot = -1;
+      if ((failed & leg.bit) === 0) leg.flushingUnflushed?.clearAll();
+      else leg.mayHaveLostUnflushed = true;
+    }
+  }
+
+  private get allLegsMask(): number {
+    return (1 << this.legs.length) - 1;
+  }
+
+
+  /**
+   * Legs a new request goes to: one up-to-date leg for READ/CACHE; every in-sync or resyncing
+   * leg otherwise (for data-changing requests settled again at dispatch). 0 = none: EIO, since
+   * no leg that holds every acknowledged write is there.
+   */
+  private targetFor(command: number, offsetBytes: number, lengthBytes: number): number {
     if (command === p.kCmdRead || command === p.kCmdCache) {
-      const leg = this.pickReadLeg(0);
+      const leg = this.pickReadLeg(0, offsetBytes, lengthBytes);
       return leg === null ? 0 : leg.bit;
     }
     let mask = 0;
-    for (const leg of this.legs) if (leg.state === 'in-sync') mask |= leg.bit;
-    return mask;
+    let inSync = false;
+    for (const leg of this.legs) {
+      if (leg.state === 'in-sync') inSync = true;
+      if (leg.state === 'in-sync' || leg.state === 'resyncing') mask |= leg.bit;
+    }
+    return inSync ? mask : 0;
   }
 
-  /** The in-sync leg with the fewest requests in flight, not in `excludeMask`. */
-  private pickReadLeg(excludeMask: number): Leg | null {
+  /**
+   * The leg with the fewest requests in flight, not in `excludeMask`, that is up to date for
+   * the range: in sync, or resyncing with the range clean in its dirty map.
+   */
+  private pickReadLeg(excludeMask: number, offsetBytes: number, lengthBytes: number): Leg | null {
     let best: Leg | null = null;
     const count = this.legs.length;
     this.readSpread = (this.readSpread + 1) % count;
     for (let step = 0; step < count; step += 1) {
       const leg = this.legs[(this.readSpread + step) % count] as Leg;
+      if ((leg.bit & excludeMask) !== 0) continue;
+      if (leg.state !== 'in-sync') {
+        if (leg.state !== 'resyncing' || leg.dirty === null || leg.dirty.testRange(offsetBytes, lengthBytes)) continue;
+      }
+      if (best === null || leg.inFlight < best.inFlight) best = leg;
+    }
+    return best;
+  }
+
+  /** A source for a resync copy: an in-sync leg other than the target, fewest in flight. */
+  private pickSourceLeg(excludeMask: number): Leg | null {
+    let best: Leg | null = null;
+    for (const leg of this.legs) {
       if (leg.state !== 'in-sync' || (leg.bit & excludeMask) !== 0) continue;
       if (best === null || leg.inFlight < best.inFlight) best = leg;
     }
@@ -418,7 +611,15 @@ export class MirrorDevice implements BlockDevice {
 
   private dispatch(slot: number): void {
     const ring = this.ring;
-    if (ring.state(slot) !== 2) ring.markDispatched(slot);
+    if (ring.state(slot) !== 2) {
+      const phase = this.copyPhase[slot];
+      if (phase === 1) {
+        if (!this.prepareCopyRead(slot)) return;
+      } else if (phase === 0 && isDataChanging(ring.command(slot)) && !this.settleWriteTarget(slot)) {
+        return;
+      }
+      ring.markDispatched(slot);
+    }
     const target = ring.targetMask(slot);
     const perLegCopy = this.copyMode === 'per-leg' && ring.command(slot) === p.kCmdWrite;
     for (const leg of this.legs) {
@@ -460,6 +661,13 @@ export class MirrorDevice implements BlockDevice {
     if (this.closed) return;
     const snapshot = this.doorbell.snapshot();
     for (const leg of this.legs) leg.completion.drain(this.onSlotCompleteBound, this.ring.slotCount);
+    for (const leg of this.legs) {
+      const drops = Atomics.load(this.events, leg.index);
+      if (drops !== leg.dropsSeen) {
+        leg.dropsSeen = drops;
+        this.onLegDropped(leg);
+      }
+    }
     const wait = this.doorbell.waitAsync(snapshot);
     if (wait === null) setImmediate(this.pumpBound);
     else void wait.then(this.pumpBound);
@@ -470,33 +678,88 @@ export class MirrorDevice implements BlockDevice {
     const target = ring.targetMask(slot);
     const failed = ring.failedMask(slot);
     for (const leg of this.legs) if ((target & leg.bit) !== 0) leg.inFlight -= 1;
+    const phase = this.copyPhase[slot] ?? 0;
+    if (phase !== 0) {
+      this.onCopyPhaseComplete(slot, phase, failed);
+      return;
+    }
     const command = ring.command(slot);
     if (failed !== 0 && (command === p.kCmdRead || command === p.kCmdCache)) {
       this.retryRead(slot, failed);
       return;
     }
+    if (command === p.kCmdFlush) this.settleFlush(slot, target, failed);
     let errno = 0;
-    if (failed === target) {
-      errno = ring.errno(slot) || p.kEIo;
-      // Every leg refused the same request: a request-level answer (EINVAL, ENOSPC, ENOTSUP
-      // for FAST_ZERO...), not a divergence. Legs stay in sync; the client gets the error.
-    } else if (failed !== 0) {
-      for (const leg of this.legs) {
-        if ((failed & leg.bit) !== 0) this.failLeg(leg, `${p.commandNames[command] ?? command} failed with ${p.errnoNames[ring.legErrno(slot, leg.index)] ?? 'an error'} while other legs succeeded`);
+    if (failed !== 0) {
+      if (failed === target && this.allRequestLevel(slot, failed)) {
+        // Every leg refused the same request: a request-level answer (EINVAL, ENOSPC, ENOTSUP
+        // for FAST_ZERO...), not a divergence. Legs stay in sync; the client gets the error.
+        errno = ring.errno(slot) || p.kEIo;
+      } else {
+        if (failed === target) errno = p.kEIo;
+        this.onLegFailures(slot, command, target, failed);
       }
     }
-    if (isDataChanging(command)) this.releaseRange(slot);
+    if (isDataChanging(command)) {
+      if (this.features.flush && (ring.flags(slot) & p.kCmdFlagFua) === 0) this.recordUnflushed(slot, target & ~failed);
+      this.releaseRange(slot);
+    }
     this.finishSlot(slot, errno);
+  }
+
+  private allRequestLevel(slot: number, failed: number): boolean {
+    for (const leg of this.legs) {
+      if ((failed & leg.bit) !== 0 && !kRequestLevelErrnos.has(this.ring.legErrno(slot, leg.index))) return false;
+    }
+    return true;
+  }
+
+  /** Writes that reached a leg and are not yet known durable there (see Leg.unflushed). */
+  private recordUnflushed(slot: number, okMask: number): void {
+    if (okMask === 0) return;
+    const offsetBytes = this.ring.offsetBytes(slot);
+    const lengthBytes = this.ring.lengthBytes(slot);
+    for (const leg of this.legs) {
+      if ((okMask & leg.bit) !== 0) leg.currentUnflushed?.markRange(offsetBytes, lengthBytes);
+    }
+  }
+
+  /**
+   * Legs failed a request that others completed (or all failed it with a leg-level error).
+   * A data-changing request's range is marked on each failed leg before the client is
+   * answered; when every targeted leg failed, the lowest-index one stays unmarked as the
+   * reference copy for that range (the client gets EIO; the legs converge on the reference).
+   */
+  private onLegFailures(slot: number, command: number, target: number, failed: number): void {
+    const ring = this.ring;
+    const offsetBytes = ring.offsetBytes(slot);
+    const lengthBytes = ring.lengthBytes(slot);
+    const reference = failed === target ? (this.legs[31 - Math.clz32(failed & -failed)] as Leg) : null;
+    const name = p.commandNames[command] ?? String(command);
+    for (const leg of this.legs) {
+      if ((failed & leg.bit) === 0 || leg === reference) continue;
+      if (isDataChanging(command)) leg.dirty?.markRange(offsetBytes, lengthBytes);
+      const errnoName = p.errnoNames[ring.legErrno(slot, leg.index)] ?? 'an error';
+      this.failLeg(leg, failed === target ? `${name} failed on every leg (${errnoName} here)` : `${name} failed with ${errnoName} while other legs succeeded`);
+    }
+    if (reference !== null) {
+      const errnoName = p.errnoNames[ring.legErrno(slot, reference.index)] ?? 'an error';
+      this.failLeg(reference, `${name} failed on every leg (${errnoName} here)`);
+    }
   }
 
   private retryRead(slot: number, failed: number): void {
     const ring = this.ring;
     const errno = ring.errno(slot) || p.kEIo;
     const failedLeg = this.legs[31 - Math.clz32(failed)] as Leg;
-    if (errno === p.kEIo || errno === p.kEShutdown) {
-      this.failLeg(failedLeg, `READ failed with ${p.errnoNames[errno] ?? errno}`);
+    const offsetBytes = ring.offsetBytes(slot);
+    const lengthBytes = ring.lengthBytes(slot);
+    if (!kRequestLevelErrnos.has(errno)) {
+      // The leg could not read what it should hold: that range needs a copy from a good leg.
+      failedLeg.dirty?.markRange(offsetBytes, lengthBytes);
+      this.failLeg(failedLeg, `${p.commandNames[ring.command(slot)] ?? 'READ'} failed with ${p.errnoNames[errno] ?? errno}`);
     }
-    const next = this.pickReadLeg(this.triedMask[slot] ?? 0);
+    const next = this.pickReadLeg(this.triedMask[slot] ?? 0, offsetBytes, lengthBytes);
     if (next === null || errno === p.kEInval) {
       this.finishSlot(slot, errno);
       return;
@@ -507,9 +770,16 @@ export class MirrorDevice implements BlockDevice {
     this.dispatch(slot);
   }
 
+  /** Releases the slot's range and dispatches what it unblocked (re-entrant: queued). */
   private releaseRange(slot: number): void {
     const count = this.rangeLock.release(slot, this.granted);
-    for (let index = 0; index < count; index += 1) this.dispatch(this.granted[index] ?? 0);
+    for (let index = 0; index < count; index += 1) this.grantQueue.push(this.granted[index] ?? 0);
+    if (this.drainingGrants) return;
+    this.drainingGrants = true;
+    while (this.grantHead < this.grantQueue.length) this.dispatch(this.grantQueue[this.grantHead++] ?? 0);
+    this.grantQueue.length = 0;
+    this.grantHead = 0;
+    this.drainingGrants = false;
   }
 
   private finishSlot(slot: number, errno: number): void {
@@ -537,19 +807,268 @@ export class MirrorDevice implements BlockDevice {
     this.handler(token, errno);
   }
 
-  // ---- leg failures -------------------------------------------------------------------------
+  // ---- resync copies ------------------------------------------------------------------------
 
-  private failLeg(leg: Leg, reason: string): void {
+  /**
+   * One resync copy: a ring slot, range-locked for [offset, offset+length), READ from an in-sync
+   * leg into the slot, then WRITE from the slot to the resyncing leg; the leg's bits for the
+   * range are cleared when that WRITE succeeds within the same leg epoch, still under the lock.
+   */
+  private async copyRange(legIndex: number, offsetBytes: number, lengthBytes: number): Promise<CopyOutcome> {
+    const target = this.legs[legIndex] as Leg;
+    const span = this.ring.slotsFor(lengthBytes);
+    let slot = this.ring.allocate(span);
+    while (slot < 0) {
+      await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
+      if (this.closed || target.state !== 'resyncing') return 'stopped';
+      slot = this.ring.allocate(span);
+    }
+    if (this.closed || target.state !== 'resyncing') {
+      this.ring.free(slot);
+      this.afterFree();
+      return 'stopped';
+    }
+    const source = this.pickSourceLeg(target.bit);
+    if (source === null) {
+      this.ring.free(slot);
+      this.afterFree();
+      return 'no-source';
+    }
+    const token = this.nextInternalToken;
+    this.nextInternalToken = this.nextInternalToken >= 0x7fff_0000 ? kInternalTokenBase : this.nextInternalToken + 1;
+    this.bindToken(slot, token, true);
+    this.spanOfSlot[slot] = span;
+    this.inFlight += 1;
+    this.ring.setRequest(slot, p.kCmdRead, 0, offsetBytes, lengthBytes, span, source.bit);
+    this.ring.setReadLeg(slot, source.index);
+    this.copyPhase[slot] = 1;
+    this.copyTarget[slot] = legIndex;
+    this.copyEpoch[slot] = target.epoch;
+    const done = new Promise<CopyOutcome>((resolve) => this.copyDone.set(slot, resolve));
+    if (this.rangeLock.acquire(slot, offsetBytes, lengthBytes)) this.dispatch(slot);
+    return await done;
+  }
+
+  /** At dispatch of a copy's READ (maybe later, after the range lock): a source still in sync. */
+  private prepareCopyRead(slot: number): boolean {
+    const target = this.legs[this.copyTarget[slot] ?? 0] as Leg;
+    if (target.state !== 'resyncing' || target.epoch !== this.copyEpoch[slot]) {
+      this.endCopy(slot, 'stopped');
+      return false;
+    }
+    const current = this.legs[this.ring.readLeg(slot)];
+    let source: Leg | null = current !== undefined && current.state === 'in-sync' ? current : null;
+    source ??= this.pickSourceLeg(target.bit);
+    if (source === null) {
+      this.endCopy(slot, 'no-source');
+      return false;
+    }
+    this.ring.resetMasks(slot, source.bit);
+    this.ring.setReadLeg(slot, source.index);
+    return true;
+  }
+
+  private onCopyPhaseComplete(slot: number, phase: number, failed: number): void {
+    const ring = this.ring;
+    const target = this.legs[this.copyTarget[slot] ?? 0] as Leg;
+    const offsetBytes = ring.offsetBytes(slot);
+    const lengthBytes = ring.lengthBytes(slot);
+    if (phase === 1) {
+      if (failed !== 0) {
+        const source = this.legs[ring.readLeg(slot)] as Leg;
+        const errno = ring.legErrno(slot, source.index);
+        source.dirty?.markRange(offsetBytes, lengthBytes);
+        this.failLeg(source, `READ for a resync failed with ${p.errnoNames[errno] ?? errno}`);
+        this.endCopy(slot, 'source-failed');
+        return;
+      }
+      if (target.state !== 'resyncing' || target.epoch !== this.copyEpoch[slot]) {
+        this.endCopy(slot, 'stopped');
+        return;
+      }
+      this.copyPhase[slot] = 2;
+      ring.rephase(slot, p.kCmdWrite, 0, target.bit);
+      this.dispatch(slot);
+      return;
+    }
+    if (failed !== 0) {
+      const errno = ring.legErrno(slot, target.index);
+      this.failLeg(target, `WRITE for a resync failed with ${p.errnoNames[errno] ?? errno}`);
+      this.endCopy(slot, 'target-failed');
+      return;
+    }
+    if (target.state !== 'resyncing' || target.epoch !== this.copyEpoch[slot]) {
+      this.endCopy(slot, 'stopped');
+      return;
+    }
+    target.dirty?.clearRange(offsetBytes, lengthBytes);
+    if (this.features.flush) target.currentUnflushed?.markRange(offsetBytes, lengthBytes);
+    this.endCopy(slot, 'copied');
+  }
+
+  private endCopy(slot: number, outcome: CopyOutcome): void {
+    this.copyPhase[slot] = 0;
+    this.copyTarget[slot] = -1;
+    const resolve = this.copyDone.get(slot);
+    this.copyDone.delete(slot);
+    this.releaseRange(slot);
+    this.finishSlot(slot, 0);
+    resolve?.(outcome);
+  }
+
+  // ---- leg failures, reconnect, return ------------------------------------------------------
+
+  /**
+   * The leg stops being up to date: it gets no more requests and every write it misses from
+   * now on is marked at dispatch. Its connection is closed and reconnected with backoff.
+   */
+  private failLeg(leg: Leg, reason: string, final = false): void {
     if (leg.state === 'failed') return;
-    leg.state = 'failed';
+    if (final) {
+      leg.state = 'failed';
+      leg.failureReason = reason;
+      leg.epoch += 1;
+      this.clearReconnect(leg);
+      this.logger.error({ leg: leg.index, uri: leg.uri, reason }, 'leg failed for good');
+      return;
+    }
+    if (leg.state === 'degraded' || leg.state === 'reconnecting') return;
+    const wasInSync = leg.state === 'in-sync';
+    leg.state = 'degraded';
     leg.failureReason = reason;
-    const left = this.legs.filter((other) => other.state === 'in-sync').length;
-    this.logger.error({ leg: leg.index, uri: leg.uri, reason, inSyncLegs: left }, 'leg failed; it no longer receives requests');
+    leg.epoch += 1;
+    const inSync = this.legs.filter((other) => other.state === 'in-sync').length;
+    if (wasInSync && inSync === 0) leg.lastStanding = true;
+    leg.resync?.nudge();
+    this.logger.error({ leg: leg.index, uri: leg.uri, reason, inSyncLegs: inSync }, 'leg degraded; it will be reconnected and resynced');
+    if (this.closed) return;
+    void leg.api.disconnect().catch(() => undefined);
+    this.scheduleReconnect(leg);
+  }
+
+  private scheduleReconnect(leg: Leg): void {
+    if (this.closed || leg.reconnectTimer !== null) return;
+    const minMs = this.options.reconnectMinMs ?? 250;
+    const maxMs = this.options.reconnectMaxMs ?? 30_000;
+    const base = Math.min(maxMs, minMs * 2 ** Math.min(leg.reconnectAttempts, 20));
+    const delayMs = Math.round(base * (0.8 + 0.4 * Math.random()));
+    leg.reconnectTimer = setTimeout(() => void this.reconnectLeg(leg), delayMs);
+  }
+
+  private clearReconnect(leg: Leg): void {
+    if (leg.reconnectTimer !== null) clearTimeout(leg.reconnectTimer);
+    leg.reconnectTimer = null;
+  }
+
+  private async reconnectLeg(leg: Leg): Promise<void> {
+    leg.reconnectTimer = null;
+    if (this.closed || leg.state !== 'degraded') return;
+    leg.state = 'reconnecting';
+    leg.reconnectAttempts += 1;
+    let info: LegInfo | { error: { message: string } };
+    try {
+      info = await leg.api.reconnect();
+    } catch (error) {
+      info = { error: { message: error instanceof Error ? error.message : String(error) } };
+    }
+    if (this.closed || leg.state !== 'reconnecting') return;
+    let problem: string | null = null;
+    if ('error' in info) problem = info.error.message;
+    else if (info.sizeBytes < this.sizeBytes) problem = `it has ${info.sizeBytes} bytes now, fewer than the export's ${this.sizeBytes}`;
+    else if (info.features.readOnly) problem = 'it is read-only now';
+    if (problem !== null) {
+      leg.state = 'degraded';
+      leg.failureReason = `reconnect failed: ${problem}`;
+      const log = leg.reconnectAttempts <= 3 || leg.reconnectAttempts % 10 === 0 ? 'warn' : 'debug';
+      this.logger[log]({ leg: leg.index, uri: leg.uri, attempt: leg.reconnectAttempts, problem }, 'leg reconnect failed');
+      if (!('error' in info)) void leg.api.disconnect().catch(() => undefined);
+      this.scheduleReconnect(leg);
+      return;
+    }
+    leg.info = info as LegInfo;
+    this.legReturned(leg);
+  }
+
+  /** Merges every dirty chunk of `from` into `into` (maps of one device, any chunk sizes). */
+  private static mergeMap(into: DirtyMap, from: DirtyMap): void {
+    const run = { firstChunk: 0, chunkCount: 0 };
+    let chunk = 0;
+    while (from.nextDirtyRunInto(chunk, 1 << 20, run)) {
+      const offsetBytes = run.firstChunk * from.chunkBytes;
+      into.markRange(offsetBytes, Math.min(run.chunkCount * from.chunkBytes, from.deviceBytes - offsetBytes));
+      chunk = run.firstChunk + run.chunkCount;
+    }
+  }
+
+  /**
+   * A degraded leg is connected again. With an in-sync leg around it resyncs (or is in sync at
+   * once when it missed nothing). With none, a leg that holds every acknowledged write (it was
+   * among the last in sync, or missed nothing) becomes the reference: every other leg is marked
+   * wherever it may differ from it. Any other leg waits, connected, for a source.
+   */
+  private legReturned(leg: Leg): void {
+    const dirty = leg.dirty as DirtyMap;
+    const unflushed = leg.unflushed as [DirtyMap, DirtyMap];
+    leg.flushSlot = -1;
+    leg.epoch += 1;
+    const source = this.legs.some((other) => other !== leg && other.state === 'in-sync');
+    if (!source && (leg.lastStanding || dirty.dirtyChunkCount() === 0)) {
+      for (const other of this.legs) {
+        if (other === leg || other.dirty === null) continue;
+        MirrorDevice.mergeMap(other.dirty, dirty);
+        if (leg.mayHaveLostUnflushed) for (const half of unflushed) MirrorDevice.mergeMap(other.dirty, half);
+        other.lastStanding = false;
+      }
+      dirty.clearAll();
+      for (const half of unflushed) half.clearAll();
+      leg.mayHaveLostUnflushed = false;
+      this.setInSync(leg, 'it holds every acknowledged write; the other legs resync from it');
+      return;
+    }
+    if (leg.mayHaveLostUnflushed) for (const half of unflushed) MirrorDevice.mergeMap(dirty, half);
+    for (const half of unflushed) half.clearAll();
+    leg.mayHaveLostUnflushed = false;
+    leg.lastStanding = false;
+    if (source && dirty.dirtyChunkCount() === 0) {
+      this.setInSync(leg, 'it missed no writes');
+      return;
+    }
+    leg.state = 'resyncing';
+    leg.failureReason = null;
+    leg.reconnectAttempts = 0;
+    this.logger.info({ leg: leg.index, uri: leg.uri, dirtyBytes: dirty.dirtyBytes(), source }, source ? 'leg reconnected; resyncing' : 'leg reconnected; waiting for an up-to-date leg to resync from');
+    this.startResync(leg);
+  }
+
+  private setInSync(leg: Leg, why: string): void {
+    leg.state = 'in-sync';
+    leg.failureReason = null;
+    leg.reconnectAttempts = 0;
+    leg.lastStanding = false;
+    this.logger.info({ leg: leg.index, uri: leg.uri, why }, 'leg in sync');
+    for (const other of this.legs) if (other.state === 'resyncing') this.startResync(other);
+  }
+
+  private startResync(leg: Leg): void {
+    leg.resync ??= new Resync(leg.index, leg.dirty as DirtyMap, this.resyncHost, this.resyncRates, this.logger);
+    if (leg.resync.isRunning) leg.resync.nudge();
+    else void leg.resync.start();
+  }
+
+  private onResyncDone(leg: Leg): void {
+    if (leg.state !== 'resyncing' || (leg.dirty?.dirtyChunkCount() ?? 0) !== 0) return;
+    this.setInSync(leg, 'resync complete');
+  }
+
+  /** The actor reported that the leg's connection dropped on its own. */
+  private onLegDropped(leg: Leg): void {
+    leg.mayHaveLostUnflushed = true;
+    this.failLeg(leg, 'connection dropped');
   }
 
   /** The actor's thread is gone: ack on its behalf every slot it had not acked. */
   private onActorGone(leg: Leg, reason: string): void {
-    this.failLeg(leg, reason);
+    this.failLeg(leg, reason, true);
     for (let slot = 0; slot < this.ring.slotCount; slot += 1) {
       if (this.ring.state(slot) !== 2) continue;
       if (abandonLeg(this.ring, slot, leg.index, p.kEIo)) this.onSlotComplete(slot);
@@ -568,8 +1087,8 @@ export class MirrorDevice implements BlockDevice {
   }
 
   async getExtents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {
-    const leg = this.pickReadLeg(0);
-    if (leg === null) throw new EnbdError('ENBD_ERR_IO', 'no in-sync leg to ask for block status', p.kEIo);
+    const leg = this.pickReadLeg(0, offsetBytes, Math.min(lengthBytes, this.sizeBytes - offsetBytes));
+    if (leg === null) throw new EnbdError('ENBD_ERR_IO', 'no up-to-date leg to ask for block status', p.kEIo);
     return await leg.api.getExtents(offsetBytes, lengthBytes);
   }
 
@@ -581,6 +1100,9 @@ export class MirrorDevice implements BlockDevice {
       state: leg.state,
       inFlight: leg.inFlight,
       failureReason: leg.failureReason,
+      dirtyBytes: leg.dirty?.dirtyBytes() ?? 0,
+      reconnectAttempts: leg.reconnectAttempts,
+      resync: leg.resync !== null && (leg.state === 'resyncing' || leg.resync.isRunning) ? leg.resync.progress() : null,
     }));
   }
 
@@ -611,6 +1133,11 @@ export class MirrorDevice implements BlockDevice {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    for (const leg of this.legs) {
+      this.clearReconnect(leg);
+      leg.resync?.nudge();
+    }
+    for (const wake of this.slotWaiters.splice(0)) wake();
     await Promise.all(this.legs.map(async (leg) => {
       try {
         let timer: NodeJS.Timeout | undefined;

@@ -236,6 +236,20 @@ export class RequestRing {
     Atomics.store(control, base + kSlotErrno, 0);
   }
 
+  /**
+   * Master, between the phases of a resync copy (the slot completed, no leg holds it): the
+   * same range and data become a new request (READ from the source, then WRITE to the target).
+   */
+  rephase(slot: number, command: number, flags: number, targetMask: number): void {
+    assert(this.isMaster, 'rephase is master-only');
+    this.checkSlot(slot);
+    const base = kHeaderWords + slot * kSlotWords;
+    this.control[base + kSlotCommand] = command;
+    this.control[base + kSlotFlags] = flags;
+    this.control[base + kSlotReadLeg] = -1;
+    this.resetMasks(slot, targetMask);
+  }
+
   /** Master: which leg serves a READ (-1: none). */
   setReadLeg(slot: number, legIndex: number): void {
     assert(this.isMaster, 'setReadLeg is master-only');

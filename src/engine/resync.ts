@@ -1,0 +1,265 @@
+/**
+ * Resync of one returning leg: walks the leg's dirty map and copies every dirty run from an
+ * up-to-date leg, clearing the bits as each copy completes, at a bounded rate, with progress.
+ *
+ * Thread: main thread (the session master's event loop). The scheduling lives here, beside the
+ * range lock it must take; the bytes never touch this thread: each copy is a ring slot that a
+ * source leg's connection actor READs into and the target leg's actor WRITEs from (zero
+ * userspace copies). See ARCHITECTURE.md, "Resync".
+ *
+ * Design notes
+ * - Runs are coalesced: adjacent dirty chunks become one copy of up to `maxCopyBytes`.
+ * - `lanes` copies run at once (each holds the range lock of its run for the READ and the
+ *   WRITE, so a client write to that range waits for at most one copy and is never overwritten
+ *   by stale data).
+ * - Rate: a token bucket refilled at the ceiling while clients are idle and at the floor while
+ *   they are busy (md's speed_limit_min/max). A ceiling of 0 means unlimited.
+ * - The resync ends when a full pass finds the map empty with no copy in flight; it stops
+ *   early when the leg leaves the resyncing state (it failed again, or the daemon stops).
+ *
+ * Invariants:
+ * - Bits are cleared only by the host's copy completion (after the target acknowledged the
+ *   WRITE), never here.
+ */
+import type { Logger } from '../core/log.js';
+import type { DirtyMap, DirtyRun } from '../bitmap/dirty-map.js';
+
+export type CopyOutcome = 'copied' | 'no-source' | 'source-failed' | 'target-failed' | 'stopped';
+
+export interface ResyncHost {
+  /** Copies [offset, offset+length) from an up-to-date leg to `legIndex`; clears its bits on success. */
+  copyRange(legIndex: number, offsetBytes: number, lengthBytes: number): Promise<CopyOutcome>;
+  /** True while `legIndex` is still resyncing (not failed again, daemon not stopping). */
+  stillResyncing(legIndex: number): boolean;
+  /** True when a client request arrived within the last `windowMs`. */
+  clientBusy(windowMs: number): boolean;
+  /** The resync found the map empty: the leg is up to date. */
+  resyncDone(legIndex: number): void;
+}
+
+export interface ResyncRates {
+  /** Floor in bytes/s, kept even while clients are busy. */
+  minBytesPerSecond: number;
+  /** Ceiling in bytes/s while clients are idle; 0 = unlimited. */
+  maxBytesPerSecond: number;
+}
+
+export interface ResyncProgress {
+  leg: number;
+  running: boolean;
+  paused: boolean;
+  bytesDone: number;
+  bytesLeft: number;
+  bytesTotal: number;
+  bytesPerSecond: number;
+  etaSeconds: number | null;
+  startedAt: number;
+  copiesInFlight: number;
+}
+
+const kBusyWindowMs = 500;
+const kNoSourceRetryMs = 200;
+const kProgressLogMs = 5000;
+
+export class Resync {
+  private cursorChunk = 0;
+  private readonly run: DirtyRun = { firstChunk: 0, chunkCount: 0 };
+  private inFlight = 0;
+  private bytesDone = 0;
+  private bytesTotal = 0;
+  private startedAt = 0;
+  private running = false;
+  private paused = false;
+  private tokens = 0;
+  private lastRefill = 0;
+  private rateWindowStart = 0;
+  private rateWindowBytes = 0;
+  private rate = 0;
+  private lastLog = 0;
+  private wake: (() => void) | null = null;
+
+  constructor(
+    readonly legIndex: number,
+    private readonly map: DirtyMap,
+    private readonly host: ResyncHost,
+    private rates: ResyncRates,
+    private readonly logger: Logger,
+    private readonly lanes = 4,
+    private readonly maxCopyBytes = 1024 * 1024,
+  ) {}
+
+  get isRunning(): boolean {
+    return this.running;
+  }
+
+  setRates(rates: ResyncRates): void {
+    this.rates = rates;
+    this.nudge();
+  }
+
+  pause(): void {
+    this.paused = true;
+  }
+
+  resume(): void {
+    this.paused = false;
+    this.nudge();
+  }
+
+  /** Nudges a waiting lane (a source leg came back, rates changed, the resync was resumed). */
+  nudge(): void {
+    const wake = this.wake;
+    this.wake = null;
+    wake?.();
+  }
+
+  progress(): ResyncProgress {
+    const bytesLeft = this.map.dirtyBytes();
+    const rate = this.rate;
+    return {
+      leg: this.legIndex,
+      running: this.running,
+      paused: this.paused,
+      bytesDone: this.bytesDone,
+      bytesLeft,
+      bytesTotal: Math.max(this.bytesTotal, this.bytesDone + bytesLeft),
+      bytesPerSecond: Math.round(rate),
+      etaSeconds: rate > 0 ? Math.ceil(bytesLeft / rate) : null,
+      startedAt: this.startedAt,
+      copiesInFlight: this.inFlight,
+    };
+  }
+
+  /** Runs until the map is empty (then host.resyncDone) or the leg stops resyncing. */
+  async start(): Promise<void> {
+    if (this.running) return;
+    this.running = true;
+    this.startedAt = Date.now();
+    this.lastRefill = this.startedAt;
+    this.rateWindowStart = this.startedAt;
+    this.lastLog = this.startedAt;
+    this.bytesDone = 0;
+    this.bytesTotal = this.map.dirtyBytes();
+    this.cursorChunk = 0;
+    this.logger.info({ leg: this.legIndex, bytesLeft: this.bytesTotal }, 'resync started');
+    const lanes: Promise<void>[] = [];
+    for (let lane = 0; lane < this.lanes; lane += 1) lanes.push(this.lane());
+    await Promise.all(lanes);
+    this.running = false;
+    const progress = this.progress();
+    if (this.host.stillResyncing(this.legIndex) && this.map.dirtyChunkCount() === 0) {
+      const seconds = (Date.now() - this.startedAt) / 1000;
+      this.logger.info({ leg: this.legIndex, bytesDone: this.bytesDone, seconds }, 'resync complete');
+      this.host.resyncDone(this.legIndex);
+    } else {
+      this.logger.info({ ...progress }, 'resync stopped');
+    }
+  }
+
+  private async lane(): Promise<void> {
+    const chunkBytes = this.map.chunkBytes;
+    const maxChunks = Math.max(1, Math.floor(this.maxCopyBytes / chunkBytes));
+    let emptyPasses = 0;
+    while (this.host.stillResyncing(this.legIndex)) {
+      if (this.paused) {
+        await this.sleep(kNoSourceRetryMs);
+        continue;
+      }
+      if (!this.map.nextDirtyRunInto(this.cursorChunk, maxChunks, this.run)) {
+        // End of the map: wrap once; finished when a pass from 0 finds nothing and no other
+        // lane still has a copy in flight (it may fail and leave bits set).
+        if (this.cursorChunk === 0 || emptyPasses > 0) {
+          if (this.inFlight === 0 && this.map.dirtyChunkCount() === 0) return;
+          await this.sleep(kNoSourceRetryMs);
+          emptyPasses = 0;
+        } else {
+          emptyPasses += 1;
+        }
+        this.cursorChunk = 0;
+        continue;
+      }
+      emptyPasses = 0;
+      const firstChunk = this.run.firstChunk;
+      const chunkCount = this.run.chunkCount;
+      this.cursorChunk = firstChunk + chunkCount;
+      const offsetBytes = firstChunk * chunkBytes;
+      const lengthBytes = Math.min(chunkCount * chunkBytes, this.map.deviceBytes - offsetBytes);
+      await this.takeTokens(lengthBytes);
+      this.inFlight += 1;
+      let outcome: CopyOutcome;
+      try {
+        outcome = await this.host.copyRange(this.legIndex, offsetBytes, lengthBytes);
+      } finally {
+        this.inFlight -= 1;
+      }
+      if (outcome === 'copied') {
+        this.account(lengthBytes);
+      } else if (outcome === 'target-failed' || outcome === 'stopped') {
+        return;
+      } else {
+        // No source right now, or the source failed: the run stays dirty; try again later.
+        this.cursorChunk = Math.min(this.cursorChunk, firstChunk);
+        await this.sleep(kNoSourceRetryMs);
+      }
+    }
+  }
+
+  private account(lengthBytes: number): void {
+    this.bytesDone += lengthBytes;
+    this.rateWindowBytes += lengthBytes;
+    const now = Date.now();
+    const elapsed = now - this.rateWindowStart;
+    if (elapsed >= 250) {
+      const sample = (this.rateWindowBytes * 1000) / elapsed;
+      this.rate = this.rate === 0 ? sample : this.rate * 0.7 + sample * 0.3;
+      this.rateWindowStart = now;
+      this.rateWindowBytes = 0;
+    }
+    if (now - this.lastLog >= kProgressLogMs) {
+      this.lastLog = now;
+      this.logger.info({ ...this.progress() }, 'resync progress');
+    }
+  }
+
+  private currentRate(): number {
+    const { minBytesPerSecond, maxBytesPerSecond } = this.rates;
+    if (this.host.clientBusy(kBusyWindowMs)) return minBytesPerSecond > 0 ? minBytesPerSecond : maxBytesPerSecond;
+    return maxBytesPerSecond;
+  }
+
+  /** Token bucket: waits until `bytes` may be copied at the current rate (0 = unlimited). */
+  private async takeTokens(bytes: number): Promise<void> {
+    for (;;) {
+      const rate = this.currentRate();
+      const now = Date.now();
+      if (rate <= 0) {
+        this.lastRefill = now;
+        return;
+      }
+      // Burst of at most 100 ms of rate (or one copy), so a pause does not bank a flood.
+      const burst = Math.max(bytes, rate / 10);
+      this.tokens = Math.min(burst, this.tokens + ((now - this.lastRefill) * rate) / 1000);
+      this.lastRefill = now;
+      if (this.tokens >= bytes) {
+        this.tokens -= bytes;
+        return;
+      }
+      const waitMs = Math.max(1, Math.ceil(((bytes - this.tokens) * 1000) / rate));
+      await this.sleep(Math.min(waitMs, 1000));
+      if (!this.host.stillResyncing(this.legIndex)) return;
+    }
+  }
+
+  private async sleep(ms: number): Promise<void> {
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(() => {
+        if (this.wake === resolve) this.wake = null;
+        resolve();
+      }, ms);
+      this.wake = () => {
+        clearTimeout(timer);
+        resolve();
+      };
+    });
+  }
+}
