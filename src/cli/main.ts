@@ -57,6 +57,7 @@ function buildProgram(): Command {
     .option('--reconnect-min <ms>', 'first reconnect delay of a degraded leg (default 250; doubles per attempt)')
     .option('--reconnect-max <ms>', 'longest reconnect delay (default 30000)')
     .option('--resync-rate-min <bytes/s>', 'resync floor kept while clients are busy (default 32M)')
+    .option('--flush-tracking <on|off>', 'bench only: off skips recording writes since each leg\'s last flush (default on)')
     .option('--resync-rate-max <bytes/s>', 'resync ceiling while clients are idle (default 0 = unlimited)')
     .option('--receive <mode>', 'WRITE payloads: stream (copied from Node read chunks) or direct (straight into the ring slot)')
     .option('--data-dir <dir>', 'where the embedded default keeps its legs and socket (default ./enbd-data)')

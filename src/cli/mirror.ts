@@ -34,12 +34,13 @@ export interface MirrorSettings {
   reconnectMaxMs: number;
   resyncRateMin: number;
   resyncRateMax: number;
+  flushTracking: boolean;
   logLevel: string;
   dataDir: string;
   receive: 'stream' | 'direct';
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'logLevel', 'dataDir', 'receive']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive']);
 const kDefaultLegBytes = 1024 ** 3;
 
 function readConfig(path: string): Record<string, unknown> {
@@ -117,10 +118,17 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     reconnectMaxMs,
     resyncRateMin,
     resyncRateMax,
+    flushTracking: parseOnOff('--flush-tracking', pick('flushTracking') ?? 'on'),
     logLevel,
     dataDir: resolve(text(pick('dataDir') ?? 'enbd-data', '--data-dir')),
     receive,
   };
+}
+
+function parseOnOff(option: string, value: unknown): boolean {
+  if (value === true || value === 'on') return true;
+  if (value === false || value === 'off') return false;
+  throw new EnbdError('ENBD_ERR_CONFIG', `${option} must be on or off, got "${String(value)}"`);
 }
 
 function parseBitmapChunk(value: string): number {
@@ -173,6 +181,7 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
     reconnectMinMs: settings.reconnectMinMs,
     reconnectMaxMs: settings.reconnectMaxMs,
     resyncRates: { minBytesPerSecond: settings.resyncRateMin, maxBytesPerSecond: settings.resyncRateMax },
+    flushTracking: settings.flushTracking,
   });
   const server = createNbdServer({
     device: mirror,

@@ -74,6 +74,11 @@ export interface MirrorOptions {
   reconnectMaxMs?: number;
   /** Resync rate floor and ceiling in bytes/s (ceiling 0 = unlimited). */
   resyncRates?: Partial<ResyncRates>;
+  /**
+   * Record writes since each leg's last flush (default true). Off only for the bench, to
+   * measure what the record costs: a dropped leg's unflushed writes then go unmarked.
+   */
+  flushTracking?: boolean;
 }
 
 /**
@@ -229,6 +234,7 @@ export class MirrorDevice implements BlockDevice {
   private clientRequestsSeen = 0;
   private clientBusyAt = 0;
   private readonly resyncHost: ResyncHost;
+  private flushTracking = true;
   private readonly counters = { requests: new Map<number, number>(), writeCopies: 0, writeBytesCopied: 0, writeRequests: 0 };
   inFlight = 0;
 
@@ -309,6 +315,7 @@ export class MirrorDevice implements BlockDevice {
     }
     if (problems.length > 0) throw new EnbdError('ENBD_ERR_LEG', `cannot open leg(s): ${problems.join('; ')}`);
     this.settleGeometry(options.sizeBytes);
+    this.flushTracking = this.features.flush && options.flushTracking !== false;
     for (const leg of this.legs) {
       leg.dirty = DirtyMap.create({
         deviceBytes: this.sizeBytes,
@@ -701,7 +708,7 @@ export class MirrorDevice implements BlockDevice {
       }
     }
     if (isDataChanging(command)) {
-      if (this.features.flush && (ring.flags(slot) & p.kCmdFlagFua) === 0) this.recordUnflushed(slot, target & ~failed);
+      if (this.flushTracking && (ring.flags(slot) & p.kCmdFlagFua) === 0) this.recordUnflushed(slot, target & ~failed);
       this.releaseRange(slot);
     }
     this.finishSlot(slot, errno);
@@ -929,7 +936,9 @@ export class MirrorDevice implements BlockDevice {
       leg.failureReason = reason;
       leg.epoch += 1;
       this.clearReconnect(leg);
-      this.logger.error({ leg: leg.index, uri: leg.uri, reason }, 'leg failed for good');
+      leg.resync?.nudge();
+      this.logger.error({ leg: leg.index, uri: leg.uri, reason }, 'leg failed; it stays out until reconnected by hand');
+      if (leg.worker === null || leg.worker.threadId >= 0) void leg.api.disconnect().catch(() => undefined);
       return;
     }
     if (leg.state === 'degraded' || leg.state === 'reconnecting') return;
@@ -1051,6 +1060,7 @@ export class MirrorDevice implements BlockDevice {
 
   private startResync(leg: Leg): void {
     leg.resync ??= new Resync(leg.index, leg.dirty as DirtyMap, this.resyncHost, this.resyncRates, this.logger);
+    leg.resync.setRates(this.resyncRates);
     if (leg.resync.isRunning) leg.resync.nudge();
     else void leg.resync.start();
   }
@@ -1072,6 +1082,63 @@ export class MirrorDevice implements BlockDevice {
     for (let slot = 0; slot < this.ring.slotCount; slot += 1) {
       if (this.ring.state(slot) !== 2) continue;
       if (abandonLeg(this.ring, slot, leg.index, p.kEIo)) this.onSlotComplete(slot);
+    }
+  }
+
+  // ---- operator controls (control plane, bench, tests) ------------------------------------
+
+  private legAt(index: number): Leg {
+    const leg = this.legs[index];
+    if (leg === undefined) throw new EnbdError('ENBD_ERR_CONFIG', `no leg ${index} (legs are 0..${this.legs.length - 1})`);
+    return leg;
+  }
+
+  /**
+   * Takes a leg out by hand: it gets no requests and is not reconnected until reconnectLeg().
+   * Refused for the last in-sync leg (the export would lose its only up-to-date copy).
+   */
+  failLegByHand(index: number, reason = 'failed by the operator'): void {
+    const leg = this.legAt(index);
+    if (leg.state === 'in-sync' && !this.legs.some((other) => other !== leg && other.state === 'in-sync')) {
+      throw new EnbdError('ENBD_ERR_CONFIG', `leg ${index} is the last in-sync leg; refusing to fail it`);
+    }
+    this.failLeg(leg, reason, true);
+  }
+
+  /** Reconnects a failed or degraded leg now (then resync); resolves after this attempt. */
+  async reconnectLegNow(index: number): Promise<LegState> {
+    const leg = this.legAt(index);
+    if (leg.state !== 'failed' && leg.state !== 'degraded') return leg.state;
+    if (leg.worker !== null && leg.worker.threadId < 0) throw new EnbdError('ENBD_ERR_LEG', `leg ${index}'s actor thread is gone`);
+    this.clearReconnect(leg);
+    leg.state = 'degraded';
+    leg.reconnectAttempts = 0;
+    await this.reconnectLeg(leg);
+    return leg.state;
+  }
+
+  /** Marks a leg's range (default: all of it) as missed, e.g. for a full resync. Not for an in-sync leg. */
+  markLegDirty(index: number, offsetBytes = 0, lengthBytes = this.sizeBytes - offsetBytes): void {
+    const leg = this.legAt(index);
+    if (leg.state === 'in-sync') throw new EnbdError('ENBD_ERR_CONFIG', `leg ${index} is in sync; fail it first`);
+    if (offsetBytes === 0 && lengthBytes === this.sizeBytes) leg.dirty?.markAll();
+    else leg.dirty?.markRange(offsetBytes, lengthBytes);
+  }
+
+  dirtyMap(index: number): DirtyMap | null {
+    return this.legAt(index).dirty;
+  }
+
+  setResyncRates(rates: Partial<ResyncRates>): ResyncRates {
+    this.resyncRates = { ...this.resyncRates, ...rates };
+    for (const leg of this.legs) leg.resync?.setRates(this.resyncRates);
+    return this.resyncRates;
+  }
+
+  pauseResync(paused: boolean): void {
+    for (const leg of this.legs) {
+      if (paused) leg.resync?.pause();
+      else leg.resync?.resume();
     }
   }
 

@@ -180,6 +180,8 @@ export interface InProcessMirrorOptions {
   copyMode?: CopyMode;
   sizeBytes?: number;
   ring?: MirrorOptions['ring'];
+  /** Further engine options (timeouts, reconnect backoff, resync rates, bitmap sizes). */
+  engine?: Partial<Omit<MirrorOptions, 'legs' | 'logger'>>;
 }
 
 export interface InProcessMirror {
@@ -200,6 +202,7 @@ export async function startInProcessMirror(options: InProcessMirrorOptions): Pro
     ...(options.copyMode !== undefined ? { copyMode: options.copyMode } : {}),
     ...(options.sizeBytes !== undefined ? { sizeBytes: options.sizeBytes } : {}),
     ...(options.ring !== undefined ? { ring: options.ring } : {}),
+    ...(options.engine ?? {}),
   });
   const server = createNbdServer({ device, logger });
   let closed = false;
