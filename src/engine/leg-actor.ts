@@ -56,7 +56,8 @@ export class LegActor implements LegActorApi {
   private readonly issueBound = (slot: number): void => this.issue(slot, null);
   private readonly pumpBound = (): void => this.pump();
   private readonly publishBound = (): void => this.publishCompletions();
-  private readonly statistics: LegStats = { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, inFlight: 0, connected: false };
+  private readonly statistics: LegStats = { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, inFlight: 0, connected: false, latencySumMs: 0, latencyCount: 0 };
+  private readonly issuedAt: Float64Array;
 
   constructor(
     private readonly init: LegActorInit,
@@ -70,6 +71,7 @@ export class LegActor implements LegActorApi {
     this.leg = parseLegUri(init.uri);
     this.copies = new Array<Uint8Array | null>(this.ring.slotCount).fill(null);
     this.events = new Int32Array(init.events);
+    this.issuedAt = new Float64Array(this.ring.slotCount);
   }
 
   async open(): Promise<LegInfo | { error: PlainError }> {
@@ -160,12 +162,19 @@ export class LegActor implements LegActorApi {
       }
     }
     this.statistics.requests += 1;
+    this.issuedAt[slot] = performance.now();
     device.submit(command, ring.flags(slot), ring.offsetBytes(slot), lengthBytes, data, slot);
   }
 
   private onComplete(slot: number, errno: number): void {
     const ring = this.ring;
     this.statistics.inFlight -= 1;
+    const issuedAt = this.issuedAt[slot] ?? 0;
+    if (issuedAt > 0) {
+      this.statistics.latencySumMs += performance.now() - issuedAt;
+      this.statistics.latencyCount += 1;
+      this.issuedAt[slot] = 0;
+    }
     this.copies[slot] = null;
     const command = ring.command(slot);
     if (errno !== 0) {

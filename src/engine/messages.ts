@@ -49,6 +49,9 @@ export interface LegStats {
   errors: number;
   inFlight: number;
   connected: boolean;
+  /** Sum and count of this leg's request latencies (issue to answer), ms. */
+  latencySumMs: number;
+  latencyCount: number;
 }
 
 /** Per-leg copy mode: the payload travels as a private copy instead of a slot pointer. */

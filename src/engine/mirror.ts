@@ -48,6 +48,7 @@ import { Doorbell, SpscQueue } from '../ring/spsc-queue.js';
 import { abandonLeg } from '../ring/visited-mask.js';
 import { parseLegUri } from '../stubs/open-leg.js';
 import { DirtyMap } from '../bitmap/dirty-map.js';
+import { LatencyHistograms } from '../core/latency.js';
 import { RangeLock } from './range-lock.js';
 import { Resync, type CopyOutcome, type ResyncHost, type ResyncProgress, type ResyncRates } from './resync.js';
 import { LegActor } from './leg-actor.js';
@@ -89,7 +90,13 @@ export interface MirrorOptions {
  *   Reads go to it only for ranges its dirty map shows clean.
  * failed: out for good (its actor thread died, or the daemon is stopping).
  */
-export type LegState = 'in-sync' | 'degraded' | 'reconnecting' | 'resyncing' | 'failed';
+export type LegState = 'in-sync' | 'degraded' | 'reconnecting' | 'resyncing' | 'failed' | 'removed';
+
+/** What the mirror tells its listeners (control plane, metrics). */
+export type MirrorEvent =
+  | { type: 'leg-state'; leg: number; uri: string; state: LegState; reason: string | null }
+  | { type: 'leg-added'; leg: number; uri: string }
+  | { type: 'leg-removed'; leg: number; uri: string };
 
 export interface LegStatus {
   index: number;
@@ -114,6 +121,19 @@ export interface MirrorStats {
 }
 
 const kInternalTokenBase = 0x4000_0000;
+/** Latency histogram kinds, by NBD command (index = kind). */
+export const kLatencyKinds = ['read', 'write', 'flush', 'trim', 'write_zeroes', 'cache'] as const;
+function latencyKind(command: number): number {
+  switch (command) {
+    case p.kCmdRead: return 0;
+    case p.kCmdWrite: return 1;
+    case p.kCmdFlush: return 2;
+    case p.kCmdTrim: return 3;
+    case p.kCmdWriteZeroes: return 4;
+    case p.kCmdCache: return 5;
+    default: return -1;
+  }
+}
 const kUnflushedChunkBytes = 64 * 1024;
 const kUnflushedPoolPages = 16;
 /** Errors that answer the request itself (every leg would say the same), not the leg's health. */
@@ -235,6 +255,11 @@ export class MirrorDevice implements BlockDevice {
   private clientBusyAt = 0;
   private readonly resyncHost: ResyncHost;
   private flushTracking = true;
+  private readonly listeners = new Set<(event: MirrorEvent) => void>();
+  /** Client request latency (arrival at the engine to completion), by kind (kLatencyKinds). */
+  readonly latency = new LatencyHistograms(kLatencyKinds);
+  private readonly startedAt: Float64Array;
+  private readonly kindOfSlot: Int8Array;
   private readonly counters = { requests: new Map<number, number>(), writeCopies: 0, writeBytesCopied: 0, writeRequests: 0 };
   inFlight = 0;
 
@@ -254,6 +279,8 @@ export class MirrorDevice implements BlockDevice {
     this.copyPhase = new Uint8Array(this.ring.slotCount);
     this.copyTarget = new Int8Array(this.ring.slotCount).fill(-1);
     this.copyEpoch = new Int32Array(this.ring.slotCount);
+    this.startedAt = new Float64Array(this.ring.slotCount);
+    this.kindOfSlot = new Int8Array(this.ring.slotCount).fill(-1);
     this.options = options;
     this.resyncRates = {
       minBytesPerSecond: options.resyncRates?.minBytesPerSecond ?? 32 * 1024 * 1024,
@@ -287,25 +314,44 @@ export class MirrorDevice implements BlockDevice {
     return mirror;
   }
 
-  private async startLegs(options: MirrorOptions): Promise<void> {
+  /** A new leg object with its queues and actor (not opened yet). */
+  private createLeg(index: number, uri: string): Leg {
     const capacity = nextPowerOfTwo(this.ring.slotCount);
-    for (const [index, uri] of options.legs.entries()) {
-      const dispatch = SpscQueue.create(capacity);
-      const completion = SpscQueue.create(capacity);
-      const init: LegActorInit = {
-        legIndex: index,
-        uri,
-        ring: this.ring.buffers,
-        dispatch: dispatch.buffer,
-        completion: completion.buffer,
-        doorbell: this.doorbell.buffer,
-        events: this.events.buffer as SharedArrayBuffer,
-        logLevel: options.logLevel ?? 'info',
-        connectTimeoutMs: options.connectTimeoutMs ?? 10_000,
-        requestTimeoutMs: options.legTimeoutMs ?? 0,
-      };
-      this.legs.push(this.startLeg(init, dispatch, completion));
-    }
+    const dispatch = SpscQueue.create(capacity);
+    const completion = SpscQueue.create(capacity);
+    const init: LegActorInit = {
+      legIndex: index,
+      uri,
+      ring: this.ring.buffers,
+      dispatch: dispatch.buffer,
+      completion: completion.buffer,
+      doorbell: this.doorbell.buffer,
+      events: this.events.buffer as SharedArrayBuffer,
+      logLevel: this.options.logLevel ?? 'info',
+      connectTimeoutMs: this.options.connectTimeoutMs ?? 10_000,
+      requestTimeoutMs: this.options.legTimeoutMs ?? 0,
+    };
+    const leg = this.startLeg(init, dispatch, completion);
+    leg.dropsSeen = Atomics.load(this.events, index);
+    return leg;
+  }
+
+  private createMaps(leg: Leg): void {
+    leg.dirty = DirtyMap.create({
+      deviceBytes: this.sizeBytes,
+      chunkBytes: this.options.bitmapChunkBytes ?? 4096,
+      poolPages: this.options.bitmapPoolPages ?? 64,
+    });
+    const unflushed = (): DirtyMap => DirtyMap.create({
+      deviceBytes: this.sizeBytes,
+      chunkBytes: Math.max(kUnflushedChunkBytes, leg.dirty?.chunkBytes ?? 0),
+      poolPages: kUnflushedPoolPages,
+    });
+    leg.unflushed = [unflushed(), unflushed()];
+  }
+
+  private async startLegs(options: MirrorOptions): Promise<void> {
+    for (const [index, uri] of options.legs.entries()) this.legs.push(this.createLeg(index, uri));
     const infos = await Promise.all(this.legs.map((leg) => leg.api.open()));
     const problems: string[] = [];
     for (const [index, info] of infos.entries()) {
@@ -316,19 +362,7 @@ export class MirrorDevice implements BlockDevice {
     if (problems.length > 0) throw new EnbdError('ENBD_ERR_LEG', `cannot open leg(s): ${problems.join('; ')}`);
     this.settleGeometry(options.sizeBytes);
     this.flushTracking = this.features.flush && options.flushTracking !== false;
-    for (const leg of this.legs) {
-      leg.dirty = DirtyMap.create({
-        deviceBytes: this.sizeBytes,
-        chunkBytes: options.bitmapChunkBytes ?? 4096,
-        poolPages: options.bitmapPoolPages ?? 64,
-      });
-      const unflushed = (): DirtyMap => DirtyMap.create({
-        deviceBytes: this.sizeBytes,
-        chunkBytes: Math.max(kUnflushedChunkBytes, leg.dirty?.chunkBytes ?? 0),
-        poolPages: kUnflushedPoolPages,
-      });
-      leg.unflushed = [unflushed(), unflushed()];
-    }
+    for (const leg of this.legs) this.createMaps(leg);
     this.pumpCompletions();
   }
 
@@ -481,6 +515,8 @@ export class MirrorDevice implements BlockDevice {
 
   /** Describes the request in its slot and dispatches it (after the range lock if needed). */
   private start(slot: number, command: number, flags: number, offsetBytes: number, lengthBytes: number): void {
+    this.startedAt[slot] = performance.now();
+    this.kindOfSlot[slot] = latencyKind(command);
     const target = this.targetFor(command, offsetBytes, lengthBytes);
     if (target === 0) {
       this.ring.setRequest(slot, command, flags, offsetBytes, lengthBytes, this.spanOfSlot[slot] ?? 1, 1);
@@ -538,7 +574,7 @@ export class MirrorDevice implements BlockDevice {
       const offsetBytes = ring.offsetBytes(slot);
       const lengthBytes = ring.lengthBytes(slot);
       for (const leg of this.legs) {
-        if ((target & leg.bit) === 0) leg.dirty?.markRange(offsetBytes, lengthBytes);
+        if ((target & leg.bit) === 0 && leg.state !== 'removed') leg.dirty?.markRange(offsetBytes, lengthBytes);
       }
     }
     return true;
@@ -793,6 +829,11 @@ export class MirrorDevice implements BlockDevice {
     const token = this.tokenOfSlot[slot] ?? -1;
     assert(token >= 0, 'finished slot has a token');
     this.inFlight -= 1;
+    const kind = this.kindOfSlot[slot] ?? -1;
+    if (kind >= 0) {
+      this.kindOfSlot[slot] = -1;
+      if (token < kInternalTokenBase) this.latency.record(kind, performance.now() - (this.startedAt[slot] ?? 0));
+    }
     if (this.internalSlot[slot] === 1) {
       this.tokenOfSlot[slot] = -1;
       this.internalSlot[slot] = 0;
@@ -930,7 +971,7 @@ export class MirrorDevice implements BlockDevice {
    * now on is marked at dispatch. Its connection is closed and reconnected with backoff.
    */
   private failLeg(leg: Leg, reason: string, final = false): void {
-    if (leg.state === 'failed') return;
+    if (leg.state === 'failed' || leg.state === 'removed') return;
     if (final) {
       leg.state = 'failed';
       leg.failureReason = reason;
@@ -938,6 +979,7 @@ export class MirrorDevice implements BlockDevice {
       this.clearReconnect(leg);
       leg.resync?.nudge();
       this.logger.error({ leg: leg.index, uri: leg.uri, reason }, 'leg failed; it stays out until reconnected by hand');
+      this.emitState(leg);
       if (leg.worker === null || leg.worker.threadId >= 0) void leg.api.disconnect().catch(() => undefined);
       return;
     }
@@ -950,6 +992,7 @@ export class MirrorDevice implements BlockDevice {
     if (wasInSync && inSync === 0) leg.lastStanding = true;
     leg.resync?.nudge();
     this.logger.error({ leg: leg.index, uri: leg.uri, reason, inSyncLegs: inSync }, 'leg degraded; it will be reconnected and resynced');
+    this.emitState(leg);
     if (this.closed) return;
     void leg.api.disconnect().catch(() => undefined);
     this.scheduleReconnect(leg);
@@ -974,6 +1017,7 @@ export class MirrorDevice implements BlockDevice {
     if (this.closed || leg.state !== 'degraded') return;
     leg.state = 'reconnecting';
     leg.reconnectAttempts += 1;
+    this.emitState(leg);
     let info: LegInfo | { error: { message: string } };
     try {
       info = await leg.api.reconnect();
@@ -990,6 +1034,7 @@ export class MirrorDevice implements BlockDevice {
       leg.failureReason = `reconnect failed: ${problem}`;
       const log = leg.reconnectAttempts <= 3 || leg.reconnectAttempts % 10 === 0 ? 'warn' : 'debug';
       this.logger[log]({ leg: leg.index, uri: leg.uri, attempt: leg.reconnectAttempts, problem }, 'leg reconnect failed');
+      this.emitState(leg);
       if (!('error' in info)) void leg.api.disconnect().catch(() => undefined);
       this.scheduleReconnect(leg);
       return;
@@ -1046,6 +1091,7 @@ export class MirrorDevice implements BlockDevice {
     leg.failureReason = null;
     leg.reconnectAttempts = 0;
     this.logger.info({ leg: leg.index, uri: leg.uri, dirtyBytes: dirty.dirtyBytes(), source }, source ? 'leg reconnected; resyncing' : 'leg reconnected; waiting for an up-to-date leg to resync from');
+    this.emitState(leg);
     this.startResync(leg);
   }
 
@@ -1055,6 +1101,7 @@ export class MirrorDevice implements BlockDevice {
     leg.reconnectAttempts = 0;
     leg.lastStanding = false;
     this.logger.info({ leg: leg.index, uri: leg.uri, why }, 'leg in sync');
+    this.emitState(leg);
     for (const other of this.legs) if (other.state === 'resyncing') this.startResync(other);
   }
 
@@ -1087,6 +1134,26 @@ export class MirrorDevice implements BlockDevice {
 
   // ---- operator controls (control plane, bench, tests) ------------------------------------
 
+  /** Subscribes to leg state changes; returns the unsubscribe function. */
+  on(listener: (event: MirrorEvent) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  private emit(event: MirrorEvent): void {
+    for (const listener of this.listeners) {
+      try {
+        listener(event);
+      } catch (error) {
+        this.logger.warn({ err: error }, 'mirror event listener failed');
+      }
+    }
+  }
+
+  private emitState(leg: Leg): void {
+    this.emit({ type: 'leg-state', leg: leg.index, uri: leg.uri, state: leg.state, reason: leg.failureReason });
+  }
+
   private legAt(index: number): Leg {
     const leg = this.legs[index];
     if (leg === undefined) throw new EnbdError('ENBD_ERR_CONFIG', `no leg ${index} (legs are 0..${this.legs.length - 1})`);
@@ -1115,6 +1182,81 @@ export class MirrorDevice implements BlockDevice {
     leg.reconnectAttempts = 0;
     await this.reconnectLeg(leg);
     return leg.state;
+  }
+
+  /**
+   * Adds a leg to the running mirror: it must hold the export's size and offer what the export
+   * already promised its clients. Its map starts all dirty: a full resync from an in-sync leg.
+   * Resolves with its index (a removed leg's index is reused).
+   */
+  async addLeg(uri: string): Promise<number> {
+    if (this.closed) throw new EnbdError('ENBD_ERR_CONFIG', 'the mirror is shutting down');
+    parseLegUri(uri);
+    if (this.legs.some((leg) => leg.state !== 'removed' && leg.uri === uri)) throw new EnbdError('ENBD_ERR_CONFIG', `${uri} is already a leg`);
+    let index = this.legs.findIndex((leg) => leg.state === 'removed' && leg.worker === null && leg.inline === null);
+    if (index < 0) index = this.legs.length;
+    if (index >= kMaxLegs) throw new EnbdError('ENBD_ERR_CONFIG', `a mirror has at most ${kMaxLegs} legs`);
+    const leg = this.createLeg(index, uri);
+    const info = await leg.api.open();
+    let problem: string | null = null;
+    if ('error' in info) problem = info.error.message;
+    else if (info.sizeBytes < this.sizeBytes) problem = `it has ${info.sizeBytes} bytes, fewer than the export's ${this.sizeBytes}`;
+    else if (info.features.readOnly) problem = 'it is read-only';
+    else {
+      const missing = (['flush', 'fua', 'trim', 'writeZeroes'] as const).filter((key) => this.features[key] && !info.features[key]);
+      if (missing.length > 0) problem = `it lacks ${missing.join(', ')}, which the export offers`;
+    }
+    if (problem !== null || this.closed) {
+      await this.stopActor(leg);
+      throw new EnbdError('ENBD_ERR_LEG', `cannot add leg ${uri}: ${problem ?? 'the mirror is shutting down'}`);
+    }
+    leg.info = info as LegInfo;
+    this.createMaps(leg);
+    leg.dirty?.markAll();
+    leg.state = 'resyncing';
+    this.legs[index] = leg;
+    this.logger.info({ leg: index, uri }, 'leg added; full resync');
+    this.emit({ type: 'leg-added', leg: index, uri });
+    this.emitState(leg);
+    this.startResync(leg);
+    return index;
+  }
+
+  /**
+   * Removes a leg for good (its actor stops once its requests drained). Refused for the last
+   * in-sync leg.
+   */
+  async removeLeg(index: number): Promise<void> {
+    const leg = this.legAt(index);
+    if (leg.state === 'removed') throw new EnbdError('ENBD_ERR_CONFIG', `leg ${index} is already removed`);
+    if (leg.state === 'in-sync' && !this.legs.some((other) => other !== leg && other.state === 'in-sync')) {
+      throw new EnbdError('ENBD_ERR_CONFIG', `leg ${index} is the last in-sync leg; refusing to remove it`);
+    }
+    this.clearReconnect(leg);
+    leg.state = 'removed';
+    leg.failureReason = 'removed by the operator';
+    leg.epoch += 1;
+    leg.resync?.nudge();
+    this.logger.warn({ leg: index, uri: leg.uri }, 'leg removed');
+    this.emit({ type: 'leg-removed', leg: index, uri: leg.uri });
+    const deadline = Date.now() + 30_000;
+    while (leg.inFlight > 0 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20));
+    await this.stopActor(leg);
+  }
+
+  private async stopActor(leg: Leg): Promise<void> {
+    try {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([leg.api.shutdown(), new Promise((resolve) => (timer = setTimeout(resolve, 5000)))]);
+      clearTimeout(timer);
+    } catch (error) {
+      this.logger.warn({ leg: leg.index, err: error }, 'leg shutdown failed');
+    }
+    leg.copyPort?.close();
+    const worker = leg.worker;
+    leg.worker = null;
+    leg.inline = null;
+    await worker?.terminate();
   }
 
   /** Marks a leg's range (default: all of it) as missed, e.g. for a full resync. Not for an in-sync leg. */
@@ -1159,8 +1301,9 @@ export class MirrorDevice implements BlockDevice {
     return await leg.api.getExtents(offsetBytes, lengthBytes);
   }
 
+  /** Every leg but removed ones. */
   legStatus(): LegStatus[] {
-    return this.legs.map((leg) => ({
+    return this.legs.filter((leg) => leg.state !== 'removed').map((leg) => ({
       index: leg.index,
       uri: leg.uri,
       kind: leg.info?.kind ?? 'unknown',
@@ -1205,16 +1348,6 @@ export class MirrorDevice implements BlockDevice {
       leg.resync?.nudge();
     }
     for (const wake of this.slotWaiters.splice(0)) wake();
-    await Promise.all(this.legs.map(async (leg) => {
-      try {
-        let timer: NodeJS.Timeout | undefined;
-        await Promise.race([leg.api.shutdown(), new Promise((resolve) => (timer = setTimeout(resolve, 5000)))]);
-        clearTimeout(timer);
-      } catch (error) {
-        this.logger.warn({ leg: leg.index, err: error }, 'leg shutdown failed');
-      }
-      leg.copyPort?.close();
-      await leg.worker?.terminate();
-    }));
+    await Promise.all(this.legs.filter((leg) => leg.worker !== null || leg.inline !== null).map(async (leg) => await this.stopActor(leg)));
   }
 }

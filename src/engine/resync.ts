@@ -76,7 +76,7 @@ export class Resync {
   private rateWindowBytes = 0;
   private rate = 0;
   private lastLog = 0;
-  private wake: (() => void) | null = null;
+  private readonly wakers: Array<() => void> = [];
 
   constructor(
     readonly legIndex: number,
@@ -106,11 +106,9 @@ export class Resync {
     this.nudge();
   }
 
-  /** Nudges a waiting lane (a source leg came back, rates changed, the resync was resumed). */
+  /** Wakes every waiting lane (a copy ended, a source came back, rates changed, resumed). */
   nudge(): void {
-    const wake = this.wake;
-    this.wake = null;
-    wake?.();
+    for (const wake of this.wakers.splice(0)) wake();
   }
 
   progress(): ResyncProgress {
@@ -159,38 +157,39 @@ export class Resync {
   private async lane(): Promise<void> {
     const chunkBytes = this.map.chunkBytes;
     const maxChunks = Math.max(1, Math.floor(this.maxCopyBytes / chunkBytes));
-    let emptyPasses = 0;
     while (this.host.stillResyncing(this.legIndex)) {
       if (this.paused) {
         await this.sleep(kNoSourceRetryMs);
         continue;
       }
       if (!this.map.nextDirtyRunInto(this.cursorChunk, maxChunks, this.run)) {
-        // End of the map: wrap once; finished when a pass from 0 finds nothing and no other
-        // lane still has a copy in flight (it may fail and leave bits set).
-        if (this.cursorChunk === 0 || emptyPasses > 0) {
-          if (this.inFlight === 0 && this.map.dirtyChunkCount() === 0) return;
+        // Nothing after the cursor. While other lanes still copy, wait for them (their runs
+        // are still dirty: wrapping now would copy them twice). Then start over from 0 for
+        // what is left behind the cursor (failed copies, chunks marked again); done when the
+        // map is empty.
+        if (this.inFlight > 0) {
           await this.sleep(kNoSourceRetryMs);
-          emptyPasses = 0;
-        } else {
-          emptyPasses += 1;
+          continue;
         }
+        if (this.map.dirtyChunkCount() === 0) return;
+        if (this.cursorChunk === 0) await this.sleep(kNoSourceRetryMs);
         this.cursorChunk = 0;
         continue;
       }
-      emptyPasses = 0;
       const firstChunk = this.run.firstChunk;
       const chunkCount = this.run.chunkCount;
       this.cursorChunk = firstChunk + chunkCount;
       const offsetBytes = firstChunk * chunkBytes;
       const lengthBytes = Math.min(chunkCount * chunkBytes, this.map.deviceBytes - offsetBytes);
-      await this.takeTokens(lengthBytes);
+      // Counted in flight from here, so no other lane wraps around onto this run meanwhile.
       this.inFlight += 1;
       let outcome: CopyOutcome;
       try {
+        await this.takeTokens(lengthBytes);
         outcome = await this.host.copyRange(this.legIndex, offsetBytes, lengthBytes);
       } finally {
         this.inFlight -= 1;
+        this.nudge();
       }
       if (outcome === 'copied') {
         this.account(lengthBytes);
@@ -252,14 +251,16 @@ export class Resync {
 
   private async sleep(ms: number): Promise<void> {
     await new Promise<void>((resolve) => {
-      const timer = setTimeout(() => {
-        if (this.wake === resolve) this.wake = null;
-        resolve();
-      }, ms);
-      this.wake = () => {
+      const wake = (): void => {
         clearTimeout(timer);
         resolve();
       };
+      const timer = setTimeout(() => {
+        const at = this.wakers.indexOf(wake);
+        if (at >= 0) this.wakers.splice(at, 1);
+        resolve();
+      }, ms);
+      this.wakers.push(wake);
     });
   }
 }

@@ -281,6 +281,71 @@ describe('enbd mirror: degraded mode, reconnect and resync with real faults', { 
     }
   });
 
+  test('a failed FLUSH re-copies exactly the writes since that leg\'s last good flush', async () => {
+    // nbdkit's error filter cannot fail FLUSH (1.32): leg 1 is nbdkit's eval plugin over a
+    // file, whose flush fails while a trigger file exists.
+    const trigger = dir.path('flush-trigger');
+    const file = image('flush-1.img');
+    seq += 1;
+    const socket = dir.path(`leg${seq}.sock`);
+    const child = await startNbdkit(socket, [
+      'eval',
+      `get_size=echo ${kLegBytes}`,
+      `pread=dd if=${file} skip=$4 count=$3 iflag=skip_bytes,count_bytes status=none`,
+      `pwrite=dd of=${file} seek=$4 conv=notrunc oflag=seek_bytes status=none`,
+      `flush=if [ -e ${trigger} ]; then echo "EIO flush refused by the test" >&2; exit 1; fi`,
+    ]);
+    children.push(child);
+    const legs = [await startLeg(image('flush-0.img')), { file, socket, uri: unixUri(socket), filters: [], params: [], child }];
+    const mirror = await mirrorOf(legs, 'flush');
+    const client = await NbdClient.connect(mirror.uri);
+    try {
+      await client.write(4 * kMiB, Buffer.alloc(64 * 1024, 0x57)); // W: made durable below
+      await client.flush();
+      await client.write(1 * kMiB, Buffer.alloc(64 * 1024, 0x58)); // X: after the last good flush
+      writeFileSync(trigger, '');
+      await client.flush(); // leg 0 flushed: success for the client
+      assert.notEqual(states(mirror.device)[1], 'in-sync', 'leg 1 failed its flush');
+      rmSync(trigger);
+      await waitStates(mirror.device, ['in-sync', 'in-sync']);
+      const resync = mirror.device.legs[1]?.resync;
+      assert.ok(resync !== null && resync !== undefined, 'leg 1 was resynced');
+      assert.equal(resync.progress().bytesDone, 64 * 1024, 'only X (one 64 KiB unflushed chunk) was copied again, not W');
+      const model = Buffer.alloc(kLegBytes);
+      model.fill(0x57, 4 * kMiB, 4 * kMiB + 64 * 1024);
+      model.fill(0x58, 1 * kMiB, 1 * kMiB + 64 * 1024);
+      assertLegsEqual(legs, model, 'after a failed flush');
+    } finally {
+      await client.close();
+      await mirror.close();
+    }
+  });
+
+  test('a leg added to a running mirror gets a full resync; a removed leg stops; the last in-sync leg stays', async () => {
+    const legs = [await startLeg(image('add-0.img')), await startLeg(image('add-1.img'))];
+    const mirror = await mirrorOf(legs, 'add');
+    const client = await NbdClient.connect(mirror.uri);
+    const model = Buffer.alloc(kLegBytes);
+    try {
+      await randomWrites(client, model, 40);
+      const extra = await startLeg(image('add-2.img'));
+      await assert.rejects(mirror.device.addLeg(legs[0]?.uri as string), /already a leg/);
+      assert.equal(await mirror.device.addLeg(extra.uri), 2);
+      await randomWrites(client, model, 40);
+      await waitStates(mirror.device, ['in-sync', 'in-sync', 'in-sync']);
+      assertLegsEqual([...legs, extra], model, 'after adding leg 2');
+      await mirror.device.removeLeg(0);
+      await mirror.device.removeLeg(1);
+      await assert.rejects(mirror.device.removeLeg(2), /last in-sync leg/);
+      await randomWrites(client, model, 20);
+      assertSameBytes(await client.read(0, kLegBytes), model, 'served by the one leg left');
+      assertSameBytes(readFileSync(extra.file), model, 'leg 2 holds everything');
+    } finally {
+      await client.close();
+      await mirror.close();
+    }
+  });
+
   test('a leg failed by hand and marked whole gets a full resync that ends identical', async () => {
     const legs = [await startLeg(image('full-0.img')), await startLeg(image('full-1.img'))];
     const mirror = await mirrorOf(legs, 'full');
