@@ -30,7 +30,7 @@ function buildProgram(): Command {
     .option('--description <text>', 'export description shown to clients')
     .option('--read-only', 'refuse writes (EPERM)', false)
     .option('--max-payload <bytes>', 'largest READ/WRITE payload accepted (e.g. 32M)', '32M')
-    .addOption(new Option('--io <mode>', 'file I/O: async (libuv thread pool) or sync (on the serving thread; fastest for page-cached/tmpfs files)').choices(['async', 'sync']).default('async'))
+    .addOption(new Option('--io <mode>', 'file I/O: async (libuv thread pool), sync (on the serving thread), or auto: sync on tmpfs/ramfs, async elsewhere').choices(['auto', 'async', 'sync']).default('auto'))
     .addOption(new Option('--receive <mode>', 'WRITE payloads: stream (copied from Node read chunks) or direct (read straight into the request buffer)').choices(['stream', 'direct']).default('stream'))
     .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'))
     .action(async (file: string, options: Record<string, unknown>) => {

@@ -2,13 +2,31 @@
  * `enbd serve FILE`: our own NBD file server, on a Unix socket and/or TCP, until SIGINT/SIGTERM.
  * Thread: main thread.
  */
-import { resolve } from 'node:path';
+import { statfsSync } from 'node:fs';
+import { dirname, resolve } from 'node:path';
 import { createLogger } from '../core/log.js';
 import { EnbdError } from '../core/errors.js';
 import { FileDevice } from '../stubs/file-device.js';
 import { createNbdServer } from '../nbd/server.js';
 import { parseBytes, parseListen } from './parse.js';
 import { installShutdown } from './shutdown.js';
+
+const kTmpfsMagic = 0x01021994;
+const kRamfsMagic = 0x858458f6;
+
+/**
+ * True when the file lives on tmpfs or ramfs: its I/O is a memory copy that cannot block on a
+ * device, so doing it on the serving thread (`--io sync`) is safe and saves the thread-pool
+ * round trip. Anything else (or an unknown file system) gets the thread pool.
+ */
+function isMemoryBacked(path: string): boolean {
+  try {
+    const type = statfsSync(dirname(path)).type;
+    return type === kTmpfsMagic || type === kRamfsMagic;
+  } catch {
+    return false;
+  }
+}
 
 export async function runServe(file: string, options: Record<string, unknown>): Promise<void> {
   const logger = createLogger({ level: String(options['logLevel'] ?? 'info') });
@@ -17,8 +35,11 @@ export async function runServe(file: string, options: Record<string, unknown>): 
   const listenText = typeof options['listen'] === 'string' ? options['listen'] : socketPath === null ? '127.0.0.1:10809' : null;
   const listen = listenText === null ? null : parseListen('--listen', listenText);
   const exportName = String(options['name'] ?? '');
-  const io = String(options['io'] ?? 'async');
-  if (io !== 'sync' && io !== 'async') throw new EnbdError('ENBD_ERR_CONFIG', `--io must be sync or async, got "${io}"`);
+  const ioAsked = String(options['io'] ?? 'auto');
+  if (ioAsked !== 'sync' && ioAsked !== 'async' && ioAsked !== 'auto') {
+    throw new EnbdError('ENBD_ERR_CONFIG', `--io must be auto, sync or async, got "${ioAsked}"`);
+  }
+  const io = ioAsked === 'auto' ? (isMemoryBacked(resolve(file)) ? 'sync' : 'async') : ioAsked;
   const device = FileDevice.open(resolve(file), { readOnly: options['readOnly'] === true, io });
   const server = createNbdServer({
     device,
@@ -44,7 +65,7 @@ export async function runServe(file: string, options: Record<string, unknown>): 
   if (socketPath !== null) {
     process.stdout.write(`enbd serve: nbd+unix:///${encodeURIComponent(exportName)}?socket=${socketPath}\n`);
   }
-  logger.info({ file, sizeBytes: device.sizeBytes, readOnly: device.features.readOnly }, 'serving');
+  logger.info({ file, sizeBytes: device.sizeBytes, readOnly: device.features.readOnly, io }, 'serving');
   installShutdown(logger, async () => {
     await server.close();
     await device.close();

@@ -804,7 +804,8 @@ export class MirrorDevice implements BlockDevice {
     }
     const next = this.pickReadLeg(this.triedMask[slot] ?? 0, offsetBytes, lengthBytes);
     if (next === null || errno === p.kEInval) {
-      this.finishSlot(slot, errno);
+      // A leg's own trouble (a drop's ESHUTDOWN...) reaches the client as EIO.
+      this.finishSlot(slot, kRequestLevelErrnos.has(errno) ? errno : p.kEIo);
       return;
     }
     this.triedMask[slot] = (this.triedMask[slot] ?? 0) | next.bit;
