@@ -43,6 +43,8 @@ export interface LegInfo {
 }
 
 export interface LegStats {
+  /** Leg index (filled in by the master). */
+  index?: number;
   requests: number;
   bytesRead: number;
   bytesWritten: number;

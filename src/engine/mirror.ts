@@ -108,10 +108,16 @@ export interface LegStatus {
   dirtyBytes: number;
   reconnectAttempts: number;
   resync: ResyncProgress | null;
+  /** Times this leg left the in-sync/resyncing states since start. */
+  failures: number;
+  /** Bytes copied to this leg by resyncs since start. */
+  resyncedBytes: number;
 }
 
 export interface MirrorStats {
   requests: Record<string, number>;
+  /** Payload bytes by command (READ, WRITE) and range bytes (TRIM, WRITE_ZEROES, CACHE). */
+  bytes: Record<string, number>;
   writeRequests: number;
   /** Userspace copies of write payloads (socket -> ring, plus per-leg copies). */
   writeCopies: number;
@@ -169,6 +175,8 @@ class Leg {
   resync: Resync | null = null;
   /** Bumped whenever the leg fails: a resync copy clears bits only within one epoch. */
   epoch = 0;
+  failures = 0;
+  resyncedBytes = 0;
   constructor(
     readonly index: number,
     readonly uri: string,
@@ -260,7 +268,7 @@ export class MirrorDevice implements BlockDevice {
   readonly latency = new LatencyHistograms(kLatencyKinds);
   private readonly startedAt: Float64Array;
   private readonly kindOfSlot: Int8Array;
-  private readonly counters = { requests: new Map<number, number>(), writeCopies: 0, writeBytesCopied: 0, writeRequests: 0 };
+  private readonly counters = { requests: new Map<number, number>(), bytes: new Map<number, number>(), writeCopies: 0, writeBytesCopied: 0, writeRequests: 0 };
   inFlight = 0;
 
   private constructor(options: MirrorOptions) {
@@ -492,6 +500,7 @@ export class MirrorDevice implements BlockDevice {
     this.inFlight += 1;
     this.clientRequests += 1;
     this.counters.requests.set(command, (this.counters.requests.get(command) ?? 0) + 1);
+    if (lengthBytes > 0) this.counters.bytes.set(command, (this.counters.bytes.get(command) ?? 0) + lengthBytes);
     let slot = token < kInternalTokenBase ? this.slotOfToken[token] ?? -1 : -1;
     if (slot >= 0) {
       assert(data !== null, 'READ/WRITE data lives in an acquired ring slot');
@@ -951,6 +960,7 @@ export class MirrorDevice implements BlockDevice {
       return;
     }
     target.dirty?.clearRange(offsetBytes, lengthBytes);
+    target.resyncedBytes += lengthBytes;
     if (this.features.flush) target.currentUnflushed?.markRange(offsetBytes, lengthBytes);
     this.endCopy(slot, 'copied');
   }
@@ -973,6 +983,7 @@ export class MirrorDevice implements BlockDevice {
    */
   private failLeg(leg: Leg, reason: string, final = false): void {
     if (leg.state === 'failed' || leg.state === 'removed') return;
+    leg.failures += 1;
     if (final) {
       leg.state = 'failed';
       leg.failureReason = reason;
@@ -1314,18 +1325,33 @@ export class MirrorDevice implements BlockDevice {
       dirtyBytes: leg.dirty?.dirtyBytes() ?? 0,
       reconnectAttempts: leg.reconnectAttempts,
       resync: leg.resync !== null && (leg.state === 'resyncing' || leg.resync.isRunning) ? leg.resync.progress() : null,
+      failures: leg.failures,
+      resyncedBytes: leg.resyncedBytes,
     }));
   }
 
+  /**
+   * Per-leg actor counters, by position in `legs` (`index` says which leg). A leg without a
+   * live actor (removed, or its thread died) answers at once with zero counters.
+   */
   async legStats(): Promise<LegStats[]> {
-    return await Promise.all(this.legs.map((leg) => leg.api.stats()));
+    return await Promise.all(this.legs.map(async (leg) => {
+      const live = leg.state !== 'removed' && (leg.inline !== null || (leg.worker !== null && leg.worker.threadId >= 0));
+      if (!live) {
+        return { index: leg.index, requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, inFlight: 0, connected: false, latencySumMs: 0, latencyCount: 0 };
+      }
+      return { ...(await leg.api.stats()), index: leg.index };
+    }));
   }
 
   stats(): MirrorStats {
     const requests: Record<string, number> = {};
     for (const [command, count] of this.counters.requests) requests[p.commandNames[command] ?? String(command)] = count;
+    const bytes: Record<string, number> = {};
+    for (const [command, count] of this.counters.bytes) bytes[p.commandNames[command] ?? String(command)] = count;
     return {
       requests,
+      bytes,
       writeRequests: this.counters.writeRequests,
       writeCopies: this.counters.writeCopies,
       writeBytesCopied: this.counters.writeBytesCopied,
