@@ -8,6 +8,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { describeError } from '../core/errors.js';
 import { runServe } from './serve.js';
 import { runMirror } from './mirror.js';
+import { registerControlCommands } from './control.js';
 
 const kUsageExit = 2;
 
@@ -60,7 +61,9 @@ function buildProgram(): Command {
     .option('--flush-tracking <on|off>', 'bench only: off skips recording writes since each leg\'s last flush (default on)')
     .option('--resync-rate-max <bytes/s>', 'resync ceiling while clients are idle (default 0 = unlimited)')
     .option('--receive <mode>', 'WRITE payloads: stream (copied from Node read chunks) or direct (straight into the ring slot)')
+    .option('--metrics <[host:]port>', 'serve Prometheus metrics over HTTP at /metrics (host defaults to 127.0.0.1)')
     .option('--data-dir <dir>', 'where the embedded default keeps its legs and socket (default ./enbd-data)')
+    .option('--control <path>', 'control socket, mode 0600 (default: <socket>.ctl, DATA_DIR/enbd.ctl for the embedded default, ./enbd.ctl for TCP only; "none" disables it)')
     .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
     .action(async (options: Record<string, unknown>) => {
       const renamed: Record<string, unknown> = {
@@ -72,6 +75,7 @@ function buildProgram(): Command {
       await runMirror(renamed);
     });
 
+  registerControlCommands(program);
   return program;
 }
 

@@ -15,6 +15,8 @@ import type { CopyMode, Placement } from '../engine/messages.js';
 import { createNbdServer } from '../nbd/server.js';
 import { parseBytes, parseInteger, parseListen } from './parse.js';
 import { installShutdown } from './shutdown.js';
+import { startControlPlane, type ControlPlane } from '../control/plane.js';
+import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
 
 export interface MirrorSettings {
   legs: string[];
@@ -38,9 +40,13 @@ export interface MirrorSettings {
   logLevel: string;
   dataDir: string;
   receive: 'stream' | 'direct';
+  /** --control PATH or "none"; null = the default path (src/control/plane.ts). */
+  control: string | null;
+  /** --metrics [HOST:]PORT, or null: no metrics endpoint. */
+  metrics: string | null;
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics']);
 const kDefaultLegBytes = 1024 ** 3;
 
 function readConfig(path: string): Record<string, unknown> {
@@ -100,6 +106,8 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
   const slotBytes = pick('slotBytes');
   const socket = pick('socket');
   const listen = pick('listen');
+  const control = pick('control');
+  const metrics = pick('metrics');
   return {
     legs,
     socket: socket === undefined ? null : text(socket, '--socket'),
@@ -122,6 +130,8 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     logLevel,
     dataDir: resolve(text(pick('dataDir') ?? 'enbd-data', '--data-dir')),
     receive,
+    control: control === undefined ? null : text(control, '--control'),
+    metrics: metrics === undefined ? null : text(metrics, '--metrics'),
   };
 }
 
@@ -191,6 +201,9 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
     directReceive: settings.receive === 'direct',
   });
   const uris: string[] = [];
+  let control: ControlPlane | null = null;
+  let metrics: MetricsServer | null = null;
+  const metricsAddress = settings.metrics === null ? null : parseListen('--metrics', settings.metrics);
   try {
     if (settings.socket !== null) {
       const socketPath = resolve(settings.socket);
@@ -202,13 +215,22 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
       const host = listen.host.includes(':') ? `[${listen.host}]` : listen.host;
       uris.push(`nbd://${host}:${port}/${encodeURIComponent(settings.name)}`);
     }
+    // the operator's control socket; closed first on shutdown
+    control = await startControlPlane({ control: settings.control, socket: settings.socket, dataDir: settings.dataDir, embedded, mirror, server, logger });
+    if (metricsAddress !== null) {
+      metrics = await startMetricsServer({ ...metricsAddress, mirror, server, logger });
+      logger.info({ url: `http://${metricsAddress.host}:${metrics.port}/metrics` }, 'metrics listening');
+    }
   } catch (error) {
+    await control?.close();
     await server.close();
     await mirror.close();
     throw error;
   }
-  printBanner(settings, mirror, uris, embedded);
+  printBanner(settings, mirror, uris, embedded, control?.path ?? null);
   installShutdown(logger, async () => {
+    await control?.close();
+    await metrics?.close();
     await server.close();
     const errno = await mirror.flushAll();
     if (errno !== 0) logger.error({ errno }, 'final flush of the legs failed');
@@ -217,10 +239,11 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
   });
 }
 
-function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: string[], embedded: boolean): void {
+function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: string[], embedded: boolean, controlPath: string | null): void {
   const lines = [`enbd mirror: ${mirror.sizeBytes} bytes mirrored across ${settings.legs.length} legs`];
   for (const leg of mirror.legStatus()) lines.push(`  leg ${leg.index}: ${leg.uri} (${leg.kind})`);
   for (const uri of uris) lines.push(`  export: ${uri}`);
+  if (controlPath !== null) lines.push(`  control: ${controlPath} (enbd status --control ${controlPath})`);
   const first = uris[0] ?? '';
   lines.push('attach:', `  nbdinfo '${first}'`, `  qemu-io -f raw -c 'read -v 0 512' '${first}'`);
   lines.push(`  mkdir -p /tmp/enbd-fuse && nbdfuse /tmp/enbd-fuse/disk.img '${first}' &`);

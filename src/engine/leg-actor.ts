@@ -232,6 +232,10 @@ export class LegActor implements LegActorApi {
     return await this.device.getExtents(offsetBytes, lengthBytes);
   }
 
+  async setLogLevel(level: string): Promise<void> {
+    this.logger.level = level;
+  }
+
   async pause(): Promise<void> {
     this.paused = true;
   }

@@ -72,6 +72,7 @@ export interface LegActorApi {
   stats(): Promise<LegStats>;
   getExtents(offsetBytes: number, lengthBytes: number): Promise<Extent[]>;
   pause(): Promise<void>;
+  setLogLevel(level: string): Promise<void>;
   resume(): Promise<void>;
   shutdown(): Promise<void>;
 }

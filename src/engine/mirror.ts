@@ -264,6 +264,7 @@ export class MirrorDevice implements BlockDevice {
   private readonly resyncHost: ResyncHost;
   private flushTracking = true;
   private readonly listeners = new Set<(event: MirrorEvent) => void>();
+  private resyncPaused = false;
   /** Client request latency (arrival at the engine to completion), by kind (kLatencyKinds). */
   readonly latency = new LatencyHistograms(kLatencyKinds);
   private readonly startedAt: Float64Array;
@@ -1120,6 +1121,7 @@ export class MirrorDevice implements BlockDevice {
   private startResync(leg: Leg): void {
     leg.resync ??= new Resync(leg.index, leg.dirty as DirtyMap, this.resyncHost, this.resyncRates, this.logger);
     leg.resync.setRates(this.resyncRates);
+    if (this.resyncPaused) leg.resync.pause();
     if (leg.resync.isRunning) leg.resync.nudge();
     else void leg.resync.start();
   }
@@ -1289,11 +1291,24 @@ export class MirrorDevice implements BlockDevice {
     return this.resyncRates;
   }
 
+  /** Pauses or resumes every resync, including ones that start later. */
   pauseResync(paused: boolean): void {
+    this.resyncPaused = paused;
     for (const leg of this.legs) {
       if (paused) leg.resync?.pause();
       else leg.resync?.resume();
     }
+  }
+
+  resyncSettings(): { rates: ResyncRates; paused: boolean } {
+    return { rates: { ...this.resyncRates }, paused: this.resyncPaused };
+  }
+
+  /** Changes the log level of the engine and of every leg actor (workers have their own logger). */
+  async setLogLevel(level: string): Promise<void> {
+    this.logger.level = level;
+    await Promise.all(this.legs.filter((leg) => leg.state !== 'removed' && (leg.inline !== null || leg.worker !== null))
+      .map(async (leg) => await leg.api.setLogLevel(level).catch(() => undefined)));
   }
 
   // ---- internal requests, info, shutdown -------------------------------------------------

@@ -231,6 +231,10 @@ export class Resync {
     for (;;) {
       const rate = this.currentRate();
       const now = Date.now();
+      if (this.paused && this.host.stillResyncing(this.legIndex)) {
+        await this.sleep(200);
+        continue;
+      }
       if (rate <= 0) {
         this.lastRefill = now;
         return;
@@ -246,6 +250,7 @@ export class Resync {
       const waitMs = Math.max(1, Math.ceil(((bytes - this.tokens) * 1000) / rate));
       await this.sleep(Math.min(waitMs, 1000));
       if (!this.host.stillResyncing(this.legIndex)) return;
+      while (this.paused && this.host.stillResyncing(this.legIndex)) await this.sleep(200);
     }
   }
 

@@ -12,9 +12,9 @@ import { randomBytes } from 'node:crypto';
 import { createLogger } from '../../src/core/log.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { startMetricsServer, type MetricsServer } from '../../src/metrics/metrics.js';
-import { scratch, startNbdkit, unixUri, type Child, type Scratch } from '../helpers/tools.js';
+import { freePort, scratch, startNbdkit, unixUri, type Child, type Scratch } from '../helpers/tools.js';
 import { skipUnlessTools } from '../helpers/serve.js';
-import { startInProcessMirror, stopAllMirrors, type InProcessMirror } from '../helpers/mirror.js';
+import { startInProcessMirror, startMirror, stopAllMirrors, type InProcessMirror } from '../helpers/mirror.js';
 import { checkHistogram, parseExposition, samplesOf, valueOf, type Exposition } from '../unit/metrics/exposition.js';
 
 const kMiB = 1024 * 1024;
@@ -141,6 +141,37 @@ describe('enbd mirror --metrics: Prometheus series of a real mirror', { skip: sk
       const response = await fetch(`http://127.0.0.1:${metrics.port}${path}`);
       assert.equal(response.status, 404, path);
       await response.text();
+    }
+  });
+});
+
+describe('enbd mirror --metrics on the command line', { skip: skipUnlessTools('nbdkit') }, () => {
+  test('the daemon serves /metrics on the given port and stops it on SIGTERM', async () => {
+    const dir = scratch('enbd-metrics-cli-');
+    const legs: Child[] = [];
+    try {
+      const uris: string[] = [];
+      for (const index of [0, 1]) {
+        const socket = dir.path(`leg${index}.sock`);
+        legs.push(await startNbdkit(socket, ['memory', '16M']));
+        uris.push(unixUri(socket));
+      }
+      const port = await freePort();
+      const mirror = await startMirror({ legs: uris, socketPath: dir.path('m.sock'), args: ['--metrics', `127.0.0.1:${port}`] });
+      const client = await NbdClient.connect(mirror.uri);
+      await client.write(0, randomBytes(65536));
+      await client.close();
+      const response = await fetch(`http://127.0.0.1:${port}/metrics`);
+      assert.equal(response.status, 200);
+      const text = await response.text();
+      assert.match(text, /^enbd_requests_total\{op="write"\} [1-9]/m);
+      assert.match(text, /^enbd_leg_state\{leg="1",state="in-sync"\} 1$/m);
+      assert.equal(await mirror.stop(), 0);
+      await assert.rejects(fetch(`http://127.0.0.1:${port}/metrics`));
+    } finally {
+      await stopAllMirrors();
+      await Promise.all(legs.map(async (leg) => await leg.stop('SIGKILL')));
+      dir.cleanup();
     }
   });
 });

@@ -1,0 +1,375 @@
+/**
+ * The control methods of a running mirror (`enbd mirror`): status, leg and resync controls,
+ * log level, REPL evaluation; and the events pushed to subscribers (leg state changes from
+ * MirrorDevice.on, resync progress once a second while a leg resyncs).
+ *
+ * Thread: the daemon's main thread. Every method is a few engine calls; the slow ones (leg.add,
+ * leg.remove, leg.reconnect) await the engine without blocking the event loop.
+ *
+ * Imports the engine and the NBD server as types only (the live objects come from runMirror),
+ * plus two pure-data modules for names: nbd/protocol.ts (command names), ring/layout.ts (slot
+ * states, kMaxLegs).
+ *
+ * Design notes
+ * | method         | params          | engine call                                  |
+ * |----------------|-----------------|----------------------------------------------|
+ * | status         |                 | legStatus, stats, latency, leg actors' stats |
+ * | leg.fail       | leg             | failLegByHand (refused for the last in-sync) |
+ * | leg.reconnect  | leg             | reconnectLegNow                              |
+ * | leg.remove     | leg             | removeLeg (refused for the last in-sync)     |
+ * | leg.add        | uri             | addLeg (full resync)                         |
+ * | leg.bitmap     | leg             | dirtyMap(leg).stats + first dirty runs       |
+ * | ring.slots     |                 | ring occupancy, first in-use requests        |
+ * | resync.pause   |                 | pauseResync(true) (kept for later resyncs)   |
+ * | resync.resume  |                 | pauseResync(false)                           |
+ * | resync.rate    | min?, max?      | setResyncRates                               |
+ * | log.level      | level           | logger.level; mirror.setLogLevel (actors)    |
+ * | repl.eval      | code            | ReplEvaluator (one vm context per session)   |
+ */
+import type { DirtyMap } from '../bitmap/dirty-map.js';
+import { assert } from '../core/assert.js';
+import { isLogLevel, type Logger } from '../core/log.js';
+import type { MirrorDevice, MirrorEvent } from '../engine/mirror.js';
+import type { LegStats } from '../engine/messages.js';
+import type { NbdServer } from '../nbd/server.js';
+import { commandNames } from '../nbd/protocol.js';
+import { kSlotStateAllocated, kSlotStateDispatched, kMaxLegs } from '../ring/layout.js';
+import {
+  kBitmapRunsMax,
+  kControlErrorCodes,
+  kSlotsListedMax,
+  type BitmapResult,
+  type ControlResults,
+  type LatencyView,
+  type LegActionResult,
+  type LegView,
+  type SlotView,
+  type SlotsResult,
+  type StatusResult,
+} from './protocol.js';
+import { ReplEvaluator } from './repl-eval.js';
+import { ControlRequestError, type ControlSession, type MethodHandler } from './server.js';
+
+const kLegStatsTimeoutMs = 1000;
+const kUriCharsMax = 4096;
+export const kProgressIntervalMs = 1000;
+const kReplStateKey = 'repl';
+
+export interface MirrorControlOptions {
+  mirror: MirrorDevice;
+  server: NbdServer;
+  /** The daemon's root logger (log.level changes it, and with it every child logger). */
+  logger: Logger;
+  controlPath: string;
+  /** Pushes an event to every subscribed session. */
+  broadcast: (event: string, data: unknown) => void;
+}
+
+function badParams(message: string): ControlRequestError {
+  return new ControlRequestError(kControlErrorCodes.badParams, message);
+}
+
+function legParam(params: Record<string, unknown>): number {
+  const leg = params['leg'];
+  if (typeof leg !== 'number' || !Number.isInteger(leg) || leg < 0 || leg >= kMaxLegs) {
+    throw badParams(`params.leg must be a leg index from 0 to ${kMaxLegs - 1}`);
+  }
+  return leg;
+}
+
+function rateParam(params: Record<string, unknown>, key: 'min' | 'max'): number | undefined {
+  const value = params[key];
+  if (value === undefined || value === null) return undefined;
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 0) {
+    throw badParams(`params.${key} must be a rate in bytes/s (a non-negative integer)`);
+  }
+  return value;
+}
+
+async function withTimeout<T>(promise: Promise<T>, timeoutMs: number): Promise<T | null> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<null>((resolve) => {
+    timer = setTimeout(() => resolve(null), timeoutMs);
+  });
+  try {
+    return await Promise.race([promise.catch(() => null), timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+const kLevelOrder = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
+/** Whether a logger at `level` shows messages at `wanted`. */
+function isLevelShowing(level: string, wanted: string): boolean {
+  return kLevelOrder.indexOf(level) <= kLevelOrder.indexOf(wanted);
+}
+
+function slotStateName(state: number): string {
+  if (state === kSlotStateAllocated) return 'allocated';
+  if (state === kSlotStateDispatched) return 'dispatched';
+  return String(state);
+}
+
+/** The methods and event sources of one mirror's control plane. */
+export class MirrorControl {
+  private readonly mirror: MirrorDevice;
+  private readonly server: NbdServer;
+  private readonly logger: Logger;
+  private readonly controlPath: string;
+  private readonly broadcast: (event: string, data: unknown) => void;
+  private readonly startedAt = Date.now();
+  private resyncPaused = false;
+  /** The engine has no getter: read once at start (no resync runs yet), then kept here. */
+  private resyncRates: ControlResults['resync.rate'];
+  private unsubscribe: (() => void) | null = null;
+  private progressTimer: NodeJS.Timeout | null = null;
+
+  constructor(options: MirrorControlOptions) {
+    this.mirror = options.mirror;
+    this.server = options.server;
+    this.logger = options.logger;
+    this.controlPath = options.controlPath;
+    this.broadcast = options.broadcast;
+    const rates = this.mirror.resyncSettings().rates;
+    this.resyncRates = { minBytesPerSecond: rates.minBytesPerSecond, maxBytesPerSecond: rates.maxBytesPerSecond };
+    this.unsubscribe = this.mirror.on((event) => this.onMirrorEvent(event));
+  }
+
+  handlers(): ReadonlyMap<string, MethodHandler> {
+    const table: { [M in Exclude<keyof ControlResults, 'subscribe'>]: (params: Record<string, unknown>, session: ControlSession) => ControlResults[M] | Promise<ControlResults[M]> } = {
+      status: async () => await this.status(),
+      'leg.fail': (params) => this.failLeg(legParam(params)),
+      'leg.reconnect': async (params) => await this.reconnectLeg(legParam(params)),
+      'leg.remove': async (params) => await this.removeLeg(legParam(params)),
+      'leg.add': async (params) => await this.addLeg(params['uri']),
+      'leg.bitmap': (params) => this.bitmap(legParam(params)),
+      'ring.slots': () => this.slots(),
+      'resync.pause': () => this.pauseResync(true),
+      'resync.resume': () => this.pauseResync(false),
+      'resync.rate': (params) => this.setRates(rateParam(params, 'min'), rateParam(params, 'max')),
+      'log.level': (params) => this.setLogLevel(params['level']),
+      'repl.eval': async (params, session) => await this.replEval(params['code'], session),
+    };
+    return new Map<string, MethodHandler>(Object.entries(table));
+  }
+
+  /** Starts or stops the 1 s resync-progress ticker (only while someone listens). */
+  onSubscribersChanged(count: number): void {
+    assert(count >= 0, 'subscriber count is non-negative');
+    if (count > 0 && this.progressTimer === null) {
+      this.progressTimer = setInterval(() => this.tickProgress(), kProgressIntervalMs);
+      this.progressTimer.unref();
+    } else if (count === 0 && this.progressTimer !== null) {
+      clearInterval(this.progressTimer);
+      this.progressTimer = null;
+    }
+  }
+
+  close(): void {
+    this.unsubscribe?.();
+    this.unsubscribe = null;
+    this.onSubscribersChanged(0);
+  }
+
+  private onMirrorEvent(event: MirrorEvent): void {
+    this.broadcast(event.type, event);
+    // pauseResync reaches only resyncs that exist: keep a pause for resyncs started later.
+    // The engine creates the leg's Resync right after this event, hence setImmediate.
+    if (this.resyncPaused && (event.type === 'leg-added' || (event.type === 'leg-state' && event.state === 'resyncing'))) {
+      setImmediate(() => {
+        if (this.resyncPaused) this.mirror.pauseResync(true);
+      });
+    }
+  }
+
+  private tickProgress(): void {
+    for (const leg of this.mirror.legStatus()) {
+      if (leg.resync === null || leg.state !== 'resyncing') continue;
+      this.broadcast('resync-progress', { ...leg.resync, uri: leg.uri, state: leg.state });
+    }
+  }
+
+  /** Each leg actor's counters; a leg that does not answer in time (or is removed) gets null. */
+  private async legStats(): Promise<Array<LegStats | null>> {
+    return await Promise.all(
+      this.mirror.legs.map(async (leg) => (leg.state === 'removed' ? null : await withTimeout(leg.api.stats(), kLegStatsTimeoutMs))),
+    );
+  }
+
+  private async status(): Promise<StatusResult> {
+    const actorStats = await this.legStats();
+    const stats = this.mirror.stats();
+    const legs: LegView[] = stats.legs.map((leg) => {
+      const counters = actorStats[leg.index] ?? null;
+      return {
+        index: leg.index,
+        uri: leg.uri,
+        kind: leg.kind,
+        state: leg.state,
+        failureReason: leg.failureReason,
+        inFlight: leg.inFlight,
+        latencyMeanMs: counters === null || counters.latencyCount === 0 ? null : counters.latencySumMs / counters.latencyCount,
+        requests: counters?.requests ?? null,
+        errors: counters?.errors ?? null,
+        connected: counters?.connected ?? null,
+        dirtyBytes: leg.dirtyBytes,
+        reconnectAttempts: leg.reconnectAttempts,
+        resync: leg.resync,
+      };
+    });
+    const latency: Record<string, LatencyView> = {};
+    for (const [kind, name] of this.mirror.latency.kinds.entries()) {
+      latency[name] = { count: this.mirror.latency.snapshot(kind).count, meanMs: this.mirror.latency.meanMs(kind) };
+    }
+    const payload = this.server.payloadStats();
+    return {
+      export: { name: this.server.exportDescriptor.name, sizeBytes: this.mirror.sizeBytes, clients: this.server.connectionCount },
+      daemon: { pid: process.pid, uptimeSeconds: Math.round((Date.now() - this.startedAt) / 1000), logLevel: this.logger.level, control: this.controlPath },
+      legs,
+      resync: { paused: this.resyncPaused, ...this.resyncRates },
+      stats: {
+        requests: stats.requests,
+        writeRequests: stats.writeRequests,
+        writeCopies: stats.writeCopies,
+        writeBytesCopied: stats.writeBytesCopied,
+        ringSlotsInUse: stats.ringSlotsInUse,
+        ringSlots: this.mirror.ring.slotCount,
+        payloadBytesCopied: payload.bytesCopied,
+        payloadBytesDirect: payload.bytesDirect,
+      },
+      latency,
+    };
+  }
+
+  private stateOf(index: number): string {
+    return this.mirror.legs[index]?.state ?? 'unknown';
+  }
+
+  private failLeg(index: number): LegActionResult {
+    this.mirror.failLegByHand(index, 'failed by the operator (enbd leg fail)');
+    return { leg: index, state: this.stateOf(index) };
+  }
+
+  private async reconnectLeg(index: number): Promise<LegActionResult> {
+    const state = await this.mirror.reconnectLegNow(index);
+    return { leg: index, state };
+  }
+
+  private async removeLeg(index: number): Promise<LegActionResult> {
+    await this.mirror.removeLeg(index);
+    return { leg: index, state: this.stateOf(index) };
+  }
+
+  private async addLeg(uri: unknown): Promise<LegActionResult> {
+    if (typeof uri !== 'string' || uri.length === 0 || uri.length > kUriCharsMax) throw badParams(`params.uri must be a leg URI of 1..${kUriCharsMax} characters`);
+    const index = await this.mirror.addLeg(uri);
+    if (this.resyncPaused) this.mirror.pauseResync(true);
+    return { leg: index, state: this.stateOf(index) };
+  }
+
+  private dirtyMapOf(index: number): DirtyMap {
+    const map = this.mirror.dirtyMap(index);
+    if (map === null) throw new ControlRequestError('ENBD_ERR_LEG', `leg ${index} has no dirty map (it never opened)`);
+    return map;
+  }
+
+  private bitmap(index: number): BitmapResult {
+    const map = this.dirtyMapOf(index);
+    const stats = map.stats();
+    const firstRuns: BitmapResult['firstRuns'] = [];
+    let chunk = 0;
+    while (firstRuns.length < kBitmapRunsMax) {
+      const run = map.nextDirtyRun(chunk, 1 << 20);
+      if (run === null) break;
+      const offsetBytes = run.firstChunk * stats.chunkBytes;
+      firstRuns.push({ offsetBytes, lengthBytes: Math.min(run.chunkCount * stats.chunkBytes, stats.deviceBytes - offsetBytes) });
+      chunk = run.firstChunk + run.chunkCount;
+    }
+    return {
+      leg: index,
+      deviceBytes: stats.deviceBytes,
+      chunkBytes: stats.chunkBytes,
+      dirtyBytes: stats.dirtyBytes,
+      dirtyChunks: stats.dirtyChunks,
+      pagesInUse: stats.pagesInUse,
+      poolPages: stats.poolPages,
+      freePages: stats.freePages,
+      sentinelPages: stats.sentinelPages,
+      memoryBytes: stats.memoryBytes,
+      firstRuns,
+    };
+  }
+
+  private slots(): SlotsResult {
+    const ring = this.mirror.ring;
+    assert(ring.isMaster, 'the mirror owns the master view of its ring');
+    const requests: SlotView[] = [];
+    for (let slot = 0; slot < ring.slotCount && requests.length < kSlotsListedMax; slot += 1) {
+      const state = ring.state(slot);
+      if (state !== kSlotStateAllocated && state !== kSlotStateDispatched) continue;
+      requests.push({
+        slot,
+        state: slotStateName(state),
+        command: commandNames[ring.command(slot)] ?? String(ring.command(slot)),
+        offsetBytes: ring.offsetBytes(slot),
+        lengthBytes: ring.lengthBytes(slot),
+        spanSlots: ring.spanSlots(slot),
+      });
+    }
+    return { slotCount: ring.slotCount, slotBytes: ring.slotBytes, freeCount: ring.freeCount, inUse: ring.inUse, requests };
+  }
+
+  private pauseResync(paused: boolean): { paused: boolean } {
+    this.resyncPaused = paused;
+    this.mirror.pauseResync(paused);
+    this.logger.info({ paused }, paused ? 'resync paused by the operator' : 'resync resumed by the operator');
+    return { paused };
+  }
+
+  private setRates(min: number | undefined, max: number | undefined): ControlResults['resync.rate'] {
+    const current = this.resyncRates;
+    const minBytesPerSecond = min ?? current.minBytesPerSecond;
+    const maxBytesPerSecond = max ?? current.maxBytesPerSecond;
+    if (maxBytesPerSecond !== 0 && maxBytesPerSecond < minBytesPerSecond) {
+      throw badParams(`resync rate max (${maxBytesPerSecond} B/s) is below min (${minBytesPerSecond} B/s); max 0 means unlimited`);
+    }
+    if (min === undefined && max === undefined) return { ...current };
+    const rates = this.mirror.setResyncRates({ minBytesPerSecond, maxBytesPerSecond });
+    this.resyncRates = { minBytesPerSecond: rates.minBytesPerSecond, maxBytesPerSecond: rates.maxBytesPerSecond };
+    this.logger.info({ ...this.resyncRates }, 'resync rates set by the operator');
+    return { ...this.resyncRates };
+  }
+
+  private async setLogLevel(level: unknown): Promise<ControlResults['log.level']> {
+    if (typeof level !== 'string' || !isLogLevel(level)) throw badParams('params.level must be one of fatal, error, warn, info, debug, trace, silent');
+    const previous = this.logger.level;
+    // Logged at info under whichever of the two levels shows it ('level' is pino's own key).
+    const note = (): void => this.logger.info({ newLevel: level, previousLevel: previous }, 'log level changed by the operator');
+    if (this.logger.isLevelEnabled('info')) note();
+    this.logger.level = level;
+    await this.mirror.setLogLevel(level); // the leg actors on workers have their own loggers
+    if (!isLevelShowing(previous, 'info')) note();
+    this.broadcast('log-level', { level, previous });
+    return { level, previous };
+  }
+
+  private async replEval(code: unknown, session: ControlSession): Promise<ControlResults['repl.eval']> {
+    if (typeof code !== 'string') throw badParams('params.code must be a string');
+    let evaluator = session.state.get(kReplStateKey) as ReplEvaluator | undefined;
+    if (evaluator === undefined) {
+      const mirror = this.mirror;
+      evaluator = new ReplEvaluator({
+        mirror,
+        legs: mirror.legs,
+        ring: mirror.ring,
+        server: this.server,
+        stats: () => mirror.stats(),
+        dirtyMap: (index: number) => mirror.dirtyMap(index),
+        status: async () => await this.status(),
+      });
+      session.state.set(kReplStateKey, evaluator);
+      this.logger.info({ controlConnection: session.id }, 'REPL session attached');
+    }
+    return await evaluator.evaluate(code);
+  }
+}

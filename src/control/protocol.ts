@@ -1,0 +1,269 @@
+/**
+ * Messages of the control socket (inside the frames of frame.ts) and the shapes of their
+ * results. Plain data only: both ends (daemon and CLI) import this file.
+ *
+ * Threads: the daemon's main thread and the CLI client's.
+ *
+ * Design notes
+ * | direction        | message                                                   |
+ * |------------------|-----------------------------------------------------------|
+ * | client -> daemon | { id, method, params }                                    |
+ * | daemon -> client | { id, ok: true, result } or { id, ok: false, error }      |
+ * | daemon -> client | { event, data }  (only after a successful 'subscribe')    |
+ *
+ * - id: a non-negative safe integer chosen by the client; the answer carries it back. Answers
+ *   may come out of order (a slow leg.add does not hold up a status).
+ * - error: { code, message }; code is the engine's EnbdError code (ENBD_ERR_*) or one of
+ *   kControlErrorCodes. The CLI prints the message.
+ * - A frame that is not a request of this shape closes the connection (the daemon logs why);
+ *   an unknown method is answered with ENBD_CTL_UNKNOWN_METHOD and then closes it too.
+ */
+
+export const kControlMethods = [
+  'status',
+  'subscribe',
+  'leg.fail',
+  'leg.reconnect',
+  'leg.remove',
+  'leg.add',
+  'leg.bitmap',
+  'ring.slots',
+  'resync.pause',
+  'resync.resume',
+  'resync.rate',
+  'log.level',
+  'repl.eval',
+] as const;
+
+export type ControlMethod = (typeof kControlMethods)[number];
+
+export function isControlMethod(value: string): value is ControlMethod {
+  return (kControlMethods as readonly string[]).includes(value);
+}
+
+export const kControlErrorCodes = {
+  badRequest: 'ENBD_CTL_BAD_REQUEST',
+  badParams: 'ENBD_CTL_BAD_PARAMS',
+  unknownMethod: 'ENBD_CTL_UNKNOWN_METHOD',
+  busy: 'ENBD_CTL_BUSY',
+  internal: 'ENBD_CTL_INTERNAL',
+} as const;
+
+export interface ControlRequest {
+  id: number;
+  method: string;
+  params: Record<string, unknown>;
+}
+
+export interface ControlErrorBody {
+  code: string;
+  message: string;
+}
+
+export type ControlResponse =
+  | { id: number; ok: true; result: unknown }
+  | { id: number; ok: false; error: ControlErrorBody };
+
+export interface ControlEvent {
+  event: string;
+  data: unknown;
+}
+
+export type ServerMessage = ({ kind: 'response' } & ControlResponse) | ({ kind: 'event' } & ControlEvent);
+
+/** A frame that does not hold a message of the expected shape. */
+export class ProtocolError extends Error {
+  readonly code = kControlErrorCodes.badRequest;
+  /** The request id when it could be read (the daemon then answers before closing). */
+  readonly id: number | null;
+  constructor(message: string, id: number | null = null) {
+    super(message);
+    this.name = 'ProtocolError';
+    this.id = id;
+  }
+}
+
+function isPlainObject(value: unknown): value is Record<string, unknown> {
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) return false;
+  const prototype = Object.getPrototypeOf(value) as unknown;
+  return prototype === Object.prototype || prototype === null;
+}
+
+function isRequestId(value: unknown): value is number {
+  return typeof value === 'number' && Number.isSafeInteger(value) && value >= 0;
+}
+
+const kMethodBytesMax = 64;
+
+/** Checks a decoded frame from a client; throws ProtocolError naming what is wrong. */
+export function parseRequest(value: unknown): ControlRequest {
+  if (!isPlainObject(value)) throw new ProtocolError(`a request must be a map, got ${describeType(value)}`);
+  const id = value['id'];
+  if (!isRequestId(id)) throw new ProtocolError(`request id must be a non-negative integer, got ${describeType(id)}`);
+  const method = value['method'];
+  if (typeof method !== 'string' || method.length === 0 || method.length > kMethodBytesMax) {
+    throw new ProtocolError(`request ${id}: method must be a string of 1..${kMethodBytesMax} characters`, id);
+  }
+  const params = value['params'] ?? {};
+  if (!isPlainObject(params)) throw new ProtocolError(`request ${id} (${method}): params must be a map, got ${describeType(params)}`, id);
+  return { id, method, params: { ...params } };
+}
+
+/** Checks a decoded frame from the daemon; throws ProtocolError naming what is wrong. */
+export function parseServerMessage(value: unknown): ServerMessage {
+  if (!isPlainObject(value)) throw new ProtocolError(`a daemon message must be a map, got ${describeType(value)}`);
+  if (typeof value['event'] === 'string') return { kind: 'event', event: value['event'], data: value['data'] };
+  const id = value['id'];
+  if (!isRequestId(id)) throw new ProtocolError('daemon message has neither an event name nor a request id');
+  if (value['ok'] === true) return { kind: 'response', id, ok: true, result: value['result'] };
+  const error = value['error'];
+  if (value['ok'] !== false || !isPlainObject(error) || typeof error['message'] !== 'string') {
+    throw new ProtocolError(`daemon answer ${id} is neither a result nor an error`);
+  }
+  const code = typeof error['code'] === 'string' ? error['code'] : kControlErrorCodes.internal;
+  return { kind: 'response', id, ok: false, error: { code, message: error['message'] } };
+}
+
+function describeType(value: unknown): string {
+  if (value === null) return 'null';
+  if (Array.isArray(value)) return 'an array';
+  if (typeof value === 'object') return 'an object of another kind';
+  return typeof value === 'string' ? 'a string' : `${typeof value} ${String(value).slice(0, 32)}`;
+}
+
+// ---- results ------------------------------------------------------------------------------
+
+/** Same fields as the engine's ResyncProgress (kept here so the client needs no engine import). */
+export interface ResyncProgressView {
+  leg: number;
+  running: boolean;
+  paused: boolean;
+  bytesDone: number;
+  bytesLeft: number;
+  bytesTotal: number;
+  bytesPerSecond: number;
+  etaSeconds: number | null;
+  startedAt: number;
+  copiesInFlight: number;
+}
+
+export interface LegView {
+  index: number;
+  uri: string;
+  kind: string;
+  state: string;
+  failureReason: string | null;
+  inFlight: number;
+  /** Mean latency of the leg's requests since start (ms); null before its first request or when its actor did not answer. */
+  latencyMeanMs: number | null;
+  requests: number | null;
+  errors: number | null;
+  connected: boolean | null;
+  dirtyBytes: number;
+  reconnectAttempts: number;
+  resync: ResyncProgressView | null;
+}
+
+export interface LatencyView {
+  count: number;
+  meanMs: number;
+}
+
+export interface StatusResult {
+  export: { name: string; sizeBytes: number; clients: number };
+  daemon: { pid: number; uptimeSeconds: number; logLevel: string; control: string };
+  legs: LegView[];
+  resync: { paused: boolean; minBytesPerSecond: number; maxBytesPerSecond: number };
+  stats: {
+    requests: Record<string, number>;
+    writeRequests: number;
+    writeCopies: number;
+    writeBytesCopied: number;
+    ringSlotsInUse: number;
+    ringSlots: number;
+    payloadBytesCopied: number;
+    payloadBytesDirect: number;
+  };
+  /** Client request latency by kind (read, write, flush, ...), since start. */
+  latency: Record<string, LatencyView>;
+}
+
+export interface BitmapResult {
+  leg: number;
+  deviceBytes: number;
+  chunkBytes: number;
+  dirtyBytes: number;
+  dirtyChunks: number;
+  pagesInUse: number;
+  poolPages: number;
+  freePages: number;
+  sentinelPages: number;
+  memoryBytes: number;
+  /** The first dirty runs, in bytes (at most kBitmapRunsMax). */
+  firstRuns: Array<{ offsetBytes: number; lengthBytes: number }>;
+}
+
+export interface SlotView {
+  slot: number;
+  state: string;
+  command: string;
+  offsetBytes: number;
+  lengthBytes: number;
+  spanSlots: number;
+}
+
+export interface SlotsResult {
+  slotCount: number;
+  slotBytes: number;
+  freeCount: number;
+  /** Live requests (runs of slots). */
+  inUse: number;
+  /** The first in-use requests (at most kSlotsListedMax). */
+  requests: SlotView[];
+}
+
+export interface ReplEvalResult {
+  /** util.inspect of the value, or the error's text ("Uncaught ..."); bounded in length. */
+  output: string;
+  threw: boolean;
+  /** The code is an incomplete statement (the client asks for more lines). */
+  incomplete: boolean;
+}
+
+export const kBitmapRunsMax = 16;
+export const kSlotsListedMax = 32;
+
+export interface LegActionResult {
+  leg: number;
+  state: string;
+}
+
+export interface ResyncRatesResult {
+  minBytesPerSecond: number;
+  maxBytesPerSecond: number;
+}
+
+export interface LogLevelResult {
+  level: string;
+  previous: string;
+}
+
+/** The result type of each method (what ControlClient.call resolves with). */
+export interface ControlResults {
+  status: StatusResult;
+  subscribe: { events: string[] };
+  'leg.fail': LegActionResult;
+  'leg.reconnect': LegActionResult;
+  'leg.remove': LegActionResult;
+  'leg.add': LegActionResult;
+  'leg.bitmap': BitmapResult;
+  'ring.slots': SlotsResult;
+  'resync.pause': { paused: boolean };
+  'resync.resume': { paused: boolean };
+  'resync.rate': ResyncRatesResult;
+  'log.level': LogLevelResult;
+  'repl.eval': ReplEvalResult;
+}
+
+/** Events pushed to subscribers. */
+export const kControlEvents = ['leg-state', 'leg-added', 'leg-removed', 'resync-progress', 'log-level'] as const;
