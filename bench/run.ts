@@ -2,7 +2,9 @@
  * `npm run bench` entry: starts every selected case's servers (children of this process,
  * sockets in a tmp dir, data on /dev/shm), runs every selected fio workload against each
  * case (workload-major, so cases of one workload run back to back and drift hits them
- * alike), prints a table and the ratio block, and writes bench/results/<ISO date>.json.
+ * alike), then (once every case has stopped) the resync measurements of lib/resync.ts with a
+ * mirror in this process, prints a table, the ratio block and the resync block, and writes
+ * bench/results/<ISO date>.json.
  * Threads: main thread of the harness process.
  *
  * Invariants:
@@ -24,6 +26,8 @@ import { hasTool, machineInfo, sourceInfo } from './lib/machine.js';
 import { measure, type Measurement } from './lib/measure.js';
 import { killAllSync, startProcess, type ManagedProcess } from './lib/proc.js';
 import { computeRatios, limitsLine, ratioBlock, resultsTable } from './lib/report.js';
+import { resyncBlock, unavailableResync, writePathLine } from './lib/resync-report.js';
+import { runResyncBench, type ResyncResults } from './lib/resync.js';
 import { kResultsSchemaVersion, writeResults } from './lib/results.js';
 import type { RowResult, RunResults } from './lib/results.js';
 import { kWorkloads, type Workload } from './lib/workloads.js';
@@ -41,6 +45,10 @@ const kMiB = 1024 * 1024;
 const kTableErrorChars = 140;
 const kDeathNoticeMs = 200;
 const kMaxRounds = 20;
+const kDefaultResyncSizeMiB = 4096;
+const kQuickResyncSizeMiB = 1024;
+const kDefaultResyncRounds = 3;
+const kResyncDirtyFraction = 0.01;
 
 const distRoot = fileURLToPath(new URL('../', import.meta.url));
 const repoRoot = fileURLToPath(new URL('../../', import.meta.url));
@@ -48,7 +56,8 @@ const casesDir = fileURLToPath(new URL('./cases/', import.meta.url));
 
 const kHelp = `usage: node dist/bench/run.js [options]
 
-  --quick              2 s per workload, 1 round, 256 MiB export, quick cases/workloads, no limits
+  --quick              2 s per workload, 1 round, 256 MiB export, quick cases/workloads, no limits,
+                       resync on ${kQuickResyncSizeMiB} MiB
   --rounds N           run each (workload, case) N times, interleaved, report the median
                        (default ${kDefaultRounds}, quick ${kQuickRounds})
   --runtime S          seconds per workload, after a ${kRampSec} s ramp (default ${kDefaultRuntimeSec})
@@ -57,6 +66,11 @@ const kHelp = `usage: node dist/bench/run.js [options]
   --workloads x,y      only these workloads
   --baseline NAME      case the ratio column compares with (default ${kDefaultBaseline})
   --limits / --no-limits  measure memcpy and Unix-socket limits (default: on unless --quick)
+  --no-resync          skip the resync measurements (default: run them after the workloads)
+  --resync-only        only the resync measurements (no cases, no workloads)
+  --resync-size-mib N  device size for the resync measurements (default ${kDefaultResyncSizeMiB}, quick ${kQuickResyncSizeMiB})
+  --resync-rounds N    rounds of (1 % resync, nbdcopy anchor, full resync) (default ${kDefaultResyncRounds})
+  --no-verify          do not byte-compare the legs after each resync
   --no-save            do not write bench/results/<date>.json
   --list               list cases and workloads, then exit
   --help               this text
@@ -73,6 +87,11 @@ interface Options {
   limits: boolean;
   save: boolean;
   list: boolean;
+  resync: boolean;
+  resyncOnly: boolean;
+  resyncSizeBytes: number;
+  resyncRounds: number;
+  verify: boolean;
 }
 
 function parseOptions(argv: string[]): Options | null {
@@ -89,6 +108,11 @@ function parseOptions(argv: string[]): Options | null {
       limits: { type: 'boolean' },
       'no-limits': { type: 'boolean', default: false },
       'no-save': { type: 'boolean', default: false },
+      'no-resync': { type: 'boolean', default: false },
+      'resync-only': { type: 'boolean', default: false },
+      'resync-size-mib': { type: 'string' },
+      'resync-rounds': { type: 'string' },
+      'no-verify': { type: 'boolean', default: false },
       list: { type: 'boolean', default: false },
       help: { type: 'boolean', default: false },
     },
@@ -108,6 +132,15 @@ function parseOptions(argv: string[]): Options | null {
   if (!Number.isInteger(sizeMiB) || sizeMiB < 16) {
     throw new RangeError('--size-mib must be an integer >= 16');
   }
+  const resyncSizeMiB = Number(values['resync-size-mib'] ?? (quick ? kQuickResyncSizeMiB : kDefaultResyncSizeMiB));
+  if (!Number.isInteger(resyncSizeMiB) || resyncSizeMiB < 16) {
+    throw new RangeError('--resync-size-mib must be an integer >= 16');
+  }
+  const resyncRounds = Number(values['resync-rounds'] ?? kDefaultResyncRounds);
+  if (!Number.isInteger(resyncRounds) || resyncRounds < 1 || resyncRounds > kMaxRounds) {
+    throw new RangeError(`--resync-rounds must be an integer in 1..${kMaxRounds}`);
+  }
+  if (values['no-resync'] && values['resync-only']) throw new RangeError('--no-resync and --resync-only exclude each other');
   const split = (text: string | undefined): string[] | null => {
     if (text === undefined) return null;
     return text.split(',').map((name) => name.trim()).filter((name) => name !== '');
@@ -116,9 +149,14 @@ function parseOptions(argv: string[]): Options | null {
     quick, rounds, runtimeSec, sizeBytes: sizeMiB * kMiB,
     caseNames: split(values.cases), workloadNames: split(values.workloads),
     baseline: values.baseline,
-    limits: values['no-limits'] ? false : (values.limits ?? !quick),
+    limits: values['no-limits'] ? false : (values.limits ?? (!quick && !values['resync-only'])),
     save: !values['no-save'],
     list: values.list,
+    resync: !values['no-resync'],
+    resyncOnly: values['resync-only'],
+    resyncSizeBytes: resyncSizeMiB * kMiB,
+    resyncRounds,
+    verify: !values['no-verify'],
   };
 }
 
@@ -223,7 +261,8 @@ async function stopCase(state: CaseState): Promise<void> {
 }
 
 function deadProcess(state: CaseState): ManagedProcess | undefined {
-  return state.processes.find((managed) => !managed.running);
+  // A process the case stopped itself (a leg taken down on purpose) is not a death.
+  return state.processes.find((managed) => !managed.running && !managed.stopRequested);
 }
 
 interface Attempt {
@@ -306,18 +345,21 @@ async function main(): Promise<number> {
   }
   const allCases = await loadCases(casesDir);
   if (options.list) {
+    const width = Math.max(...allCases.map((benchCase) => benchCase.name.length),
+      ...kWorkloads.map((workload) => workload.name.length));
     for (const benchCase of allCases) {
       const tags = `${benchCase.quick ? ' [quick]' : ''}${benchCase.optIn === true ? ' [opt-in]' : ''}`;
-      process.stdout.write(`case      ${benchCase.name.padEnd(20)} ${benchCase.description}${tags}\n`);
+      process.stdout.write(`case      ${benchCase.name.padEnd(width)} ${benchCase.description}${tags}\n`);
     }
     for (const workload of kWorkloads) {
-      process.stdout.write(`workload  ${workload.name.padEnd(20)} ${workload.description}\n`);
+      process.stdout.write(`workload  ${workload.name.padEnd(width)} ${workload.description}\n`);
     }
+    process.stdout.write(`resync    ${'resync'.padEnd(width)} 1 % scattered and full resync vs nbdcopy (--no-resync, --resync-only)\n`);
     return 0;
   }
-  const cases = select(allCases, options.caseNames, options.quick, 'case');
-  const workloads = select(kWorkloads, options.workloadNames, options.quick, 'workload');
-  if (!hasTool('fio')) throw new Error('fio is not installed (apt-get install -y fio)');
+  const cases = options.resyncOnly ? [] : select(allCases, options.caseNames, options.quick, 'case');
+  const workloads = options.resyncOnly ? [] : select(kWorkloads, options.workloadNames, options.quick, 'workload');
+  if (workloads.length > 0 && !hasTool('fio')) throw new Error('fio is not installed (apt-get install -y fio)');
   const startedAt = new Date().toISOString();
   const machine = machineInfo();
   const runRoot = mkdtempSync(join(tmpdir(), 'enbd-bench-'));
@@ -350,13 +392,16 @@ async function main(): Promise<number> {
     const rows: RowResult[] = [];
     for (const workload of workloads) rows.push(...await runWorkload(states, workload, options));
     for (const state of states) await stopCase(state);
+    const resync = options.resync ? await runResync(options, runRoot) : null;
     const ratios = computeRatios(cases, workloads, rows, options.baseline);
-    printReport(options, machine.cpuCount, limits, rows, ratios);
+    printReport(options, machine.cpuCount, limits, rows, ratios, resync);
     const results: RunResults = {
       schema: kResultsSchemaVersion, startedAt, finishedAt: new Date().toISOString(),
       options: {
         quick: options.quick, rounds: options.rounds, runtimeSec: options.runtimeSec, rampSec: kRampSec,
         sizeBytes: options.sizeBytes,
+        resyncSizeBytes: options.resync ? options.resyncSizeBytes : null,
+        resyncRounds: options.resync ? options.resyncRounds : null,
         cases: cases.map((benchCase) => benchCase.name),
         workloads: workloads.map((workload) => workload.name),
       },
@@ -364,7 +409,7 @@ async function main(): Promise<number> {
       cases: states.map((state) => ({
         name: state.benchCase.name, description: state.benchCase.description, status: state.status,
       })),
-      rows, ratios,
+      rows, ratios, resync,
     };
     if (options.save) {
       const path = writeResults(join(repoRoot, 'bench/results'), results);
@@ -376,22 +421,41 @@ async function main(): Promise<number> {
   }
 }
 
+async function runResync(options: Options, runRoot: string): Promise<ResyncResults> {
+  const missing = ['nbdkit', 'nbdcopy'].filter((tool) => !hasTool(tool));
+  const runDir = join(runRoot, 'resync');
+  mkdirSync(runDir);
+  if (missing.length > 0) {
+    log(`resync: tool(s) missing: ${missing.join(', ')}`);
+    return unavailableResync(options.resyncSizeBytes, kResyncDirtyFraction, `tool(s) missing: ${missing.join(', ')}`);
+  }
+  return await runResyncBench({
+    sizeBytes: options.resyncSizeBytes, dirtyFraction: kResyncDirtyFraction, rounds: options.resyncRounds,
+    runDir, verify: options.verify, log,
+    ...(process.env['ENBD_BENCH_RESYNC_PROFILE'] ? { profileDir: process.env['ENBD_BENCH_RESYNC_PROFILE'] } : {}),
+  });
+}
+
 function printReport(options: Options, cpuCount: number, limits: MachineLimits | null,
-  rows: readonly RowResult[], ratios: ReturnType<typeof computeRatios>): void {
+  rows: readonly RowResult[], ratios: ReturnType<typeof computeRatios>, resync: ResyncResults | null): void {
   const out = (text: string): void => void process.stdout.write(`${text}\n`);
   out(`\nenbd bench: ${options.runtimeSec} s per workload after ${kRampSec} s ramp,` +
     ` ${options.rounds} round(s),` +
     ` export ${options.sizeBytes / kMiB} MiB, ${cpuCount} CPUs` +
     ' (compare only within one run: noise between runs is 15-20 %)');
+  if (options.resyncOnly) out('(--resync-only: no cases, no workloads)');
   if (limits !== null) out(`machine limits: ${limitsLine(limits)}`);
   out('');
   const tableRows = rows.map((row) =>
     (row.error === null ? row : { ...row, error: shortError(row.error) }));
-  out(resultsTable(tableRows, ratios, options.baseline));
+  if (rows.length > 0) out(resultsTable(tableRows, ratios, options.baseline));
   if (ratios.length > 0) {
     out('\nratios (throughput: higher is better; CPU/GiB: lower is better)');
     out(ratioBlock(ratios));
   }
+  const tracking = writePathLine(ratios);
+  if (tracking !== null) out(`\n${tracking}`);
+  if (resync !== null) out(`\n${resyncBlock(resync)}`);
 }
 
 main().then((code) => {

@@ -1,18 +1,22 @@
 /**
  * Process management for benchmark servers: spawn as children of the harness (foreground,
  * never daemonized), wait until their Unix socket exists, stop them (SIGTERM, then SIGKILL
- * to the whole tree), and kill everything left if the harness itself is interrupted.
+ * to the whole tree), and kill everything left if the harness itself is interrupted. Also
+ * short-lived tools run to completion (`runTool`: nbdcopy for the resync measurements).
  * Threads: harness main thread.
  *
  * Invariants:
  * - Every spawned process is in `live` until its 'exit' event; `killAllSync` reaches it.
- * - A server's stdout and stderr go to a log file (never a pipe that could fill and block it).
+ * - A server's stdout and stderr go to a log file (never a pipe that could fill and block it);
+ *   a tool's output is drained and only its tail kept.
+ * - A process whose stop() was called is `stopRequested`: its exit is not a death.
  * - `start` resolves only when the socket path exists and the process is still running; it
  *   rejects with the tail of the log otherwise (the harness reports it as a failed row).
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, existsSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { connect } from 'node:net';
+import { performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { assert } from '../../src/core/assert.js';
 import { descendantPids } from './cpu.js';
@@ -44,6 +48,7 @@ export class ManagedProcess {
   readonly spec: ProcessSpec;
   private readonly child: ChildProcess;
   private readonly exited: Promise<void>;
+  private stopCalled = false;
 
   constructor(spec: ProcessSpec, child: ChildProcess) {
     assert(child.pid !== undefined, `${spec.label}: spawn gave no pid`);
@@ -61,6 +66,11 @@ export class ManagedProcess {
     return this.child.exitCode === null && this.child.signalCode === null;
   }
 
+  /** stop() was called: the process is gone on purpose (e.g. a leg a case takes down). */
+  get stopRequested(): boolean {
+    return this.stopCalled;
+  }
+
   exitDescription(): string {
     if (this.running) return 'running';
     if (this.child.signalCode !== null) return `killed by ${this.child.signalCode}`;
@@ -76,10 +86,14 @@ export class ManagedProcess {
     }
   }
 
-  /** SIGTERM, wait up to kStopGraceMs, then SIGKILL the process and its descendants. */
-  async stop(): Promise<void> {
+  /**
+   * SIGTERM (or `signal`: SIGKILL to simulate a crash), wait up to kStopGraceMs, then SIGKILL
+   * the process and its descendants.
+   */
+  async stop(signal: 'SIGTERM' | 'SIGKILL' = 'SIGTERM'): Promise<void> {
+    this.stopCalled = true;
     const descendants = this.running ? descendantPids(this.pid) : [];
-    if (this.running) this.child.kill('SIGTERM');
+    if (this.running) this.child.kill(signal);
     const timedOut = await Promise.race([
       this.exited.then(() => false),
       sleep(kStopGraceMs).then(() => true),
@@ -147,6 +161,48 @@ async function unixAccepts(socketPath: string): Promise<boolean> {
       resolveTry(true);
     });
     socket.once('error', () => resolveTry(false));
+  });
+}
+
+export interface ToolRun {
+  /** Exit code (null when killed by a signal or the spawn failed). */
+  status: number | null;
+  wallMs: number;
+  /** Last kToolOutputTailChars of stdout + stderr. */
+  output: string;
+}
+
+const kToolOutputTailChars = 2_000;
+
+/**
+ * Runs a short-lived tool (nbdcopy...) to completion, SIGKILLed after timeoutMs. The child is
+ * in `live` while it runs, so Ctrl-C and killAllSync reach it too. Never rejects.
+ */
+export async function runTool(command: string, args: readonly string[], timeoutMs: number): Promise<ToolRun> {
+  const startedAt = performance.now();
+  return await new Promise<ToolRun>((resolveRun) => {
+    const child = spawn(command, [...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    live.add(child);
+    let output = '';
+    const collect = (chunk: Buffer): void => {
+      output = (output + chunk.toString()).slice(-kToolOutputTailChars);
+    };
+    child.stdout?.on('data', collect);
+    child.stderr?.on('data', collect);
+    const timer = setTimeout(() => {
+      output += `\n(killed after ${timeoutMs} ms)`;
+      child.kill('SIGKILL');
+    }, timeoutMs);
+    let settled = false;
+    const settle = (status: number | null, extra: string): void => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      live.delete(child);
+      resolveRun({ status, wallMs: performance.now() - startedAt, output: `${output}${extra}`.trim() });
+    };
+    child.once('error', (error) => settle(null, `\n${String(error)}`));
+    child.once('close', (code) => settle(code, ''));
   });
 }
 

@@ -10,6 +10,7 @@ import { assert } from '../../src/core/assert.js';
 import type { MachineLimits } from './limits.js';
 import type { MachineInfo, SourceInfo } from './machine.js';
 import type { Measurement } from './measure.js';
+import type { ResyncResults } from './resync.js';
 
 export const kResultsSchemaVersion = 1;
 
@@ -51,6 +52,9 @@ export interface RunResults {
     runtimeSec: number;
     rampSec: number;
     sizeBytes: number;
+    /** Device size of the resync measurements (null: not run). Added with `resync`. */
+    resyncSizeBytes: number | null;
+    resyncRounds: number | null;
     cases: string[];
     workloads: string[];
   };
@@ -60,6 +64,8 @@ export interface RunResults {
   cases: Array<{ name: string; description: string; status: string }>;
   rows: RowResult[];
   ratios: RatioResult[];
+  /** Resync measurements (lib/resync.ts); null with --no-resync. Absent in older files. */
+  resync: ResyncResults | null;
 }
 
 /** Writes results atomically (tmp + rename) and returns the path. */

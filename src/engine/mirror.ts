@@ -75,6 +75,9 @@ export interface MirrorOptions {
   reconnectMaxMs?: number;
   /** Resync rate floor and ceiling in bytes/s (ceiling 0 = unlimited). */
   resyncRates?: Partial<ResyncRates>;
+  /** Resync copies in flight per leg (default 16) and the largest copy (default 1 MiB). */
+  resyncLanes?: number;
+  resyncCopyBytes?: number;
   /**
    * Record writes since each leg's last flush (default true). Off only for the bench, to
    * measure what the record costs: a dropped leg's unflushed writes then go unmarked.
@@ -493,8 +496,10 @@ export class MirrorDevice implements BlockDevice {
       this.bufferWanted = false;
       this.onBufferAvailable?.();
     }
-    // Resync copies wait behind client requests for slots.
-    if (this.slotWaiters.length > 0 && this.ring.freeCount > 0) this.slotWaiters.shift()?.();
+    // Resync copies wait behind client requests for slots: wake every waiting copy (each one
+    // retries and waits again if its run of slots is still not free), so none is left asleep
+    // once the ring drains.
+    if (this.slotWaiters.length > 0 && this.ring.freeCount > 0) for (const wake of this.slotWaiters.splice(0)) wake();
   }
 
   submit(command: number, flags: number, offsetBytes: number, lengthBytes: number, data: Uint8Array | null, token: number): void {
@@ -1119,7 +1124,10 @@ export class MirrorDevice implements BlockDevice {
   }
 
   private startResync(leg: Leg): void {
-    leg.resync ??= new Resync(leg.index, leg.dirty as DirtyMap, this.resyncHost, this.resyncRates, this.logger);
+    // Copies take at most half of the ring, so client requests always find slots.
+    const copyBytes = Math.min(this.options.resyncCopyBytes ?? 1024 * 1024, this.ring.maxRequestBytes);
+    const lanes = Math.max(1, Math.min(this.options.resyncLanes ?? 16, Math.floor(this.ring.slotCount / 2 / this.ring.slotsFor(copyBytes))));
+    leg.resync ??= new Resync(leg.index, leg.dirty as DirtyMap, this.resyncHost, this.resyncRates, this.logger, lanes, copyBytes);
     leg.resync.setRates(this.resyncRates);
     if (this.resyncPaused) leg.resync.pause();
     if (leg.resync.isRunning) leg.resync.nudge();

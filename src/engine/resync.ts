@@ -183,17 +183,20 @@ export class Resync {
       const lengthBytes = Math.min(chunkCount * chunkBytes, this.map.deviceBytes - offsetBytes);
       // Counted in flight from here, so no other lane wraps around onto this run meanwhile.
       this.inFlight += 1;
-      let outcome: CopyOutcome;
+      let outcome: CopyOutcome = 'stopped';
       try {
         await this.takeTokens(lengthBytes);
         outcome = await this.host.copyRange(this.legIndex, offsetBytes, lengthBytes);
       } finally {
         this.inFlight -= 1;
-        this.nudge();
       }
+      // Wake lanes waiting at the end of the map only on progress (or exit): a copy that found
+      // no source answers at once, and waking each other on that would spin in microtasks.
       if (outcome === 'copied') {
         this.account(lengthBytes);
+        this.nudge();
       } else if (outcome === 'target-failed' || outcome === 'stopped') {
+        this.nudge();
         return;
       } else {
         // No source right now, or the source failed: the run stays dirty; try again later.

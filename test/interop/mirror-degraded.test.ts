@@ -29,7 +29,7 @@ const kEngine = {
   resyncRates: { minBytesPerSecond: 0, maxBytesPerSecond: 0 },
 };
 
-describe('enbd mirror: degraded mode, reconnect and resync with real faults', { skip: skipUnlessTools('nbdkit', 'fio') }, () => {
+describe('enbd mirror: degraded mode, reconnect and resync with real faults', { skip: skipUnlessTools('nbdkit', 'fio'), timeout: 90_000 }, () => {
   let dir: Scratch;
   const children: Child[] = [];
   let seq = 0;
@@ -240,8 +240,10 @@ describe('enbd mirror: degraded mode, reconnect and resync with real faults', { 
       // of a connection its client already left are released; start it again if it did.
       const hung = legs[1] as Leg;
       if (hung.child.process.exitCode === null && hung.child.process.signalCode === null) {
-        assert.equal(await pauseControl(control, 'r'), 'R');
+        const answer = await pauseControl(control, 'r').catch(() => '');
         await Promise.race([new Promise((resolveExit) => hung.child.process.once('exit', resolveExit)), sleep(1000)]);
+        const exited = hung.child.process.exitCode !== null || hung.child.process.signalCode !== null;
+        assert.ok(answer === 'R' || exited, `the pause filter resumed (answer "${answer}") or nbdkit aborted`);
       }
       if (hung.child.process.exitCode !== null || hung.child.process.signalCode !== null) await restartLeg(hung);
       await waitStates(mirror.device, ['in-sync', 'in-sync']);
@@ -369,15 +371,19 @@ describe('enbd mirror: degraded mode, reconnect and resync with real faults', { 
   });
 });
 
-/** Sends one byte to nbdkit's pause filter control socket and returns its one-byte answer. */
+/**
+ * Sends one byte to nbdkit's pause filter control socket and returns its one-byte answer, or ''
+ * when the connection closed without one (nbdkit may abort right as it resumes, see the test).
+ */
 async function pauseControl(path: string, command: 'p' | 'r'): Promise<string> {
   return await new Promise((resolveAnswer, reject) => {
     const socket = connect(path);
     socket.once('error', reject);
     socket.once('connect', () => socket.write(command));
+    socket.once('close', () => resolveAnswer(''));
     socket.once('data', (data: Buffer) => {
-      socket.destroy();
       resolveAnswer(data.toString('latin1', 0, 1));
+      socket.destroy();
     });
   });
 }

@@ -27,13 +27,13 @@ function fakeHost(map: DirtyMap, outcomes: (call: number) => CopyOutcome = () =>
     copies: [],
     done: 0,
     async copyRange(_leg, offsetBytes, lengthBytes) {
-      await new Promise((resolve) => setImmediate(resolve));
       const outcome = outcomes(calls++);
-      if (outcome === 'copied') {
-        host.copies.push([offsetBytes, lengthBytes]);
-        map.clearRange(offsetBytes, lengthBytes);
-      }
       if (outcome === 'target-failed') resyncing = false;
+      // Like the engine: a copy that cannot start answers at once; a real copy takes I/O turns.
+      if (outcome !== 'copied') return outcome;
+      await new Promise((resolve) => setImmediate(resolve));
+      host.copies.push([offsetBytes, lengthBytes]);
+      map.clearRange(offsetBytes, lengthBytes);
       return outcome;
     },
     stillResyncing: () => resyncing,
@@ -82,6 +82,17 @@ describe('Resync scheduling', () => {
     await new Resync(0, map, host, { minBytesPerSecond: 0, maxBytesPerSecond: 0 }, logger, 2).start();
     assert.deepEqual(host.copies, [[10 * kChunk, 3 * kChunk]]);
     assert.equal(host.done, 1);
+  });
+
+  test('lanes waiting for a source do not spin: timers still run, and the resync ends once a source appears', { timeout: 10_000 }, async () => {
+    const map = DirtyMap.create({ deviceBytes: 256 * kChunk, chunkBytes: kChunk });
+    for (let chunk = 0; chunk < 64; chunk += 4) map.markChunks(chunk, 1);
+    let sourceBack = false;
+    const host = fakeHost(map, () => (sourceBack ? 'copied' : 'no-source'));
+    setTimeout(() => (sourceBack = true), 300); // never fires if the lanes spin in microtasks
+    await new Resync(0, map, host, { minBytesPerSecond: 0, maxBytesPerSecond: 0 }, logger, 16).start();
+    assert.equal(host.done, 1);
+    assert.equal(host.copies.length, 16);
   });
 
   test('a target failure stops the resync without resyncDone and leaves the bits', async () => {
