@@ -1,10 +1,12 @@
 /**
  * `npm run bench` entry: starts every selected case's servers (children of this process,
  * sockets in a tmp dir, data on /dev/shm), runs every selected fio workload against each
- * case (workload-major, so cases of one workload run back to back and drift hits them
- * alike), then (once every case has stopped) the resync measurements of lib/resync.ts with a
- * mirror in this process, prints a table, the ratio block and the resync block, and writes
- * bench/results/<ISO date>.json.
+ * case that runs it (workload-major, so cases of one workload run back to back and drift hits
+ * them alike), then (once every case has stopped) the resync measurements of lib/resync.ts
+ * with a mirror in this process, prints a table, the copy-avoidance matrix (lib/matrix.ts),
+ * the targets and the resync block, and writes bench/results/<ISO date>.json and, when the
+ * matrix workloads ran, bench/results/<ISO date>.svg (lib/chart.ts; copied to
+ * bench/chart-latest.svg when every leg count was measured).
  * Threads: main thread of the harness process.
  *
  * Invariants:
@@ -13,7 +15,7 @@
  * - Every child process and scratch directory is removed on exit, including Ctrl-C.
  * - Performance numbers are compared only within one run (noise between runs is 15-20 %).
  */
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -21,34 +23,46 @@ import { parseArgs } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { assert } from '../src/core/assert.js';
 import { loadCases, type BenchCase, type CaseContext, type CaseSetup } from './lib/case.js';
+import { chartIsComplete, renderChart } from './lib/chart.js';
 import { measureLimits, type MachineLimits } from './lib/limits.js';
 import { hasTool, machineInfo, sourceInfo } from './lib/machine.js';
+import { buildMatrix, copiesBlock, matrixBlock, type MatrixSummary } from './lib/matrix.js';
 import { measure, type Measurement } from './lib/measure.js';
 import { killAllSync, startProcess, type ManagedProcess } from './lib/proc.js';
 import { computeRatios, limitsLine, ratioBlock, resultsTable } from './lib/report.js';
 import { resyncBlock, unavailableResync, writePathLine } from './lib/resync-report.js';
 import { runResyncBench, type ResyncResults } from './lib/resync.js';
-import { kResultsSchemaVersion, writeResults } from './lib/results.js';
+import { kResultsSchemaVersion, resultsStem, writeAtomic, writeResults } from './lib/results.js';
 import type { RowResult, RunResults } from './lib/results.js';
+import { runFio } from './lib/fio.js';
 import { kWorkloads, type Workload } from './lib/workloads.js';
 
-const kDefaultRuntimeSec = 5;
+// Budget: the full run (~80 fio runs) under 10 minutes, --quick under 2 (README, "Run time").
+// One round: cases of one workload run back to back, so their ratios share the drift.
+const kDefaultRuntimeSec = 3;
 const kQuickRuntimeSec = 2;
-const kDefaultRounds = 3;
+const kDefaultRounds = 1;
 const kQuickRounds = 1;
 const kRampSec = 1;
-const kDefaultSizeMiB = 1024;
+/** 256 MiB: ~35 nbdkit memory legs run at once in a full run, each filled by 1 MiB writes. */
+const kDefaultSizeMiB = 256;
 const kQuickSizeMiB = 256;
 const kLimitsDurationMs = 1000;
-const kDefaultBaseline = 'nbdkit-file';
+const kDefaultBaseline = 'nbdkit-memory';
 const kMiB = 1024 * 1024;
 const kTableErrorChars = 140;
 const kDeathNoticeMs = 200;
 const kMaxRounds = 20;
 const kDefaultResyncSizeMiB = 4096;
-const kQuickResyncSizeMiB = 1024;
-const kDefaultResyncRounds = 3;
+const kQuickResyncSizeMiB = 512;
+const kDefaultResyncRounds = 2;
 const kResyncDirtyFraction = 0.01;
+/**
+ * Untimed fio per case and warm-up workload before the first measurement, so a Node server's
+ * first measured workload does not pay its JIT warm-up (round 1 ran ~5-10 % slower without).
+ */
+const kWarmupSec = 0.5;
+const kWarmupWorkloads: readonly string[] = ['randwrite-4k-qd32', 'seqwrite-1m-qd8'];
 
 const distRoot = fileURLToPath(new URL('../', import.meta.url));
 const repoRoot = fileURLToPath(new URL('../../', import.meta.url));
@@ -56,25 +70,29 @@ const casesDir = fileURLToPath(new URL('./cases/', import.meta.url));
 
 const kHelp = `usage: node dist/bench/run.js [options]
 
-  --quick              2 s per workload, 1 round, 256 MiB export, quick cases/workloads, no limits,
-                       resync on ${kQuickResyncSizeMiB} MiB
+  --quick              ${kQuickRuntimeSec} s per workload, ${kQuickRounds} round, ${kQuickSizeMiB} MiB export, quick cases/workloads,
+                       no limits, resync on ${kQuickResyncSizeMiB} MiB
   --rounds N           run each (workload, case) N times, interleaved, report the median
                        (default ${kDefaultRounds}, quick ${kQuickRounds})
-  --runtime S          seconds per workload, after a ${kRampSec} s ramp (default ${kDefaultRuntimeSec})
+  --runtime S          seconds per workload, after a ${kRampSec} s ramp (default ${kDefaultRuntimeSec}, quick ${kQuickRuntimeSec})
   --size-mib N         export size in MiB (default ${kDefaultSizeMiB}, quick ${kQuickSizeMiB})
   --cases a,b          only these cases (default: all but opt-in ones; --quick: the quick ones)
   --workloads x,y      only these workloads
+  --all-pairs          run every selected workload on every selected case (default: a case runs
+                       the workloads its file names; non-headline ones on the references only)
   --baseline NAME      case the ratio column compares with (default ${kDefaultBaseline})
   --limits / --no-limits  measure memcpy and Unix-socket limits (default: on unless --quick)
+  --no-warmup          skip the untimed ${kWarmupSec * 1000} ms warm-up runs (${kWarmupWorkloads.join(', ')}) per case
   --no-resync          skip the resync measurements (default: run them after the workloads)
   --resync-only        only the resync measurements (no cases, no workloads)
   --resync-size-mib N  device size for the resync measurements (default ${kDefaultResyncSizeMiB}, quick ${kQuickResyncSizeMiB})
   --resync-rounds N    rounds of (1 % resync, nbdcopy anchor, full resync) (default ${kDefaultResyncRounds})
   --no-verify          do not byte-compare the legs after each resync
-  --no-save            do not write bench/results/<date>.json
+  --no-save            do not write bench/results/<date>.json and .svg (nor bench/chart-latest.svg)
   --list               list cases and workloads, then exit
   --help               this text
-Environment: ENBD_BENCH_MAIN overrides the enbd entry (default <dist>/src/cli/main.js).`;
+Environment: ENBD_BENCH_MAIN overrides the enbd entry (default <dist>/src/cli/main.js);
+ENBD_BENCH_NODE_ARGS adds Node options to every enbd server (e.g. "--cpu-prof --cpu-prof-dir=DIR").`;
 
 interface Options {
   quick: boolean;
@@ -83,6 +101,8 @@ interface Options {
   sizeBytes: number;
   caseNames: string[] | null;
   workloadNames: string[] | null;
+  allPairs: boolean;
+  warmup: boolean;
   baseline: string;
   limits: boolean;
   save: boolean;
@@ -104,6 +124,8 @@ function parseOptions(argv: string[]): Options | null {
       'size-mib': { type: 'string' },
       cases: { type: 'string' },
       workloads: { type: 'string' },
+      'all-pairs': { type: 'boolean', default: false },
+      'no-warmup': { type: 'boolean', default: false },
       baseline: { type: 'string', default: kDefaultBaseline },
       limits: { type: 'boolean' },
       'no-limits': { type: 'boolean', default: false },
@@ -148,6 +170,8 @@ function parseOptions(argv: string[]): Options | null {
   return {
     quick, rounds, runtimeSec, sizeBytes: sizeMiB * kMiB,
     caseNames: split(values.cases), workloadNames: split(values.workloads),
+    allPairs: values['all-pairs'],
+    warmup: !values['no-warmup'],
     baseline: values.baseline,
     limits: values['no-limits'] ? false : (values.limits ?? (!quick && !values['resync-only'])),
     save: !values['no-save'],
@@ -164,17 +188,20 @@ interface Selectable {
   name: string;
   quick: boolean;
   optIn?: boolean;
+  /** Earlier names that select this item too. */
+  aliases?: readonly string[];
 }
 
 function select<T extends Selectable>(all: readonly T[], names: string[] | null, quick: boolean,
   what: string): T[] {
   if (names === null) return all.filter((item) => (!quick || item.quick) && item.optIn !== true);
-  const unknown = names.filter((name) => !all.some((item) => item.name === name));
+  const matches = (item: T, name: string): boolean => item.name === name || (item.aliases ?? []).includes(name);
+  const unknown = names.filter((name) => !all.some((item) => matches(item, name)));
   if (unknown.length > 0) {
     const known = all.map((item) => item.name).join(', ');
     throw new RangeError(`unknown ${what}: ${unknown.join(', ')} (known: ${known})`);
   }
-  return all.filter((item) => names.includes(item.name));
+  return all.filter((item) => names.some((name) => matches(item, name)));
 }
 
 function log(message: string): void {
@@ -283,7 +310,7 @@ async function runOnce(state: CaseState, workload: Workload, options: Options): 
       uri: state.setup.uri, runtimeSec: options.runtimeSec, rampSec: kRampSec,
       sizeBytes: options.sizeBytes,
       outputPath: join(state.runDir, `${workload.name}.fio.json`),
-    }, measured.map((managed) => managed.pid));
+    }, measured.map((managed) => managed.pid), state.setup.counters);
   } catch (error) {
     attempt.error = error instanceof Error ? error.message : String(error);
     await sleep(kDeathNoticeMs); // let a crashed server's 'exit' event arrive
@@ -316,8 +343,14 @@ function toRow(state: CaseState, workload: Workload, attempts: readonly Attempt[
   };
 }
 
-async function runWorkload(states: readonly CaseState[], workload: Workload,
+/** Whether a case runs a workload: its own choice, unless --all-pairs. */
+function runsWorkload(state: CaseState, workload: Workload, options: Options): boolean {
+  return options.allPairs || (state.benchCase.runsWorkload?.(workload) ?? true);
+}
+
+async function runWorkload(allStates: readonly CaseState[], workload: Workload,
   options: Options): Promise<RowResult[]> {
+  const states = allStates.filter((state) => runsWorkload(state, workload, options));
   const attempts = new Map<CaseState, Attempt[]>(states.map((state) => [state, []]));
   for (let round = 0; round < options.rounds; round++) {
     // Alternate the order so no case always runs first (warm caches, thermal drift).
@@ -325,6 +358,25 @@ async function runWorkload(states: readonly CaseState[], workload: Workload,
     for (const state of order) attempts.get(state)?.push(await runOnce(state, workload, options));
   }
   return states.map((state) => toRow(state, workload, attempts.get(state) ?? []));
+}
+
+/** Untimed short fio runs against every started case; failures show up in the timed runs. */
+async function warmUp(states: readonly CaseState[], options: Options): Promise<void> {
+  const workloads = kWorkloads.filter((workload) => kWarmupWorkloads.includes(workload.name));
+  for (const state of states) {
+    if (state.status !== 'ok' || state.setup === null) continue;
+    log(`warming up ${state.benchCase.name} ...`);
+    for (const workload of workloads) {
+      try {
+        await runFio(workload, {
+          uri: state.setup.uri, runtimeSec: kWarmupSec, rampSec: 0, sizeBytes: options.sizeBytes,
+          outputPath: join(state.runDir, `warmup-${workload.name}.fio.json`),
+        });
+      } catch (error) {
+        log(`${state.benchCase.name}: warm-up ${workload.name} failed: ${shortError(error)}`);
+      }
+    }
+  }
 }
 
 async function runLimits(runRoot: string): Promise<MachineLimits | null> {
@@ -348,11 +400,13 @@ async function main(): Promise<number> {
     const width = Math.max(...allCases.map((benchCase) => benchCase.name.length),
       ...kWorkloads.map((workload) => workload.name.length));
     for (const benchCase of allCases) {
-      const tags = `${benchCase.quick ? ' [quick]' : ''}${benchCase.optIn === true ? ' [opt-in]' : ''}`;
+      const tags = `${benchCase.quick ? ' [quick]' : ''}${benchCase.optIn === true ? ' [opt-in]' : ''}` +
+        `${benchCase.aliases === undefined ? '' : ` [also: ${benchCase.aliases.join(', ')}]`}`;
       process.stdout.write(`case      ${benchCase.name.padEnd(width)} ${benchCase.description}${tags}\n`);
     }
     for (const workload of kWorkloads) {
-      process.stdout.write(`workload  ${workload.name.padEnd(width)} ${workload.description}\n`);
+      const tags = `${workload.quick ? ' [quick]' : ''}${workload.headline ? '' : ' [references and shared-mode cases only]'}`;
+      process.stdout.write(`workload  ${workload.name.padEnd(width)} ${workload.description}${tags}\n`);
     }
     process.stdout.write(`resync    ${'resync'.padEnd(width)} 1 % scattered and full resync vs nbdcopy (--no-resync, --resync-only)\n`);
     return 0;
@@ -389,12 +443,21 @@ async function main(): Promise<number> {
     const states = cases.map((benchCase) =>
       makeCaseState(benchCase, runRoot, dataRoot, options.sizeBytes, sharedImage));
     for (const state of states) await startCase(state);
+    if (options.warmup && workloads.length > 0) await warmUp(states, options);
     const rows: RowResult[] = [];
     for (const workload of workloads) rows.push(...await runWorkload(states, workload, options));
     for (const state of states) await stopCase(state);
     const resync = options.resync ? await runResync(options, runRoot) : null;
     const ratios = computeRatios(cases, workloads, rows, options.baseline);
-    printReport(options, machine.cpuCount, limits, rows, ratios, resync);
+    const matrix = buildMatrix(rows, ratios);
+    printReport(options, machine.cpuCount, limits, rows, ratios, matrix, resync);
+    const source = sourceInfo(repoRoot);
+    const chartText = matrix.cells.length === 0 ? null : renderChart(matrix, {
+      title: `enbd mirror vs qemu quorum: throughput by leg count (run ${resultsStem(startedAt)})`,
+      subtitle: `${machine.cpuCount} CPUs ${machine.cpuModel}, node ${machine.node}; ${options.rounds} round(s) x ` +
+        `${options.runtimeSec} s, median round; commit ${source.commit.slice(0, 7)}${source.dirty ? ' (dirty)' : ''}; ` +
+        'legs: nbdkit memory on Unix sockets',
+    });
     const results: RunResults = {
       schema: kResultsSchemaVersion, startedAt, finishedAt: new Date().toISOString(),
       options: {
@@ -404,16 +467,30 @@ async function main(): Promise<number> {
         resyncRounds: options.resync ? options.resyncRounds : null,
         cases: cases.map((benchCase) => benchCase.name),
         workloads: workloads.map((workload) => workload.name),
+        allPairs: options.allPairs,
+        warmupSec: options.warmup ? kWarmupSec : 0,
       },
-      machine, source: sourceInfo(repoRoot), limits,
+      machine, source, limits,
       cases: states.map((state) => ({
         name: state.benchCase.name, description: state.benchCase.description, status: state.status,
       })),
-      rows, ratios, resync,
+      rows, ratios, resync, matrix,
+      chart: options.save && chartText !== null ? `${resultsStem(startedAt)}.svg` : null,
     };
     if (options.save) {
-      const path = writeResults(join(repoRoot, 'bench/results'), results);
+      const resultsDir = join(repoRoot, 'bench/results');
+      const path = writeResults(resultsDir, results);
       process.stdout.write(`\nresults: ${path}\n`);
+      if (chartText !== null && results.chart !== null && results.chart !== undefined) {
+        const chartPath = join(resultsDir, results.chart);
+        writeAtomic(chartPath, chartText);
+        process.stdout.write(`chart: ${chartPath}\n`);
+        // Only a run that measured every leg count replaces the chart the README shows.
+        if (chartIsComplete(matrix)) {
+          copyFileSync(chartPath, join(repoRoot, 'bench/chart-latest.svg'));
+          process.stdout.write(`chart: copied to ${join(repoRoot, 'bench/chart-latest.svg')}\n`);
+        }
+      }
     }
     return 0;
   } finally {
@@ -437,7 +514,8 @@ async function runResync(options: Options, runRoot: string): Promise<ResyncResul
 }
 
 function printReport(options: Options, cpuCount: number, limits: MachineLimits | null,
-  rows: readonly RowResult[], ratios: ReturnType<typeof computeRatios>, resync: ResyncResults | null): void {
+  rows: readonly RowResult[], ratios: ReturnType<typeof computeRatios>, matrix: MatrixSummary,
+  resync: ResyncResults | null): void {
   const out = (text: string): void => void process.stdout.write(`${text}\n`);
   out(`\nenbd bench: ${options.runtimeSec} s per workload after ${kRampSec} s ramp,` +
     ` ${options.rounds} round(s),` +
@@ -449,10 +527,13 @@ function printReport(options: Options, cpuCount: number, limits: MachineLimits |
   const tableRows = rows.map((row) =>
     (row.error === null ? row : { ...row, error: shortError(row.error) }));
   if (rows.length > 0) out(resultsTable(tableRows, ratios, options.baseline));
-  if (ratios.length > 0) {
-    out('\nratios (throughput: higher is better; CPU/GiB: lower is better)');
+  if (matrix.cells.length > 0) out(`\ncopy-avoidance matrix (enbd mirror, legs x mode)\n${matrixBlock(matrix)}`);
+  if (ratios.some((ratio) => ratio.minRatio !== null)) {
+    out('\ntargets (throughput ratios, paired per round; CPU/GiB: lower is better; every ratio is in the JSON)');
     out(ratioBlock(ratios));
   }
+  const copies = copiesBlock(matrix);
+  if (copies !== null) out(`\n${copies}`);
   const tracking = writePathLine(ratios);
   if (tracking !== null) out(`\n${tracking}`);
   if (resync !== null) out(`\n${resyncBlock(resync)}`);

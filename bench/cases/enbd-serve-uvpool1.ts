@@ -17,6 +17,7 @@ const enbdServeUvPool1: BenchCase = {
   quick: false,
   optIn: true,
   tools: enbdServe.tools,
+  runsWorkload: (workload) => workload.headline,
   unavailableReason: (context) => enbdServe.unavailableReason(context),
   start: (context) => enbdServe.start({
     ...context,

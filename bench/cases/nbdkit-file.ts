@@ -11,8 +11,9 @@ const nbdkitFile: BenchCase = {
   name: 'nbdkit-file',
   description: 'nbdkit -f file plugin on the shared /dev/shm image (baseline)',
   order: 10,
-  quick: true,
+  quick: false,
   tools: ['nbdkit'],
+  runsWorkload: (workload) => workload.headline,
   unavailableReason: () => null,
   async start(context) {
     const socketPath = join(context.runDir, 'nbdkit-file.sock');

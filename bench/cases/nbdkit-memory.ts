@@ -1,6 +1,8 @@
 /**
- * Case `nbdkit-memory`: nbdkit's memory plugin, no file at all; the ceiling for later
- * mirror comparisons (what one leg can do with no storage cost). Not part of --quick.
+ * Case `nbdkit-memory` ("direct"): fio straight to one `nbdkit memory` leg, no proxy hop, no
+ * mirroring; the ceiling of the mirror comparisons (what one leg does with no storage cost;
+ * every mirror-like case sits in front of legs exactly like this one, lib/legs.ts). Every
+ * matrix case's "x direct" ratio is against it. Part of --quick.
  * Threads: harness main thread (the server is a child process).
  */
 import { join } from 'node:path';
@@ -9,9 +11,9 @@ import { unixUri } from '../lib/case.js';
 
 const nbdkitMemory: BenchCase = {
   name: 'nbdkit-memory',
-  description: 'nbdkit -f memory plugin (ceiling: no storage behind it)',
-  order: 90,
-  quick: false,
+  description: 'direct: fio to one nbdkit memory leg, no hop (the ceiling of the mirror cases)',
+  order: 30,
+  quick: true,
   tools: ['nbdkit'],
   unavailableReason: () => null,
   async start(context) {

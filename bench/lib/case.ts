@@ -17,6 +17,7 @@ import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { assert } from '../../src/core/assert.js';
+import type { CounterSnapshot } from './counters.js';
 import type { ManagedProcess, ProcessSpec } from './proc.js';
 import type { Workload } from './workloads.js';
 
@@ -39,6 +40,12 @@ export interface CaseContext {
 export interface CaseSetup {
   /** NBD URI that fio connects to. */
   uri: string;
+  /**
+   * Reads the server's own counters (enbd: its Prometheus `--metrics` endpoint). The harness
+   * calls it just before and just after each fio run and stores the difference with the row
+   * (userspace copies per WRITE). Resolves null when the counters cannot be read; never rejects.
+   */
+  counters?(): Promise<CounterSnapshot | null>;
 }
 
 export interface RatioTarget {
@@ -59,6 +66,14 @@ export interface BenchCase {
   quick: boolean;
   /** Diagnostic variant: runs only when named in `--cases`, never by default. */
   optIn?: boolean;
+  /** Earlier names of this case that `--cases` still accepts (results JSON keeps `name`). */
+  aliases?: readonly string[];
+  /**
+   * The workloads this case runs by default (undefined: all). Non-headline workloads (QD1,
+   * 1 MiB reads) run only on the reference cases to keep the full run short; `--all-pairs`
+   * ignores this.
+   */
+  runsWorkload?(workload: Workload): boolean;
   /** External programs needed (checked on PATH before starting). */
   tools: readonly string[];
   unavailableReason(context: CaseContext): string | null;
@@ -90,8 +105,8 @@ export async function loadCases(casesDir: string): Promise<BenchCase[]> {
       cases.push(benchCase);
     }
   }
-  const names = new Set(cases.map((benchCase) => benchCase.name));
-  assert(names.size === cases.length, 'bench case names unique');
+  const names = cases.flatMap((benchCase) => [benchCase.name, ...(benchCase.aliases ?? [])]);
+  assert(new Set(names).size === names.length, 'bench case names and aliases unique');
   return cases.sort((left, right) =>
     left.order - right.order || left.name.localeCompare(right.name));
 }

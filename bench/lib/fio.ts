@@ -53,8 +53,9 @@ export function fioArgs(workload: Workload, options: FioOptions): string[] {
     `--size=${options.sizeBytes}`,
     '--numjobs=1',
     '--time_based',
-    `--runtime=${options.runtimeSec}`,
-    `--ramp_time=${options.rampSec}`,
+    // In milliseconds: fio reads a bare "0.5" as 0 seconds.
+    `--runtime=${Math.round(options.runtimeSec * 1000)}ms`,
+    `--ramp_time=${Math.round(options.rampSec * 1000)}ms`,
     '--output-format=json',
     `--output=${options.outputPath}`,
   ];

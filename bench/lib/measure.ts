@@ -16,6 +16,7 @@
 import { performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { assert } from '../../src/core/assert.js';
+import { counterDelta, type CounterDelta, type CounterSnapshot } from './counters.js';
 import { treeCpuSeconds } from './cpu.js';
 import { runFio, type FioOptions, type FioResult } from './fio.js';
 import type { Workload } from './workloads.js';
@@ -29,6 +30,11 @@ export interface Measurement extends FioResult {
   serverCpuPercent: number;
   /** Server trees' CPU seconds per GiB transferred (NaN if not sampled). */
   serverCpuSecPerGiB: number;
+  /**
+   * The server's WRITE-path counters over the whole fio run (ramp included: the ratios per
+   * WRITE do not depend on the window); null for servers without counters (nbdkit, qemu).
+   */
+  counters: CounterDelta | null;
 }
 
 interface Sample {
@@ -45,8 +51,9 @@ function sampleAfter(delayMs: number, pids: readonly number[],
 }
 
 export async function measure(workload: Workload, options: FioOptions,
-  serverPids: readonly number[]): Promise<Measurement> {
+  serverPids: readonly number[], counters?: () => Promise<CounterSnapshot | null>): Promise<Measurement> {
   assert(serverPids.length > 0, 'measure needs the server pids');
+  const countersBefore = counters === undefined ? null : await counters();
   const rampMs = options.rampSec * 1000;
   const windowStartMs = rampMs + kWindowStartGuardMs;
   const windowEndMs = rampMs + options.runtimeSec * 1000 - kWindowEndGuardMs;
@@ -56,6 +63,7 @@ export async function measure(workload: Workload, options: FioOptions,
   const startSample = sampleAfter(windowStartMs, serverPids, () => done);
   const endSample = sampleAfter(windowEndMs, serverPids, () => done);
   const [result, start, end] = await Promise.all([fio, startSample, endSample]);
+  const countersAfter = counters === undefined ? null : await counters();
   let serverCpuPercent = Number.NaN;
   let serverCpuSecPerGiB = Number.NaN;
   if (start !== null && end !== null && end.wallMs > start.wallMs) {
@@ -63,5 +71,5 @@ export async function measure(workload: Workload, options: FioOptions,
     serverCpuPercent = cpuRate * 100;
     if (result.bytesPerSec > 0) serverCpuSecPerGiB = cpuRate / (result.bytesPerSec / kBytesPerGiB);
   }
-  return { ...result, serverCpuPercent, serverCpuSecPerGiB };
+  return { ...result, serverCpuPercent, serverCpuSecPerGiB, counters: counterDelta(countersBefore, countersAfter) };
 }

@@ -40,7 +40,7 @@ export function formatTable(header: readonly string[], rows: ReadonlyArray<reado
 export function resultsTable(rows: readonly RowResult[], ratios: readonly RatioResult[],
   baseline: string): string {
   const header = ['workload', 'case', 'IOPS', 'MB/s', 'mean us', 'p99 us', 'srv CPU%', 'CPU s/GiB',
-    'fio CPU%', 'spread%', `x ${baseline}`];
+    'fio CPU%', 'spread%', 'cp/wr', 'B cp/wr', `x ${baseline}`];
   const lines: string[][] = [];
   let previousWorkload = '';
   for (const row of rows) {
@@ -66,6 +66,8 @@ export function resultsTable(rows: readonly RowResult[], ratios: readonly RatioR
       formatNumber(measurement.serverCpuSecPerGiB, 2),
       formatNumber(measurement.fioCpuPercent, 0),
       formatNumber(row.spreadPercent, 0),
+      formatNumber(measurement.counters?.copiesPerWrite ?? Number.NaN, 2),
+      formatNumber(measurement.counters?.bytesCopiedPerWrite ?? Number.NaN, 0),
       ratioCell,
     ]);
   }
@@ -130,6 +132,8 @@ export function computeRatios(cases: readonly BenchCase[], workloads: readonly W
       for (const workload of workloads) {
         const mine = findRow(rows, benchCase.name, workload.name);
         const theirs = findRow(rows, versus, workload.name);
+        // A pair that was not run (a case that skips the workload) has no ratio at all.
+        if (mine === undefined || theirs === undefined) continue;
         const throughputRatio = pairedRatio(mine, theirs, (measurement) => measurement.iops);
         const minRatio = target.minRatio(workload) ?? null;
         ratios.push({
@@ -148,9 +152,10 @@ interface RatioResultTarget {
   minRatio(workload: Workload): number | undefined;
 }
 
+/** The ratios that carry a target (every ratio is in the results JSON and the matrix block). */
 export function ratioBlock(ratios: readonly RatioResult[]): string {
   const header = ['case / versus', 'workload', 'throughput', 'target', 'verdict', 'CPU/GiB ratio'];
-  const lines = ratios.map((ratio) => [
+  const lines = ratios.filter((ratio) => ratio.minRatio !== null).map((ratio) => [
     `${ratio.caseName} / ${ratio.versus}`,
     ratio.workload,
     ratio.throughputRatio === null ? 'n/a' : `${formatNumber(ratio.throughputRatio, 2)}x`,

@@ -9,9 +9,14 @@ import { join } from 'node:path';
 import { assert } from '../../src/core/assert.js';
 import type { MachineLimits } from './limits.js';
 import type { MachineInfo, SourceInfo } from './machine.js';
+import type { MatrixSummary } from './matrix.js';
 import type { Measurement } from './measure.js';
 import type { ResyncResults } from './resync.js';
 
+/**
+ * Still 1: later additions are new fields only (`resync`; then `options.allPairs`, `matrix`,
+ * `chart`, and `counters` in each measurement), so readers of older files keep working.
+ */
 export const kResultsSchemaVersion = 1;
 
 export interface RowResult {
@@ -57,6 +62,10 @@ export interface RunResults {
     resyncRounds: number | null;
     cases: string[];
     workloads: string[];
+    /** Every selected workload on every selected case (--all-pairs). Added with `matrix`. */
+    allPairs?: boolean;
+    /** Untimed fio seconds per case and warm-up workload before the first measurement (0: none). */
+    warmupSec?: number;
   };
   machine: MachineInfo;
   source: SourceInfo;
@@ -66,19 +75,36 @@ export interface RunResults {
   ratios: RatioResult[];
   /** Resync measurements (lib/resync.ts); null with --no-resync. Absent in older files. */
   resync: ResyncResults | null;
+  /**
+   * The copy-avoidance matrix (lib/matrix.ts): enbd mirror cells by legs x mode with ratios to
+   * the direct leg, the pass-through and qemu quorum, reference points, copies-per-WRITE
+   * verdicts. Absent in older files.
+   */
+  matrix?: MatrixSummary;
+  /** The SVG chart written beside this file (file name), or null when none was drawn. */
+  chart?: string | null;
+}
+
+/** The file name stem of a run's results (JSON and SVG): its ISO start, colons as '-'. */
+export function resultsStem(startedAt: string): string {
+  return startedAt.replace(/:/g, '-').replace(/\.\d+Z$/, 'Z');
+}
+
+/** Writes text atomically (tmp + rename). */
+export function writeAtomic(path: string, text: string): void {
+  const tmpPath = `${path}.tmp`;
+  writeFileSync(tmpPath, text);
+  renameSync(tmpPath, path);
 }
 
 /** Writes results atomically (tmp + rename) and returns the path. */
 export function writeResults(resultsDir: string, results: RunResults): string {
   assert(results.schema === kResultsSchemaVersion);
   mkdirSync(resultsDir, { recursive: true });
-  const name = `${results.startedAt.replace(/:/g, '-').replace(/\.\d+Z$/, 'Z')}.json`;
-  const path = join(resultsDir, name);
-  const tmpPath = `${path}.tmp`;
+  const path = join(resultsDir, `${resultsStem(results.startedAt)}.json`);
   // NaN is not JSON; store unmeasured numbers as null.
   const text = JSON.stringify(results, (_key, value: unknown) =>
     (typeof value === 'number' && !Number.isFinite(value) ? null : value), 2);
-  writeFileSync(tmpPath, `${text}\n`);
-  renameSync(tmpPath, path);
+  writeAtomic(path, `${text}\n`);
   return path;
 }

@@ -12,7 +12,7 @@ const kMiB = 1024 * 1024;
 /** (with, without) case pairs whose randwrite ratio is the bitmap's write-path cost. */
 export const kWritePathPairs: ReadonlyArray<readonly [string, string, string]> = [
   ['enbd-mirror2-shared', 'enbd-mirror2-untracked', 'flush tracking on / off'],
-  ['enbd-mirror2-degraded', 'enbd-mirror1', 'dirty map marked per write / 1-leg mirror'],
+  ['enbd-mirror2-degraded', 'enbd-mirror1-shared', 'dirty map marked per write / 1-leg mirror'],
 ];
 
 function fixed(value: number | null | undefined, digits: number): string {

@@ -157,7 +157,8 @@ describe('enbd mirror: degraded mode, reconnect and resync with real faults', { 
         for (let offset = 0; offset < kLegBytes; offset += 256 * 1024) reads.push(client.read(offset, 256 * 1024));
         assertSameBytes(Buffer.concat(await Promise.all(reads)), model, `read round ${round}`);
       }
-      assert.notEqual(mirror.device.legStatus()[1]?.state, 'in-sync', 'leg 1 failed its reads and left in-sync');
+      // Only reads fail there, so leg 1 may already be back (its resync only writes): count failures.
+      assert.ok((mirror.device.legStatus()[1]?.failures ?? 0) > 0, 'leg 1 failed its reads and left in-sync');
       rmSync(trigger);
       await waitStates(mirror.device, ['in-sync', 'in-sync']);
       assertLegsEqual(legs, model, 'after read failures');
@@ -307,7 +308,7 @@ describe('enbd mirror: degraded mode, reconnect and resync with real faults', { 
       await client.write(1 * kMiB, Buffer.alloc(64 * 1024, 0x58)); // X: after the last good flush
       writeFileSync(trigger, '');
       await client.flush(); // leg 0 flushed: success for the client
-      assert.notEqual(states(mirror.device)[1], 'in-sync', 'leg 1 failed its flush');
+      assert.ok((mirror.device.legStatus()[1]?.failures ?? 0) > 0, 'leg 1 failed its flush');
       rmSync(trigger);
       await waitStates(mirror.device, ['in-sync', 'in-sync']);
       const resync = mirror.device.legs[1]?.resync;
