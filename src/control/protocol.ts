@@ -18,6 +18,7 @@
  * - A frame that is not a request of this shape closes the connection (the daemon logs why);
  *   an unknown method is answered with ENBD_CTL_UNKNOWN_METHOD and then closes it too.
  */
+import type { ResyncProgress } from '../engine/resync.js';
 
 export const kControlMethods = [
   'status',
@@ -133,19 +134,8 @@ function describeType(value: unknown): string {
 
 // ---- results ------------------------------------------------------------------------------
 
-/** Same fields as the engine's ResyncProgress (kept here so the client needs no engine import). */
-export interface ResyncProgressView {
-  leg: number;
-  running: boolean;
-  paused: boolean;
-  bytesDone: number;
-  bytesLeft: number;
-  bytesTotal: number;
-  bytesPerSecond: number;
-  etaSeconds: number | null;
-  startedAt: number;
-  copiesInFlight: number;
-}
+/** The engine's resync progress, as the daemon sends it (a type-only import: no engine code). */
+export type ResyncProgressView = ResyncProgress;
 
 export interface LegView {
   index: number;
