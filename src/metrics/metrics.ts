@@ -18,11 +18,12 @@
  * The default-metrics collectors (a GC observer, an event-loop-delay monitor) stay installed
  * after close(); they hold no handle open (the process can exit).
  */
+import { listenOn } from '../core/listen.js';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { Registry, collectDefaultMetrics } from 'prom-client';
 import type { Logger } from '../core/log.js';
 import { assert } from '../core/assert.js';
-import { EnbdError, describeError } from '../core/errors.js';
+import { describeError } from '../core/errors.js';
 import {
   Sampler,
   kLegStatsTimeoutMsDefault,
@@ -119,16 +120,7 @@ async function handle(
 }
 
 async function listen(server: Server, host: string, port: number): Promise<number> {
-  await new Promise<void>((resolve, reject) => {
-    server.once('error', reject);
-    server.listen(port, host, () => {
-      server.off('error', reject);
-      resolve();
-    });
-  }).catch((error: unknown) => {
-    const why = describeError(error);
-    throw new EnbdError('ENBD_ERR_CONFIG', `--metrics: cannot listen on ${host}:${port}: ${why}`);
-  });
+  await listenOn(server, { host, port }, '--metrics: ');
   const address = server.address();
   assert(typeof address === 'object' && address !== null, 'a TCP server has an address');
   return address.port;

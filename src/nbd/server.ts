@@ -11,12 +11,13 @@
  * - A client's bytes can only close that client's connection; nothing a client sends throws
  *   out of a socket callback (errors are caught per connection and logged).
  */
+import { listenOn } from '../core/listen.js';
 import { createServer, type Server, type Socket } from 'node:net';
 import { existsSync, lstatSync, unlinkSync } from 'node:fs';
 import { createLogger, type Logger } from '../core/log.js';
 import type { BlockDevice } from '../core/block-device.js';
 import { assert, isPowerOfTwo } from '../core/assert.js';
-import { EnbdError, describeError } from '../core/errors.js';
+import { EnbdError } from '../core/errors.js';
 import * as p from './protocol.js';
 import type { ExportDescriptor } from './server-options.js';
 import { ServerConnection, kRequestIndexBits, kRequestsPerConnection, type ConnectionHost } from './server-connection.js';
@@ -158,15 +159,7 @@ export class NbdServer implements ConnectionHost {
       unlinkSync(path); // a stale socket left by a previous run
     }
     const server = this.createListener();
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(path, () => {
-        server.off('error', reject);
-        resolve();
-      });
-    }).catch((error: unknown) => {
-      throw new EnbdError('ENBD_ERR_CONFIG', `cannot listen on ${path}: ${describeError(error)}`);
-    });
+    await listenOn(server, { path });
     this.unixPaths.push(path);
     this.logger.info({ socket: path }, 'listening on Unix socket');
   }
@@ -174,15 +167,7 @@ export class NbdServer implements ConnectionHost {
   /** Listens on TCP; returns the bound port (useful with port 0). */
   async listenTcp(host: string, port: number): Promise<number> {
     const server = this.createListener();
-    await new Promise<void>((resolve, reject) => {
-      server.once('error', reject);
-      server.listen(port, host, () => {
-        server.off('error', reject);
-        resolve();
-      });
-    }).catch((error: unknown) => {
-      throw new EnbdError('ENBD_ERR_CONFIG', `cannot listen on ${host}:${port}: ${describeError(error)}`);
-    });
+    await listenOn(server, { host, port });
     const address = server.address();
     const bound = typeof address === 'object' && address !== null ? address.port : port;
     this.logger.info({ host, port: bound }, 'listening on TCP');
