@@ -140,9 +140,15 @@ export class Resync {
     this.bytesTotal = this.map.dirtyBytes();
     this.cursorChunk = 0;
     this.logger.info({ leg: this.legIndex, bytesLeft: this.bytesTotal }, 'resync started');
-    const lanes: Promise<void>[] = [];
-    for (let lane = 0; lane < this.lanes; lane += 1) lanes.push(this.lane());
-    await Promise.all(lanes);
+    for (;;) {
+      const lanes: Promise<void>[] = [];
+      for (let lane = 0; lane < this.lanes; lane += 1) lanes.push(this.lane());
+      await Promise.all(lanes);
+      // The leg may have failed and come back while the lanes were winding down: its return
+      // only nudged this (still running) resync, so go on rather than leave it unserved.
+      if (!this.host.stillResyncing(this.legIndex) || this.map.dirtyChunkCount() === 0) break;
+      await this.sleep(50);
+    }
     this.running = false;
     const progress = this.progress();
     if (this.host.stillResyncing(this.legIndex) && this.map.dirtyChunkCount() === 0) {
