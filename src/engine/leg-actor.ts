@@ -32,7 +32,7 @@ import { Doorbell, SpscQueue } from '../ring/spsc-queue.js';
 import { ackSlot } from '../ring/visited-mask.js';
 import { openLeg, parseLegUri, type LegAddress } from '../stubs/open-leg.js';
 import type { Extent } from '../core/block-device.js';
-import type { CopyMessage, LegActorApi, LegActorInit, LegInfo, LegStats } from './messages.js';
+import type { CopyMessage, LegActorApi, LegActorInit, LegCheck, LegDeviceOpener, LegInfo, LegStats } from './messages.js';
 
 const kDrainBatch = 256;
 
@@ -62,6 +62,8 @@ export class LegActor implements LegActorApi {
   constructor(
     private readonly init: LegActorInit,
     private readonly logger: Logger,
+    /** Inline placement only: opens the leg's device instead of openLeg (tests' fault legs). */
+    private readonly opener: LegDeviceOpener | null = null,
   ) {
     this.legIndex = init.legIndex;
     this.ring = RequestRing.attach(init.ring);
@@ -76,11 +78,13 @@ export class LegActor implements LegActorApi {
 
   async open(): Promise<LegInfo | { error: PlainError }> {
     try {
-      const device = await openLeg(this.leg, {
-        logger: this.logger,
-        connectTimeoutMs: this.init.connectTimeoutMs,
-        requestTimeoutMs: this.init.requestTimeoutMs,
-      });
+      const device = this.opener !== null
+        ? await this.opener(this.legIndex, this.init.uri, { connectTimeoutMs: this.init.connectTimeoutMs, requestTimeoutMs: this.init.requestTimeoutMs })
+        : await openLeg(this.leg, {
+          logger: this.logger,
+          connectTimeoutMs: this.init.connectTimeoutMs,
+          requestTimeoutMs: this.init.requestTimeoutMs,
+        });
       device.setCompletionHandler((slot, errno) => this.onComplete(slot, errno));
       const closable = device as { onClose?: ((error: unknown) => void) | null };
       if ('onClose' in closable) {
@@ -219,6 +223,15 @@ export class LegActor implements LegActorApi {
     } finally {
       this.closingOnPurpose = false;
     }
+  }
+
+  async fence(_timeoutMs: number): Promise<LegCheck> {
+    await this.disconnect();
+    return { ok: true };
+  }
+
+  async probe(_timeoutMs: number): Promise<LegCheck> {
+    return this.device === null ? { ok: false, reason: 'not connected' } : { ok: true };
   }
 
   async stats(): Promise<LegStats> {

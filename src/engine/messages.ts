@@ -4,7 +4,7 @@
  * drops Error classes, so failures travel as PlainError.
  * Threads: both sides.
  */
-import type { BlockSizes, DeviceFeatures, Extent } from '../core/block-device.js';
+import type { BlockDevice, BlockSizes, DeviceFeatures, Extent } from '../core/block-device.js';
 import type { PlainError } from '../core/errors.js';
 import type { RingBuffers } from '../ring/request-ring.js';
 import type { LegKind } from '../stubs/open-leg.js';
@@ -31,7 +31,19 @@ export interface LegActorInit {
   logLevel: string;
   connectTimeoutMs: number;
   requestTimeoutMs: number;
+  /**
+   * Probe an idle leg every this many ms with a cheap READ (0 = never); a probe that fails or
+   * is not answered within the request timeout (or this interval, when that is 0) is reported
+   * as a drop.
+   */
+  idleProbeMs?: number;
 }
+
+/** Opens a leg's server stub (the default: src/stubs/open-leg.ts; tests inject fault legs). */
+export type LegDeviceOpener = (legIndex: number, uri: string, options: { requestTimeoutMs: number; connectTimeoutMs: number }) => Promise<BlockDevice>;
+
+/** Result of a fence or probe. */
+export type LegCheck = { ok: true } | { ok: false; reason: string };
 
 export interface LegInfo {
   kind: LegKind;
@@ -69,6 +81,20 @@ export interface LegActorApi {
   reconnect(): Promise<LegInfo | { error: PlainError }>;
   /** Closes the leg's connection; requests fail with EIO until reconnect(). */
   disconnect(): Promise<void>;
+  /**
+   * Fences the leg: the actor stops using its connection at once (everything it had in flight
+   * is acked with EIO now, new work fails with EIO), then makes sure the leg's server can no
+   * longer apply anything sent on it: NBD legs send NBD_CMD_DISC (the server finishes what it
+   * holds, then closes) and wait for the server's close; file legs wait for their pending I/O.
+   * ok once that is proven; not ok after `timeoutMs` (the old connection is kept: a later
+   * fence() waits on it again). Idempotent; ok at once when there is no old connection.
+   */
+  fence(timeoutMs: number): Promise<LegCheck>;
+  /**
+   * Probation check of a freshly (re)connected leg, outside the ring: READ one block at
+   * offset 0, WRITE the same bytes back, FLUSH (when supported), all within `timeoutMs`.
+   */
+  probe(timeoutMs: number): Promise<LegCheck>;
   stats(): Promise<LegStats>;
   getExtents(offsetBytes: number, lengthBytes: number): Promise<Extent[]>;
   pause(): Promise<void>;

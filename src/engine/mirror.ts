@@ -52,7 +52,7 @@ import { LatencyHistograms } from '../core/latency.js';
 import { RangeLock } from './range-lock.js';
 import { Resync, type CopyOutcome, type ResyncHost, type ResyncProgress, type ResyncRates } from './resync.js';
 import { LegActor } from './leg-actor.js';
-import type { CopyMode, LegActorApi, LegActorInit, LegInfo, LegStats, Placement } from './messages.js';
+import type { CopyMode, LegActorApi, LegActorInit, LegDeviceOpener, LegInfo, LegStats, Placement } from './messages.js';
 
 export interface MirrorOptions {
   legs: string[];
@@ -83,6 +83,11 @@ export interface MirrorOptions {
    * measure what the record costs: a dropped leg's unflushed writes then go unmarked.
    */
   flushTracking?: boolean;
+  /**
+   * Opens each leg's device instead of the URI's server stub (tests: fault-injecting legs).
+   * Needs `placement: 'inline'` (a function cannot cross to a worker).
+   */
+  openDevice?: LegDeviceOpener;
 }
 
 /**
@@ -315,6 +320,9 @@ export class MirrorDevice implements BlockDevice {
   static async open(options: MirrorOptions): Promise<MirrorDevice> {
     if (options.legs.length === 0) throw new EnbdError('ENBD_ERR_CONFIG', 'a mirror needs at least one leg (--leg URI)');
     if (options.legs.length > kMaxLegs) throw new EnbdError('ENBD_ERR_CONFIG', `a mirror has at most ${kMaxLegs} legs`);
+    if (options.openDevice !== undefined && options.placement !== 'inline') {
+      throw new EnbdError('ENBD_ERR_CONFIG', 'openDevice needs placement "inline"');
+    }
     for (const uri of options.legs) parseLegUri(uri); // clear URI errors before any thread starts
     const mirror = new MirrorDevice(options);
     try {
@@ -380,7 +388,7 @@ export class MirrorDevice implements BlockDevice {
 
   private startLeg(init: LegActorInit, dispatch: SpscQueue, completion: SpscQueue): Leg {
     if (this.placement === 'inline') {
-      const actor = new LegActor(init, this.logger.child({ leg: init.legIndex }));
+      const actor = new LegActor(init, this.logger.child({ leg: init.legIndex }), this.options.openDevice ?? null);
       const leg = new Leg(init.legIndex, init.uri, dispatch, completion, actor);
       leg.inline = actor;
       return leg;
