@@ -18,6 +18,8 @@
  *   still answer EINVAL/ENOSPC for what it cannot do.
  */
 
+import type { EnbdError } from './errors.js';
+
 export interface DeviceFeatures {
   readOnly: boolean;
   flush: boolean;
@@ -78,6 +80,19 @@ export interface BlockDevice {
   onBufferAvailable?: (() => void) | null;
   /** Number of requests submitted and not yet completed. */
   readonly inFlight: number;
+  /**
+   * Optional: called once when the device's connection is lost on its own (server closed it,
+   * socket error, request timeout). Not called for close()/fence().
+   */
+  onClose?: ((error: EnbdError | null) => void) | null;
+  /**
+   * Optional fence: stop using the device now (requests in flight complete with EIO, new ones
+   * fail), and resolve true once nothing ever submitted can still be applied by the server
+   * (an NBD leg: NBD_CMD_DISC sent and the server closed the connection; a file: its pending
+   * I/O finished), or false after `timeoutMs` (a later call waits again). Devices without it are
+   * fenced by close().
+   */
+  fence?(timeoutMs: number): Promise<boolean>;
   close(): Promise<void>;
 }
 

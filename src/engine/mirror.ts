@@ -1297,6 +1297,19 @@ export class MirrorDevice implements BlockDevice {
     else leg.dirty?.markRange(offsetBytes, lengthBytes);
   }
 
+  /**
+   * Legs the mirror may read [offset, offset+length) from right now: admitted (in-sync,
+   * resyncing) and clean in their dirty map for the whole range. Tests check the promise with
+   * it: every acknowledged write reads the same from each of these.
+   */
+  readableLegs(offsetBytes: number, lengthBytes: number): number[] {
+    const legs: number[] = [];
+    for (const leg of this.legs) {
+      if (leg.state === 'in-sync' || (leg.state === 'resyncing' && leg.dirty !== null && !leg.dirty.testRange(offsetBytes, lengthBytes))) legs.push(leg.index);
+    }
+    return legs;
+  }
+
   dirtyMap(index: number): DirtyMap | null {
     return this.legAt(index).dirty;
   }
