@@ -1490,7 +1490,7 @@ export class MirrorDevice implements BlockDevice {
   async removeLeg(index: number): Promise<void> {
     const leg = this.legAt(index);
     if (leg.state === 'removed') throw new EnbdError('ENBD_ERR_CONFIG', `leg ${index} is already removed`);
-    this.refuseIfLastCopy(leg, 'remove', this.legs.filter((other) => other !== leg && other.admitted));
+    if (leg.admitted) this.refuseIfLastCopy(leg, 'remove', this.legs.filter((other) => other !== leg && other.admitted));
     this.refuseIfLastCopy(leg, 'remove', this.legs.filter((other) => other !== leg && other.state !== 'removed'));
     this.clearReconnect(leg);
     leg.epoch += 1;
