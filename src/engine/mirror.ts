@@ -54,9 +54,10 @@ import { LegHealth, kDefaultHealthPolicy, type HealthPolicy, type LegState } fro
 import { Leg } from './leg.js';
 import { SlotTable } from './slot-table.js';
 import { ResyncCopier } from './resync-copy.js';
+import { LegLifecycle } from './leg-lifecycle.js';
 import { Resync, type ResyncHost, type ResyncProgress, type ResyncRates } from './resync.js';
 import { LegActor } from './leg-actor.js';
-import type { CopyMode, LegActorApi, LegActorInit, LegCheck, LegDeviceOpener, LegInfo, LegStats, Placement } from './messages.js';
+import type { CopyMode, LegActorApi, LegActorInit, LegDeviceOpener, LegInfo, LegStats, Placement } from './messages.js';
 
 export interface MirrorOptions {
   legs: string[];
@@ -227,6 +228,7 @@ export class MirrorDevice implements BlockDevice {
   /** Per-leg drop counters bumped by the actors (see LegActorInit.events). */
   private readonly events: Int32Array;
   private readonly copier: ResyncCopier;
+  private readonly lifecycle: LegLifecycle;
   private readonly slotWaiters: Array<() => void> = [];
   private readonly options: MirrorOptions;
   private resyncRates: ResyncRates;
@@ -290,14 +292,21 @@ export class MirrorDevice implements BlockDevice {
         this.finishSlot(slot, 0);
       },
       upToDateFor: (leg, offsetBytes, lengthBytes) => this.upToDateFor(leg, offsetBytes, lengthBytes),
-      failLeg: (leg, reason) => this.failLeg(leg, reason),
+      failLeg: (leg, reason) => this.lifecycle.failLeg(leg, reason),
       markUnlessSole: (leg, offsetBytes, lengthBytes) => this.markUnlessSole(leg, offsetBytes, lengthBytes),
     });
+    this.lifecycle = new LegLifecycle({
+      legs: this.legs,
+      isClosed: () => this.closed,
+      sizeBytes: () => this.sizeBytes,
+      emitState: (leg) => this.emitState(leg),
+      startResync: (leg) => this.startResync(leg),
+    }, options, this.healthPolicy, this.logger);
     this.resyncHost = {
       copyRange: (legIndex, offsetBytes, lengthBytes) => this.copier.copyRange(this.legs[legIndex] as Leg, offsetBytes, lengthBytes),
       stillResyncing: (legIndex) => !this.closed && this.legs[legIndex]?.state === 'resyncing',
       clientBusy: (windowMs) => this.clientBusy(windowMs),
-      resyncDone: (legIndex) => this.onResyncDone(this.legs[legIndex] as Leg),
+      resyncDone: (legIndex) => this.lifecycle.onResyncDone(this.legs[legIndex] as Leg),
     };
     this.description = `mirror of ${options.legs.length} legs`;
     this.features = {
@@ -748,7 +757,7 @@ export class MirrorDevice implements BlockDevice {
       const drops = Atomics.load(this.events, leg.index);
       if (drops !== leg.dropsSeen) {
         leg.dropsSeen = drops;
-        this.onLegDropped(leg);
+        this.lifecycle.onLegDropped(leg);
       }
     }
     const wait = this.doorbell.waitAsync(snapshot);
@@ -845,7 +854,7 @@ export class MirrorDevice implements BlockDevice {
     for (const leg of this.legs) {
       if ((failed & leg.bit) === 0) continue;
       const errnoName = p.errnoNames[this.ring.legErrno(slot, leg.index)] ?? 'an error';
-      this.failLeg(leg, failed === target ? `${name} failed on every leg (${errnoName} here)` : `${name} failed with ${errnoName} while other legs succeeded`);
+      this.lifecycle.failLeg(leg, failed === target ? `${name} failed on every leg (${errnoName} here)` : `${name} failed with ${errnoName} while other legs succeeded`);
     }
   }
 
@@ -858,7 +867,7 @@ export class MirrorDevice implements BlockDevice {
     if (!kRequestLevelErrnos.has(errno)) {
       // The leg could not read what it should hold: that range needs a copy from a good leg.
       this.markUnlessSole(failedLeg, offsetBytes, lengthBytes);
-      this.failLeg(failedLeg, `${p.commandNames[ring.command(slot)] ?? 'READ'} failed with ${p.errnoNames[errno] ?? errno}`);
+      this.lifecycle.failLeg(failedLeg, `${p.commandNames[ring.command(slot)] ?? 'READ'} failed with ${p.errnoNames[errno] ?? errno}`);
     }
     const next = this.pickReadLeg(this.slots.tried[slot] ?? 0, offsetBytes, lengthBytes);
     if (next === null || errno === p.kEInval) {
@@ -931,192 +940,7 @@ export class MirrorDevice implements BlockDevice {
     }
   }
 
-  // ---- leg failures, fence, reconnect, probation, return ----------------------------------
-
-  /** Every state change: the transition table check and log (leg-health.ts), then listeners. */
-  private move(leg: Leg, to: LegState, reason: string | null, fields: Record<string, unknown> = {}): void {
-    leg.health.move(to, reason, fields);
-    this.emitState(leg);
-  }
-
-  /**
-   * The leg stops being up to date: it gets no more requests and every write it misses from
-   * now on is marked at dispatch. Its old connection is fenced (fencing), then it reconnects
-   * with backoff (degraded), or it is parked (faulty) after too many failures in the window.
-   * `final`: failed by the operator or its actor died: out until `reconnectLegNow`.
-   */
-  private failLeg(leg: Leg, reason: string, final = false): void {
-    const state = leg.state;
-    if (state === 'failed' || state === 'removed') return;
-    if (!final && (state === 'fencing' || state === 'degraded' || state === 'reconnecting' || state === 'faulty')) return;
-    leg.failures += 1;
-    leg.epoch += 1;
-    this.clearReconnect(leg);
-    leg.resync?.nudge();
-    const park = leg.health.recordFailure();
-    if (final) {
-      this.move(leg, 'failed', reason);
-      if (!this.closed && (leg.worker === null || leg.worker.threadId >= 0)) void leg.api.fence(this.fenceTimeoutMs).catch(() => undefined);
-      return;
-    }
-    leg.parkWhenFenced = park;
-    this.move(leg, 'fencing', reason, { inSyncLegs: this.legs.filter((other) => other.state === 'in-sync').length, recentFailures: leg.health.recentFailures });
-    if (this.closed) return;
-    void this.fenceLeg(leg);
-  }
-
-  private get fenceTimeoutMs(): number {
-    return this.options.fenceTimeoutMs ?? 10_000;
-  }
-
-  private get probeTimeoutMs(): number {
-    const legTimeout = this.options.legTimeoutMs ?? 0;
-    return this.options.probeTimeoutMs ?? (legTimeout > 0 ? legTimeout : 5000);
-  }
-
-  /**
-   * Drains the leg's old connection (LegActorApi.fence). Proven: the leg may reconnect (or is
-   * parked). Not proven in time: it stays fencing and the fence is tried again with backoff.
-   */
-  private async fenceLeg(leg: Leg): Promise<void> {
-    let check: LegCheck;
-    try {
-      check = await leg.api.fence(this.fenceTimeoutMs);
-    } catch (error) {
-      check = { ok: false, reason: error instanceof Error ? error.message : String(error) };
-    }
-    if (this.closed || leg.state !== 'fencing') return;
-    if (!check.ok) {
-      leg.failureReason = `cannot fence the old connection: ${check.reason}`;
-      this.logger.debug({ leg: leg.index, reason: check.reason }, 'fence not proven yet; retrying');
-      this.emitState(leg);
-      leg.reconnectTimer = setTimeout(() => {
-        leg.reconnectTimer = null;
-        void this.fenceLeg(leg);
-      }, leg.health.nextDelayMs(this.options.reconnectMinMs ?? 250, this.options.reconnectMaxMs ?? 30_000));
-      return;
-    }
-    if (leg.parkWhenFenced) {
-      leg.parkWhenFenced = false;
-      this.move(leg, 'faulty', `${leg.health.recentFailures} failures within ${Math.round(this.healthPolicy.failureWindowMs / 1000)} s; run 'enbd leg reconnect ${leg.index}' to try it again`);
-      return;
-    }
-    this.move(leg, 'degraded', leg.failureReason);
-    this.scheduleReconnect(leg);
-  }
-
-  private scheduleReconnect(leg: Leg): void {
-    if (this.closed || leg.reconnectTimer !== null) return;
-    const delayMs = leg.health.nextDelayMs(this.options.reconnectMinMs ?? 250, this.options.reconnectMaxMs ?? 30_000);
-    leg.reconnectTimer = setTimeout(() => {
-      leg.reconnectTimer = null;
-      void this.reconnectLeg(leg);
-    }, delayMs);
-  }
-
-  private clearReconnect(leg: Leg): void {
-    if (leg.reconnectTimer !== null) clearTimeout(leg.reconnectTimer);
-    leg.reconnectTimer = null;
-  }
-
-  /**
-   * One reconnect attempt of a fenced leg (degraded, or faulty/failed by the operator's
-   * reconnect): connect, then probation (probe READ, WRITE back, FLUSH within the probe
-   * timeout), then return. The leg takes no client I/O until the probe passed.
-   */
-  private async reconnectLeg(leg: Leg): Promise<void> {
-    if (this.closed || (leg.state !== 'degraded' && leg.state !== 'faulty' && leg.state !== 'failed')) return;
-    leg.health.attempts += 1;
-    this.move(leg, 'reconnecting', leg.failureReason, { attempt: leg.health.attempts });
-    let info: LegInfo | { error: { message: string } };
-    try {
-      info = await leg.api.reconnect();
-    } catch (error) {
-      info = { error: { message: error instanceof Error ? error.message : String(error) } };
-    }
-    if (this.closed || (leg.state as LegState) !== 'reconnecting') return;
-    let problem: string | null = null;
-    if ('error' in info) problem = info.error.message;
-    else if (info.sizeBytes < this.sizeBytes) problem = `it has ${info.sizeBytes} bytes now, fewer than the export's ${this.sizeBytes}`;
-    else if (info.features.readOnly) problem = 'it is read-only now';
-    if (problem !== null) {
-      if (!('error' in info)) void leg.api.disconnect().catch(() => undefined);
-      if (leg.health.recordFailure()) {
-        this.move(leg, 'faulty', `reconnect failed: ${problem}; ${leg.health.recentFailures} failures within the window`);
-        return;
-      }
-      this.move(leg, 'degraded', `reconnect failed: ${problem}`);
-      this.scheduleReconnect(leg);
-      return;
-    }
-    leg.info = info as LegInfo;
-    await this.probation(leg);
-  }
-
-  /** Probation: the probe must pass before the leg takes client I/O again. */
-  private async probation(leg: Leg): Promise<void> {
-    this.move(leg, 'probation', null);
-    let check: LegCheck;
-    try {
-      check = await leg.api.probe(this.probeTimeoutMs);
-    } catch (error) {
-      check = { ok: false, reason: error instanceof Error ? error.message : String(error) };
-    }
-    if (this.closed || leg.state !== 'probation') return;
-    if (!check.ok) {
-      this.failLeg(leg, `probation failed: ${check.reason}`);
-      return;
-    }
-    this.legReturned(leg);
-  }
-
-  /**
-   * The leg may have lost its unflushed writes (`from`, an unflushed half): mark them in its
-   * dirty map wherever another leg holds the range. Where no other leg does, the leg's own copy
-   * is the only one there is, and marking it would leave the range unreadable everywhere.
-   */
-  private mergeUnflushed(leg: Leg, from: DirtyMap): void {
-    const into = leg.dirty as DirtyMap;
-    const run = { firstChunk: 0, chunkCount: 0 };
-    let chunk = 0;
-    while (from.nextDirtyRunInto(chunk, 1 << 20, run)) {
-      for (let index = run.firstChunk; index < run.firstChunk + run.chunkCount; index += 1) {
-        const offsetBytes = index * from.chunkBytes;
-        const lengthBytes = Math.min(from.chunkBytes, from.deviceBytes - offsetBytes);
-        const held = this.legs.some((other) => other !== leg && other.state !== 'removed' && other.dirty !== null && !other.dirty.testRange(offsetBytes, lengthBytes));
-        if (held) into.markRange(offsetBytes, lengthBytes);
-      }
-      chunk = run.firstChunk + run.chunkCount;
-    }
-  }
-
-  /**
-   * A fenced, reconnected leg passed probation. Its dirty map says what it missed (plus its
-   * unflushed writes if its connection dropped or a flush failed): empty -> in sync; else it
-   * resyncs, taking writes at once and serving reads of the ranges it holds.
-   */
-  private legReturned(leg: Leg): void {
-    const dirty = leg.dirty as DirtyMap;
-    const unflushed = leg.unflushed as [DirtyMap, DirtyMap];
-    leg.flushSlot = -1;
-    leg.epoch += 1;
-    if (leg.mayHaveLostUnflushed) for (const half of unflushed) this.mergeUnflushed(leg, half);
-    for (const half of unflushed) half.clearAll();
-    leg.mayHaveLostUnflushed = false;
-    if (dirty.dirtyChunkCount() === 0) {
-      this.setInSync(leg, 'it missed no writes');
-      return;
-    }
-    const source = this.legs.some((other) => other !== leg && other.admitted);
-    this.move(leg, 'resyncing', null, { dirtyBytes: dirty.dirtyBytes(), source });
-    this.startResync(leg);
-    for (const other of this.legs) if (other !== leg && other.state === 'resyncing') this.startResync(other);
-  }
-
-  private setInSync(leg: Leg, why: string): void {
-    this.move(leg, 'in-sync', null, { why });
-    for (const other of this.legs) if (other.state === 'resyncing') this.startResync(other);
-  }
+  // ---- leg lifecycle hooks (the rules live in leg-lifecycle.ts) ---------------------------
 
   private startResync(leg: Leg): void {
     // Copies take at most half of the ring, so client requests always find slots.
@@ -1129,54 +953,13 @@ export class MirrorDevice implements BlockDevice {
     else void leg.resync.start();
   }
 
-  private onResyncDone(leg: Leg): void {
-    if (leg.state !== 'resyncing' || (leg.dirty?.dirtyChunkCount() ?? 0) !== 0) return;
-    this.setInSync(leg, 'resync complete');
-  }
-
-  /** The actor reported that the leg's connection dropped on its own (or an idle probe failed). */
-  private onLegDropped(leg: Leg): void {
-    if (!leg.admitted && leg.state !== 'probation') return;
-    leg.mayHaveLostUnflushed = true;
-    this.failLeg(leg, 'connection dropped');
-  }
-
   /** The actor's thread is gone: ack on its behalf every slot it had not acked. */
   private onActorGone(leg: Leg, reason: string): void {
-    this.failLeg(leg, reason, true);
+    this.lifecycle.failLeg(leg, reason, true);
     for (let slot = 0; slot < this.ring.slotCount; slot += 1) {
       if (this.ring.state(slot) !== 2) continue;
       if (abandonLeg(this.ring, slot, leg.index, p.kEIo)) this.onSlotComplete(slot);
     }
-  }
-
-  /**
-   * True when `leg` alone holds some chunk among `others`: clean there and dirty on every one
-   * of them (taking it out would make that chunk unreadable, or lose it for good).
-   */
-  private soleHolder(leg: Leg, others: Leg[]): boolean {
-    const mine = leg.dirty;
-    if (mine === null || this.sizeBytes === 0) return false;
-    const maps = others.map((other) => other.dirty).filter((map): map is DirtyMap => map !== null && map !== mine);
-    if (maps.length === 0) return mine.firstCleanChunk(0, mine.chunkCount) < mine.chunkCount;
-    const end = mine.chunkCount;
-    let chunk = 0;
-    while (chunk < end) {
-      chunk = mine.firstCleanChunk(chunk, end);
-      if (chunk >= end) return false;
-      const cleanEnd = mine.firstDirtyChunk(chunk, end);
-      // Is some chunk of [chunk, cleanEnd) dirty on every other map? Intersect by leapfrog.
-      let at = chunk;
-      while (at < cleanEnd) {
-        let highest = at;
-        for (const map of maps) highest = Math.max(highest, map.firstDirtyChunk(at, cleanEnd));
-        if (highest >= cleanEnd) break;
-        if (maps.every((map) => map.isChunkDirty(highest))) return true;
-        at = highest === at ? at + 1 : highest;
-      }
-      chunk = cleanEnd;
-    }
-    return false;
   }
 
   // ---- operator controls (control plane, bench, tests) ------------------------------------
@@ -1215,7 +998,7 @@ export class MirrorDevice implements BlockDevice {
   failLegByHand(index: number, reason = 'failed by the operator'): void {
     const leg = this.legAt(index);
     this.refuseIfLastCopy(leg, 'fail', this.legs.filter((other) => other !== leg && other.admitted));
-    this.failLeg(leg, reason, true);
+    this.lifecycle.failLeg(leg, reason, true);
   }
 
   /**
@@ -1226,7 +1009,7 @@ export class MirrorDevice implements BlockDevice {
     if (leg.state === 'in-sync' && !others.some((other) => other.state === 'in-sync')) {
       throw new EnbdError('ENBD_ERR_CONFIG', `leg ${leg.index} is the last in-sync leg; refusing to ${verb} it`);
     }
-    if (this.soleHolder(leg, others)) {
+    if (this.lifecycle.soleHolder(leg, others)) {
       throw new EnbdError('ENBD_ERR_CONFIG', `leg ${leg.index} alone holds some of the device's acknowledged data; refusing to ${verb} it`);
     }
   }
@@ -1240,16 +1023,16 @@ export class MirrorDevice implements BlockDevice {
     const state = leg.state;
     if (state !== 'failed' && state !== 'faulty' && state !== 'degraded' && state !== 'fencing') return state;
     if (leg.worker !== null && leg.worker.threadId < 0) throw new EnbdError('ENBD_ERR_LEG', `leg ${index}'s actor thread is gone`);
-    this.clearReconnect(leg);
+    this.lifecycle.clearReconnect(leg);
     leg.health.reset();
     leg.parkWhenFenced = false;
     if (state === 'failed' || state === 'faulty' || state === 'fencing') {
-      if (state !== 'fencing') this.move(leg, 'fencing', 'reconnect by the operator: fencing the old connection first');
-      await this.fenceLeg(leg);
-      this.clearReconnect(leg);
+      if (state !== 'fencing') this.lifecycle.move(leg, 'fencing', 'reconnect by the operator: fencing the old connection first');
+      await this.lifecycle.fenceLeg(leg);
+      this.lifecycle.clearReconnect(leg);
       if (leg.state !== 'degraded') return leg.state;
     }
-    await this.reconnectLeg(leg);
+    await this.lifecycle.reconnectLeg(leg);
     return leg.state;
   }
 
@@ -1279,7 +1062,7 @@ export class MirrorDevice implements BlockDevice {
       else if (info.blockSizes.maximumBytes < this.blockSizes.maximumBytes) problem = `its maximum request ${info.blockSizes.maximumBytes} is smaller than the export's ${this.blockSizes.maximumBytes}`;
     }
     if (problem === null && !this.closed) {
-      const check = await leg.api.probe(this.probeTimeoutMs).catch((error: unknown) => ({ ok: false as const, reason: error instanceof Error ? error.message : String(error) }));
+      const check = await leg.api.probe(this.lifecycle.probeTimeoutMs).catch((error: unknown) => ({ ok: false as const, reason: error instanceof Error ? error.message : String(error) }));
       if (!check.ok) problem = `its probe failed: ${check.reason}`;
     }
     if (problem !== null || this.closed) {
@@ -1292,7 +1075,7 @@ export class MirrorDevice implements BlockDevice {
     this.legs[index] = leg;
     this.emit({ type: 'leg-added', leg: index, uri });
     leg.state = 'probation';
-    this.move(leg, 'resyncing', null, { why: 'leg added; full resync' });
+    this.lifecycle.move(leg, 'resyncing', null, { why: 'leg added; full resync' });
     this.startResync(leg);
     return index;
   }
@@ -1306,9 +1089,9 @@ export class MirrorDevice implements BlockDevice {
     if (leg.state === 'removed') throw new EnbdError('ENBD_ERR_CONFIG', `leg ${index} is already removed`);
     if (leg.admitted) this.refuseIfLastCopy(leg, 'remove', this.legs.filter((other) => other !== leg && other.admitted));
     this.refuseIfLastCopy(leg, 'remove', this.legs.filter((other) => other !== leg && other.state !== 'removed'));
-    this.clearReconnect(leg);
+    this.lifecycle.clearReconnect(leg);
     leg.epoch += 1;
-    this.move(leg, 'removed', 'removed by the operator');
+    this.lifecycle.move(leg, 'removed', 'removed by the operator');
     leg.resync?.nudge();
     this.emit({ type: 'leg-removed', leg: index, uri: leg.uri });
     const deadline = Date.now() + 30_000;
@@ -1457,7 +1240,7 @@ export class MirrorDevice implements BlockDevice {
     if (this.closed) return;
     this.closed = true;
     for (const leg of this.legs) {
-      this.clearReconnect(leg);
+      this.lifecycle.clearReconnect(leg);
       leg.resync?.nudge();
     }
     for (const wake of this.slotWaiters.splice(0)) wake();

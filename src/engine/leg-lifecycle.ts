@@ -1,0 +1,272 @@
+/**
+ * Leg lifecycle: how a leg leaves the mirror and how it comes back. A failure fences the leg's
+ * old connection (`fencing`), then the reconnect timer (`degraded`, backoff), the reconnect
+ * (`reconnecting`), the probe (`probation`) and the return (`resyncing` or `in-sync`); too many
+ * failures within the window park it (`faulty`). Every change is a `LegHealth.move` (the
+ * transition table in leg-health.ts). The request rules (what a write needs to succeed, what
+ * gets marked) stay in mirror.ts; this file only moves legs between states.
+ *
+ * Thread: main thread (the session master).
+ *
+ * Invariants:
+ * - A leg reaches `probation` only through `reconnectLeg`, which runs only from `degraded`
+ *   (after a proven fence) or from `faulty`/`failed` after the operator's fence: nothing skips
+ *   the fence (S4) or the probe (S5).
+ * - The backoff attempt count grows with every reconnect; it starts over only after the leg
+ *   stayed in sync for the policy's stable time (LegHealth), never on a mere reconnect.
+ * - `legReturned` marks possibly lost unflushed writes only where another leg holds them.
+ */
+import type { Logger } from '../core/log.js';
+import type { DirtyMap } from '../bitmap/dirty-map.js';
+import type { HealthPolicy, LegState } from './leg-health.js';
+import type { Leg } from './leg.js';
+import type { LegCheck, LegInfo } from './messages.js';
+import type { MirrorOptions } from './mirror.js';
+
+/** What the lifecycle needs of the session master. */
+export interface LifecycleHost {
+  readonly legs: readonly Leg[];
+  isClosed(): boolean;
+  sizeBytes(): number;
+  emitState(leg: Leg): void;
+  startResync(leg: Leg): void;
+}
+
+export class LegLifecycle {
+  constructor(
+    private readonly host: LifecycleHost,
+    private readonly options: MirrorOptions,
+    private readonly policy: HealthPolicy,
+    private readonly logger: Logger,
+  ) {}
+
+
+  /** Every state change: the transition table check and log (leg-health.ts), then listeners. */
+  move(leg: Leg, to: LegState, reason: string | null, fields: Record<string, unknown> = {}): void {
+    leg.health.move(to, reason, fields);
+    this.host.emitState(leg);
+  }
+
+  /**
+   * The leg stops being up to date: it gets no more requests and every write it misses from
+   * now on is marked at dispatch. Its old connection is fenced (fencing), then it reconnects
+   * with backoff (degraded), or it is parked (faulty) after too many failures in the window.
+   * `final`: failed by the operator or its actor died: out until `reconnectLegNow`.
+   */
+  failLeg(leg: Leg, reason: string, final = false): void {
+    const state = leg.state;
+    if (state === 'failed' || state === 'removed') return;
+    if (!final && (state === 'fencing' || state === 'degraded' || state === 'reconnecting' || state === 'faulty')) return;
+    leg.failures += 1;
+    leg.epoch += 1;
+    this.clearReconnect(leg);
+    leg.resync?.nudge();
+    const park = leg.health.recordFailure();
+    if (final) {
+      this.move(leg, 'failed', reason);
+      if (!this.host.isClosed() && (leg.worker === null || leg.worker.threadId >= 0)) void leg.api.fence(this.fenceTimeoutMs).catch(() => undefined);
+      return;
+    }
+    leg.parkWhenFenced = park;
+    this.move(leg, 'fencing', reason, { inSyncLegs: this.host.legs.filter((other) => other.state === 'in-sync').length, recentFailures: leg.health.recentFailures });
+    if (this.host.isClosed()) return;
+    void this.fenceLeg(leg);
+  }
+
+  get fenceTimeoutMs(): number {
+    return this.options.fenceTimeoutMs ?? 10_000;
+  }
+
+  get probeTimeoutMs(): number {
+    const legTimeout = this.options.legTimeoutMs ?? 0;
+    return this.options.probeTimeoutMs ?? (legTimeout > 0 ? legTimeout : 5000);
+  }
+
+  /**
+   * Drains the leg's old connection (LegActorApi.fence). Proven: the leg may reconnect (or is
+   * parked). Not proven in time: it stays fencing and the fence is tried again with backoff.
+   */
+  async fenceLeg(leg: Leg): Promise<void> {
+    let check: LegCheck;
+    try {
+      check = await leg.api.fence(this.fenceTimeoutMs);
+    } catch (error) {
+      check = { ok: false, reason: error instanceof Error ? error.message : String(error) };
+    }
+    if (this.host.isClosed() || leg.state !== 'fencing') return;
+    if (!check.ok) {
+      leg.failureReason = `cannot fence the old connection: ${check.reason}`;
+      this.logger.debug({ leg: leg.index, reason: check.reason }, 'fence not proven yet; retrying');
+      this.host.emitState(leg);
+      leg.reconnectTimer = setTimeout(() => {
+        leg.reconnectTimer = null;
+        void this.fenceLeg(leg);
+      }, leg.health.nextDelayMs(this.options.reconnectMinMs ?? 250, this.options.reconnectMaxMs ?? 30_000));
+      return;
+    }
+    if (leg.parkWhenFenced) {
+      leg.parkWhenFenced = false;
+      this.move(leg, 'faulty', `${leg.health.recentFailures} failures within ${Math.round(this.policy.failureWindowMs / 1000)} s; run 'enbd leg reconnect ${leg.index}' to try it again`);
+      return;
+    }
+    this.move(leg, 'degraded', leg.failureReason);
+    this.scheduleReconnect(leg);
+  }
+
+  scheduleReconnect(leg: Leg): void {
+    if (this.host.isClosed() || leg.reconnectTimer !== null) return;
+    const delayMs = leg.health.nextDelayMs(this.options.reconnectMinMs ?? 250, this.options.reconnectMaxMs ?? 30_000);
+    leg.reconnectTimer = setTimeout(() => {
+      leg.reconnectTimer = null;
+      void this.reconnectLeg(leg);
+    }, delayMs);
+  }
+
+  clearReconnect(leg: Leg): void {
+    if (leg.reconnectTimer !== null) clearTimeout(leg.reconnectTimer);
+    leg.reconnectTimer = null;
+  }
+
+  /**
+   * One reconnect attempt of a fenced leg (degraded, or faulty/failed by the operator's
+   * reconnect): connect, then probation (probe READ, WRITE back, FLUSH within the probe
+   * timeout), then return. The leg takes no client I/O until the probe passed.
+   */
+  async reconnectLeg(leg: Leg): Promise<void> {
+    if (this.host.isClosed() || (leg.state !== 'degraded' && leg.state !== 'faulty' && leg.state !== 'failed')) return;
+    leg.health.attempts += 1;
+    this.move(leg, 'reconnecting', leg.failureReason, { attempt: leg.health.attempts });
+    let info: LegInfo | { error: { message: string } };
+    try {
+      info = await leg.api.reconnect();
+    } catch (error) {
+      info = { error: { message: error instanceof Error ? error.message : String(error) } };
+    }
+    if (this.host.isClosed() || (leg.state as LegState) !== 'reconnecting') return;
+    let problem: string | null = null;
+    if ('error' in info) problem = info.error.message;
+    else if (info.sizeBytes < this.host.sizeBytes()) problem = `it has ${info.sizeBytes} bytes now, fewer than the export's ${this.host.sizeBytes()}`;
+    else if (info.features.readOnly) problem = 'it is read-only now';
+    if (problem !== null) {
+      if (!('error' in info)) void leg.api.disconnect().catch(() => undefined);
+      if (leg.health.recordFailure()) {
+        this.move(leg, 'faulty', `reconnect failed: ${problem}; ${leg.health.recentFailures} failures within the window`);
+        return;
+      }
+      this.move(leg, 'degraded', `reconnect failed: ${problem}`);
+      this.scheduleReconnect(leg);
+      return;
+    }
+    leg.info = info as LegInfo;
+    await this.probation(leg);
+  }
+
+  /** Probation: the probe must pass before the leg takes client I/O again. */
+  async probation(leg: Leg): Promise<void> {
+    this.move(leg, 'probation', null);
+    let check: LegCheck;
+    try {
+      check = await leg.api.probe(this.probeTimeoutMs);
+    } catch (error) {
+      check = { ok: false, reason: error instanceof Error ? error.message : String(error) };
+    }
+    if (this.host.isClosed() || leg.state !== 'probation') return;
+    if (!check.ok) {
+      this.failLeg(leg, `probation failed: ${check.reason}`);
+      return;
+    }
+    this.legReturned(leg);
+  }
+
+  /**
+   * The leg may have lost its unflushed writes (`from`, an unflushed half): mark them in its
+   * dirty map wherever another leg holds the range. Where no other leg does, the leg's own copy
+   * is the only one there is, and marking it would leave the range unreadable everywhere.
+   */
+  mergeUnflushed(leg: Leg, from: DirtyMap): void {
+    const into = leg.dirty as DirtyMap;
+    const run = { firstChunk: 0, chunkCount: 0 };
+    let chunk = 0;
+    while (from.nextDirtyRunInto(chunk, 1 << 20, run)) {
+      for (let index = run.firstChunk; index < run.firstChunk + run.chunkCount; index += 1) {
+        const offsetBytes = index * from.chunkBytes;
+        const lengthBytes = Math.min(from.chunkBytes, from.deviceBytes - offsetBytes);
+        const held = this.host.legs.some((other) => other !== leg && other.state !== 'removed' && other.dirty !== null && !other.dirty.testRange(offsetBytes, lengthBytes));
+        if (held) into.markRange(offsetBytes, lengthBytes);
+      }
+      chunk = run.firstChunk + run.chunkCount;
+    }
+  }
+
+  /**
+   * A fenced, reconnected leg passed probation. Its dirty map says what it missed (plus its
+   * unflushed writes if its connection dropped or a flush failed): empty -> in sync; else it
+   * resyncs, taking writes at once and serving reads of the ranges it holds.
+   */
+  legReturned(leg: Leg): void {
+    const dirty = leg.dirty as DirtyMap;
+    const unflushed = leg.unflushed as [DirtyMap, DirtyMap];
+    leg.flushSlot = -1;
+    leg.epoch += 1;
+    if (leg.mayHaveLostUnflushed) for (const half of unflushed) this.mergeUnflushed(leg, half);
+    for (const half of unflushed) half.clearAll();
+    leg.mayHaveLostUnflushed = false;
+    if (dirty.dirtyChunkCount() === 0) {
+      this.setInSync(leg, 'it missed no writes');
+      return;
+    }
+    const source = this.host.legs.some((other) => other !== leg && other.admitted);
+    this.move(leg, 'resyncing', null, { dirtyBytes: dirty.dirtyBytes(), source });
+    this.host.startResync(leg);
+    for (const other of this.host.legs) if (other !== leg && other.state === 'resyncing') this.host.startResync(other);
+  }
+
+  setInSync(leg: Leg, why: string): void {
+    this.move(leg, 'in-sync', null, { why });
+    for (const other of this.host.legs) if (other.state === 'resyncing') this.host.startResync(other);
+  }
+
+
+  onResyncDone(leg: Leg): void {
+    if (leg.state !== 'resyncing' || (leg.dirty?.dirtyChunkCount() ?? 0) !== 0) return;
+    this.setInSync(leg, 'resync complete');
+  }
+
+  /** The actor reported that the leg's connection dropped on its own (or an idle probe failed). */
+  onLegDropped(leg: Leg): void {
+    if (!leg.admitted && leg.state !== 'probation') return;
+    leg.mayHaveLostUnflushed = true;
+    this.failLeg(leg, 'connection dropped');
+  }
+
+
+  /**
+   * True when `leg` alone holds some chunk among `others`: clean there and dirty on every one
+   * of them (taking it out would make that chunk unreadable, or lose it for good).
+   */
+  soleHolder(leg: Leg, others: Leg[]): boolean {
+    const mine = leg.dirty;
+    if (mine === null || this.host.sizeBytes() === 0) return false;
+    const maps = others.map((other) => other.dirty).filter((map): map is DirtyMap => map !== null && map !== mine);
+    if (maps.length === 0) return mine.firstCleanChunk(0, mine.chunkCount) < mine.chunkCount;
+    const end = mine.chunkCount;
+    let chunk = 0;
+    while (chunk < end) {
+      chunk = mine.firstCleanChunk(chunk, end);
+      if (chunk >= end) return false;
+      const cleanEnd = mine.firstDirtyChunk(chunk, end);
+      // Is some chunk of [chunk, cleanEnd) dirty on every other map? Intersect by leapfrog.
+      let at = chunk;
+      while (at < cleanEnd) {
+        let highest = at;
+        for (const map of maps) highest = Math.max(highest, map.firstDirtyChunk(at, cleanEnd));
+        if (highest >= cleanEnd) break;
+        if (maps.every((map) => map.isChunkDirty(highest))) return true;
+        at = highest === at ? at + 1 : highest;
+      }
+      chunk = cleanEnd;
+    }
+    return false;
+  }
+
+}
