@@ -101,7 +101,7 @@ describe('enbd mirror: leg faults never lose or mis-serve an acknowledged write 
     return error instanceof EnbdError && error.errno !== 0;
   }
 
-  test('finding 1: a WRITE that only a resyncing leg took is an error, or it survives the failed leg\'s return and the resync', async () => {
+  test('finding 1: a WRITE that only a resyncing leg took is an error, or it survives the failed leg\'s return and the resync', async (t) => {
     const triggerA = dir.path('f1-a.eio');
     const triggerB = dir.path('f1-b.eio');
     const a = await legs.fileLeg(legs.image('f1-a.img', kLegBytes), ['error'], eioOnWrites(triggerA));
@@ -120,41 +120,51 @@ describe('enbd mirror: leg faults never lose or mis-serve an acknowledged write 
       assert.ok(resyncing.dirtyBytes >= 4 * kMiB, `leg 1 has the large write to copy: ${resyncing.dirtyBytes} dirty bytes`);
       assert.equal((await control.legs())[0]?.state, 'in-sync');
 
-      // Now A, the only in-sync leg, fails a WRITE (to a range clean on B) that B takes.
-      const y = randomBytes(64 * 1024);
-      const yAt = 8 * kMiB;
+      // Now A, the only in-sync leg, fails two WRITEs that B takes: one to a range clean on B,
+      // one of part of a chunk B still has to copy (B's copy of the rest of it is stale).
+      const writes = [
+        { what: 'a range clean on leg 1', at: 8 * kMiB, data: randomBytes(64 * 1024), acked: false },
+        { what: 'part of a chunk dirty on leg 1', at: kMiB + 512, data: randomBytes(8 * 1024), acked: false },
+      ];
       writeFileSync(triggerA, '');
-      const outcome = await client.write(yAt, y).then(() => null, (error: unknown) => error);
+      const outcomes = await Promise.all(writes.map(async (one) => await client.write(one.at, one.data).then(() => null, (error: unknown) => error)));
       rmSync(triggerA);
-      if (outcome !== null) assert.ok(isNbdError(outcome), `the write failed with an NBD error: ${String(outcome)}`);
-      const acked = outcome === null;
-      if (acked) y.copy(model, yAt);
+      for (const [index, one] of writes.entries()) {
+        const outcome = outcomes[index];
+        if (outcome !== null) assert.ok(isNbdError(outcome), `the write to ${one.what} failed with an NBD error: ${String(outcome)}`);
+        one.acked = outcome === null;
+        t.diagnostic(`the write to ${one.what} was ${one.acked ? 'acknowledged' : `refused: ${String(outcome)}`}`);
+      }
+      const before = Buffer.from(model);
+      for (const one of writes) if (one.acked) one.data.copy(model, one.at);
 
-      // A reconnects (and may resync from B); once it serves again the write is readable.
+      // A reconnects (and may resync from B); once it serves again, acknowledged bytes read back.
       await control.waitLeg(0, 'back (in-sync or resyncing)', (leg) => leg.state === 'in-sync' || leg.state === 'resyncing');
-      if (acked) {
-        assertSameBytes(await client.read(yAt, y.length), y, 'the acknowledged write, read after leg 0 returned');
-        assertSameBytes(await readNbd(mirror.uri, yAt, y.length), y, 'the acknowledged write, read on a new connection');
+      for (const one of writes) {
+        if (!one.acked) continue;
+        assertSameBytes(await client.read(one.at, one.data.length), one.data, `the acknowledged write to ${one.what}, read after leg 0 returned`);
+        assertSameBytes(await readNbd(mirror.uri, one.at, one.data.length), one.data, `the acknowledged write to ${one.what}, read on a new connection`);
       }
       await control.cliOk(['resync', 'resume']);
       await control.waitStates(['in-sync', 'in-sync']);
       await client.flush();
       const fileA = legFile(a);
       assertSameBytes(legFile(b), fileA, 'leg files after the resync (B vs A)');
-      if (!acked) {
-        // A failed write may leave the old bytes or the new ones, on both legs alike.
-        const held = fileA.subarray(yAt, yAt + y.length);
-        assert.ok(held.equals(model.subarray(yAt, yAt + y.length)) || held.equals(y), 'the failed write left old or new bytes');
-        held.copy(model, yAt);
+      for (const one of writes) {
+        if (one.acked) continue;
+        // A refused write may leave the old bytes or the new ones (on both legs alike), nothing else.
+        const held = fileA.subarray(one.at, one.at + one.data.length);
+        assert.ok(held.equals(before.subarray(one.at, one.at + one.data.length)) || held.equals(one.data), `the refused write to ${one.what} left old or new bytes`);
+        held.copy(model, one.at);
       }
-      assertSameBytes(fileA, model, `leg files vs what the client wrote (the write was ${acked ? 'acknowledged' : 'refused'})`);
+      assertSameBytes(fileA, model, `leg files vs what the client wrote (acknowledged: ${writes.map((one) => one.acked).join(', ')})`);
       assertSameBytes(await client.read(0, kLegBytes), model, 'read through the mirror after the resync');
     } finally {
       await stop(mirror, control, client);
     }
   });
 
-  test('finding 2: a late ("zombie") write landing after the resync never beats the newer write; no in-sync while it is pending', async () => {
+  test('finding 2: a late ("zombie") write landing after the resync never beats the newer write; no in-sync while it is pending', async (t) => {
     const a = await legs.fileLeg(legs.image('f2-a.img', kLegBytes));
     const b = await legs.lateWriteLeg(legs.image('f2-b.img', kLegBytes), kLegBytes, 3);
     const { mirror, control } = await mirrorOf([a.uri, b.uri], 'f2');
@@ -171,15 +181,18 @@ describe('enbd mirror: leg faults never lose or mis-serve an acknowledged write 
       await write(client, model, at, Buffer.alloc(64 * 1024, 0x59));
       // Until X has landed on leg 1 its old connection is open: leg 1 must not be in sync.
       let inSyncEarly: string | null = null;
+      const seen = new Set<string>();
       const deadline = Date.now() + 15_000;
       while (!existsSync(b.landed)) {
         assert.ok(Date.now() < deadline, 'the late write landed');
         const legsNow = await control.legs();
+        seen.add(legsNow[1]?.state ?? '?');
         if (!existsSync(b.landed) && legsNow[1]?.state === 'in-sync' && inSyncEarly === null) {
           inSyncEarly = JSON.stringify(legsNow.map((leg) => [leg.state, leg.failureReason]));
         }
         await sleep(50);
       }
+      t.diagnostic(`leg 1 states while the late write was pending: ${[...seen].join(', ')}`);
       await control.waitStates(['in-sync', 'in-sync']);
       await client.flush();
       for (let round = 0; round < 20; round += 1) {
@@ -197,7 +210,7 @@ describe('enbd mirror: leg faults never lose or mis-serve an acknowledged write 
     }
   });
 
-  test('finding 3a: a leg whose writes hang costs the client only a few slow writes, not one per reconnect', async () => {
+  test('finding 3a: a leg whose writes hang costs the client only a few slow writes, not one per reconnect', async (t) => {
     const a = await legs.fileLeg(legs.image('f3a-a.img', kLegBytes));
     const b = await legs.fileLeg(legs.image('f3a-b.img', kLegBytes), ['delay'], ['delay-write=30']);
     const { mirror, control } = await mirrorOf([a.uri, b.uri], 'f3a');
@@ -215,6 +228,7 @@ describe('enbd mirror: leg faults never lose or mis-serve an acknowledged write 
         if (tookMs > kLegTimeoutMs) slow.push(Math.round(tookMs));
         writes += 1;
       }
+      t.diagnostic(`${slow.length} of ${writes} writes outlived the leg timeout`);
       assert.notEqual((await control.legs())[1]?.state, 'in-sync', 'the hung leg is out');
       assert.ok(slow.length <= 3, `${slow.length} of ${writes} client writes waited out the leg timeout (ms: ${slow.join(', ')}); a hung leg may cost 2-3, not one per reconnect`);
       assertSameBytes(await client.read(0, kLegBytes), model, 'read through the mirror');
@@ -224,7 +238,7 @@ describe('enbd mirror: leg faults never lose or mis-serve an acknowledged write 
     }
   });
 
-  test('finding 3b: a leg failing every write ends faulty after --leg-max-failures, stays so quietly, and `leg reconnect` brings it back', async () => {
+  test('finding 3b: a leg failing every write ends faulty after --leg-max-failures, stays so quietly, and `leg reconnect` brings it back', async (t) => {
     const trigger = dir.path('f3b.eio');
     const a = await legs.fileLeg(legs.image('f3b-a.img', kLegBytes));
     const b = await legs.fileLeg(legs.image('f3b-b.img', kLegBytes), ['error'], eioOnWrites(trigger));
@@ -252,6 +266,7 @@ describe('enbd mirror: leg faults never lose or mis-serve an acknowledged write 
         for (const state of await control.states()) seen.add(state);
       }
       const lines = logLinesAboutLeg(mirror.stderr().slice(logStart), 1);
+      t.diagnostic(`${lines.length} log lines about leg 1 in 5 s; states seen: ${[...seen].join(', ')}`);
       assert.ok(lines.length < 30, `the daemon logged ${lines.length} lines about leg 1 in 5 s (states seen: ${[...seen].join(', ')}); first ones:\n${lines.slice(0, 5).join('\n')}`);
       await control.waitLeg(1, 'faulty', (leg) => leg.state === 'faulty', 5000);
       for (const end = Date.now() + 3000; Date.now() < end; await sleep(200)) {
@@ -275,7 +290,7 @@ describe('enbd mirror: leg faults never lose or mis-serve an acknowledged write 
     }
   });
 
-  test('finding 4: zero-length WRITE/TRIM/WRITE_ZEROES and a FLUSH with offset/length: one answer, no leg leaves in-sync, data intact', async () => {
+  test('finding 4: zero-length WRITE/TRIM/WRITE_ZEROES and a FLUSH with offset/length: one answer, no leg leaves in-sync, data intact', async (t) => {
     const memory = await legs.memoryLeg(kLegBytes);
     const file = legs.image('f4-file.img', kLegBytes);
     // Leg 1 is enbd's own file leg (a path), leg 0 an nbdkit memory leg: two implementations.
@@ -320,6 +335,7 @@ describe('enbd mirror: leg faults never lose or mis-serve an acknowledged write 
         assert.ok(errnos.every((errno) => errno === 0 || errno === p.kEInval), `${name}: success or EINVAL, got ${errnos.join(', ')} (all: ${answers.join('; ')})`);
         assert.equal(errnos[0], errnos[1], `${name}: the same answer twice (all: ${answers.join('; ')})`);
       }
+      t.diagnostic(`answers: ${answers.join('; ')}`);
       const events = [0, 1].map((leg) => control.legStateEvents(leg));
       assert.deepEqual(events, [[], []], `no leg changed state (answers: ${answers.join('; ')})`);
       const view = await control.legs();
