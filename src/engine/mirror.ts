@@ -34,7 +34,7 @@
  * - A slot is freed exactly once: by releaseBuffer (slots handed to the server) or at
  *   completion (internal slots: FLUSH, TRIM, ZERO, CACHE, shutdown flushes).
  */
-import { Worker, MessageChannel, type MessagePort } from 'node:worker_threads';
+import { Worker, MessageChannel } from 'node:worker_threads';
 import * as Comlink from 'comlink';
 import type { BlockDevice, BlockSizes, CompletionHandler, DeviceFeatures, Extent } from '../core/block-device.js';
 import type { Logger } from '../core/log.js';
@@ -50,9 +50,11 @@ import { parseLegUri } from '../stubs/open-leg.js';
 import { DirtyMap } from '../bitmap/dirty-map.js';
 import { LatencyHistograms } from '../core/latency.js';
 import { RangeLock } from './range-lock.js';
-import { LegHealth, isAdmitted, kDefaultHealthPolicy, type HealthPolicy, type LegState } from './leg-health.js';
+import { LegHealth, kDefaultHealthPolicy, type HealthPolicy, type LegState } from './leg-health.js';
+import { Leg } from './leg.js';
 import { SlotTable } from './slot-table.js';
-import { Resync, type CopyOutcome, type ResyncHost, type ResyncProgress, type ResyncRates } from './resync.js';
+import { ResyncCopier } from './resync-copy.js';
+import { Resync, type ResyncHost, type ResyncProgress, type ResyncRates } from './resync.js';
 import { LegActor } from './leg-actor.js';
 import type { CopyMode, LegActorApi, LegActorInit, LegCheck, LegDeviceOpener, LegInfo, LegStats, Placement } from './messages.js';
 
@@ -160,62 +162,6 @@ const kRequestLevelErrnos = new Set([p.kEInval, p.kENoSpc, p.kENotSup, p.kEPerm,
 
 const kWorkerUrl = new URL('../../actors/connection-actor.js', import.meta.url);
 
-class Leg {
-  state: LegState = 'in-sync';
-  inFlight = 0;
-  failureReason: string | null = null;
-  info: LegInfo | null = null;
-  worker: Worker | null = null;
-  inline: LegActor | null = null;
-  copyPort: MessagePort | null = null;
-  /** Chunks this leg missed: set before any client hears success for them. */
-  dirty: DirtyMap | null = null;
-  /**
-   * Chunks written to this leg since its last good flush, in two halves: writes mark
-   * unflushed[current]; a FLUSH sent to the leg swaps halves, and its success clears the other.
-   */
-  unflushed: [DirtyMap, DirtyMap] | null = null;
-  unflushedCurrent = 0;
-  /** The FLUSH slot whose success clears unflushed[1 - current], or -1. */
-  flushSlot = -1;
-  /** The connection dropped or a flush failed: unflushed writes may be lost. */
-  mayHaveLostUnflushed = false;
-  dropsSeen = 0;
-  /** Reconnect backoff, failure window, state transitions (src/engine/leg-health.ts). */
-  health!: LegHealth;
-  /** The reconnect timer (degraded) or the next fence attempt (fencing). */
-  reconnectTimer: NodeJS.Timeout | null = null;
-  /** Park the leg as faulty once its fence completes (too many failures in the window). */
-  parkWhenFenced = false;
-  resync: Resync | null = null;
-  /** Bumped whenever the leg fails: a resync copy clears bits only within one epoch. */
-  epoch = 0;
-  failures = 0;
-  resyncedBytes = 0;
-  constructor(
-    readonly index: number,
-    readonly uri: string,
-    readonly dispatch: SpscQueue,
-    readonly completion: SpscQueue,
-    readonly api: LegActorApi,
-  ) {}
-  get bit(): number {
-    return 1 << this.index;
-  }
-  get admitted(): boolean {
-    return isAdmitted(this.state);
-  }
-  get reconnectAttempts(): number {
-    return this.health.attempts;
-  }
-  get currentUnflushed(): DirtyMap | null {
-    return this.unflushed?.[this.unflushedCurrent] ?? null;
-  }
-  /** The half a pending FLUSH covers. */
-  get flushingUnflushed(): DirtyMap | null {
-    return this.unflushed?.[this.unflushedCurrent ^ 1] ?? null;
-  }
-}
 
 interface PendingSubmit {
   command: number;
@@ -266,7 +212,7 @@ export class MirrorDevice implements BlockDevice {
   private readonly placement: Placement;
   private readonly logger: Logger;
   /** Per-slot request table (src/engine/slot-table.ts). */
-  private readonly slots: SlotTable;
+  readonly slots: SlotTable;
   private slotOfToken = new Int32Array(1 << 16).fill(-1);
   private readonly pendingSubmits: PendingSubmit[] = [];
   private readonly internalWaiters = new Map<number, (errno: number) => void>();
@@ -280,7 +226,7 @@ export class MirrorDevice implements BlockDevice {
   private closed = false;
   /** Per-leg drop counters bumped by the actors (see LegActorInit.events). */
   private readonly events: Int32Array;
-  private readonly copyDone = new Map<number, (outcome: CopyOutcome) => void>();
+  private readonly copier: ResyncCopier;
   private readonly slotWaiters: Array<() => void> = [];
   private readonly options: MirrorOptions;
   private resyncRates: ResyncRates;
@@ -317,8 +263,38 @@ export class MirrorDevice implements BlockDevice {
       minBytesPerSecond: options.resyncRates?.minBytesPerSecond ?? 32 * 1024 * 1024,
       maxBytesPerSecond: options.resyncRates?.maxBytesPerSecond ?? 0,
     };
+    this.copier = new ResyncCopier({
+      ring: this.ring,
+      slots: this.slots,
+      legs: this.legs,
+      isClosed: () => this.closed,
+      flushes: () => this.features.flush,
+      slotsFreed: () => new Promise<void>((resolve) => this.slotWaiters.push(resolve)),
+      freeUnused: (slot) => {
+        this.ring.free(slot);
+        this.afterFree();
+      },
+      bindInternal: (slot, span) => {
+        const token = this.nextInternalToken;
+        this.nextInternalToken = this.nextInternalToken >= 0x7fff_0000 ? kInternalTokenBase : this.nextInternalToken + 1;
+        this.bindToken(slot, token, true);
+        this.slots.span[slot] = span;
+        this.inFlight += 1;
+      },
+      lockAndDispatch: (slot, offsetBytes, lengthBytes) => {
+        if (this.rangeLock.acquire(slot, offsetBytes, lengthBytes)) this.dispatch(slot);
+      },
+      dispatch: (slot) => this.dispatch(slot),
+      releaseAndFinish: (slot) => {
+        this.releaseRange(slot);
+        this.finishSlot(slot, 0);
+      },
+      upToDateFor: (leg, offsetBytes, lengthBytes) => this.upToDateFor(leg, offsetBytes, lengthBytes),
+      failLeg: (leg, reason) => this.failLeg(leg, reason),
+      markUnlessSole: (leg, offsetBytes, lengthBytes) => this.markUnlessSole(leg, offsetBytes, lengthBytes),
+    });
     this.resyncHost = {
-      copyRange: (legIndex, offsetBytes, lengthBytes) => this.copyRange(legIndex, offsetBytes, lengthBytes),
+      copyRange: (legIndex, offsetBytes, lengthBytes) => this.copier.copyRange(this.legs[legIndex] as Leg, offsetBytes, lengthBytes),
       stillResyncing: (legIndex) => !this.closed && this.legs[legIndex]?.state === 'resyncing',
       clientBusy: (windowMs) => this.clientBusy(windowMs),
       resyncDone: (legIndex) => this.onResyncDone(this.legs[legIndex] as Leg),
@@ -716,44 +692,12 @@ export class MirrorDevice implements BlockDevice {
     return best;
   }
 
-  /**
-   * A source for a resync copy of [offset, offset+length): an admitted leg other than the
-   * target, clean there (fewest in flight). null when no leg holds the whole range.
-   */
-  private pickSourceLeg(excludeMask: number, offsetBytes: number, lengthBytes: number): Leg | null {
-    let best: Leg | null = null;
-    for (const leg of this.legs) {
-      if ((leg.bit & excludeMask) !== 0 || !this.upToDateFor(leg, offsetBytes, lengthBytes)) continue;
-      if (best === null || leg.inFlight < best.inFlight) best = leg;
-    }
-    return best;
-  }
-
-  /**
-   * The longest prefix of [offset, offset+length) that one admitted leg other than the target
-   * holds (is clean for), in bytes; 0 when none holds even its first chunk.
-   */
-  private sourcePrefixBytes(excludeMask: number, offsetBytes: number, lengthBytes: number): number {
-    let best = 0;
-    for (const leg of this.legs) {
-      if ((leg.bit & excludeMask) !== 0 || !leg.admitted) continue;
-      if (leg.state === 'in-sync' || leg.dirty === null) return lengthBytes;
-      const chunkBytes = leg.dirty.chunkBytes;
-      const firstChunk = Math.floor(offsetBytes / chunkBytes);
-      const endChunk = Math.ceil((offsetBytes + lengthBytes) / chunkBytes);
-      const dirtyAt = leg.dirty.firstDirtyChunk(firstChunk, endChunk);
-      const clean = Math.min(lengthBytes, dirtyAt * chunkBytes - offsetBytes);
-      if (clean > best) best = clean;
-    }
-    return Math.max(0, best);
-  }
-
   private dispatch(slot: number): void {
     const ring = this.ring;
     if (ring.state(slot) !== 2) {
       const phase = this.slots.phase[slot];
       if (phase === 1) {
-        if (!this.prepareCopyRead(slot)) return;
+        if (!this.copier.prepareRead(slot)) return;
       } else if (phase === 0 && isDataChanging(ring.command(slot)) && !this.settleWriteTarget(slot)) {
         return;
       }
@@ -819,7 +763,7 @@ export class MirrorDevice implements BlockDevice {
     for (const leg of this.legs) if ((target & leg.bit) !== 0) leg.inFlight -= 1;
     const phase = this.slots.phase[slot] ?? 0;
     if (phase !== 0) {
-      this.onCopyPhaseComplete(slot, phase, failed);
+      this.copier.onPhaseComplete(slot, phase, failed);
       return;
     }
     const command = ring.command(slot);
@@ -971,136 +915,6 @@ export class MirrorDevice implements BlockDevice {
   }
 
   // ---- resync copies ------------------------------------------------------------------------
-
-  /**
-   * One resync copy of [offset, offset+length) to a resyncing leg. Each piece is copied from a
-   * leg that holds it (admitted and clean there): the longest prefix one leg holds, then the
-   * rest, so two resyncing legs can each give the other what only it holds. 'no-source' when
-   * some piece is held by no connected leg (the resync retries later).
-   */
-  private async copyRange(legIndex: number, offsetBytes: number, lengthBytes: number): Promise<CopyOutcome> {
-    const target = this.legs[legIndex] as Leg;
-    let done = 0;
-    while (done < lengthBytes) {
-      const pieceOffset = offsetBytes + done;
-      const prefix = this.sourcePrefixBytes(target.bit, pieceOffset, lengthBytes - done);
-      if (prefix <= 0) return 'no-source';
-      const outcome = await this.copyPiece(target, pieceOffset, prefix);
-      if (outcome !== 'copied') return outcome;
-      done += prefix;
-    }
-    return 'copied';
-  }
-
-  /**
-   * One piece: a ring slot, range-locked for [offset, offset+length), READ from a leg that
-   * holds the range into the slot, then WRITE from the slot to the resyncing leg; the leg's bits
-   * for the range are cleared when that WRITE succeeds within the same leg epoch, still under
-   * the lock.
-   */
-  private async copyPiece(target: Leg, offsetBytes: number, lengthBytes: number): Promise<CopyOutcome> {
-    const span = this.ring.slotsFor(lengthBytes);
-    let slot = this.ring.allocate(span);
-    while (slot < 0) {
-      await new Promise<void>((resolve) => this.slotWaiters.push(resolve));
-      if (this.closed || target.state !== 'resyncing') return 'stopped';
-      slot = this.ring.allocate(span);
-    }
-    if (this.closed || target.state !== 'resyncing') {
-      this.ring.free(slot);
-      this.afterFree();
-      return 'stopped';
-    }
-    const source = this.pickSourceLeg(target.bit, offsetBytes, lengthBytes);
-    if (source === null) {
-      this.ring.free(slot);
-      this.afterFree();
-      return 'no-source';
-    }
-    const token = this.nextInternalToken;
-    this.nextInternalToken = this.nextInternalToken >= 0x7fff_0000 ? kInternalTokenBase : this.nextInternalToken + 1;
-    this.bindToken(slot, token, true);
-    this.slots.span[slot] = span;
-    this.inFlight += 1;
-    this.ring.setRequest(slot, p.kCmdRead, 0, offsetBytes, lengthBytes, span, source.bit);
-    this.ring.setReadLeg(slot, source.index);
-    this.slots.phase[slot] = 1;
-    this.slots.copyLeg[slot] = target.index;
-    this.slots.epoch[slot] = target.epoch;
-    const done = new Promise<CopyOutcome>((resolve) => this.copyDone.set(slot, resolve));
-    if (this.rangeLock.acquire(slot, offsetBytes, lengthBytes)) this.dispatch(slot);
-    return await done;
-  }
-
-  /** At dispatch of a copy's READ (maybe later, after the range lock): a source that still holds it. */
-  private prepareCopyRead(slot: number): boolean {
-    const target = this.legs[this.slots.copyLeg[slot] ?? 0] as Leg;
-    if (target.state !== 'resyncing' || target.epoch !== this.slots.epoch[slot]) {
-      this.endCopy(slot, 'stopped');
-      return false;
-    }
-    const offsetBytes = this.ring.offsetBytes(slot);
-    const lengthBytes = this.ring.lengthBytes(slot);
-    const current = this.legs[this.ring.readLeg(slot)];
-    let source: Leg | null = current !== undefined && current !== target && this.upToDateFor(current, offsetBytes, lengthBytes) ? current : null;
-    source ??= this.pickSourceLeg(target.bit, offsetBytes, lengthBytes);
-    if (source === null) {
-      this.endCopy(slot, 'no-source');
-      return false;
-    }
-    this.ring.resetMasks(slot, source.bit);
-    this.ring.setReadLeg(slot, source.index);
-    return true;
-  }
-
-  private onCopyPhaseComplete(slot: number, phase: number, failed: number): void {
-    const ring = this.ring;
-    const target = this.legs[this.slots.copyLeg[slot] ?? 0] as Leg;
-    const offsetBytes = ring.offsetBytes(slot);
-    const lengthBytes = ring.lengthBytes(slot);
-    if (phase === 1) {
-      if (failed !== 0) {
-        const source = this.legs[ring.readLeg(slot)] as Leg;
-        const errno = ring.legErrno(slot, source.index);
-        this.markUnlessSole(source, offsetBytes, lengthBytes);
-        this.failLeg(source, `READ for a resync failed with ${p.errnoNames[errno] ?? errno}`);
-        this.endCopy(slot, 'source-failed');
-        return;
-      }
-      if (target.state !== 'resyncing' || target.epoch !== this.slots.epoch[slot]) {
-        this.endCopy(slot, 'stopped');
-        return;
-      }
-      this.slots.phase[slot] = 2;
-      ring.rephase(slot, p.kCmdWrite, 0, target.bit);
-      this.dispatch(slot);
-      return;
-    }
-    if (failed !== 0) {
-      const errno = ring.legErrno(slot, target.index);
-      this.failLeg(target, `WRITE for a resync failed with ${p.errnoNames[errno] ?? errno}`);
-      this.endCopy(slot, 'target-failed');
-      return;
-    }
-    if (target.state !== 'resyncing' || target.epoch !== this.slots.epoch[slot]) {
-      this.endCopy(slot, 'stopped');
-      return;
-    }
-    target.dirty?.clearRange(offsetBytes, lengthBytes);
-    target.resyncedBytes += lengthBytes;
-    if (this.features.flush) target.currentUnflushed?.markRange(offsetBytes, lengthBytes);
-    this.endCopy(slot, 'copied');
-  }
-
-  private endCopy(slot: number, outcome: CopyOutcome): void {
-    this.slots.phase[slot] = 0;
-    this.slots.copyLeg[slot] = -1;
-    const resolve = this.copyDone.get(slot);
-    this.copyDone.delete(slot);
-    this.releaseRange(slot);
-    this.finishSlot(slot, 0);
-    resolve?.(outcome);
-  }
 
   /**
    * A leg failed to read a range it should hold: mark it there, so it gets a fresh copy, unless
@@ -1490,7 +1304,7 @@ export class MirrorDevice implements BlockDevice {
   async removeLeg(index: number): Promise<void> {
     const leg = this.legAt(index);
     if (leg.state === 'removed') throw new EnbdError('ENBD_ERR_CONFIG', `leg ${index} is already removed`);
-    this.refuseIfLastCopy(leg, 'remove', this.legs.filter((other) => other !== leg && other.admitted));
+    if (leg.admitted) this.refuseIfLastCopy(leg, 'remove', this.legs.filter((other) => other !== leg && other.admitted));
     this.refuseIfLastCopy(leg, 'remove', this.legs.filter((other) => other !== leg && other.state !== 'removed'));
     this.clearReconnect(leg);
     leg.epoch += 1;
