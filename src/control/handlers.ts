@@ -214,6 +214,8 @@ export class MirrorControl {
         connected: counters?.connected ?? null,
         dirtyBytes: leg.dirtyBytes,
         reconnectAttempts: leg.reconnectAttempts,
+        failures: leg.failures,
+        recentFailures: leg.recentFailures,
         resync: leg.resync,
       };
     });

@@ -151,6 +151,9 @@ export interface LegView {
   connected: boolean | null;
   dirtyBytes: number;
   reconnectAttempts: number;
+  /** Times the leg left the admitted states since start, and within the faulty window. */
+  failures: number;
+  recentFailures: number;
   resync: ResyncProgressView | null;
 }
 

@@ -126,6 +126,8 @@ export interface LegStatus {
   resync: ResyncProgress | null;
   /** Times this leg left the in-sync/resyncing states since start. */
   failures: number;
+  /** Failures within the faulty window (--leg-failure-window). */
+  recentFailures: number;
   /** Bytes copied to this leg by resyncs since start. */
   resyncedBytes: number;
 }
@@ -1195,6 +1197,7 @@ export class MirrorDevice implements BlockDevice {
       reconnectAttempts: leg.reconnectAttempts,
       resync: leg.resync !== null && (leg.state === 'resyncing' || leg.resync.isRunning) ? leg.resync.progress() : null,
       failures: leg.failures,
+      recentFailures: leg.health.recentFailures,
       resyncedBytes: leg.resyncedBytes,
     }));
   }

@@ -24,7 +24,7 @@ after(async () => {
 function legStatus(index: number, overrides: Partial<LegStatus> = {}): LegStatus {
   return {
     index, uri: `nbd+unix:///?socket=/run/leg${index}.sock`, kind: 'nbd', state: 'in-sync', inFlight: 0,
-    failureReason: null, dirtyBytes: 0, reconnectAttempts: 0, resync: null, failures: 0, resyncedBytes: 0, ...overrides,
+    failureReason: null, dirtyBytes: 0, reconnectAttempts: 0, resync: null, failures: 0, recentFailures: 0, resyncedBytes: 0, ...overrides,
   };
 }
 
