@@ -225,6 +225,25 @@ describe('leg actor: fence, idle probe, probation probe against nbdkit', { timeo
     await client.close();
   });
 
+  test('NbdClient.fence: a server that is gone proves the fence; a socket we cut ourselves never does', async (t) => {
+    if (!requires(t, 'nbdkit')) return;
+    const killed = await leg(['memory', '1M']);
+    const lost = await NbdClient.connect(killed.uri);
+    lost.setCompletionHandler(() => undefined);
+    await killed.child.stop('SIGKILL');
+    await waitFor('the client to see the close', () => !lost.isConnected);
+    assert.equal(await lost.fence(10), true, 'closed by the peer: nothing can land any more');
+
+    const slow = await leg(['memory', '1M', 'delay-read=30'], ['--filter=delay']);
+    const cut = await NbdClient.connect(slow.uri);
+    const errnos: number[] = [];
+    cut.setCompletionHandler((_token, errno) => errnos.push(errno));
+    cut.submit(p.kCmdRead, 0, 0, kBlockBytes, Buffer.alloc(kBlockBytes), 1);
+    cut.destroy();
+    assert.deepEqual(errnos, [p.kEIo]);
+    assert.equal(await cut.fence(1000), false, 'the server may still hold the READ');
+  });
+
   test('a hung leg (SIGSTOP) with a request in flight: disconnect() still ends and acks it with EIO', async (t) => {
     if (!requires(t, 'nbdkit')) return;
     const { uri, child } = await leg(['memory', '1M']);
