@@ -33,7 +33,8 @@
  *   boundary.
  * - Connection lost (socket closed or reset by the peer) -> CLOSED directly: the server's end
  *   is gone, nothing more can land. destroy() is the hard stop: DISC attempt, then the socket
- *   is destroyed without waiting.
+ *   is destroyed without waiting. A close we caused (destroy, the close() bound) or a network
+ *   timeout (keepalive, unreachable host) proves nothing: fence() then stays false.
  * - Requests submitted when not OPEN complete with EIO on a later macrotask (setImmediate:
  *   a handler that resubmits on failure cannot starve the event loop).
  * - Request timeout: one interval timer of requestTimeoutMs/4 bumps an epoch; each slot records
@@ -110,6 +111,11 @@ export const kHeaderArenaBytes = 64 * 1024;
 const kDisconnectTimeoutMs = 5000;
 /** TCP keepalive: first probe after this much idle time. */
 const kKeepAliveDelayMs = 10_000;
+/**
+ * Socket errors that end the connection without the server's end being known gone (unlike a
+ * reset or a close by the peer): a fence cannot be proven by them.
+ */
+const kUnprovenSocketErrors: ReadonlySet<string> = new Set(['ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'EHOSTDOWN', 'ENETDOWN']);
 const kConnectTimeoutMsDefault = 10_000;
 /** Payload-less commands (TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS) are split at 1 GiB. */
 const kPayloadlessBytesMax = 1024 * 1024 * 1024;
@@ -236,8 +242,12 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
   private readonly socketClosed: Promise<void>;
   private socketClosedResolve: (() => void) | null = null;
   private lastSocketError: Error | null = null;
-  /** We destroyed the socket ourselves: its close proves nothing about the server. */
-  private destroyedLocally = false;
+  /**
+   * The socket's close proves nothing about the server: we destroyed it ourselves, or the
+   * network gave up on the peer (keepalive/retransmit timeout, unreachable) while the server
+   * may still be running.
+   */
+  private closeUnproven = false;
 
   /** Connect, negotiate and return a client in transmission. */
   static async connect(
@@ -568,6 +578,8 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
   /** @internal */
   handleSocketError(error: Error): void {
     this.lastSocketError = error;
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code !== undefined && kUnprovenSocketErrors.has(code)) this.closeUnproven = true;
   }
 
   private checkTimeouts(): void {
@@ -603,7 +615,7 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
 
   private destroySocket(): void {
     if (this.socket.destroyed) return;
-    this.destroyedLocally = true;
+    this.closeUnproven = true;
     this.socket.destroy();
   }
 
@@ -623,7 +635,7 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
     }
     assert(this.state === kStateClosing || this.state === kStateFencing || this.state === kStateClosed, 'fenced');
     if (this.state !== kStateClosed && !(await this.waitSocketClosed(timeoutMs))) return false;
-    return !this.destroyedLocally;
+    return !this.closeUnproven;
   }
 
   /** True once the socket closed, false after `timeoutMs`. */
