@@ -17,15 +17,36 @@
  *   sent from shared memory, a READ lands in shared memory. No copy in shared mode.
  * - Per-leg copy mode (bench experiment): the master posts a private copy of a WRITE payload;
  *   the actor writes from that copy and acks the same visited mask.
+ * - Slot ownership: `slotOwner[slot]` names the device a slot was submitted to until it is
+ *   acked. A device's completion for a slot it no longer owns is dropped, so a slot acked early
+ *   (fence, an abandoned close) is never acked again when the device completes it later, even
+ *   after the master re-dispatched that slot index to a newer connection.
+ * - Fence: the device leaves `device` at once (new work fails EIO), its completion handler is
+ *   swapped for a no-op, every slot it owned is acked with EIO now, then device.fence (NBD:
+ *   DISC and wait for the server's close; file: pending I/O) or close() proves the old
+ *   connection can apply nothing more. A fence that times out keeps the device in `fencing`
+ *   for the next fence() (or disconnect/shutdown, which close it for good).
+ * - Probes run outside the ring: tokens >= slotCount (never a slot index), private buffers.
+ *   Idle probe (init.idleProbeMs > 0): one interval timer per actor compares the time of the
+ *   last issue (a timestamp taken on the hot path anyway) with now; after idleProbeMs without
+ *   a request it READs one minimum block at offset 0; a failure, or no answer within the
+ *   request timeout (idleProbeMs when that is 0), is reported as a drop (events + doorbell),
+ *   the same path as a device's onClose, once per connection. Probation probe (probe()):
+ *   READ one block at 0, WRITE the same bytes back, FLUSH; only for a leg that gets no client
+ *   I/O (otherwise the write-back could undo a client write between the two).
+ * - Every close is bounded (kCloseBoundMs): a leg that never finishes closing has its slots
+ *   acked with EIO and is left to close in the background.
  *
  * Invariants:
  * - Every slot taken from the dispatch queue (or copy message) is acked exactly once.
  * - The actor never writes slot descriptor fields other than through ackSlot.
+ * - slotOwner[slot] !== null only between submit to that device and the slot's ack.
+ * - A connection's drop is reported at most once, and only while it is the current device.
  */
 import type { BlockDevice } from '../core/block-device.js';
 import type { Logger } from '../core/log.js';
 import { assert } from '../core/assert.js';
-import { EnbdError, toPlainError, type PlainError } from '../core/errors.js';
+import { EnbdError, describeError, toPlainError, type PlainError } from '../core/errors.js';
 import * as p from '../nbd/protocol.js';
 import { RequestRing } from '../ring/request-ring.js';
 import { Doorbell, SpscQueue } from '../ring/spsc-queue.js';
@@ -35,6 +56,27 @@ import type { Extent } from '../core/block-device.js';
 import type { CopyMessage, LegActorApi, LegActorInit, LegCheck, LegDeviceOpener, LegInfo, LegStats } from './messages.js';
 
 const kDrainBatch = 256;
+/** disconnect()/shutdown() wait this long for a leg's close, then abandon it. */
+const kCloseBoundMs = 12_000;
+/** The idle timer never ticks faster than this. */
+const kIdleTickMsMin = 20;
+/** Probation probe block (at least the leg's minimum block). */
+const kProbeBlockBytes = 4096;
+/** Probe tokens cycle through [slotCount, slotCount + kProbeTokenSpan). */
+const kProbeTokenSpan = 1 << 30;
+
+function ignoreCompletion(): void {}
+
+interface ProbeWaiter {
+  device: BlockDevice;
+  resolve: (errno: number) => void;
+}
+
+interface IdleProbe {
+  device: BlockDevice;
+  token: number;
+  sentAtMs: number;
+}
 
 export class LegActor implements LegActorApi {
   private readonly ring: RequestRing;
@@ -44,8 +86,23 @@ export class LegActor implements LegActorApi {
   private readonly legIndex: number;
   private readonly leg: LegAddress;
   private device: BlockDevice | null = null;
-  /** Set while we close the device ourselves, so its close is not reported as a drop. */
-  private closingOnPurpose = false;
+  /** Fenced devices whose fence is not proven yet (a later fence() waits on them again). */
+  private fencing: BlockDevice[] = [];
+  /** The device each slot was submitted to, until its ack (see design notes). */
+  private readonly slotOwner: (BlockDevice | null)[];
+  /** The current device's drop was reported (events bumped); stats say not connected. */
+  private dropReported = false;
+  private readonly closing = new WeakMap<BlockDevice, Promise<void>>();
+  private readonly probeWaiters = new Map<number, ProbeWaiter>();
+  private nextProbeToken = 0;
+  private idleTimer: NodeJS.Timeout | null = null;
+  private idleProbe: IdleProbe | null = null;
+  private idleBuffer: Uint8Array = new Uint8Array(0);
+  /** performance.now() of the last request issued to the device (or probe answered). */
+  private lastActivityMs = 0;
+  private readonly idleProbeMs: number;
+  private readonly idleAnswerMs: number;
+  private readonly idleTickBound = (): void => this.idleTick();
   private readonly events: Int32Array;
   private running = false;
   private paused = false;
@@ -74,6 +131,11 @@ export class LegActor implements LegActorApi {
     this.copies = new Array<Uint8Array | null>(this.ring.slotCount).fill(null);
     this.events = new Int32Array(init.events);
     this.issuedAt = new Float64Array(this.ring.slotCount);
+    this.slotOwner = new Array<BlockDevice | null>(this.ring.slotCount).fill(null);
+    const idleProbeMs = init.idleProbeMs ?? 0;
+    assert(Number.isFinite(idleProbeMs) && idleProbeMs >= 0, 'idleProbeMs is a number >= 0');
+    this.idleProbeMs = idleProbeMs;
+    this.idleAnswerMs = init.requestTimeoutMs > 0 ? init.requestTimeoutMs : idleProbeMs;
   }
 
   async open(): Promise<LegInfo | { error: PlainError }> {
@@ -85,19 +147,18 @@ export class LegActor implements LegActorApi {
           connectTimeoutMs: this.init.connectTimeoutMs,
           requestTimeoutMs: this.init.requestTimeoutMs,
         });
-      device.setCompletionHandler((slot, errno) => this.onComplete(slot, errno));
-      const closable = device as { onClose?: ((error: unknown) => void) | null };
-      if ('onClose' in closable) {
-        closable.onClose = () => {
-          if (this.closingOnPurpose || this.device !== device) return;
-          this.logger.warn({ leg: this.legIndex }, 'leg connection dropped');
-          Atomics.add(this.events, this.legIndex, 1);
-          this.doorbell.ring();
-        };
+      device.setCompletionHandler((token, errno) => this.onDeviceComplete(device, token, errno));
+      if ('onClose' in device) {
+        device.onClose = (error) => this.reportDrop(device, error === null ? 'closed' : error.message);
       }
       this.device = device;
+      this.dropReported = false;
+      this.idleProbe = null;
+      this.lastActivityMs = performance.now();
+      this.idleBuffer = new Uint8Array(Math.min(Math.max(1, device.blockSizes.minimumBytes), device.sizeBytes));
       this.statistics.connected = true;
       this.running = true;
+      this.startIdleTimer();
       this.schedulePump();
       return {
         kind: this.leg.kind,
@@ -166,8 +227,26 @@ export class LegActor implements LegActorApi {
       }
     }
     this.statistics.requests += 1;
-    this.issuedAt[slot] = performance.now();
+    const nowMs = performance.now();
+    this.issuedAt[slot] = nowMs;
+    this.lastActivityMs = nowMs;
+    assert(this.slotOwner[slot] === null, 'a slot is issued once per dispatch');
+    this.slotOwner[slot] = device;
     device.submit(command, ring.flags(slot), ring.offsetBytes(slot), lengthBytes, data, slot);
+  }
+
+  /** A device's completion: slots it still owns are acked; probe tokens go to their waiter. */
+  private onDeviceComplete(device: BlockDevice, token: number, errno: number): void {
+    if (token < this.slotOwner.length) {
+      if (this.slotOwner[token] !== device) return; // acked already (fenced or abandoned)
+      this.slotOwner[token] = null;
+      this.onComplete(token, errno);
+      return;
+    }
+    const waiter = this.probeWaiters.get(token);
+    if (waiter === undefined || waiter.device !== device) return;
+    this.probeWaiters.delete(token);
+    waiter.resolve(errno);
   }
 
   private onComplete(slot: number, errno: number): void {
@@ -210,33 +289,228 @@ export class LegActor implements LegActorApi {
     return await this.open();
   }
 
+  /**
+   * Closes the leg's connection (and any fenced one), each within kCloseBoundMs. Not a fence:
+   * a fence() running meanwhile waits on these connections too, but once they are closed they
+   * are forgotten, and a later fence() has nothing left to check.
+   */
   async disconnect(): Promise<void> {
     const device = this.device;
     this.device = null;
     this.statistics.connected = false;
-    if (device === null) return;
-    this.closingOnPurpose = true;
-    try {
-      await device.close();
-    } catch (error) {
-      this.logger.debug({ leg: this.legIndex, err: error }, 'closing the leg failed');
-    } finally {
-      this.closingOnPurpose = false;
-    }
+    if (device !== null) this.fencing.push(device);
+    const devices = this.fencing.slice();
+    await Promise.all(devices.map(async (each) => {
+      await this.closeBounded(each);
+      const at = this.fencing.indexOf(each);
+      if (at >= 0) this.fencing.splice(at, 1);
+    }));
   }
 
-  async fence(_timeoutMs: number): Promise<LegCheck> {
-    await this.disconnect();
+  async fence(timeoutMs: number): Promise<LegCheck> {
+    assert(Number.isFinite(timeoutMs) && timeoutMs >= 0, 'fence timeout is a number >= 0');
+    const device = this.device;
+    if (device !== null) {
+      this.device = null;
+      this.statistics.connected = false;
+      this.fencing.push(device);
+    }
+    const devices = this.fencing.slice();
+    if (devices.length === 0) return { ok: true };
+    // Also those a disconnect() is still closing: what they hold is acked EIO now, not later.
+    for (const each of devices) this.abandon(each);
+    const problems = await Promise.all(devices.map(async (each) => await this.fenceDevice(each, timeoutMs)));
+    let reason: string | null = null;
+    for (const [index, each] of devices.entries()) {
+      const problem = problems[index] ?? null;
+      if (problem !== null) {
+        reason ??= problem;
+        continue;
+      }
+      const at = this.fencing.indexOf(each);
+      if (at < 0) continue; // another fence() or disconnect() took it already
+      this.fencing.splice(at, 1);
+      await this.closeBounded(each);
+    }
+    if (reason !== null) {
+      this.logger.warn({ leg: this.legIndex, reason }, 'leg fence not proven yet');
+      return { ok: false, reason };
+    }
+    this.logger.info({ leg: this.legIndex }, 'leg fenced: its old connection can apply nothing more');
     return { ok: true };
   }
 
-  async probe(_timeoutMs: number): Promise<LegCheck> {
-    return this.device === null ? { ok: false, reason: 'not connected' } : { ok: true };
+  /** null once the device is fenced (see BlockDevice.fence), else why not. */
+  private async fenceDevice(device: BlockDevice, timeoutMs: number): Promise<string | null> {
+    try {
+      if (device.fence !== undefined) {
+        if (await device.fence(timeoutMs)) return null;
+        return `${device.description} not fenced within ${timeoutMs} ms (its server has not closed the connection, or it was cut before it did)`;
+      }
+      if (await withinMs(this.closeOnce(device), timeoutMs)) return null;
+      return `${device.description} did not close within ${timeoutMs} ms`;
+    } catch (error) {
+      return `fencing ${device.description} failed: ${describeError(error)}`;
+    }
+  }
+
+  /**
+   * Stops listening to a device: its completions are dropped from now on, the slots it owned
+   * are acked with EIO, its probe requests fail with EIO.
+   */
+  private abandon(device: BlockDevice): void {
+    assert(this.device !== device, 'only a device that left `device` is abandoned');
+    device.setCompletionHandler(ignoreCompletion);
+    const owners = this.slotOwner;
+    let acked = 0;
+    for (let slot = 0; slot < owners.length; slot += 1) {
+      if (owners[slot] !== device) continue;
+      owners[slot] = null;
+      acked += 1;
+      this.onComplete(slot, p.kEIo);
+    }
+    for (const [token, waiter] of this.probeWaiters) {
+      if (waiter.device !== device) continue;
+      this.probeWaiters.delete(token);
+      waiter.resolve(p.kEIo);
+    }
+    if (this.idleProbe?.device === device) this.idleProbe = null;
+    if (acked > 0) this.logger.debug({ leg: this.legIndex, slots: acked }, 'leg requests in flight acked with EIO');
+  }
+
+  /** close() once per device; errors are logged, never thrown. */
+  private closeOnce(device: BlockDevice): Promise<void> {
+    let closing = this.closing.get(device);
+    if (closing === undefined) {
+      closing = device.close().catch((error: unknown) => {
+        this.logger.debug({ leg: this.legIndex, err: error }, 'closing the leg failed');
+      });
+      this.closing.set(device, closing);
+    }
+    return closing;
+  }
+
+  /** Closes a device that left `device`; abandons it if the close outlives kCloseBoundMs. */
+  private async closeBounded(device: BlockDevice): Promise<void> {
+    if (await withinMs(this.closeOnce(device), kCloseBoundMs)) return;
+    this.logger.warn({ leg: this.legIndex, boundMs: kCloseBoundMs }, 'leg did not close in time; abandoning its connection');
+    this.abandon(device);
+  }
+
+  /** Reports the current device's connection as dropped (once): events + doorbell. */
+  private reportDrop(device: BlockDevice, reason: string): void {
+    if (this.device !== device || this.dropReported) return;
+    this.dropReported = true;
+    this.idleProbe = null;
+    this.logger.warn({ leg: this.legIndex, reason }, 'leg connection dropped');
+    Atomics.add(this.events, this.legIndex, 1);
+    this.doorbell.ring();
+  }
+
+  // ---- probes ---------------------------------------------------------------------------
+
+  private takeProbeToken(): number {
+    const token = this.slotOwner.length + this.nextProbeToken;
+    this.nextProbeToken = (this.nextProbeToken + 1) % kProbeTokenSpan;
+    assert(!this.probeWaiters.has(token), 'probe token is free');
+    return token;
+  }
+
+  /** Submits one probe request; its completion goes to `resolve` (never to the ring). */
+  private submitProbe(device: BlockDevice, command: number, lengthBytes: number, data: Uint8Array | null, resolve: (errno: number) => void): number {
+    const token = this.takeProbeToken();
+    this.probeWaiters.set(token, { device, resolve });
+    device.submit(command, 0, 0, lengthBytes, data, token);
+    return token;
+  }
+
+  /** errno of one probe request, or -1 when it was not answered within `timeoutMs`. */
+  private async probeRequest(device: BlockDevice, command: number, lengthBytes: number, data: Uint8Array | null, timeoutMs: number): Promise<number> {
+    let timer: NodeJS.Timeout | null = null;
+    let token = -1;
+    const answered = new Promise<number>((resolve) => {
+      token = this.submitProbe(device, command, lengthBytes, data, resolve);
+    });
+    const expired = new Promise<number>((resolve) => {
+      timer = setTimeout(() => resolve(-1), Math.max(0, timeoutMs));
+    });
+    try {
+      return await Promise.race([answered, expired]);
+    } finally {
+      if (timer !== null) clearTimeout(timer);
+      // Not answered in time: a late answer is dropped (the waiter goes, the token is unique).
+      this.probeWaiters.delete(token);
+    }
+  }
+
+  async probe(timeoutMs: number): Promise<LegCheck> {
+    assert(Number.isFinite(timeoutMs) && timeoutMs >= 0, 'probe timeout is a number >= 0');
+    const device = this.device;
+    if (device === null) return { ok: false, reason: 'not connected' };
+    const lengthBytes = Math.min(Math.max(device.blockSizes.minimumBytes, kProbeBlockBytes), device.sizeBytes);
+    const buffer = new Uint8Array(lengthBytes);
+    const steps: [number, string][] = [];
+    if (lengthBytes > 0) steps.push([p.kCmdRead, 'READ'], [p.kCmdWrite, 'WRITE']);
+    if (device.features.flush) steps.push([p.kCmdFlush, 'FLUSH']);
+    const deadlineMs = performance.now() + timeoutMs;
+    for (const [command, name] of steps) {
+      const what = command === p.kCmdFlush ? name : `${name} at 0+${lengthBytes}`;
+      const leftMs = deadlineMs - performance.now();
+      const payload = command === p.kCmdFlush ? null : buffer;
+      const errno = leftMs <= 0 ? -1 : await this.probeRequest(device, command, command === p.kCmdFlush ? 0 : lengthBytes, payload, leftMs);
+      if (errno === -1) return this.probeFailed(`${what} not answered within the probe timeout of ${timeoutMs} ms`);
+      if (errno !== 0) return this.probeFailed(`${what} failed: ${p.errnoNames[errno] ?? `errno ${errno}`}`);
+      if (this.device !== device) return this.probeFailed(`the connection was closed during the probe (after ${what})`);
+      this.lastActivityMs = performance.now();
+    }
+    return { ok: true };
+  }
+
+  private probeFailed(reason: string): LegCheck {
+    this.logger.warn({ leg: this.legIndex, reason }, 'leg probe failed');
+    return { ok: false, reason };
+  }
+
+  private startIdleTimer(): void {
+    if (this.idleProbeMs <= 0 || this.idleTimer !== null) return;
+    const periodMs = Math.max(kIdleTickMsMin, Math.floor(Math.min(this.idleProbeMs, this.idleAnswerMs) / 2));
+    this.idleTimer = setInterval(this.idleTickBound, periodMs);
+    this.idleTimer.unref();
+  }
+
+  private stopIdleTimer(): void {
+    if (this.idleTimer !== null) clearInterval(this.idleTimer);
+    this.idleTimer = null;
+  }
+
+  /** Idle timer: checks the probe in flight, or starts one after idleProbeMs without work. */
+  private idleTick(): void {
+    const device = this.device;
+    if (device === null || this.dropReported) return;
+    const nowMs = performance.now();
+    const probe = this.idleProbe;
+    if (probe !== null) {
+      if (probe.device !== device) {
+        this.idleProbe = null;
+      } else if (nowMs - probe.sentAtMs > this.idleAnswerMs) {
+        this.probeWaiters.delete(probe.token);
+        this.reportDrop(device, `idle probe not answered within ${this.idleAnswerMs} ms`);
+      }
+      return;
+    }
+    if (nowMs - this.lastActivityMs < this.idleProbeMs || this.idleBuffer.length === 0) return;
+    const sent: IdleProbe = { device, token: -1, sentAtMs: nowMs };
+    this.idleProbe = sent;
+    sent.token = this.submitProbe(device, p.kCmdRead, this.idleBuffer.length, this.idleBuffer, (errno) => {
+      if (this.idleProbe === sent) this.idleProbe = null;
+      this.lastActivityMs = performance.now();
+      if (errno !== 0) this.reportDrop(device, `idle probe failed: ${p.errnoNames[errno] ?? `errno ${errno}`}`);
+    });
   }
 
   async stats(): Promise<LegStats> {
     const device = this.device;
-    const connected = device !== null && (!('isConnected' in device) || (device as { isConnected: boolean }).isConnected);
+    const connected = device !== null && !this.dropReported && (!('isConnected' in device) || (device as { isConnected: boolean }).isConnected);
     return { ...this.statistics, connected };
   }
 
@@ -261,9 +535,20 @@ export class LegActor implements LegActorApi {
   /** Stops taking work and closes the leg (the master drained requests first). */
   async shutdown(): Promise<void> {
     this.running = false;
-    const device = this.device;
-    this.device = null;
-    if (device !== null) await device.close();
-    this.statistics.connected = false;
+    this.stopIdleTimer();
+    await this.disconnect();
+  }
+}
+
+/** True when `promise` settles within `timeoutMs`. */
+async function withinMs(promise: Promise<void>, timeoutMs: number): Promise<boolean> {
+  let timer: NodeJS.Timeout | null = null;
+  const expired = new Promise<boolean>((resolve) => {
+    timer = setTimeout(() => resolve(false), timeoutMs);
+  });
+  try {
+    return await Promise.race([promise.then(() => true), expired]);
+  } finally {
+    if (timer !== null) clearTimeout(timer);
   }
 }

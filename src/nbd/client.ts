@@ -21,15 +21,33 @@
  * - Completion: `handler(token, errno)` for caller requests; requests of the Promise API carry
  *   an internal id and the `internal` mark in their slot, so they never reach the handler and
  *   cannot clash with caller tokens.
- * - Failure: connection loss, protocol error or request timeout -> state CLOSED, the socket is
- *   destroyed, every request in flight completes with EIO, `closeReason` is set, `onClose` fires
- *   once. Requests submitted when not OPEN complete with EIO on a later macrotask (setImmediate:
+ * - Failure (protocol error, request timeout, fence(), a drain that outlives the disconnect
+ *   bound): every request in flight completes with EIO at once, `closeReason` is set, `onClose`
+ *   fires once (not for fence()). The socket is NOT destroyed: the client sends NBD_CMD_DISC
+ *   (the spec makes the server finish what it holds, then close), half-closes, ignores further
+ *   replies, and keeps reading until the server closes (state FENCING). Only then is it proven
+ *   that nothing sent on this connection can still be applied: `fence()` resolves true. A
+ *   request that timed out may still land on the server until that moment ("zombie" write).
+ *   Headers of the current turn not yet handed to the socket are dropped (their requests
+ *   already failed); what the socket holds is whole requests, so DISC follows a request
+ *   boundary.
+ * - Connection lost (socket closed or reset by the peer) -> CLOSED directly: the server's end
+ *   is gone, nothing more can land. destroy() is the hard stop: DISC attempt, then the socket
+ *   is destroyed without waiting. A close we caused (destroy, the close() bound) or a network
+ *   timeout (keepalive, unreachable host) proves nothing: fence() then stays false.
+ * - Requests submitted when not OPEN complete with EIO on a later macrotask (setImmediate:
  *   a handler that resubmits on failure cannot starve the event loop).
  * - Request timeout: one interval timer of requestTimeoutMs/4 bumps an epoch; each slot records
  *   the epoch at submit; a slot 5 epochs old (older than the timeout) fails the connection.
+ * - Every wait is bounded: disconnect() drains for at most kDisconnectTimeoutMs (then fails
+ *   what is left), then waits at most kDisconnectTimeoutMs for the server's close (then
+ *   destroys). fence(timeoutMs) gives up after timeoutMs but keeps the connection, so a later
+ *   fence() waits on it again.
  *
  * States: OPEN --disconnect()--> DRAINING --in flight 0--> CLOSING (DISC sent) --close--> CLOSED
- *         any state --socket lost / protocol error / timeout / destroy()--> CLOSED
+ *         OPEN/DRAINING --protocol error / timeout / fence()--> FENCING (DISC sent, half-closed)
+ *         FENCING --server closed / reset / destroy() / close() bound--> CLOSED
+ *         any state --socket lost / destroy()--> CLOSED
  */
 import { connect as netConnect, type Socket } from 'node:net';
 import { assert } from '../core/assert.js';
@@ -91,6 +109,13 @@ export interface NbdClientOptions {
 export const kReceiveBufferBytes = 256 * 1024;
 export const kHeaderArenaBytes = 64 * 1024;
 const kDisconnectTimeoutMs = 5000;
+/** TCP keepalive: first probe after this much idle time. */
+const kKeepAliveDelayMs = 10_000;
+/**
+ * Socket errors that end the connection without the server's end being known gone (unlike a
+ * reset or a close by the peer): a fence cannot be proven by them.
+ */
+const kUnprovenSocketErrors: ReadonlySet<string> = new Set(['ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'EHOSTDOWN', 'ENETDOWN']);
 const kConnectTimeoutMsDefault = 10_000;
 /** Payload-less commands (TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS) are split at 1 GiB. */
 const kPayloadlessBytesMax = 1024 * 1024 * 1024;
@@ -105,7 +130,16 @@ export const kDefaultBlockSizes: Readonly<BlockSizes> = {
 const kStateOpen = 0;
 const kStateDraining = 1;
 const kStateClosing = 2;
-const kStateClosed = 3;
+const kStateFencing = 3;
+const kStateClosed = 4;
+
+/** NBD_CMD_DISC's header, for the failure path (the arena is reset there). */
+const kDiscHeader = ((): Buffer => {
+  const header = Buffer.alloc(kRequestHeaderBytes);
+  header.writeUInt32BE(kRequestMagic, 0);
+  header.writeUInt16BE(kCmdDisc, 6);
+  return header;
+})();
 
 interface InternalRequest {
   command: number;
@@ -168,7 +202,11 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
   readonly description: string;
   readonly transmissionFlags: number;
   readonly structuredReplies: boolean;
-  /** Called once when the connection ends: null after a clean disconnect, else the reason. */
+  /**
+   * Called once when the connection ends or fails: null after a clean disconnect, else the
+   * reason (lost, protocol error, timeout). Not called for fence() or a disconnect that had to
+   * give up waiting (the caller asked for those).
+   */
   onClose: ((error: EnbdError | null) => void) | null = null;
 
   private readonly socket: Socket;
@@ -197,11 +235,19 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
   private readonly requestTimeoutMs: number;
   private timeoutTimer: NodeJS.Timeout | null = null;
   private epoch = 0;
-  // Disconnect.
+  // Disconnect and fence.
   private drained: (() => void) | null = null;
   private closedPromise: Promise<void> | null = null;
-  private closedResolve: (() => void) | null = null;
+  /** Resolves when the socket has closed (server closed it, reset, or destroyed). */
+  private readonly socketClosed: Promise<void>;
+  private socketClosedResolve: (() => void) | null = null;
   private lastSocketError: Error | null = null;
+  /**
+   * The socket's close proves nothing about the server: we destroyed it ourselves, or the
+   * network gave up on the peer (keepalive/retransmit timeout, unreachable) while the server
+   * may still be running.
+   */
+  private closeUnproven = false;
 
   /** Connect, negotiate and return a client in transmission. */
   static async connect(
@@ -258,6 +304,7 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
     this.parser = new ReplyParser(this.table, this);
     this.arena = new HeaderArena(kHeaderArenaBytes, this);
     this.onRunWritten = () => this.arena.releaseRun();
+    this.socketClosed = new Promise<void>((resolve) => (this.socketClosedResolve = resolve));
     this.requestTimeoutMs = options.requestTimeoutMs ?? 0;
     if (this.requestTimeoutMs > 0) {
       const periodMs = Math.max(1, Math.floor(this.requestTimeoutMs / (kTimeoutEpochs - 1)));
@@ -385,7 +432,8 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
   flushTurnForScheduler(): void {
     assert(this.turnScheduled, 'turn flush was scheduled');
     this.turnScheduled = false;
-    if (this.state === kStateClosed) return;
+    // FENCING/CLOSED: the socket was ended (end() uncorked it) or destroyed; write nothing.
+    if (this.state === kStateClosed || this.state === kStateFencing) return;
     this.arena.flushRun();
     this.socket.uncork();
   }
@@ -459,26 +507,47 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
 
   /** @internal Receive path (onread): `count` new bytes at the start of `buffer`. */
   onReceive(buffer: Buffer, count: number): void {
-    if (this.state === kStateClosed) return;
+    // FENCING: the server is finishing what it holds; its replies are ignored.
+    if (this.state === kStateClosed || this.state === kStateFencing) return;
     this.parser.push(buffer, 0, count);
   }
 
   // ---- failure, timeout and close ----------------------------------------------------------
 
-  /** Hard failure: close the socket now; everything in flight completes with EIO. */
-  private fail(reason: EnbdError): void {
-    if (this.state === kStateClosed) return;
+  /**
+   * Failure: everything in flight completes with EIO now; the connection is fenced (DISC sent,
+   * half-closed, replies ignored) and kept until the server closes it. `notify` false: fence()
+   * or a bounded disconnect, which do not fire onClose.
+   */
+  private fail(reason: EnbdError, notify = true): void {
+    if (this.state === kStateClosed || this.state === kStateFencing) return;
     const wasClosing = this.state === kStateClosing;
-    this.state = kStateClosed;
     this.reason = wasClosing ? null : reason;
     this.parser.kill();
     if (this.timeoutTimer !== null) clearInterval(this.timeoutTimer);
     this.timeoutTimer = null;
-    this.socket.destroy();
     this.arena.reset();
-    if (!wasClosing) {
+    const socket = this.socket;
+    if (wasClosing || socket.destroyed) {
+      // DISC already sent (CLOSING), or the socket is gone: nothing more to send.
+      this.state = wasClosing && !socket.destroyed ? kStateFencing : kStateClosed;
+    } else {
+      this.state = kStateFencing;
+      if (socket.writable) {
+        socket.write(kDiscHeader);
+        socket.end();
+      }
+    }
+    if (!wasClosing && notify) {
       this.logger?.warn({ server: this.serverName, code: reason.code }, reason.message);
     }
+    this.failInFlight();
+    this.drained?.();
+    const onClose = this.onClose;
+    if (onClose !== null && notify) onClose(this.reason);
+  }
+
+  private failInFlight(): void {
     const table = this.table;
     for (let slot = 0; slot < table.capacity && table.inUseCount > 0; slot++) {
       if (table.inUse[slot] !== 1) continue;
@@ -487,23 +556,30 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
       table.release(slot);
       this.complete(token, kEIo, internal);
     }
-    this.drained?.();
-    this.closedResolve?.();
-    const onClose = this.onClose;
-    if (onClose !== null) onClose(this.reason);
   }
 
-  /** @internal Socket 'close' (connection lost or closed after DISC). */
+  /** @internal Socket 'close' (connection lost, closed after DISC, or destroyed). */
   handleSocketClose(): void {
-    const error = this.lastSocketError;
-    const detail = error === null ? 'closed by the server' : `lost: ${error.message}`;
-    const text = `connection to NBD server ${this.serverName} ${detail}`;
-    this.fail(new EnbdError('ENBD_ERR_CLOSED', text, kEIo));
+    const previous = this.state;
+    if (previous !== kStateClosed && previous !== kStateFencing) {
+      const error = this.lastSocketError;
+      const detail = error === null ? 'closed by the server' : `lost: ${error.message}`;
+      const text = `connection to NBD server ${this.serverName} ${detail}`;
+      this.fail(new EnbdError('ENBD_ERR_CLOSED', text, kEIo));
+    }
+    this.state = kStateClosed;
+    if (previous === kStateFencing) {
+      this.logger?.debug({ server: this.serverName }, 'nbd client: fenced connection closed');
+    }
+    this.socketClosedResolve?.();
+    this.socketClosedResolve = null;
   }
 
   /** @internal */
   handleSocketError(error: Error): void {
     this.lastSocketError = error;
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code !== undefined && kUnprovenSocketErrors.has(code)) this.closeUnproven = true;
   }
 
   private checkTimeouts(): void {
@@ -527,13 +603,56 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
     }
   }
 
-  /** Close at once without waiting for requests in flight (they complete with EIO). */
+  /**
+   * Hard stop: requests in flight complete with EIO, DISC is attempted, the socket is
+   * destroyed without waiting for the server.
+   */
   destroy(reason?: EnbdError): void {
     const text = `connection to NBD server ${this.serverName} destroyed`;
     this.fail(reason ?? new EnbdError('ENBD_ERR_CLOSED', text, kEIo));
+    this.destroySocket();
   }
 
-  /** Wait for requests in flight, send NBD_CMD_DISC, close. Idempotent. */
+  private destroySocket(): void {
+    if (this.socket.destroyed) return;
+    this.closeUnproven = true;
+    this.socket.destroy();
+  }
+
+  /**
+   * Stop using the connection now (requests in flight complete with EIO, new ones fail; no
+   * onClose) and resolve true once the server closed it (or it was already closed, or lost):
+   * nothing sent on it can be applied any more. False after `timeoutMs`; the connection is
+   * kept and a later fence() waits on it again (close() or destroy() end it for good). False
+   * for good once this side destroyed the socket before the server closed it (destroy(), or the
+   * close() bound): that proves nothing about what the server still holds.
+   */
+  async fence(timeoutMs: number): Promise<boolean> {
+    assert(Number.isFinite(timeoutMs) && timeoutMs >= 0, 'fence timeout is a finite number >= 0');
+    if (this.state === kStateOpen || this.state === kStateDraining) {
+      const text = `connection to NBD server ${this.serverName} fenced`;
+      this.fail(new EnbdError('ENBD_ERR_CLOSED', text, kEIo), false);
+    }
+    assert(this.state === kStateClosing || this.state === kStateFencing || this.state === kStateClosed, 'fenced');
+    if (this.state !== kStateClosed && !(await this.waitSocketClosed(timeoutMs))) return false;
+    return !this.closeUnproven;
+  }
+
+  /** True once the socket closed, false after `timeoutMs`. */
+  private async waitSocketClosed(timeoutMs: number): Promise<boolean> {
+    if (this.state === kStateClosed) return true;
+    let timer: NodeJS.Timeout | null = null;
+    const expired = new Promise<boolean>((resolve) => {
+      timer = setTimeout(() => resolve(false), timeoutMs);
+    });
+    try {
+      return await Promise.race([this.socketClosed.then(() => true), expired]);
+    } finally {
+      if (timer !== null) clearTimeout(timer);
+    }
+  }
+
+  /** Wait for requests in flight, send NBD_CMD_DISC, close. Idempotent; bounded. */
   async disconnect(): Promise<void> {
     if (this.closedPromise === null) this.closedPromise = this.runDisconnect();
     await this.closedPromise;
@@ -544,22 +663,34 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
   }
 
   private async runDisconnect(): Promise<void> {
-    if (this.state !== kStateOpen) return;
-    this.state = kStateDraining;
-    if (this.table.inUseCount > 0) {
-      await new Promise<void>((resolve) => (this.drained = resolve));
-      this.drained = null;
+    if (this.state === kStateOpen) {
+      this.state = kStateDraining;
+      if (this.table.inUseCount > 0) await this.waitDrained();
+      if (this.state === kStateDraining && this.table.inUseCount > 0) {
+        const text = `NBD server ${this.serverName} did not finish its requests within ${kDisconnectTimeoutMs} ms of the disconnect`;
+        this.fail(new EnbdError('ENBD_ERR_TIMEOUT', text, kEIo), false);
+      }
+      if (this.state === kStateDraining) {
+        this.writeHeader(kCmdDisc, 0, 0, 0, 0, 0);
+        this.state = kStateClosing;
+        this.arena.flushRun();
+        this.socket.end();
+      }
     }
-    if (this.state !== kStateDraining) return; // failed while draining
-    const closed = new Promise<void>((resolve) => (this.closedResolve = resolve));
-    this.writeHeader(kCmdDisc, 0, 0, 0, 0, 0);
-    this.state = kStateClosing;
-    this.arena.flushRun();
-    this.socket.end();
-    const timer = setTimeout(() => this.destroy(), kDisconnectTimeoutMs);
-    await closed;
-    clearTimeout(timer);
+    if (!(await this.waitSocketClosed(kDisconnectTimeoutMs))) this.destroySocket();
+    await this.socketClosed;
     this.logger?.debug({ server: this.serverName }, 'nbd client: disconnected');
+  }
+
+  /** Resolves when nothing is in flight any more (or the connection failed), or at the bound. */
+  private async waitDrained(): Promise<void> {
+    let timer: NodeJS.Timeout | null = null;
+    await new Promise<void>((resolve) => {
+      this.drained = resolve;
+      timer = setTimeout(resolve, kDisconnectTimeoutMs);
+    });
+    if (timer !== null) clearTimeout(timer);
+    this.drained = null;
   }
 
   // ---- Promise API -------------------------------------------------------------------------
@@ -712,7 +843,11 @@ class PendingConnection implements HandshakeIo {
         : netConnect({ host: address.host, port: address.port, onread, noDelay: true });
     this.socket.once('connect', () => {
       this.isConnected = true;
-      if (address.kind === 'tcp') this.socket.setNoDelay(true);
+      if (address.kind === 'tcp') {
+        this.socket.setNoDelay(true);
+        // A peer that vanished without a FIN/RST (host down, cable) is found by the kernel.
+        this.socket.setKeepAlive(true, kKeepAliveDelayMs);
+      }
       this.connectWaiter?.resolve();
     });
     this.socket.on('error', (error) => this.onSocketError(error));

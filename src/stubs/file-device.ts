@@ -16,10 +16,19 @@
  * | CACHE         | accepted and ignored (a hint)                                     |
  * | block status  | scans data: all-zero 64 KiB blocks report ZERO, others data       |
  *
+ * - fence(): new requests fail with EIO, every request in flight completes with EIO at once;
+ *   the ops whose pread/pwrite/fdatasync is still on the thread pool are "abandoned": they stay
+ *   out of the free list until their I/O returns, then are recycled without a completion. The
+ *   fence holds once no thread-pool I/O is pending (`ioPending` 0): from then on nothing ever
+ *   submitted can still change the file. Synchronous mode has nothing pending (its I/O ran
+ *   inside submit), so it holds at once unless FUA writes or flushes are on the pool.
+ *
  * Invariants:
  * - Each submitted token completes exactly once, asynchronously (never inside submit).
  * - No allocation per request on READ/WRITE: operation records come from a free list and carry
  *   a callback bound once.
+ * - ioPending = thread-pool calls issued whose callback has not run; the fd is closed only when
+ *   it is 0 (or after a bound, for a disk that never answers).
  */
 import { open, type FileHandle } from 'node:fs/promises';
 import { read, write, fdatasync, fstatSync, openSync, closeSync, readSync, writeSync } from 'node:fs';
@@ -32,6 +41,8 @@ const kZeroBytes = 1024 * 1024;
 const kZeroBuffer = Buffer.alloc(kZeroBytes);
 const kScanBlockBytes = 64 * 1024;
 const kScanBytesMax = 16 * 1024 * 1024;
+/** close() waits at most this long for thread-pool I/O before closing the fd anyway. */
+const kCloseWaitMs = 10_000;
 
 class FileOp {
   token = 0;
@@ -41,6 +52,10 @@ class FileOp {
   lengthBytes = 0;
   doneBytes = 0;
   data: Uint8Array | null = null;
+  /** Submitted and not yet completed to the handler. */
+  active = false;
+  /** Completed with EIO by fence() while its I/O was pending: recycle it silently when done. */
+  abandoned = false;
   readonly onIo: (error: NodeJS.ErrnoException | null, bytes: number) => void;
   readonly onSync: (error: NodeJS.ErrnoException | null) => void;
   constructor(device: FileDevice) {
@@ -69,8 +84,15 @@ export class FileDevice implements BlockDevice {
   readonly description: string;
   private handler: CompletionHandler = () => undefined;
   private readonly freeOps: FileOp[] = [];
+  /** Every op ever made (bounded by the peak of requests in flight), for fence(). */
+  private readonly allOps: FileOp[] = [];
   private scanHandle: FileHandle | null = null;
+  /** No new I/O: set by close() and fence(). */
   private closed = false;
+  private fdClosed = false;
+  /** Thread-pool calls (read, write, fdatasync) whose callback has not run yet. */
+  private ioPending = 0;
+  private idleWaiters: (() => void)[] = [];
   private readonly syncIo: boolean;
   private ready: FileOp[] = [];
   private readyErrno: number[] = [];
@@ -127,15 +149,72 @@ export class FileDevice implements BlockDevice {
   }
 
   private takeOp(): FileOp {
-    return this.freeOps.pop() ?? new FileOp(this);
+    const reused = this.freeOps.pop();
+    if (reused !== undefined) return reused;
+    const op = new FileOp(this);
+    this.allOps.push(op);
+    return op;
   }
 
   private complete(op: FileOp, errno: number): void {
+    if (op.abandoned) {
+      // fence() already completed it; its I/O is over now.
+      op.abandoned = false;
+      op.data = null;
+      this.freeOps.push(op);
+      return;
+    }
+    assert(op.active, 'completing an op in flight');
     const token = op.token;
+    op.active = false;
     op.data = null;
     this.freeOps.push(op);
     this.inFlight -= 1;
     this.handler(token, errno);
+  }
+
+  /** Counts one thread-pool call done; wakes idle waiters at 0. */
+  private ioReturned(): void {
+    this.ioPending -= 1;
+    assert(this.ioPending >= 0, 'thread-pool calls balance');
+    if (this.ioPending === 0 && this.idleWaiters.length > 0) {
+      for (const wake of this.idleWaiters.splice(0)) wake();
+    }
+  }
+
+  /** True once no thread-pool I/O is pending, false after `timeoutMs`. */
+  private async waitIoIdle(timeoutMs: number): Promise<boolean> {
+    if (this.ioPending === 0) return true;
+    return await new Promise<boolean>((resolve) => {
+      const wake = (): void => {
+        clearTimeout(timer);
+        resolve(true);
+      };
+      const timer = setTimeout(() => {
+        const index = this.idleWaiters.indexOf(wake);
+        if (index >= 0) this.idleWaiters.splice(index, 1);
+        resolve(false);
+      }, timeoutMs);
+      this.idleWaiters.push(wake);
+    });
+  }
+
+  /**
+   * BlockDevice.fence: no new I/O; requests in flight complete with EIO now; true once the
+   * thread pool holds no I/O of this device (false after `timeoutMs`; a later call waits again).
+   */
+  async fence(timeoutMs: number): Promise<boolean> {
+    this.closed = true;
+    for (const op of this.allOps) {
+      if (!op.active) continue;
+      // Its completion (I/O callback, setImmediate or the sync batch) comes later and recycles it.
+      op.active = false;
+      op.abandoned = true;
+      this.inFlight -= 1;
+      this.handler(op.token, p.kEIo);
+    }
+    assert(this.inFlight >= 0, 'in-flight count stays non-negative');
+    return await this.waitIoIdle(timeoutMs);
   }
 
   submit(command: number, flags: number, offsetBytes: number, lengthBytes: number, data: Uint8Array | null, token: number): void {
@@ -147,6 +226,8 @@ export class FileDevice implements BlockDevice {
     op.lengthBytes = lengthBytes;
     op.doneBytes = 0;
     op.data = data;
+    op.active = true;
+    op.abandoned = false;
     this.inFlight += 1;
     if (this.closed) {
       setImmediate(() => this.complete(op, p.kEIo));
@@ -168,11 +249,15 @@ export class FileDevice implements BlockDevice {
         this.continueIo(op);
         return;
       case p.kCmdFlush:
+        this.ioPending += 1;
         fdatasync(this.fd, op.onSync);
         return;
       case p.kCmdTrim:
         if (this.features.readOnly) return this.completeLater(op, p.kEPerm);
-        if ((flags & p.kCmdFlagFua) !== 0) fdatasync(this.fd, op.onSync);
+        if ((flags & p.kCmdFlagFua) !== 0) {
+          this.ioPending += 1;
+          fdatasync(this.fd, op.onSync);
+        }
         else this.completeLater(op, 0);
         return;
       case p.kCmdCache:
@@ -195,6 +280,7 @@ export class FileDevice implements BlockDevice {
     }
     const remaining = op.lengthBytes - op.doneBytes;
     const position = op.offsetBytes + op.doneBytes;
+    this.ioPending += 1;
     if (op.command === p.kCmdRead) {
       read(this.fd, op.data as Uint8Array, op.doneBytes, remaining, position, op.onIo);
     } else if (op.command === p.kCmdWrite) {
@@ -248,6 +334,11 @@ export class FileDevice implements BlockDevice {
   }
 
   ioDone(op: FileOp, error: NodeJS.ErrnoException | null, bytes: number): void {
+    this.ioReturned();
+    if (op.abandoned) {
+      this.complete(op, p.kEIo); // recycles it; fence() completed its token
+      return;
+    }
     if (error !== null) {
       this.complete(op, p.nbdErrnoFromHostCode(error.code));
       return;
@@ -266,6 +357,7 @@ export class FileDevice implements BlockDevice {
       return;
     }
     if (op.command !== p.kCmdRead && (op.flags & p.kCmdFlagFua) !== 0) {
+      this.ioPending += 1;
       fdatasync(this.fd, op.onSync);
       return;
     }
@@ -273,6 +365,7 @@ export class FileDevice implements BlockDevice {
   }
 
   syncDone(op: FileOp, error: NodeJS.ErrnoException | null): void {
+    this.ioReturned();
     this.complete(op, error === null ? 0 : p.nbdErrnoFromHostCode(error.code));
   }
 
@@ -294,12 +387,14 @@ export class FileDevice implements BlockDevice {
   }
 
   async close(): Promise<void> {
-    if (this.closed) return;
+    if (this.fdClosed) return;
+    this.fdClosed = true;
     this.closed = true;
     // Let requests already handed to the thread pool finish before the fd goes away.
     for (let turns = 0; this.inFlight > 0 && turns < 100_000; turns += 1) {
       await new Promise((resolve) => setImmediate(resolve));
     }
+    await this.waitIoIdle(kCloseWaitMs);
     await this.scanHandle?.close();
     closeSync(this.fd);
   }
