@@ -66,6 +66,8 @@ export interface ReceivedRequest {
 
 /** One data change the store applied. `late`: its connection had failed or closed by then. */
 export interface AppliedWrite {
+  /** Order among every store's applied writes (one counter for the process). */
+  sequence: number;
   connection: number;
   command: number;
   offsetBytes: number;
@@ -90,6 +92,7 @@ interface ServerRequest {
 }
 
 const kReceivedKept = 100_000;
+let appliedSequence = 0;
 
 function isWriteCommand(command: number): boolean {
   return command === p.kCmdWrite || command === p.kCmdTrim || command === p.kCmdWriteZeroes;
@@ -276,7 +279,8 @@ export class FaultStore {
         return;
     }
     if ((request.flags & p.kCmdFlagFua) !== 0) this.durable.set(this.bytes.subarray(offsetBytes, end), offsetBytes);
-    this.applied.push({ connection: request.connection.id, command, offsetBytes, lengthBytes, late: !waiting });
+    appliedSequence += 1;
+    this.applied.push({ sequence: appliedSequence, connection: request.connection.id, command, offsetBytes, lengthBytes, late: !waiting });
   }
 
   private discard(request: ServerRequest): void {
@@ -538,19 +542,21 @@ export class MirrorDriver {
     }
   }
 
-  private run(command: number, flags: number, offsetBytes: number, lengthBytes: number, data: Uint8Array | null, token: number): Promise<number> {
+  /** Submits now (`onSubmit` runs just before, so a caller learns the true arrival order). */
+  private run(command: number, flags: number, offsetBytes: number, lengthBytes: number, data: Uint8Array | null, token: number, onSubmit?: () => void): Promise<number> {
     const result = new Promise<number>((resolve) => this.done.set(token, resolve));
+    onSubmit?.();
     this.mirror.submit(command, flags, offsetBytes, lengthBytes, data, token);
     return result;
   }
 
-  async write(offsetBytes: number, data: Uint8Array, flags = 0): Promise<number> {
+  async write(offsetBytes: number, data: Uint8Array, flags = 0, onSubmit?: () => void): Promise<number> {
     const token = this.token();
-    if (data.length === 0) return await this.run(p.kCmdWrite, flags, offsetBytes, 0, null, token);
+    if (data.length === 0) return await this.run(p.kCmdWrite, flags, offsetBytes, 0, null, token, onSubmit);
     const view = await this.buffer(p.kCmdWrite, data.length, token);
     view.set(data);
     try {
-      return await this.run(p.kCmdWrite, flags, offsetBytes, data.length, view, token);
+      return await this.run(p.kCmdWrite, flags, offsetBytes, data.length, view, token, onSubmit);
     } finally {
       this.mirror.releaseBuffer(token);
     }
@@ -572,12 +578,12 @@ export class MirrorDriver {
     return await this.run(p.kCmdFlush, 0, offsetBytes, lengthBytes, null, this.token());
   }
 
-  async trim(offsetBytes: number, lengthBytes: number, flags = 0): Promise<number> {
-    return await this.run(p.kCmdTrim, flags, offsetBytes, lengthBytes, null, this.token());
+  async trim(offsetBytes: number, lengthBytes: number, flags = 0, onSubmit?: () => void): Promise<number> {
+    return await this.run(p.kCmdTrim, flags, offsetBytes, lengthBytes, null, this.token(), onSubmit);
   }
 
-  async zero(offsetBytes: number, lengthBytes: number, flags = 0): Promise<number> {
-    return await this.run(p.kCmdWriteZeroes, flags, offsetBytes, lengthBytes, null, this.token());
+  async zero(offsetBytes: number, lengthBytes: number, flags = 0, onSubmit?: () => void): Promise<number> {
+    return await this.run(p.kCmdWriteZeroes, flags, offsetBytes, lengthBytes, null, this.token(), onSubmit);
   }
 }
 
