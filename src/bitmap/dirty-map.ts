@@ -443,6 +443,20 @@ export class DirtyMap {
     return true;
   }
 
+  /** The first dirty chunk in [fromChunk, limitChunk), or limitChunk when there is none. */
+  firstDirtyChunk(fromChunk: number, limitChunk: number): number {
+    assert(Number.isSafeInteger(fromChunk) && Number.isSafeInteger(limitChunk), 'chunks must be integers');
+    assert(fromChunk >= 0 && fromChunk <= limitChunk && limitChunk <= this.chunkCount, 'chunk range out of range');
+    return fromChunk === limitChunk ? limitChunk : this.findChunk(fromChunk, limitChunk, true);
+  }
+
+  /** The first clean chunk in [fromChunk, limitChunk), or limitChunk when there is none. */
+  firstCleanChunk(fromChunk: number, limitChunk: number): number {
+    assert(Number.isSafeInteger(fromChunk) && Number.isSafeInteger(limitChunk), 'chunks must be integers');
+    assert(fromChunk >= 0 && fromChunk <= limitChunk && limitChunk <= this.chunkCount, 'chunk range out of range');
+    return fromChunk === limitChunk ? limitChunk : this.findChunk(fromChunk, limitChunk, false);
+  }
+
   /** Allocating convenience form of nextDirtyRunInto (not for the resync hot loop). */
   nextDirtyRun(fromChunk: number, maxChunks: number): DirtyRun | null {
     const out: DirtyRun = { firstChunk: 0, chunkCount: 0 };

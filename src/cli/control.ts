@@ -211,15 +211,15 @@ async function runStatus(options: StatusOptions): Promise<void> {
 function registerLegCommands(program: Command): void {
   const leg = program.command('leg').description('take legs out, bring them back, add or remove them (running daemon)');
   const simple: Array<[string, string, (client: ControlClient, index: number) => Promise<string>]> = [
-    ['fail', 'take a leg out by hand (it stays out until `leg reconnect`; refused for the last in-sync leg)', async (client, index) => {
+    ['fail', 'take a leg out by hand (it stays out until `leg reconnect`; refused for the last in-sync leg or a leg that alone holds some data)', async (client, index) => {
       const result = await client.call('leg.fail', { leg: index });
       return `leg ${result.leg}: ${result.state}`;
     }],
-    ['reconnect', 'reconnect a failed or degraded leg now (then it resyncs)', async (client, index) => {
+    ['reconnect', 'bring a failed, faulty, degraded or fencing leg back now: fence its old connection, reconnect, probation, then resync', async (client, index) => {
       const result = await client.call('leg.reconnect', { leg: index });
       return `leg ${result.leg}: ${result.state}`;
     }],
-    ['remove', 'remove a leg for good (refused for the last in-sync leg)', async (client, index) => {
+    ['remove', 'remove a leg for good (refused for the last in-sync leg or a leg that alone holds some data)', async (client, index) => {
       const result = await client.call('leg.remove', { leg: index });
       return `leg ${result.leg} removed`;
     }],

@@ -53,6 +53,12 @@ function buildProgram(): Command {
     .option('--placement <where>', 'workers (an actor thread per leg) or inline (actors on the main thread)')
     .option('--max-payload <bytes>', 'largest READ/WRITE payload accepted (default 32M)')
     .option('--leg-timeout <ms>', 'degrade a leg whose request takes longer (default 5000; 0 = never)')
+    .option('--idle-probe <ms>', 'probe a leg idle this long with a one-block READ (default 5000; 0 = never)')
+    .option('--fence-timeout <ms>', 'wait this long for a failed leg\'s old connection to close before trying again (default 10000)')
+    .option('--probe-timeout <ms>', 'a returning leg\'s probation probe (READ, WRITE back, FLUSH) must pass within this (default: --leg-timeout, or 5000 when 0)')
+    .option('--leg-max-failures <n>', 'park a leg as faulty after this many failures within --leg-failure-window (default 20; 0 = never)')
+    .option('--leg-failure-window <ms>', 'window for --leg-max-failures (default 3600000 = 1 h)')
+    .option('--leg-stable <ms>', 'a leg\'s reconnect backoff starts over only after it stayed in sync this long (default 30000)')
     .option('--bitmap-chunk <bytes>', 'bytes per dirty-map bit (power of two, default 4K)')
     .option('--bitmap-pool <pages>', 'dirty-map pages per leg (4 KiB each, one per 128 MiB of device at 4K chunks; default 64)')
     .option('--reconnect-min <ms>', 'first reconnect delay of a degraded leg (default 250; doubles per attempt)')
@@ -71,6 +77,11 @@ function buildProgram(): Command {
         legTimeoutMs: options['legTimeout'],
         reconnectMinMs: options['reconnectMin'],
         reconnectMaxMs: options['reconnectMax'],
+        idleProbeMs: options['idleProbe'],
+        fenceTimeoutMs: options['fenceTimeout'],
+        probeTimeoutMs: options['probeTimeout'],
+        legFailureWindowMs: options['legFailureWindow'],
+        legStableMs: options['legStable'],
       };
       await runMirror(renamed);
     });

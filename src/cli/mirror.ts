@@ -30,6 +30,13 @@ export interface MirrorSettings {
   placement: Placement;
   maxPayload: number;
   legTimeoutMs: number;
+  idleProbeMs: number;
+  fenceTimeoutMs: number;
+  /** null = --leg-timeout, or 5000 when that is 0. */
+  probeTimeoutMs: number | null;
+  legMaxFailures: number;
+  legFailureWindowMs: number;
+  legStableMs: number;
   bitmapChunk: number;
   bitmapPool: number;
   reconnectMinMs: number;
@@ -46,7 +53,7 @@ export interface MirrorSettings {
   metrics: string | null;
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics']);
 const kDefaultLegBytes = 1024 ** 3;
 
 function readConfig(path: string): Record<string, unknown> {
@@ -101,6 +108,7 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
   if (resyncRateMax !== 0 && resyncRateMax < resyncRateMin) {
     throw new EnbdError('ENBD_ERR_CONFIG', `--resync-rate-max (${resyncRateMax}) is below --resync-rate-min (${resyncRateMin}); 0 means unlimited`);
   }
+  const probeTimeout = pick('probeTimeoutMs');
   const size = pick('size');
   const ringSlots = pick('ringSlots');
   const slotBytes = pick('slotBytes');
@@ -120,6 +128,12 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     placement,
     maxPayload: parseBytes('--max-payload', text(pick('maxPayload') ?? '32M', '--max-payload')),
     legTimeoutMs: parseInteger('--leg-timeout', text(pick('legTimeoutMs') ?? '5000', '--leg-timeout'), 0, 3_600_000),
+    idleProbeMs: parseInteger('--idle-probe', text(pick('idleProbeMs') ?? '5000', '--idle-probe'), 0, 3_600_000),
+    fenceTimeoutMs: parseInteger('--fence-timeout', text(pick('fenceTimeoutMs') ?? '10000', '--fence-timeout'), 1, 3_600_000),
+    probeTimeoutMs: probeTimeout === undefined ? null : parseInteger('--probe-timeout', text(probeTimeout, '--probe-timeout'), 1, 3_600_000),
+    legMaxFailures: parseInteger('--leg-max-failures', text(pick('legMaxFailures') ?? '20', '--leg-max-failures'), 0, 1_000_000),
+    legFailureWindowMs: parseInteger('--leg-failure-window', text(pick('legFailureWindowMs') ?? '3600000', '--leg-failure-window'), 1, 7 * 24 * 3_600_000),
+    legStableMs: parseInteger('--leg-stable', text(pick('legStableMs') ?? '30000', '--leg-stable'), 0, 24 * 3_600_000),
     bitmapChunk: parseBitmapChunk(text(pick('bitmapChunk') ?? '4K', '--bitmap-chunk')),
     bitmapPool: parseInteger('--bitmap-pool', text(pick('bitmapPool') ?? '64', '--bitmap-pool'), 1, 262_144),
     reconnectMinMs,
@@ -186,6 +200,12 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
     logger,
     logLevel: settings.logLevel,
     legTimeoutMs: settings.legTimeoutMs,
+    idleProbeMs: settings.idleProbeMs,
+    fenceTimeoutMs: settings.fenceTimeoutMs,
+    ...(settings.probeTimeoutMs !== null ? { probeTimeoutMs: settings.probeTimeoutMs } : {}),
+    legMaxFailures: settings.legMaxFailures,
+    legFailureWindowMs: settings.legFailureWindowMs,
+    legStableMs: settings.legStableMs,
     bitmapChunkBytes: settings.bitmapChunk,
     bitmapPoolPages: settings.bitmapPool,
     reconnectMinMs: settings.reconnectMinMs,

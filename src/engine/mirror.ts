@@ -50,9 +50,11 @@ import { parseLegUri } from '../stubs/open-leg.js';
 import { DirtyMap } from '../bitmap/dirty-map.js';
 import { LatencyHistograms } from '../core/latency.js';
 import { RangeLock } from './range-lock.js';
+import { LegHealth, isAdmitted, kDefaultHealthPolicy, type HealthPolicy, type LegState } from './leg-health.js';
+import { SlotTable } from './slot-table.js';
 import { Resync, type CopyOutcome, type ResyncHost, type ResyncProgress, type ResyncRates } from './resync.js';
 import { LegActor } from './leg-actor.js';
-import type { CopyMode, LegActorApi, LegActorInit, LegDeviceOpener, LegInfo, LegStats, Placement } from './messages.js';
+import type { CopyMode, LegActorApi, LegActorInit, LegCheck, LegDeviceOpener, LegInfo, LegStats, Placement } from './messages.js';
 
 export interface MirrorOptions {
   legs: string[];
@@ -83,6 +85,17 @@ export interface MirrorOptions {
    * measure what the record costs: a dropped leg's unflushed writes then go unmarked.
    */
   flushTracking?: boolean;
+  /** A returning leg's probation probe (READ, WRITE back, FLUSH) must finish within this (ms). */
+  probeTimeoutMs?: number;
+  /** How long one fence attempt waits for a failed leg's old connection to close (ms). */
+  fenceTimeoutMs?: number;
+  /** Probe an idle leg every this many ms (0 = never). */
+  idleProbeMs?: number;
+  /** Failures within legFailureWindowMs that park a leg as faulty (0 = never). */
+  legMaxFailures?: number;
+  legFailureWindowMs?: number;
+  /** Time in sync after which a leg's reconnect backoff starts over (ms). */
+  legStableMs?: number;
   /**
    * Opens each leg's device instead of the URI's server stub (tests: fault-injecting legs).
    * Needs `placement: 'inline'` (a function cannot cross to a worker).
@@ -90,15 +103,7 @@ export interface MirrorOptions {
   openDevice?: LegDeviceOpener;
 }
 
-/**
- * in-sync: holds every acknowledged write, serves reads and writes.
- * degraded: missed writes (or its connection is down); waits for its next reconnect attempt.
- * reconnecting: a reconnect attempt is under way.
- * resyncing: connected again and receiving writes; its dirty chunks are being copied back.
- *   Reads go to it only for ranges its dirty map shows clean.
- * failed: out for good (its actor thread died, or the daemon is stopping).
- */
-export type LegState = 'in-sync' | 'degraded' | 'reconnecting' | 'resyncing' | 'failed' | 'removed';
+export type { LegState } from './leg-health.js';
 
 /** What the mirror tells its listeners (control plane, metrics). */
 export type MirrorEvent =
@@ -175,11 +180,13 @@ class Leg {
   flushSlot = -1;
   /** The connection dropped or a flush failed: unflushed writes may be lost. */
   mayHaveLostUnflushed = false;
-  /** Was in sync when the last in-sync leg went: holds every acknowledged write. */
-  lastStanding = false;
   dropsSeen = 0;
-  reconnectAttempts = 0;
+  /** Reconnect backoff, failure window, state transitions (src/engine/leg-health.ts). */
+  health!: LegHealth;
+  /** The reconnect timer (degraded) or the next fence attempt (fencing). */
   reconnectTimer: NodeJS.Timeout | null = null;
+  /** Park the leg as faulty once its fence completes (too many failures in the window). */
+  parkWhenFenced = false;
   resync: Resync | null = null;
   /** Bumped whenever the leg fails: a resync copy clears bits only within one epoch. */
   epoch = 0;
@@ -194,6 +201,12 @@ class Leg {
   ) {}
   get bit(): number {
     return 1 << this.index;
+  }
+  get admitted(): boolean {
+    return isAdmitted(this.state);
+  }
+  get reconnectAttempts(): number {
+    return this.health.attempts;
   }
   get currentUnflushed(): DirtyMap | null {
     return this.unflushed?.[this.unflushedCurrent] ?? null;
@@ -218,6 +231,18 @@ function nextPowerOfTwo(value: number): number {
   return result;
 }
 
+/** Flags each command may carry to a leg (DF and the like are the server's business). */
+const kLegFlags: readonly number[] = (() => {
+  const flags: number[] = [];
+  flags[p.kCmdRead] = 0;
+  flags[p.kCmdWrite] = p.kCmdFlagFua;
+  flags[p.kCmdFlush] = 0;
+  flags[p.kCmdTrim] = p.kCmdFlagFua;
+  flags[p.kCmdWriteZeroes] = p.kCmdFlagFua | p.kCmdFlagNoHole | p.kCmdFlagFastZero;
+  flags[p.kCmdCache] = 0;
+  return flags;
+})();
+
 function isDataChanging(command: number): boolean {
   return command === p.kCmdWrite || command === p.kCmdTrim || command === p.kCmdWriteZeroes;
 }
@@ -240,11 +265,8 @@ export class MirrorDevice implements BlockDevice {
   private readonly copyMode: CopyMode;
   private readonly placement: Placement;
   private readonly logger: Logger;
-  /** Server token of each slot's request; which slots are internal (freed at completion). */
-  private readonly tokenOfSlot: Int32Array;
-  private readonly internalSlot: Uint8Array;
-  private readonly spanOfSlot: Int32Array;
-  private readonly triedMask: Int32Array;
+  /** Per-slot request table (src/engine/slot-table.ts). */
+  private readonly slots: SlotTable;
   private slotOfToken = new Int32Array(1 << 16).fill(-1);
   private readonly pendingSubmits: PendingSubmit[] = [];
   private readonly internalWaiters = new Map<number, (errno: number) => void>();
@@ -258,10 +280,6 @@ export class MirrorDevice implements BlockDevice {
   private closed = false;
   /** Per-leg drop counters bumped by the actors (see LegActorInit.events). */
   private readonly events: Int32Array;
-  /** Resync copies: phase of each slot, and the leg it copies to. */
-  private readonly copyPhase: Uint8Array;
-  private readonly copyTarget: Int8Array;
-  private readonly copyEpoch: Int32Array;
   private readonly copyDone = new Map<number, (outcome: CopyOutcome) => void>();
   private readonly slotWaiters: Array<() => void> = [];
   private readonly options: MirrorOptions;
@@ -271,12 +289,11 @@ export class MirrorDevice implements BlockDevice {
   private clientBusyAt = 0;
   private readonly resyncHost: ResyncHost;
   private flushTracking = true;
+  private readonly healthPolicy: HealthPolicy;
   private readonly listeners = new Set<(event: MirrorEvent) => void>();
   private resyncPaused = false;
   /** Client request latency (arrival at the engine to completion), by kind (kLatencyKinds). */
   readonly latency = new LatencyHistograms(kLatencyKinds);
-  private readonly startedAt: Float64Array;
-  private readonly kindOfSlot: Int8Array;
   private readonly counters = { requests: new Map<number, number>(), bytes: new Map<number, number>(), writeCopies: 0, writeBytesCopied: 0, writeRequests: 0 };
   inFlight = 0;
 
@@ -288,17 +305,14 @@ export class MirrorDevice implements BlockDevice {
     this.doorbell = Doorbell.create();
     this.rangeLock = new RangeLock(this.ring.slotCount);
     this.granted = new Int32Array(this.ring.slotCount);
-    this.tokenOfSlot = new Int32Array(this.ring.slotCount).fill(-1);
-    this.internalSlot = new Uint8Array(this.ring.slotCount);
-    this.spanOfSlot = new Int32Array(this.ring.slotCount).fill(1);
-    this.triedMask = new Int32Array(this.ring.slotCount);
+    this.slots = new SlotTable(this.ring.slotCount);
     this.events = new Int32Array(new SharedArrayBuffer(kMaxLegs * 4));
-    this.copyPhase = new Uint8Array(this.ring.slotCount);
-    this.copyTarget = new Int8Array(this.ring.slotCount).fill(-1);
-    this.copyEpoch = new Int32Array(this.ring.slotCount);
-    this.startedAt = new Float64Array(this.ring.slotCount);
-    this.kindOfSlot = new Int8Array(this.ring.slotCount).fill(-1);
     this.options = options;
+    this.healthPolicy = {
+      maxFailures: options.legMaxFailures ?? kDefaultHealthPolicy.maxFailures,
+      failureWindowMs: options.legFailureWindowMs ?? kDefaultHealthPolicy.failureWindowMs,
+      stableMs: options.legStableMs ?? kDefaultHealthPolicy.stableMs,
+    };
     this.resyncRates = {
       minBytesPerSecond: options.resyncRates?.minBytesPerSecond ?? 32 * 1024 * 1024,
       maxBytesPerSecond: options.resyncRates?.maxBytesPerSecond ?? 0,
@@ -350,8 +364,10 @@ export class MirrorDevice implements BlockDevice {
       logLevel: this.options.logLevel ?? 'info',
       connectTimeoutMs: this.options.connectTimeoutMs ?? 10_000,
       requestTimeoutMs: this.options.legTimeoutMs ?? 0,
+      idleProbeMs: this.options.idleProbeMs ?? 5000,
     };
     const leg = this.startLeg(init, dispatch, completion);
+    leg.health = new LegHealth(leg, this.logger, this.healthPolicy);
     leg.dropsSeen = Atomics.load(this.events, index);
     return leg;
   }
@@ -444,7 +460,9 @@ export class MirrorDevice implements BlockDevice {
     this.blockSizes = {
       minimumBytes: Math.max(...infos.map((info) => info.blockSizes.minimumBytes)),
       preferredBytes: Math.max(...infos.map((info) => info.blockSizes.preferredBytes)),
-      maximumBytes: Math.min(this.ring.maxRequestBytes, ...infos.map((info) => info.blockSizes.maximumBytes)),
+      // At most an eighth of the ring per request, so a few clients stalled mid-payload cannot
+      // hold every slot (see the server's payload timeout and fair share).
+      maximumBytes: Math.min(this.ring.maxRequestBytes, Math.max(this.ring.slotBytes, Math.floor(this.ring.slotCount / 8) * this.ring.slotBytes), ...infos.map((info) => info.blockSizes.maximumBytes)),
     };
     this.logger.info({ sizeBytes: this.sizeBytes, legs: infos.map((info) => info.uri), features: this.features }, 'mirror assembled');
   }
@@ -463,7 +481,7 @@ export class MirrorDevice implements BlockDevice {
       return null;
     }
     this.bindToken(slot, token, false);
-    this.spanOfSlot[slot] = span;
+    this.slots.span[slot] = span;
     return this.ring.dataView(slot, lengthBytes);
   }
 
@@ -471,7 +489,7 @@ export class MirrorDevice implements BlockDevice {
     const slot = this.slotOfToken[token] ?? -1;
     assert(slot >= 0, 'release a buffer that was acquired');
     this.slotOfToken[token] = -1;
-    this.tokenOfSlot[slot] = -1;
+    this.slots.token[slot] = -1;
     this.ring.free(slot);
     this.afterFree();
   }
@@ -487,8 +505,8 @@ export class MirrorDevice implements BlockDevice {
       }
       this.slotOfToken[token] = slot;
     }
-    this.tokenOfSlot[slot] = token;
-    this.internalSlot[slot] = internal ? 1 : 0;
+    this.slots.token[slot] = token;
+    this.slots.internal[slot] = internal ? 1 : 0;
   }
 
   private afterFree(): void {
@@ -497,7 +515,7 @@ export class MirrorDevice implements BlockDevice {
       if (slot < 0) return;
       const next = this.pendingSubmits.shift() as PendingSubmit;
       this.bindToken(slot, next.token, true);
-      this.spanOfSlot[slot] = 1;
+      this.slots.span[slot] = 1;
       this.start(slot, next.command, next.flags, next.offsetBytes, next.lengthBytes);
     }
     if (this.bufferWanted) {
@@ -526,7 +544,7 @@ export class MirrorDevice implements BlockDevice {
         return;
       }
       this.bindToken(slot, token, true);
-      this.spanOfSlot[slot] = 1;
+      this.slots.span[slot] = 1;
     }
     if (command === p.kCmdWrite) {
       this.counters.writeRequests += 1;
@@ -538,29 +556,55 @@ export class MirrorDevice implements BlockDevice {
 
   /** Describes the request in its slot and dispatches it (after the range lock if needed). */
   private start(slot: number, command: number, flags: number, offsetBytes: number, lengthBytes: number): void {
-    this.startedAt[slot] = performance.now();
-    this.kindOfSlot[slot] = latencyKind(command);
-    const target = this.targetFor(command, offsetBytes, lengthBytes);
-    if (target === 0) {
-      this.ring.setRequest(slot, command, flags, offsetBytes, lengthBytes, this.spanOfSlot[slot] ?? 1, 1);
-      setImmediate(() => this.finishSlot(slot, p.kEIo));
+    this.slots.started[slot] = performance.now();
+    this.slots.kind[slot] = latencyKind(command);
+    const early = this.answerWithoutLegs(command, offsetBytes, lengthBytes);
+    if (early >= 0) {
+      this.ring.setRequest(slot, command, 0, offsetBytes, lengthBytes, this.slots.span[slot] ?? 1, 1);
+      setImmediate(() => this.finishSlot(slot, early));
       return;
+    }
+    if (command === p.kCmdFlush) {
+      // FLUSH applies to the whole device: whatever offset/length the client sent, the legs
+      // get 0/0 (a strict leg refuses anything else).
+      offsetBytes = 0;
+      lengthBytes = 0;
     }
     if (command === p.kCmdTrim && this.features.writeZeroes) {
       // Legs differ in what a trimmed range reads back as (a file leg keeps the data, nbdkit
       // memory zeroes it). Zeroing without NO_HOLE still lets a leg punch holes, and keeps every
       // leg byte-identical, so reads stay the same whichever leg serves them.
       command = p.kCmdWriteZeroes;
-      flags &= p.kCmdFlagFua;
     }
-    this.ring.setRequest(slot, command, flags, offsetBytes, lengthBytes, this.spanOfSlot[slot] ?? 1, target);
-    this.triedMask[slot] = target;
+    flags &= kLegFlags[command] ?? 0;
+    const target = this.targetFor(command, offsetBytes, lengthBytes);
+    if (target === 0) {
+      this.ring.setRequest(slot, command, flags, offsetBytes, lengthBytes, this.slots.span[slot] ?? 1, 1);
+      setImmediate(() => this.finishSlot(slot, p.kEIo));
+      return;
+    }
+    this.ring.setRequest(slot, command, flags, offsetBytes, lengthBytes, this.slots.span[slot] ?? 1, target);
+    this.slots.tried[slot] = target;
     if (command === p.kCmdRead || command === p.kCmdCache) this.ring.setReadLeg(slot, 31 - Math.clz32(target));
     if (command === p.kCmdFlush) this.beginFlush(slot, target);
     // Data-changing requests: the target set is settled again at dispatch, under the range lock
     // (see settleWriteTarget).
     if (isDataChanging(command) && !this.rangeLock.acquire(slot, offsetBytes, lengthBytes)) return;
     this.dispatch(slot);
+  }
+
+  /**
+   * What the engine answers by itself, never asking a leg (legs disagree on these, and one
+   * refusing would look like a failing leg): -1 = send it to the legs, else the errno.
+   * Zero-length requests succeed at once; ranges not aligned to the strictest leg's minimum
+   * block are EINVAL (no leg is sent what one of them would refuse).
+   */
+  private answerWithoutLegs(command: number, offsetBytes: number, lengthBytes: number): number {
+    if (command === p.kCmdFlush) return -1;
+    if (lengthBytes === 0) return 0;
+    const minimum = this.blockSizes.minimumBytes;
+    if (minimum > 1 && (offsetBytes % minimum !== 0 || lengthBytes % minimum !== 0)) return p.kEInval;
+    return -1;
   }
 
   private clientBusy(windowMs: number): boolean {
@@ -573,29 +617,35 @@ export class MirrorDevice implements BlockDevice {
   }
 
   /**
-   * Under the range lock, just before a data-changing request leaves: it goes to every leg
-   * that is in sync or resyncing, and every other leg has the range marked in its dirty map
-   * now, before any leg can answer (so before the client can hear success). Settling here and
-   * not at arrival keeps marks and resync clears of one range strictly ordered by the lock.
-   * Returns false (request finished with EIO) when no leg is in sync.
+   * Under the range lock, just before a data-changing request leaves: it goes to every
+   * admitted leg (in sync or resyncing), and every other leg has the range marked in its dirty
+   * map now, before any leg can answer (so before the client can hear success). The legs clean
+   * for the whole range are recorded (`upToDate`): the request can succeed only if one of them
+   * holds it. With none, nothing up to date would hold it: EIO now. Settling here and not at
+   * arrival keeps marks and resync clears of one range strictly ordered by the lock.
    */
   private settleWriteTarget(slot: number): boolean {
+    const ring = this.ring;
+    const offsetBytes = ring.offsetBytes(slot);
+    const lengthBytes = ring.lengthBytes(slot);
     let target = 0;
-    let inSync = false;
+    let upToDate = 0;
+    let inSync = 0;
     for (const leg of this.legs) {
-      if (leg.state === 'in-sync') inSync = true;
-      if (leg.state === 'in-sync' || leg.state === 'resyncing') target |= leg.bit;
+      if (!leg.admitted) continue;
+      target |= leg.bit;
+      if (leg.state === 'in-sync') inSync |= leg.bit;
+      if (leg.state === 'in-sync' || (leg.dirty !== null && !leg.dirty.testRange(offsetBytes, lengthBytes))) upToDate |= leg.bit;
     }
-    if (!inSync) {
+    if (upToDate === 0) {
       this.releaseRange(slot);
       this.finishSlot(slot, p.kEIo);
       return false;
     }
-    const ring = this.ring;
+    this.slots.upToDate[slot] = upToDate;
+    this.slots.inSync[slot] = inSync;
     if (target !== ring.targetMask(slot)) ring.resetMasks(slot, target);
     if (target !== this.allLegsMask) {
-      const offsetBytes = ring.offsetBytes(slot);
-      const lengthBytes = ring.lengthBytes(slot);
       for (const leg of this.legs) {
         if ((target & leg.bit) === 0 && leg.state !== 'removed') leg.dirty?.markRange(offsetBytes, lengthBytes);
       }
@@ -605,11 +655,15 @@ export class MirrorDevice implements BlockDevice {
 
   /** FLUSH sent to a leg swaps its unflushed halves (unless a flush is already pending there). */
   private beginFlush(slot: number, target: number): void {
+    let inSync = 0;
     for (const leg of this.legs) {
-      if ((target & leg.bit) === 0 || leg.flushSlot !== -1) continue;
+      if ((target & leg.bit) === 0) continue;
+      if (leg.state === 'in-sync') inSync |= leg.bit;
+      if (leg.flushSlot !== -1) continue;
       leg.flushSlot = slot;
       leg.unflushedCurrent ^= 1;
     }
+    this.slots.inSync[slot] = inSync;
   }
 
   /** FLUSH answered: a leg that flushed forgets the writes the flush covered. */
@@ -626,11 +680,9 @@ export class MirrorDevice implements BlockDevice {
     return (1 << this.legs.length) - 1;
   }
 
-
   /**
-   * Legs a new request goes to: one up-to-date leg for READ/CACHE; every in-sync or resyncing
-   * leg otherwise (for data-changing requests settled again at dispatch). 0 = none: EIO, since
-   * no leg that holds every acknowledged write is there.
+   * Legs a new request goes to: one up-to-date leg for READ/CACHE; every admitted leg
+   * otherwise (data-changing requests are settled again at dispatch). 0 = none: EIO.
    */
   private targetFor(command: number, offsetBytes: number, lengthBytes: number): number {
     if (command === p.kCmdRead || command === p.kCmdCache) {
@@ -638,12 +690,14 @@ export class MirrorDevice implements BlockDevice {
       return leg === null ? 0 : leg.bit;
     }
     let mask = 0;
-    let inSync = false;
-    for (const leg of this.legs) {
-      if (leg.state === 'in-sync') inSync = true;
-      if (leg.state === 'in-sync' || leg.state === 'resyncing') mask |= leg.bit;
-    }
-    return inSync ? mask : 0;
+    for (const leg of this.legs) if (leg.admitted) mask |= leg.bit;
+    return mask;
+  }
+
+  /** True when the leg is admitted and clean in its dirty map for the whole range. */
+  private upToDateFor(leg: Leg, offsetBytes: number, lengthBytes: number): boolean {
+    if (leg.state === 'in-sync') return true;
+    return leg.state === 'resyncing' && leg.dirty !== null && !leg.dirty.testRange(offsetBytes, lengthBytes);
   }
 
   /**
@@ -656,29 +710,48 @@ export class MirrorDevice implements BlockDevice {
     this.readSpread = (this.readSpread + 1) % count;
     for (let step = 0; step < count; step += 1) {
       const leg = this.legs[(this.readSpread + step) % count] as Leg;
-      if ((leg.bit & excludeMask) !== 0) continue;
-      if (leg.state !== 'in-sync') {
-        if (leg.state !== 'resyncing' || leg.dirty === null || leg.dirty.testRange(offsetBytes, lengthBytes)) continue;
-      }
+      if ((leg.bit & excludeMask) !== 0 || !this.upToDateFor(leg, offsetBytes, lengthBytes)) continue;
       if (best === null || leg.inFlight < best.inFlight) best = leg;
     }
     return best;
   }
 
-  /** A source for a resync copy: an in-sync leg other than the target, fewest in flight. */
-  private pickSourceLeg(excludeMask: number): Leg | null {
+  /**
+   * A source for a resync copy of [offset, offset+length): an admitted leg other than the
+   * target, clean there (fewest in flight). null when no leg holds the whole range.
+   */
+  private pickSourceLeg(excludeMask: number, offsetBytes: number, lengthBytes: number): Leg | null {
     let best: Leg | null = null;
     for (const leg of this.legs) {
-      if (leg.state !== 'in-sync' || (leg.bit & excludeMask) !== 0) continue;
+      if ((leg.bit & excludeMask) !== 0 || !this.upToDateFor(leg, offsetBytes, lengthBytes)) continue;
       if (best === null || leg.inFlight < best.inFlight) best = leg;
     }
     return best;
+  }
+
+  /**
+   * The longest prefix of [offset, offset+length) that one admitted leg other than the target
+   * holds (is clean for), in bytes; 0 when none holds even its first chunk.
+   */
+  private sourcePrefixBytes(excludeMask: number, offsetBytes: number, lengthBytes: number): number {
+    let best = 0;
+    for (const leg of this.legs) {
+      if ((leg.bit & excludeMask) !== 0 || !leg.admitted) continue;
+      if (leg.state === 'in-sync' || leg.dirty === null) return lengthBytes;
+      const chunkBytes = leg.dirty.chunkBytes;
+      const firstChunk = Math.floor(offsetBytes / chunkBytes);
+      const endChunk = Math.ceil((offsetBytes + lengthBytes) / chunkBytes);
+      const dirtyAt = leg.dirty.firstDirtyChunk(firstChunk, endChunk);
+      const clean = Math.min(lengthBytes, dirtyAt * chunkBytes - offsetBytes);
+      if (clean > best) best = clean;
+    }
+    return Math.max(0, best);
   }
 
   private dispatch(slot: number): void {
     const ring = this.ring;
     if (ring.state(slot) !== 2) {
-      const phase = this.copyPhase[slot];
+      const phase = this.slots.phase[slot];
       if (phase === 1) {
         if (!this.prepareCopyRead(slot)) return;
       } else if (phase === 0 && isDataChanging(ring.command(slot)) && !this.settleWriteTarget(slot)) {
@@ -744,7 +817,7 @@ export class MirrorDevice implements BlockDevice {
     const target = ring.targetMask(slot);
     const failed = ring.failedMask(slot);
     for (const leg of this.legs) if ((target & leg.bit) !== 0) leg.inFlight -= 1;
-    const phase = this.copyPhase[slot] ?? 0;
+    const phase = this.slots.phase[slot] ?? 0;
     if (phase !== 0) {
       this.onCopyPhaseComplete(slot, phase, failed);
       return;
@@ -756,15 +829,20 @@ export class MirrorDevice implements BlockDevice {
     }
     if (command === p.kCmdFlush) this.settleFlush(slot, target, failed);
     let errno = 0;
-    if (failed !== 0) {
-      if (failed === target && this.allRequestLevel(slot, failed)) {
-        // Every leg refused the same request: a request-level answer (EINVAL, ENOSPC, ENOTSUP
-        // for FAST_ZERO...), not a divergence. Legs stay in sync; the client gets the error.
-        errno = ring.errno(slot) || p.kEIo;
-      } else {
-        if (failed === target) errno = p.kEIo;
-        this.onLegFailures(slot, command, target, failed);
-      }
+    if (failed !== 0 && failed === target && this.allRequestLevel(slot, failed)) {
+      // Every leg refused the same request: a request-level answer (EINVAL, ENOSPC, ENOTSUP
+      // for FAST_ZERO...), not a divergence. Legs stay in sync; the client gets the error.
+      errno = ring.errno(slot) || p.kEIo;
+    } else if (isDataChanging(command)) {
+      const held = target & ~failed;
+      if ((held & (this.slots.upToDate[slot] ?? 0)) === 0) errno = p.kEIo;
+      if (failed !== 0 || errno !== 0) this.onWriteFailures(slot, command, target, failed, errno === 0);
+    } else if (failed !== 0) {
+      // FLUSH: durable if a leg that was in sync at dispatch (it holds every acknowledged
+      // write) flushed; with none in sync, only if every targeted leg flushed.
+      const inSync = this.slots.inSync[slot] ?? 0;
+      if (inSync !== 0 ? (inSync & ~failed) === 0 : true) errno = p.kEIo;
+      this.failLegsOf(slot, command, target, failed);
     }
     if (isDataChanging(command)) {
       if (this.flushTracking && (ring.flags(slot) & p.kCmdFlagFua) === 0) this.recordUnflushed(slot, target & ~failed);
@@ -791,26 +869,39 @@ export class MirrorDevice implements BlockDevice {
   }
 
   /**
-   * Legs failed a request that others completed (or all failed it with a leg-level error).
-   * A data-changing request's range is marked on each failed leg before the client is
-   * answered; when every targeted leg failed, the lowest-index one stays unmarked as the
-   * reference copy for that range (the client gets EIO; the legs converge on the reference).
+   * A data-changing request that some legs failed, or that no up-to-date leg holds. Before the
+   * client is answered:
+   * - succeeded (an up-to-date leg holds it): every leg that failed it has the range marked.
+   * - failed (EIO to the client; the range may now hold either version on any leg): one leg
+   *   that was up to date for the range and failed it stays unmarked as the reference for the
+   *   range, and every other leg, including legs that took the write, is marked, so all legs
+   *   converge on the reference and no two readable legs can disagree. The reference is chosen
+   *   by what the legs held at dispatch, never by index alone.
    */
-  private onLegFailures(slot: number, command: number, target: number, failed: number): void {
+  private onWriteFailures(slot: number, command: number, target: number, failed: number, succeeded: boolean): void {
     const ring = this.ring;
     const offsetBytes = ring.offsetBytes(slot);
     const lengthBytes = ring.lengthBytes(slot);
-    const reference = failed === target ? (this.legs[31 - Math.clz32(failed & -failed)] as Leg) : null;
+    let reference: Leg | null = null;
+    if (!succeeded) {
+      const candidates = (this.slots.upToDate[slot] ?? 0) & failed;
+      if (candidates !== 0) reference = this.legs[31 - Math.clz32(candidates & -candidates)] as Leg;
+      for (const leg of this.legs) {
+        if (leg !== reference && leg.state !== 'removed') leg.dirty?.markRange(offsetBytes, lengthBytes);
+      }
+    } else {
+      for (const leg of this.legs) if ((failed & leg.bit) !== 0) leg.dirty?.markRange(offsetBytes, lengthBytes);
+    }
+    this.failLegsOf(slot, command, target, failed);
+  }
+
+  /** Every leg that failed the request (with a leg-level error, or while others succeeded) fails. */
+  private failLegsOf(slot: number, command: number, target: number, failed: number): void {
     const name = p.commandNames[command] ?? String(command);
     for (const leg of this.legs) {
-      if ((failed & leg.bit) === 0 || leg === reference) continue;
-      if (isDataChanging(command)) leg.dirty?.markRange(offsetBytes, lengthBytes);
-      const errnoName = p.errnoNames[ring.legErrno(slot, leg.index)] ?? 'an error';
+      if ((failed & leg.bit) === 0) continue;
+      const errnoName = p.errnoNames[this.ring.legErrno(slot, leg.index)] ?? 'an error';
       this.failLeg(leg, failed === target ? `${name} failed on every leg (${errnoName} here)` : `${name} failed with ${errnoName} while other legs succeeded`);
-    }
-    if (reference !== null) {
-      const errnoName = p.errnoNames[ring.legErrno(slot, reference.index)] ?? 'an error';
-      this.failLeg(reference, `${name} failed on every leg (${errnoName} here)`);
     }
   }
 
@@ -822,16 +913,16 @@ export class MirrorDevice implements BlockDevice {
     const lengthBytes = ring.lengthBytes(slot);
     if (!kRequestLevelErrnos.has(errno)) {
       // The leg could not read what it should hold: that range needs a copy from a good leg.
-      failedLeg.dirty?.markRange(offsetBytes, lengthBytes);
+      this.markUnlessSole(failedLeg, offsetBytes, lengthBytes);
       this.failLeg(failedLeg, `${p.commandNames[ring.command(slot)] ?? 'READ'} failed with ${p.errnoNames[errno] ?? errno}`);
     }
-    const next = this.pickReadLeg(this.triedMask[slot] ?? 0, offsetBytes, lengthBytes);
+    const next = this.pickReadLeg(this.slots.tried[slot] ?? 0, offsetBytes, lengthBytes);
     if (next === null || errno === p.kEInval) {
       // A leg's own trouble (a drop's ESHUTDOWN...) reaches the client as EIO.
       this.finishSlot(slot, kRequestLevelErrnos.has(errno) ? errno : p.kEIo);
       return;
     }
-    this.triedMask[slot] = (this.triedMask[slot] ?? 0) | next.bit;
+    this.slots.tried[slot] = (this.slots.tried[slot] ?? 0) | next.bit;
     ring.resetMasks(slot, next.bit);
     ring.setReadLeg(slot, next.index);
     this.dispatch(slot);
@@ -850,17 +941,17 @@ export class MirrorDevice implements BlockDevice {
   }
 
   private finishSlot(slot: number, errno: number): void {
-    const token = this.tokenOfSlot[slot] ?? -1;
+    const token = this.slots.token[slot] ?? -1;
     assert(token >= 0, 'finished slot has a token');
     this.inFlight -= 1;
-    const kind = this.kindOfSlot[slot] ?? -1;
+    const kind = this.slots.kind[slot] ?? -1;
     if (kind >= 0) {
-      this.kindOfSlot[slot] = -1;
-      if (token < kInternalTokenBase) this.latency.record(kind, performance.now() - (this.startedAt[slot] ?? 0));
+      this.slots.kind[slot] = -1;
+      if (token < kInternalTokenBase) this.latency.record(kind, performance.now() - (this.slots.started[slot] ?? 0));
     }
-    if (this.internalSlot[slot] === 1) {
-      this.tokenOfSlot[slot] = -1;
-      this.internalSlot[slot] = 0;
+    if (this.slots.internal[slot] === 1) {
+      this.slots.token[slot] = -1;
+      this.slots.internal[slot] = 0;
       this.ring.free(slot);
       this.deliver(token, errno);
       this.afterFree();
@@ -882,12 +973,32 @@ export class MirrorDevice implements BlockDevice {
   // ---- resync copies ------------------------------------------------------------------------
 
   /**
-   * One resync copy: a ring slot, range-locked for [offset, offset+length), READ from an in-sync
-   * leg into the slot, then WRITE from the slot to the resyncing leg; the leg's bits for the
-   * range are cleared when that WRITE succeeds within the same leg epoch, still under the lock.
+   * One resync copy of [offset, offset+length) to a resyncing leg. Each piece is copied from a
+   * leg that holds it (admitted and clean there): the longest prefix one leg holds, then the
+   * rest, so two resyncing legs can each give the other what only it holds. 'no-source' when
+   * some piece is held by no connected leg (the resync retries later).
    */
   private async copyRange(legIndex: number, offsetBytes: number, lengthBytes: number): Promise<CopyOutcome> {
     const target = this.legs[legIndex] as Leg;
+    let done = 0;
+    while (done < lengthBytes) {
+      const pieceOffset = offsetBytes + done;
+      const prefix = this.sourcePrefixBytes(target.bit, pieceOffset, lengthBytes - done);
+      if (prefix <= 0) return 'no-source';
+      const outcome = await this.copyPiece(target, pieceOffset, prefix);
+      if (outcome !== 'copied') return outcome;
+      done += prefix;
+    }
+    return 'copied';
+  }
+
+  /**
+   * One piece: a ring slot, range-locked for [offset, offset+length), READ from a leg that
+   * holds the range into the slot, then WRITE from the slot to the resyncing leg; the leg's bits
+   * for the range are cleared when that WRITE succeeds within the same leg epoch, still under
+   * the lock.
+   */
+  private async copyPiece(target: Leg, offsetBytes: number, lengthBytes: number): Promise<CopyOutcome> {
     const span = this.ring.slotsFor(lengthBytes);
     let slot = this.ring.allocate(span);
     while (slot < 0) {
@@ -900,7 +1011,7 @@ export class MirrorDevice implements BlockDevice {
       this.afterFree();
       return 'stopped';
     }
-    const source = this.pickSourceLeg(target.bit);
+    const source = this.pickSourceLeg(target.bit, offsetBytes, lengthBytes);
     if (source === null) {
       this.ring.free(slot);
       this.afterFree();
@@ -909,28 +1020,30 @@ export class MirrorDevice implements BlockDevice {
     const token = this.nextInternalToken;
     this.nextInternalToken = this.nextInternalToken >= 0x7fff_0000 ? kInternalTokenBase : this.nextInternalToken + 1;
     this.bindToken(slot, token, true);
-    this.spanOfSlot[slot] = span;
+    this.slots.span[slot] = span;
     this.inFlight += 1;
     this.ring.setRequest(slot, p.kCmdRead, 0, offsetBytes, lengthBytes, span, source.bit);
     this.ring.setReadLeg(slot, source.index);
-    this.copyPhase[slot] = 1;
-    this.copyTarget[slot] = legIndex;
-    this.copyEpoch[slot] = target.epoch;
+    this.slots.phase[slot] = 1;
+    this.slots.copyLeg[slot] = target.index;
+    this.slots.epoch[slot] = target.epoch;
     const done = new Promise<CopyOutcome>((resolve) => this.copyDone.set(slot, resolve));
     if (this.rangeLock.acquire(slot, offsetBytes, lengthBytes)) this.dispatch(slot);
     return await done;
   }
 
-  /** At dispatch of a copy's READ (maybe later, after the range lock): a source still in sync. */
+  /** At dispatch of a copy's READ (maybe later, after the range lock): a source that still holds it. */
   private prepareCopyRead(slot: number): boolean {
-    const target = this.legs[this.copyTarget[slot] ?? 0] as Leg;
-    if (target.state !== 'resyncing' || target.epoch !== this.copyEpoch[slot]) {
+    const target = this.legs[this.slots.copyLeg[slot] ?? 0] as Leg;
+    if (target.state !== 'resyncing' || target.epoch !== this.slots.epoch[slot]) {
       this.endCopy(slot, 'stopped');
       return false;
     }
+    const offsetBytes = this.ring.offsetBytes(slot);
+    const lengthBytes = this.ring.lengthBytes(slot);
     const current = this.legs[this.ring.readLeg(slot)];
-    let source: Leg | null = current !== undefined && current.state === 'in-sync' ? current : null;
-    source ??= this.pickSourceLeg(target.bit);
+    let source: Leg | null = current !== undefined && current !== target && this.upToDateFor(current, offsetBytes, lengthBytes) ? current : null;
+    source ??= this.pickSourceLeg(target.bit, offsetBytes, lengthBytes);
     if (source === null) {
       this.endCopy(slot, 'no-source');
       return false;
@@ -942,23 +1055,23 @@ export class MirrorDevice implements BlockDevice {
 
   private onCopyPhaseComplete(slot: number, phase: number, failed: number): void {
     const ring = this.ring;
-    const target = this.legs[this.copyTarget[slot] ?? 0] as Leg;
+    const target = this.legs[this.slots.copyLeg[slot] ?? 0] as Leg;
     const offsetBytes = ring.offsetBytes(slot);
     const lengthBytes = ring.lengthBytes(slot);
     if (phase === 1) {
       if (failed !== 0) {
         const source = this.legs[ring.readLeg(slot)] as Leg;
         const errno = ring.legErrno(slot, source.index);
-        source.dirty?.markRange(offsetBytes, lengthBytes);
+        this.markUnlessSole(source, offsetBytes, lengthBytes);
         this.failLeg(source, `READ for a resync failed with ${p.errnoNames[errno] ?? errno}`);
         this.endCopy(slot, 'source-failed');
         return;
       }
-      if (target.state !== 'resyncing' || target.epoch !== this.copyEpoch[slot]) {
+      if (target.state !== 'resyncing' || target.epoch !== this.slots.epoch[slot]) {
         this.endCopy(slot, 'stopped');
         return;
       }
-      this.copyPhase[slot] = 2;
+      this.slots.phase[slot] = 2;
       ring.rephase(slot, p.kCmdWrite, 0, target.bit);
       this.dispatch(slot);
       return;
@@ -969,7 +1082,7 @@ export class MirrorDevice implements BlockDevice {
       this.endCopy(slot, 'target-failed');
       return;
     }
-    if (target.state !== 'resyncing' || target.epoch !== this.copyEpoch[slot]) {
+    if (target.state !== 'resyncing' || target.epoch !== this.slots.epoch[slot]) {
       this.endCopy(slot, 'stopped');
       return;
     }
@@ -980,8 +1093,8 @@ export class MirrorDevice implements BlockDevice {
   }
 
   private endCopy(slot: number, outcome: CopyOutcome): void {
-    this.copyPhase[slot] = 0;
-    this.copyTarget[slot] = -1;
+    this.slots.phase[slot] = 0;
+    this.slots.copyLeg[slot] = -1;
     const resolve = this.copyDone.get(slot);
     this.copyDone.delete(slot);
     this.releaseRange(slot);
@@ -989,48 +1102,102 @@ export class MirrorDevice implements BlockDevice {
     resolve?.(outcome);
   }
 
-  // ---- leg failures, reconnect, return ------------------------------------------------------
+  /**
+   * A leg failed to read a range it should hold: mark it there, so it gets a fresh copy, unless
+   * no other leg holds the range (then its copy is the only one there is; marking would make
+   * the range unreadable everywhere).
+   */
+  private markUnlessSole(leg: Leg, offsetBytes: number, lengthBytes: number): void {
+    for (const other of this.legs) {
+      if (other === leg || other.state === 'removed' || other.dirty === null) continue;
+      if (!other.dirty.testRange(offsetBytes, lengthBytes)) {
+        leg.dirty?.markRange(offsetBytes, lengthBytes);
+        return;
+      }
+    }
+  }
+
+  // ---- leg failures, fence, reconnect, probation, return ----------------------------------
+
+  /** Every state change: the transition table check and log (leg-health.ts), then listeners. */
+  private move(leg: Leg, to: LegState, reason: string | null, fields: Record<string, unknown> = {}): void {
+    leg.health.move(to, reason, fields);
+    this.emitState(leg);
+  }
 
   /**
    * The leg stops being up to date: it gets no more requests and every write it misses from
-   * now on is marked at dispatch. Its connection is closed and reconnected with backoff.
+   * now on is marked at dispatch. Its old connection is fenced (fencing), then it reconnects
+   * with backoff (degraded), or it is parked (faulty) after too many failures in the window.
+   * `final`: failed by the operator or its actor died: out until `reconnectLegNow`.
    */
   private failLeg(leg: Leg, reason: string, final = false): void {
-    if (leg.state === 'failed' || leg.state === 'removed') return;
+    const state = leg.state;
+    if (state === 'failed' || state === 'removed') return;
+    if (!final && (state === 'fencing' || state === 'degraded' || state === 'reconnecting' || state === 'faulty')) return;
     leg.failures += 1;
+    leg.epoch += 1;
+    this.clearReconnect(leg);
+    leg.resync?.nudge();
+    const park = leg.health.recordFailure();
     if (final) {
-      leg.state = 'failed';
-      leg.failureReason = reason;
-      leg.epoch += 1;
-      this.clearReconnect(leg);
-      leg.resync?.nudge();
-      this.logger.error({ leg: leg.index, uri: leg.uri, reason }, 'leg failed; it stays out until reconnected by hand');
-      this.emitState(leg);
-      if (leg.worker === null || leg.worker.threadId >= 0) void leg.api.disconnect().catch(() => undefined);
+      this.move(leg, 'failed', reason);
+      if (!this.closed && (leg.worker === null || leg.worker.threadId >= 0)) void leg.api.fence(this.fenceTimeoutMs).catch(() => undefined);
       return;
     }
-    if (leg.state === 'degraded' || leg.state === 'reconnecting') return;
-    const wasInSync = leg.state === 'in-sync';
-    leg.state = 'degraded';
-    leg.failureReason = reason;
-    leg.epoch += 1;
-    const inSync = this.legs.filter((other) => other.state === 'in-sync').length;
-    if (wasInSync && inSync === 0) leg.lastStanding = true;
-    leg.resync?.nudge();
-    this.logger.error({ leg: leg.index, uri: leg.uri, reason, inSyncLegs: inSync }, 'leg degraded; it will be reconnected and resynced');
-    this.emitState(leg);
+    leg.parkWhenFenced = park;
+    this.move(leg, 'fencing', reason, { inSyncLegs: this.legs.filter((other) => other.state === 'in-sync').length, recentFailures: leg.health.recentFailures });
     if (this.closed) return;
-    void leg.api.disconnect().catch(() => undefined);
+    void this.fenceLeg(leg);
+  }
+
+  private get fenceTimeoutMs(): number {
+    return this.options.fenceTimeoutMs ?? 10_000;
+  }
+
+  private get probeTimeoutMs(): number {
+    const legTimeout = this.options.legTimeoutMs ?? 0;
+    return this.options.probeTimeoutMs ?? (legTimeout > 0 ? legTimeout : 5000);
+  }
+
+  /**
+   * Drains the leg's old connection (LegActorApi.fence). Proven: the leg may reconnect (or is
+   * parked). Not proven in time: it stays fencing and the fence is tried again with backoff.
+   */
+  private async fenceLeg(leg: Leg): Promise<void> {
+    let check: LegCheck;
+    try {
+      check = await leg.api.fence(this.fenceTimeoutMs);
+    } catch (error) {
+      check = { ok: false, reason: error instanceof Error ? error.message : String(error) };
+    }
+    if (this.closed || leg.state !== 'fencing') return;
+    if (!check.ok) {
+      leg.failureReason = `cannot fence the old connection: ${check.reason}`;
+      this.logger.debug({ leg: leg.index, reason: check.reason }, 'fence not proven yet; retrying');
+      this.emitState(leg);
+      leg.reconnectTimer = setTimeout(() => {
+        leg.reconnectTimer = null;
+        void this.fenceLeg(leg);
+      }, leg.health.nextDelayMs(this.options.reconnectMinMs ?? 250, this.options.reconnectMaxMs ?? 30_000));
+      return;
+    }
+    if (leg.parkWhenFenced) {
+      leg.parkWhenFenced = false;
+      this.move(leg, 'faulty', `${leg.health.recentFailures} failures within ${Math.round(this.healthPolicy.failureWindowMs / 1000)} s; run 'enbd leg reconnect ${leg.index}' to try it again`);
+      return;
+    }
+    this.move(leg, 'degraded', leg.failureReason);
     this.scheduleReconnect(leg);
   }
 
   private scheduleReconnect(leg: Leg): void {
     if (this.closed || leg.reconnectTimer !== null) return;
-    const minMs = this.options.reconnectMinMs ?? 250;
-    const maxMs = this.options.reconnectMaxMs ?? 30_000;
-    const base = Math.min(maxMs, minMs * 2 ** Math.min(leg.reconnectAttempts, 20));
-    const delayMs = Math.round(base * (0.8 + 0.4 * Math.random()));
-    leg.reconnectTimer = setTimeout(() => void this.reconnectLeg(leg), delayMs);
+    const delayMs = leg.health.nextDelayMs(this.options.reconnectMinMs ?? 250, this.options.reconnectMaxMs ?? 30_000);
+    leg.reconnectTimer = setTimeout(() => {
+      leg.reconnectTimer = null;
+      void this.reconnectLeg(leg);
+    }, delayMs);
   }
 
   private clearReconnect(leg: Leg): void {
@@ -1038,96 +1205,102 @@ export class MirrorDevice implements BlockDevice {
     leg.reconnectTimer = null;
   }
 
+  /**
+   * One reconnect attempt of a fenced leg (degraded, or faulty/failed by the operator's
+   * reconnect): connect, then probation (probe READ, WRITE back, FLUSH within the probe
+   * timeout), then return. The leg takes no client I/O until the probe passed.
+   */
   private async reconnectLeg(leg: Leg): Promise<void> {
-    leg.reconnectTimer = null;
-    if (this.closed || leg.state !== 'degraded') return;
-    leg.state = 'reconnecting';
-    leg.reconnectAttempts += 1;
-    this.emitState(leg);
+    if (this.closed || (leg.state !== 'degraded' && leg.state !== 'faulty' && leg.state !== 'failed')) return;
+    leg.health.attempts += 1;
+    this.move(leg, 'reconnecting', leg.failureReason, { attempt: leg.health.attempts });
     let info: LegInfo | { error: { message: string } };
     try {
       info = await leg.api.reconnect();
     } catch (error) {
       info = { error: { message: error instanceof Error ? error.message : String(error) } };
     }
-    if (this.closed || leg.state !== 'reconnecting') return;
+    if (this.closed || (leg.state as LegState) !== 'reconnecting') return;
     let problem: string | null = null;
     if ('error' in info) problem = info.error.message;
     else if (info.sizeBytes < this.sizeBytes) problem = `it has ${info.sizeBytes} bytes now, fewer than the export's ${this.sizeBytes}`;
     else if (info.features.readOnly) problem = 'it is read-only now';
     if (problem !== null) {
-      leg.state = 'degraded';
-      leg.failureReason = `reconnect failed: ${problem}`;
-      const log = leg.reconnectAttempts <= 3 || leg.reconnectAttempts % 10 === 0 ? 'warn' : 'debug';
-      this.logger[log]({ leg: leg.index, uri: leg.uri, attempt: leg.reconnectAttempts, problem }, 'leg reconnect failed');
-      this.emitState(leg);
       if (!('error' in info)) void leg.api.disconnect().catch(() => undefined);
+      if (leg.health.recordFailure()) {
+        this.move(leg, 'faulty', `reconnect failed: ${problem}; ${leg.health.recentFailures} failures within the window`);
+        return;
+      }
+      this.move(leg, 'degraded', `reconnect failed: ${problem}`);
       this.scheduleReconnect(leg);
       return;
     }
     leg.info = info as LegInfo;
+    await this.probation(leg);
+  }
+
+  /** Probation: the probe must pass before the leg takes client I/O again. */
+  private async probation(leg: Leg): Promise<void> {
+    this.move(leg, 'probation', null);
+    let check: LegCheck;
+    try {
+      check = await leg.api.probe(this.probeTimeoutMs);
+    } catch (error) {
+      check = { ok: false, reason: error instanceof Error ? error.message : String(error) };
+    }
+    if (this.closed || leg.state !== 'probation') return;
+    if (!check.ok) {
+      this.failLeg(leg, `probation failed: ${check.reason}`);
+      return;
+    }
     this.legReturned(leg);
   }
 
-  /** Merges every dirty chunk of `from` into `into` (maps of one device, any chunk sizes). */
-  private static mergeMap(into: DirtyMap, from: DirtyMap): void {
+  /**
+   * The leg may have lost its unflushed writes (`from`, an unflushed half): mark them in its
+   * dirty map wherever another leg holds the range. Where no other leg does, the leg's own copy
+   * is the only one there is, and marking it would leave the range unreadable everywhere.
+   */
+  private mergeUnflushed(leg: Leg, from: DirtyMap): void {
+    const into = leg.dirty as DirtyMap;
     const run = { firstChunk: 0, chunkCount: 0 };
     let chunk = 0;
     while (from.nextDirtyRunInto(chunk, 1 << 20, run)) {
-      const offsetBytes = run.firstChunk * from.chunkBytes;
-      into.markRange(offsetBytes, Math.min(run.chunkCount * from.chunkBytes, from.deviceBytes - offsetBytes));
+      for (let index = run.firstChunk; index < run.firstChunk + run.chunkCount; index += 1) {
+        const offsetBytes = index * from.chunkBytes;
+        const lengthBytes = Math.min(from.chunkBytes, from.deviceBytes - offsetBytes);
+        const held = this.legs.some((other) => other !== leg && other.state !== 'removed' && other.dirty !== null && !other.dirty.testRange(offsetBytes, lengthBytes));
+        if (held) into.markRange(offsetBytes, lengthBytes);
+      }
       chunk = run.firstChunk + run.chunkCount;
     }
   }
 
   /**
-   * A degraded leg is connected again. With an in-sync leg around it resyncs (or is in sync at
-   * once when it missed nothing). With none, a leg that holds every acknowledged write (it was
-   * among the last in sync, or missed nothing) becomes the reference: every other leg is marked
-   * wherever it may differ from it. Any other leg waits, connected, for a source.
+   * A fenced, reconnected leg passed probation. Its dirty map says what it missed (plus its
+   * unflushed writes if its connection dropped or a flush failed): empty -> in sync; else it
+   * resyncs, taking writes at once and serving reads of the ranges it holds.
    */
   private legReturned(leg: Leg): void {
     const dirty = leg.dirty as DirtyMap;
     const unflushed = leg.unflushed as [DirtyMap, DirtyMap];
     leg.flushSlot = -1;
     leg.epoch += 1;
-    const source = this.legs.some((other) => other !== leg && other.state === 'in-sync');
-    if (!source && (leg.lastStanding || dirty.dirtyChunkCount() === 0)) {
-      for (const other of this.legs) {
-        if (other === leg || other.dirty === null) continue;
-        MirrorDevice.mergeMap(other.dirty, dirty);
-        if (leg.mayHaveLostUnflushed) for (const half of unflushed) MirrorDevice.mergeMap(other.dirty, half);
-        other.lastStanding = false;
-      }
-      dirty.clearAll();
-      for (const half of unflushed) half.clearAll();
-      leg.mayHaveLostUnflushed = false;
-      this.setInSync(leg, 'it holds every acknowledged write; the other legs resync from it');
-      return;
-    }
-    if (leg.mayHaveLostUnflushed) for (const half of unflushed) MirrorDevice.mergeMap(dirty, half);
+    if (leg.mayHaveLostUnflushed) for (const half of unflushed) this.mergeUnflushed(leg, half);
     for (const half of unflushed) half.clearAll();
     leg.mayHaveLostUnflushed = false;
-    leg.lastStanding = false;
-    if (source && dirty.dirtyChunkCount() === 0) {
+    if (dirty.dirtyChunkCount() === 0) {
       this.setInSync(leg, 'it missed no writes');
       return;
     }
-    leg.state = 'resyncing';
-    leg.failureReason = null;
-    leg.reconnectAttempts = 0;
-    this.logger.info({ leg: leg.index, uri: leg.uri, dirtyBytes: dirty.dirtyBytes(), source }, source ? 'leg reconnected; resyncing' : 'leg reconnected; waiting for an up-to-date leg to resync from');
-    this.emitState(leg);
+    const source = this.legs.some((other) => other !== leg && other.admitted);
+    this.move(leg, 'resyncing', null, { dirtyBytes: dirty.dirtyBytes(), source });
     this.startResync(leg);
+    for (const other of this.legs) if (other !== leg && other.state === 'resyncing') this.startResync(other);
   }
 
   private setInSync(leg: Leg, why: string): void {
-    leg.state = 'in-sync';
-    leg.failureReason = null;
-    leg.reconnectAttempts = 0;
-    leg.lastStanding = false;
-    this.logger.info({ leg: leg.index, uri: leg.uri, why }, 'leg in sync');
-    this.emitState(leg);
+    this.move(leg, 'in-sync', null, { why });
     for (const other of this.legs) if (other.state === 'resyncing') this.startResync(other);
   }
 
@@ -1147,8 +1320,9 @@ export class MirrorDevice implements BlockDevice {
     this.setInSync(leg, 'resync complete');
   }
 
-  /** The actor reported that the leg's connection dropped on its own. */
+  /** The actor reported that the leg's connection dropped on its own (or an idle probe failed). */
   private onLegDropped(leg: Leg): void {
+    if (!leg.admitted && leg.state !== 'probation') return;
     leg.mayHaveLostUnflushed = true;
     this.failLeg(leg, 'connection dropped');
   }
@@ -1160,6 +1334,35 @@ export class MirrorDevice implements BlockDevice {
       if (this.ring.state(slot) !== 2) continue;
       if (abandonLeg(this.ring, slot, leg.index, p.kEIo)) this.onSlotComplete(slot);
     }
+  }
+
+  /**
+   * True when `leg` alone holds some chunk among `others`: clean there and dirty on every one
+   * of them (taking it out would make that chunk unreadable, or lose it for good).
+   */
+  private soleHolder(leg: Leg, others: Leg[]): boolean {
+    const mine = leg.dirty;
+    if (mine === null || this.sizeBytes === 0) return false;
+    const maps = others.map((other) => other.dirty).filter((map): map is DirtyMap => map !== null && map !== mine);
+    if (maps.length === 0) return mine.firstCleanChunk(0, mine.chunkCount) < mine.chunkCount;
+    const end = mine.chunkCount;
+    let chunk = 0;
+    while (chunk < end) {
+      chunk = mine.firstCleanChunk(chunk, end);
+      if (chunk >= end) return false;
+      const cleanEnd = mine.firstDirtyChunk(chunk, end);
+      // Is some chunk of [chunk, cleanEnd) dirty on every other map? Intersect by leapfrog.
+      let at = chunk;
+      while (at < cleanEnd) {
+        let highest = at;
+        for (const map of maps) highest = Math.max(highest, map.firstDirtyChunk(at, cleanEnd));
+        if (highest >= cleanEnd) break;
+        if (maps.every((map) => map.isChunkDirty(highest))) return true;
+        at = highest === at ? at + 1 : highest;
+      }
+      chunk = cleanEnd;
+    }
+    return false;
   }
 
   // ---- operator controls (control plane, bench, tests) ------------------------------------
@@ -1192,32 +1395,54 @@ export class MirrorDevice implements BlockDevice {
 
   /**
    * Takes a leg out by hand: it gets no requests and is not reconnected until reconnectLeg().
-   * Refused for the last in-sync leg (the export would lose its only up-to-date copy).
+   * Refused when the leg alone holds some range among the admitted legs (the export would lose
+   * its only up-to-date copy of it).
    */
   failLegByHand(index: number, reason = 'failed by the operator'): void {
     const leg = this.legAt(index);
-    if (leg.state === 'in-sync' && !this.legs.some((other) => other !== leg && other.state === 'in-sync')) {
-      throw new EnbdError('ENBD_ERR_CONFIG', `leg ${index} is the last in-sync leg; refusing to fail it`);
-    }
+    this.refuseIfLastCopy(leg, 'fail', this.legs.filter((other) => other !== leg && other.admitted));
     this.failLeg(leg, reason, true);
   }
 
-  /** Reconnects a failed or degraded leg now (then resync); resolves after this attempt. */
+  /**
+   * Refuses an operator command that would take away the last in-sync leg, or the only leg
+   * among `others` that holds some range.
+   */
+  private refuseIfLastCopy(leg: Leg, verb: string, others: Leg[]): void {
+    if (leg.state === 'in-sync' && !others.some((other) => other.state === 'in-sync')) {
+      throw new EnbdError('ENBD_ERR_CONFIG', `leg ${leg.index} is the last in-sync leg; refusing to ${verb} it`);
+    }
+    if (this.soleHolder(leg, others)) {
+      throw new EnbdError('ENBD_ERR_CONFIG', `leg ${leg.index} alone holds some of the device's acknowledged data; refusing to ${verb} it`);
+    }
+  }
+
+  /**
+   * Brings a leg back now: a failed, faulty, degraded or fencing leg is fenced (if it was not),
+   * reconnected and put on probation; resolves with its state after this attempt.
+   */
   async reconnectLegNow(index: number): Promise<LegState> {
     const leg = this.legAt(index);
-    if (leg.state !== 'failed' && leg.state !== 'degraded') return leg.state;
+    const state = leg.state;
+    if (state !== 'failed' && state !== 'faulty' && state !== 'degraded' && state !== 'fencing') return state;
     if (leg.worker !== null && leg.worker.threadId < 0) throw new EnbdError('ENBD_ERR_LEG', `leg ${index}'s actor thread is gone`);
     this.clearReconnect(leg);
-    leg.state = 'degraded';
-    leg.reconnectAttempts = 0;
+    leg.health.reset();
+    leg.parkWhenFenced = false;
+    if (state === 'failed' || state === 'faulty' || state === 'fencing') {
+      if (state !== 'fencing') this.move(leg, 'fencing', 'reconnect by the operator: fencing the old connection first');
+      await this.fenceLeg(leg);
+      this.clearReconnect(leg);
+      if (leg.state !== 'degraded') return leg.state;
+    }
     await this.reconnectLeg(leg);
     return leg.state;
   }
 
   /**
    * Adds a leg to the running mirror: it must hold the export's size and offer what the export
-   * already promised its clients. Its map starts all dirty: a full resync from an in-sync leg.
-   * Resolves with its index (a removed leg's index is reused).
+   * already promised its clients. It goes through probation, then a full resync (its map starts
+   * all dirty). Resolves with its index (a removed leg's index is reused).
    */
   async addLeg(uri: string): Promise<number> {
     if (this.closed) throw new EnbdError('ENBD_ERR_CONFIG', 'the mirror is shutting down');
@@ -1227,6 +1452,7 @@ export class MirrorDevice implements BlockDevice {
     if (index < 0) index = this.legs.length;
     if (index >= kMaxLegs) throw new EnbdError('ENBD_ERR_CONFIG', `a mirror has at most ${kMaxLegs} legs`);
     const leg = this.createLeg(index, uri);
+    leg.state = 'reconnecting'; // not admitted while it is checked; probation next
     const info = await leg.api.open();
     let problem: string | null = null;
     if ('error' in info) problem = info.error.message;
@@ -1235,6 +1461,12 @@ export class MirrorDevice implements BlockDevice {
     else {
       const missing = (['flush', 'fua', 'trim', 'writeZeroes'] as const).filter((key) => this.features[key] && !info.features[key]);
       if (missing.length > 0) problem = `it lacks ${missing.join(', ')}, which the export offers`;
+      else if (info.blockSizes.minimumBytes > this.blockSizes.minimumBytes) problem = `its minimum block size ${info.blockSizes.minimumBytes} is larger than the export's ${this.blockSizes.minimumBytes}`;
+      else if (info.blockSizes.maximumBytes < this.blockSizes.maximumBytes) problem = `its maximum request ${info.blockSizes.maximumBytes} is smaller than the export's ${this.blockSizes.maximumBytes}`;
+    }
+    if (problem === null && !this.closed) {
+      const check = await leg.api.probe(this.probeTimeoutMs).catch((error: unknown) => ({ ok: false as const, reason: error instanceof Error ? error.message : String(error) }));
+      if (!check.ok) problem = `its probe failed: ${check.reason}`;
     }
     if (problem !== null || this.closed) {
       await this.stopActor(leg);
@@ -1243,31 +1475,27 @@ export class MirrorDevice implements BlockDevice {
     leg.info = info as LegInfo;
     this.createMaps(leg);
     leg.dirty?.markAll();
-    leg.state = 'resyncing';
     this.legs[index] = leg;
-    this.logger.info({ leg: index, uri }, 'leg added; full resync');
     this.emit({ type: 'leg-added', leg: index, uri });
-    this.emitState(leg);
+    leg.state = 'probation';
+    this.move(leg, 'resyncing', null, { why: 'leg added; full resync' });
     this.startResync(leg);
     return index;
   }
 
   /**
-   * Removes a leg for good (its actor stops once its requests drained). Refused for the last
-   * in-sync leg.
+   * Removes a leg for good (its actor stops once its requests drained). Refused when the leg
+   * alone holds some range among the remaining legs (that data would be lost).
    */
   async removeLeg(index: number): Promise<void> {
     const leg = this.legAt(index);
     if (leg.state === 'removed') throw new EnbdError('ENBD_ERR_CONFIG', `leg ${index} is already removed`);
-    if (leg.state === 'in-sync' && !this.legs.some((other) => other !== leg && other.state === 'in-sync')) {
-      throw new EnbdError('ENBD_ERR_CONFIG', `leg ${index} is the last in-sync leg; refusing to remove it`);
-    }
+    if (leg.admitted) this.refuseIfLastCopy(leg, 'remove', this.legs.filter((other) => other !== leg && other.admitted));
+    this.refuseIfLastCopy(leg, 'remove', this.legs.filter((other) => other !== leg && other.state !== 'removed'));
     this.clearReconnect(leg);
-    leg.state = 'removed';
-    leg.failureReason = 'removed by the operator';
     leg.epoch += 1;
+    this.move(leg, 'removed', 'removed by the operator');
     leg.resync?.nudge();
-    this.logger.warn({ leg: index, uri: leg.uri }, 'leg removed');
     this.emit({ type: 'leg-removed', leg: index, uri: leg.uri });
     const deadline = Date.now() + 30_000;
     while (leg.inFlight > 0 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20));

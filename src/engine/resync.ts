@@ -204,8 +204,12 @@ export class Resync {
       } else if (outcome === 'target-failed' || outcome === 'stopped') {
         this.nudge();
         return;
+      } else if (outcome === 'no-source') {
+        // No connected leg holds (part of) this run now: it stays dirty and is retried when the
+        // lanes wrap around; the runs after it may have a source, so go on with them.
+        await this.sleep(kNoSourceRetryMs);
       } else {
-        // No source right now, or the source failed: the run stays dirty; try again later.
+        // The source failed: the run stays dirty; try it again.
         this.cursorChunk = Math.min(this.cursorChunk, firstChunk);
         await this.sleep(kNoSourceRetryMs);
       }

@@ -36,9 +36,12 @@ export interface SeriesSpec {
 /** Every leg state, in this order (a Record, so a new LegState fails to compile here). */
 const kLegStateSet: Readonly<Record<LegState, true>> = {
   'in-sync': true,
-  degraded: true,
-  reconnecting: true,
   resyncing: true,
+  probation: true,
+  degraded: true,
+  fencing: true,
+  reconnecting: true,
+  faulty: true,
   failed: true,
   removed: true,
 };

@@ -97,7 +97,7 @@ test('the series carry the mirror\'s and the server\'s values', async () => {
   assert.equal(valueOf(metrics, 'enbd_ring_requests'), 1);
   assert.equal(valueOf(metrics, 'enbd_leg_state', { leg: '1', state: 'resyncing' }), 1);
   assert.equal(valueOf(metrics, 'enbd_leg_state', { leg: '1', state: 'in-sync' }), 0);
-  assert.equal(samplesOf(metrics, 'enbd_leg_state', { leg: '0' }).length, 6, 'one series per state');
+  assert.equal(samplesOf(metrics, 'enbd_leg_state', { leg: '0' }).length, 9, 'one series per state');
   assert.equal(valueOf(metrics, 'enbd_leg_dirty_bytes', { leg: '1' }), 65536);
   assert.equal(valueOf(metrics, 'enbd_leg_resync_left_bytes', { leg: '1' }), 65536);
   assert.equal(valueOf(metrics, 'enbd_leg_resync_done_bytes', { leg: '1' }), 4096);
