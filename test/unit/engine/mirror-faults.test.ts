@@ -12,8 +12,12 @@
  * f3  a leg that always fails writes (EIO) or always hangs must not cost a client write one
  *     leg timeout per reconnect; after legMaxFailures it is parked 'faulty' until
  *     reconnectLegNow.
- * f4  zero-length WRITE/TRIM/WRITE_ZEROES and a FLUSH with a range never reach a leg (an
- *     nbdkit-like leg refuses them with EINVAL) and no leg degrades.
+ * f5  (found by the model test) a leg's server loses its unflushed writes while the mirror is
+ *     disconnected from it (it failed a READ, its reconnects are refused, then it crashes): on
+ *     return the leg must not serve the ranges it lost.
+ * f4  zero-length WRITE/TRIM/WRITE_ZEROES and a FLUSH with a range never reach a leg as such
+ *     (an nbdkit-like leg refuses them with EINVAL; a FLUSH may go on as FLUSH 0+0) and no leg
+ *     degrades.
  *
  * Threads: test main thread (the legs run inline). Timeouts are tiny (tens of ms); deadlines for
  * waiting are generous and nothing asserts a duration: f3 counts leg timeouts, not time.
@@ -225,6 +229,45 @@ describe('issue 10 findings (engine, fault legs)', () => {
     });
   }
 
+  test('f5: a leg server that crashed while the mirror was disconnected from it does not serve writes it lost', async () => {
+    const stores = makeStores(2, kDeviceBytes);
+    const [storeA, storeB] = stores as [FaultStore, FaultStore];
+    open = await openFaultMirror(stores);
+    const { mirror, driver } = open;
+    const x = filled(16 * kKiB, 20);
+    assert.equal(await driver.write(0, x), 0, 'X on both legs, not flushed');
+    // A fails a READ (not a drop), so nothing says its unflushed writes are at risk...
+    storeA.eio = 'reads';
+    storeA.eioBudget = 1;
+    storeA.refuseOpen = true;
+    for (let attempt = 0; attempt < 4 && stateOf(mirror, 0) === 'in-sync'; attempt += 1) {
+      // Elsewhere than X: a failed READ marks its own range for a fresh copy.
+      const read = await driver.read(128 * kKiB, 16 * kKiB);
+      assert.equal(read.errno, 0, 'the read is retried on B');
+    }
+    await waitState(mirror, 0, ['degraded', 'faulty'], 'A out, its reconnects refused');
+    await waitFor(() => storeA.refusedOpens > 0, kSettleMs);
+    assert.equal([...storeA.connections].filter((leg) => leg.state === 'open').length, 0, 'no connection to A is open');
+    // ...then A's server crashes while no connection is open: X was never flushed there.
+    storeA.crash();
+    assert.notEqual(firstDifference(storeA.bytes.subarray(0, x.length), x), -1, 'A lost X');
+    storeA.heal();
+    if (stateOf(mirror, 0) === 'faulty') await mirror.reconnectLegNow(0);
+    const violations: string[] = [];
+    const unsubscribe = mirror.on(() => violations.push(...readableMismatches(mirror, stores, 0, x)));
+    try {
+      await waitAllInSync(mirror, 'A back');
+    } finally {
+      unsubscribe();
+    }
+    violations.push(...readableMismatches(mirror, stores, 0, x));
+    assert.deepEqual(violations.slice(0, 5), [], 'A was never readable where it lost X');
+    const read = await driver.read(0, 16 * kKiB);
+    assert.equal(read.errno, 0);
+    assertSameBytes(read.data as Uint8Array, x, 'X reads back');
+    assertSameBytes(storeA.bytes, storeB.bytes, 'A and B after resync');
+  });
+
   test('f4: empty WRITE/TRIM/WRITE_ZEROES and a ranged FLUSH never reach a leg; no leg degrades', async () => {
     const stores = makeStores(2, kDeviceBytes);
     const [, storeB] = stores as [FaultStore, FaultStore];
@@ -243,9 +286,15 @@ describe('issue 10 findings (engine, fault legs)', () => {
       assert.ok(errno === 0 || errno === p.kEInval, `${what}: answered 0 or EINVAL (got ${p.errnoNames[errno] ?? errno})`);
     }
     await sleep(50);
-    const reached = stores.flatMap((store, leg) => store.received.slice(before[leg]).map((request) =>
-      `leg ${leg}: ${p.commandNames[request.command] ?? request.command} ${request.offsetBytes}+${request.lengthBytes}`));
-    assert.deepEqual(reached, [], 'none of them reached a leg');
+    // The engine may answer them itself or pass a FLUSH on as a whole-device FLUSH 0+0; what
+    // must never reach a leg is a request in the shapes a strict server refuses.
+    const invalid = (command: number, offsetBytes: number, lengthBytes: number): boolean =>
+      command === p.kCmdFlush ? offsetBytes !== 0 || lengthBytes !== 0 : lengthBytes === 0;
+    const reached = stores.flatMap((store, leg) => store.received.slice(before[leg])
+      .filter((request) => invalid(request.command, request.offsetBytes, request.lengthBytes))
+      .map((request) => `leg ${leg}: ${p.commandNames[request.command] ?? request.command} ${request.offsetBytes}+${request.lengthBytes}`));
+    assert.deepEqual(reached, [], 'none of them reached a leg as such');
+    assert.equal(storeB.strictRefusals, 0, 'the strict leg refused nothing');
     assert.deepEqual(legStates(mirror), ['in-sync', 'in-sync'], 'no leg degraded');
     assert.equal(open.events.length, 0, 'no leg-state event');
     assert.equal(await driver.write(0, filled(4096, 5)), 0, 'a normal write still goes to both legs');
