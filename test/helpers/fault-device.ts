@@ -57,6 +57,8 @@ export type EioMode = 'none' | 'writes' | 'reads' | 'flushes' | 'all';
 
 /** One request as the server received it (for "never reached a leg" assertions). */
 export interface ReceivedRequest {
+  /** Order among every store's received requests and applied writes (one counter). */
+  sequence: number;
   connection: number;
   command: number;
   flags: number;
@@ -66,7 +68,7 @@ export interface ReceivedRequest {
 
 /** One data change the store applied. `late`: its connection had failed or closed by then. */
 export interface AppliedWrite {
-  /** Order among every store's applied writes (one counter for the process). */
+  /** Order among every store's received requests and applied writes (one counter). */
   sequence: number;
   connection: number;
   command: number;
@@ -196,8 +198,10 @@ export class FaultStore {
   /** @internal Server side of FaultLeg.submit. */
   receive(request: ServerRequest): void {
     this.receivedCount += 1;
+    appliedSequence += 1;
     if (this.received.length < kReceivedKept) {
       this.received.push({
+        sequence: appliedSequence,
         connection: request.connection.id,
         command: request.command,
         flags: request.flags,
@@ -421,6 +425,7 @@ export class FaultLeg implements BlockDevice {
       if (now - sentAt < this.requestTimeoutMs) continue;
       const name = p.commandNames[request.command] ?? 'request';
       this.store.timeouts.push([...this.waiting.values()].map(({ request: waited }) => ({
+        sequence: 0,
         connection: this.id,
         command: waited.command,
         flags: waited.flags,

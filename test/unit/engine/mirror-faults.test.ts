@@ -11,7 +11,8 @@
  *     its old connection is fenced; reads always return the acknowledged data; stores converge.
  * f3  a leg that always fails writes (EIO) or always hangs must not cost a client write one
  *     leg timeout per reconnect; after legMaxFailures it is parked 'faulty' until
- *     reconnectLegNow.
+ *     reconnectLegNow. Variant 'refuse' (found by the model test): a leg whose reconnects are
+ *     refused is parked too (the engine once asserted on reconnecting -> faulty).
  * f5  (found by the model test) a leg's server loses its unflushed writes while the mirror is
  *     disconnected from it (it failed a READ, its reconnects are refused, then it crashes): on
  *     return the leg must not serve the ranges it lost.
@@ -184,7 +185,7 @@ describe('issue 10 findings (engine, fault legs)', () => {
     assertSameBytes(storeA.bytes, storeB.bytes, 'A and B after resync');
   });
 
-  for (const fault of ['eio', 'hang'] as const) {
+  for (const fault of ['eio', 'hang', 'refuse'] as const) {
     test(`f3 (${fault}): a leg that always fails costs ~one leg timeout, then is parked faulty until reconnectLegNow`, async () => {
       const stores = makeStores(2, kDeviceBytes);
       const [storeA, storeB] = stores as [FaultStore, FaultStore];
@@ -194,7 +195,12 @@ describe('issue 10 findings (engine, fault legs)', () => {
       });
       const { mirror, driver } = open;
       if (fault === 'eio') storeA.eio = 'writes';
-      else storeA.hang = true;
+      else if (fault === 'hang') storeA.hang = true;
+      else {
+        // Found by the model test: reconnects that fail until the leg is parked.
+        storeA.refuseOpen = true;
+        storeA.drop();
+      }
       // Client writes live at 64K and above; a probe (block 0) is told apart by its offset.
       const clientBase = 64 * kKiB;
       let writes = 0;
@@ -213,7 +219,7 @@ describe('issue 10 findings (engine, fault legs)', () => {
       else assert.ok(clientWritesFailed <= 2, `client writes sent to the always-failing leg: ~1 (${summary})`);
       // EIO: each failed probe counts, so the leg is parked 'faulty'. Hang: its old connection
       // never drains, so it may also sit in 'fencing' for good; either way it stays out.
-      const parked = fault === 'eio' ? ['faulty'] : ['faulty', 'fencing'];
+      const parked = fault === 'hang' ? ['faulty', 'fencing'] : ['faulty'];
       await waitState(mirror, 0, parked, `A parked after ${maxFailures} failures (${summary})`);
       const opensParked = storeA.opens;
       const parkedAs = stateOf(mirror, 0);

@@ -2,8 +2,8 @@
  * Model test of the mirror's promise under random faults (issue 10): fast-check generates a
  * list of client operations (writes, overlapping concurrent writes, zero/trim, flush, read) mixed
  * with faults on the legs (EIO, drop, crash losing unflushed writes, hang past the leg timeout,
- * late release of held "zombie" writes, slow replies, an operator replacing a leg by an empty
- * one) and waits; a MirrorDevice (inline) over fault legs runs them.
+ * late release of held "zombie" writes, slow replies, refused reconnects, an operator replacing
+ * a leg by an empty one) and waits; a MirrorDevice (inline) over fault legs runs them.
  *
  * The promise, checked after every step:
  *   P1 every acknowledged write reads back through the mirror (a READ may fail with EIO while
@@ -59,6 +59,7 @@ type Op =
   | { kind: 'heal'; leg: number }
   | { kind: 'slow'; leg: number; ms: number }
   | { kind: 'replace'; leg: number }
+  | { kind: 'refuse'; leg: number }
   | { kind: 'sleep'; ms: number };
 
 const rangeArb = fc.integer({ min: 0, max: kDeviceBytes - 1 }).chain((offset) =>
@@ -86,6 +87,7 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
   { weight: 3, arbitrary: legArb.map((leg): Op => ({ kind: 'heal', leg })) },
   { weight: 1, arbitrary: fc.record({ leg: legArb, ms: fc.integer({ min: 1, max: 25 }) }).map((fault): Op => ({ kind: 'slow', ...fault })) },
   { weight: 1, arbitrary: legArb.map((leg): Op => ({ kind: 'replace', leg })) },
+  { weight: 1, arbitrary: legArb.map((leg): Op => ({ kind: 'refuse', leg })) },
   { weight: 3, arbitrary: fc.integer({ min: 0, max: 120 }).map((ms): Op => ({ kind: 'sleep', ms })) },
 );
 
@@ -284,7 +286,9 @@ class Run {
     for (const [index, store] of this.stores.entries()) {
       const writes = store.applied.filter((write) => offset >= write.offsetBytes && offset < write.offsetBytes + write.lengthBytes).slice(-4)
         .map((write) => `#${write.sequence} ${p.commandNames[write.command] ?? write.command} ${write.offsetBytes}+${write.lengthBytes} conn ${write.connection}${write.late ? ' LATE' : ''}`);
-      lines.push(`store ${index}: ${store.bytes[offset]}; last writes there: ${writes.join('; ') || 'none'}`);
+      const received = store.received.filter((request) => offset >= request.offsetBytes && offset < request.offsetBytes + request.lengthBytes).slice(-6)
+        .map((request) => `#${request.sequence} ${p.commandNames[request.command] ?? request.command} ${request.offsetBytes}+${request.lengthBytes} conn ${request.connection}`);
+      lines.push(`store ${index}: ${store.bytes[offset]}; last writes applied there: ${writes.join('; ') || 'none'}; last requests received there: ${received.join('; ') || 'none'}`);
     }
     return lines.join('\n');
   }
@@ -340,6 +344,9 @@ class Run {
         store.slowMs = op.ms;
         return;
       case 'replace': return await this.replace(leg);
+      case 'refuse':
+        store.refuseOpen = true;
+        return;
       case 'sleep':
         await sleep(op.ms);
         return;
