@@ -59,7 +59,7 @@ export const kLegTransitions: Readonly<Record<LegState, readonly LegState[]>> = 
   probation: ['resyncing', 'in-sync', 'fencing', 'failed', 'removed'],
   degraded: ['reconnecting', 'fencing', 'failed', 'removed'],
   fencing: ['degraded', 'faulty', 'failed', 'removed'],
-  reconnecting: ['probation', 'fencing', 'degraded', 'failed', 'removed'],
+  reconnecting: ['probation', 'fencing', 'degraded', 'faulty', 'failed', 'removed'],
   faulty: ['reconnecting', 'fencing', 'failed', 'removed'],
   failed: ['reconnecting', 'fencing', 'removed'],
   removed: [],

@@ -59,6 +59,10 @@ export class LegLifecycle {
     if (!final && (state === 'fencing' || state === 'degraded' || state === 'reconnecting' || state === 'faulty')) return;
     leg.failures += 1;
     leg.epoch += 1;
+    // Once we let go of the connection nothing tells us whether the server kept what it had not
+    // flushed (it may crash while we are away): every leg that leaves may have lost its
+    // unflushed writes, not only one whose connection dropped.
+    leg.mayHaveLostUnflushed = true;
     this.clearReconnect(leg);
     leg.resync?.nudge();
     const park = leg.health.recordFailure();
