@@ -51,7 +51,8 @@
  * - dataSizeBytes % bitmapChunkBytes === 0 and dataSizeBytes > 0.
  * - dataSizeBytes <= bitmapOffsetBytes < superblockOffsets[0] < superblockOffsets[1]
  *   and superblockOffsets[1] + 4 KiB <= legSizeBytes.
- * - bitmapAreaBytes * 8 >= chunkCount; every offset is a multiple of 4 KiB.
+ * - bitmapAreaBytes * 8 >= chunkCount; bitmapAreaBytes <= 16 MiB (a smaller chunk is refused);
+ *   every offset is a multiple of 4 KiB.
  */
 import { assert, isPowerOfTwo } from '../core/assert.js';
 import { EnbdError } from '../core/errors.js';
@@ -63,6 +64,8 @@ export const kSuperblockCopies = 2;
 export const kBitmapChunkBytesMin = 4096;
 /** Largest bitmap chunk accepted by --bitmap-chunk (1 TiB). */
 export const kBitmapChunkBytesMax = 2 ** 40;
+/** Largest bitmap area (2^27 chunks): bounds the memory `examine` and the engine hold for it. */
+export const kBitmapAreaBytesMax = 16 * 1024 * 1024;
 /** mdadm's floor for the default chunk of an internal bitmap. */
 export const kDefaultChunkBytesFloor = 64 * 1024 * 1024;
 /** mdadm's cap on the size of a default internal bitmap, less its 256-byte header. */
@@ -156,6 +159,12 @@ export function computeLayout(legSizeBytes: number, bitmapChunkBytes: number): L
   // area itself holds no data), which breaks the circle between bitmap size and data size.
   const bitsUpperBound = Math.ceil(offsets[0] / bitmapChunkBytes);
   const bitmapAreaBytes = Math.max(kMetaBlockBytes, roundUp(Math.ceil(bitsUpperBound / 8), kMetaBlockBytes));
+  if (bitmapAreaBytes > kBitmapAreaBytesMax) {
+    const wanted = Math.ceil(offsets[0] / (kBitmapAreaBytesMax * 8));
+    const atMost = largestPowerOfTwoAtMost(wanted);
+    const chunkMin = Math.max(kBitmapChunkBytesMin, atMost === wanted ? atMost : atMost * 2);
+    throw new EnbdError('ENBD_ERR_META', `a ${bitmapChunkBytes}-byte bitmap chunk needs a ${bitmapAreaBytes}-byte bitmap on a ${legSizeBytes}-byte leg (at most ${kBitmapAreaBytesMax}); use a chunk of at least ${chunkMin}`);
+  }
   const bitmapOffsetBytes = offsets[0] - bitmapAreaBytes;
   const dataSizeBytes = bitmapOffsetBytes > 0 ? roundDown(bitmapOffsetBytes, bitmapChunkBytes) : 0;
   if (dataSizeBytes <= 0) {

@@ -55,15 +55,17 @@ test('superblock copies: the last two 4 KiB blocks of the 4K-rounded leg', () =>
 
 test('layout invariants hold for random leg sizes and chunks', () => {
   fc.assert(
-    fc.property(fc.integer({ min: 16 * KiB, max: 2 ** 50 }), fc.integer({ min: 12, max: 30 }), (legSizeBytes, chunkShift) => {
+    fc.property(fc.integer({ min: 16 * KiB, max: 2 ** 50 }), fc.integer({ min: 12, max: 40 }), (legSizeBytes, chunkShift) => {
       const chunk = 2 ** chunkShift;
       let layout;
       try {
         layout = computeLayout(legSizeBytes, chunk);
       } catch (error) {
         assert.ok(isMetaError(error), String(error));
-        // Refused only when metadata plus one chunk does not fit.
-        assert.ok(legSizeBytes < chunk + 20 * KiB + legSizeBytes / chunk / 8 + 1, `refused ${legSizeBytes}/${chunk}`);
+        // Refused only when metadata plus one chunk does not fit, or the bitmap would pass 16 MiB.
+        const tooSmall = legSizeBytes < chunk + 20 * KiB + legSizeBytes / chunk / 8 + 1;
+        const bitmapTooBig = legSizeBytes / chunk / 8 > 16 * MiB - 8 * KiB;
+        assert.ok(tooSmall || bitmapTooBig, `refused ${legSizeBytes}/${chunk}: ${String(error)}`);
         return;
       }
       assert.equal(layout.dataSizeBytes % chunk, 0);
@@ -101,6 +103,9 @@ test('refusals: chunk not a power of two, below 4 KiB, above 1 TiB; leg too smal
   assert.throws(() => computeLayout(12 * KiB, 4096), isMetaError, 'no room for one chunk of data');
   assert.throws(() => computeLayout(64 * MiB, 64 * MiB), isMetaError, 'a leg of exactly one chunk');
   assert.equal(computeLayout(16 * KiB, 4096).dataSizeBytes, 4096);
+  // 4 KiB chunks on 1 TiB would need a 32 MiB bitmap: refused, naming a chunk that works.
+  assert.throws(() => computeLayout(TiB, 4096), (error: unknown) => isMetaError(error) && /at least 8192/.test((error as Error).message));
+  assert.equal(computeLayout(TiB, 8192).bitmapAreaBytes, 16 * MiB);
 });
 
 test('bitmap page of a chunk: 32768 chunks per 4 KiB page', () => {
