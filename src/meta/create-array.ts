@@ -17,6 +17,9 @@
  * | state             | clean (nothing in flight)                                          |
  * | owner             | null (no daemon holds the legs)                                    |
  *
+ * After writing, every leg is read back: a leg holding another slot's UUID means two --leg
+ * values reach the same device, and the create fails (its metadata is then not usable).
+ *
  * Invariants:
  * - Legs of different sizes are refused (the data size must be the same on every leg).
  * - A leg with enbd magic in either copy is refused unless `force`.
@@ -68,7 +71,25 @@ function checkSizes(legs: CreateLeg[]): number {
   return sizeBytes;
 }
 
-/** Writes fresh metadata on every leg; throws ENBD_ERR_META (legs untouched) when refused. */
+/**
+ * Reads every leg's superblock back: two --leg values that reach the same device (a path and
+ * its file:// URI, two NBD exports of one file) show up as a leg holding another slot's UUID.
+ */
+async function checkReadBack(legs: CreateLeg[], members: MemberRecord[]): Promise<void> {
+  for (const [slotIndex, leg] of legs.entries()) {
+    const found = await leg.meta.read();
+    const legUuid = found.superblock?.legUuid;
+    if (legUuid === members[slotIndex]?.legUuid) continue;
+    const other = members.findIndex((member) => member.legUuid === legUuid);
+    const what = other >= 0 ? `slot ${other}'s metadata (${legs[other]?.uri ?? '?'}): both --leg values reach the same device` : 'no metadata written by this create';
+    throw new EnbdError('ENBD_ERR_META', `leg ${leg.uri} reads back ${what}; the metadata written is not usable, run enbd create again with distinct legs (--force)`);
+  }
+}
+
+/**
+ * Writes fresh metadata on every leg; throws ENBD_ERR_META when refused (legs untouched) or when
+ * the read-back shows two legs are one device (metadata written, data untouched).
+ */
 export async function createArray(legs: CreateLeg[], options: CreateArrayOptions): Promise<CreateArrayResult> {
   if (legs.length === 0) throw new EnbdError('ENBD_ERR_META', 'enbd create needs at least one --leg');
   if (legs.length > kMembersMax) throw new EnbdError('ENBD_ERR_META', `at most ${kMembersMax} legs per array (got ${legs.length})`);
@@ -122,6 +143,7 @@ export async function createArray(legs: CreateLeg[], options: CreateArrayOptions
     await leg.meta.clearBitmap(layout);
     await leg.meta.writeFresh(superblock);
   }
+  await checkReadBack(legs, members);
   const created = legs.map((leg, slotIndex) => {
     const member = members[slotIndex] as MemberRecord;
     return { uri: leg.uri, slotIndex, legUuid: member.legUuid, state: member.state, overwroteArrayUuid: previous[slotIndex] ?? null };

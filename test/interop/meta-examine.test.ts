@@ -164,6 +164,13 @@ describe('enbd create / enbd examine on real legs', { skip: skipUnlessTools('nbd
     assert.ok(result.stderr.includes(String(kLegBytes)), result.stderr);
   });
 
+  test('create fails when two --leg values reach the same device', async () => {
+    const path = sparse('twice.img', kLegBytes);
+    const result = await enbd('create', '--leg', path, '--leg', `file://${path}`);
+    assert.equal(result.status, 1);
+    assert.match(result.stderr, /^enbd: error: leg .*twice\.img reads back slot 1's metadata .*both --leg values reach the same device/m);
+  });
+
   test('examine of a blank leg and bad --bitmap-chunk values fail with enbd: error', async () => {
     const blank = await enbd('examine', sparse('blank.img', kLegBytes), '--json');
     assert.equal(blank.status, 1);
