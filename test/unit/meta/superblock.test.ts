@@ -3,7 +3,8 @@
  * fast-check: encode/decode round-trips every field; any corruption of one copy on a leg makes
  * the reader fall back to the other copy and report the damaged one; random bytes, and random
  * payloads behind a valid header and checksum, only ever raise EnbdError('ENBD_ERR_META');
- * writes alternate between the copies. Plus the CRC-32C check value.
+ * writes alternate between the copies; a failed write rejects and is retried on the same copy.
+ * Plus the CRC-32C check value.
  * Threads: main only.
  */
 import { test } from 'node:test';
@@ -23,6 +24,7 @@ import {
   type MemberState,
   type Superblock,
 } from '../../../src/meta/superblock.js';
+import { kCmdWrite, kEIo } from '../../../src/nbd/protocol.js';
 import { MemoryDevice } from '../../helpers/memory-device.js';
 
 const kRuns = Number(process.env['ENBD_FUZZ_RUNS'] ?? 300);
@@ -245,4 +247,21 @@ test('bitmap pages: written bits read back; bytes past the bitmap stay zero', as
   assert.equal(bitmapCount(read, kLayout.chunkCount), 5);
   const tail = device.bytes.subarray(kLayout.bitmapOffsetBytes + kLayout.bitmapBytes, kLayout.bitmapOffsetBytes + kLayout.bitmapAreaBytes);
   assert.ok(tail.every((byte) => byte === 0));
+});
+
+test('a failed superblock write rejects with ENBD_ERR_IO and the next write retries the same copy', async () => {
+  const superblock = fc.sample(superblockArbitrary, 1)[0] as Superblock;
+  let failWrites = false;
+  const device = new MemoryDevice({ sizeBytes: kLegBytes, errnoFor: (command) => (failWrites && command === kCmdWrite ? kEIo : 0) });
+  const meta = new LegMeta(device);
+  await meta.writeFresh(superblock);
+  await meta.read();
+  failWrites = true;
+  await assert.rejects(meta.writeSuperblock({ ...superblock, events: 99 }), (error: unknown) => error instanceof EnbdError && error.code === 'ENBD_ERR_IO' && error.errno === kEIo);
+  failWrites = false;
+  const written = await meta.writeSuperblock({ ...superblock, events: 100 });
+  assert.deepEqual(written, { copyIndex: 0, sequence: 3 });
+  const found = await meta.read();
+  assert.equal(found.usedCopy, 0);
+  assert.equal(found.superblock?.events, 100);
 });
