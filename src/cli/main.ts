@@ -9,6 +9,8 @@ import { describeError } from '../core/errors.js';
 import { runServe } from './serve.js';
 import { runMirror } from './mirror.js';
 import { registerControlCommands } from './control.js';
+import { registerCreateCommand } from './create.js';
+import { registerExamineCommand } from './examine.js';
 
 const kUsageExit = 2;
 
@@ -86,6 +88,8 @@ function buildProgram(): Command {
       await runMirror(renamed);
     });
 
+  registerCreateCommand(program);
+  registerExamineCommand(program);
   registerControlCommands(program);
   return program;
 }

@@ -15,6 +15,8 @@ export type EnbdErrorCode =
   | 'ENBD_ERR_CONFIG'
   | 'ENBD_ERR_URI'
   | 'ENBD_ERR_LEG'
+  /** On-leg metadata (src/meta): a bad superblock, a leg too small, a refused create. */
+  | 'ENBD_ERR_META'
   | 'ENBD_ERR_IO';
 
 export class EnbdError extends Error {
