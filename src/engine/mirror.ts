@@ -659,7 +659,7 @@ export class MirrorDevice implements BlockDevice {
       if ((target & leg.bit) === 0 || leg.flushSlot !== slot) continue;
       leg.flushSlot = -1;
       if ((failed & leg.bit) === 0) leg.flushingUnflushed?.clearAll();
-      else leg.mayHaveLostUnflushed = true;
+      // A failed flush fails the leg (failLegsOf), which spills its unflushed record.
     }
   }
 
