@@ -227,6 +227,7 @@ export class MirrorDevice implements BlockDevice {
   features: DeviceFeatures;
   blockSizes: BlockSizes = { minimumBytes: 1, preferredBytes: 4096, maximumBytes: p.kDefaultPayloadBytesMax };
   readonly description: string;
+  get bufferCapacityBytes(): number { return this.ring.slotCount * this.ring.slotBytes; }
   onBufferAvailable: (() => void) | null = null;
   readonly ring: RequestRing;
   readonly legs: Leg[] = [];
