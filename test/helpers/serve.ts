@@ -44,6 +44,8 @@ export interface ServeOptions {
   maxPayloadBytes?: number;
   /** Force a kind regardless of ENBD_TEST_REFERENCE. */
   kind?: ServerKind;
+  /** Further `enbd serve` flags (enbd only; e.g. `--max-connections 8`). */
+  args?: string[];
 }
 
 export interface ServerUnderTest {
@@ -87,6 +89,7 @@ function enbdArgs(options: ServeOptions, port: number): string[] {
   if (options.description !== undefined) args.push('--description', options.description);
   if (options.readOnly === true) args.push('--read-only');
   if (options.maxPayloadBytes !== undefined) args.push('--max-payload', String(options.maxPayloadBytes));
+  args.push(...(options.args ?? []));
   return args;
 }
 
