@@ -89,7 +89,8 @@ export class BufferShare {
     if (!Number.isSafeInteger(capacityBytes) || capacityBytes <= 0) {
       throw new RangeError('device.bufferCapacityBytes must be a positive integer');
     }
-    const unit = unitBytes ?? Math.max(kUnitBytesMin, Math.floor(capacityBytes / kDefaultUnitsPerCapacity));
+    const unit =
+      unitBytes ?? Math.max(kUnitBytesMin, Math.floor(capacityBytes / kDefaultUnitsPerCapacity));
     if (!Number.isSafeInteger(unit) || unit <= 0 || unit > capacityBytes) {
       throw new RangeError('device.bufferUnitBytes must be a positive integer up to the capacity');
     }
@@ -113,7 +114,8 @@ export class BufferShare {
   mayAcquire(user: ShareUser, chargeBytes: number): boolean {
     const counted = user.shareHeldBytes > 0 || user.shareWanting;
     const activeCount = counted ? this.active : this.active + 1;
-    return mayAcquireShare(this.capacityBytes, activeCount, this.heldTotal, user.shareHeldBytes, chargeBytes);
+    const held = user.shareHeldBytes;
+    return mayAcquireShare(this.capacityBytes, activeCount, this.heldTotal, held, chargeBytes);
   }
 
   acquired(user: ShareUser, chargeBytes: number): void {
@@ -122,7 +124,8 @@ export class BufferShare {
   }
 
   released(user: ShareUser, chargeBytes: number): void {
-    assert(chargeBytes > 0 && chargeBytes <= user.shareHeldBytes, 'released what was acquired');
+    assert(chargeBytes > 0, 'released a charged buffer');
+    assert(chargeBytes <= user.shareHeldBytes, 'released what was acquired');
     this.update(user, -chargeBytes, user.shareWanting);
   }
 
@@ -137,7 +140,8 @@ export class BufferShare {
     this.heldTotal += heldDeltaBytes;
     const isActive = user.shareHeldBytes > 0 || user.shareWanting;
     if (isActive !== wasActive) this.active += isActive ? 1 : -1;
-    assert(user.shareHeldBytes >= 0 && this.heldTotal >= user.shareHeldBytes, 'held bytes never negative');
+    assert(user.shareHeldBytes >= 0, 'held bytes never negative');
+    assert(this.heldTotal >= user.shareHeldBytes, 'the total covers every user');
     assert(this.active >= 0, 'active count never negative');
   }
 }

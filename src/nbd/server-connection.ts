@@ -338,14 +338,20 @@ export class ServerConnection implements ShareUser {
       return;
     }
     if (nowMs - this.idleSinceMs >= payloadTimeoutMs) {
-      const what = this.parseState === ParseState.Payload ? 'a WRITE payload' : this.parseState === ParseState.Discard ? 'a rejected payload' : 'a request header';
+      const what =
+        this.parseState === ParseState.Payload
+          ? 'a WRITE payload'
+          : this.parseState === ParseState.Discard
+            ? 'a rejected payload'
+            : 'a request header';
       this.close(`client sent nothing for ${payloadTimeoutMs} ms in the middle of ${what}`);
     }
   }
 
   /** The client is in the middle of a request and nothing on our side holds it up. */
   private owesBytes(): boolean {
-    if (this.disconnecting || this.stalledChunk !== null || this.awaitingBuffer !== null) return false;
+    if (this.disconnecting) return false;
+    if (this.stalledChunk !== null || this.awaitingBuffer !== null) return false;
     return this.parseState !== ParseState.Header || this.headerFilled > 0;
   }
 

@@ -139,8 +139,14 @@ export class NbdServer implements ConnectionHost {
     if (!Number.isInteger(connectionsMax) || connectionsMax < 1 || connectionsMax > kConnectionsMaxLimit) {
       throw new RangeError(`options.connectionsMax must be an integer from 1 to ${kConnectionsMaxLimit}`);
     }
-    const handshakeTimeoutMs = checkTimeout(options.handshakeTimeoutMs ?? kHandshakeTimeoutMsDefault, 'handshakeTimeoutMs');
-    const payloadTimeoutMs = checkTimeout(options.payloadTimeoutMs ?? kPayloadTimeoutMsDefault, 'payloadTimeoutMs');
+    const handshakeTimeoutMs = checkTimeout(
+      options.handshakeTimeoutMs ?? kHandshakeTimeoutMsDefault,
+      'handshakeTimeoutMs',
+    );
+    const payloadTimeoutMs = checkTimeout(
+      options.payloadTimeoutMs ?? kPayloadTimeoutMsDefault,
+      'payloadTimeoutMs',
+    );
     const name = options.exportName ?? '';
     if (Buffer.byteLength(name) > p.kStringBytesMax) throw new RangeError('options.exportName is longer than 4096 bytes');
     const blockSizes = device.blockSizes;
@@ -281,9 +287,11 @@ export class NbdServer implements ConnectionHost {
 
   /** Logs the refusals not logged yet, at most once per kRefusalLogIntervalMs. */
   private logRefusals(nowMs: number): void {
-    if (this.refusalsPending === 0 || nowMs - this.refusalLoggedAtMs < kRefusalLogIntervalMs) return;
+    if (this.refusalsPending === 0) return;
+    if (nowMs - this.refusalLoggedAtMs < kRefusalLogIntervalMs) return;
+    const counts = { refused: this.refusalsPending, refusedTotal: this.refusalsTotal };
     this.logger.warn(
-      { connectionsMax: this.connectionsMax, refused: this.refusalsPending, refusedTotal: this.refusalsTotal },
+      { connectionsMax: this.connectionsMax, ...counts },
       'too many clients (--max-connections); refused connections',
     );
     this.refusalsPending = 0;
