@@ -155,11 +155,12 @@ export class ServerConnection implements ShareUser {
   /** ShareUser: charged device-buffer bytes held, and whether parsing waits for a buffer. */
   shareHeldBytes = 0;
   shareWanting = false;
-  /** Timeouts (checked by the server's sweep): accept time, chunks received, idle start. */
-  private readonly acceptedAtMs = performance.now();
+  /** Timeouts (checked by the server's sweep): credited handshake and silence time. */
+  private lastCheckedMs = performance.now();
+  private handshakeWaitedMs = 0;
   private receivedChunks = 0;
   private seenChunks = 0;
-  private idleSinceMs = -1;
+  private silentMs = 0;
 
   constructor(
     readonly index: number,
@@ -313,31 +314,39 @@ export class ServerConnection implements ShareUser {
   }
 
   /**
-   * Called by the server's sweep every few hundred ms (0 disables a timeout). Closes the
-   * connection when the handshake did not finish within `handshakeTimeoutMs` of the accept, or
-   * when the client owes bytes of a started request (WRITE payload, discarded payload, header)
-   * and sent nothing for `payloadTimeoutMs`; closing releases the buffers it held. Time spent
-   * waiting for the server (no record or buffer free) never counts.
+   * Called by the server's sweep every few hundred ms (0 disables a timeout), after the socket
+   * data already received was processed. `creditMs` is the time since the previous sweep, or 0
+   * when that sweep came late (the event loop or the process was stalled: a client is not
+   * blamed for our stall). Closes the connection when its handshake has not finished after
+   * `handshakeTimeoutMs` of credited time since the accept, or when the client owes bytes of a
+   * started request (WRITE payload, discarded payload, header) and sent none for
+   * `payloadTimeoutMs` of credited time; closing releases the buffers it held. Time the
+   * server holds the connection paused (no record or buffer free) never counts.
    */
-  checkTimeouts(nowMs: number, handshakeTimeoutMs: number, payloadTimeoutMs: number): void {
+  checkTimeouts(nowMs: number, creditMs: number, handshakeTimeoutMs: number, payloadTimeoutMs: number): void {
     if (this.closed) return;
+    // A connection accepted since the previous sweep is credited only its own age.
+    const credit = Math.min(creditMs, nowMs - this.lastCheckedMs);
+    this.lastCheckedMs = nowMs;
     if (this.negotiated === null) {
-      if (handshakeTimeoutMs > 0 && nowMs - this.acceptedAtMs >= handshakeTimeoutMs) {
+      this.handshakeWaitedMs += credit;
+      if (handshakeTimeoutMs > 0 && this.handshakeWaitedMs >= handshakeTimeoutMs) {
         this.close(`handshake not finished within ${handshakeTimeoutMs} ms`);
       }
       return;
     }
     if (payloadTimeoutMs <= 0 || !this.owesBytes()) {
-      this.idleSinceMs = -1;
+      this.silentMs = 0;
       return;
     }
-    if (this.idleSinceMs < 0 || this.receivedChunks !== this.seenChunks) {
-      // Started owing bytes, or some arrived since the last sweep: the silence starts now.
+    if (this.receivedChunks !== this.seenChunks) {
+      // Bytes arrived since the previous sweep: the silence starts again.
       this.seenChunks = this.receivedChunks;
-      this.idleSinceMs = nowMs;
+      this.silentMs = 0;
       return;
     }
-    if (nowMs - this.idleSinceMs >= payloadTimeoutMs) {
+    this.silentMs += credit;
+    if (this.silentMs >= payloadTimeoutMs) {
       const what =
         this.parseState === ParseState.Payload
           ? 'a WRITE payload'

@@ -10,7 +10,9 @@
  * a client that stops sending in the middle of a request is closed after `payloadTimeoutMs`;
  * each connection keeps to a fair share of the device's buffers (buffer-share.ts). The two
  * timeouts are enforced by one sweep timer (every quarter of the shorter timeout, 10 ms to
- * 1 s), so nothing is armed or allocated per request.
+ * 1 s), so nothing is armed or allocated per request. The check runs in a setImmediate after
+ * the timer, once pending socket data was read, and a sweep that comes more than two periods
+ * late credits no time: a stalled event loop or a stopped process never times clients out.
  *
  * Invariants:
  * - A connection index is reused only after that connection closed AND every request it had
@@ -119,7 +121,11 @@ export class NbdServer implements ConnectionHost {
   private readonly payloadTimeoutMs: number;
   private readonly sweepIntervalMs: number;
   private sweepTimer: NodeJS.Timeout | null = null;
-  private readonly sweepBound = (): void => this.sweep();
+  private readonly sweepBound = (): void => {
+    setImmediate(this.checkTimeoutsBound);
+  };
+  private readonly checkTimeoutsBound = (): void => this.checkTimeouts();
+  private lastSweepMs = -1;
   private readonly wakeBound = (): void => this.resumeStalled();
   /** Refused connections not logged yet, when the last refusal log was, and the total. */
   private refusalsPending = 0;
@@ -304,11 +310,19 @@ export class NbdServer implements ConnectionHost {
     this.sweepTimer.unref();
   }
 
-  /** Handshake and payload timeouts of every connection; late refusal logs. */
-  private sweep(): void {
+  /**
+   * Handshake and payload timeouts of every connection, and late refusal logs. Runs in a
+   * setImmediate after the sweep timer, so socket data that waited while the loop was busy
+   * (or the process stopped) is processed first; a sweep more than two intervals late credits
+   * no time at all.
+   */
+  private checkTimeouts(): void {
     const nowMs = performance.now();
+    const sinceMs = this.lastSweepMs < 0 ? this.sweepIntervalMs : nowMs - this.lastSweepMs;
+    this.lastSweepMs = nowMs;
+    const creditMs = sinceMs > 2 * this.sweepIntervalMs ? 0 : sinceMs;
     for (const connection of this.connections) {
-      connection?.checkTimeouts(nowMs, this.handshakeTimeoutMs, this.payloadTimeoutMs);
+      connection?.checkTimeouts(nowMs, creditMs, this.handshakeTimeoutMs, this.payloadTimeoutMs);
     }
     this.logRefusals(nowMs);
   }

@@ -61,6 +61,8 @@ export interface ServerUnderTest {
   /** Every child process still running. */
   alive(): boolean;
   output(): string;
+  /** Sends a signal to every child without waiting (SIGSTOP / SIGCONT in fault tests). */
+  signal(signal: NodeJS.Signals): void;
   stop(signal?: NodeJS.Signals): Promise<Array<number | null>>;
 }
 
@@ -145,6 +147,9 @@ export async function startServerUnderTest(options: ServeOptions): Promise<Serve
     tcpUri: (exportName = '') => `nbd://127.0.0.1:${port}/${exportName}`,
     alive: () => children.every((child) => child.process.exitCode === null && child.process.signalCode === null),
     output: () => children.map((child) => child.output()).join('\n'),
+    signal: (signal: NodeJS.Signals) => {
+      for (const child of children) child.process.kill(signal);
+    },
     stop: async (signal: NodeJS.Signals = 'SIGTERM') => {
       const codes = await Promise.all(children.map(async (child) => await child.stop(signal)));
       rmSync(options.socketPath, { force: true });

@@ -22,7 +22,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { scratch, waitFor, type Scratch } from '../helpers/tools.js';
 import { assertServing, enbdCli, run, skipUnlessTools, startServerUnderTest, type ServerUnderTest } from '../helpers/serve.js';
 import { startMirror, stopAllMirrors, type MirrorProcess } from '../helpers/mirror.js';
-import { NbdProbe } from '../helpers/nbd-probe.js';
+import { NbdProbe, assembleRead } from '../helpers/nbd-probe.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { ControlClient } from '../../src/control/client.js';
 import * as p from '../../src/nbd/protocol.js';
@@ -146,6 +146,29 @@ describe('enbd serve: idle, surplus and stalled clients', { skip: skipUnlessTool
     const chunks = await late.readReplyChunks(4096);
     assert.equal(chunks.at(-1)?.errno, 0, 'the client in the freed slot is served');
     await waitFor('the refusal log', () => /refused connections/.test(server.output()), kWaitMs);
+  });
+
+  test('a server stopped for longer than the payload timeout does not blame a client mid-payload', async () => {
+    const probe = await open();
+    await probe.negotiate();
+    const payload = randomBytes(64 * 1024);
+    const offset = 1024 * 1024;
+    probe.sendRequest({ type: p.kCmdWrite, cookie: 5n, offset, length: payload.length, payload: payload.subarray(0, 1024) });
+    await sleep(kPayloadTimeoutMs / 2);
+    server.signal('SIGSTOP');
+    try {
+      // The rest waits in the kernel while the server cannot run.
+      probe.write(payload.subarray(1024));
+      await sleep(kPayloadTimeoutMs * 3);
+    } finally {
+      server.signal('SIGCONT');
+    }
+    const reply = await probe.readReply(0, kWaitMs);
+    assert.equal(reply.errno, 0, 'the WRITE succeeded');
+    assert.equal(probe.closed, false, 'the client was not dropped');
+    probe.sendRequest({ type: p.kCmdRead, cookie: 6n, offset, length: payload.length });
+    const chunks = await probe.readReplyChunks(payload.length);
+    assert.ok(assembleRead(chunks, BigInt(offset), payload.length).equals(payload), 'READ returns the WRITE');
   });
 
   test('bad limit values are refused with the option named', async () => {
