@@ -206,7 +206,7 @@ describe('issue 10 findings (engine, fault legs)', () => {
       // Client writes live at 64K and above; a probe (block 0) is told apart by its offset.
       const clientBase = 64 * kKiB;
       let writes = 0;
-      const deadline = Date.now() + 1500;
+      const deadline = Date.now() + 2000;
       while (Date.now() < deadline) {
         const errno = await driver.write(clientBase + (writes % 16) * 4096, filled(4096, writes));
         assert.equal(errno, 0, `client write ${writes} succeeds through B`);
