@@ -16,6 +16,9 @@
  * f5  (found by the model test) a leg's server loses its unflushed writes while the mirror is
  *     disconnected from it (it failed a READ, its reconnects are refused, then it crashes): on
  *     return the leg must not serve the ranges it lost.
+ * f7  (found by the model test) B lost its unflushed writes (crash) and is out; A, the last
+ *     up-to-date leg, fails a READ over them: B must not count as holding them (so A is not
+ *     marked as the one missing them), and the acknowledged data survives both returning.
  * f6  (todo, beyond issue 10) a leg server restarted on an empty file must not be read from as
  *     if it held the data; needs a leg identity check at reconnect.
  * f4  zero-length WRITE/TRIM/WRITE_ZEROES and a FLUSH with a range never reach a leg as such
@@ -273,6 +276,42 @@ describe('issue 10 findings (engine, fault legs)', () => {
     const read = await driver.read(0, 16 * kKiB);
     assert.equal(read.errno, 0);
     assertSameBytes(read.data as Uint8Array, x, 'X reads back');
+    assertSameBytes(storeA.bytes, storeB.bytes, 'A and B after resync');
+  });
+
+  test('f7: a leg that lost its unflushed writes is not taken as the holder of them while it is out', async () => {
+    const stores = makeStores(2, kDeviceBytes);
+    const [storeA, storeB] = stores as [FaultStore, FaultStore];
+    open = await openFaultMirror(stores);
+    const { mirror, driver } = open;
+    const x = filled(4 * kKiB, 40);
+    assert.equal(await driver.write(32 * kKiB, x), 0, 'X on both legs, not flushed');
+    // B's server crashes (X lost there) and B stays out: its reconnects are refused.
+    storeB.refuseOpen = true;
+    storeB.crash();
+    await waitState(mirror, 1, ['degraded', 'faulty'], 'B out');
+    // A, the only up-to-date leg, fails one READ over X. A still holds X; B does not.
+    storeA.eio = 'reads';
+    storeA.eioBudget = 1;
+    const failed = await driver.read(0, 64 * kKiB);
+    assert.ok(failed.errno === 0 || failed.errno === p.kEIo, 'the read answers 0 or EIO');
+    if (failed.errno === 0) assertSameBytes((failed.data as Uint8Array).subarray(32 * kKiB, 36 * kKiB), x, 'X read back');
+    storeA.heal();
+    storeB.heal();
+    const expected = x;
+    const violations: string[] = [];
+    const unsubscribe = mirror.on(() => violations.push(...readableMismatches(mirror, stores, 32 * kKiB, expected)));
+    try {
+      for (const leg of [0, 1]) if (['faulty', 'failed'].includes(stateOf(mirror, leg))) await mirror.reconnectLegNow(leg);
+      await waitAllInSync(mirror, 'both back');
+    } finally {
+      unsubscribe();
+    }
+    violations.push(...readableMismatches(mirror, stores, 32 * kKiB, expected));
+    assert.deepEqual(violations.slice(0, 5), [], 'no leg was readable over X without holding it');
+    const read = await driver.read(32 * kKiB, 4 * kKiB);
+    assert.equal(read.errno, 0);
+    assertSameBytes(read.data as Uint8Array, x, 'acknowledged X reads back');
     assertSameBytes(storeA.bytes, storeB.bytes, 'A and B after resync');
   });
 
