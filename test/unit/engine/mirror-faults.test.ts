@@ -19,6 +19,9 @@
  * f7  (found by the model test) B lost its unflushed writes (crash) and is out; A, the last
  *     up-to-date leg, fails a READ over them: B must not count as holding them (so A is not
  *     marked as the one missing them), and the acknowledged data survives both returning.
+ * f8  (found by the model test) both legs leave and each may have lost its unflushed writes:
+ *     A crashed (lost X), B only dropped (holds X, the last in-sync leg). B returns first,
+ *     then A: the leg that lost X must not become the reference.
  * f6  (todo, beyond issue 10) a leg server restarted on an empty file must not be read from as
  *     if it held the data; needs a leg identity check at reconnect.
  * f4  zero-length WRITE/TRIM/WRITE_ZEROES and a FLUSH with a range never reach a leg as such
@@ -310,6 +313,49 @@ describe('issue 10 findings (engine, fault legs)', () => {
     violations.push(...readableMismatches(mirror, stores, 32 * kKiB, expected));
     assert.deepEqual(violations.slice(0, 5), [], 'no leg was readable over X without holding it');
     const read = await driver.read(32 * kKiB, 4 * kKiB);
+    assert.equal(read.errno, 0);
+    assertSameBytes(read.data as Uint8Array, x, 'acknowledged X reads back');
+    assertSameBytes(storeA.bytes, storeB.bytes, 'A and B after resync');
+  });
+
+  test('f8: both legs out, each may have lost unflushed writes: the one that lost X does not become the reference', async () => {
+    const stores = makeStores(2, kDeviceBytes);
+    const [storeA, storeB] = stores as [FaultStore, FaultStore];
+    open = await openFaultMirror(stores);
+    const { mirror, driver } = open;
+    // B misses X, then gets it by resync (a copy: unflushed on B too).
+    storeB.refuseOpen = true;
+    storeB.drop();
+    await waitState(mirror, 1, ['degraded', 'faulty'], 'B out');
+    const x = filled(8 * kKiB, 50);
+    assert.equal(await driver.write(8 * kKiB, x), 0, 'X acknowledged by A alone, not flushed');
+    storeB.heal();
+    if (stateOf(mirror, 1) === 'faulty') await mirror.reconnectLegNow(1);
+    await waitAllInSync(mirror, 'B resynced X');
+    assertSameBytes(storeB.bytes.subarray(8 * kKiB, 16 * kKiB), x, 'B holds X');
+    // A's server crashes (X lost on A) and stays out; B, the last in-sync leg, then drops.
+    storeA.refuseOpen = true;
+    storeA.crash();
+    await waitState(mirror, 0, ['degraded', 'faulty'], 'A out');
+    storeB.refuseOpen = true;
+    storeB.drop();
+    await waitState(mirror, 1, ['degraded', 'faulty'], 'B out');
+    // B (which still holds X) comes back first, then A (which lost it).
+    const violations: string[] = [];
+    const unsubscribe = mirror.on(() => violations.push(...readableMismatches(mirror, stores, 8 * kKiB, x)));
+    try {
+      storeB.heal();
+      if (stateOf(mirror, 1) === 'faulty') await mirror.reconnectLegNow(1);
+      await waitState(mirror, 1, ['in-sync', 'resyncing'], 'B back');
+      storeA.heal();
+      if (stateOf(mirror, 0) === 'faulty') await mirror.reconnectLegNow(0);
+      await waitAllInSync(mirror, 'both back');
+    } finally {
+      unsubscribe();
+    }
+    violations.push(...readableMismatches(mirror, stores, 8 * kKiB, x));
+    assert.deepEqual(violations.slice(0, 5), [], 'no leg was readable over X without holding it');
+    const read = await driver.read(8 * kKiB, 8 * kKiB);
     assert.equal(read.errno, 0);
     assertSameBytes(read.data as Uint8Array, x, 'acknowledged X reads back');
     assertSameBytes(storeA.bytes, storeB.bytes, 'A and B after resync');
