@@ -3,7 +3,8 @@
  * list of client operations (writes, overlapping concurrent writes, zero/trim, flush, read) mixed
  * with faults on the legs (EIO, drop, crash losing unflushed writes, hang past the leg timeout,
  * late release of held "zombie" writes, slow replies, refused reconnects, an operator replacing
- * a leg by an empty one, resync paused and resumed) and waits; a MirrorDevice (inline) over fault legs runs them.
+ * a leg by an empty one, resync paused and resumed, a drop/crash/hang while writes are in
+ * flight) and waits; a MirrorDevice (inline) over fault legs runs them.
  *
  * The promise, checked after every step:
  *   P1 every acknowledged write reads back through the mirror (a READ may fail with EIO while
@@ -67,6 +68,7 @@ type Op =
   | { kind: 'blank'; leg: number }
   | { kind: 'zombie'; leg: number; offset: number; length: number }
   | { kind: 'pause'; paused: boolean }
+  | { kind: 'inflight'; items: Array<{ offset: number; length: number }>; leg: number; fault: 'drop' | 'crash' | 'hang'; turns: number }
   | { kind: 'sleep'; ms: number };
 
 const rangeArb = fc.integer({ min: 0, max: kDeviceBytes - 1 }).chain((offset) =>
@@ -98,6 +100,15 @@ const opArb: fc.Arbitrary<Op> = fc.oneof(
   { weight: 1, arbitrary: legArb.map((leg): Op => ({ kind: 'blank', leg })) },
   { weight: 2, arbitrary: fc.record({ leg: legArb, r: rangeArb }).map(({ leg, r }): Op => ({ kind: 'zombie', leg, ...r })) },
   { weight: 1, arbitrary: fc.boolean().map((paused): Op => ({ kind: 'pause', paused })) },
+  {
+    weight: 2,
+    arbitrary: fc.record({
+      items: fc.array(rangeArb, { minLength: 1, maxLength: 4 }),
+      leg: legArb,
+      fault: fc.constantFrom<'drop' | 'crash' | 'hang'>('drop', 'crash', 'hang'),
+      turns: fc.integer({ min: 0, max: 3 }),
+    }).map((fields): Op => ({ kind: 'inflight', ...fields })),
+  },
   { weight: 3, arbitrary: fc.integer({ min: 0, max: 120 }).map((ms): Op => ({ kind: 'sleep', ms })) },
 );
 
@@ -242,6 +253,22 @@ class Run {
     for (const result of results) this.settle(result.arrival, result.dataId, result.offset, result.length, result.errno, 'WRITE (concurrent)');
   }
 
+  /** Writes in flight when a fault hits a leg (after `turnCount` event-loop turns). */
+  async inflight(items: Array<{ offset: number; length: number }>, leg: number, fault: 'drop' | 'crash' | 'hang', turnCount: number): Promise<void> {
+    const store = this.stores[leg] as FaultStore;
+    const crashOk = fault !== 'crash' || this.othersHealthyInSync(leg);
+    const writes = this.writes(items);
+    await turns(turnCount);
+    if (fault === 'drop') store.drop();
+    else if (fault === 'crash' && crashOk) {
+      this.stats.crashes += 1;
+      store.crash();
+    } else if (fault === 'hang') store.hang = true;
+    await writes;
+    if (fault === 'hang') store.hang = false;
+    await turns(3);
+  }
+
   async zero(offset: number, length: number, trim: boolean): Promise<void> {
     let arrival = 0;
     const onSubmit = (): void => void (arrival = this.model.arrive());
@@ -376,6 +403,7 @@ class Run {
       case 'pause':
         this.open.mirror.pauseResync(op.paused);
         return;
+      case 'inflight': return await this.inflight(op.items, leg, op.fault, op.turns);
       case 'sleep':
         await sleep(op.ms);
         return;
