@@ -13,6 +13,9 @@
  *     leg timeout per reconnect; after legMaxFailures it is parked 'faulty' until
  *     reconnectLegNow. Variant 'refuse' (found by the model test): a leg whose reconnects are
  *     refused is parked too (the engine once asserted on reconnecting -> faulty).
+ * f4  zero-length WRITE/TRIM/WRITE_ZEROES and a FLUSH with a range never reach a leg as such
+ *     (an nbdkit-like leg refuses them with EINVAL; a FLUSH may go on as FLUSH 0+0) and no leg
+ *     degrades.
  * f5  (found by the model test) a leg's server loses its unflushed writes while the mirror is
  *     disconnected from it (it failed a READ, its reconnects are refused, then it crashes): on
  *     return the leg must not serve the ranges it lost.
@@ -24,9 +27,6 @@
  *     then A: the leg that lost X must not become the reference.
  * f6  (todo, beyond issue 10) a leg server restarted on an empty file must not be read from as
  *     if it held the data; needs a leg identity check at reconnect.
- * f4  zero-length WRITE/TRIM/WRITE_ZEROES and a FLUSH with a range never reach a leg as such
- *     (an nbdkit-like leg refuses them with EINVAL; a FLUSH may go on as FLUSH 0+0) and no leg
- *     degrades.
  *
  * Threads: test main thread (the legs run inline). Timeouts are tiny (tens of ms); deadlines for
  * waiting are generous and nothing asserts a duration: f3 counts leg timeouts, not time.

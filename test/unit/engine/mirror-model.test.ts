@@ -24,7 +24,8 @@
  * Runs: ENBD_MODEL_RUNS (default 50), seed ENBD_MODEL_SEED, ENBD_MODEL_SHRINK=1 to shrink a
  * failure (slow: each run takes real time), ENBD_MODEL_SKIP=hang,release,... leaves op kinds out
  * (to look past one known bug for the next), ENBD_MODEL_BLANK=1 adds 'blank' (a leg server
- * restarted on an empty file behind the engine's back; needs a leg identity check to pass). The seed is printed on failure (fast-check's report).
+ * restarted on an empty file behind the engine's back; needs a leg identity check to pass).
+ * The seed is printed on failure (fast-check's report), with the failing run's last steps.
  * Threads: test main thread (the legs run inline).
  */
 import { test } from 'node:test';
