@@ -33,6 +33,9 @@ function buildProgram(): Command {
     .option('--description <text>', 'export description shown to clients')
     .option('--read-only', 'refuse writes (EPERM)', false)
     .option('--max-payload <bytes>', 'largest READ/WRITE payload accepted (e.g. 32M)', '32M')
+    .option('--max-connections <n>', 'most clients at once; more are closed at once', '128')
+    .option('--handshake-timeout <ms>', 'close a client that has not finished option negotiation in time (0 = never)', '10000')
+    .option('--payload-timeout <ms>', 'close a client that stops sending in the middle of a request (0 = never)', '30000')
     .addOption(new Option('--io <mode>', 'file I/O: async (libuv thread pool), sync (on the serving thread), or auto: sync on tmpfs/ramfs, async elsewhere').choices(['auto', 'async', 'sync']).default('auto'))
     .addOption(new Option('--receive <mode>', 'WRITE payloads: stream (copied from Node read chunks) or direct (read straight into the request buffer)').choices(['stream', 'direct']).default('stream'))
     .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'))
@@ -54,6 +57,9 @@ function buildProgram(): Command {
     .option('--copy-mode <mode>', 'shared (one copy in the ring) or per-leg (a copy per leg, for comparison)')
     .option('--placement <where>', 'workers (an actor thread per leg) or inline (actors on the main thread)')
     .option('--max-payload <bytes>', 'largest READ/WRITE payload accepted (default 32M)')
+    .option('--max-connections <n>', 'most clients at once; more are closed at once (default 128)')
+    .option('--handshake-timeout <ms>', 'close a client that has not finished option negotiation in time (default 10000; 0 = never)')
+    .option('--payload-timeout <ms>', 'close a client that stops sending in the middle of a request, releasing its buffers (default 30000; 0 = never)')
     .option('--leg-timeout <ms>', 'degrade a leg whose request takes longer (default 5000; 0 = never)')
     .option('--idle-probe <ms>', 'probe a leg idle this long with a one-block READ (default 5000; 0 = never)')
     .option('--fence-timeout <ms>', 'wait this long for a failed leg\'s old connection to close before trying again (default 10000)')
@@ -84,6 +90,8 @@ function buildProgram(): Command {
         probeTimeoutMs: options['probeTimeout'],
         legFailureWindowMs: options['legFailureWindow'],
         legStableMs: options['legStable'],
+        handshakeTimeoutMs: options['handshakeTimeout'],
+        payloadTimeoutMs: options['payloadTimeout'],
       };
       await runMirror(renamed);
     });

@@ -13,7 +13,7 @@ import { EnbdError, describeError } from '../core/errors.js';
 import { MirrorDevice } from '../engine/mirror.js';
 import type { CopyMode, Placement } from '../engine/messages.js';
 import { createNbdServer } from '../nbd/server.js';
-import { parseBytes, parseInteger, parseListen } from './parse.js';
+import { kServerLimitDefaults, parseBytes, parseInteger, parseListen, parseServerLimits, type ServerLimits } from './parse.js';
 import { installShutdown } from './shutdown.js';
 import { startControlPlane, type ControlPlane } from '../control/plane.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
@@ -51,9 +51,11 @@ export interface MirrorSettings {
   control: string | null;
   /** --metrics [HOST:]PORT, or null: no metrics endpoint. */
   metrics: string | null;
+  /** --max-connections, --handshake-timeout, --payload-timeout (NBD server abuse bounds). */
+  serverLimits: ServerLimits;
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs']);
 const kDefaultLegBytes = 1024 ** 3;
 
 function readConfig(path: string): Record<string, unknown> {
@@ -146,6 +148,11 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     receive,
     control: control === undefined ? null : text(control, '--control'),
     metrics: metrics === undefined ? null : text(metrics, '--metrics'),
+    serverLimits: parseServerLimits(
+      text(pick('maxConnections') ?? kServerLimitDefaults.maxConnections, '--max-connections'),
+      text(pick('handshakeTimeoutMs') ?? kServerLimitDefaults.handshakeTimeoutMs, '--handshake-timeout'),
+      text(pick('payloadTimeoutMs') ?? kServerLimitDefaults.payloadTimeoutMs, '--payload-timeout'),
+    ),
   };
 }
 
@@ -218,6 +225,7 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
     exportName: settings.name,
     logger,
     maximumPayloadBytes: settings.maxPayload,
+    ...settings.serverLimits,
     directReceive: settings.receive === 'direct',
   });
   const uris: string[] = [];

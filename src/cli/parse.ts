@@ -28,6 +28,24 @@ export function parseInteger(option: string, text: string, minimum: number, maxi
   return value;
 }
 
+/** The NBD server's abuse bounds (--max-connections, --handshake-timeout, --payload-timeout). */
+export interface ServerLimits {
+  connectionsMax: number;
+  handshakeTimeoutMs: number;
+  payloadTimeoutMs: number;
+}
+
+export const kServerLimitDefaults = { maxConnections: '128', handshakeTimeoutMs: '10000', payloadTimeoutMs: '30000' } as const;
+
+/** Parses the three values (strings from flags or config); bounds as the server enforces them. */
+export function parseServerLimits(maxConnections: string, handshakeTimeoutMs: string, payloadTimeoutMs: string): ServerLimits {
+  return {
+    connectionsMax: parseInteger('--max-connections', maxConnections, 1, 65_535),
+    handshakeTimeoutMs: parseInteger('--handshake-timeout', handshakeTimeoutMs, 0, 0x7fff_ffff),
+    payloadTimeoutMs: parseInteger('--payload-timeout', payloadTimeoutMs, 0, 0x7fff_ffff),
+  };
+}
+
 export interface ListenAddress {
   host: string;
   port: number;

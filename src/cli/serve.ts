@@ -8,7 +8,7 @@ import { createLogger } from '../core/log.js';
 import { EnbdError } from '../core/errors.js';
 import { FileDevice } from '../stubs/file-device.js';
 import { createNbdServer } from '../nbd/server.js';
-import { parseBytes, parseListen } from './parse.js';
+import { kServerLimitDefaults, parseBytes, parseListen, parseServerLimits } from './parse.js';
 import { installShutdown } from './shutdown.js';
 
 const kTmpfsMagic = 0x01021994;
@@ -31,6 +31,11 @@ function isMemoryBacked(path: string): boolean {
 export async function runServe(file: string, options: Record<string, unknown>): Promise<void> {
   const logger = createLogger({ level: String(options['logLevel'] ?? 'info') });
   const maximumPayloadBytes = parseBytes('--max-payload', String(options['maxPayload'] ?? '32M'));
+  const limits = parseServerLimits(
+    String(options['maxConnections'] ?? kServerLimitDefaults.maxConnections),
+    String(options['handshakeTimeout'] ?? kServerLimitDefaults.handshakeTimeoutMs),
+    String(options['payloadTimeout'] ?? kServerLimitDefaults.payloadTimeoutMs),
+  );
   const socketPath = typeof options['socket'] === 'string' ? resolve(options['socket']) : null;
   const listenText = typeof options['listen'] === 'string' ? options['listen'] : socketPath === null ? '127.0.0.1:10809' : null;
   const listen = listenText === null ? null : parseListen('--listen', listenText);
@@ -47,6 +52,7 @@ export async function runServe(file: string, options: Record<string, unknown>): 
     ...(typeof options['description'] === 'string' ? { description: options['description'] } : {}),
     logger,
     maximumPayloadBytes,
+    ...limits,
     readOnly: options['readOnly'] === true,
     directReceive: options['receive'] === 'direct',
   });

@@ -78,6 +78,17 @@ export interface BlockDevice {
   acquireBuffer?(command: number, lengthBytes: number, token: number): Uint8Array | null;
   releaseBuffer?(token: number): void;
   onBufferAvailable?: (() => void) | null;
+  /**
+   * Optional, with the buffer provider: total bytes of the buffers it can hand out (the mirror:
+   * ring slots x slot bytes). The server then keeps each connection to a fair share of them
+   * (src/nbd/buffer-share.ts), so one client cannot hold them all.
+   */
+  readonly bufferCapacityBytes?: number;
+  /**
+   * Optional: the unit buffers are handed out in (the mirror: slot bytes); a request is charged
+   * whole units. Without it the server assumes capacity / 256.
+   */
+  readonly bufferUnitBytes?: number;
   /** Number of requests submitted and not yet completed. */
   readonly inFlight: number;
   /**

@@ -14,7 +14,8 @@
  *   the fence (S4) or the probe (S5).
  * - The backoff attempt count grows with every reconnect; it starts over only after the leg
  *   stayed in sync for the policy's stable time (LegHealth), never on a mere reconnect.
- * - `legReturned` marks possibly lost unflushed writes only where another leg holds them.
+ * - A leg that leaves spills its unflushed record into its dirty map at once, only where another
+ *   leg holds the range (then that leg's later failure keeps its own copy as the one that counts).
  */
 import type { Logger } from '../core/log.js';
 import type { DirtyMap } from '../bitmap/dirty-map.js';
@@ -61,8 +62,9 @@ export class LegLifecycle {
     leg.epoch += 1;
     // Once we let go of the connection nothing tells us whether the server kept what it had not
     // flushed (it may crash while we are away): every leg that leaves may have lost its
-    // unflushed writes, not only one whose connection dropped.
-    leg.mayHaveLostUnflushed = true;
+    // unflushed writes. They are marked now, while the legs that hold them are known (a leg
+    // that fails later sees these marks and keeps its own copy as the one that counts).
+    this.spillUnflushed(leg);
     this.clearReconnect(leg);
     leg.resync?.nudge();
     const park = leg.health.recordFailure();
@@ -187,6 +189,16 @@ export class LegLifecycle {
    * dirty map wherever another leg holds the range. Where no other leg does, the leg's own copy
    * is the only one there is, and marking it would leave the range unreadable everywhere.
    */
+  /** The leg leaves: its unflushed record goes into its dirty map (mergeUnflushed) and is reset. */
+  spillUnflushed(leg: Leg): void {
+    leg.flushSlot = -1;
+    if (leg.unflushed === null || leg.dirty === null) return;
+    for (const half of leg.unflushed) {
+      this.mergeUnflushed(leg, half);
+      half.clearAll();
+    }
+  }
+
   mergeUnflushed(leg: Leg, from: DirtyMap): void {
     const into = leg.dirty as DirtyMap;
     const run = { firstChunk: 0, chunkCount: 0 };
@@ -203,8 +215,8 @@ export class LegLifecycle {
   }
 
   /**
-   * A fenced, reconnected leg passed probation. Its dirty map says what it missed (plus its
-   * unflushed writes if its connection dropped or a flush failed): empty -> in sync; else it
+   * A fenced, reconnected leg passed probation. Its dirty map says what it missed (plus the
+   * unflushed writes it may have lost, spilled when it left): empty -> in sync; else it
    * resyncs, taking writes at once and serving reads of the ranges it holds.
    */
   legReturned(leg: Leg): void {
@@ -212,9 +224,7 @@ export class LegLifecycle {
     const unflushed = leg.unflushed as [DirtyMap, DirtyMap];
     leg.flushSlot = -1;
     leg.epoch += 1;
-    if (leg.mayHaveLostUnflushed) for (const half of unflushed) this.mergeUnflushed(leg, half);
     for (const half of unflushed) half.clearAll();
-    leg.mayHaveLostUnflushed = false;
     if (dirty.dirtyChunkCount() === 0) {
       this.setInSync(leg, 'it missed no writes');
       return;
@@ -239,7 +249,6 @@ export class LegLifecycle {
   /** The actor reported that the leg's connection dropped on its own (or an idle probe failed). */
   onLegDropped(leg: Leg): void {
     if (!leg.admitted && leg.state !== 'probation') return;
-    leg.mayHaveLostUnflushed = true;
     this.failLeg(leg, 'connection dropped');
   }
 

@@ -37,8 +37,6 @@ export class Leg {
   unflushedCurrent = 0;
   /** The FLUSH slot whose success clears unflushed[1 - current], or -1. */
   flushSlot = -1;
-  /** The connection dropped or a flush failed: unflushed writes may be lost. */
-  mayHaveLostUnflushed = false;
   dropsSeen = 0;
   /** Reconnect backoff, failure window, state transitions (src/engine/leg-health.ts). */
   health!: LegHealth;

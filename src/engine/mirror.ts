@@ -201,6 +201,13 @@ export class MirrorDevice implements BlockDevice {
   features: DeviceFeatures;
   blockSizes: BlockSizes = { minimumBytes: 1, preferredBytes: 4096, maximumBytes: p.kDefaultPayloadBytesMax };
   readonly description: string;
+  /** The ring's size and slot size: the NBD server shares buffers fairly between connections. */
+  get bufferCapacityBytes(): number {
+    return this.ring.slotCount * this.ring.slotBytes;
+  }
+  get bufferUnitBytes(): number {
+    return this.ring.slotBytes;
+  }
   onBufferAvailable: (() => void) | null = null;
   readonly ring: RequestRing;
   readonly legs: Leg[] = [];
@@ -659,7 +666,7 @@ export class MirrorDevice implements BlockDevice {
       if ((target & leg.bit) === 0 || leg.flushSlot !== slot) continue;
       leg.flushSlot = -1;
       if ((failed & leg.bit) === 0) leg.flushingUnflushed?.clearAll();
-      else leg.mayHaveLostUnflushed = true;
+      // A failed flush fails the leg (failLegsOf), which spills its unflushed record.
     }
   }
 

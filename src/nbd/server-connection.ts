@@ -9,8 +9,15 @@
  * Receive path: the socket's 'data' chunks are parsed in place. A 28-byte header that straddles
  * two chunks is staged in a fixed 28-byte buffer; a WRITE payload is copied once from the chunk
  * into its destination (the device's buffer, e.g. a ring slot, or this connection's own
- * buffer). When no request record or device buffer is free, parsing stalls: the connection
- * remembers (chunk, position), pauses the socket, and resumes when a record or buffer frees.
+ * buffer). When no request record or device buffer is free, or the connection is over its fair
+ * share of the device's buffers (buffer-share.ts), parsing stalls: the connection remembers
+ * (chunk, position), pauses the socket, and resumes when a record or buffer frees.
+ *
+ * Timeouts (no timer per connection or request: the server's sweep calls checkTimeouts): a
+ * handshake must finish within the handshake timeout; a client in the middle of a request
+ * (WRITE payload, rejected payload being discarded, part of a header) that sends nothing for
+ * the payload timeout is disconnected, and close() releases the buffers it held. A chunk
+ * counter is all the receive path pays for it.
  *
  * Reply path: headers and small READ payloads are appended to an output arena; large READ
  * payloads are written as their own buffers. The socket is corked on the first reply of an
@@ -40,6 +47,7 @@ import { assert } from '../core/assert.js';
 import * as p from './protocol.js';
 import { OptionNegotiator, encodeGreeting, type ExportDescriptor, type NegotiatedState } from './server-options.js';
 import { validateRequest, type ValidationContext } from './request-validate.js';
+import type { BufferShare, ShareUser } from './buffer-share.js';
 
 export const kRequestsPerConnection = 256;
 export const kRequestIndexBits = 8;
@@ -84,6 +92,8 @@ class RequestRecord {
   ownBuffer: Buffer | null = null;
   /** A buffer from the connection's large-buffer pool, returned on release. */
   largeBuffer: Buffer | null = null;
+  /** Bytes charged to the connection's buffer share for `data` (0: not a shared buffer). */
+  chargeBytes = 0;
   filledBytes = 0;
   readonly onWritten: () => void;
   constructor(
@@ -100,6 +110,8 @@ export interface ConnectionHost {
   readonly exportDescriptor: ExportDescriptor;
   /** Device supports FAST_ZERO (else such requests fail fast with ENOTSUP). */
   readonly fastZero: boolean;
+  /** Fair share of the device's buffers, or null when the device has no shared buffers. */
+  readonly bufferShare: BufferShare | null;
   connectionClosed(connection: ServerConnection): void;
   /** Register a connection whose parsing stalled; `resume()` is called after a `wake()`. */
   stalled(connection: ServerConnection): void;
@@ -107,7 +119,7 @@ export interface ConnectionHost {
   wake(): void;
 }
 
-export class ServerConnection {
+export class ServerConnection implements ShareUser {
   private readonly records: RequestRecord[] = [];
   private readonly freeRecords: number[] = [];
   private readonly negotiator: OptionNegotiator;
@@ -140,6 +152,15 @@ export class ServerConnection {
   private disconnecting = false;
   inFlight = 0;
   requestsServed = 0;
+  /** ShareUser: charged device-buffer bytes held, and whether parsing waits for a buffer. */
+  shareHeldBytes = 0;
+  shareWanting = false;
+  /** Timeouts (checked by the server's sweep): credited handshake and silence time. */
+  private lastCheckedMs = performance.now();
+  private handshakeWaitedMs = 0;
+  private receivedChunks = 0;
+  private seenChunks = 0;
+  private silentMs = 0;
 
   constructor(
     readonly index: number,
@@ -205,6 +226,7 @@ export class ServerConnection {
   }
 
   private onData(chunk: Buffer, end: number): void {
+    this.receivedChunks += 1;
     if (this.closed || this.disconnecting) return;
     if (this.negotiated === null) {
       // The negotiator may keep what it is given; a reused receive buffer must be copied.
@@ -249,6 +271,7 @@ export class ServerConnection {
     // The bytes went straight into the payload record's buffer.
     const record = this.payloadRecord;
     if (record === null || this.closed) return true;
+    this.receivedChunks += 1;
     record.filledBytes += bytes;
     this.payloadBytesDirect += bytes;
     const remaining = record.lengthBytes - record.filledBytes;
@@ -288,6 +311,57 @@ export class ServerConnection {
     this.disconnecting = true;
     this.socket.pause();
     if (this.inFlight === 0) this.closeWhenFlushed();
+  }
+
+  /**
+   * Called by the server's sweep every few hundred ms (0 disables a timeout), after the socket
+   * data already received was processed. `creditMs` is the time since the previous sweep, or 0
+   * when that sweep came late (the event loop or the process was stalled: a client is not
+   * blamed for our stall). Closes the connection when its handshake has not finished after
+   * `handshakeTimeoutMs` of credited time since the accept, or when the client owes bytes of a
+   * started request (WRITE payload, discarded payload, header) and sent none for
+   * `payloadTimeoutMs` of credited time; closing releases the buffers it held. Time the
+   * server holds the connection paused (no record or buffer free) never counts.
+   */
+  checkTimeouts(nowMs: number, creditMs: number, handshakeTimeoutMs: number, payloadTimeoutMs: number): void {
+    if (this.closed) return;
+    // A connection accepted since the previous sweep is credited only its own age.
+    const credit = Math.min(creditMs, nowMs - this.lastCheckedMs);
+    this.lastCheckedMs = nowMs;
+    if (this.negotiated === null) {
+      this.handshakeWaitedMs += credit;
+      if (handshakeTimeoutMs > 0 && this.handshakeWaitedMs >= handshakeTimeoutMs) {
+        this.close(`handshake not finished within ${handshakeTimeoutMs} ms`);
+      }
+      return;
+    }
+    if (payloadTimeoutMs <= 0 || !this.owesBytes()) {
+      this.silentMs = 0;
+      return;
+    }
+    if (this.receivedChunks !== this.seenChunks) {
+      // Bytes arrived since the previous sweep: the silence starts again.
+      this.seenChunks = this.receivedChunks;
+      this.silentMs = 0;
+      return;
+    }
+    this.silentMs += credit;
+    if (this.silentMs >= payloadTimeoutMs) {
+      const what =
+        this.parseState === ParseState.Payload
+          ? 'a WRITE payload'
+          : this.parseState === ParseState.Discard
+            ? 'a rejected payload'
+            : 'a request header';
+      this.close(`client sent nothing for ${payloadTimeoutMs} ms in the middle of ${what}`);
+    }
+  }
+
+  /** The client is in the middle of a request and nothing on our side holds it up. */
+  private owesBytes(): boolean {
+    if (this.disconnecting) return false;
+    if (this.stalledChunk !== null || this.awaitingBuffer !== null) return false;
+    return this.parseState !== ParseState.Header || this.headerFilled > 0;
   }
 
   // ---- receive path ---------------------------------------------------------------------
@@ -408,7 +482,7 @@ export class ServerConnection {
         return true;
       }
       if (!this.acquireWriteBuffer(record)) {
-        this.awaitingBuffer = record;
+        this.setAwaiting(record);
         return false;
       }
       return true;
@@ -420,7 +494,7 @@ export class ServerConnection {
         return true;
       }
       if (!this.acquireBuffer(record)) {
-        this.awaitingBuffer = record;
+        this.setAwaiting(record);
         return false;
       }
       this.host.device.submit(command, record.flags, record.offsetBytes, record.lengthBytes, record.data, record.token);
@@ -441,15 +515,29 @@ export class ServerConnection {
     }
   }
 
-  /** Gets a buffer for READ or WRITE data; false when the device has none free right now. */
+  /** A record's wait for a buffer starts (record) or ends (null); the share counts waiters. */
+  private setAwaiting(record: RequestRecord | null): void {
+    this.awaitingBuffer = record;
+    this.host.bufferShare?.setWanting(this, record !== null);
+  }
+
+  /**
+   * Gets a buffer for READ or WRITE data; false when this connection is over its fair share of
+   * the device's buffers (buffer-share.ts) or the device has none free right now.
+   */
   private acquireBuffer(record: RequestRecord): boolean {
     const device = this.host.device;
     if (device.acquireBuffer !== undefined) {
+      const share = this.host.bufferShare;
+      const charge = share === null ? 0 : share.chargeFor(record.lengthBytes);
+      if (share !== null && !share.mayAcquire(this, charge)) return false;
       const view = device.acquireBuffer(record.command, record.lengthBytes, record.token);
       if (view === null) return false;
       assert(view.length === record.lengthBytes, 'device buffer has the asked length');
       record.data = view;
       record.fromDevice = true;
+      record.chargeBytes = charge;
+      if (share !== null) share.acquired(this, charge);
       return true;
     }
     const length = record.lengthBytes;
@@ -493,12 +581,12 @@ export class ServerConnection {
   private acquireWriteBuffer(record: RequestRecord): boolean {
     if (record.command === p.kCmdRead) {
       if (!this.acquireBuffer(record)) return false;
-      this.awaitingBuffer = null;
+      this.setAwaiting(null);
       this.host.device.submit(record.command, record.flags, record.offsetBytes, record.lengthBytes, record.data, record.token);
       return true;
     }
     if (!this.acquireBuffer(record)) return false;
-    this.awaitingBuffer = null;
+    this.setAwaiting(null);
     this.payloadRecord = record;
     this.parseState = ParseState.Payload;
     return true;
@@ -587,6 +675,12 @@ export class ServerConnection {
     if (record.fromDevice) {
       this.host.device.releaseBuffer?.(record.token);
       record.fromDevice = false;
+      if (record.chargeBytes > 0) {
+        this.host.bufferShare?.released(this, record.chargeBytes);
+        record.chargeBytes = 0;
+        // Shares grew: connections waiting on theirs may go on.
+        this.host.wake();
+      }
     }
     if (record.largeBuffer !== null) {
       this.giveLargeBuffer(record.largeBuffer);
@@ -766,7 +860,7 @@ export class ServerConnection {
     this.payloadRecord = null;
     if (payloadRecord !== null) this.releaseRecord(payloadRecord);
     const waiting = this.awaitingBuffer;
-    this.awaitingBuffer = null;
+    this.setAwaiting(null);
     if (waiting !== null) {
       waiting.fromDevice = false;
       this.releaseRecord(waiting);

@@ -5,6 +5,15 @@
  *
  * Thread: main thread (session master).
  *
+ * Abuse bounds (issue 10): at most `connectionsMax` connections (more are closed at once, the
+ * refusals logged at most once a second); a handshake must finish within `handshakeTimeoutMs`;
+ * a client that stops sending in the middle of a request is closed after `payloadTimeoutMs`;
+ * each connection keeps to a fair share of the device's buffers (buffer-share.ts). The two
+ * timeouts are enforced by one sweep timer (every quarter of the shorter timeout, 10 ms to
+ * 1 s), so nothing is armed or allocated per request. The check runs in a setImmediate after
+ * the timer, once pending socket data was read, and a sweep that comes more than two periods
+ * late credits no time: a stalled event loop or a stopped process never times clients out.
+ *
  * Invariants:
  * - A connection index is reused only after that connection closed AND every request it had
  *   at the device completed (ServerConnection.reusable), so no completion is misrouted.
@@ -21,6 +30,7 @@ import { EnbdError } from '../core/errors.js';
 import * as p from './protocol.js';
 import type { ExportDescriptor } from './server-options.js';
 import { ServerConnection, kRequestIndexBits, kRequestsPerConnection, type ConnectionHost } from './server-connection.js';
+import { BufferShare } from './buffer-share.js';
 
 export interface NbdServerOptions {
   device: BlockDevice;
@@ -32,8 +42,15 @@ export interface NbdServerOptions {
   maximumPayloadBytes?: number;
   /** Serve read-only even if the device can write. */
   readOnly?: boolean;
-  /** Most clients at once (default 64). */
+  /** Most clients at once (default 128); more are closed at once. */
   connectionsMax?: number;
+  /** A client must finish option negotiation within this (default 10000 ms; 0 = no limit). */
+  handshakeTimeoutMs?: number;
+  /**
+   * A client in the middle of a request (WRITE payload or header) that sends nothing for this
+   * long is disconnected and its buffers released (default 30000 ms; 0 = no limit).
+   */
+  payloadTimeoutMs?: number;
   /**
    * Receive WRITE payloads straight into the device's buffers with net.Socket `onread`
    * (large payloads skip the copy from Node's read buffer). Default false.
@@ -41,10 +58,33 @@ export interface NbdServerOptions {
   directReceive?: boolean;
 }
 
-export const kConnectionsMaxDefault = 64;
+export const kConnectionsMaxDefault = 128;
+export const kHandshakeTimeoutMsDefault = 10_000;
+export const kPayloadTimeoutMsDefault = 30_000;
+/** Largest timeout accepted (setInterval/setTimeout limit). */
+export const kTimeoutMsMax = 0x7fff_ffff;
 /** How long a graceful close waits for in-flight requests and replies to drain. */
 export const kShutdownDrainMs = 10_000;
-const kConnectionsMaxLimit = (0x7fff_ffff >>> kRequestIndexBits) - 1;
+export const kConnectionsMaxLimit = (0x7fff_ffff >>> kRequestIndexBits) - 1;
+/** Refused connections are logged at most this often (with a count). */
+const kRefusalLogIntervalMs = 1000;
+const kSweepIntervalMsMin = 10;
+const kSweepIntervalMsMax = 1000;
+
+function checkTimeout(value: number, what: string): number {
+  if (!Number.isInteger(value) || value < 0 || value > kTimeoutMsMax) {
+    throw new RangeError(`options.${what} must be an integer from 0 to ${kTimeoutMsMax}`);
+  }
+  return value;
+}
+
+/** Sweep period for the timeouts: a quarter of the shorter enabled one; 0 when none is. */
+export function sweepIntervalMsFor(handshakeTimeoutMs: number, payloadTimeoutMs: number): number {
+  const enabled = [handshakeTimeoutMs, payloadTimeoutMs].filter((timeoutMs) => timeoutMs > 0);
+  if (enabled.length === 0) return 0;
+  const quarter = Math.floor(Math.min(...enabled) / 4);
+  return Math.min(kSweepIntervalMsMax, Math.max(kSweepIntervalMsMin, quarter));
+}
 
 export function transmissionFlagsFor(device: BlockDevice, readOnly: boolean): number {
   const features = device.features;
@@ -65,6 +105,7 @@ export class NbdServer implements ConnectionHost {
   readonly device: BlockDevice;
   readonly exportDescriptor: ExportDescriptor;
   readonly fastZero: boolean;
+  readonly bufferShare: BufferShare | null;
   private readonly logger: Logger;
   private readonly connections: (ServerConnection | null)[] = [];
   private readonly stalledConnections = new Set<ServerConnection>();
@@ -76,6 +117,20 @@ export class NbdServer implements ConnectionHost {
   private closing = false;
   private readonly idleWaiters: (() => void)[] = [];
   private readonly directReceive: boolean;
+  private readonly handshakeTimeoutMs: number;
+  private readonly payloadTimeoutMs: number;
+  private readonly sweepIntervalMs: number;
+  private sweepTimer: NodeJS.Timeout | null = null;
+  private readonly sweepBound = (): void => {
+    setImmediate(this.checkTimeoutsBound);
+  };
+  private readonly checkTimeoutsBound = (): void => this.checkTimeouts();
+  private lastSweepMs = -1;
+  private readonly wakeBound = (): void => this.resumeStalled();
+  /** Refused connections not logged yet, when the last refusal log was, and the total. */
+  private refusalsPending = 0;
+  private refusalLoggedAtMs = -Infinity;
+  private refusalsTotal = 0;
   /** Payload bytes copied from socket chunks (closed connections; open ones add theirs). */
   private payloadBytesCopiedClosed = 0;
   private payloadBytesDirectClosed = 0;
@@ -90,6 +145,14 @@ export class NbdServer implements ConnectionHost {
     if (!Number.isInteger(connectionsMax) || connectionsMax < 1 || connectionsMax > kConnectionsMaxLimit) {
       throw new RangeError(`options.connectionsMax must be an integer from 1 to ${kConnectionsMaxLimit}`);
     }
+    const handshakeTimeoutMs = checkTimeout(
+      options.handshakeTimeoutMs ?? kHandshakeTimeoutMsDefault,
+      'handshakeTimeoutMs',
+    );
+    const payloadTimeoutMs = checkTimeout(
+      options.payloadTimeoutMs ?? kPayloadTimeoutMsDefault,
+      'payloadTimeoutMs',
+    );
     const name = options.exportName ?? '';
     if (Buffer.byteLength(name) > p.kStringBytesMax) throw new RangeError('options.exportName is longer than 4096 bytes');
     const blockSizes = device.blockSizes;
@@ -97,6 +160,14 @@ export class NbdServer implements ConnectionHost {
     this.device = device;
     this.logger = options.logger ?? createLogger({ level: 'silent' });
     this.connectionsMax = connectionsMax;
+    this.handshakeTimeoutMs = handshakeTimeoutMs;
+    this.payloadTimeoutMs = payloadTimeoutMs;
+    this.sweepIntervalMs = sweepIntervalMsFor(handshakeTimeoutMs, payloadTimeoutMs);
+    const capacityBytes = device.bufferCapacityBytes;
+    this.bufferShare =
+      device.acquireBuffer !== undefined && capacityBytes !== undefined
+        ? new BufferShare(capacityBytes, device.bufferUnitBytes)
+        : null;
     this.directReceive = options.directReceive === true;
     this.fastZero = device.features.fastZero;
     this.exportDescriptor = {
@@ -122,6 +193,11 @@ export class NbdServer implements ConnectionHost {
     let count = 0;
     for (const connection of this.connections) if (connection !== null) count += connection.inFlight;
     return count;
+  }
+
+  /** Connections refused because `connectionsMax` were open (since the start). */
+  get connectionsRefused(): number {
+    return this.refusalsTotal;
   }
 
   /** WRITE payload bytes copied from socket chunks, and bytes read straight into buffers. */
@@ -182,10 +258,13 @@ export class NbdServer implements ConnectionHost {
     }
     const index = this.freeConnectionIndex();
     if (index < 0) {
-      this.logger.warn({ connectionsMax: this.connectionsMax }, 'too many clients; refusing a connection');
       socket.destroy();
+      this.refusalsTotal += 1;
+      this.refusalsPending += 1;
+      this.logRefusals(performance.now());
       return;
     }
+    this.startSweep();
     const id = this.nextConnectionId;
     this.nextConnectionId += 1;
     const peer = socket.remoteAddress !== undefined ? `${socket.remoteAddress}:${String(socket.remotePort)}` : 'unix';
@@ -212,6 +291,42 @@ export class NbdServer implements ConnectionHost {
     return this.connections.length < this.connectionsMax ? this.connections.length : -1;
   }
 
+  /** Logs the refusals not logged yet, at most once per kRefusalLogIntervalMs. */
+  private logRefusals(nowMs: number): void {
+    if (this.refusalsPending === 0) return;
+    if (nowMs - this.refusalLoggedAtMs < kRefusalLogIntervalMs) return;
+    const counts = { refused: this.refusalsPending, refusedTotal: this.refusalsTotal };
+    this.logger.warn(
+      { connectionsMax: this.connectionsMax, ...counts },
+      'too many clients (--max-connections); refused connections',
+    );
+    this.refusalsPending = 0;
+    this.refusalLoggedAtMs = nowMs;
+  }
+
+  private startSweep(): void {
+    if (this.sweepTimer !== null || this.sweepIntervalMs === 0) return;
+    this.sweepTimer = setInterval(this.sweepBound, this.sweepIntervalMs);
+    this.sweepTimer.unref();
+  }
+
+  /**
+   * Handshake and payload timeouts of every connection, and late refusal logs. Runs in a
+   * setImmediate after the sweep timer, so socket data that waited while the loop was busy
+   * (or the process stopped) is processed first; a sweep more than two intervals late credits
+   * no time at all.
+   */
+  private checkTimeouts(): void {
+    const nowMs = performance.now();
+    const sinceMs = this.lastSweepMs < 0 ? this.sweepIntervalMs : nowMs - this.lastSweepMs;
+    this.lastSweepMs = nowMs;
+    const creditMs = sinceMs > 2 * this.sweepIntervalMs ? 0 : sinceMs;
+    for (const connection of this.connections) {
+      connection?.checkTimeouts(nowMs, creditMs, this.handshakeTimeoutMs, this.payloadTimeoutMs);
+    }
+    this.logRefusals(nowMs);
+  }
+
   connectionClosed(connection: ServerConnection): void {
     this.stalledConnections.delete(connection);
     if (this.idleWaiters.length > 0 && this.inFlight === 0 && this.connectionCount === 0) {
@@ -226,12 +341,14 @@ export class NbdServer implements ConnectionHost {
   wake(): void {
     if (this.wakeScheduled || this.stalledConnections.size === 0) return;
     this.wakeScheduled = true;
-    setImmediate(() => {
-      this.wakeScheduled = false;
-      for (const connection of this.stalledConnections) {
-        if (!connection.resume()) this.stalledConnections.delete(connection);
-      }
-    });
+    setImmediate(this.wakeBound);
+  }
+
+  private resumeStalled(): void {
+    this.wakeScheduled = false;
+    for (const connection of this.stalledConnections) {
+      if (!connection.resume()) this.stalledConnections.delete(connection);
+    }
   }
 
   /**
@@ -252,7 +369,10 @@ export class NbdServer implements ConnectionHost {
     }
     const idle = new Promise<void>((resolve) => this.idleWaiters.push(resolve));
     for (const connection of this.connections) connection?.shutdown();
-    if (this.inFlight === 0 && this.connectionCount === 0) return;
+    if (this.inFlight === 0 && this.connectionCount === 0) {
+      this.stopSweep();
+      return;
+    }
     let timer: NodeJS.Timeout | undefined;
     const drained = await Promise.race([
       idle.then(() => true),
@@ -263,6 +383,14 @@ export class NbdServer implements ConnectionHost {
       this.logger.warn({ inFlight: this.inFlight }, 'clients did not drain in time; dropping them');
       for (const connection of this.connections) connection?.close('server shutdown timed out');
     }
+    this.stopSweep();
+  }
+
+  private stopSweep(): void {
+    if (this.sweepTimer !== null) clearInterval(this.sweepTimer);
+    this.sweepTimer = null;
+    this.refusalLoggedAtMs = -Infinity;
+    this.logRefusals(0);
   }
 }
 

@@ -44,6 +44,8 @@ export interface ServeOptions {
   maxPayloadBytes?: number;
   /** Force a kind regardless of ENBD_TEST_REFERENCE. */
   kind?: ServerKind;
+  /** Further `enbd serve` flags (enbd only; e.g. `--max-connections 8`). */
+  args?: string[];
 }
 
 export interface ServerUnderTest {
@@ -59,6 +61,8 @@ export interface ServerUnderTest {
   /** Every child process still running. */
   alive(): boolean;
   output(): string;
+  /** Sends a signal to every child without waiting (SIGSTOP / SIGCONT in fault tests). */
+  signal(signal: NodeJS.Signals): void;
   stop(signal?: NodeJS.Signals): Promise<Array<number | null>>;
 }
 
@@ -87,6 +91,7 @@ function enbdArgs(options: ServeOptions, port: number): string[] {
   if (options.description !== undefined) args.push('--description', options.description);
   if (options.readOnly === true) args.push('--read-only');
   if (options.maxPayloadBytes !== undefined) args.push('--max-payload', String(options.maxPayloadBytes));
+  args.push(...(options.args ?? []));
   return args;
 }
 
@@ -142,6 +147,9 @@ export async function startServerUnderTest(options: ServeOptions): Promise<Serve
     tcpUri: (exportName = '') => `nbd://127.0.0.1:${port}/${exportName}`,
     alive: () => children.every((child) => child.process.exitCode === null && child.process.signalCode === null),
     output: () => children.map((child) => child.output()).join('\n'),
+    signal: (signal: NodeJS.Signals) => {
+      for (const child of children) child.process.kill(signal);
+    },
     stop: async (signal: NodeJS.Signals = 'SIGTERM') => {
       const codes = await Promise.all(children.map(async (child) => await child.stop(signal)));
       rmSync(options.socketPath, { force: true });
