@@ -31,6 +31,8 @@ export interface LifecycleHost {
   sizeBytes(): number;
   emitState(leg: Leg): void;
   startResync(leg: Leg): void;
+  /** Sends a FLUSH to every admitted leg (fire and forget; failures fail legs as usual). */
+  flushLegs(): void;
 }
 
 export class LegLifecycle {
@@ -244,6 +246,9 @@ export class LegLifecycle {
   onResyncDone(leg: Leg): void {
     if (leg.state !== 'resyncing' || (leg.dirty?.dirtyChunkCount() ?? 0) !== 0) return;
     this.setInSync(leg, 'resync complete');
+    // The copies are unflushed writes on the leg until a FLUSH: make them durable now, so a
+    // later failure of the leg does not spill (and copy again) the whole resync.
+    this.host.flushLegs();
   }
 
   /** The actor reported that the leg's connection dropped on its own (or an idle probe failed). */

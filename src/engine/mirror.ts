@@ -310,6 +310,9 @@ export class MirrorDevice implements BlockDevice {
       sizeBytes: () => this.sizeBytes,
       emitState: (leg) => this.emitState(leg),
       startResync: (leg) => this.startResync(leg),
+      flushLegs: () => {
+        if (this.features.flush && !this.closed) void this.runInternal(p.kCmdFlush, 0, 0, 0);
+      },
     }, options, this.healthPolicy, this.logger);
     this.resyncHost = {
       copyRange: (legIndex, offsetBytes, lengthBytes) => this.copier.copyRange(this.legs[legIndex] as Leg, offsetBytes, lengthBytes),
