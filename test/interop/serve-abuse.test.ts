@@ -27,13 +27,18 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { ControlClient } from '../../src/control/client.js';
 import * as p from '../../src/nbd/protocol.js';
 
-const kConnectionsMax = 8;
+const kConnectionsMax = 12;
 const kHandshakeTimeoutMs = 500;
 const kPayloadTimeoutMs = 1000;
 /** Mirror: long enough that the established client surely finishes before the first close. */
 const kMirrorPayloadTimeoutMs = 2000;
 const kStallWriteBytes = 32 * 1024 * 1024;
-const kStallers = 3;
+/**
+ * The mirror advertises at most 1/8 of its ring as the largest request (8 MiB of the default
+ * 64 MiB), so against it eight stallers would hold every slot without the fair share.
+ */
+const kMirrorStallWriteBytes = 8 * 1024 * 1024;
+const kMirrorStallers = 8;
 const kWaitMs = 15_000;
 
 function limitArgs(payloadTimeoutMs: number): string[] {
@@ -193,7 +198,7 @@ describe('enbd serve: idle, surplus and stalled clients', { skip: skipUnlessTool
   });
 });
 
-describe('enbd mirror: stalled 32 MiB WRITEs do not freeze other clients', { skip: skipUnlessTools('nbdinfo') }, () => {
+describe('enbd mirror: stalled maximum-size WRITEs do not freeze other clients', { skip: skipUnlessTools('nbdinfo') }, () => {
   const kExportBytes = 64 * 1024 * 1024;
   const kVictimOffset = 48 * 1024 * 1024;
   let dir: Scratch;
@@ -209,8 +214,8 @@ describe('enbd mirror: stalled 32 MiB WRITEs do not freeze other clients', { ski
   before(async () => {
     dir = scratch('enbd-abuse-mirror-');
     legPaths.push(sparseFile(dir.path('leg0.img'), kExportBytes), sparseFile(dir.path('leg1.img'), kExportBytes));
-    // Default ring (256 x 256 KiB = 64 MiB) and maximum payload (32 MiB): two stalled
-    // 32 MiB WRITEs would hold every slot.
+    // Default ring (256 x 256 KiB = 64 MiB), maximum payload 8 MiB (1/8 of the ring): eight
+    // stalled 8 MiB WRITEs would hold every slot.
     mirror = await startMirror({
       legs: legPaths,
       socketPath: dir.path('m.sock'),
@@ -228,21 +233,21 @@ describe('enbd mirror: stalled 32 MiB WRITEs do not freeze other clients', { ski
     dir?.cleanup();
   });
 
-  test('an established client writes and reads 4 KiB while three clients sit on 32 MiB WRITE payloads', async () => {
+  test('an established client writes and reads 4 KiB while eight clients sit on 8 MiB WRITE payloads', async () => {
     const victim = await NbdClient.connect(mirror.uri);
     let finished = false;
     try {
       const stallers: NbdProbe[] = [];
-      for (let index = 0; index < kStallers; index += 1) {
+      for (let index = 0; index < kMirrorStallers; index += 1) {
         const probe = await NbdProbe.connect({ path: dir.path('m.sock') });
         probes.push(probe);
         await probe.negotiate();
-        stallWrite(probe, BigInt(index + 1), kStallWriteBytes);
+        stallWrite(probe, BigInt(index + 1), kMirrorStallWriteBytes);
         stallers.push(probe);
       }
-      // At least one staller holds its 128 slots (32 MiB) before the victim asks for one.
+      // At least one staller holds its 32 slots (8 MiB) before the victim asks for one.
       const deadline = Date.now() + kWaitMs;
-      while ((await ringSlotsInUse()) < 128) {
+      while ((await ringSlotsInUse()) < 32) {
         assert.ok(Date.now() < deadline, 'a stalled WRITE took its ring slots');
         await sleep(20);
       }
