@@ -25,6 +25,9 @@
  * f8  (found by the model test) both legs leave and each may have lost its unflushed writes:
  *     A crashed (lost X), B only dropped (holds X, the last in-sync leg). B returns first,
  *     then A: the leg that lost X must not become the reference.
+ * f9  (found by the model test) A applies and answers a write, then its server crashes before
+ *     the write completes at the mirror (B is slow): A's loss of that unflushed write must be
+ *     marked although the write completed after A left.
  * f6  (todo, beyond issue 10) a leg server restarted on an empty file must not be read from as
  *     if it held the data; needs a leg identity check at reconnect.
  *
@@ -358,6 +361,34 @@ describe('issue 10 findings (engine, fault legs)', () => {
     const read = await driver.read(8 * kKiB, 8 * kKiB);
     assert.equal(read.errno, 0);
     assertSameBytes(read.data as Uint8Array, x, 'acknowledged X reads back');
+    assertSameBytes(storeA.bytes, storeB.bytes, 'A and B after resync');
+  });
+
+  test('f9: a write A acknowledged just before its server crashed, completed after, is not lost on A', async () => {
+    const stores = makeStores(2, kDeviceBytes);
+    const [storeA, storeB] = stores as [FaultStore, FaultStore];
+    open = await openFaultMirror(stores);
+    const { mirror, driver } = open;
+    // B answers late, so the write completes at the mirror only after A's crash.
+    storeB.slowMs = 40;
+    const x = filled(8 * kKiB, 60);
+    const appliedBefore = storeA.applied.length;
+    const write = driver.write(40 * kKiB, x);
+    assert.ok(await waitFor(() => storeA.applied.length > appliedBefore, kSettleMs, 1), 'A applied X');
+    await new Promise((resolve) => setImmediate(resolve));
+    storeA.crash(); // X was never flushed on A: gone there
+    assert.equal(await write, 0, 'X acknowledged (B holds it)');
+    storeB.slowMs = 0;
+    const violations: string[] = [];
+    const unsubscribe = mirror.on(() => violations.push(...readableMismatches(mirror, stores, 40 * kKiB, x)));
+    try {
+      await waitFor(() => storeA.opens > 1, kSettleMs);
+      await waitAllInSync(mirror, 'A back');
+    } finally {
+      unsubscribe();
+    }
+    violations.push(...readableMismatches(mirror, stores, 40 * kKiB, x));
+    assert.deepEqual(violations.slice(0, 5), [], 'A was never readable over X without holding it');
     assertSameBytes(storeA.bytes, storeB.bytes, 'A and B after resync');
   });
 

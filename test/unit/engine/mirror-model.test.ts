@@ -21,8 +21,9 @@
  * ordered exactly as the engine's range lock orders them). P2 still requires the readable legs
  * to agree on uncertain bytes.
  *
- * Runs: ENBD_MODEL_RUNS (default 50), seed ENBD_MODEL_SEED, ENBD_MODEL_SHRINK=1 to shrink a
- * failure (slow: each run takes real time), ENBD_MODEL_SKIP=hang,release,... leaves op kinds out
+ * Runs: ENBD_MODEL_RUNS (default 50), ENBD_MODEL_STEPS (most steps per run, default 24; lengths
+ * are spread evenly up to it), seed ENBD_MODEL_SEED, ENBD_MODEL_SHRINK=1 to shrink a failure
+ * (slow: each run takes real time), ENBD_MODEL_SKIP=hang,release,... leaves op kinds out
  * (to look past one known bug for the next), ENBD_MODEL_BLANK=1 adds 'blank' (a leg server
  * restarted on an empty file behind the engine's back; needs a leg identity check to pass).
  * The seed is printed on failure (fast-check's report), with the failing run's last steps.
@@ -45,6 +46,7 @@ const kLegTimeoutMs = 60;
 const kRuns = Number(process.env['ENBD_MODEL_RUNS'] ?? 50);
 const kSeed = process.env['ENBD_MODEL_SEED'] === undefined ? undefined : Number(process.env['ENBD_MODEL_SEED']);
 const kShrink = process.env['ENBD_MODEL_SHRINK'] === '1';
+const kStepsMax = Number(process.env['ENBD_MODEL_STEPS'] ?? 24);
 /** Comma-separated op kinds to leave out (e.g. `hang,release` to look past zombie writes). */
 const kLeftOut = new Set((process.env['ENBD_MODEL_SKIP'] ?? '').split(',').filter((kind) => kind !== ''));
 // A leg server restarted on an empty file without the operator (op 'blank') is beyond what the
@@ -466,7 +468,7 @@ test('mirror model: acknowledged writes survive random leg faults; readable legs
   const stats: Stats = { acked: 0, failedWrites: 0, readsOk: 0, readsEio: 0, zombies: 0, lateApplied: 0, crashes: 0, replaced: 0, parked: 0 };
   const property = fc.asyncProperty(
     fc.integer({ min: 2, max: 3 }),
-    fc.array(opArb, { minLength: 4, maxLength: 24 }),
+    fc.array(opArb, { minLength: 4, maxLength: Math.max(4, kStepsMax), size: 'max' }),
     async (legCount, ops) => {
       const stores = makeStores(legCount, kDeviceBytes);
       const open = await openFaultMirror(stores, {
