@@ -36,6 +36,9 @@ export interface LifecycleHost {
 }
 
 export class LegLifecycle {
+  /** Bumped on every leg failure; requests remember it at dispatch (SlotTable.seq). */
+  failSeq = 0;
+
   constructor(
     private readonly host: LifecycleHost,
     private readonly options: MirrorOptions,
@@ -62,6 +65,8 @@ export class LegLifecycle {
     if (!final && (state === 'fencing' || state === 'degraded' || state === 'reconnecting' || state === 'faulty')) return;
     leg.failures += 1;
     leg.epoch += 1;
+    this.failSeq = (this.failSeq + 1) | 0;
+    leg.failedAtSeq = this.failSeq;
     // Once we let go of the connection nothing tells us whether the server kept what it had not
     // flushed (it may crash while we are away): every leg that leaves may have lost its
     // unflushed writes. They are marked now, while the legs that hold them are known (a leg

@@ -38,6 +38,8 @@ export class Leg {
   /** The FLUSH slot whose success clears unflushed[1 - current], or -1. */
   flushSlot = -1;
   dropsSeen = 0;
+  /** The lifecycle's failure sequence number of this leg's last failure (0 = never). */
+  failedAtSeq = 0;
   /** Reconnect backoff, failure window, state transitions (src/engine/leg-health.ts). */
   health!: LegHealth;
   /** The reconnect timer (degraded) or the next fence attempt (fencing). */

@@ -640,6 +640,7 @@ export class MirrorDevice implements BlockDevice {
       return false;
     }
     this.slots.upToDate[slot] = upToDate;
+    this.slots.seq[slot] = this.lifecycle.failSeq;
     this.slots.inSync[slot] = inSync;
     if (target !== ring.targetMask(slot)) ring.resetMasks(slot, target);
     if (target !== this.allLegsMask) {
@@ -794,14 +795,20 @@ export class MirrorDevice implements BlockDevice {
     }
     if (command === p.kCmdFlush) this.settleFlush(slot, target, failed);
     let errno = 0;
+    let lost = failed;
+    if (isDataChanging(command) && (ring.flags(slot) & p.kCmdFlagFua) === 0 && this.lifecycle.failSeq !== this.slots.seq[slot]) {
+      // A leg that took this (unflushed) write and then left before the request completed may
+      // have lost it with its server: it does not count as holding it.
+      lost |= this.leftSince(this.slots.seq[slot] ?? 0, target & ~failed);
+    }
     if (failed !== 0 && failed === target && this.allRequestLevel(slot, failed)) {
       // Every leg refused the same request: a request-level answer (EINVAL, ENOSPC, ENOTSUP
       // for FAST_ZERO...), not a divergence. Legs stay in sync; the client gets the error.
       errno = ring.errno(slot) || p.kEIo;
     } else if (isDataChanging(command)) {
-      const held = target & ~failed;
+      const held = target & ~lost;
       if ((held & (this.slots.upToDate[slot] ?? 0)) === 0) errno = p.kEIo;
-      if (failed !== 0 || errno !== 0) this.onWriteFailures(slot, command, target, failed, errno === 0);
+      if (lost !== 0 || errno !== 0) this.onWriteFailures(slot, command, target, lost, errno === 0);
     } else if (failed !== 0) {
       // FLUSH: durable if a leg that was in sync at dispatch (it holds every acknowledged
       // write) flushed; with none in sync, only if every targeted leg flushed.
@@ -810,10 +817,17 @@ export class MirrorDevice implements BlockDevice {
       this.failLegsOf(slot, command, target, failed);
     }
     if (isDataChanging(command)) {
-      if (this.flushTracking && (ring.flags(slot) & p.kCmdFlagFua) === 0) this.recordUnflushed(slot, target & ~failed);
+      if (this.flushTracking && (ring.flags(slot) & p.kCmdFlagFua) === 0) this.recordUnflushed(slot, target & ~lost);
       this.releaseRange(slot);
     }
     this.finishSlot(slot, errno);
+  }
+
+  /** Legs of `mask` that failed (left the mirror) after failure sequence number `seq`. */
+  private leftSince(seq: number, mask: number): number {
+    let left = 0;
+    for (const leg of this.legs) if ((mask & leg.bit) !== 0 && leg.failedAtSeq > seq) left |= leg.bit;
+    return left;
   }
 
   private allRequestLevel(slot: number, failed: number): boolean {

@@ -14,6 +14,8 @@
  * | tried    | start / retryRead               | legs a READ was already sent to                    |
  * | upToDate | settleWriteTarget (under lock)  | targeted legs clean for the whole range at dispatch|
  * | inSync   | settleWriteTarget / FLUSH start | targeted legs that were in sync at dispatch        |
+ * | seq      | settleWriteTarget               | the lifecycle's failure sequence at dispatch: a leg |
+ * |          |                                 | that failed after it may have lost an unflushed ack|
  * | started  | start                           | performance.now() at arrival (latency)             |
  * | kind     | start                           | latency kind (kLatencyKinds index), -1 none        |
  * | phase    | copyRange                       | resync copy: 0 client request, 1 READ, 2 WRITE     |
@@ -32,6 +34,7 @@ export class SlotTable {
   readonly tried: Int32Array;
   readonly upToDate: Int32Array;
   readonly inSync: Int32Array;
+  readonly seq: Int32Array;
   readonly started: Float64Array;
   readonly kind: Int8Array;
   readonly phase: Uint8Array;
@@ -45,6 +48,7 @@ export class SlotTable {
     this.tried = new Int32Array(slotCount);
     this.upToDate = new Int32Array(slotCount);
     this.inSync = new Int32Array(slotCount);
+    this.seq = new Int32Array(slotCount);
     this.started = new Float64Array(slotCount);
     this.kind = new Int8Array(slotCount).fill(-1);
     this.phase = new Uint8Array(slotCount);
