@@ -4,7 +4,7 @@
  * Threads: test process main thread.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { connect as netConnect, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -95,6 +95,23 @@ export async function unixAccepts(socketPath: string): Promise<boolean> {
  * enough: a server binds (creating the file) before it listens, and a connect in between is
  * refused.
  */
+/**
+ * Sends SIGSTOP and waits until the kernel shows the process stopped (/proc state T): kill()
+ * only queues the signal, so a request sent right after it could still be answered.
+ */
+export async function stopProcess(pid: number, timeoutMs = 5000): Promise<void> {
+  process.kill(pid, 'SIGSTOP');
+  await waitFor(`process ${pid} stopped`, () => {
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+      const state = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+      return state === 'T' || state === 't';
+    } catch {
+      return false;
+    }
+  }, timeoutMs);
+}
+
 export async function waitForUnixListener(what: string, socketPath: string, child: Child, timeoutMs = 20_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {

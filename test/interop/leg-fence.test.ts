@@ -25,7 +25,7 @@ import * as p from '../../src/nbd/protocol.js';
 import { kMaxLegs } from '../../src/ring/layout.js';
 import { RequestRing } from '../../src/ring/request-ring.js';
 import { Doorbell, SpscQueue } from '../../src/ring/spsc-queue.js';
-import { requires, scratch, startNbdkit, unixUri, waitFor, type Child, type Scratch } from '../helpers/tools.js';
+import { requires, scratch, startNbdkit, stopProcess, unixUri, waitFor, type Child, type Scratch } from '../helpers/tools.js';
 
 const kMiB = 1024 * 1024;
 const kBlockBytes = 4096;
@@ -249,7 +249,7 @@ describe('leg actor: fence, idle probe, probation probe against nbdkit', { timeo
     const { uri, child } = await leg(['memory', '1M']);
     const legActor = harness(uri);
     await legActor.open();
-    child.process.kill('SIGSTOP');
+    await stopProcess(child.process.pid ?? -1);
     const slot = legActor.dispatchRequest(p.kCmdRead, 0, null, kBlockBytes);
     await waitForAsync('the READ reached the leg', async () => (await legActor.actor.stats()).requests === 1);
     await legActor.actor.disconnect();
