@@ -586,8 +586,26 @@ export class MirrorDevice implements BlockDevice {
     if (command === p.kCmdFlush) this.beginFlush(slot, target);
     // Data-changing requests: the target set is settled again at dispatch, under the range lock
     // (see settleWriteTarget).
-    if (isDataChanging(command) && !this.rangeLock.acquire(slot, offsetBytes, lengthBytes)) return;
+    if (isDataChanging(command) && !this.lockChunks(slot, offsetBytes, lengthBytes)) return;
     this.dispatch(slot);
+  }
+
+  /**
+   * The range lock of a data-changing request covers the whole dirty-map chunks it touches:
+   * two writes to different bytes of one chunk are ordered, so the up-to-date set one settled
+   * at dispatch cannot be voided by the other's marks before it completes (the model test
+   * found two such writes leaving a chunk dirty on every leg).
+   */
+  private lockChunks(slot: number, offsetBytes: number, lengthBytes: number): boolean {
+    const chunk = this.chunkBytes;
+    const start = Math.floor(offsetBytes / chunk) * chunk;
+    const end = Math.min(this.sizeBytes, Math.ceil((offsetBytes + lengthBytes) / chunk) * chunk);
+    return this.rangeLock.acquire(slot, start, Math.max(end - start, lengthBytes));
+  }
+
+  /** Bytes per dirty-map bit (every leg's map has the same, see createMaps). */
+  private get chunkBytes(): number {
+    return this.options.bitmapChunkBytes ?? 4096;
   }
 
   /**
@@ -851,22 +869,46 @@ export class MirrorDevice implements BlockDevice {
    * A data-changing request that some legs failed, or that no up-to-date leg holds. Before the
    * client is answered:
    * - succeeded (an up-to-date leg holds it): every leg that failed it has the range marked.
-   * - failed (EIO to the client; the range may now hold either version on any leg): one leg
-   *   that was up to date for the range and failed it stays unmarked as the reference for the
-   *   range, and every other leg, including legs that took the write, is marked, so all legs
-   *   converge on the reference and no two readable legs can disagree. The reference is chosen
-   *   by what the legs held at dispatch, never by index alone.
+   * - failed (EIO to the client; the range may now hold either version on any leg): for each
+   *   dirty-map chunk of the range one leg still clean there stays unmarked as the reference
+   *   (preferably one that was up to date at dispatch and failed it), and every other leg,
+   *   including legs that took the write, is marked, so all legs converge on the reference and
+   *   no two readable legs can disagree. The reference follows what the legs hold now, never
+   *   an index alone.
    */
   private onWriteFailures(slot: number, command: number, target: number, failed: number, succeeded: boolean): void {
     const ring = this.ring;
     const offsetBytes = ring.offsetBytes(slot);
     const lengthBytes = ring.lengthBytes(slot);
-    let reference: Leg | null = null;
     if (!succeeded) {
+      // Per dirty-map chunk of the range, the reference is a leg still clean there now (a leg
+      // that left since dispatch spilled its unflushed record, which may have marked it):
+      // preferably one that was up to date at dispatch, else any. Every other leg is marked
+      // there. A chunk no leg is clean on is left as it is (nobody holds it to copy from).
       const candidates = (this.slots.upToDate[slot] ?? 0) & failed;
-      if (candidates !== 0) reference = this.legs[31 - Math.clz32(candidates & -candidates)] as Leg;
-      for (const leg of this.legs) {
-        if (leg !== reference && leg.state !== 'removed') leg.dirty?.markRange(offsetBytes, lengthBytes);
+      const chunk = this.chunkBytes;
+      const end = offsetBytes + lengthBytes;
+      for (let at = Math.floor(offsetBytes / chunk) * chunk; at < end; at += chunk) {
+        const pieceLength = Math.min(chunk, this.sizeBytes - at);
+        let pick: Leg | null = null;
+        for (const leg of this.legs) {
+          if ((candidates & leg.bit) !== 0 && leg.dirty !== null && !leg.dirty.testRange(at, pieceLength)) {
+            pick = leg;
+            break;
+          }
+        }
+        if (pick === null) {
+          for (const leg of this.legs) {
+            if (leg.state !== 'removed' && leg.dirty !== null && !leg.dirty.testRange(at, pieceLength)) {
+              pick = leg;
+              break;
+            }
+          }
+        }
+        if (pick === null) continue;
+        for (const leg of this.legs) {
+          if (leg !== pick && leg.state !== 'removed') leg.dirty?.markRange(at, pieceLength);
+        }
       }
     } else {
       for (const leg of this.legs) if ((failed & leg.bit) !== 0) leg.dirty?.markRange(offsetBytes, lengthBytes);
