@@ -4,7 +4,7 @@
  * Threads: test process main thread.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, readSync, rmSync } from 'node:fs';
 import { connect as netConnect, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -95,6 +95,19 @@ export async function unixAccepts(socketPath: string): Promise<boolean> {
  * enough: a server binds (creating the file) before it listens, and a connect in between is
  * refused.
  */
+/** Reads exactly `lengthBytes` of a file at `offsetBytes` (a leg image, a served file). */
+export function readRange(path: string, offsetBytes: number, lengthBytes: number): Buffer {
+  const fd = openSync(path, 'r');
+  try {
+    const buffer = Buffer.alloc(lengthBytes);
+    const got = readSync(fd, buffer, 0, lengthBytes, offsetBytes);
+    if (got !== lengthBytes) throw new Error(`short read of ${path} at ${offsetBytes}: ${got} of ${lengthBytes} bytes`);
+    return buffer;
+  } finally {
+    closeSync(fd);
+  }
+}
+
 /**
  * Sends SIGSTOP and waits until the kernel shows the process stopped (/proc state T): kill()
  * only queues the signal, so a request sent right after it could still be answered.

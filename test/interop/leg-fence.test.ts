@@ -25,7 +25,7 @@ import * as p from '../../src/nbd/protocol.js';
 import { kMaxLegs } from '../../src/ring/layout.js';
 import { RequestRing } from '../../src/ring/request-ring.js';
 import { Doorbell, SpscQueue } from '../../src/ring/spsc-queue.js';
-import { requires, scratch, startNbdkit, stopProcess, unixUri, waitFor, type Child, type Scratch } from '../helpers/tools.js';
+import { readRange, requires, scratch, startNbdkit, stopProcess, unixUri, waitFor, type Child, type Scratch } from '../helpers/tools.js';
 
 const kMiB = 1024 * 1024;
 const kBlockBytes = 4096;
@@ -121,10 +121,6 @@ async function waitForAsync(what: string, predicate: () => Promise<boolean>, tim
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await sleep(25);
   }
-}
-
-function readRange(path: string, offsetBytes: number, lengthBytes: number): Buffer {
-  return readFileSync(path).subarray(offsetBytes, offsetBytes + lengthBytes);
 }
 
 describe('leg actor: fence, idle probe, probation probe against nbdkit', { timeout: 90_000 }, () => {

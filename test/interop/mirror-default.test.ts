@@ -7,26 +7,15 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, mkdirSync, openSync, readSync, statSync } from 'node:fs';
+import { mkdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
-import { freePort, runOk, scratch, unixUri, type Scratch } from '../helpers/tools.js';
+import { freePort, readRange, runOk, scratch, unixUri, type Scratch } from '../helpers/tools.js';
 import { skipUnlessTools } from '../helpers/serve.js';
 import { assertFilled, assertSameBytes, runMirrorCli, startMirrorArgs, stopAllMirrors } from '../helpers/mirror.js';
 
 const kGiB = 1024 ** 3;
 const kPatternOffsetBytes = 512 * 1024 * 1024 + 4096;
 const kPatternBytes = 64 * 1024;
-
-function readRange(path: string, offsetBytes: number, lengthBytes: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const data = Buffer.alloc(lengthBytes);
-    assert.equal(readSync(fd, data, 0, lengthBytes, offsetBytes), lengthBytes);
-    return data;
-  } finally {
-    closeSync(fd);
-  }
-}
 
 describe('enbd mirror: embedded default (no --leg)', { skip: skipUnlessTools('nbdinfo', 'qemu-io') }, () => {
   let dir: Scratch;

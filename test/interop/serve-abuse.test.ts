@@ -17,9 +17,9 @@
 import { after, afterEach, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { closeSync, openSync, readSync, truncateSync, writeFileSync } from 'node:fs';
+import { truncateSync, writeFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { scratch, waitFor, type Scratch } from '../helpers/tools.js';
+import { readRange, scratch, waitFor, type Scratch } from '../helpers/tools.js';
 import { assertServing, enbdCli, run, skipUnlessTools, startServerUnderTest, type ServerUnderTest } from '../helpers/serve.js';
 import { startMirror, stopAllMirrors, type MirrorProcess } from '../helpers/mirror.js';
 import { NbdProbe, assembleRead } from '../helpers/nbd-probe.js';
@@ -54,17 +54,6 @@ function sparseFile(path: string, sizeBytes: number): string {
   writeFileSync(path, '');
   truncateSync(path, sizeBytes);
   return path;
-}
-
-function readRange(path: string, offsetBytes: number, lengthBytes: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buffer = Buffer.alloc(lengthBytes);
-    assert.equal(readSync(fd, buffer, 0, lengthBytes, offsetBytes), lengthBytes);
-    return buffer;
-  } finally {
-    closeSync(fd);
-  }
 }
 
 /** Rejects when `promise` has not settled within `timeoutMs` (a deadline, not a measurement). */

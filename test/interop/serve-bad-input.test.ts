@@ -7,8 +7,8 @@
  */
 import { after, afterEach, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, openSync, readSync, truncateSync, writeFileSync } from 'node:fs';
-import { scratch, type Scratch } from '../helpers/tools.js';
+import { truncateSync, writeFileSync } from 'node:fs';
+import { readRange, scratch, type Scratch } from '../helpers/tools.js';
 import {
   assertServing,
   type ServerUnderTest,
@@ -21,17 +21,6 @@ import * as p from '../../src/nbd/protocol.js';
 const kSizeBytes = 16 * 1024 * 1024;
 const kMaxPayloadBytes = 1024 * 1024;
 const kName = 'disk';
-
-function readRange(path: string, offsetBytes: number, lengthBytes: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buffer = Buffer.alloc(lengthBytes);
-    assert.equal(readSync(fd, buffer, 0, lengthBytes, offsetBytes), lengthBytes);
-    return buffer;
-  } finally {
-    closeSync(fd);
-  }
-}
 
 describe('enbd serve: malformed and hostile input', { skip: skipUnlessTools('nbdinfo') }, () => {
   let dir: Scratch;

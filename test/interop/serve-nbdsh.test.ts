@@ -11,9 +11,9 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, openSync, readSync, writeFileSync, truncateSync } from 'node:fs';
+import { writeFileSync, truncateSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
-import { scratch, type Scratch } from '../helpers/tools.js';
+import { readRange, scratch, type Scratch } from '../helpers/tools.js';
 import {
   assertServing,
   runOk,
@@ -51,18 +51,6 @@ def pattern():
     with open(sys.argv[2], 'rb') as f:
         return f.read()
 `;
-
-function readRange(path: string, offsetBytes: number, lengthBytes: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buffer = Buffer.alloc(lengthBytes);
-    const got = readSync(fd, buffer, 0, lengthBytes, offsetBytes);
-    assert.equal(got, lengthBytes);
-    return buffer;
-  } finally {
-    closeSync(fd);
-  }
-}
 
 describe('enbd serve + nbdsh (libnbd python)', { skip: skipUnlessTools('nbdsh', 'nbdinfo') }, () => {
   let dir: Scratch;

@@ -6,8 +6,8 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { closeSync, openSync, readFileSync, readSync, truncateSync, writeFileSync } from 'node:fs';
-import { scratch, type Scratch } from '../helpers/tools.js';
+import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
+import { readRange, scratch, type Scratch } from '../helpers/tools.js';
 import {
   assertServing,
   run,
@@ -19,17 +19,6 @@ import {
 
 const kSizeBytes = 32 * 1024 * 1024;
 const kImageBytes = 16 * 1024 * 1024;
-
-function readRange(path: string, offsetBytes: number, lengthBytes: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buffer = Buffer.alloc(lengthBytes);
-    assert.equal(readSync(fd, buffer, 0, lengthBytes, offsetBytes), lengthBytes);
-    return buffer;
-  } finally {
-    closeSync(fd);
-  }
-}
 
 interface MapRun {
   start: number;
