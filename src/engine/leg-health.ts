@@ -119,11 +119,9 @@ export class LegHealth {
     if (to === 'in-sync') this.inSyncSince = now;
     else if (from === 'in-sync') this.maybeStable(now);
     leg.state = to;
-    if (to === 'in-sync' || to === 'resyncing' || to === 'probation' || to === 'reconnecting') {
-      if (to !== 'reconnecting') leg.failureReason = null;
-    } else if (reason !== null) {
-      leg.failureReason = reason;
-    }
+    // Back on the way in: no reason any more. Reconnecting keeps the reason it left with.
+    if (to === 'in-sync' || to === 'resyncing' || to === 'probation') leg.failureReason = null;
+    else if (to !== 'reconnecting' && reason !== null) leg.failureReason = reason;
     const key = `${from}>${to}`;
     const seen = this.repeats.get(key);
     if (seen !== undefined && now - seen.at < kRepeatWindowMs && to !== 'faulty' && to !== 'failed') {

@@ -18,6 +18,7 @@
  *   leg holds the range (then that leg's later failure keeps its own copy as the one that counts).
  */
 import type { Logger } from '../core/log.js';
+import { describeError } from '../core/errors.js';
 import type { DirtyMap } from '../bitmap/dirty-map.js';
 import type { HealthPolicy, LegState } from './leg-health.js';
 import type { Leg } from './leg.js';
@@ -33,6 +34,17 @@ export interface LifecycleHost {
   startResync(leg: Leg): void;
   /** Sends a FLUSH to every admitted leg (fire and forget; failures fail legs as usual). */
   flushLegs(): void;
+  /** Marks the range on the leg unless no other leg holds it (mirror.ts). */
+  markUnlessSole(leg: Leg, offsetBytes: number, lengthBytes: number): void;
+}
+
+/** A fence or probe as a LegCheck, a thrown error (a dead actor's RPC) included. */
+export async function checkOf(pending: Promise<LegCheck>): Promise<LegCheck> {
+  try {
+    return await pending;
+  } catch (error) {
+    return { ok: false, reason: describeError(error) };
+  }
 }
 
 export class LegLifecycle {
@@ -100,12 +112,7 @@ export class LegLifecycle {
    * parked). Not proven in time: it stays fencing and the fence is tried again with backoff.
    */
   async fenceLeg(leg: Leg): Promise<void> {
-    let check: LegCheck;
-    try {
-      check = await leg.api.fence(this.fenceTimeoutMs);
-    } catch (error) {
-      check = { ok: false, reason: error instanceof Error ? error.message : String(error) };
-    }
+    const check = await checkOf(leg.api.fence(this.fenceTimeoutMs));
     if (this.host.isClosed() || leg.state !== 'fencing') return;
     if (!check.ok) {
       leg.failureReason = `cannot fence the old connection: ${check.reason}`;
@@ -153,7 +160,7 @@ export class LegLifecycle {
     try {
       info = await leg.api.reconnect();
     } catch (error) {
-      info = { error: { message: error instanceof Error ? error.message : String(error) } };
+      info = { error: { message: describeError(error) } };
     }
     if (this.host.isClosed() || (leg.state as LegState) !== 'reconnecting') return;
     let problem: string | null = null;
@@ -177,12 +184,7 @@ export class LegLifecycle {
   /** Probation: the probe must pass before the leg takes client I/O again. */
   async probation(leg: Leg): Promise<void> {
     this.move(leg, 'probation', null);
-    let check: LegCheck;
-    try {
-      check = await leg.api.probe(this.probeTimeoutMs);
-    } catch (error) {
-      check = { ok: false, reason: error instanceof Error ? error.message : String(error) };
-    }
+    const check = await checkOf(leg.api.probe(this.probeTimeoutMs));
     if (this.host.isClosed() || leg.state !== 'probation') return;
     if (!check.ok) {
       this.failLeg(leg, `probation failed: ${check.reason}`);
@@ -191,11 +193,6 @@ export class LegLifecycle {
     this.legReturned(leg);
   }
 
-  /**
-   * The leg may have lost its unflushed writes (`from`, an unflushed half): mark them in its
-   * dirty map wherever another leg holds the range. Where no other leg does, the leg's own copy
-   * is the only one there is, and marking it would leave the range unreadable everywhere.
-   */
   /** The leg leaves: its unflushed record goes into its dirty map (mergeUnflushed) and is reset. */
   spillUnflushed(leg: Leg): void {
     leg.flushSlot = -1;
@@ -206,16 +203,20 @@ export class LegLifecycle {
     }
   }
 
+  /**
+   * The leg may have lost its unflushed writes (`from`, an unflushed half): mark them in its
+   * dirty map wherever another leg holds the range (markUnlessSole). Where no other leg does,
+   * the leg's own copy is the only one there is, and marking it would leave the range
+   * unreadable everywhere.
+   */
   mergeUnflushed(leg: Leg, from: DirtyMap): void {
-    const into = leg.dirty as DirtyMap;
     const run = { firstChunk: 0, chunkCount: 0 };
     let chunk = 0;
     while (from.nextDirtyRunInto(chunk, 1 << 20, run)) {
       for (let index = run.firstChunk; index < run.firstChunk + run.chunkCount; index += 1) {
         const offsetBytes = index * from.chunkBytes;
         const lengthBytes = Math.min(from.chunkBytes, from.deviceBytes - offsetBytes);
-        const held = this.host.legs.some((other) => other !== leg && other.state !== 'removed' && other.dirty !== null && !other.dirty.testRange(offsetBytes, lengthBytes));
-        if (held) into.markRange(offsetBytes, lengthBytes);
+        this.host.markUnlessSole(leg, offsetBytes, lengthBytes);
       }
       chunk = run.firstChunk + run.chunkCount;
     }

@@ -54,7 +54,7 @@ import { LegHealth, kDefaultHealthPolicy, type HealthPolicy, type LegState } fro
 import { Leg } from './leg.js';
 import { SlotTable } from './slot-table.js';
 import { ResyncCopier } from './resync-copy.js';
-import { LegLifecycle } from './leg-lifecycle.js';
+import { LegLifecycle, checkOf } from './leg-lifecycle.js';
 import { Resync, type ResyncHost, type ResyncProgress, type ResyncRates } from './resync.js';
 import { LegActor } from './leg-actor.js';
 import type { CopyMode, LegActorApi, LegActorInit, LegDeviceOpener, LegInfo, LegStats, Placement } from './messages.js';
@@ -286,9 +286,7 @@ export class MirrorDevice implements BlockDevice {
         this.afterFree();
       },
       bindInternal: (slot, span) => {
-        const token = this.nextInternalToken;
-        this.nextInternalToken = this.nextInternalToken >= 0x7fff_0000 ? kInternalTokenBase : this.nextInternalToken + 1;
-        this.bindToken(slot, token, true);
+        this.bindToken(slot, this.takeInternalToken(), true);
         this.slots.span[slot] = span;
         this.inFlight += 1;
       },
@@ -313,6 +311,7 @@ export class MirrorDevice implements BlockDevice {
       flushLegs: () => {
         if (this.features.flush && !this.closed) void this.runInternal(p.kCmdFlush, 0, 0, 0);
       },
+      markUnlessSole: (leg, offsetBytes, lengthBytes) => this.markUnlessSole(leg, offsetBytes, lengthBytes),
     }, options, this.healthPolicy, this.logger);
     this.resyncHost = {
       copyRange: (legIndex, offsetBytes, lengthBytes) => this.copier.copyRange(this.legs[legIndex] as Leg, offsetBytes, lengthBytes),
@@ -491,6 +490,13 @@ export class MirrorDevice implements BlockDevice {
     this.afterFree();
   }
 
+  /** The next token of the engine's own requests (above every server token; wraps). */
+  private takeInternalToken(): number {
+    const token = this.nextInternalToken;
+    this.nextInternalToken = token >= 0x7fff_0000 ? kInternalTokenBase : token + 1;
+    return token;
+  }
+
   private bindToken(slot: number, token: number, internal: boolean): void {
     // Only slots handed to the server are found by token (submit, releaseBuffer).
     if (!internal) {
@@ -650,7 +656,7 @@ export class MirrorDevice implements BlockDevice {
       if (!leg.admitted) continue;
       target |= leg.bit;
       if (leg.state === 'in-sync') inSync |= leg.bit;
-      if (leg.state === 'in-sync' || (leg.dirty !== null && !leg.dirty.testRange(offsetBytes, lengthBytes))) upToDate |= leg.bit;
+      if (this.upToDateFor(leg, offsetBytes, lengthBytes)) upToDate |= leg.bit;
     }
     if (upToDate === 0) {
       this.releaseRange(slot);
@@ -890,21 +896,7 @@ export class MirrorDevice implements BlockDevice {
       const end = offsetBytes + lengthBytes;
       for (let at = Math.floor(offsetBytes / chunk) * chunk; at < end; at += chunk) {
         const pieceLength = Math.min(chunk, this.sizeBytes - at);
-        let pick: Leg | null = null;
-        for (const leg of this.legs) {
-          if ((candidates & leg.bit) !== 0 && leg.dirty !== null && !leg.dirty.testRange(at, pieceLength)) {
-            pick = leg;
-            break;
-          }
-        }
-        if (pick === null) {
-          for (const leg of this.legs) {
-            if (leg.state !== 'removed' && leg.dirty !== null && !leg.dirty.testRange(at, pieceLength)) {
-              pick = leg;
-              break;
-            }
-          }
-        }
+        const pick = this.firstCleanLeg(candidates, at, pieceLength) ?? this.firstCleanLeg(this.allLegsMask, at, pieceLength);
         if (pick === null) continue;
         for (const leg of this.legs) {
           if (leg !== pick && leg.state !== 'removed') leg.dirty?.markRange(at, pieceLength);
@@ -993,19 +985,21 @@ export class MirrorDevice implements BlockDevice {
 
   // ---- resync copies ------------------------------------------------------------------------
 
+  /** The first non-removed leg of `mask` whose dirty map is clean for the range, or null. */
+  private firstCleanLeg(mask: number, offsetBytes: number, lengthBytes: number): Leg | null {
+    for (const leg of this.legs) {
+      if ((mask & leg.bit) !== 0 && leg.state !== 'removed' && leg.dirty !== null && !leg.dirty.testRange(offsetBytes, lengthBytes)) return leg;
+    }
+    return null;
+  }
+
   /**
    * A leg failed to read a range it should hold: mark it there, so it gets a fresh copy, unless
    * no other leg holds the range (then its copy is the only one there is; marking would make
    * the range unreadable everywhere).
    */
   private markUnlessSole(leg: Leg, offsetBytes: number, lengthBytes: number): void {
-    for (const other of this.legs) {
-      if (other === leg || other.state === 'removed' || other.dirty === null) continue;
-      if (!other.dirty.testRange(offsetBytes, lengthBytes)) {
-        leg.dirty?.markRange(offsetBytes, lengthBytes);
-        return;
-      }
-    }
+    if (this.firstCleanLeg(this.allLegsMask & ~leg.bit, offsetBytes, lengthBytes) !== null) leg.dirty?.markRange(offsetBytes, lengthBytes);
   }
 
   // ---- leg lifecycle hooks (the rules live in leg-lifecycle.ts) ---------------------------
@@ -1130,7 +1124,7 @@ export class MirrorDevice implements BlockDevice {
       else if (info.blockSizes.maximumBytes < this.blockSizes.maximumBytes) problem = `its maximum request ${info.blockSizes.maximumBytes} is smaller than the export's ${this.blockSizes.maximumBytes}`;
     }
     if (problem === null && !this.closed) {
-      const check = await leg.api.probe(this.lifecycle.probeTimeoutMs).catch((error: unknown) => ({ ok: false as const, reason: error instanceof Error ? error.message : String(error) }));
+      const check = await checkOf(leg.api.probe(this.lifecycle.probeTimeoutMs));
       if (!check.ok) problem = `its probe failed: ${check.reason}`;
     }
     if (problem !== null || this.closed) {
@@ -1198,7 +1192,7 @@ export class MirrorDevice implements BlockDevice {
   readableLegs(offsetBytes: number, lengthBytes: number): number[] {
     const legs: number[] = [];
     for (const leg of this.legs) {
-      if (leg.state === 'in-sync' || (leg.state === 'resyncing' && leg.dirty !== null && !leg.dirty.testRange(offsetBytes, lengthBytes))) legs.push(leg.index);
+      if (this.upToDateFor(leg, offsetBytes, lengthBytes)) legs.push(leg.index);
     }
     return legs;
   }
@@ -1237,8 +1231,7 @@ export class MirrorDevice implements BlockDevice {
 
   /** Runs a request for the engine itself (shutdown flush); resolves with its errno. */
   runInternal(command: number, flags: number, offsetBytes: number, lengthBytes: number): Promise<number> {
-    const token = this.nextInternalToken;
-    this.nextInternalToken = this.nextInternalToken >= 0x7fff_0000 ? kInternalTokenBase : this.nextInternalToken + 1;
+    const token = this.takeInternalToken();
     const done = new Promise<number>((resolve) => this.internalWaiters.set(token, resolve));
     this.submit(command, flags, offsetBytes, lengthBytes, null, token);
     return done;

@@ -133,7 +133,7 @@ export class ResyncCopier {
   prepareRead(slot: number): boolean {
     const { ring, slots, legs } = this.host;
     const target = legs[slots.copyLeg[slot] ?? 0] as Leg;
-    if (target.state !== 'resyncing' || target.epoch !== slots.epoch[slot]) {
+    if (!this.stillWanted(target, slot)) {
       this.end(slot, 'stopped');
       return false;
     }
@@ -166,7 +166,7 @@ export class ResyncCopier {
         this.end(slot, 'source-failed');
         return;
       }
-      if (target.state !== 'resyncing' || target.epoch !== slots.epoch[slot]) {
+      if (!this.stillWanted(target, slot)) {
         this.end(slot, 'stopped');
         return;
       }
@@ -181,7 +181,7 @@ export class ResyncCopier {
       this.end(slot, 'target-failed');
       return;
     }
-    if (target.state !== 'resyncing' || target.epoch !== slots.epoch[slot]) {
+    if (!this.stillWanted(target, slot)) {
       this.end(slot, 'stopped');
       return;
     }
@@ -189,6 +189,11 @@ export class ResyncCopier {
     target.resyncedBytes += lengthBytes;
     if (this.host.flushes()) target.currentUnflushed?.markRange(offsetBytes, lengthBytes);
     this.end(slot, 'copied');
+  }
+
+  /** The copy still counts: its target is resyncing in the epoch the copy started in. */
+  private stillWanted(target: Leg, slot: number): boolean {
+    return target.state === 'resyncing' && target.epoch === this.host.slots.epoch[slot];
   }
 
   private end(slot: number, outcome: CopyOutcome): void {
