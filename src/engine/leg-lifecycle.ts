@@ -58,7 +58,6 @@ export class LegLifecycle {
     private readonly logger: Logger,
   ) {}
 
-
   /** Every state change: the transition table check and log (leg-health.ts), then listeners. */
   move(leg: Leg, to: LegState, reason: string | null, fields: Record<string, unknown> = {}): void {
     leg.health.move(to, reason, fields);
