@@ -336,9 +336,6 @@ export class FaultLeg implements BlockDevice {
     if (requestTimeoutMs > 0) {
       const periodMs = Math.max(1, Math.floor(requestTimeoutMs / 4));
       this.timeoutTimer = setInterval(() => this.checkTimeouts(), periodMs);
-      // Like NbdClient's: a connection the engine let go of (a replaced leg) must not keep the
-      // test process alive after its tests are done.
-      this.timeoutTimer.unref();
     }
   }
 

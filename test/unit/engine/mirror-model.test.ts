@@ -30,7 +30,7 @@
  * The seed is printed on failure (fast-check's report), with the failing run's last steps.
  * Threads: test main thread (the legs run inline).
  */
-import { test } from 'node:test';
+import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
 import fc from 'fast-check';
@@ -527,3 +527,14 @@ async function runOps(run: Run, open: FaultMirror, ops: Op[]): Promise<void> {
   run.checkReadable('all in sync');
   await run.checkConverged();
 }
+
+// Guard: in about 1 of 10 files of 100 runs something (not found yet) stays referenced after
+// every mirror closed, and the file's process would never exit, stalling the whole suite. The
+// results are reported by then; name what is left and exit with the file's own status.
+after(() => {
+  setTimeout(() => {
+    const active = (process as unknown as { _getActiveHandles?: () => unknown[] })._getActiveHandles?.() ?? [];
+    process.stderr.write(`mirror-model: still referenced 5 s after the tests: ${active.map((handle) => (handle as object).constructor.name).join(', ')}\n`);
+    process.exit(process.exitCode ?? 0);
+  }, 5000).unref();
+});
