@@ -8,7 +8,11 @@
 import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, statSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
-import { createLogger, isLogLevel } from '../core/log.js';
+import { createLogger, isLogLevel, type Logger } from '../core/log.js';
+import { assembleArray, type AssembledArray } from '../meta/assemble.js';
+import { createArray } from '../meta/create-array.js';
+import { LegMeta } from '../meta/leg-meta.js';
+import { openLegDevices } from './create.js';
 import { EnbdError, describeError } from '../core/errors.js';
 import { MirrorDevice } from '../engine/mirror.js';
 import type { CopyMode, Placement } from '../engine/messages.js';
@@ -53,9 +57,13 @@ export interface MirrorSettings {
   metrics: string | null;
   /** --max-connections, --handshake-timeout, --payload-timeout (NBD server abuse bounds). */
   serverLimits: ServerLimits;
+  /** leg: assemble from on-leg metadata (default); none: no metadata. */
+  metadata: 'leg' | 'none';
+  forceSource: number | null;
+  degraded: boolean;
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded']);
 const kDefaultLegBytes = 1024 ** 3;
 
 function readConfig(path: string): Record<string, unknown> {
@@ -118,7 +126,16 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
   const listen = pick('listen');
   const control = pick('control');
   const metrics = pick('metrics');
+  const metadata = text(pick('metadata') ?? 'leg', '--metadata');
+  if (metadata !== 'leg' && metadata !== 'none') throw new EnbdError('ENBD_ERR_CONFIG', `--metadata must be leg or none, got "${metadata}"`);
+  const forceSource = pick('forceSource');
+  if (metadata === 'leg' && size !== undefined) {
+    throw new EnbdError('ENBD_ERR_CONFIG', '--size applies to --metadata none only: with metadata the export is the data area recorded on the legs (see enbd examine)');
+  }
   return {
+    metadata,
+    forceSource: forceSource === undefined ? null : parseInteger('--force-source', text(forceSource, '--force-source'), 0, 31),
+    degraded: pick('degraded') === true || pick('degraded') === 'true',
     legs,
     socket: socket === undefined ? null : text(socket, '--socket'),
     listen: listen === undefined ? null : text(listen, '--listen'),
@@ -170,15 +187,21 @@ function parseBitmapChunk(value: string): number {
   return bytes;
 }
 
-/** The embedded default: two sparse 1 GiB file legs in the data dir (created if missing). */
-function embeddedDefault(settings: MirrorSettings): void {
+/**
+ * The embedded default: two sparse 1 GiB file legs in the data dir (created if missing).
+ * Returns true when it created both now (they then get fresh metadata, assumed clean: both are
+ * all zeros).
+ */
+function embeddedDefault(settings: MirrorSettings): boolean {
   mkdirSync(settings.dataDir, { recursive: true });
+  let created = 0;
   for (const name of ['leg0.img', 'leg1.img']) {
     const path = join(settings.dataDir, name);
     if (!existsSync(path)) {
       const fd = openSync(path, 'wx');
       ftruncateSync(fd, kDefaultLegBytes);
       closeSync(fd);
+      created += 1;
     } else if (!statSync(path).isFile()) {
       throw new EnbdError('ENBD_ERR_CONFIG', `${path} exists and is not a regular file`);
     }
@@ -186,16 +209,39 @@ function embeddedDefault(settings: MirrorSettings): void {
   }
   settings.socket ??= join(settings.dataDir, 'enbd.sock');
   settings.listen ??= '127.0.0.1:10809';
+  return created === 2;
+}
+
+/**
+ * Reads the legs' metadata and claims them (src/meta/assemble.ts); with `createFirst`, writes
+ * fresh metadata first (the embedded default's first start).
+ */
+async function assembleLegs(settings: MirrorSettings, createFirst: boolean, logger: Logger): Promise<AssembledArray> {
+  if (createFirst) {
+    const devices = await openLegDevices(settings.legs);
+    const legs = devices.map((device, index) => ({ uri: settings.legs[index] ?? '', meta: new LegMeta(device) }));
+    try {
+      const created = await createArray(legs, { name: 'enbd-embedded', assumeClean: true, force: false });
+      logger.info({ arrayUuid: created.arrayUuid, dataSizeBytes: created.layout.dataSizeBytes }, 'embedded default: created array metadata on both legs');
+    } finally {
+      await Promise.allSettled(devices.map((device) => device.close()));
+    }
+  }
+  const devices = await openLegDevices(settings.legs);
+  const assembled = await assembleArray(settings.legs, devices, { forceSource: settings.forceSource, degraded: settings.degraded });
+  return assembled;
 }
 
 export async function runMirror(flags: Record<string, unknown>): Promise<void> {
   const settings = resolveMirrorSettings(flags);
   const embedded = settings.legs.length === 0;
-  if (embedded) embeddedDefault(settings);
+  const createdNow = embedded ? embeddedDefault(settings) : false;
   if (settings.socket === null && settings.listen === null) settings.listen = '127.0.0.1:10809';
   const listen = settings.listen === null ? null : parseListen('--listen', settings.listen);
   const logger = createLogger({ level: settings.logLevel });
+  const assembled = settings.metadata === 'leg' ? await assembleLegs(settings, createdNow, logger) : undefined;
   const mirror = await MirrorDevice.open({
+    ...(assembled !== undefined ? { metadata: assembled } : {}),
     legs: settings.legs,
     ...(settings.size !== undefined ? { sizeBytes: settings.size } : {}),
     ring: {
@@ -269,7 +315,10 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
 
 function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: string[], embedded: boolean, controlPath: string | null): void {
   const lines = [`enbd mirror: ${mirror.sizeBytes} bytes mirrored across ${settings.legs.length} legs`];
-  for (const leg of mirror.legStatus()) lines.push(`  leg ${leg.index}: ${leg.uri} (${leg.kind})`);
+  const meta = mirror.metadataStatus();
+  if (meta !== null) lines.push(`  array: "${meta.arrayName}" ${meta.arrayUuid}, events ${meta.events}, write-intent chunk ${meta.bitmapChunkBytes} bytes`);
+  else lines.push('  metadata: none (unprotected: a crash or a restart while degraded can serve stale data)');
+  for (const leg of mirror.legStatus()) lines.push(`  leg ${leg.index}: ${leg.uri} (${leg.kind}) ${leg.state}${leg.member != null ? `, member ${leg.member.slotIndex}` : ''}`);
   for (const uri of uris) lines.push(`  export: ${uri}`);
   if (controlPath !== null) lines.push(`  control: ${controlPath} (enbd status --control ${controlPath})`);
   const first = uris[0] ?? '';

@@ -36,6 +36,12 @@ export interface LifecycleHost {
   flushLegs(): void;
   /** Marks the range on the leg unless no other leg holds it (mirror.ts). */
   markUnlessSole(leg: Leg, offsetBytes: number, lengthBytes: number): void;
+  /**
+   * After the probe, before the leg takes client I/O: its on-leg metadata is checked (a leg that
+   * is not the one that left is marked for a full resync) and brought up to date. false: that
+   * metadata I/O failed.
+   */
+  admit(leg: Leg): Promise<boolean>;
 }
 
 /** A fence or probe as a LegCheck, a thrown error (a dead actor's RPC) included. */
@@ -187,6 +193,12 @@ export class LegLifecycle {
     if (this.host.isClosed() || leg.state !== 'probation') return;
     if (!check.ok) {
       this.failLeg(leg, `probation failed: ${check.reason}`);
+      return;
+    }
+    const admitted = await this.host.admit(leg);
+    if (this.host.isClosed() || (leg.state as LegState) !== 'probation') return;
+    if (!admitted) {
+      this.failLeg(leg, 'probation failed: its metadata could not be read or written');
       return;
     }
     this.legReturned(leg);

@@ -58,6 +58,8 @@ import { LegLifecycle, checkOf } from './leg-lifecycle.js';
 import { Resync, type ResyncHost, type ResyncProgress, type ResyncRates } from './resync.js';
 import { LegActor } from './leg-actor.js';
 import type { CopyMode, LegActorApi, LegActorInit, LegDeviceOpener, LegInfo, LegStats, Placement } from './messages.js';
+import { MetaKeeper, type KeeperStatus } from './meta-keeper.js';
+import type { AssembledArray } from '../meta/assemble.js';
 
 export interface MirrorOptions {
   legs: string[];
@@ -104,6 +106,14 @@ export interface MirrorOptions {
    * Needs `placement: 'inline'` (a function cannot cross to a worker).
    */
   openDevice?: LegDeviceOpener;
+  /**
+   * The assembled array (src/meta/assemble.ts): the export is its data size, legs start in the
+   * roles the plan gave them, and a MetaKeeper keeps the on-leg metadata current. Absent: no
+   * on-leg metadata (`--metadata none`).
+   */
+  metadata?: AssembledArray;
+  /** Metadata heartbeat and lazy bitmap clearing period (ms, default 5000). */
+  heartbeatMs?: number;
 }
 
 export type { LegState } from './leg-health.js';
@@ -130,6 +140,8 @@ export interface LegStatus {
   recentFailures: number;
   /** Bytes copied to this leg by resyncs since start. */
   resyncedBytes: number;
+  /** Its member slot and leg UUID in the on-leg metadata (null or absent: --metadata none). */
+  member?: { slotIndex: number; legUuid: string } | null;
 }
 
 export interface MirrorStats {
@@ -253,6 +265,12 @@ export class MirrorDevice implements BlockDevice {
   readonly latency = new LatencyHistograms(kLatencyKinds);
   private readonly counters = { requests: new Map<number, number>(), bytes: new Map<number, number>(), writeCopies: 0, writeBytesCopied: 0, writeRequests: 0 };
   inFlight = 0;
+  /** The on-leg metadata keeper (null: --metadata none). */
+  private keeper: MetaKeeper | null = null;
+  /** The keeper's reserved ring run (metadata I/O, one request at a time), -1 when none. */
+  private metaSlot = -1;
+  private metaDone: ((failed: number) => void) | null = null;
+  private metaTarget: Uint8Array | null = null;
 
   private constructor(options: MirrorOptions) {
     this.logger = options.logger;
@@ -312,6 +330,7 @@ export class MirrorDevice implements BlockDevice {
         if (this.features.flush && !this.closed) void this.runInternal(p.kCmdFlush, 0, 0, 0);
       },
       markUnlessSole: (leg, offsetBytes, lengthBytes) => this.markUnlessSole(leg, offsetBytes, lengthBytes),
+      admit: async (leg) => this.keeper === null ? true : await this.keeper.admit(leg),
     }, options, this.healthPolicy, this.logger);
     this.resyncHost = {
       copyRange: (legIndex, offsetBytes, lengthBytes) => this.copier.copyRange(this.legs[legIndex] as Leg, offsetBytes, lengthBytes),
@@ -392,10 +411,97 @@ export class MirrorDevice implements BlockDevice {
       else leg.info = info;
     }
     if (problems.length > 0) throw new EnbdError('ENBD_ERR_LEG', `cannot open leg(s): ${problems.join('; ')}`);
-    this.settleGeometry(options.sizeBytes);
+    this.settleGeometry(options.metadata?.plan.layout.dataSizeBytes ?? options.sizeBytes);
     this.flushTracking = this.features.flush && options.flushTracking !== false;
     for (const leg of this.legs) this.createMaps(leg);
     this.pumpCompletions();
+    if (options.metadata !== undefined) this.startKeeper(options.metadata);
+  }
+
+  /**
+   * On-leg metadata: legs take the roles assembly gave them (a bitmap resync marks the chunks
+   * the union bitmap holds; a full resync marks everything), a ring run is reserved for
+   * metadata I/O, and the keeper starts (src/engine/meta-keeper.ts).
+   */
+  private startKeeper(assembled: AssembledArray): void {
+    const { layout, bitmap } = assembled.plan;
+    for (const [index, planned] of assembled.legs.entries()) {
+      const leg = this.legs[index] as Leg;
+      const dirty = leg.dirty as DirtyMap;
+      if (planned.role === 'full-resync') dirty.markAll();
+      else if (planned.role === 'bitmap-resync') {
+        for (let chunk = 0; chunk < layout.chunkCount; chunk += 1) {
+          if ((((bitmap[chunk >> 3] ?? 0) >> (chunk & 7)) & 1) === 1) dirty.markRange(chunk * layout.bitmapChunkBytes, layout.bitmapChunkBytes);
+        }
+      }
+      if (dirty.dirtyChunkCount() > 0) leg.state = 'resyncing';
+      this.logger.info({ leg: index, uri: leg.uri, slot: planned.slotIndex, role: planned.role, why: planned.why, dirtyBytes: dirty.dirtyBytes() }, 'leg assembled');
+    }
+    for (const note of assembled.plan.notes) this.logger.warn({ note }, 'assembly');
+    const span = this.ring.slotsFor(2 * 4096);
+    this.metaSlot = this.ring.allocate(span);
+    assert(this.metaSlot >= 0, 'the ring has room for the metadata run at start');
+    this.slots.phase[this.metaSlot] = 3;
+    this.slots.span[this.metaSlot] = span;
+    this.keeper = new MetaKeeper({
+      legs: this.legs,
+      metaIo: (command, offsetBytes, bytes, mask) => this.metaIo(command, offsetBytes, bytes, mask),
+      fua: () => this.features.fua,
+      flushes: () => this.features.flush,
+      failLeg: (leg, reason) => this.lifecycle.failLeg(leg, reason),
+      resume: (slot) => this.dispatch(slot),
+      release: (slot, errno) => this.finishSlot(slot, errno),
+      forEachWriteInFlight: (visit) => this.forEachWriteInFlight(visit),
+      isClosed: () => this.closed,
+    }, assembled, { logger: this.logger, ...(this.options.heartbeatMs !== undefined ? { heartbeatMs: this.options.heartbeatMs } : {}) });
+    for (const leg of this.legs) {
+      this.keeper.onLegState(leg);
+      if (leg.state === 'resyncing') this.startResync(leg);
+    }
+  }
+
+  /** One metadata request in the reserved run (the keeper sends one at a time): the failed mask. */
+  private metaIo(command: number, offsetBytes: number, bytes: Uint8Array, mask: number): Promise<number> {
+    const slot = this.metaSlot;
+    let target = 0;
+    for (const leg of this.legs) if ((mask & leg.bit) !== 0 && (leg.worker !== null || leg.inline !== null)) target |= leg.bit;
+    if (this.closed || target === 0 || slot < 0) return Promise.resolve(mask);
+    assert(this.metaDone === null, 'one metadata request at a time');
+    assert(bytes.length <= this.ring.slotBytes * (this.slots.span[slot] ?? 1), 'metadata I/O fits the reserved run');
+    if (command === p.kCmdRead) target &= -target; // one leg reads
+    const flags = command === p.kCmdWrite && this.features.fua ? p.kCmdFlagFua : 0;
+    this.ring.redescribe(slot, command, flags, offsetBytes, bytes.length, target);
+    if (command === p.kCmdWrite) this.ring.dataView(slot, bytes.length).set(bytes);
+    if (command === p.kCmdRead) this.ring.setReadLeg(slot, 31 - Math.clz32(target));
+    this.metaTarget = command === p.kCmdRead ? bytes : null;
+    const done = new Promise<number>((resolve) => {
+      this.metaDone = (failed) => resolve(failed | (mask & ~target));
+    });
+    this.dispatch(slot);
+    return done;
+  }
+
+  private onMetaComplete(slot: number, failed: number): void {
+    const target = this.metaTarget;
+    this.metaTarget = null;
+    if (target !== null && failed === 0) target.set(this.ring.dataView(slot, target.length));
+    const done = this.metaDone;
+    this.metaDone = null;
+    done?.(failed);
+  }
+
+  /** Every data-changing client request dispatched and not yet released (lazy clearing). */
+  private forEachWriteInFlight(visit: (offsetBytes: number, lengthBytes: number) => void): void {
+    const ring = this.ring;
+    for (let slot = 0; slot < ring.slotCount; slot += 1) {
+      if (ring.state(slot) !== 2 || this.slots.phase[slot] !== 0 || (this.slots.token[slot] ?? -1) < 0) continue;
+      if (isDataChanging(ring.command(slot))) visit(ring.offsetBytes(slot), ring.lengthBytes(slot));
+    }
+  }
+
+  /** The on-leg metadata, or null with --metadata none. */
+  metadataStatus(): KeeperStatus | null {
+    return this.keeper?.status() ?? null;
   }
 
   private startLeg(init: LegActorInit, dispatch: SpscQueue, completion: SpscQueue): Leg {
@@ -744,8 +850,14 @@ export class MirrorDevice implements BlockDevice {
       const phase = this.slots.phase[slot];
       if (phase === 1) {
         if (!this.copier.prepareRead(slot)) return;
-      } else if (phase === 0 && isDataChanging(ring.command(slot)) && !this.settleWriteTarget(slot)) {
-        return;
+      } else if (phase === 0 && isDataChanging(ring.command(slot))) {
+        // Write intent: the chunks' bits are durable on the legs before any leg gets the data.
+        const keeper = this.keeper;
+        if (keeper !== null && !keeper.covers(ring.offsetBytes(slot), ring.lengthBytes(slot))) {
+          keeper.park(slot, ring.offsetBytes(slot), ring.lengthBytes(slot));
+          return;
+        }
+        if (!this.settleWriteTarget(slot)) return;
       }
       ring.markDispatched(slot);
     }
@@ -808,6 +920,10 @@ export class MirrorDevice implements BlockDevice {
     const failed = ring.failedMask(slot);
     for (const leg of this.legs) if ((target & leg.bit) !== 0) leg.inFlight -= 1;
     const phase = this.slots.phase[slot] ?? 0;
+    if (phase === 3) {
+      this.onMetaComplete(slot, failed);
+      return;
+    }
     if (phase !== 0) {
       this.copier.onPhaseComplete(slot, phase, failed);
       return;
@@ -843,6 +959,8 @@ export class MirrorDevice implements BlockDevice {
     if (isDataChanging(command)) {
       if (this.flushTracking && (ring.flags(slot) & p.kCmdFlagFua) === 0) this.recordUnflushed(slot, target & ~lost);
       this.releaseRange(slot);
+      // A member-table change (a leg left) is not durable yet: the ack waits for it.
+      if (errno === 0 && this.keeper !== null && this.keeper.holdCompletion(slot, errno)) return;
     }
     this.finishSlot(slot, errno);
   }
@@ -1043,6 +1161,7 @@ export class MirrorDevice implements BlockDevice {
   }
 
   private emitState(leg: Leg): void {
+    this.keeper?.onLegState(leg);
     this.emit({ type: 'leg-state', leg: leg.index, uri: leg.uri, state: leg.state, reason: leg.failureReason });
   }
 
@@ -1134,7 +1253,18 @@ export class MirrorDevice implements BlockDevice {
     leg.info = info as LegInfo;
     this.createMaps(leg);
     leg.dirty?.markAll();
+    const previous = this.legs[index];
     this.legs[index] = leg;
+    if (this.keeper !== null) {
+      // Fresh metadata (a new member slot and UUID) before it takes any client I/O.
+      this.keeper.addLeg(leg, leg.info.sizeBytes);
+      if (!(await this.keeper.admit(leg)) || this.closed) {
+        if (previous === undefined) this.legs.length = index;
+        else this.legs[index] = previous;
+        await this.stopActor(leg);
+        throw new EnbdError('ENBD_ERR_LEG', `cannot add leg ${uri}: writing its metadata failed`);
+      }
+    }
     this.emit({ type: 'leg-added', leg: index, uri });
     leg.state = 'probation';
     this.lifecycle.move(leg, 'resyncing', null, { why: 'leg added; full resync' });
@@ -1182,6 +1312,7 @@ export class MirrorDevice implements BlockDevice {
     if (leg.state === 'in-sync') throw new EnbdError('ENBD_ERR_CONFIG', `leg ${index} is in sync; fail it first`);
     if (offsetBytes === 0 && lengthBytes === this.sizeBytes) leg.dirty?.markAll();
     else leg.dirty?.markRange(offsetBytes, lengthBytes);
+    this.keeper?.onLegState(leg);
   }
 
   /**
@@ -1258,6 +1389,7 @@ export class MirrorDevice implements BlockDevice {
       failures: leg.failures,
       recentFailures: leg.health.recentFailures,
       resyncedBytes: leg.resyncedBytes,
+      member: this.keeper?.legMeta(leg.index) ?? null,
     }));
   }
 
@@ -1300,6 +1432,13 @@ export class MirrorDevice implements BlockDevice {
   /** Stops the actors and their threads. The server must have drained first. */
   async close(): Promise<void> {
     if (this.closed) return;
+    if (this.keeper !== null) {
+      try {
+        await this.keeper.stop();
+      } catch (error) {
+        this.logger.error({ err: error }, 'writing the final metadata failed; the next start resyncs what the bitmap marks');
+      }
+    }
     this.closed = true;
     for (const leg of this.legs) {
       this.lifecycle.clearReconnect(leg);

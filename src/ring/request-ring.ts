@@ -209,6 +209,34 @@ export class RequestRing {
   }
 
   /**
+   * Master: a new request in a run that stays allocated to its owner between requests (the
+   * metadata keeper's reserved slot). Like setRequest, on a slot that is Allocated or whose last
+   * request was answered by every leg it targeted (Dispatched, visited = target).
+   */
+  redescribe(slot: number, command: number, flags: number, offsetBytes: number, lengthBytes: number, targetMask: number): void {
+    assert(this.isMaster, 'redescribe is master-only');
+    this.checkSlot(slot);
+    const state = this.field(slot, kSlotState);
+    if (state === kSlotStateAllocated) {
+      this.setRequest(slot, command, flags, offsetBytes, lengthBytes, this.runSpans[slot] ?? 1, targetMask);
+      return;
+    }
+    assert(state === kSlotStateDispatched, 'redescribe a live slot');
+    assert(this.visitedMask(slot) === this.targetMask(slot), 'redescribe only an answered request');
+    assertSafeInteger(offsetBytes, 'offsetBytes');
+    assert(Number.isInteger(lengthBytes) && lengthBytes >= 0 && lengthBytes < kTwoPow32, 'lengthBytes is a u32');
+    const base = kHeaderWords + slot * kSlotWords;
+    const control = this.control;
+    control[base + kSlotCommand] = command;
+    control[base + kSlotFlags] = flags;
+    control[base + kSlotOffsetHigh] = Math.floor(offsetBytes / kTwoPow32);
+    control[base + kSlotOffsetLow] = offsetBytes % kTwoPow32 | 0;
+    control[base + kSlotLengthBytes] = lengthBytes | 0;
+    control[base + kSlotReadLeg] = -1;
+    this.resetMasks(slot, targetMask);
+  }
+
+  /**
    * Master, before (re)dispatch (never while legs may still ack it): target = targetMask;
    * visited, failed, aggregate errno and every per-leg errno word = 0 (only the previously
    * failed legs' words can be non-zero). Atomics.store throughout.

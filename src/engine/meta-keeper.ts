@@ -1,0 +1,640 @@
+/**
+ * The metadata keeper: keeps every leg's on-leg metadata (src/meta) true while the mirror runs.
+ * It owns the array's write-intent bitmap and member table, and does all metadata I/O through
+ * one reserved ring slot on the legs' own connections (the same connection and order as the
+ * data, so no second connection per leg is needed and a fence covers metadata too).
+ *
+ * Thread: main thread (the session master).
+ *
+ * Design notes
+ * | event                            | what the keeper does before the engine may go on           |
+ * |----------------------------------|------------------------------------------------------------|
+ * | data-changing request dispatched | `covers`: every bitmap chunk of its range is durable on    |
+ * | (WRITE, TRIM, WRITE_ZEROES)      | every admitted leg, else the request waits (`park`) for a  |
+ * |                                  | bitmap page write (FUA) to all admitted legs. Only the     |
+ * |                                  | first write to a clean chunk waits.                        |
+ * | a leg leaves, returns, is added  | member table changed: successful data-changing completions |
+ * | or removed                       | are held, the chunks every out-of-sync leg's dirty map     |
+ * |                                  | marks get their bits, then events + 1 and a superblock on  |
+ * |                                  | every admitted leg; then the held completions go out. So a |
+ * |                                  | write a leg missed is never acknowledged before the other  |
+ * |                                  | legs durably record that leg as stale.                     |
+ * | heartbeat (every 5 s)            | superblocks rewritten with a fresh owner heartbeat; and    |
+ * |                                  | bits of chunks not written for a whole period are cleared, |
+ * |                                  | only while every member is in sync (durably recorded), no  |
+ * |                                  | write is in flight there and no leg holds an unflushed     |
+ * |                                  | write there                                                |
+ * | a leg passes probation           | its superblocks are read: another array, another leg UUID, |
+ * |                                  | no metadata, or a sequence this daemon did not write means |
+ * |                                  | its contents are unknown: full resync, fresh superblocks.  |
+ * |                                  | Then the whole bitmap is written to it.                    |
+ * | clean shutdown                   | FLUSH; the bitmap is zeroed if every member is in sync;    |
+ * |                                  | superblocks: state clean, no owner, events + 1             |
+ *
+ * Bitmaps (one bit per chunk, bitmapBytes each, allocated once):
+ * - wanted: what the leg bitmaps should say; durable: what every admitted leg durably holds
+ *   (a subset of wanted, refreshed as (durable | written) & wanted when a page write is done,
+ *   so a bit cleared while its page was being written is not taken as durable);
+ * - touched: chunks a data-changing request was dispatched to since the last heartbeat.
+ *
+ * Invariants:
+ * - A data-changing request is sent to no leg before its chunks' bits are durable on every
+ *   leg that was admitted when the bits were written (a leg admitted later got the whole
+ *   bitmap first).
+ * - A bit is cleared only while every member is in sync and durably recorded so.
+ * - Metadata I/O is one request at a time (one reserved slot): page writes, superblock writes
+ *   and identity reads never interleave.
+ */
+import type { Logger } from '../core/log.js';
+import { assert } from '../core/assert.js';
+import * as p from '../nbd/protocol.js';
+import type { DirtyMap, DirtyRun } from '../bitmap/dirty-map.js';
+import { computeLayout, kMetaBlockBytes, kSuperblockBytes, superblockOffsets, type LegLayout } from '../meta/layout.js';
+import { encodeSuperblock, type MemberRecord, type MemberState, type OwnerRecord } from '../meta/superblock.js';
+import { inspectCopy } from '../meta/leg-meta.js';
+import { superblockFor, kHeartbeatMs, type AssembledArray } from '../meta/assemble.js';
+import { randomUUID } from 'node:crypto';
+import type { Leg } from './leg.js';
+
+/** What the keeper needs of the session master. */
+export interface KeeperHost {
+  readonly legs: readonly Leg[];
+  /** One metadata request on the reserved slot to the `mask` legs; resolves with the failed mask. */
+  metaIo(command: number, offsetBytes: number, bytes: Uint8Array, mask: number): Promise<number>;
+  /** FUA is offered by every leg (else a FLUSH follows each metadata write). */
+  fua(): boolean;
+  flushes(): boolean;
+  failLeg(leg: Leg, reason: string): void;
+  /** Dispatches a data-changing request that waited for its bits. */
+  resume(slot: number): void;
+  /** Finishes a held completion. */
+  release(slot: number, errno: number): void;
+  /** Calls `visit` for each data-changing client request in flight (dispatched). */
+  forEachWriteInFlight(visit: (offsetBytes: number, lengthBytes: number) => void): void;
+  isClosed(): boolean;
+}
+
+interface LegMetaState {
+  slotIndex: number;
+  legUuid: string;
+  layout: LegLayout;
+  lastCopy: number;
+  lastSequence: number;
+  /** The sequence of a superblock write in flight (it may or may not have landed). */
+  attemptedSequence: number;
+  /** Its contents are unknown until a full resync ends. */
+  fullSync: boolean;
+}
+
+export interface KeeperStatus {
+  arrayUuid: string;
+  arrayName: string;
+  events: number;
+  bitmapChunkBytes: number;
+  chunkCount: number;
+  /** Chunks whose bit is durable on the legs. */
+  dirtyChunks: number;
+  /** Data-changing requests that waited for a bitmap write. */
+  intentWaits: number;
+  bitmapWrites: number;
+  superblockWrites: number;
+  members: MemberRecord[];
+}
+
+export interface KeeperOptions {
+  heartbeatMs?: number;
+  logger: Logger;
+}
+
+function memberStateOf(leg: Leg, state: LegMetaState): MemberState {
+  if (leg.state === 'removed') return 'removed';
+  if (leg.state === 'in-sync') return 'in-sync';
+  return state.fullSync ? 'needs-full-sync' : 'needs-resync';
+}
+
+export class MetaKeeper {
+  readonly layout: LegLayout;
+  private readonly wanted: Uint8Array;
+  private readonly durable: Uint8Array;
+  private readonly touched: Uint8Array;
+  private readonly pagePending: Uint8Array;
+  private readonly chunkBytes: number;
+  private readonly chunkCount: number;
+  private readonly perLeg: (LegMetaState | null)[] = [];
+  private members: MemberRecord[];
+  /** The member table as last written (state and UUID per slot). */
+  private writtenTable = '';
+  private events: number;
+  private readonly owner: OwnerRecord;
+  private readonly plan: AssembledArray['plan'];
+  private readonly waiters: number[] = [];
+  private readonly held: number[] = [];
+  private tableChanged = false;
+  private heartbeatDue = false;
+  private holding = false;
+  private running: Promise<void> | null = null;
+  private timer: NodeJS.Timeout | null = null;
+  private stopped = false;
+  private readonly logger: Logger;
+  private readonly run: DirtyRun = { firstChunk: 0, chunkCount: 0 };
+  private readonly admitQueue: Array<{ leg: Leg; done: (ok: boolean) => void }> = [];
+  /** Set while resuming waiters with no admitted leg (they go on and fail for want of a leg). */
+  private passAll = false;
+  private readonly counters = { intentWaits: 0, bitmapWrites: 0, superblockWrites: 0 };
+
+  constructor(private readonly host: KeeperHost, assembled: AssembledArray, options: KeeperOptions) {
+    this.plan = assembled.plan;
+    this.layout = assembled.plan.layout;
+    this.logger = options.logger;
+    this.chunkBytes = this.layout.bitmapChunkBytes;
+    this.chunkCount = this.layout.chunkCount;
+    this.wanted = assembled.plan.bitmap.slice();
+    this.durable = assembled.plan.bitmap.slice();
+    this.touched = new Uint8Array(this.layout.bitmapBytes);
+    this.pagePending = new Uint8Array(Math.max(1, this.layout.bitmapAreaBytes / kMetaBlockBytes));
+    this.members = assembled.plan.members.map((member) => ({ ...member }));
+    this.events = assembled.plan.events;
+    this.owner = { ...assembled.owner };
+    for (const [index, leg] of assembled.legs.entries()) {
+      this.perLeg[index] = {
+        slotIndex: leg.slotIndex,
+        legUuid: leg.legUuid,
+        layout: computeLayout(leg.legSizeBytes, this.chunkBytes),
+        lastCopy: leg.lastCopy,
+        lastSequence: leg.lastSequence,
+        attemptedSequence: leg.lastSequence,
+        fullSync: leg.role === 'full-resync',
+      };
+    }
+    this.writtenTable = this.tableKey(this.members);
+    const heartbeatMs = options.heartbeatMs ?? kHeartbeatMs;
+    this.timer = setInterval(() => this.tick(), heartbeatMs);
+    this.timer.unref();
+  }
+
+  // ---- the write path -----------------------------------------------------------------------
+
+  /**
+   * True when every chunk of the range has its bit durable on the legs (then the request may go
+   * now). Notes the chunks as written (lazy clearing waits for them to be quiet). No allocation.
+   */
+  covers(offsetBytes: number, lengthBytes: number): boolean {
+    if (lengthBytes === 0 || this.passAll) return true;
+    const first = Math.floor(offsetBytes / this.chunkBytes);
+    const end = Math.min(this.chunkCount, Math.ceil((offsetBytes + lengthBytes) / this.chunkBytes));
+    let covered = true;
+    const durable = this.durable;
+    const touched = this.touched;
+    for (let chunk = first; chunk < end; chunk += 1) {
+      const byte = chunk >> 3;
+      const bit = 1 << (chunk & 7);
+      touched[byte] = (touched[byte] as number) | bit;
+      if (((durable[byte] as number) & bit) === 0) covered = false;
+    }
+    return covered;
+  }
+
+  /** The request in `slot` waits until its chunks' bits are durable; the keeper resumes it. */
+  park(slot: number, offsetBytes: number, lengthBytes: number): void {
+    this.counters.intentWaits += 1;
+    this.want(Math.floor(offsetBytes / this.chunkBytes), Math.min(this.chunkCount, Math.ceil((offsetBytes + lengthBytes) / this.chunkBytes)));
+    this.waiters.push(slot);
+    this.kick();
+  }
+
+  private want(firstChunk: number, endChunk: number): void {
+    for (let chunk = firstChunk; chunk < endChunk; chunk += 1) {
+      const byte = chunk >> 3;
+      const bit = 1 << (chunk & 7);
+      if (((this.wanted[byte] as number) & bit) !== 0) continue;
+      this.wanted[byte] = (this.wanted[byte] as number) | bit;
+      this.pagePending[Math.floor(byte / kMetaBlockBytes)] = 1;
+    }
+  }
+
+  /** A successful data-changing completion: held while a member-table change is not durable. */
+  holdCompletion(slot: number, errno: number): boolean {
+    if (!this.holding) return false;
+    this.held.push(slot, errno);
+    return true;
+  }
+
+  // ---- membership ---------------------------------------------------------------------------
+
+  /** A leg changed state (or got marks): the member table and bits are brought up to date. */
+  onLegState(leg: Leg): void {
+    const state = this.perLeg[leg.index];
+    if (state === null || state === undefined) return;
+    if (leg.state === 'in-sync') state.fullSync = false;
+    const table = this.desiredTable();
+    if (this.tableKey(table) === this.writtenTable && !this.outOfSyncMarks()) return;
+    this.tableChanged = true;
+    this.holding = true;
+    this.kick();
+  }
+
+  /** A new leg (enbd leg add): a member slot and a UUID; fresh metadata is written at admission. */
+  addLeg(leg: Leg, legSizeBytes: number): void {
+    const inUse = new Set<number>();
+    for (const [index, state] of this.perLeg.entries()) {
+      if (state != null && index !== leg.index && this.host.legs[index]?.state !== 'removed') inUse.add(state.slotIndex);
+    }
+    let slot = this.members.findIndex((member, at) => member.state === 'removed' && !inUse.has(at));
+    if (slot < 0) slot = this.members.length;
+    const legUuid = randomUUID();
+    this.members[slot] = { legUuid, state: 'needs-full-sync', events: 0, recoveryOffsetBytes: 0 };
+    this.perLeg[leg.index] = { slotIndex: slot, legUuid, layout: computeLayout(legSizeBytes, this.chunkBytes), lastCopy: 1, lastSequence: 0, attemptedSequence: -1, fullSync: true };
+  }
+
+  private desiredTable(): MemberRecord[] {
+    const table = this.members.map((member) => ({ ...member }));
+    for (const [index, state] of this.perLeg.entries()) {
+      const leg = this.host.legs[index];
+      if (state === null || state === undefined || leg === undefined) continue;
+      const record = table[state.slotIndex] ?? { legUuid: state.legUuid, state: 'removed' as MemberState, events: 0, recoveryOffsetBytes: 0 };
+      record.legUuid = state.legUuid;
+      record.state = memberStateOf(leg, state);
+      table[state.slotIndex] = record;
+    }
+    return table;
+  }
+
+  private tableKey(table: MemberRecord[]): string {
+    return table.map((member) => `${member.legUuid}:${member.state}`).join(',');
+  }
+
+  /** Sets the bits of every chunk some leg out of sync has marked; true when that added bits. */
+  private outOfSyncMarks(): boolean {
+    let added = false;
+    for (const leg of this.host.legs) {
+      if (leg.state === 'in-sync' || leg.state === 'removed' || leg.dirty === null) continue;
+      if (this.markFrom(leg.dirty)) added = true;
+    }
+    return added;
+  }
+
+  private markFrom(map: DirtyMap): boolean {
+    let added = false;
+    let chunk = 0;
+    const run = this.run;
+    while (map.nextDirtyRunInto(chunk, 1 << 20, run)) {
+      const start = run.firstChunk * map.chunkBytes;
+      const end = Math.min(map.deviceBytes, (run.firstChunk + run.chunkCount) * map.chunkBytes);
+      const first = Math.floor(start / this.chunkBytes);
+      const last = Math.min(this.chunkCount, Math.ceil(end / this.chunkBytes));
+      for (let at = first; at < last; at += 1) {
+        if (((this.wanted[at >> 3] as number) & (1 << (at & 7))) === 0) added = true;
+      }
+      this.want(first, last);
+      chunk = run.firstChunk + run.chunkCount;
+    }
+    return added;
+  }
+
+  /**
+   * Probation of a returning leg: is it still the leg this daemon last wrote? If not (blank,
+   * another array or leg UUID, a sequence it never wrote), its data is unknown: every chunk is
+   * marked, and it gets fresh superblocks. Then the whole bitmap is written to it. Resolves false
+   * when its metadata I/O failed (the leg stays out).
+   */
+  admit(leg: Leg): Promise<boolean> {
+    return new Promise<boolean>((resolve) => {
+      this.admitQueue.push({ leg, done: resolve });
+      this.kick();
+    });
+  }
+
+  // ---- the metadata I/O loop ----------------------------------------------------------------
+
+  private kick(): void {
+    if (this.running !== null || this.stopped) return;
+    this.running = this.loop().catch((error: unknown) => {
+      this.logger.error({ err: error }, 'metadata keeper failed');
+    }).finally(() => {
+      this.running = null;
+      if (this.hasWork() && !this.stopped) this.kick();
+    });
+  }
+
+  private hasWork(): boolean {
+    return this.tableChanged || this.heartbeatDue || this.admitQueue.length > 0 || this.pagePending.includes(1);
+  }
+
+  private async loop(): Promise<void> {
+    while (!this.stopped && !this.host.isClosed()) {
+      const admission = this.admitQueue.shift();
+      if (admission !== undefined) {
+        admission.done(await this.admitNow(admission.leg));
+        continue;
+      }
+      if (this.tableChanged) {
+        this.tableChanged = false;
+        this.outOfSyncMarks();
+        await this.writePages(this.admittedMask());
+        this.events += 1;
+        this.members = this.desiredTable();
+        for (const member of this.members) if (member.state === 'in-sync') member.events = this.events;
+        await this.writeSuperblocks('active', this.owner);
+        this.writtenTable = this.tableKey(this.members);
+        if (!this.tableChanged) this.releaseHeld();
+        continue;
+      }
+      if (this.pagePending.includes(1)) {
+        await this.writePages(this.admittedMask());
+        continue;
+      }
+      if (this.heartbeatDue) {
+        this.heartbeatDue = false;
+        await this.writeSuperblocks('active', this.owner);
+        continue;
+      }
+      break;
+    }
+    if (this.host.isClosed()) this.releaseHeld();
+  }
+
+  private admittedMask(): number {
+    let mask = 0;
+    for (const leg of this.host.legs) if (leg.admitted && this.perLeg[leg.index] != null) mask |= leg.bit;
+    return mask;
+  }
+
+  private releaseHeld(): void {
+    this.holding = false;
+    const held = this.held.splice(0);
+    for (let at = 0; at < held.length; at += 2) this.host.release(held[at] as number, held[at + 1] as number);
+  }
+
+  /** Writes every pending bitmap page to the `mask` legs, then resumes the waiters now covered. */
+  private async writePages(mask: number): Promise<void> {
+    const pages = this.pagePending;
+    for (let page = 0; page < pages.length; page += 1) {
+      if (pages[page] === 0) continue;
+      pages[page] = 0;
+      const snapshot = this.pageBytes(page);
+      // A leg admitted while the page was being written gets it too.
+      let written = 0;
+      let remaining = mask;
+      while (remaining !== 0) {
+        await this.writeToLegs(remaining, (state) => state.layout.bitmapOffsetBytes + page * kMetaBlockBytes, () => snapshot, 'bitmap page');
+        written |= remaining;
+        remaining = this.admittedMask() & ~written;
+      }
+      this.counters.bitmapWrites += 1;
+      const start = page * kMetaBlockBytes;
+      const end = Math.min(this.durable.length, start + kMetaBlockBytes);
+      for (let at = start; at < end; at += 1) this.durable[at] = ((this.durable[at] as number) | (snapshot[at - start] as number)) & (this.wanted[at] as number);
+    }
+    this.resumeWaiters();
+  }
+
+  private pageBytes(page: number): Uint8Array {
+    const bytes = new Uint8Array(kMetaBlockBytes);
+    const start = page * kMetaBlockBytes;
+    bytes.set(this.wanted.subarray(start, Math.min(this.wanted.length, start + kMetaBlockBytes)));
+    return bytes;
+  }
+
+  private resumeWaiters(): void {
+    if (this.waiters.length === 0) return;
+    // Each resumes through the dispatch path again: covered now, it goes; a chunk cleared in the
+    // meantime parks it again. With no admitted leg it goes on and fails there (EIO).
+    const waiting = this.waiters.splice(0);
+    const none = this.admittedMask() === 0;
+    this.passAll = none;
+    for (const slot of waiting) this.host.resume(slot);
+    this.passAll = false;
+  }
+
+  /**
+   * One metadata write of `bytes(state)` at `offset(state)` to each leg of `mask` (legs whose
+   * bytes differ go one by one; the same bytes go to all at once). Failed legs fail.
+   */
+  private async writeToLegs(mask: number, offset: (state: LegMetaState) => number, bytes: (state: LegMetaState, leg: Leg) => Uint8Array, what: string, perLeg = false): Promise<void> {
+    if (mask === 0) return;
+    const groups = new Map<number, number>();
+    for (const leg of this.host.legs) {
+      const state = this.perLeg[leg.index];
+      if ((mask & leg.bit) === 0 || state == null) continue;
+      const key = perLeg ? leg.index : offset(state);
+      groups.set(key, (groups.get(key) ?? 0) | leg.bit);
+    }
+    for (const groupMask of groups.values()) {
+      const first = this.host.legs.find((leg) => (groupMask & leg.bit) !== 0) as Leg;
+      const state = this.perLeg[first.index] as LegMetaState;
+      const data = bytes(state, first);
+      let failed = await this.host.metaIo(p.kCmdWrite, offset(state), data, groupMask);
+      if (!this.host.fua() && this.host.flushes() && (groupMask & ~failed) !== 0) failed |= await this.host.metaIo(p.kCmdFlush, 0, new Uint8Array(0), groupMask & ~failed);
+      this.failLegs(failed, `${what} write failed`);
+    }
+  }
+
+  private failLegs(failed: number, reason: string): void {
+    if (failed === 0) return;
+    for (const leg of this.host.legs) if ((failed & leg.bit) !== 0 && leg.admitted) this.host.failLeg(leg, reason);
+  }
+
+  /** A superblock (the current table, `state`, `owner`) on every admitted leg, each to its older copy. */
+  private async writeSuperblocks(state: 'active' | 'clean', owner: OwnerRecord | null): Promise<void> {
+    const nowMs = Date.now();
+    if (owner !== null) owner.heartbeatMs = nowMs;
+    for (const leg of this.host.legs) {
+      const legState = this.perLeg[leg.index];
+      if (!leg.admitted || legState == null) continue;
+      await this.writeSuperblock(leg, legState, state, owner, nowMs);
+    }
+  }
+
+  private async writeSuperblock(leg: Leg, legState: LegMetaState, state: 'active' | 'clean', owner: OwnerRecord | null, nowMs: number): Promise<boolean> {
+    const copy = 1 - legState.lastCopy;
+    const sequence = legState.lastSequence + 1;
+    const sb = superblockFor({ ...this.plan, layout: legState.layout }, legState, this.members, this.events, state, owner, nowMs);
+    legState.attemptedSequence = sequence;
+    const offsets = superblockOffsets(legState.layout.legSizeBytes);
+    let failed = await this.host.metaIo(p.kCmdWrite, offsets[copy] as number, encodeSuperblock(sb, copy, sequence), leg.bit);
+    if (failed === 0 && !this.host.fua() && this.host.flushes()) failed = await this.host.metaIo(p.kCmdFlush, 0, new Uint8Array(0), leg.bit);
+    this.counters.superblockWrites += 1;
+    if (failed !== 0) {
+      this.failLegs(failed, 'superblock write failed');
+      return false;
+    }
+    legState.lastCopy = copy;
+    legState.lastSequence = sequence;
+    return true;
+  }
+
+  private async admitNow(leg: Leg): Promise<boolean> {
+    const legState = this.perLeg[leg.index];
+    if (legState == null) return true;
+    const offsets = superblockOffsets(legState.layout.legSizeBytes);
+    const area = new Uint8Array(2 * kSuperblockBytes);
+    const readFailed = await this.host.metaIo(p.kCmdRead, offsets[0], area, leg.bit);
+    if (readFailed !== 0) return false;
+    const copies = [inspectCopy(0, offsets[0], area.subarray(0, kSuperblockBytes)), inspectCopy(1, offsets[1], area.subarray(kSuperblockBytes))];
+    const validCopies = copies.filter((copy) => copy.status === 'valid');
+    const newest = validCopies.sort((a, b) => (b.sequence ?? 0) - (a.sequence ?? 0))[0] ?? null;
+    const sb = newest?.superblock ?? null;
+    let problem: string | null = null;
+    if (sb === null) problem = 'it carries no enbd metadata (a blank or replaced leg)';
+    else if (sb.arrayUuid !== this.plan.arrayUuid) problem = `it carries array ${sb.arrayUuid}, not ${this.plan.arrayUuid}`;
+    else if (sb.legUuid !== legState.legUuid) problem = `it carries leg UUID ${sb.legUuid}, not ${legState.legUuid}`;
+    else if (newest?.sequence !== legState.lastSequence && newest?.sequence !== legState.attemptedSequence) problem = `its superblock (sequence ${newest?.sequence}) was written by someone else since this daemon last wrote it (sequence ${legState.lastSequence})`;
+    let fresh = false;
+    if (problem !== null) {
+      this.logger.warn({ leg: leg.index, uri: leg.uri, problem }, 'returning leg is not the one that left: its contents are unknown, full resync');
+      leg.dirty?.markAll();
+      legState.fullSync = true;
+      fresh = true;
+    } else if (newest !== null) {
+      legState.lastSequence = newest.sequence ?? legState.lastSequence;
+      legState.lastCopy = newest.copyIndex;
+    }
+    // The whole bitmap, then (fresh legs) both superblock copies.
+    for (let page = 0; page < this.pagePending.length; page += 1) {
+      const data = this.pageBytes(page);
+      const failed = await this.host.metaIo(p.kCmdWrite, legState.layout.bitmapOffsetBytes + page * kMetaBlockBytes, data, leg.bit);
+      if (failed !== 0) return false;
+    }
+    if (fresh) {
+      const nowMs = Date.now();
+      const sb0 = superblockFor({ ...this.plan, layout: legState.layout }, legState, this.desiredTable(), this.events, 'active', this.owner, nowMs);
+      const both = new Uint8Array(2 * kSuperblockBytes);
+      both.set(encodeSuperblock(sb0, 0, 1), 0);
+      both.set(encodeSuperblock(sb0, 1, 2), kSuperblockBytes);
+      legState.attemptedSequence = 2;
+      const failed = await this.host.metaIo(p.kCmdWrite, offsets[0], both, leg.bit);
+      if (failed !== 0) return false;
+      legState.lastSequence = 2;
+      legState.lastCopy = 1;
+    }
+    if (!this.host.fua() && this.host.flushes()) {
+      if ((await this.host.metaIo(p.kCmdFlush, 0, new Uint8Array(0), leg.bit)) !== 0) return false;
+    }
+    return true;
+  }
+
+  // ---- heartbeat and lazy clearing ----------------------------------------------------------
+
+  private tick(): void {
+    if (this.stopped || this.host.isClosed()) return;
+    this.clearQuiet();
+    this.heartbeatDue = true;
+    this.kick();
+  }
+
+  /** True when every member is in sync, in memory and as last written. */
+  private allInSync(): boolean {
+    if (this.tableChanged || this.holding) return false;
+    if (!this.members.every((member) => member.state === 'in-sync' || member.state === 'removed')) return false;
+    for (const leg of this.host.legs) if (this.perLeg[leg.index] != null && leg.state !== 'in-sync' && leg.state !== 'removed') return false;
+    return true;
+  }
+
+  /** Clears the bits of chunks not written since the last tick (only while all are in sync). */
+  private clearQuiet(): void {
+    const touched = this.touched;
+    if (!this.allInSync()) {
+      touched.fill(0);
+      return;
+    }
+    // Chunks of requests still in flight stay (touched before this tick, answered after it).
+    this.host.forEachWriteInFlight((offsetBytes, lengthBytes) => {
+      const first = Math.floor(offsetBytes / this.chunkBytes);
+      const end = Math.min(this.chunkCount, Math.ceil((offsetBytes + lengthBytes) / this.chunkBytes));
+      for (let chunk = first; chunk < end; chunk += 1) touched[chunk >> 3] = (touched[chunk >> 3] as number) | (1 << (chunk & 7));
+    });
+    let cleared = 0;
+    for (let byte = 0; byte < this.wanted.length; byte += 1) {
+      const candidates = (this.wanted[byte] as number) & (this.durable[byte] as number) & ~(touched[byte] as number);
+      if (candidates === 0) continue;
+      for (let bit = 0; bit < 8; bit += 1) {
+        if ((candidates & (1 << bit)) === 0) continue;
+        const chunk = byte * 8 + bit;
+        if (this.unflushedAnywhere(chunk)) continue;
+        this.wanted[byte] = (this.wanted[byte] as number) & ~(1 << bit);
+        this.durable[byte] = (this.durable[byte] as number) & ~(1 << bit);
+        this.pagePending[Math.floor(byte / kMetaBlockBytes)] = 1;
+        cleared += 1;
+      }
+    }
+    touched.fill(0);
+    if (cleared > 0) this.logger.debug({ cleared }, 'write-intent bits cleared');
+  }
+
+  private unflushedAnywhere(chunk: number): boolean {
+    const offsetBytes = chunk * this.chunkBytes;
+    for (const leg of this.host.legs) {
+      if (leg.unflushed === null) continue;
+      for (const half of leg.unflushed) if (half.testRange(offsetBytes, Math.min(this.chunkBytes, half.deviceBytes - offsetBytes))) return true;
+    }
+    return false;
+  }
+
+  // ---- shutdown and status ------------------------------------------------------------------
+
+  /**
+   * Clean stop (the engine's requests drained): FLUSH, zero the bitmap if every member is in
+   * sync, then superblocks with state clean and no owner. Resolves when written.
+   */
+  async stop(): Promise<void> {
+    if (this.stopped) return;
+    if (this.timer !== null) clearInterval(this.timer);
+    this.timer = null;
+    while (this.running !== null) await this.running;
+    this.stopped = true;
+    const mask = this.admittedMask();
+    if (mask === 0) return;
+    if (this.host.flushes()) this.failLegs(await this.host.metaIo(p.kCmdFlush, 0, new Uint8Array(0), mask), 'final FLUSH failed');
+    this.members = this.desiredTable();
+    if (this.allInSync()) {
+      this.wanted.fill(0);
+      this.pagePending.fill(1);
+      await this.writePages(this.admittedMask());
+    } else if (this.pagePending.includes(1)) {
+      await this.writePages(this.admittedMask());
+    }
+    this.events += 1;
+    for (const member of this.members) if (member.state === 'in-sync') member.events = this.events;
+    await this.writeSuperblocks('clean', null);
+    this.releaseHeld();
+  }
+
+  /** Stops the timers without writing (the daemon is failing anyway; the next start sees an unclean stop). */
+  abandon(): void {
+    if (this.timer !== null) clearInterval(this.timer);
+    this.timer = null;
+    this.stopped = true;
+    this.releaseHeld();
+  }
+
+  status(): KeeperStatus {
+    let dirtyChunks = 0;
+    for (const byte of this.durable) {
+      let value = byte;
+      while (value !== 0) {
+        dirtyChunks += value & 1;
+        value >>= 1;
+      }
+    }
+    return {
+      arrayUuid: this.plan.arrayUuid,
+      arrayName: this.plan.arrayName,
+      events: this.events,
+      bitmapChunkBytes: this.chunkBytes,
+      chunkCount: this.chunkCount,
+      dirtyChunks,
+      intentWaits: this.counters.intentWaits,
+      bitmapWrites: this.counters.bitmapWrites,
+      superblockWrites: this.counters.superblockWrites,
+      members: this.members.map((member) => ({ ...member })),
+    };
+  }
+
+  /** The legs' metadata slot and UUID (status, banner). */
+  legMeta(index: number): { slotIndex: number; legUuid: string } | null {
+    const state = this.perLeg[index];
+    return state == null ? null : { slotIndex: state.slotIndex, legUuid: state.legUuid };
+  }
+}
+
+assert(kMetaBlockBytes === 4096, 'bitmap pages are 4 KiB');
