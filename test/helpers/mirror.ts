@@ -69,7 +69,18 @@ process.on('exit', () => {
   for (const child of liveProcesses) child.kill('SIGKILL');
 });
 
-function spawnCli(args: string[], cwd: string | undefined): Spawned {
+/**
+ * The suites written before on-leg metadata run on raw legs: `enbd mirror ... --leg` gets
+ * `--metadata none` unless the test says `--metadata` itself (the metadata suites do; the
+ * embedded default, with no --leg, keeps its metadata).
+ */
+export function withMetadataDefault(args: string[]): string[] {
+  if (args[0] !== 'mirror' || !args.includes('--leg') || args.includes('--metadata')) return args;
+  return [...args, '--metadata', 'none'];
+}
+
+function spawnCli(rawArgs: string[], cwd: string | undefined): Spawned {
+  const args = withMetadataDefault(rawArgs);
   const child = spawn(process.execPath, [enbdCli, ...args], {
     env: { ...toolEnv, ENBD_LOG_JSON: '1' },
     stdio: ['ignore', 'pipe', 'pipe'],
