@@ -74,7 +74,7 @@ export async function runCreate(options: CreateOptions): Promise<void> {
       say(`  leg ${leg.slotIndex}        ${leg.legUuid} ${leg.state.padEnd(15)} ${leg.uri}${overwrote}`);
     }
     if (!options.assumeClean && result.legs.length > 1) say('  initial sync leg 0 is to be copied to the other legs (--assume-clean skips this)');
-    say('note: `enbd mirror` does not assemble from this metadata yet (see README, "enbd create and enbd examine")');
+    say(`next: enbd mirror ${result.legs.map((leg) => `--leg ${leg.uri}`).join(' ')} --socket PATH (it assembles from this metadata)`);
   } finally {
     await Promise.allSettled(legs.map((leg) => leg.meta.close()));
   }

@@ -208,6 +208,23 @@ function isDataChanging(command: number): boolean {
   return command === p.kCmdWrite || command === p.kCmdTrim || command === p.kCmdWriteZeroes;
 }
 
+/** The ranges in both sorted, disjoint lists of [start, end). */
+function intersectRuns(a: Array<[number, number]>, b: Array<[number, number]>): Array<[number, number]> {
+  const out: Array<[number, number]> = [];
+  let i = 0;
+  let j = 0;
+  while (i < a.length && j < b.length) {
+    const [aStart, aEnd] = a[i] as [number, number];
+    const [bStart, bEnd] = b[j] as [number, number];
+    const start = Math.max(aStart, bStart);
+    const end = Math.min(aEnd, bEnd);
+    if (start < end) out.push([start, end]);
+    if (aEnd < bEnd) i += 1;
+    else j += 1;
+  }
+  return out;
+}
+
 export class MirrorDevice implements BlockDevice {
   sizeBytes = 0;
   features: DeviceFeatures;
@@ -415,7 +432,7 @@ export class MirrorDevice implements BlockDevice {
     this.flushTracking = this.features.flush && options.flushTracking !== false;
     for (const leg of this.legs) this.createMaps(leg);
     this.pumpCompletions();
-    if (options.metadata !== undefined) this.startKeeper(options.metadata);
+    if (options.metadata !== undefined) await this.startKeeper(options.metadata);
   }
 
   /**
@@ -423,7 +440,7 @@ export class MirrorDevice implements BlockDevice {
    * the union bitmap holds; a full resync marks everything), a ring run is reserved for
    * metadata I/O, and the keeper starts (src/engine/meta-keeper.ts).
    */
-  private startKeeper(assembled: AssembledArray): void {
+  private async startKeeper(assembled: AssembledArray): Promise<void> {
     const { layout, bitmap } = assembled.plan;
     for (const [index, planned] of assembled.legs.entries()) {
       const leg = this.legs[index] as Leg;
@@ -454,10 +471,61 @@ export class MirrorDevice implements BlockDevice {
       forEachWriteInFlight: (visit) => this.forEachWriteInFlight(visit),
       isClosed: () => this.closed,
     }, assembled, { logger: this.logger, ...(this.options.heartbeatMs !== undefined ? { heartbeatMs: this.options.heartbeatMs } : {}) });
+    const full = assembled.legs.flatMap((planned, index) => (planned.role === 'full-resync' ? [this.legs[index] as Leg] : []));
+    if (full.length > 0) await this.skipZeroRanges(full);
     for (const leg of this.legs) {
+      if (leg.state === 'resyncing' && leg.dirty?.dirtyChunkCount() === 0) leg.state = 'in-sync';
       this.keeper.onLegState(leg);
       if (leg.state === 'resyncing') this.startResync(leg);
     }
+  }
+
+  /**
+   * Before a full resync (a new array without --assume-clean, a new member): ranges every leg
+   * reports as reading zero (base:allocation) are the same everywhere, so the targets' bits there
+   * are cleared and only the rest is copied. Runs before any client connects; gives up (copies
+   * everything) when a leg cannot say, or after 10 s.
+   */
+  private async skipZeroRanges(targets: Leg[]): Promise<void> {
+    if (!this.features.blockStatus) return;
+    const deadline = Date.now() + 10_000;
+    const kZero = 2;
+    const zeroRuns = async (leg: Leg): Promise<Array<[number, number]>> => {
+      const runs: Array<[number, number]> = [];
+      let at = 0;
+      while (at < this.sizeBytes && Date.now() < deadline) {
+        const extents = await leg.api.getExtents(at, Math.min(this.sizeBytes - at, 2 ** 30));
+        if (extents.length === 0) break;
+        for (const extent of extents) {
+          const length = Math.min(extent.lengthBytes, this.sizeBytes - at);
+          if (length <= 0) break;
+          if ((extent.flags & kZero) !== 0) runs.push([at, at + length]);
+          at += length;
+        }
+      }
+      return at >= this.sizeBytes ? runs : [];
+    };
+    let common: Array<[number, number]> | null = null;
+    try {
+      for (const leg of this.legs) {
+        const runs = await zeroRuns(leg);
+        common = common === null ? runs : intersectRuns(common, runs);
+        if (common.length === 0) return;
+      }
+    } catch (error) {
+      this.logger.info({ err: error }, 'block status unavailable: the full resync copies every chunk');
+      return;
+    }
+    let skipped = 0;
+    for (const [start, end] of common ?? []) {
+      const chunk = this.chunkBytes;
+      const from = Math.ceil(start / chunk) * chunk;
+      const to = end >= this.sizeBytes ? this.sizeBytes : Math.floor(end / chunk) * chunk;
+      if (to <= from) continue;
+      for (const leg of targets) leg.dirty?.clearRange(from, to - from);
+      skipped += to - from;
+    }
+    this.logger.info({ skippedBytes: skipped, sizeBytes: this.sizeBytes }, 'full resync skips the ranges every leg reads as zero');
   }
 
   /** One metadata request in the reserved run (the keeper sends one at a time): the failed mask. */

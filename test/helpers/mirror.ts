@@ -71,11 +71,11 @@ process.on('exit', () => {
 
 /**
  * The suites written before on-leg metadata run on raw legs: `enbd mirror ... --leg` gets
- * `--metadata none` unless the test says `--metadata` itself (the metadata suites do; the
- * embedded default, with no --leg, keeps its metadata).
+ * `--metadata none` (so does one with `--config`) unless the test says `--metadata` itself (the
+ * metadata suites do; the embedded default, with neither, keeps its metadata).
  */
 export function withMetadataDefault(args: string[]): string[] {
-  if (args[0] !== 'mirror' || !args.includes('--leg') || args.includes('--metadata')) return args;
+  if (args[0] !== 'mirror' || !(args.includes('--leg') || args.includes('--config')) || args.includes('--metadata')) return args;
   return [...args, '--metadata', 'none'];
 }
 

@@ -11,9 +11,11 @@ import { mkdirSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { freePort, readRange, runOk, scratch, unixUri, type Scratch } from '../helpers/tools.js';
 import { skipUnlessTools } from '../helpers/serve.js';
-import { assertFilled, assertSameBytes, runMirrorCli, startMirrorArgs, stopAllMirrors } from '../helpers/mirror.js';
+import { assertFilled, assertSameBytes, enbdCli, runMirrorCli, startMirrorArgs, stopAllMirrors } from '../helpers/mirror.js';
 
 const kGiB = 1024 ** 3;
+/** The export: each 1 GiB leg less its enbd metadata, rounded down to the 1 MiB bitmap chunk. */
+const kExportBytes = kGiB - 1024 ** 2;
 const kPatternOffsetBytes = 512 * 1024 * 1024 + 4096;
 const kPatternBytes = 64 * 1024;
 
@@ -43,16 +45,16 @@ describe('enbd mirror: embedded default (no --leg)', { skip: skipUnlessTools('nb
     const socketUri = unixUri(join(dataDir, 'enbd.sock'));
     const tcpUri = `nbd://127.0.0.1:${port}/`;
     assert.deepEqual(mirror.uris, [socketUri, tcpUri], `banner:\n${mirror.stdout()}`);
-    assert.match(mirror.stdout(), new RegExp(`${kGiB} bytes mirrored across 2 legs`));
+    assert.match(mirror.stdout(), new RegExp(`${kExportBytes} bytes mirrored across 2 legs`));
     assert.ok(mirror.stdout().includes(legs[0] as string) && mirror.stdout().includes(legs[1] as string), 'banner names the legs');
     assert.match(mirror.stdout(), /embedded default/);
 
     for (const uri of [socketUri, tcpUri]) {
       const size = await runOk('nbdinfo', ['--size', uri]);
-      assert.equal(Number(size.stdout.trim()), kGiB, `nbdinfo --size ${uri}`);
+      assert.equal(Number(size.stdout.trim()), kExportBytes, `nbdinfo --size ${uri}`);
       const info = await runOk('nbdinfo', ['--json', uri]);
       const parsed = JSON.parse(info.stdout) as { exports: Array<{ 'export-size': number; is_read_only: boolean; can_flush: boolean }> };
-      assert.equal(parsed.exports[0]?.['export-size'], kGiB);
+      assert.equal(parsed.exports[0]?.['export-size'], kExportBytes);
       assert.equal(parsed.exports[0]?.is_read_only, false);
       assert.equal(parsed.exports[0]?.can_flush, true);
     }
@@ -67,6 +69,14 @@ describe('enbd mirror: embedded default (no --leg)', { skip: skipUnlessTools('nb
     assertFilled(images[0] as Buffer, 0, 4096, 0, 'leg0.img before the write');
     assertFilled(images[0] as Buffer, 4096 + kPatternBytes, 4096, 0, 'leg0.img after the write');
     assertSameBytes(images[1] as Buffer, images[0] as Buffer, 'leg1.img vs leg0.img');
+    // Both legs got enbd metadata on the first start, and a clean stop recorded itself there.
+    for (const leg of legs) {
+      const examined = JSON.parse((await runOk(process.execPath, [enbdCli, 'examine', leg, '--json'])).stdout) as { superblock: { state: string; owner: unknown; dataSizeBytes: number; members: Array<{ state: string }> } };
+      assert.equal(examined.superblock.state, 'clean', `${leg}: state after SIGTERM`);
+      assert.equal(examined.superblock.owner, null, `${leg}: no owner after SIGTERM`);
+      assert.equal(examined.superblock.dataSizeBytes, kExportBytes);
+      assert.deepEqual(examined.superblock.members.map((member) => member.state), ['in-sync', 'in-sync']);
+    }
   });
 
   test('a restart reuses the existing legs: earlier data is still there', async () => {
