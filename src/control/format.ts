@@ -86,6 +86,10 @@ export function formatStatus(status: StatusResult): string[] {
   const lines = [formatExportLine(status)];
   const resync = status.resync;
   lines.push(`resync: ${resync.paused ? 'paused' : 'running'}, floor ${formatRate(resync.minBytesPerSecond)}, ceiling ${formatCeiling(resync.maxBytesPerSecond)}`);
+  const meta = status.metadata;
+  lines.push(meta === null || meta === undefined
+    ? 'metadata: none (--metadata none: unprotected against crashes, restarts while degraded, stale legs)'
+    : `metadata: array "${meta.arrayName}" ${meta.arrayUuid}, events ${meta.events}, write-intent ${meta.dirtyChunks} of ${meta.chunkCount} chunks of ${formatBytes(meta.bitmapChunkBytes)} set`);
   lines.push(...formatLegTable(status.legs));
   const latency = Object.entries(status.latency).filter(([, view]) => view.count > 0).map(([kind, view]) => `${kind} ${view.count} (mean ${formatLatency(view.meanMs)})`);
   lines.push(`requests: ${latency.length === 0 ? 'none yet' : latency.join(', ')}`);

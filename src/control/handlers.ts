@@ -217,6 +217,8 @@ export class MirrorControl {
         failures: leg.failures,
         recentFailures: leg.recentFailures,
         resync: leg.resync,
+        resyncedBytes: leg.resyncedBytes,
+        member: leg.member ?? null,
       };
     });
     const latency: Record<string, LatencyView> = {};
@@ -228,6 +230,7 @@ export class MirrorControl {
       export: { name: this.server.exportDescriptor.name, sizeBytes: this.mirror.sizeBytes, clients: this.server.connectionCount },
       daemon: { pid: process.pid, uptimeSeconds: Math.round((Date.now() - this.startedAt) / 1000), logLevel: this.logger.level, control: this.controlPath },
       legs,
+      metadata: this.mirror.metadataStatus(),
       resync: { paused: this.resyncPaused, ...this.resyncRates },
       stats: {
         requests: stats.requests,

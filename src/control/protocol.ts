@@ -155,6 +155,26 @@ export interface LegView {
   failures: number;
   recentFailures: number;
   resync: ResyncProgressView | null;
+  /** Bytes copied to this leg by resyncs since start. */
+  resyncedBytes: number;
+  /** Its member slot and leg UUID in the on-leg metadata (null: --metadata none). */
+  member: { slotIndex: number; legUuid: string } | null;
+}
+
+/** The on-leg metadata of the array (null: --metadata none). */
+export interface MetadataView {
+  arrayUuid: string;
+  arrayName: string;
+  events: number;
+  bitmapChunkBytes: number;
+  chunkCount: number;
+  /** Chunks whose write-intent bit is set on the legs. */
+  dirtyChunks: number;
+  /** Data-changing requests that waited for a bitmap write; bitmap page and superblock writes. */
+  intentWaits: number;
+  bitmapWrites: number;
+  superblockWrites: number;
+  members: Array<{ legUuid: string; state: string; events: number }>;
 }
 
 export interface LatencyView {
@@ -179,6 +199,7 @@ export interface StatusResult {
   };
   /** Client request latency by kind (read, write, flush, ...), since start. */
   latency: Record<string, LatencyView>;
+  metadata: MetadataView | null;
 }
 
 export interface BitmapResult {

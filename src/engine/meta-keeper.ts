@@ -550,7 +550,7 @@ export class MetaKeeper {
       for (let bit = 0; bit < 8; bit += 1) {
         if ((candidates & (1 << bit)) === 0) continue;
         const chunk = byte * 8 + bit;
-        if (this.unflushedAnywhere(chunk)) continue;
+        if (this.markedAnywhere(chunk)) continue;
         this.wanted[byte] = (this.wanted[byte] as number) & ~(1 << bit);
         this.durable[byte] = (this.durable[byte] as number) & ~(1 << bit);
         this.pagePending[Math.floor(byte / kMetaBlockBytes)] = 1;
@@ -561,9 +561,13 @@ export class MetaKeeper {
     if (cleared > 0) this.logger.debug({ cleared }, 'write-intent bits cleared');
   }
 
-  private unflushedAnywhere(chunk: number): boolean {
+  /** Some leg holds an unflushed write there, or has the chunk marked in its dirty map. */
+  private markedAnywhere(chunk: number): boolean {
     const offsetBytes = chunk * this.chunkBytes;
     for (const leg of this.host.legs) {
+      if (leg.state === 'removed') continue;
+      const dirty = leg.dirty;
+      if (dirty !== null && dirty.testRange(offsetBytes, Math.min(this.chunkBytes, dirty.deviceBytes - offsetBytes))) return true;
       if (leg.unflushed === null) continue;
       for (const half of leg.unflushed) if (half.testRange(offsetBytes, Math.min(this.chunkBytes, half.deviceBytes - offsetBytes))) return true;
     }
