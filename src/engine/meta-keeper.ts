@@ -246,6 +246,15 @@ export class MetaKeeper {
     this.perLeg[leg.index] = { slotIndex: slot, legUuid, layout: computeLayout(legSizeBytes, this.chunkBytes), lastCopy: 1, lastSequence: 0, attemptedSequence: -1, fullSync: true };
   }
 
+  /** A leg of `legSizeBytes` can hold the data area plus its metadata. */
+  fits(legSizeBytes: number): boolean {
+    try {
+      return computeLayout(legSizeBytes, this.chunkBytes).dataSizeBytes >= this.layout.dataSizeBytes;
+    } catch {
+      return false;
+    }
+  }
+
   private desiredTable(): MemberRecord[] {
     const table = this.members.map((member) => ({ ...member }));
     for (const [index, state] of this.perLeg.entries()) {
@@ -306,10 +315,16 @@ export class MetaKeeper {
 
   // ---- the metadata I/O loop ----------------------------------------------------------------
 
+  /**
+   * Starts the I/O loop if it is idle. The loop begins in a microtask, never inside the caller
+   * (a leg's state change arrives in the middle of the engine's completion handling).
+   */
   private kick(): void {
     if (this.running !== null || this.stopped) return;
-    this.running = this.loop().catch((error: unknown) => {
-      this.logger.error({ err: error }, 'metadata keeper failed');
+    this.running = Promise.resolve().then(async () => await this.loop()).catch((error: unknown) => {
+      // A bug, not an I/O error (those fail legs). Writes must not hang behind it: release them.
+      this.logger.error({ err: error }, 'metadata keeper failed; releasing held acknowledgements');
+      this.releaseHeld();
     }).finally(() => {
       this.running = null;
       if (this.hasWork() && !this.stopped) this.kick();
@@ -448,7 +463,7 @@ export class MetaKeeper {
   private async writeSuperblock(leg: Leg, legState: LegMetaState, state: 'active' | 'clean', owner: OwnerRecord | null, nowMs: number): Promise<boolean> {
     const copy = 1 - legState.lastCopy;
     const sequence = legState.lastSequence + 1;
-    const sb = superblockFor({ ...this.plan, layout: legState.layout }, legState, this.members, this.events, state, owner, nowMs);
+    const sb = superblockFor(this.plan, legState.layout, legState, this.members, this.events, state, owner, nowMs);
     legState.attemptedSequence = sequence;
     const offsets = superblockOffsets(legState.layout.legSizeBytes);
     let failed = await this.host.metaIo(p.kCmdWrite, offsets[copy] as number, encodeSuperblock(sb, copy, sequence), leg.bit);
@@ -497,7 +512,7 @@ export class MetaKeeper {
     }
     if (fresh) {
       const nowMs = Date.now();
-      const sb0 = superblockFor({ ...this.plan, layout: legState.layout }, legState, this.desiredTable(), this.events, 'active', this.owner, nowMs);
+      const sb0 = superblockFor(this.plan, legState.layout, legState, this.desiredTable(), this.events, 'active', this.owner, nowMs);
       const both = new Uint8Array(2 * kSuperblockBytes);
       both.set(encodeSuperblock(sb0, 0, 1), 0);
       both.set(encodeSuperblock(sb0, 1, 2), kSuperblockBytes);

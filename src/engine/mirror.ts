@@ -1303,6 +1303,7 @@ export class MirrorDevice implements BlockDevice {
     let problem: string | null = null;
     if ('error' in info) problem = info.error.message;
     else if (info.sizeBytes < this.sizeBytes) problem = `it has ${info.sizeBytes} bytes, fewer than the export's ${this.sizeBytes}`;
+    else if (this.keeper !== null && !this.keeper.fits(info.sizeBytes)) problem = `its ${info.sizeBytes} bytes cannot hold the export's ${this.sizeBytes} bytes plus the enbd metadata at its end`;
     else if (info.features.readOnly) problem = 'it is read-only';
     else {
       const missing = (['flush', 'fua', 'trim', 'writeZeroes'] as const).filter((key) => this.features[key] && !info.features[key]);

@@ -104,6 +104,17 @@ export interface AssemblyPlan {
   notes: string[];
 }
 
+/**
+ * The array's layout: the reference leg's, with the recorded data size (a member larger than the
+ * others keeps the array's data size; its metadata still sits at its own end).
+ */
+function arrayLayout(sb: Superblock): LegLayout {
+  const own = computeLayout(sb.legSizeBytes, sb.bitmapChunkBytes);
+  if (own.dataSizeBytes < sb.dataSizeBytes) refuse(`leg ${sb.legUuid} records a ${sb.dataSizeBytes}-byte data area that its own layout cannot hold`);
+  const chunkCount = sb.dataSizeBytes / sb.bitmapChunkBytes;
+  return { ...own, dataSizeBytes: sb.dataSizeBytes, chunkCount, bitmapBytes: Math.ceil(chunkCount / 8) };
+}
+
 function refuse(message: string): never {
   throw new EnbdError('ENBD_ERR_META', message);
 }
@@ -185,8 +196,7 @@ export function planAssembly(found: FoundLeg[], options: AssemblyOptions): Assem
   const reference = forced !== null ? (valid.find((entry) => entry.index === forced) as typeof freshest) : freshest;
   const table = reference.sb.members.map((member) => ({ ...member }));
   const unclean = valid.some((entry) => entry.sb.state === 'active' || entry.sb.owner !== null);
-  const layout = computeLayout(reference.sb.legSizeBytes, reference.sb.bitmapChunkBytes);
-  assert(layout.dataSizeBytes === reference.sb.dataSizeBytes, 'the recorded layout is the computed one');
+  const layout = arrayLayout(reference.sb);
 
   // Which slot each given leg takes.
   const slotOf = new Array<number>(found.length).fill(-1);
@@ -212,8 +222,8 @@ export function planAssembly(found: FoundLeg[], options: AssemblyOptions): Assem
         refuse(`leg ${index} (${leg.uri}) cannot hold this array's metadata: ${describeError(error)}`);
       }
     })();
-    if (dataSize !== layout.dataSizeBytes) {
-      refuse(`leg ${index} (${leg.uri}) is a new leg of ${leg.read.legSizeBytes} bytes, whose data area (${dataSize}) differs from the array's ${layout.dataSizeBytes}; a new leg must have the same size as the others (${layout.legSizeBytes} bytes)`);
+    if (dataSize < layout.dataSizeBytes) {
+      refuse(`leg ${index} (${leg.uri}) is a new leg of ${leg.read.legSizeBytes} bytes, too small for the array's ${layout.dataSizeBytes}-byte data area plus metadata; it needs at least ${layout.legSizeBytes} bytes`);
     }
     // It takes the slot of a member that is not given (the leg it replaces), else a new slot.
     let slot = table.findIndex((_record, at) => !given.has(at));
@@ -321,19 +331,23 @@ export interface AssembledArray {
   owner: OwnerRecord;
 }
 
-/** The superblock a leg gets for a member table and state. */
-export function superblockFor(plan: Pick<AssemblyPlan, 'arrayUuid' | 'arrayName' | 'createdMs' | 'layout'>, leg: { slotIndex: number; legUuid: string }, members: MemberRecord[], events: number, state: Superblock['state'], owner: OwnerRecord | null, nowMs: number): Superblock {
+/**
+ * The superblock a leg gets for a member table and state: the array's data size, the bitmap
+ * where this leg's own layout puts it (`legLayout`: a larger leg keeps its metadata at its end).
+ */
+export function superblockFor(plan: Pick<AssemblyPlan, 'arrayUuid' | 'arrayName' | 'createdMs' | 'layout'>, legLayout: LegLayout, leg: { slotIndex: number; legUuid: string }, members: MemberRecord[], events: number, state: Superblock['state'], owner: OwnerRecord | null, nowMs: number): Superblock {
+  assert(legLayout.dataSizeBytes >= plan.layout.dataSizeBytes && legLayout.bitmapChunkBytes === plan.layout.bitmapChunkBytes, 'the leg holds the array');
   return {
     arrayUuid: plan.arrayUuid,
     arrayName: plan.arrayName,
     legUuid: leg.legUuid,
     slotIndex: leg.slotIndex,
     members: members.map((member) => ({ ...member })),
-    legSizeBytes: plan.layout.legSizeBytes,
+    legSizeBytes: legLayout.legSizeBytes,
     dataSizeBytes: plan.layout.dataSizeBytes,
     bitmapChunkBytes: plan.layout.bitmapChunkBytes,
-    bitmapOffsetBytes: plan.layout.bitmapOffsetBytes,
-    bitmapAreaBytes: plan.layout.bitmapAreaBytes,
+    bitmapOffsetBytes: legLayout.bitmapOffsetBytes,
+    bitmapAreaBytes: legLayout.bitmapAreaBytes,
     events,
     state,
     owner,
@@ -379,7 +393,7 @@ export async function assembleArray(uris: string[], devices: BlockDevice[], opti
       const layout = computeLayout(meta.sizeBytes, plan.layout.bitmapChunkBytes);
       // The bitmap first, then the superblock that points at it.
       await meta.writeBitmapPages(layout, plan.bitmap.length === layout.bitmapBytes ? plan.bitmap : resized(plan.bitmap, layout.bitmapBytes), 0, layout.bitmapAreaBytes / 4096);
-      const sb = superblockFor({ ...plan, layout }, planned, plan.members, plan.events, 'active', owner, full.nowMs);
+      const sb = superblockFor(plan, layout, planned, plan.members, plan.events, 'active', owner, full.nowMs);
       const written = await meta.writeSuperblock(sb);
       legs.push({ ...planned, legSizeBytes: meta.sizeBytes, lastCopy: written.copyIndex, lastSequence: written.sequence });
     }
