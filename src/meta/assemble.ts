@@ -47,6 +47,8 @@ import { kMembersMax, type MemberRecord, type OwnerRecord, type Superblock } fro
 /** A heartbeat older than this marks another host's claim as stale (the owner writes every 5 s). */
 export const kClaimStaleMs = 30_000;
 export const kHeartbeatMs = 5_000;
+/** Pause between writing the claim and reading it back. */
+export const kClaimSettleMs = 300;
 
 export type LegRole = 'in-sync' | 'bitmap-resync' | 'full-resync';
 
@@ -397,7 +399,9 @@ export async function assembleArray(uris: string[], devices: BlockDevice[], opti
       const written = await meta.writeSuperblock(sb);
       legs.push({ ...planned, legSizeBytes: meta.sizeBytes, lastCopy: written.copyIndex, lastSequence: written.sequence });
     }
-    // Read the claims back: a second daemon that claimed between our read and write shows here.
+    // Read the claims back after a pause: a second daemon that read the legs before our claim
+    // landed writes its own claim within it, and one of the two then sees the other's.
+    await new Promise((resolve) => setTimeout(resolve, kClaimSettleMs));
     for (const [index, meta] of metas.entries()) {
       const back = await meta.read();
       const claim = back.superblock?.owner;
