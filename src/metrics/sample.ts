@@ -12,6 +12,7 @@
  * - At most one legStats() call is outstanding: a scrape that finds the previous call still
  *   pending waits on that one instead of stacking another request on a stuck actor.
  */
+import type { KeeperStatus } from '../engine/meta-keeper.js';
 import type { Logger } from '../core/log.js';
 import type { LatencySnapshot } from '../core/latency.js';
 import { assert } from '../core/assert.js';
@@ -36,6 +37,8 @@ export interface MetricsMirror {
   };
   stats(): MirrorStats;
   legStats(): Promise<LegStats[]>;
+  /** The on-leg metadata (absent or null: --metadata none). */
+  metadataStatus?(): KeeperStatus | null;
 }
 
 /** What metrics read from the NBD server (NbdServer satisfies it). */
@@ -52,6 +55,8 @@ export interface MirrorSample {
   legStats: readonly (LegStats | undefined)[] | null;
   latency: { op: string; snapshot: LatencySnapshot }[];
   exportBytes: number;
+  /** The on-leg metadata, or null with --metadata none. */
+  metadata: KeeperStatus | null;
   engineInFlight: number;
   ringSlotCount: number;
   ringSlotBytes: number;
@@ -101,6 +106,7 @@ export class Sampler {
       legStats,
       latency,
       exportBytes: mirror.sizeBytes,
+      metadata: mirror.metadataStatus?.() ?? null,
       engineInFlight: mirror.inFlight,
       ringSlotCount: mirror.ring.slotCount,
       ringSlotBytes: mirror.ring.slotBytes,

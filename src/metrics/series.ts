@@ -15,6 +15,7 @@
  * | state   | kLegStates: one series per state, 1 for the leg's current state, else 0    |
  * | receive | copied (socket chunk -> ring slot), direct (read straight into the slot)   |
  */
+import type { KeeperStatus } from '../engine/meta-keeper.js';
 import { Counter, Gauge, type Registry } from 'prom-client';
 import { assert } from '../core/assert.js';
 import type { LegState, LegStatus } from '../engine/mirror.js';
@@ -102,6 +103,22 @@ function single(
   return { name, type, labelNames: [], help, read: (sample, emit) => emit({}, pick(sample)) };
 }
 
+/** A series from the on-leg metadata (left out with --metadata none). */
+function metaSeries(name: string, type: SeriesSpec['type'], help: string, pick: ((meta: KeeperStatus) => number) | null): SeriesSpec {
+  if (pick === null) {
+    return {
+      name, type, labelNames: ['kind'], help, read: (sample, emit) => {
+        if (sample.metadata === null) return;
+        emit({ kind: 'bitmap' }, sample.metadata.bitmapWrites);
+        emit({ kind: 'superblock' }, sample.metadata.superblockWrites);
+      },
+    };
+  }
+  return { name, type, labelNames: [], help, read: (sample, emit) => {
+    if (sample.metadata !== null) emit({}, pick(sample.metadata));
+  } };
+}
+
 /** A series per leg, from legStatus (always present). */
 function legGauge(name: string, help: string, pick: (leg: LegStatus) => number): SeriesSpec {
   return { name, type: 'gauge', labelNames: ['leg'], help, read: perLeg(pick) };
@@ -162,6 +179,11 @@ const kRequestSeries: readonly SeriesSpec[] = [
     'Open NBD client connections.',
     (s) => s.connectionCount),
   single('enbd_export_size_bytes', 'gauge', 'Size of the export in bytes.', (s) => s.exportBytes),
+  metaSeries('enbd_metadata_events', 'gauge', 'Generation (events) of the array in the on-leg metadata.', (m) => m.events),
+  metaSeries('enbd_write_intent_chunks', 'gauge', 'Write-intent bitmap chunks whose bit is set on the legs.', (m) => m.dirtyChunks),
+  metaSeries('enbd_write_intent_chunk_bytes', 'gauge', 'Bytes covered by one write-intent bitmap bit.', (m) => m.bitmapChunkBytes),
+  metaSeries('enbd_write_intent_waits_total', 'counter', 'Data-changing requests that waited for a write-intent bitmap write.', (m) => m.intentWaits),
+  metaSeries('enbd_metadata_writes_total', 'counter', 'Metadata writes to the legs, by kind (bitmap page, superblock).', null),
 ];
 
 const kRingSeries: readonly SeriesSpec[] = [
