@@ -49,6 +49,9 @@
 import type { BlockDevice, BlockSizes, CompletionHandler, DeviceFeatures, Extent } from '../../src/core/block-device.js';
 import { EnbdError } from '../../src/core/errors.js';
 import { createLogger } from '../../src/core/log.js';
+import { assembleArray, type AssembledArray } from '../../src/meta/assemble.js';
+import { createArray } from '../../src/meta/create-array.js';
+import { LegMeta } from '../../src/meta/leg-meta.js';
 import type { LegDeviceOpener } from '../../src/engine/messages.js';
 import { MirrorDevice, type MirrorEvent, type MirrorOptions } from '../../src/engine/mirror.js';
 import * as p from '../../src/nbd/protocol.js';
@@ -618,6 +621,11 @@ export interface FaultMirrorTuning {
   legFailureWindowMs?: number;
   legStableMs?: number;
   idleProbeMs?: number;
+  /**
+   * With on-leg metadata: `enbd create --assume-clean` on the stores, then assembly (as `enbd
+   * mirror` does), then the mirror with its keeper. The export is the data area.
+   */
+  metadata?: boolean;
 }
 
 export interface FaultMirror {
@@ -637,6 +645,8 @@ export function makeStores(count: number, sizeBytes: number): FaultStore[] {
 /** Opens an inline MirrorDevice over `stores` (small ring, 4 KiB bitmap chunks, tiny timeouts). */
 export async function openFaultMirror(stores: FaultStore[], tuning: FaultMirrorTuning = {}, extra: Partial<MirrorOptions> = {}): Promise<FaultMirror> {
   const level = process.env['ENBD_TEST_LOG_LEVEL'] ?? 'silent';
+  const { metadata, ...numbers } = tuning;
+  if (metadata === true) extra = { ...extra, metadata: await createAndAssemble(stores) };
   const engineTuning: Record<string, number> = {
     legTimeoutMs: 80,
     reconnectMinMs: 10,
@@ -647,7 +657,7 @@ export async function openFaultMirror(stores: FaultStore[], tuning: FaultMirrorT
     legFailureWindowMs: 60_000,
     legStableMs: 50,
     idleProbeMs: 0,
-    ...(tuning as Record<string, number>),
+    ...(numbers as Record<string, number>),
   };
   const mirror = await MirrorDevice.open({
     legs: stores.map((store) => store.name),
@@ -681,6 +691,19 @@ export async function openFaultMirror(stores: FaultStore[], tuning: FaultMirrorT
       await mirror.close();
     },
   };
+}
+
+/** Fresh metadata on every store (assumed clean), then an assembly over them. */
+export async function createAndAssemble(stores: FaultStore[]): Promise<AssembledArray> {
+  const opener = faultOpener(stores);
+  const connect = async (): Promise<BlockDevice[]> => await Promise.all(stores.map(async (store, index) => await opener(index, store.name, { requestTimeoutMs: 0, connectTimeoutMs: 1000 })));
+  const devices = await connect();
+  try {
+    await createArray(devices.map((device, index) => ({ uri: stores[index]?.name ?? '', meta: new LegMeta(device) })), { name: 'fault', assumeClean: true, force: false });
+  } finally {
+    await Promise.allSettled(devices.map(async (device) => await device.close()));
+  }
+  return await assembleArray(stores.map((store) => store.name), await connect(), { forceSource: null, degraded: false });
 }
 
 /** Leg states by index. */

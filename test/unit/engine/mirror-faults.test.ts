@@ -28,8 +28,8 @@
  * f9  (found by the model test) A applies and answers a write, then its server crashes before
  *     the write completes at the mirror (B is slow): A's loss of that unflushed write must be
  *     marked although the write completed after A left.
- * f6  (todo, beyond issue 10) a leg server restarted on an empty file must not be read from as
- *     if it held the data; needs a leg identity check at reconnect.
+ * f6  a leg server restarted on an empty file must not be read from as if it held the data: with
+ *     on-leg metadata its identity is checked at probation (blank -> full resync).
  *
  * Threads: test main thread (the legs run inline). Timeouts are tiny (tens of ms); deadlines for
  * waiting are generous and nothing asserts a duration: f3 counts leg timeouts, not time.
@@ -394,10 +394,10 @@ describe('issue 10 findings (engine, fault legs)', () => {
 
   // Out of the issue-10 rules: nothing in NBD says a server lost everything. Kept as a todo
   // until the engine checks a leg's identity (on-leg superblock) when it reconnects.
-  test('f6: a leg server restarted on an empty file is not served from as if it held the data', { todo: 'needs a leg identity check (superblock) at reconnect' }, async () => {
+  test('f6: a leg server restarted on an empty file is not served from as if it held the data', async () => {
     const stores = makeStores(2, kDeviceBytes);
     const [storeA, storeB] = stores as [FaultStore, FaultStore];
-    open = await openFaultMirror(stores);
+    open = await openFaultMirror(stores, { metadata: true });
     const { mirror, driver } = open;
     const x = filled(32 * kKiB, 30);
     assert.equal(await driver.write(64 * kKiB, x), 0, 'X written');
@@ -405,8 +405,9 @@ describe('issue 10 findings (engine, fault legs)', () => {
     const violations: string[] = [];
     const unsubscribe = mirror.on(() => violations.push(...readableMismatches(mirror, stores, 64 * kKiB, x)));
     try {
+      const opensBefore = storeA.opens;
       storeA.blank();
-      await waitFor(() => storeA.opens > 1, kSettleMs);
+      await waitFor(() => storeA.opens > opensBefore, kSettleMs);
       await waitAllInSync(mirror, 'A back');
       for (let step = 0; step < 10; step += 1) {
         violations.push(...readableMismatches(mirror, stores, 64 * kKiB, x));
@@ -416,7 +417,9 @@ describe('issue 10 findings (engine, fault legs)', () => {
       unsubscribe();
     }
     assert.deepEqual(violations.slice(0, 5), [], 'the blank leg was never readable where X is');
-    assertSameBytes(storeA.bytes, storeB.bytes, 'A and B after resync');
+    const data = mirror.sizeBytes;
+    assertSameBytes(storeA.bytes.subarray(0, data), storeB.bytes.subarray(0, data), 'A and B data areas after resync');
+    assert.ok(open.events.some((event) => event.type === 'leg-state' && event.leg === 0 && event.state === 'resyncing'), 'the blank leg came back resyncing (a full resync), not in sync');
   });
 
   test('f4: empty WRITE/TRIM/WRITE_ZEROES and a ranged FLUSH never reach a leg; no leg degrades', async () => {
