@@ -71,6 +71,8 @@ export interface KeeperHost {
   release(slot: number, errno: number): void;
   /** Calls `visit` for each data-changing client request in flight (dispatched). */
   forEachWriteInFlight(visit: (offsetBytes: number, lengthBytes: number) => void): void;
+  /** The leg's contents are unknown (blank, replaced): every chunk of it is to be copied. */
+  contentsUnknown(leg: Leg): void;
   isClosed(): boolean;
 }
 
@@ -497,7 +499,7 @@ export class MetaKeeper {
     let fresh = false;
     if (problem !== null) {
       this.logger.warn({ leg: leg.index, uri: leg.uri, problem }, 'returning leg is not the one that left: its contents are unknown, full resync');
-      leg.dirty?.markAll();
+      this.host.contentsUnknown(leg);
       legState.fullSync = true;
       fresh = true;
     } else if (newest !== null) {

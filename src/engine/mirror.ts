@@ -469,6 +469,7 @@ export class MirrorDevice implements BlockDevice {
       resume: (slot) => this.dispatch(slot),
       release: (slot, errno) => this.finishSlot(slot, errno),
       forEachWriteInFlight: (visit) => this.forEachWriteInFlight(visit),
+      contentsUnknown: (leg) => this.contentsUnknown(leg),
       isClosed: () => this.closed,
     }, assembled, { logger: this.logger, ...(this.options.heartbeatMs !== undefined ? { heartbeatMs: this.options.heartbeatMs } : {}) });
     const full = assembled.legs.flatMap((planned, index) => (planned.role === 'full-resync' ? [this.legs[index] as Leg] : []));
@@ -556,6 +557,34 @@ export class MirrorDevice implements BlockDevice {
     const done = this.metaDone;
     this.metaDone = null;
     done?.(failed);
+  }
+
+  /**
+   * A returning leg is not the one that left (blank, replaced): every chunk of it is marked. A
+   * chunk the other legs all have marked too (each was thought to be held by this leg, e.g. an
+   * unflushed write spilled when it left) would then have no source at all: there the first other
+   * leg's copy, the best one left, becomes the reference (its bit is cleared), as for a failed write.
+   */
+  private contentsUnknown(leg: Leg): void {
+    const others = this.legs.filter((other) => other !== leg && other.state !== 'removed' && other.dirty !== null);
+    if (others.length === 0) {
+      this.logger.error({ leg: leg.index }, 'the only leg came back without its data; nothing to copy from, serving what it holds');
+      return;
+    }
+    const first = others[0] as Leg;
+    const map = first.dirty as DirtyMap;
+    const orphans: number[] = [];
+    const run = { firstChunk: 0, chunkCount: 0 };
+    let chunk = 0;
+    while (map.nextDirtyRunInto(chunk, 1 << 20, run)) {
+      for (let at = run.firstChunk; at < run.firstChunk + run.chunkCount; at += 1) {
+        if (others.every((other) => other.dirty?.isChunkDirty(at) === true)) orphans.push(at);
+      }
+      chunk = run.firstChunk + run.chunkCount;
+    }
+    for (const orphan of orphans) map.clearChunks(orphan, 1);
+    if (orphans.length > 0) this.logger.warn({ leg: leg.index, reference: first.index, chunks: orphans.length }, 'chunks no leg held: the reference leg\'s copy counts there');
+    leg.dirty?.markAll();
   }
 
   /** Every data-changing client request dispatched and not yet released (lazy clearing). */

@@ -54,8 +54,13 @@ const kStepsMax = Number(process.env['ENBD_MODEL_STEPS'] ?? 24);
 /** Comma-separated op kinds to leave out (e.g. `hang,release` to look past zombie writes). */
 const kLeftOut = new Set((process.env['ENBD_MODEL_SKIP'] ?? '').split(',').filter((kind) => kind !== ''));
 // A leg server restarted on an empty file without the operator (op 'blank') is beyond what the
-// engine can see until it checks leg identity at reconnect: off unless ENBD_MODEL_BLANK=1.
-if (process.env['ENBD_MODEL_BLANK'] !== '1') kLeftOut.add('blank');
+// engine can see without on-leg metadata (no identity to check at reconnect): the plain runs
+// leave it out unless ENBD_MODEL_BLANK=1; the metadata runs always include it.
+const kBlankInPlainRuns = process.env['ENBD_MODEL_BLANK'] === '1';
+/** Runs with on-leg metadata (keeper, write intent, identity checks): ENBD_MODEL_META_RUNS. */
+const kMetaRuns = Number(process.env['ENBD_MODEL_META_RUNS'] ?? 25);
+/** With metadata each store holds the data area plus 12 KiB of metadata (4 KiB bitmap, 2 superblocks). */
+const kMetaLegBytes = kDeviceBytes + 12 * 1024;
 
 type Op =
   | { kind: 'write'; offset: number; length: number; fua: boolean }
@@ -458,24 +463,28 @@ class Run {
     const stores = this.stores;
     const first = stores[0] as FaultStore;
     for (const [index, store] of stores.entries()) {
-      const at = firstDifference(store.bytes, first.bytes);
+      const at = firstDifference(store.bytes.subarray(0, kDeviceBytes), first.bytes.subarray(0, kDeviceBytes));
       if (at >= 0) this.fail(`after resync, store ${index} differs from store 0 at ${at}`);
     }
-    const bad = this.model.firstViolation(0, first.bytes);
+    const bad = this.model.firstViolation(0, first.bytes.subarray(0, kDeviceBytes));
     if (bad >= 0) this.fail(`after resync, the stores hold ${first.bytes[bad]} at ${bad}; model expects ${this.model.expected[bad]}`);
     await this.readAll('final read', true);
   }
 }
 
-test('mirror model: acknowledged writes survive random leg faults; readable legs agree; legs converge', async (t) => {
+for (const withMetadata of [false, true]) {
+test(`mirror model${withMetadata ? ' with on-leg metadata' : ''}: acknowledged writes survive random leg faults; readable legs agree; legs converge`, async (t) => {
   let lastFailure = '';
+  const leftOut = new Set(kLeftOut);
+  if (!withMetadata && !kBlankInPlainRuns) leftOut.add('blank');
   const stats: Stats = { acked: 0, failedWrites: 0, readsOk: 0, readsEio: 0, zombies: 0, lateApplied: 0, crashes: 0, replaced: 0, parked: 0 };
   const property = fc.asyncProperty(
     fc.integer({ min: 2, max: 3 }),
     fc.array(opArb, { minLength: 4, maxLength: Math.max(4, kStepsMax), size: 'max' }),
     async (legCount, ops) => {
-      const stores = makeStores(legCount, kDeviceBytes);
+      const stores = makeStores(legCount, withMetadata ? kMetaLegBytes : kDeviceBytes);
       const open = await openFaultMirror(stores, {
+        metadata: withMetadata,
         legTimeoutMs: kLegTimeoutMs,
         probeTimeoutMs: kLegTimeoutMs,
         fenceTimeoutMs: 100,
@@ -487,7 +496,8 @@ test('mirror model: acknowledged writes survive random leg faults; readable legs
       });
       const run = new Run(open, stats);
       try {
-        await runOps(run, open, ops);
+        assert.equal(open.mirror.sizeBytes, kDeviceBytes, 'the export is the model device');
+        await runOps(run, open, ops, leftOut);
       } catch (error) {
         lastFailure = error instanceof Error ? error.message : String(error);
         throw error;
@@ -498,7 +508,7 @@ test('mirror model: acknowledged writes survive random leg faults; readable legs
   );
   try {
     await fc.assert(property, {
-      numRuns: kRuns,
+      numRuns: withMetadata ? kMetaRuns : kRuns,
       ...(kSeed !== undefined ? { seed: kSeed } : {}),
       endOnFailure: !kShrink,
       verbose: 1,
@@ -511,10 +521,11 @@ test('mirror model: acknowledged writes survive random leg faults; readable legs
   t.diagnostic(`model coverage: ${JSON.stringify(stats)}`);
   assert.ok(stats.acked > 0 && stats.failedWrites > 0, 'runs had both acknowledged and failed writes');
 });
+}
 
-async function runOps(run: Run, open: FaultMirror, ops: Op[]): Promise<void> {
+async function runOps(run: Run, open: FaultMirror, ops: Op[], leftOut: Set<string>): Promise<void> {
   for (const [index, op] of ops.entries()) {
-    if (kLeftOut.has(op.kind)) continue;
+    if (leftOut.has(op.kind)) continue;
     run.log.push(`${index}: ${describe(op)}`);
     await run.step(op);
     run.log.push(`   -> legs ${legStates(open.mirror).join(', ')}`);
