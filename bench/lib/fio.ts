@@ -27,6 +27,8 @@ export interface FioOptions {
   rampSec: number;
   sizeBytes: number;
   outputPath: string;
+  /** Start of the region fio works on (default 0); the region is [offsetBytes, + sizeBytes). */
+  offsetBytes?: number;
   /**
    * Random patterns: keep fio's random map, so no block is written twice in one pass (default
    * false: `--norandommap`, blocks may repeat).
@@ -61,6 +63,7 @@ export function fioArgs(workload: Workload, options: FioOptions): string[] {
     `--bs=${workload.blockBytes}`,
     `--iodepth=${workload.queueDepth}`,
     `--size=${options.sizeBytes}`,
+    ...(options.offsetBytes === undefined ? [] : [`--offset=${options.offsetBytes}`]),
     '--numjobs=1',
     ...(options.timeBased === false ? [] : ['--time_based']),
     // In milliseconds: fio reads a bare "0.5" as 0 seconds.

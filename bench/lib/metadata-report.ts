@@ -31,7 +31,7 @@ function crashLines(crash: CrashResult): string[] {
     const text = crash.afterKill.status === 'differ'
       ? `differ in ${crash.afterKill.differingBlocks} block(s) of 4 KiB (writes in flight at the kill reached one leg only)`
       : comparisonText(crash.afterKill);
-    lines.push(`  legs after the kill:   ${text}`);
+    lines.push(`  legs after the kill:   ${text} (working set only)`);
   }
   if (crash.assembledRoles.length > 0) {
     const legs = crash.assembledRoles.map((role, index) =>

@@ -9,8 +9,10 @@
  *
  * Scenario (the pair: "metadata" = enbd-mirror2-meta, "none" = enbd-mirror2-nometa; same legs,
  * flags and log level apart from the metadata):
- *   start     2 nbdkit memory legs each; `enbd create --assume-clean` on the metadata pair's
- *             legs (sized so the data area holds the export size at the default chunk)
+ *   start     2 nbdkit memory legs each; `enbd create --assume-clean --bitmap-chunk C` on the
+ *             metadata mirror's legs, C = the default chunk of a device the region's size
+ *             (256 KiB for 256 MiB); its legs hold twice the region (sparse, never written
+ *             beyond it except by the cold step's warm-up); fio works on [0, region) of both
  *   warm-up   untimed fio per mirror (JIT), as the harness does for its cases
  *   warm      for 1 MiB sequential writes QD8, then 4 KiB random writes QD32, per round (order
  *             alternating): write the whole region once (1 MiB, one pass), then measure at
@@ -20,14 +22,15 @@
  *             metadata / none >= 0.9 for both.
  *   cold      per round: stop the metadata mirror (clean stop), `enbd create --force
  *             --assume-clean --bitmap-chunk 4K` (a fresh array, every bit clear), start it
- *             again; then 4 KiB random writes QD32 with fio's random map, one pass cut short at
+ *             again, warm it up (JIT) with writes to [region, 2 x region) only; then 4 KiB
+ *             random writes QD32 over the region with fio's random map, one pass cut short at
  *             the runtime, no ramp: no block is written twice, so every write is the first one
  *             to its 4 KiB chunk and waits for its bit to be durable on both legs. The none
  *             mirror runs the same fio job. Reported as a ratio, no target.
  *   crash     a third pair of legs, a device of `crashDeviceBytes` (default chunk), 4 KiB random
  *             writes QD32 over its first `workingSetBytes` (the rest never written); after
- *             `crashLoadMs` the mirror is SIGKILLed mid-load; the legs are compared (they may
- *             differ: writes in flight reached one leg only); the mirror is started again on
+ *             `crashLoadMs` the mirror is SIGKILLed mid-load; the legs' working sets are compared
+ *             (they may differ: writes in flight reached one leg only); the mirror is started again on
  *             the same legs (unclean stop -> bitmap resync of the marked chunks); the time to
  *             every leg in sync, the bytes resynced (the "resync complete" log records'
  *             bytesDone), and after a clean stop the legs' data areas byte for byte.
@@ -45,6 +48,7 @@ import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { assert } from '../../src/core/assert.js';
+import type { StatusResult } from '../../src/control/protocol.js';
 import { computeLayout, defaultBitmapChunkBytes, kBitmapChunkBytesMin } from '../../src/meta/layout.js';
 import { unixUri, type CaseContext } from './case.js';
 import { readControlCounters, readControlStatus } from './counters.js';
@@ -70,6 +74,7 @@ const kToolTimeoutMs = 60_000;
 /** The one-pass pre-write (and its 1 MiB writes) is cut short after this. */
 const kPrewriteCapSec = 120;
 const kPollMs = 20;
+const kControlReadyMs = 10_000;
 const kInSyncTimeoutMs = 300_000;
 const kCompareDeadlineMs = 120_000;
 /** fio of the crash load runs "forever"; the SIGKILL of the mirror ends it. */
@@ -133,7 +138,7 @@ export interface CrashResult {
   /** The load wrote 4 KiB blocks at random within [0, workingSetBytes). */
   workingSetBytes: number;
   loadMs: number;
-  /** Legs compared after the kill, before the restart (differing blocks: writes in flight). */
+  /** The working sets of the legs compared after the kill, before the restart (differing blocks: writes in flight). */
   afterKill: LegComparison | null;
   /** Dirty bytes leg by leg at the restart's assembly ('leg assembled' log records). */
   assembledDirtyBytes: number[];
@@ -249,6 +254,18 @@ async function createArray(context: CaseContext, legs: StartedLegs, extra: reado
   if (run.status !== 0) throw new Error(`enbd create exited ${String(run.status)}: ${run.output}`);
 }
 
+/** The first answer of the mirror's control socket (it listens shortly after the export). */
+async function waitForStatus(mirror: Mirror): Promise<StatusResult> {
+  const deadline = Date.now() + kControlReadyMs;
+  for (;;) {
+    const view = await readControlStatus(mirror.controlPath);
+    if (view !== null) return view;
+    mirror.running();
+    if (Date.now() > deadline) throw new Error(`${mirror.label}: control socket did not answer within ${kControlReadyMs} ms`);
+    await sleep(kPollMs);
+  }
+}
+
 /** Log records (pino JSON lines) whose msg is `message`. */
 function logRecords(text: string, message: string): Array<Record<string, unknown>> {
   const records: Array<Record<string, unknown>> = [];
@@ -305,8 +322,11 @@ class MetadataScenario {
 
   async startPair(): Promise<void> {
     const sizeBytes = this.context.sizeBytes;
-    const metaLegBytes = legBytesFor(sizeBytes);
-    this.warmChunkBytes = defaultBitmapChunkBytes(metaLegBytes);
+    // The chunk a device of the region's size gets by default; the legs hold twice the region
+    // (at both chunks), so a restarted mirror can be warmed up (JIT) beyond it.
+    this.warmChunkBytes = defaultBitmapChunkBytes(legBytesFor(sizeBytes));
+    const metaLegBytes = legBytesFor(2 * sizeBytes, this.warmChunkBytes);
+    assert(computeLayout(metaLegBytes, kColdChunkBytes).dataSizeBytes >= 2 * sizeBytes, 'cold array holds two regions');
     this.metaLegs = await startMemoryLegs({ ...this.context, sizeBytes: metaLegBytes }, kMetaCase, 2);
     await createArray(this.context, this.metaLegs, ['--bitmap-chunk', String(this.warmChunkBytes)]);
     this.meta = new Mirror(this.context, kMetaCase, this.metaLegs, ['--metadata', 'leg', '--log-level', 'warn']);
@@ -339,13 +359,21 @@ class MetadataScenario {
     }));
   }
 
-  /** A fresh array with 4 KiB chunks on the metadata legs, its mirror started on it. */
+  /**
+   * A fresh array with 4 KiB chunks on the metadata legs, its mirror started on it and warmed
+   * up (JIT) by writes beyond the region, so the region's chunks stay clean.
+   */
   private async freshColdArray(): Promise<void> {
     const [meta] = this.pair();
     assert(this.metaLegs !== null);
     await meta.stop();
     await createArray(this.context, this.metaLegs, ['--force', '--bitmap-chunk', String(kColdChunkBytes)]);
     await meta.start();
+    if (this.options.warmupSec > 0) {
+      await runFio(kRandWrite, this.fioOptions(`${meta.label}-cold-warmup`, {
+        uri: meta.uri, runtimeSec: this.options.warmupSec, rampSec: 0, offsetBytes: this.context.sizeBytes,
+      }));
+    }
   }
 
   private async measureOne(mirror: Mirror, step: Step, round: number): Promise<Measurement> {
@@ -406,8 +434,7 @@ class MetadataScenario {
       await createArray(context, legs, ['--bitmap-chunk', String(result.chunkBytes)]);
       mirror = new Mirror(context, 'enbd-crash', legs, ['--metadata', 'leg', '--log-level', 'info']);
       await mirror.start();
-      result.deviceBytes = (await readControlStatus(mirror.controlPath))?.export.sizeBytes ?? 0;
-      if (result.deviceBytes === 0) throw new Error('crash mirror: no status on its control socket');
+      result.deviceBytes = (await waitForStatus(mirror)).export.sizeBytes;
       options.log(`metadata: crash: 4 KiB random writes over ${workingSetBytes / kMiB} MiB of ${result.deviceBytes / kMiB} MiB, SIGKILL after ${options.crashLoadMs} ms ...`);
       // The load runs until the mirror dies under it (fio then exits with an I/O error).
       const load = runFio(kRandWrite, this.fioOptions('enbd-crash-load', {
@@ -421,7 +448,8 @@ class MetadataScenario {
       if (fioOutcome === 'fio finished before the kill') throw new Error(fioOutcome);
       const [leg0, leg1] = legs.uris;
       assert(leg0 !== undefined && leg1 !== undefined);
-      if (options.verify) result.afterKill = await compareLegs([leg0, leg1], result.deviceBytes, kCompareDeadlineMs);
+      // Only the working set can differ now (the rest was never written): compare just that.
+      if (options.verify) result.afterKill = await compareLegs([leg0, leg1], workingSetBytes, kCompareDeadlineMs);
       options.log('metadata: crash: restarting the mirror on the same legs ...');
       const startedAt = performance.now();
       await mirror.start();
