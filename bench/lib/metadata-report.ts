@@ -60,6 +60,14 @@ export function metadataBlock(results: MetadataResults): string {
   if (results.ratios.some((ratio) => ratio.minRatio !== null)) {
     lines.push('', `targets (${results.source}; paired per round)`, ratioBlock(results.ratios));
   }
+  if (results.keeper.length > 0) {
+    lines.push('', `keeper of ${kMetaCase} over each measured run (mirror.metadataStatus() before/after; fio writes include the ramp):`);
+    for (const entry of results.keeper) {
+      const perWrite = entry.writeRequests === null || entry.writeRequests === 0 ? '' : ` (${fixed(entry.intentWaits / entry.writeRequests, 3)} per write)`;
+      lines.push(`  ${entry.step} round ${entry.round + 1}: ${fixed(entry.writeRequests, 0)} writes, ${fixed(entry.intentWaits, 0)} waited for a bitmap write${perWrite}, ` +
+        `${fixed(entry.bitmapWrites, 0)} bitmap writes, ${fixed(entry.superblockWrites, 0)} superblock writes; ${fixed(entry.dirtyChunks, 0)} of ${fixed(entry.chunkCount, 0)} chunks dirty after`);
+    }
+  }
   const cold = results.ratios.find((ratio) => ratio.workload.endsWith('-cold'));
   if (cold !== undefined) lines.push(`cold (every write dirties a clean chunk): ${fixed(cold.throughputRatio, 2)}x of --metadata none (reported, no target)`);
   if (results.error !== null) lines.push(`FAILED: ${results.error.split('\n')[0] ?? ''}`);

@@ -34,6 +34,11 @@
  *             the same legs (unclean stop -> bitmap resync of the marked chunks); the time to
  *             every leg in sync, the bytes resynced (the "resync complete" log records'
  *             bytesDone), and after a clean stop the legs' data areas byte for byte.
+ * Around every measured run of the metadata mirror the harness reads its keeper's counters
+ * (mirror.metadataStatus() through the control socket's repl.eval): writes that waited for a
+ * bitmap write, bitmap and superblock writes. Warm runs must show 0 waits; cold ones >= 1 per
+ * write (the keeper resumes every waiter after each bitmap write; one whose bit was not in that
+ * write parks, and counts, again).
  *
  * Invariants:
  * - A step that fails becomes a row with an error (or `crash.error`); the phase never throws.
@@ -48,6 +53,7 @@ import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { assert } from '../../src/core/assert.js';
+import { ControlClient } from '../../src/control/client.js';
 import type { StatusResult } from '../../src/control/protocol.js';
 import { computeLayout, defaultBitmapChunkBytes, kBitmapChunkBytesMin } from '../../src/meta/layout.js';
 import { unixUri, type CaseContext } from './case.js';
@@ -60,10 +66,9 @@ import { runTool, type ManagedProcess } from './proc.js';
 import { pairedRatio } from './report.js';
 import type { RatioResult, RowResult } from './results.js';
 import { compareLegs, type LegComparison } from './resync.js';
-import type { Workload } from './workloads.js';
+import { kWorkloads, type Workload } from './workloads.js';
 
-const kKiB = 1024;
-const kMiB = 1024 * kKiB;
+const kMiB = 1024 * 1024;
 export const kMetaCase = 'enbd-mirror2-meta';
 export const kNoMetaCase = 'enbd-mirror2-nometa';
 const kSource = 'issue 11: on-leg metadata (metadata leg / none)';
@@ -75,6 +80,7 @@ const kToolTimeoutMs = 60_000;
 const kPrewriteCapSec = 120;
 const kPollMs = 20;
 const kControlReadyMs = 10_000;
+const kControlTimeoutMs = 3_000;
 const kInSyncTimeoutMs = 300_000;
 const kCompareDeadlineMs = 120_000;
 /** fio of the crash load runs "forever"; the SIGKILL of the mirror ends it. */
@@ -82,14 +88,15 @@ const kCrashFioRuntimeSec = 600;
 const kCrashFioExitMs = 30_000;
 const kLogTailChars = 2_000;
 
-const kRandWrite: Workload = {
-  name: 'randwrite-4k-qd32', pattern: 'randwrite', blockBytes: 4 * kKiB, queueDepth: 32, quick: true, headline: true,
-  description: '4 KiB random writes, queue depth 32',
-};
-const kSeqWrite: Workload = {
-  name: 'seqwrite-1m-qd8', pattern: 'write', blockBytes: kMiB, queueDepth: 8, quick: true, headline: true,
-  description: '1 MiB sequential writes, queue depth 8',
-};
+function workload(name: string): Workload {
+  const found = kWorkloads.find((entry) => entry.name === name);
+  assert(found !== undefined, `workload ${name}`);
+  return found;
+}
+
+/** The harness's own headline write workloads (lib/workloads.ts), so the fio jobs are the same. */
+const kRandWrite = workload('randwrite-4k-qd32');
+const kSeqWrite = workload('seqwrite-1m-qd8');
 
 /** One measured line of the phase (a row per mirror in the results). */
 interface Step {
@@ -131,6 +138,32 @@ export interface MetadataBenchOptions {
   log(message: string): void;
 }
 
+/**
+ * The metadata mirror's keeper counters over one measured run (mirror.metadataStatus(), read
+ * through the control socket's repl.eval before and after): what the writes waited for.
+ */
+export interface KeeperDelta {
+  step: string;
+  round: number;
+  /** WRITEs of the run (the engine's counter), for "waits per write". */
+  writeRequests: number | null;
+  /** Data-changing requests that waited for a bitmap write. */
+  intentWaits: number;
+  bitmapWrites: number;
+  superblockWrites: number;
+  /** Chunks marked dirty when the run ended, of chunkCount. */
+  dirtyChunks: number;
+  chunkCount: number;
+}
+
+interface KeeperSnapshot {
+  intentWaits: number;
+  bitmapWrites: number;
+  superblockWrites: number;
+  dirtyChunks: number;
+  chunkCount: number;
+}
+
 export interface CrashResult {
   /** Export (data area) size of the crashed array, and its bitmap chunk. */
   deviceBytes: number;
@@ -163,6 +196,8 @@ export interface MetadataResults {
   rows: RowResult[];
   /** kMetaCase / kNoMetaCase per step (minRatio: the issue's target, null for cold). */
   ratios: RatioResult[];
+  /** The metadata mirror's keeper over each measured run (absent when it could not be read). */
+  keeper: KeeperDelta[];
   steps: Array<{ name: string; description: string }>;
   /** Where the targets come from. */
   source: string;
@@ -254,6 +289,33 @@ async function createArray(context: CaseContext, legs: StartedLegs, extra: reado
   if (run.status !== 0) throw new Error(`enbd create exited ${String(run.status)}: ${run.output}`);
 }
 
+const kKeeperFields = ['intentWaits', 'bitmapWrites', 'superblockWrites', 'dirtyChunks', 'chunkCount'] as const;
+const kKeeperCode = `JSON.stringify(mirror.metadataStatus())`;
+
+/** The keeper's counters via the control socket's repl.eval; null when not available. */
+async function readKeeper(controlPath: string): Promise<KeeperSnapshot | null> {
+  let client: ControlClient | null = null;
+  try {
+    client = await ControlClient.connect(controlPath, kControlTimeoutMs);
+    const answer = await client.call('repl.eval', { code: kKeeperCode }, kControlTimeoutMs);
+    // The output is util.inspect of the JSON string: quoted, double quotes untouched.
+    const json = /\{.*\}/s.exec(answer.output);
+    if (answer.threw || json === null) return null;
+    const parsed = JSON.parse(json[0]) as Record<string, unknown>;
+    const snapshot: Record<string, number> = {};
+    for (const field of kKeeperFields) {
+      const value = parsed[field];
+      if (typeof value !== 'number') return null;
+      snapshot[field] = value;
+    }
+    return snapshot as unknown as KeeperSnapshot;
+  } catch {
+    return null;
+  } finally {
+    client?.close();
+  }
+}
+
 /** The first answer of the mirror's control socket (it listens shortly after the export). */
 async function waitForStatus(mirror: Mirror): Promise<StatusResult> {
   const deadline = Date.now() + kControlReadyMs;
@@ -307,6 +369,7 @@ class MetadataScenario {
   private none: Mirror | null = null;
   warmChunkBytes = 0;
   private metaLegs: StartedLegs | null = null;
+  readonly keeper: KeeperDelta[] = [];
 
   constructor(options: MetadataBenchOptions) {
     this.options = options;
@@ -382,10 +445,22 @@ class MetadataScenario {
     if (!cold) await this.prewrite(mirror);
     const server = mirror.running();
     this.options.log(`metadata: ${step.name} on ${mirror.label} (round ${round + 1}) ...`);
-    return await measure(step.workload, this.fioOptions(`${mirror.label}-${step.name}-${round}`, {
+    const before = mirror === this.meta ? await readKeeper(mirror.controlPath) : null;
+    const measurement = await measure(step.workload, this.fioOptions(`${mirror.label}-${step.name}-${round}`, {
       uri: mirror.uri,
       ...(cold ? { rampSec: 0, randomMap: true, timeBased: false } : {}),
     }), [server.pid], () => readControlCounters(mirror.controlPath));
+    const after = before === null ? null : await readKeeper(mirror.controlPath);
+    if (before !== null && after !== null) {
+      this.keeper.push({
+        step: step.name, round, writeRequests: measurement.counters?.writeRequests ?? null,
+        intentWaits: after.intentWaits - before.intentWaits,
+        bitmapWrites: after.bitmapWrites - before.bitmapWrites,
+        superblockWrites: after.superblockWrites - before.superblockWrites,
+        dirtyChunks: after.dirtyChunks, chunkCount: after.chunkCount,
+      });
+    }
+    return measurement;
   }
 
   /** Rounds of one step on both mirrors (order alternating), as two rows. */
@@ -493,7 +568,7 @@ export async function runMetadataBench(options: MetadataBenchOptions): Promise<M
     sizeBytes: options.context.sizeBytes,
     legs: 'two nbdkit memory legs per mirror on Unix sockets; enbd mirror as a child process',
     warmChunkBytes: 0, coldChunkBytes: kColdChunkBytes,
-    rows: [], ratios: [],
+    rows: [], ratios: [], keeper: [],
     steps: kMetadataSteps.map((step) => ({ name: step.name, description: step.description })),
     source: kSource, crash: null, error: null,
   };
@@ -517,6 +592,7 @@ export async function runMetadataBench(options: MetadataBenchOptions): Promise<M
     results.error = describe(error);
     options.log(`metadata failed: ${results.error}`);
   }
+  results.keeper = scenario.keeper;
   await scenario.stopPair().catch((error: unknown) => options.log(`metadata cleanup: ${describe(error)}`));
   results.crash = await scenario.crash();
   return results;
@@ -525,7 +601,7 @@ export async function runMetadataBench(options: MetadataBenchOptions): Promise<M
 /** The results of a phase that could not run at all (a tool or the build missing). */
 export function unavailableMetadata(sizeBytes: number, reason: string): MetadataResults {
   return {
-    sizeBytes, legs: 'not run', warmChunkBytes: 0, coldChunkBytes: kColdChunkBytes, rows: [], ratios: [],
+    sizeBytes, legs: 'not run', warmChunkBytes: 0, coldChunkBytes: kColdChunkBytes, rows: [], ratios: [], keeper: [],
     steps: kMetadataSteps.map((step) => ({ name: step.name, description: step.description })),
     source: kSource, crash: null, error: reason,
   };
