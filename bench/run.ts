@@ -2,9 +2,11 @@
  * `npm run bench` entry: starts every selected case's servers (children of this process,
  * sockets in a tmp dir, data on /dev/shm), runs every selected fio workload against each
  * case that runs it (workload-major, so cases of one workload run back to back and drift hits
- * them alike), then (once every case has stopped) the resync measurements of lib/resync.ts
- * with a mirror in this process, prints a table, the copy-avoidance matrix (lib/matrix.ts),
- * the targets and the resync block, and writes bench/results/<ISO date>.json and, when the
+ * them alike), then (once every case has stopped) the on-leg metadata measurements of
+ * lib/metadata.ts (a --metadata leg mirror against --metadata none, warm, cold, and a SIGKILL
+ * and restart) and the resync measurements of lib/resync.ts with a mirror in this process,
+ * prints a table, the copy-avoidance matrix (lib/matrix.ts),
+ * the targets, the metadata block and the resync block, and writes bench/results/<ISO date>.json and, when the
  * matrix workloads ran, bench/results/<ISO date>.svg (lib/chart.ts; copied to
  * bench/chart-latest.svg when every leg count was measured).
  * Threads: main thread of the harness process.
@@ -32,6 +34,9 @@ import { killAllSync, startProcess, type ManagedProcess } from './lib/proc.js';
 import { computeRatios, limitsLine, ratioBlock, resultsTable } from './lib/report.js';
 import { resyncBlock, unavailableResync, writePathLine } from './lib/resync-report.js';
 import { runResyncBench, type ResyncResults } from './lib/resync.js';
+import { enbdUnavailable } from './lib/enbd.js';
+import { runMetadataBench, unavailableMetadata, type MetadataResults } from './lib/metadata.js';
+import { metadataBlock } from './lib/metadata-report.js';
 import { kResultsSchemaVersion, resultsStem, writeAtomic, writeResults } from './lib/results.js';
 import type { RowResult, RunResults } from './lib/results.js';
 import { runFio } from './lib/fio.js';
@@ -63,6 +68,9 @@ const kResyncDirtyFraction = 0.01;
  */
 const kWarmupSec = 0.5;
 const kWarmupWorkloads: readonly string[] = ['randwrite-4k-qd32', 'seqwrite-1m-qd8'];
+/** The metadata crash measurement: device = this x the export size (its working set). */
+const kMetadataCrashDeviceFactor = 4;
+const kMetadataCrashLoadMs = 2000;
 
 const distRoot = fileURLToPath(new URL('../', import.meta.url));
 const repoRoot = fileURLToPath(new URL('../../', import.meta.url));
@@ -87,7 +95,9 @@ const kHelp = `usage: node dist/bench/run.js [options]
   --resync-only        only the resync measurements (no cases, no workloads)
   --resync-size-mib N  device size for the resync measurements (default ${kDefaultResyncSizeMiB}, quick ${kQuickResyncSizeMiB})
   --resync-rounds N    rounds of (1 % resync, nbdcopy anchor, full resync) (default ${kDefaultResyncRounds})
-  --no-verify          do not byte-compare the legs after each resync
+  --no-verify          do not byte-compare the legs after each resync (nor in the metadata crash)
+  --no-metadata        skip the on-leg metadata measurements (default: run them after the workloads)
+  --metadata-only      only the metadata measurements (no cases, no workloads, no resync)
   --no-save            do not write bench/results/<date>.json and .svg (nor bench/chart-latest.svg)
   --list               list cases and workloads, then exit
   --help               this text
@@ -112,6 +122,8 @@ interface Options {
   resyncSizeBytes: number;
   resyncRounds: number;
   verify: boolean;
+  metadata: boolean;
+  metadataOnly: boolean;
 }
 
 function parseOptions(argv: string[]): Options | null {
@@ -135,6 +147,8 @@ function parseOptions(argv: string[]): Options | null {
       'resync-size-mib': { type: 'string' },
       'resync-rounds': { type: 'string' },
       'no-verify': { type: 'boolean', default: false },
+      'no-metadata': { type: 'boolean', default: false },
+      'metadata-only': { type: 'boolean', default: false },
       list: { type: 'boolean', default: false },
       help: { type: 'boolean', default: false },
     },
@@ -163,6 +177,9 @@ function parseOptions(argv: string[]): Options | null {
     throw new RangeError(`--resync-rounds must be an integer in 1..${kMaxRounds}`);
   }
   if (values['no-resync'] && values['resync-only']) throw new RangeError('--no-resync and --resync-only exclude each other');
+  if (values['no-metadata'] && values['metadata-only']) throw new RangeError('--no-metadata and --metadata-only exclude each other');
+  if (values['resync-only'] && values['metadata-only']) throw new RangeError('--resync-only and --metadata-only exclude each other');
+  const only = values['resync-only'] || values['metadata-only'];
   const split = (text: string | undefined): string[] | null => {
     if (text === undefined) return null;
     return text.split(',').map((name) => name.trim()).filter((name) => name !== '');
@@ -173,14 +190,16 @@ function parseOptions(argv: string[]): Options | null {
     allPairs: values['all-pairs'],
     warmup: !values['no-warmup'],
     baseline: values.baseline,
-    limits: values['no-limits'] ? false : (values.limits ?? (!quick && !values['resync-only'])),
+    limits: values['no-limits'] ? false : (values.limits ?? (!quick && !only)),
     save: !values['no-save'],
     list: values.list,
-    resync: !values['no-resync'],
+    resync: !values['no-resync'] && !values['metadata-only'],
     resyncOnly: values['resync-only'],
     resyncSizeBytes: resyncSizeMiB * kMiB,
     resyncRounds,
     verify: !values['no-verify'],
+    metadata: !values['no-metadata'] && !values['resync-only'],
+    metadataOnly: values['metadata-only'],
   };
 }
 
@@ -242,10 +261,17 @@ interface CaseState {
   status: string;
 }
 
-function makeCaseState(benchCase: BenchCase, runRoot: string, dataRoot: string, sizeBytes: number,
-  sharedImage: () => string): CaseState {
-  const runDir = join(runRoot, benchCase.name);
-  const dataDir = join(dataRoot, benchCase.name);
+interface OwnedContext {
+  context: CaseContext;
+  /** Every process spawned through the context, in spawn order. */
+  processes: ManagedProcess[];
+}
+
+/** A scratch dir, a tmpfs data dir and a spawn that records what it started, under `name`. */
+function makeContext(name: string, runRoot: string, dataRoot: string, sizeBytes: number,
+  sharedImage: () => string): OwnedContext {
+  const runDir = join(runRoot, name);
+  const dataDir = join(dataRoot, name);
   mkdirSync(runDir);
   mkdirSync(dataDir);
   const processes: ManagedProcess[] = [];
@@ -257,7 +283,13 @@ function makeCaseState(benchCase: BenchCase, runRoot: string, dataRoot: string, 
       return managed;
     },
   };
-  return { benchCase, context, processes, runDir, setup: null, status: 'not started' };
+  return { context, processes };
+}
+
+function makeCaseState(benchCase: BenchCase, runRoot: string, dataRoot: string, sizeBytes: number,
+  sharedImage: () => string): CaseState {
+  const { context, processes } = makeContext(benchCase.name, runRoot, dataRoot, sizeBytes, sharedImage);
+  return { benchCase, context, processes, runDir: context.runDir, setup: null, status: 'not started' };
 }
 
 async function startCase(state: CaseState): Promise<void> {
@@ -408,12 +440,14 @@ async function main(): Promise<number> {
       const tags = `${workload.quick ? ' [quick]' : ''}${workload.headline ? '' : ' [references and shared-mode cases only]'}`;
       process.stdout.write(`workload  ${workload.name.padEnd(width)} ${workload.description}${tags}\n`);
     }
+    process.stdout.write(`metadata  ${'metadata'.padEnd(width)} --metadata leg vs none: warm, cold, SIGKILL + restart (--no-metadata, --metadata-only)\n`);
     process.stdout.write(`resync    ${'resync'.padEnd(width)} 1 % scattered and full resync vs nbdcopy (--no-resync, --resync-only)\n`);
     return 0;
   }
-  const cases = options.resyncOnly ? [] : select(allCases, options.caseNames, options.quick, 'case');
-  const workloads = options.resyncOnly ? [] : select(kWorkloads, options.workloadNames, options.quick, 'workload');
-  if (workloads.length > 0 && !hasTool('fio')) throw new Error('fio is not installed (apt-get install -y fio)');
+  const noCases = options.resyncOnly || options.metadataOnly;
+  const cases = noCases ? [] : select(allCases, options.caseNames, options.quick, 'case');
+  const workloads = noCases ? [] : select(kWorkloads, options.workloadNames, options.quick, 'workload');
+  if ((workloads.length > 0 || options.metadata) && !hasTool('fio')) throw new Error('fio is not installed (apt-get install -y fio)');
   const startedAt = new Date().toISOString();
   const machine = machineInfo();
   const runRoot = mkdtempSync(join(tmpdir(), 'enbd-bench-'));
@@ -447,10 +481,11 @@ async function main(): Promise<number> {
     const rows: RowResult[] = [];
     for (const workload of workloads) rows.push(...await runWorkload(states, workload, options));
     for (const state of states) await stopCase(state);
+    const metadata = options.metadata ? await runMetadata(options, runRoot, dataRoot, sharedImage) : null;
     const resync = options.resync ? await runResync(options, runRoot) : null;
     const ratios = computeRatios(cases, workloads, rows, options.baseline);
     const matrix = buildMatrix(rows, ratios);
-    printReport(options, machine.cpuCount, limits, rows, ratios, matrix, resync);
+    printReport(options, machine.cpuCount, limits, rows, ratios, matrix, metadata, resync);
     const source = sourceInfo(repoRoot);
     const chartText = matrix.cells.length === 0 ? null : renderChart(matrix, {
       title: `enbd mirror vs qemu quorum: throughput by leg count (run ${resultsStem(startedAt)})`,
@@ -469,12 +504,13 @@ async function main(): Promise<number> {
         workloads: workloads.map((workload) => workload.name),
         allPairs: options.allPairs,
         warmupSec: options.warmup ? kWarmupSec : 0,
+        metadataCrashDeviceBytes: options.metadata ? options.sizeBytes * kMetadataCrashDeviceFactor : null,
       },
       machine, source, limits,
       cases: states.map((state) => ({
         name: state.benchCase.name, description: state.benchCase.description, status: state.status,
       })),
-      rows, ratios, resync, matrix,
+      rows, ratios, resync, metadata, matrix,
       chart: options.save && chartText !== null ? `${resultsStem(startedAt)}.svg` : null,
     };
     if (options.save) {
@@ -498,6 +534,27 @@ async function main(): Promise<number> {
   }
 }
 
+async function runMetadata(options: Options, runRoot: string, dataRoot: string,
+  sharedImage: () => string): Promise<MetadataResults> {
+  const owned = makeContext('metadata', runRoot, dataRoot, options.sizeBytes, sharedImage);
+  try {
+    if (!hasTool('nbdkit')) throw new Error('tool(s) missing: nbdkit');
+    const missing = enbdUnavailable(owned.context);
+    if (missing !== null) throw new Error(missing);
+    return await runMetadataBench({
+      context: owned.context, rounds: options.rounds, runtimeSec: options.runtimeSec, rampSec: kRampSec,
+      warmupSec: options.warmup ? kWarmupSec : 0,
+      crashDeviceBytes: options.sizeBytes * kMetadataCrashDeviceFactor, crashLoadMs: kMetadataCrashLoadMs,
+      verify: options.verify, log,
+    });
+  } catch (error) {
+    log(`metadata: ${shortError(error)}`);
+    return unavailableMetadata(options.sizeBytes, error instanceof Error ? error.message : String(error));
+  } finally {
+    for (const managed of [...owned.processes].reverse()) await managed.stop();
+  }
+}
+
 async function runResync(options: Options, runRoot: string): Promise<ResyncResults> {
   const missing = ['nbdkit', 'nbdcopy'].filter((tool) => !hasTool(tool));
   const runDir = join(runRoot, 'resync');
@@ -515,13 +572,14 @@ async function runResync(options: Options, runRoot: string): Promise<ResyncResul
 
 function printReport(options: Options, cpuCount: number, limits: MachineLimits | null,
   rows: readonly RowResult[], ratios: ReturnType<typeof computeRatios>, matrix: MatrixSummary,
-  resync: ResyncResults | null): void {
+  metadata: MetadataResults | null, resync: ResyncResults | null): void {
   const out = (text: string): void => void process.stdout.write(`${text}\n`);
   out(`\nenbd bench: ${options.runtimeSec} s per workload after ${kRampSec} s ramp,` +
     ` ${options.rounds} round(s),` +
     ` export ${options.sizeBytes / kMiB} MiB, ${cpuCount} CPUs` +
     ' (compare only within one run: noise between runs is 15-20 %)');
   if (options.resyncOnly) out('(--resync-only: no cases, no workloads)');
+  if (options.metadataOnly) out('(--metadata-only: no cases, no workloads, no resync)');
   if (limits !== null) out(`machine limits: ${limitsLine(limits)}`);
   out('');
   const tableRows = rows.map((row) =>
@@ -536,6 +594,7 @@ function printReport(options: Options, cpuCount: number, limits: MachineLimits |
   if (copies !== null) out(`\n${copies}`);
   const tracking = writePathLine(ratios);
   if (tracking !== null) out(`\n${tracking}`);
+  if (metadata !== null) out(`\n${metadataBlock(metadata)}`);
   if (resync !== null) out(`\n${resyncBlock(resync)}`);
 }
 

@@ -16,6 +16,9 @@
  * and after each fio run, for copies per WRITE (lib/counters.ts). `--metrics` stays off: the
  * opt-in `enbd-mirror2-shared-metrics` (with `--metrics 127.0.0.1:PORT`, counters scraped
  * from it) measures what serving the endpoint costs.
+ * Every case here runs `--metadata none` (legs without enbd metadata, the engine as it was
+ * before on-leg metadata), so these numbers stay comparable with older runs; the cost of the
+ * metadata (`--metadata leg`, the default) is measured by lib/metadata.ts, side by side.
  * The peer `nbdkit-nbd-proxy` is nbdkit's nbd plugin as a 1-leg C pass-through.
  * Earlier names still accepted by --cases: enbd-mirror1 (= enbd-mirror1-shared).
  *
@@ -41,7 +44,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { BenchCase, CaseContext, RatioTarget } from '../lib/case.js';
 import { unixUri } from '../lib/case.js';
-import { freeTcpPort, readControlCounters, scrapeCounters } from '../lib/counters.js';
+import { freeTcpPort, readControlCounters, readControlStatus, scrapeCounters } from '../lib/counters.js';
 import { enbdArgs, enbdUnavailable } from '../lib/enbd.js';
 import { startMemoryLegs, type StartedLegs } from '../lib/legs.js';
 import {
@@ -116,17 +119,21 @@ interface MirrorCaseOptions {
   runsWorkload?: (workload: Workload) => boolean;
   /** Serve --metrics and read the counters there instead of the control socket (default false). */
   metrics?: boolean;
-  /** Runs once the mirror is up (e.g. take a leg down). */
-  afterStart?: (context: CaseContext, legs: StartedLegs, server: ManagedProcess) => Promise<void>;
+  /** Runs once the mirror is up (e.g. take a leg down); controlPath: its control socket. */
+  afterStart?: (context: CaseContext, legs: StartedLegs, server: ManagedProcess, controlPath: string) => Promise<void>;
 }
 
-/** Kills leg 1's nbdkit (a crash) and waits until the mirror logs that the leg degraded. */
-async function takeLeg1Down(_context: CaseContext, legs: StartedLegs, server: ManagedProcess): Promise<void> {
+/**
+ * Kills leg 1's nbdkit (a crash) and waits until the mirror's control socket reports the leg
+ * 'degraded' (fenced, waiting for its reconnect timer: every write now marks its dirty map).
+ */
+async function takeLeg1Down(_context: CaseContext, legs: StartedLegs, server: ManagedProcess,
+  controlPath: string): Promise<void> {
   const leg = legs.processes[1];
   if (leg === undefined) throw new Error('degraded case needs two legs');
   await leg.stop('SIGKILL');
   const deadline = Date.now() + kDegradedWaitMs;
-  while (!server.logTail().includes('leg degraded')) {
+  while ((await readControlStatus(controlPath))?.legs[1]?.state !== 'degraded') {
     if (!server.running) throw new Error(`mirror exited after leg 1 went down: ${server.exitDescription()}`);
     if (Date.now() > deadline) throw new Error(`mirror did not report leg 1 degraded within ${kDegradedWaitMs} ms`);
     await sleep(kDegradedPollMs);
@@ -165,15 +172,15 @@ function mirrorCase(name: string, legs: number, order: number, caseOptions: Mirr
         command: process.execPath,
         args: enbdArgs(context, [
           'mirror', ...started.uris.flatMap((uri) => ['--leg', uri]), '--socket', socketPath,
-          '--log-level', 'warn', ...(metrics ? ['--metrics', `127.0.0.1:${port}`] : []), ...extra,
+          '--metadata', 'none', '--log-level', 'warn', ...(metrics ? ['--metrics', `127.0.0.1:${port}`] : []), ...extra,
         ]),
         socketPath,
         role: 'server',
         env: { ...process.env, ENBD_LOG_JSON: '1' },
       });
       if (metrics) await waitForMetrics(port, server);
-      await caseOptions.afterStart?.(context, started, server);
       const controlPath = `${socketPath}.ctl`;
+      await caseOptions.afterStart?.(context, started, server, controlPath);
       return {
         uri: unixUri(socketPath),
         counters: metrics ? () => scrapeCounters('127.0.0.1', port) : () => readControlCounters(controlPath),

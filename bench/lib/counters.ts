@@ -33,6 +33,7 @@
 import { createServer } from 'node:net';
 import { assert } from '../../src/core/assert.js';
 import { ControlClient } from '../../src/control/client.js';
+import type { StatusResult } from '../../src/control/protocol.js';
 
 const kScrapeTimeoutMs = 3_000;
 
@@ -105,6 +106,19 @@ export async function scrapeCounters(host: string, port: number): Promise<Counte
     return parseCounters(await response.text());
   } catch {
     return null;
+  }
+}
+
+/** The whole `status` answer of the control socket (legs, export...); null on any failure. */
+export async function readControlStatus(controlPath: string): Promise<StatusResult | null> {
+  let client: ControlClient | null = null;
+  try {
+    client = await ControlClient.connect(controlPath, kScrapeTimeoutMs);
+    return await client.call('status', {}, kScrapeTimeoutMs);
+  } catch {
+    return null;
+  } finally {
+    client?.close();
   }
 }
 

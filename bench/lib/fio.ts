@@ -27,6 +27,18 @@ export interface FioOptions {
   rampSec: number;
   sizeBytes: number;
   outputPath: string;
+  /** Start of the region fio works on (default 0); the region is [offsetBytes, + sizeBytes). */
+  offsetBytes?: number;
+  /**
+   * Random patterns: keep fio's random map, so no block is written twice in one pass (default
+   * false: `--norandommap`, blocks may repeat).
+   */
+  randomMap?: boolean;
+  /**
+   * true (default): run for rampSec + runtimeSec whatever was done. false: one pass over
+   * sizeBytes, cut short after runtimeSec.
+   */
+  timeBased?: boolean;
 }
 
 export interface FioResult {
@@ -51,15 +63,18 @@ export function fioArgs(workload: Workload, options: FioOptions): string[] {
     `--bs=${workload.blockBytes}`,
     `--iodepth=${workload.queueDepth}`,
     `--size=${options.sizeBytes}`,
+    ...(options.offsetBytes === undefined ? [] : [`--offset=${options.offsetBytes}`]),
     '--numjobs=1',
-    '--time_based',
+    ...(options.timeBased === false ? [] : ['--time_based']),
     // In milliseconds: fio reads a bare "0.5" as 0 seconds.
     `--runtime=${Math.round(options.runtimeSec * 1000)}ms`,
     `--ramp_time=${Math.round(options.rampSec * 1000)}ms`,
     '--output-format=json',
     `--output=${options.outputPath}`,
   ];
-  if (workload.pattern.startsWith('rand')) args.push('--norandommap', '--randrepeat=0');
+  if (workload.pattern.startsWith('rand')) {
+    args.push(...(options.randomMap === true ? [] : ['--norandommap']), '--randrepeat=0');
+  }
   return args;
 }
 

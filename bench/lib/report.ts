@@ -100,7 +100,7 @@ function median(values: readonly number[]): number | null {
  * cancels) and the median of the per-round ratios is returned; otherwise the ratio of the
  * two median rounds.
  */
-function pairedRatio(mine: RowResult | undefined, theirs: RowResult | undefined,
+export function pairedRatio(mine: RowResult | undefined, theirs: RowResult | undefined,
   metric: (measurement: Measurement) => number): number | null {
   if (mine?.measurement == null || theirs?.measurement == null) return null;
   if (mine.rounds.length === theirs.rounds.length && mine.rounds.length > 1) {

@@ -11,11 +11,12 @@ import type { MachineLimits } from './limits.js';
 import type { MachineInfo, SourceInfo } from './machine.js';
 import type { MatrixSummary } from './matrix.js';
 import type { Measurement } from './measure.js';
+import type { MetadataResults } from './metadata.js';
 import type { ResyncResults } from './resync.js';
 
 /**
  * Still 1: later additions are new fields only (`resync`; then `options.allPairs`, `matrix`,
- * `chart`, and `counters` in each measurement), so readers of older files keep working.
+ * `chart`, `counters` in each measurement; then `metadata`, `options.metadataCrashDeviceBytes`), so readers of older files keep working.
  */
 export const kResultsSchemaVersion = 1;
 
@@ -66,6 +67,8 @@ export interface RunResults {
     allPairs?: boolean;
     /** Untimed fio seconds per case and warm-up workload before the first measurement (0: none). */
     warmupSec?: number;
+    /** Device size of the metadata crash measurement (null: not run). Added with `metadata`. */
+    metadataCrashDeviceBytes?: number | null;
   };
   machine: MachineInfo;
   source: SourceInfo;
@@ -75,6 +78,11 @@ export interface RunResults {
   ratios: RatioResult[];
   /** Resync measurements (lib/resync.ts); null with --no-resync. Absent in older files. */
   resync: ResyncResults | null;
+  /**
+   * On-leg metadata measurements (lib/metadata.ts): --metadata leg vs none rows and ratios
+   * (warm, cold), the SIGKILL-and-restart resync; null with --no-metadata. Absent in older files.
+   */
+  metadata?: MetadataResults | null;
   /**
    * The copy-avoidance matrix (lib/matrix.ts): enbd mirror cells by legs x mode with ratios to
    * the direct leg, the pass-through and qemu quorum, reference points, copies-per-WRITE

@@ -43,7 +43,7 @@ export function writePathLine(ratios: readonly RatioResult[]): string | null {
     : ['write-path cost of the bitmaps (issue: resync; reads do no bitmap work: their ratio is the control)', ...lines].join('\n');
 }
 
-function comparisonText(comparison: LegComparison): string {
+export function comparisonText(comparison: LegComparison): string {
   switch (comparison.status) {
     case 'skipped': return 'not compared';
     case 'equal': return `legs equal (${fixed(comparison.bytesCompared / kMiB, 0)} MiB, ${fixed(comparison.wallMs / 1000, 1)} s)`;

@@ -231,7 +231,7 @@ function describe(error: unknown): string {
 }
 
 /** Byte-compares two legs straight from their servers, stopping at the deadline. */
-async function compareLegs(uris: readonly [string, string], sizeBytes: number,
+export async function compareLegs(uris: readonly [string, string], sizeBytes: number,
   deadlineMs: number): Promise<LegComparison> {
   const startedAt = performance.now();
   const result: LegComparison = {
