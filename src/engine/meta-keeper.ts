@@ -129,6 +129,7 @@ export class MetaKeeper {
   private events: number;
   private readonly owner: OwnerRecord;
   private readonly plan: AssembledArray['plan'];
+  /** Parked requests: slot, first chunk, end chunk (triples). */
   private readonly waiters: number[] = [];
   private readonly held: number[] = [];
   private tableChanged = false;
@@ -200,7 +201,7 @@ export class MetaKeeper {
   park(slot: number, offsetBytes: number, lengthBytes: number): void {
     this.counters.intentWaits += 1;
     this.want(Math.floor(offsetBytes / this.chunkBytes), Math.min(this.chunkCount, Math.ceil((offsetBytes + lengthBytes) / this.chunkBytes)));
-    this.waiters.push(slot);
+    this.waiters.push(slot, Math.floor(offsetBytes / this.chunkBytes), Math.min(this.chunkCount, Math.ceil((offsetBytes + lengthBytes) / this.chunkBytes)));
     this.kick();
   }
 
@@ -405,6 +406,13 @@ export class MetaKeeper {
     this.resumeWaiters();
   }
 
+  private durableRange(firstChunk: number, endChunk: number): boolean {
+    for (let chunk = firstChunk; chunk < endChunk; chunk += 1) {
+      if (((this.durable[chunk >> 3] as number) & (1 << (chunk & 7))) === 0) return false;
+    }
+    return true;
+  }
+
   private pageBytes(page: number): Uint8Array {
     const bytes = new Uint8Array(kMetaBlockBytes);
     const start = page * kMetaBlockBytes;
@@ -416,10 +424,15 @@ export class MetaKeeper {
     if (this.waiters.length === 0) return;
     // Each resumes through the dispatch path again: covered now, it goes; a chunk cleared in the
     // meantime parks it again. With no admitted leg it goes on and fails there (EIO).
+    // Only the requests whose chunks are all durable now go; the others wait for a later write.
     const waiting = this.waiters.splice(0);
     const none = this.admittedMask() === 0;
     this.passAll = none;
-    for (const slot of waiting) this.host.resume(slot);
+    for (let at = 0; at < waiting.length; at += 3) {
+      const slot = waiting[at] as number;
+      if (none || this.durableRange(waiting[at + 1] as number, waiting[at + 2] as number)) this.host.resume(slot);
+      else this.waiters.push(slot, waiting[at + 1] as number, waiting[at + 2] as number);
+    }
     this.passAll = false;
   }
 
