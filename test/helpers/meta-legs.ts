@@ -32,7 +32,8 @@ export const kMetaMirrorFlags = [
 export class FileLeg {
   child: Child | null = null;
 
-  constructor(readonly file: string, readonly socket: string) {}
+  /** `nbdkitArgs`: filters and their parameters, e.g. ['--filter=delay', 'delay-write=20ms']. */
+  constructor(readonly file: string, readonly socket: string, private readonly nbdkitArgs: string[] = []) {}
 
   get uri(): string {
     return unixUri(this.socket);
@@ -40,7 +41,9 @@ export class FileLeg {
 
   async start(): Promise<void> {
     assert.equal(this.child, null, `leg ${this.file} is already served`);
-    this.child = await startNbdkit(this.socket, ['file', this.file]);
+    const filters = this.nbdkitArgs.filter((arg) => arg.startsWith('--'));
+    const params = this.nbdkitArgs.filter((arg) => !arg.startsWith('--'));
+    this.child = await startNbdkit(this.socket, ['file', this.file, ...params], filters);
   }
 
   /** SIGKILL: the leg vanishes at once (its file keeps every byte nbdkit wrote). */
@@ -68,12 +71,12 @@ export class MetaLegs {
 
   constructor(readonly dir: Scratch, readonly legBytes: number) {}
 
-  /** A sparse file leg, served by nbdkit on `<name>.sock`. */
-  async leg(name: string): Promise<FileLeg> {
+  /** A sparse file leg, served by nbdkit on `<name>.sock` (optionally behind filters). */
+  async leg(name: string, nbdkitArgs: string[] = []): Promise<FileLeg> {
     const file = this.dir.path(`${name}.img`);
     writeFileSync(file, '');
     truncateSync(file, this.legBytes);
-    const leg = new FileLeg(file, this.dir.path(`${name}.sock`));
+    const leg = new FileLeg(file, this.dir.path(`${name}.sock`), nbdkitArgs);
     await leg.start();
     this.legs.push(leg);
     return leg;
