@@ -1,7 +1,8 @@
 /**
  * The refusals of issue 11 against real `enbd mirror --metadata leg` processes on nbdkit file
  * legs, and what the operator does next: legs of two arrays, legs with no metadata, split brain
- * (refused, then converged with --force-source), and a second daemon on legs a live one holds.
+ * (refused, then converged with --force-source). Claims (two daemons, a member not given) are in
+ * meta-claims.test.ts.
  * Each checks the exit status and the error text, that the refused run changed nothing, and the
  * bytes once the operator's next step ran (legs' data areas identical, reads through the mirror).
  *
@@ -9,7 +10,6 @@
  * |--------------------------|-----------------------------------------------------------|------------------------------------|
  * | different / foreign legs | A+B and C+D created apart; mirror A+C; legs with no meta  | refused, naming both arrays / enbd create |
  * | split brain              | A alone writes X, B alone writes Y, then A+B              | refused; --force-source 0 converges to A |
- * | two daemons              | a second mirror on the same legs                          | refused naming the pid; starts after the first stops |
  *
  * Threads: test process main thread; nbdkit, the daemon and the CLI are child processes.
  */
@@ -20,7 +20,7 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { scratch, type Scratch } from '../helpers/tools.js';
 import { skipUnlessTools } from '../helpers/serve.js';
 import { assertSameBytes, readNbd, runMirrorCli, stopAllMirrors } from '../helpers/mirror.js';
-import { MetaLegs, assembledRecord, createArray, dataSizeOf, examine, kMetaMirrorFlags, startMetaMirror, type FileLeg } from '../helpers/meta-legs.js';
+import { MetaLegs, createArray, dataSizeOf, examine, kMetaMirrorFlags, startMetaMirror, type FileLeg } from '../helpers/meta-legs.js';
 
 const kMiB = 1024 * 1024;
 const kLegBytes = 32 * kMiB;
@@ -125,31 +125,6 @@ describe('enbd mirror --metadata leg: issue 11 refusals on nbdkit file legs', { 
       assertSameBytes(area, versionA, 'both legs equal leg 0\'s version');
     } finally {
       assert.equal(await forced.stop('SIGTERM'), 0);
-    }
-  });
-
-  test('two daemons on the same legs: the second is refused naming the pid, and starts once the first stopped', async () => {
-    const a = await legs.leg('s6-a');
-    const b = await legs.leg('s6-b');
-    await createArray([a, b], ['--assume-clean']);
-    const first = await startMetaMirror(dir, [a, b], 's6-first');
-    const pid = first.mirror.process.pid ?? -1;
-    const second = await runMirrorCli(['--leg', a.uri, '--leg', b.uri, '--socket', dir.path('s6-second.sock'), '--control', 'none', ...kMetaMirrorFlags]);
-    assert.notEqual(second.status, 0, `the second daemon is refused:\n${second.stdout}\n${second.stderr}`);
-    assert.notEqual(second.status, null, 'the second daemon exited rather than serving');
-    assert.match(second.stderr, new RegExp(`pid ${pid}\\b`), `the refusal names the running daemon's pid ${pid}`);
-    assert.ok(first.mirror.alive(), 'the first daemon still runs');
-    const data = randomBytes(256 * 1024);
-    await writeFlush(first.mirror.uri, kMiB, data);
-    assertSameBytes(await readNbd(first.mirror.uri, kMiB, data.length), data, 'the first daemon still serves');
-    assert.equal(await first.stop('SIGTERM'), 0);
-    const again = await startMetaMirror(dir, [a, b], 's6-again');
-    try {
-      assert.equal(assembledRecord(again.mirror.stderr(), 0).role, 'in-sync');
-      assert.equal(assembledRecord(again.mirror.stderr(), 1).role, 'in-sync');
-      assertSameBytes(await readNbd(again.mirror.uri, kMiB, data.length), data, 'the data through the second daemon');
-    } finally {
-      assert.equal(await again.stop('SIGTERM'), 0);
     }
   });
 });
