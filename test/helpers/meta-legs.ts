@@ -66,16 +66,33 @@ export class FileLeg {
   }
 }
 
+/**
+ * Compares two legs' data areas slice by slice (large legs are not read whole); fails naming the
+ * first differing offset.
+ */
+export function assertSameDataAreas(left: FileLeg, right: FileLeg, dataSizeBytes: number, what: string): void {
+  const slice = 16 * 1024 * 1024;
+  for (let at = 0; at < dataSizeBytes; at += slice) {
+    const length = Math.min(slice, dataSizeBytes - at);
+    const a = readRange(left.file, at, length);
+    const b = readRange(right.file, at, length);
+    if (a.equals(b)) continue;
+    let index = 0;
+    while (a[index] === b[index]) index += 1;
+    assert.fail(`${what}: data areas of ${left.file} and ${right.file} first differ at offset ${at + index}`);
+  }
+}
+
 export class MetaLegs {
   private readonly legs: FileLeg[] = [];
 
   constructor(readonly dir: Scratch, readonly legBytes: number) {}
 
   /** A sparse file leg, served by nbdkit on `<name>.sock` (optionally behind filters). */
-  async leg(name: string, nbdkitArgs: string[] = []): Promise<FileLeg> {
+  async leg(name: string, nbdkitArgs: string[] = [], legBytes = this.legBytes): Promise<FileLeg> {
     const file = this.dir.path(`${name}.img`);
     writeFileSync(file, '');
-    truncateSync(file, this.legBytes);
+    truncateSync(file, legBytes);
     const leg = new FileLeg(file, this.dir.path(`${name}.sock`), nbdkitArgs);
     await leg.start();
     this.legs.push(leg);

@@ -6,6 +6,8 @@
  * | crash while degraded          | leg 1 down, write+flush, SIGKILL, leg 1 back, start          | leg 1 resyncs; new data on both legs, from leg 1 alone too |
  * | crash in the middle of resync | leg 1 misses 12 MiB, returns, resync throttled, SIGKILL      | the restart finishes the resync; legs identical |
  * | leg failed by the operator    | `enbd leg fail 0`, write, SIGTERM, start on both (swapped)   | leg 0 resyncs from leg 1; legs identical |
+ * | two runs while degraded, a    | 256 MiB legs, 4 KiB chunks (2 bitmap pages): leg 1 down,    | leg 1 resyncs the writes of both   |
+ * | two-page bitmap               | write; SIGTERM; run on leg 0 alone (--degraded), write      | runs, in both bitmap pages; legs identical |
  * Bytes are checked through the mirror and in the legs' files (data areas, byte for byte).
  *
  * Threads: test process main thread; nbdkit, the daemon and the CLI are child processes.
@@ -14,10 +16,10 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { NbdClient } from '../../src/nbd/client.js';
-import { scratch, type Scratch } from '../helpers/tools.js';
+import { readRange, scratch, type Scratch } from '../helpers/tools.js';
 import { skipUnlessTools } from '../helpers/serve.js';
 import { assertSameBytes, readNbd, stopAllMirrors } from '../helpers/mirror.js';
-import { MetaLegs, assembledRecord, createArray, dataSizeOf, examine, startMetaMirror } from '../helpers/meta-legs.js';
+import { MetaLegs, assembledRecord, assertSameDataAreas, createArray, dataSizeOf, examine, startMetaMirror } from '../helpers/meta-legs.js';
 
 const kMiB = 1024 * 1024;
 const kLegBytes = 32 * kMiB;
@@ -133,6 +135,46 @@ describe('enbd mirror --metadata leg: stops in the middle of a leg\'s trouble', 
       for (let round = 0; round < 6; round += 1) assertSameBytes(await readNbd(second.mirror.uri, at, data.length), data, `read ${round}`);
     } finally {
       assert.equal(await second.stop('SIGTERM'), 0);
+    }
+  });
+  test('two runs while degraded with a two-page bitmap: leg 1 gets the writes of both runs', async () => {
+    const legBytes = 256 * kMiB;
+    const a = await legs.leg('tp-a', [], legBytes);
+    const b = await legs.leg('tp-b', [], legBytes);
+    await createArray([a, b], ['--assume-clean', '--bitmap-chunk', '4K']);
+    const examined = await examine(a.uri);
+    const dataSize = examined.superblock?.dataSizeBytes ?? 0;
+    assert.ok((examined.dirtyChunks ?? 0) === 0 && dataSize / 4096 > 32768, 'more chunks than one 4 KiB bitmap page holds');
+    const writes = [
+      { at: 1 * kMiB, data: randomBytes(64 * 1024), run: 1 },
+      { at: 200 * kMiB + 4096, data: randomBytes(64 * 1024), run: 1 },
+      { at: 230 * kMiB, data: randomBytes(128 * 1024), run: 2 },
+      { at: 3 * kMiB, data: randomBytes(8 * 1024), run: 2 },
+    ];
+    const first = await startMetaMirror(dir, [a, b], 'tp-1');
+    for (const one of writes) await writeFlush(first.mirror.uri, one.at, randomBytes(one.data.length));
+    await b.stop();
+    for (const one of writes.filter((entry) => entry.run === 1)) await writeFlush(first.mirror.uri, one.at, one.data);
+    await first.control.waitLeg(1, 'out of sync', (leg) => leg.state !== 'in-sync');
+    assert.equal(await first.stop('SIGTERM'), 0);
+    const alone = await startMetaMirror(dir, [a], 'tp-2', ['--degraded']);
+    for (const one of writes.filter((entry) => entry.run === 2)) await writeFlush(alone.mirror.uri, one.at, one.data);
+    assert.equal(await alone.stop('SIGTERM'), 0);
+    const marked = (await examine(a.uri)).dirtyChunks ?? 0;
+    assert.ok(marked >= (2 * 64 * 1024 + 128 * 1024 + 8 * 1024) / 4096, `leg 0's bitmap still marks every write leg 1 missed (${marked} chunks)`);
+
+    await b.start();
+    const both = await startMetaMirror(dir, [a, b], 'tp-3');
+    try {
+      const role1 = assembledRecord(both.mirror.stderr(), 1);
+      assert.equal(role1.role, 'bitmap-resync', `leg 1 is stale: ${JSON.stringify(role1)}`);
+      await both.control.waitStates(['in-sync', 'in-sync'], 30_000);
+      assertSameDataAreas(a, b, dataSize, 'after the resync');
+      for (const one of writes) assertSameBytes(readRange(b.file, one.at, one.data.length), one.data, `leg 1 holds the run-${one.run} write at ${one.at}`);
+      assert.equal(await both.control.cliOk(['leg', 'fail', '0']), 'leg 0: failed\n');
+      for (const one of writes) assertSameBytes(await readNbd(both.mirror.uri, one.at, one.data.length), one.data, `read from leg 1 alone at ${one.at}`);
+    } finally {
+      assert.equal(await both.stop('SIGTERM'), 0);
     }
   });
 });
