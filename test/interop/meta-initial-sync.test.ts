@@ -6,9 +6,7 @@
  * sync, and finish the copy: the legs' data areas identical, reads equal to the original image,
  * also from leg 1 alone.
  * The issue also asks the first sync to skip ranges every leg reports as zero or hole
- * (base:allocation): the second test checks that leg 1's file keeps leg 0's holes. It is marked
- * todo: the engine's resync copies every chunk today (no base:allocation query in
- * src/engine/resync.ts / resync-copy.ts), so the blank leg ends fully allocated.
+ * (base:allocation): the second test checks that leg 1's file keeps leg 0's holes.
  *
  * Threads: test process main thread; nbdkit, the daemon and the CLI are child processes.
  */
@@ -81,7 +79,7 @@ describe('enbd mirror --metadata leg: the first sync after enbd create, interrup
     assert.equal(done.superblock?.members[1]?.state, 'in-sync', 'leg 1 is recorded in sync after the first sync ended');
     assert.notEqual(done.superblock?.members[0]?.state, 'in-sync', 'leg 0, failed by hand, is recorded stale');
   });
-  test('the first sync skips what leg 0 reports as hole: leg 1 stays sparse', { todo: 'first sync does not consult base:allocation yet (issue 11: "skipping ranges every leg reports as zero or hole")' }, async (t) => {
+  test('the first sync skips what leg 0 reports as hole: leg 1 stays sparse', async (t) => {
     const a = await legs.leg('sparse-a');
     const b = await legs.leg('sparse-b');
     await createArray([a, b]);
