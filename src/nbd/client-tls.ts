@@ -1,0 +1,62 @@
+/**
+ * NBD client, TLS: turns an nbds:// address's settings (libnbd's query parameters) into
+ * node:tls connect options, and upgrades a connected socket in place after the server
+ * acknowledged NBD_OPT_STARTTLS.
+ *
+ * Thread: whichever thread owns the connection (a leg actor's worker, or main). The
+ * certificate files are read at each connect (small; picks up renewed certificates).
+ *
+ * Design notes
+ * - tls-certificates=DIR: ca-cert.pem (trusted CA; without it the system CAs), and
+ *   client-cert.pem + client-key.pem when both exist (for servers that verify peers).
+ * - tls-verify-peer=false: no chain or name check (as libnbd). Otherwise the chain is checked,
+ *   and the name is checked against tls-hostname, else the host of a TCP address; a Unix
+ *   socket without tls-hostname checks the chain only (it has no name).
+ *
+ * Invariants:
+ * - A missing or unreadable certificate file fails the connect with ENBD_ERR_HANDSHAKE naming
+ *   the file; a failed TLS handshake names the server.
+ */
+import { existsSync, readFileSync } from 'node:fs';
+import { isIP, type Socket } from 'node:net';
+import { join } from 'node:path';
+import { checkServerIdentity, connect as tlsConnect, type ConnectionOptions, type TLSSocket } from 'node:tls';
+import { EnbdError, describeError } from '../core/errors.js';
+import type { NbdAddress, NbdTlsSettings } from './uri.js';
+
+function readPem(path: string): Buffer {
+  try {
+    return readFileSync(path);
+  } catch (error) {
+    throw new EnbdError('ENBD_ERR_HANDSHAKE', `tls-certificates: cannot read ${path}: ${describeError(error)}`);
+  }
+}
+
+/** node:tls options for an nbds address. */
+export function clientTlsOptions(address: NbdAddress, settings: NbdTlsSettings): ConnectionOptions {
+  const options: ConnectionOptions = { rejectUnauthorized: settings.verifyPeer };
+  const dir = settings.certificatesDir;
+  if (dir !== undefined) {
+    const caPath = join(dir, 'ca-cert.pem');
+    if (existsSync(caPath)) options.ca = readPem(caPath);
+    const certPath = join(dir, 'client-cert.pem');
+    const keyPath = join(dir, 'client-key.pem');
+    if (existsSync(certPath) && existsSync(keyPath)) {
+      options.cert = readPem(certPath);
+      options.key = readPem(keyPath);
+    }
+  }
+  const hostname = settings.hostname ?? (address.kind === 'tcp' ? address.host : undefined);
+  if (hostname !== undefined && isIP(hostname) === 0) options.servername = hostname;
+  if (hostname === undefined) {
+    options.checkServerIdentity = () => undefined;
+  } else {
+    options.checkServerIdentity = (_host, certificate) => checkServerIdentity(hostname, certificate);
+  }
+  return options;
+}
+
+/** Starts the client side of TLS on a connected socket (the caller listens for the outcome). */
+export function upgradeClientSocket(plain: Socket, address: NbdAddress, settings: NbdTlsSettings): TLSSocket {
+  return tlsConnect({ ...clientTlsOptions(address, settings), socket: plain });
+}
