@@ -12,7 +12,8 @@ import { copyFileSync, mkdirSync, readFileSync, truncateSync, writeFileSync } fr
 import { join } from 'node:path';
 import { scratch, startNbdkit, waitFor, type Child, type Scratch } from '../helpers/tools.js';
 import { skipUnlessTools } from '../helpers/serve.js';
-import { assertSameBytes, startInProcessMirror, stopAllMirrors } from '../helpers/mirror.js';
+import { assertSameBytes, enbdCli, runMirrorCli, startInProcessMirror, startMirrorArgs, stopAllMirrors } from '../helpers/mirror.js';
+import { run } from '../helpers/tools.js';
 import { makePki } from '../helpers/pki.js';
 import { NbdClient } from '../../src/nbd/client.js';
 import { parseNbdUri, formatNbdUri } from '../../src/nbd/uri.js';
@@ -116,5 +117,34 @@ describe('nbds:// legs against nbdkit --tls=require', { skip: skipUnlessTools('n
       await mirror.close();
     }
     for (const file of files) assertSameBytes(readFileSync(file), model, `${file} after the resync over TLS`);
+  });
+
+  test('enbd create over nbds legs, then enbd mirror (metadata, TLS export): data through TLS end to end', async () => {
+    const files = [image('c0.img'), image('c1.img')];
+    const sockets = [dir.path('c0.sock'), dir.path('c1.sock')];
+    for (const [index, file] of files.entries()) await tlsLeg(file, sockets[index] as string);
+    const legArgs = sockets.flatMap((socket) => ['--leg', uri(socket)]);
+    const created = await run(process.execPath, [enbdCli, 'create', ...legArgs]);
+    assert.equal(created.status, 0, `${created.stdout}\n${created.stderr}`);
+    // the plain form of leg 0 is refused, naming the leg and saying what to change
+    const plain = await runMirrorCli(['--leg', `nbd+unix:///?socket=${sockets[0] as string}`, '--leg', uri(sockets[1] as string), '--socket', dir.path('p.sock'), '--control', 'none', '--metadata', 'leg']);
+    assert.notEqual(plain.status, 0);
+    assert.match(plain.stderr, /leg nbd\+unix:\/\/\/\?socket=\S*c0\.sock: .*requires TLS: use an nbds/);
+    const exportSocket = dir.path('c.sock');
+    const mirror = await startMirrorArgs([...legArgs, '--metadata', 'leg', '--socket', exportSocket, '--control', 'none', '--tls', 'require', '--tls-certificates', pki, '--log-level', 'warn']);
+    const data = randomBytes(256 * 1024);
+    try {
+      const client = await NbdClient.connect(`nbds+unix:///?socket=${exportSocket}&tls-certificates=${pki}`);
+      try {
+        await client.write(kMiB, data);
+        await client.flush();
+        assertSameBytes(await client.read(kMiB, data.length), data, 'read back through the TLS export');
+      } finally {
+        await client.disconnect();
+      }
+    } finally {
+      assert.equal(await mirror.stop(), 0);
+    }
+    for (const file of files) assertSameBytes(readFileSync(file).subarray(kMiB, kMiB + data.length), data, `${file} holds the data`);
   });
 });
