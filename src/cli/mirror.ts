@@ -66,7 +66,7 @@ export interface MirrorSettings {
   tls: ServerTlsSettings;
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk']);
 const kDefaultLegBytes = 1024 ** 3;
 
 function readConfig(path: string): Record<string, unknown> {
@@ -137,10 +137,12 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
   }
   const tlsCertificates = pick('tlsCertificates');
   const tlsVerifyPeer = pick('tlsVerifyPeer');
+  const tlsPsk = pick('tlsPsk');
   return {
     tls: {
       mode: parseTlsMode('--tls', text(pick('tls') ?? 'off', '--tls')),
       ...(tlsCertificates !== undefined ? { certificatesDir: resolve(text(tlsCertificates, '--tls-certificates')) } : {}),
+      ...(tlsPsk !== undefined ? { pskFile: resolve(text(tlsPsk, '--tls-psk')) } : {}),
       verifyPeer: parseOnOff('--tls-verify-peer', tlsVerifyPeer === 'true' ? true : tlsVerifyPeer === 'false' ? false : (tlsVerifyPeer ?? false)),
     },
     metadata,
@@ -338,7 +340,10 @@ function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: strin
   if (controlPath !== null) lines.push(`  control: ${controlPath} (enbd status --control ${controlPath})`);
   const first = uris[0] ?? '';
   if (settings.tls.mode !== 'off') {
-    lines.push(`  tls: ${settings.tls.mode}${settings.tls.verifyPeer === true ? ', client certificates verified' : ''} (clients add tls-certificates=DIR with their ca-cert.pem to nbds URIs)`);
+    const how = settings.tls.pskFile !== undefined
+      ? 'pre-shared keys (clients add USER@ and tls-psk-file=FILE to nbds URIs)'
+      : `certificates${settings.tls.verifyPeer === true ? ', client certificates verified' : ''} (clients add tls-certificates=DIR with their ca-cert.pem to nbds URIs)`;
+    lines.push(`  tls: ${settings.tls.mode}, ${how}`);
   }
   lines.push('attach:', `  nbdinfo '${first}'`, `  qemu-io -f raw -c 'read -v 0 512' '${first}'`);
   lines.push(`  mkdir -p /tmp/enbd-fuse && nbdfuse /tmp/enbd-fuse/disk.img '${first}' &`);

@@ -50,6 +50,7 @@ export async function runServe(file: string, options: Record<string, unknown>): 
     mode: parseTlsMode('--tls', String(options['tls'] ?? 'off')),
     ...(typeof options['tlsCertificates'] === 'string' ? { certificatesDir: resolve(options['tlsCertificates']) } : {}),
     verifyPeer: options['tlsVerifyPeer'] === true,
+    ...(typeof options['tlsPsk'] === 'string' ? { pskFile: resolve(options['tlsPsk']) } : {}),
   });
   const device = FileDevice.open(resolve(file), { readOnly: options['readOnly'] === true, io });
   const server = createNbdServer({

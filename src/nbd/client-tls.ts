@@ -13,6 +13,10 @@
  *   and the name is checked against tls-hostname, else the host of a TCP address; a Unix
  *   socket without tls-hostname checks the chain only (it has no name).
  *
+ * - tls-psk-file=FILE: pre-shared key for the identity tls-username (or the URI's user, else the
+ *   local login name, as libnbd); no certificates, so no chain or name check. TLS 1.3 external
+ *   PSK, or the TLS 1.2 PSK suites; both interoperate with GnuTLS (nbdkit --tls-psk).
+ *
  * Invariants:
  * - A missing or unreadable certificate file fails the connect with ENBD_ERR_HANDSHAKE naming
  *   the file; a failed TLS handshake names the server.
@@ -21,19 +25,30 @@ import { existsSync, readFileSync } from 'node:fs';
 import { isIP, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { checkServerIdentity, connect as tlsConnect, type ConnectionOptions, type TLSSocket } from 'node:tls';
+import { userInfo } from 'node:os';
 import { EnbdError, describeError } from '../core/errors.js';
+import { kPskCiphers, parsePskFile } from './server-tls.js';
 import type { NbdAddress, NbdTlsSettings } from './uri.js';
 
-function readPem(path: string): Buffer {
+function readPem(path: string, what = 'tls-certificates'): Buffer {
   try {
     return readFileSync(path);
   } catch (error) {
-    throw new EnbdError('ENBD_ERR_HANDSHAKE', `tls-certificates: cannot read ${path}: ${describeError(error)}`);
+    throw new EnbdError('ENBD_ERR_HANDSHAKE', `${what}: cannot read ${path}: ${describeError(error)}`);
   }
 }
 
 /** node:tls options for an nbds address. */
 export function clientTlsOptions(address: NbdAddress, settings: NbdTlsSettings): ConnectionOptions {
+  if (settings.pskFile !== undefined) {
+    const keys = parsePskFile(readPem(settings.pskFile, 'tls-psk-file').toString('utf8'), settings.pskFile, 'tls-psk-file');
+    const identity = settings.username ?? userInfo().username;
+    const psk = keys.get(identity);
+    if (psk === undefined) {
+      throw new EnbdError('ENBD_ERR_HANDSHAKE', `tls-psk-file ${settings.pskFile} has no key for user '${identity}' (set tls-username or USER@ in the URI)`);
+    }
+    return { ciphers: kPskCiphers, checkServerIdentity: () => undefined, pskCallback: () => ({ psk, identity }) };
+  }
   const options: ConnectionOptions = { rejectUnauthorized: settings.verifyPeer };
   const dir = settings.certificatesDir;
   if (dir !== undefined) {

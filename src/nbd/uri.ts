@@ -10,7 +10,9 @@
  * TLS query parameters (libnbd's meaning): tls-certificates=DIR (ca-cert.pem, and optionally
  * client-cert.pem + client-key.pem), tls-verify-peer=false (do not check the server's
  * certificate), tls-hostname=NAME (the name its certificate must carry; default the URI's
- * host, none for Unix sockets).
+ * host, none for Unix sockets), tls-psk-file=FILE (psktool `username:hexkey` lines: PSK instead
+ * of certificates) with tls-username=NAME or the URI's user (nbds://alice@host/); libnbd's
+ * default user is the local login name.
  * EXPORT is the percent-decoded path after the first '/', possibly empty (the default export).
  *
  * Invariants:
@@ -28,6 +30,9 @@ export interface NbdTlsSettings {
   /** Check the server's certificate chain (and host name when known); default true. */
   verifyPeer: boolean;
   hostname?: string;
+  /** PSK key file and the identity to use from it. */
+  pskFile?: string;
+  username?: string;
 }
 
 export type NbdAddress =
@@ -80,7 +85,14 @@ export function parseNbdUri(text: string): NbdAddress {
     rest = rest.slice(0, queryStart);
   }
   const pathStart = rest.indexOf('/');
-  const authority = pathStart >= 0 ? rest.slice(0, pathStart) : rest;
+  let authority = pathStart >= 0 ? rest.slice(0, pathStart) : rest;
+  let user: string | null = null;
+  const at = authority.lastIndexOf('@');
+  if (tls && at >= 0) {
+    user = decodeComponent(text, authority.slice(0, at), 'user name');
+    if (user === '') throw uriError(text, 'empty user name before @');
+    authority = authority.slice(at + 1);
+  }
   const path = pathStart >= 0 ? rest.slice(pathStart + 1) : '';
   const exportName = decodeComponent(text, path, 'export name');
   if (Buffer.byteLength(exportName, 'utf8') > kStringBytesMax) {
@@ -90,14 +102,14 @@ export function parseNbdUri(text: string): NbdAddress {
   if (scheme === 'nbd' || scheme === 'nbds') {
     if (query !== null && !tls) throw uriError(text, 'query parameters are not supported for nbd:// (TLS ones need nbds://)');
     const { host, port } = parseAuthority(text, authority);
-    const parsed = parseQuery(text, query, false, tls);
+    const parsed = parseQuery(text, query, false, tls, user);
     return { kind: 'tcp', host, port, exportName, ...(tls ? { tls: parsed.tls } : {}) };
   }
   if (authority.length !== 0) {
     const hint = `write ${scheme}:///EXPORT?socket=PATH`;
     throw uriError(text, `${scheme}:// takes no host ('${authority}'); ${hint}`);
   }
-  const parsed = parseQuery(text, query, true, tls);
+  const parsed = parseQuery(text, query, true, tls, user);
   return { kind: 'unix', socketPath: parsed.socketPath as string, exportName, ...(tls ? { tls: parsed.tls } : {}) };
 }
 
@@ -141,9 +153,9 @@ function parseAuthority(text: string, authority: string): { host: string; port: 
   return { host, port };
 }
 
-const kTlsKeys = new Set(['tls-certificates', 'tls-verify-peer', 'tls-hostname']);
+const kTlsKeys = new Set(['tls-certificates', 'tls-verify-peer', 'tls-hostname', 'tls-psk-file', 'tls-username']);
 
-function parseQuery(text: string, query: string | null, unix: boolean, tls: boolean): { socketPath: string | null; tls: NbdTlsSettings } {
+function parseQuery(text: string, query: string | null, unix: boolean, tls: boolean, user: string | null): { socketPath: string | null; tls: NbdTlsSettings } {
   if (unix && (query === null || query.length === 0)) {
     throw uriError(text, 'nbd+unix:// requires ?socket=PATH');
   }
@@ -162,6 +174,10 @@ function parseQuery(text: string, query: string | null, unix: boolean, tls: bool
       if (key === 'tls-certificates') {
         if (value === '' || value.includes('\0')) throw uriError(text, 'tls-certificates is empty or contains a NUL byte');
         settings.certificatesDir = value;
+      } else if (key === 'tls-psk-file' || key === 'tls-username') {
+        if (value === '' || value.includes('\0')) throw uriError(text, `${key} is empty or contains a NUL byte`);
+        if (key === 'tls-psk-file') settings.pskFile = value;
+        else settings.username = value;
       } else if (key === 'tls-verify-peer') {
         if (value !== 'true' && value !== 'false') throw uriError(text, `tls-verify-peer must be true or false, got '${value}'`);
         settings.verifyPeer = value === 'true';
@@ -169,13 +185,21 @@ function parseQuery(text: string, query: string | null, unix: boolean, tls: bool
         if (value === '') throw uriError(text, 'tls-hostname is empty');
         settings.hostname = value;
       }
-    } else if (key === 'tls-psk-file' || key === 'tls-username') {
-      throw uriError(text, `${key}: TLS with pre-shared keys is not supported (use tls-certificates)`);
     } else if (kTlsKeys.has(key)) {
       throw uriError(text, `${key} needs a TLS scheme (nbds:// or nbds+unix://)`);
     } else {
       throw uriError(text, `unsupported query parameter '${key}'`);
     }
+  }
+  if (user !== null) {
+    if (settings.username !== undefined && settings.username !== user) throw uriError(text, 'the user name and tls-username differ');
+    settings.username = user;
+  }
+  if (settings.pskFile !== undefined && settings.certificatesDir !== undefined) {
+    throw uriError(text, 'tls-psk-file and tls-certificates exclude each other');
+  }
+  if (settings.username !== undefined && settings.pskFile === undefined) {
+    throw uriError(text, 'a user name (or tls-username) needs tls-psk-file');
   }
   if (unix) {
     if (socketPath === null || socketPath.length === 0) throw uriError(text, 'socket path is empty');
@@ -189,6 +213,8 @@ function formatTlsQuery(tls: NbdTlsSettings): string[] {
   if (tls.certificatesDir !== undefined) parts.push(`tls-certificates=${encodeKeepingSlashes(tls.certificatesDir)}`);
   if (!tls.verifyPeer) parts.push('tls-verify-peer=false');
   if (tls.hostname !== undefined) parts.push(`tls-hostname=${encodeURIComponent(tls.hostname)}`);
+  if (tls.pskFile !== undefined) parts.push(`tls-psk-file=${encodeKeepingSlashes(tls.pskFile)}`);
+  if (tls.username !== undefined) parts.push(`tls-username=${encodeURIComponent(tls.username)}`);
   return parts;
 }
 

@@ -32,7 +32,7 @@ for (const [text, expected] of accepted) {
 const rejected: [string, RegExp][] = [
   ['', /empty URI/],
   ['localhost:10809', /expected 'nbd:\/\/'/],
-  ['nbds://host/?tls-psk-file=/k', /pre-shared keys/],
+  ['nbds://alice@host/', /needs tls-psk-file/],
   ['nbds+unix:///?socket=/s&tls-verify-peer=yes', /true or false/],
   ['nbd+vsock://1:2/', /vsock/],
   ['http://host/', /unknown scheme 'http'/],
