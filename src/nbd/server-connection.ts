@@ -49,7 +49,7 @@ import * as p from './protocol.js';
 import { OptionNegotiator, encodeGreeting, type ExportDescriptor, type NegotiatedState } from './server-options.js';
 import { validateRequest, type ValidationContext } from './request-validate.js';
 import type { BufferShare, ShareUser } from './buffer-share.js';
-import { upgradeServerSocket, type ServerTls } from './server-tls.js';
+import { peerVerifyError, upgradeServerSocket, type ServerTls } from './server-tls.js';
 
 export const kRequestsPerConnection = 256;
 export const kRequestIndexBits = 8;
@@ -240,6 +240,11 @@ export class ServerConnection implements ShareUser {
     this.listen(secured, true);
     secured.once('secure', () => {
       if (this.closed) return;
+      const rejected = tls.verifyPeer ? peerVerifyError(secured) : null;
+      if (rejected !== null) {
+        this.close(`client certificate rejected: ${rejected}`);
+        return;
+      }
       this.logger.debug({ protocol: secured.getProtocol(), cipher: secured.getCipher().name }, 'TLS established');
       this.negotiator.tlsEstablished();
     });

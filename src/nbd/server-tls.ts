@@ -20,8 +20,9 @@
  * Invariants:
  * - A configuration error (missing file, bad PEM) throws ENBD_ERR_CONFIG at startup naming
  *   the file; nothing is loaded per connection.
- * - With peer verification on, a client without a certificate signed by the CA never gets
- *   past the TLS handshake.
+ * - With peer verification on, a client without a valid certificate signed by the CA never
+ *   gets past the TLS handshake (none: OpenSSL fails it; invalid or expired: the connection
+ *   checks peerVerifyError on 'secure' before any option is read).
  */
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -48,6 +49,20 @@ export interface ServerTls {
   readonly verifyPeer: boolean;
   /** PSK keys by identity, or null when certificates are used. */
   readonly pskKeys: ReadonlyMap<string, Buffer> | null;
+}
+
+/**
+ * The verification result of a server socket's client certificate: null when it verified,
+ * else the OpenSSL code (CERT_HAS_EXPIRED, UNABLE_TO_VERIFY_LEAF_SIGNATURE, ...). node:tls
+ * checks this only for sockets accepted by a tls.Server (its 'secure' listener); a socket
+ * upgraded by hand must ask its handle, as that listener does. A handle without the check
+ * fails closed.
+ */
+export function peerVerifyError(socket: TLSSocket): string | null {
+  const handle = (socket as unknown as { _handle?: { verifyError?: () => Error | null } | null })._handle;
+  if (handle === null || handle === undefined || typeof handle.verifyError !== 'function') return 'cannot check the client certificate';
+  const error = handle.verifyError();
+  return error === null ? null : ((error as NodeJS.ErrnoException).code ?? error.message);
 }
 
 /** OpenSSL cipher list (TLS 1.2) with the PSK suites GnuTLS offers; TLS 1.3 suites are separate. */

@@ -18,8 +18,11 @@ function openssl(args: string[], cwd: string): void {
 
 const kKeyArgs = ['-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes'];
 
-/** Creates DIR with a fresh CA and certificates signed by it; returns DIR. */
-export function makePki(dir: string, options: { serverHost?: string; days?: number } = {}): string {
+/**
+ * Creates DIR with a fresh CA and certificates signed by it; returns DIR. `serverDays` /
+ * `clientDays` 0 make a certificate whose notAfter is now (expired a second later).
+ */
+export function makePki(dir: string, options: { serverHost?: string; days?: number; serverDays?: number; clientDays?: number } = {}): string {
   mkdirSync(dir, { recursive: true });
   const days = String(options.days ?? 30);
   const host = options.serverHost ?? 'localhost';
@@ -28,7 +31,8 @@ export function makePki(dir: string, options: { serverHost?: string; days?: numb
   writeFileSync(join(dir, 'client.cnf'), 'extendedKeyUsage=clientAuth\n');
   for (const [role, cn] of [['server', host], ['client', 'enbd test client']] as const) {
     openssl(['req', ...kKeyArgs, '-keyout', `${role}-key.pem`, '-out', `${role}.csr`, '-subj', `/CN=${cn}`], dir);
-    openssl(['x509', '-req', '-in', `${role}.csr`, '-CA', 'ca-cert.pem', '-CAkey', 'ca-key.pem', '-CAcreateserial', '-out', `${role}-cert.pem`, '-days', days, '-extfile', `${role}.cnf`], dir);
+    const roleDays = String((role === 'server' ? options.serverDays : options.clientDays) ?? days);
+    openssl(['x509', '-req', '-in', `${role}.csr`, '-CA', 'ca-cert.pem', '-CAkey', 'ca-key.pem', '-CAcreateserial', '-out', `${role}-cert.pem`, '-days', roleDays, '-extfile', `${role}.cnf`], dir);
     chmodSync(join(dir, `${role}-key.pem`), 0o600);
   }
   chmodSync(join(dir, 'ca-key.pem'), 0o600);

@@ -18,6 +18,7 @@ import { NbdProbe } from '../helpers/nbd-probe.js';
 import { makePki } from '../helpers/pki.js';
 import { startMirrorArgs, stopAllMirrors } from '../helpers/mirror.js';
 import * as p from '../../src/nbd/protocol.js';
+import { NbdClient } from '../../src/nbd/client.js';
 
 const kSizeBytes = 16 * 1024 * 1024;
 const skip = skipUnlessTools('openssl', 'nbdinfo', 'nbdsh', 'nbdcopy', 'qemu-io');
@@ -252,7 +253,60 @@ describe('enbd serve --tls on and --tls-verify-peer', { skip }, () => {
       const refused = await run('nbdinfo', ['--size', tlsUri(socketPath, caOnly)]);
       assert.notEqual(refused.status, 0);
       assert.doesNotMatch(refused.stdout, /16777216/);
+      // a client certificate from another CA (trusting ours for the server) is refused too
+      const foreign = makePki(dir.path('foreign-pki'));
+      const mixed = dir.path('mixed');
+      mkdirSync(mixed);
+      copyFileSync(join(pki, 'ca-cert.pem'), join(mixed, 'ca-cert.pem'));
+      copyFileSync(join(foreign, 'client-cert.pem'), join(mixed, 'client-cert.pem'));
+      copyFileSync(join(foreign, 'client-key.pem'), join(mixed, 'client-key.pem'));
+      const foreignClient = await run('nbdinfo', ['--size', tlsUri(socketPath, mixed)]);
+      assert.notEqual(foreignClient.status, 0);
+      assert.doesNotMatch(foreignClient.stdout, /16777216/);
       const result = await runOk('nbdinfo', ['--size', tlsUri(socketPath, pki)]);
+      assert.equal(result.stdout.trim(), String(kSizeBytes));
+    } finally {
+      await server.stop();
+    }
+  });
+
+  test('expired certificates: a client refuses an expired server certificate; --tls-verify-peer refuses an expired client one', async () => {
+    const expired = makePki(dir.path('expired-pki'), { serverDays: 0, clientDays: 0 });
+    await new Promise((resolveWait) => setTimeout(resolveWait, 1500)); // let notAfter (now) pass
+    const socketPath = dir.path('expired.sock');
+    const server = await startServerUnderTest({
+      kind: 'enbd', file: dir.path('disk.img'), socketPath, args: ['--tls', 'require', '--tls-certificates', expired, '--tls-verify-peer'],
+    });
+    try {
+      const qemu = await run('qemu-io', [
+        '--object', `tls-creds-x509,id=tls0,dir=${expired},endpoint=client`, '--image-opts', '-c', 'read 0 4k',
+        `driver=raw,file.driver=nbd,file.server.type=unix,file.server.path=${socketPath},file.tls-creds=tls0,file.tls-hostname=localhost`,
+      ]);
+      assert.notEqual(qemu.status, 0);
+      assert.match(qemu.stderr, /expired/i);
+      // the client's certificate is expired too: libnbd sends it, the server must refuse it
+      const refused = await run('nbdinfo', ['--size', tlsUri(socketPath, expired)]);
+      assert.notEqual(refused.status, 0);
+      assert.doesNotMatch(refused.stdout, /16777216/);
+      assert.equal(server.alive(), true);
+    } finally {
+      await server.stop();
+    }
+  });
+
+  test('TCP: nbds://localhost:PORT with the right host name works, another tls-hostname is refused', async () => {
+    const socketPath = dir.path('tcp.sock');
+    const server = await startServerUnderTest({ kind: 'enbd', file: dir.path('disk.img'), socketPath, tcp: true, args: ['--tls', 'require', '--tls-certificates', pki] });
+    try {
+      const client = await NbdClient.connect(`nbds://localhost:${server.port}/?tls-certificates=${pki}`);
+      assert.equal(client.sizeBytes, kSizeBytes);
+      await client.disconnect();
+      const byIp = await NbdClient.connect(`nbds://127.0.0.1:${server.port}/?tls-certificates=${pki}`);
+      await byIp.disconnect();
+      await assert.rejects(NbdClient.connect(`nbds://127.0.0.1:${server.port}/?tls-certificates=${pki}&tls-hostname=elsewhere.example`), /TLS handshake .* failed/);
+      const relaxed = await NbdClient.connect(`nbds://127.0.0.1:${server.port}/?tls-certificates=${pki}&tls-hostname=elsewhere.example&tls-verify-peer=false`);
+      await relaxed.disconnect();
+      const result = await runOk('nbdinfo', ['--size', `nbds://localhost:${server.port}/?tls-certificates=${pki}`]);
       assert.equal(result.stdout.trim(), String(kSizeBytes));
     } finally {
       await server.stop();
