@@ -17,6 +17,7 @@ import { EnbdError, describeError } from '../core/errors.js';
 import { MirrorDevice } from '../engine/mirror.js';
 import type { CopyMode, Placement } from '../engine/messages.js';
 import { createNbdServer } from '../nbd/server.js';
+import { loadServerTls, parseTlsMode, type ServerTlsSettings } from '../nbd/server-tls.js';
 import { kServerLimitDefaults, parseBytes, parseInteger, parseListen, parseServerLimits, type ServerLimits } from './parse.js';
 import { installShutdown } from './shutdown.js';
 import { startControlPlane, type ControlPlane } from '../control/plane.js';
@@ -61,9 +62,11 @@ export interface MirrorSettings {
   metadata: 'leg' | 'none';
   forceSource: number | null;
   degraded: boolean;
+  /** --tls, --tls-certificates, --tls-verify-peer (the export's TLS). */
+  tls: ServerTlsSettings;
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk']);
 const kDefaultLegBytes = 1024 ** 3;
 
 function readConfig(path: string): Record<string, unknown> {
@@ -132,7 +135,16 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
   if (metadata === 'leg' && size !== undefined) {
     throw new EnbdError('ENBD_ERR_CONFIG', '--size applies to --metadata none only: with metadata the export is the data area recorded on the legs (see enbd examine)');
   }
+  const tlsCertificates = pick('tlsCertificates');
+  const tlsVerifyPeer = pick('tlsVerifyPeer');
+  const tlsPsk = pick('tlsPsk');
   return {
+    tls: {
+      mode: parseTlsMode('--tls', text(pick('tls') ?? 'off', '--tls')),
+      ...(tlsCertificates !== undefined ? { certificatesDir: resolve(text(tlsCertificates, '--tls-certificates')) } : {}),
+      ...(tlsPsk !== undefined ? { pskFile: resolve(text(tlsPsk, '--tls-psk')) } : {}),
+      verifyPeer: parseOnOff('--tls-verify-peer', tlsVerifyPeer === 'true' ? true : tlsVerifyPeer === 'false' ? false : (tlsVerifyPeer ?? false)),
+    },
     metadata,
     forceSource: forceSource === undefined ? null : parseInteger('--force-source', text(forceSource, '--force-source'), 0, 31),
     degraded: pick('degraded') === true || pick('degraded') === 'true',
@@ -239,6 +251,8 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
   if (settings.socket === null && settings.listen === null) settings.listen = '127.0.0.1:10809';
   const listen = settings.listen === null ? null : parseListen('--listen', settings.listen);
   const logger = createLogger({ level: settings.logLevel });
+  // Certificates are checked before any leg is opened: a bad path fails fast.
+  const serverTls = loadServerTls(settings.tls);
   const assembled = settings.metadata === 'leg' ? await assembleLegs(settings, createdNow, logger) : undefined;
   const mirror = await MirrorDevice.open({
     ...(assembled !== undefined ? { metadata: assembled } : {}),
@@ -273,8 +287,11 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
     maximumPayloadBytes: settings.maxPayload,
     ...settings.serverLimits,
     directReceive: settings.receive === 'direct',
+    tls: serverTls,
   });
   const uris: string[] = [];
+  // With --tls require the export URIs are the nbds forms (plain clients are refused).
+  const tlsScheme = serverTls?.mode === 'require' ? 'nbds' : 'nbd';
   let control: ControlPlane | null = null;
   let metrics: MetricsServer | null = null;
   const metricsAddress = settings.metrics === null ? null : parseListen('--metrics', settings.metrics);
@@ -282,12 +299,12 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
     if (settings.socket !== null) {
       const socketPath = resolve(settings.socket);
       await server.listenUnix(socketPath);
-      uris.push(`nbd+unix:///${encodeURIComponent(settings.name)}?socket=${socketPath}`);
+      uris.push(`${tlsScheme}+unix:///${encodeURIComponent(settings.name)}?socket=${socketPath}`);
     }
     if (listen !== null) {
       const port = await server.listenTcp(listen.host, listen.port);
       const host = listen.host.includes(':') ? `[${listen.host}]` : listen.host;
-      uris.push(`nbd://${host}:${port}/${encodeURIComponent(settings.name)}`);
+      uris.push(`${tlsScheme}://${host}:${port}/${encodeURIComponent(settings.name)}`);
     }
     // the operator's control socket; closed first on shutdown
     control = await startControlPlane({ control: settings.control, socket: settings.socket, dataDir: settings.dataDir, embedded, mirror, server, logger });
@@ -322,6 +339,12 @@ function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: strin
   for (const uri of uris) lines.push(`  export: ${uri}`);
   if (controlPath !== null) lines.push(`  control: ${controlPath} (enbd status --control ${controlPath})`);
   const first = uris[0] ?? '';
+  if (settings.tls.mode !== 'off') {
+    const how = settings.tls.pskFile !== undefined
+      ? 'pre-shared keys (clients add USER@ and tls-psk-file=FILE to nbds URIs)'
+      : `certificates${settings.tls.verifyPeer === true ? ', client certificates verified' : ''} (clients add tls-certificates=DIR with their ca-cert.pem to nbds URIs)`;
+    lines.push(`  tls: ${settings.tls.mode}, ${how}`);
+  }
   lines.push('attach:', `  nbdinfo '${first}'`, `  qemu-io -f raw -c 'read -v 0 512' '${first}'`);
   lines.push(`  mkdir -p /tmp/enbd-fuse && nbdfuse /tmp/enbd-fuse/disk.img '${first}' &`);
   if (embedded) lines.push(`(embedded default: data in ${settings.dataDir}; stop with Ctrl-C)`);

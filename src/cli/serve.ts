@@ -10,6 +10,7 @@ import { FileDevice } from '../stubs/file-device.js';
 import { createNbdServer } from '../nbd/server.js';
 import { kServerLimitDefaults, parseBytes, parseListen, parseServerLimits } from './parse.js';
 import { installShutdown } from './shutdown.js';
+import { loadServerTls, parseTlsMode } from '../nbd/server-tls.js';
 
 const kTmpfsMagic = 0x01021994;
 const kRamfsMagic = 0x858458f6;
@@ -45,6 +46,12 @@ export async function runServe(file: string, options: Record<string, unknown>): 
     throw new EnbdError('ENBD_ERR_CONFIG', `--io must be auto, sync or async, got "${ioAsked}"`);
   }
   const io = ioAsked === 'auto' ? (isMemoryBacked(resolve(file)) ? 'sync' : 'async') : ioAsked;
+  const tls = loadServerTls({
+    mode: parseTlsMode('--tls', String(options['tls'] ?? 'off')),
+    ...(typeof options['tlsCertificates'] === 'string' ? { certificatesDir: resolve(options['tlsCertificates']) } : {}),
+    verifyPeer: options['tlsVerifyPeer'] === true,
+    ...(typeof options['tlsPsk'] === 'string' ? { pskFile: resolve(options['tlsPsk']) } : {}),
+  });
   const device = FileDevice.open(resolve(file), { readOnly: options['readOnly'] === true, io });
   const server = createNbdServer({
     device,
@@ -55,6 +62,7 @@ export async function runServe(file: string, options: Record<string, unknown>): 
     ...limits,
     readOnly: options['readOnly'] === true,
     directReceive: options['receive'] === 'direct',
+    tls,
   });
   try {
     if (socketPath !== null) await server.listenUnix(socketPath);
@@ -71,7 +79,7 @@ export async function runServe(file: string, options: Record<string, unknown>): 
   if (socketPath !== null) {
     process.stdout.write(`enbd serve: nbd+unix:///${encodeURIComponent(exportName)}?socket=${socketPath}\n`);
   }
-  logger.info({ file, sizeBytes: device.sizeBytes, readOnly: device.features.readOnly, io }, 'serving');
+  logger.info({ file, sizeBytes: device.sizeBytes, readOnly: device.features.readOnly, io, tls: tls?.mode ?? 'off' }, 'serving');
   installShutdown(logger, async () => {
     await server.close();
     await device.close();

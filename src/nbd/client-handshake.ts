@@ -51,6 +51,7 @@ import {
   kOptionReplyMagicHigh,
   kOptionReplyMagicLow,
   kOptSetMetaContext,
+  kOptStartTls,
   kOptStructuredReply,
   kRepAck,
   kRepErrBlockSizeReqd,
@@ -80,6 +81,8 @@ export interface HandshakeIo {
   /** Resolves with exactly `lengthBytes` bytes, or rejects (EOF, timeout, socket error). */
   read(lengthBytes: number): Promise<Buffer>;
   write(data: Uint8Array): void;
+  /** After an acknowledged STARTTLS: run the TLS handshake on the connection (nbds:// only). */
+  startTls?(): Promise<void>;
 }
 
 export interface HandshakeOptions {
@@ -90,6 +93,12 @@ export interface HandshakeOptions {
   /** For messages: 'unix:/path' or 'host:port'. */
   serverName: string;
   logger?: Logger | undefined;
+  /** nbds://: send NBD_OPT_STARTTLS first and negotiate inside TLS. */
+  tls?: boolean;
+}
+
+function tlsRequired(serverName: string): EnbdError {
+  return handshakeError(`NBD server ${serverName} requires TLS: use an nbds:// or nbds+unix:// URI (with tls-certificates=DIR)`);
 }
 
 export interface HandshakeResult {
@@ -310,9 +319,18 @@ export async function negotiateClient(
   if ((handshakeFlags & kFlagFixedNewstyle) === 0) {
     return await exportNameFallback(io, options, handshakeFlags, noZeroes, false, null);
   }
+  if (options.tls === true) {
+    assert(io.startTls !== undefined, 'TLS needs a connection that can upgrade');
+    if ((handshakeFlags & kFlagFixedNewstyle) === 0) throw handshakeError(`NBD server ${serverName} cannot do TLS (no fixed newstyle)`);
+    const reply = await simpleOption(io, kOptStartTls, null, serverName);
+    if (reply.replyType !== kRepAck) throw handshakeError(`NBD server ${serverName} refused STARTTLS (${reply.message}); it may not offer TLS: use nbd://`);
+    await io.startTls();
+    logger?.debug({ server: serverName }, 'nbd client: TLS established');
+  }
   let structuredReplies = false;
   if (options.structuredReplies) {
     const reply = await simpleOption(io, kOptStructuredReply, null, serverName);
+    if (reply.replyType === kRepErrTlsReqd) throw tlsRequired(serverName);
     structuredReplies = reply.replyType === kRepAck;
     logger?.debug(
       { server: serverName, structuredReplies, reply: reply.message },
@@ -452,6 +470,7 @@ async function optionGo(io: HandshakeIo, options: HandshakeOptions): Promise<GoR
       return null;
     }
     if (reply.replyType === kRepErrUnknown) throw unknownExport(options, message);
+    if (reply.replyType === kRepErrTlsReqd) throw tlsRequired(serverName);
     throw handshakeError(
       `NBD server ${serverName} refused export '${options.exportName}': ` +
         `${optionReplyErrorName(reply.replyType)}${message.length === 0 ? '' : ` (${message})`}`,

@@ -91,6 +91,7 @@ import { negotiateClient, type HandshakeIo, type HandshakeResult } from './clien
 import { RequestTable } from './client-requests.js';
 import { ReplyParser, type ReplyEvents } from './client-replies.js';
 import { HeaderArena, type RunSink } from './client-arena.js';
+import { upgradeClientSocket } from './client-tls.js';
 
 export interface NbdClientOptions {
   /** Overrides the export name in the URI. */
@@ -267,6 +268,7 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
         blockStatus: options.blockStatus ?? true,
         serverName: connection.serverName,
         logger: options.logger,
+        tls: address.tls !== undefined,
       });
       const leftover = connection.finishHandshake();
       const client = new NbdClient(connection.socket, address, exportName, result, options);
@@ -815,7 +817,9 @@ interface PendingRead {
  * turns socket events into HandshakeIo reads, and enforces the connect deadline.
  */
 class PendingConnection implements HandshakeIo {
-  readonly socket: Socket;
+  /** The plain socket, or after STARTTLS the TLSSocket over it. */
+  socket: Socket;
+  private plainSocket: Socket | null = null;
   readonly serverName: string;
   private readonly receiveBuffer = Buffer.allocUnsafe(kReceiveBufferBytes);
   private received: Buffer[] = [];
@@ -827,7 +831,10 @@ class PendingConnection implements HandshakeIo {
   private connectWaiter: { resolve: () => void; reject: (error: Error) => void } | null = null;
   private readonly deadline: NodeJS.Timeout;
 
-  constructor(address: NbdAddress, timeoutMs: number) {
+  constructor(
+    private readonly address: NbdAddress,
+    timeoutMs: number,
+  ) {
     this.serverName = describeNbdAddress(address);
     const onread = {
       buffer: this.receiveBuffer,
@@ -893,6 +900,61 @@ class PendingConnection implements HandshakeIo {
   abort(): void {
     clearTimeout(this.deadline);
     this.socket.destroy();
+    this.plainSocket?.destroy();
+  }
+
+  /**
+   * STARTTLS was acknowledged: wrap the socket in TLS (node:tls over the same handle; reads
+   * then arrive as 'data' chunks instead of through `onread`). Resolves once the handshake and
+   * the certificate checks passed.
+   */
+  async startTls(): Promise<void> {
+    const settings = this.address.tls;
+    assert(settings !== undefined, 'startTls on a plain address');
+    if (this.receivedBytes > 0) {
+      throw new EnbdError('ENBD_ERR_HANDSHAKE', `NBD server ${this.serverName} sent data after its STARTTLS reply`);
+    }
+    if (this.failure !== null) throw this.failure;
+    const plain = this.socket;
+    plain.removeAllListeners('error');
+    plain.removeAllListeners('close');
+    plain.on('error', () => {
+      // reported by the TLS socket
+    });
+    const secured = upgradeClientSocket(plain, this.address, settings);
+    this.plainSocket = plain;
+    this.socket = secured;
+    secured.on('data', (chunk: Buffer) => {
+      if (this.client !== null) this.client.onReceive(chunk, chunk.length);
+      else this.onHandshakeChunk(chunk);
+    });
+    await new Promise<void>((resolve, reject) => {
+      const fail = (error: Error): void => {
+        const failure = new EnbdError('ENBD_ERR_HANDSHAKE', `TLS handshake with NBD server ${this.serverName} failed: ${error.message}`, 0, { cause: error });
+        this.setFailure(failure);
+        reject(failure);
+      };
+      const closed = (): void => fail(new Error('connection closed during the TLS handshake'));
+      secured.once('secureConnect', () => {
+        secured.removeListener('error', fail);
+        secured.removeListener('close', closed);
+        secured.on('error', (error) => this.onSocketError(error));
+        secured.on('close', () => this.onSocketClose());
+        resolve();
+      });
+      secured.once('error', fail);
+      secured.once('close', closed);
+    });
+  }
+
+  private onHandshakeChunk(chunk: Buffer): void {
+    this.received.push(chunk);
+    this.receivedBytes += chunk.length;
+    const pending = this.pending;
+    if (pending !== null && this.receivedBytes >= pending.lengthBytes) {
+      this.pending = null;
+      pending.resolve(this.take(pending.lengthBytes));
+    }
   }
 
   private take(lengthBytes: number): Buffer {

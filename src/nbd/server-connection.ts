@@ -41,6 +41,7 @@
  * - A WRITE payload is always consumed (or the connection dropped) before the next header.
  */
 import { Socket } from 'node:net';
+import type { TLSSocket } from 'node:tls';
 import type { Logger } from '../core/log.js';
 import type { BlockDevice, Extent } from '../core/block-device.js';
 import { assert } from '../core/assert.js';
@@ -48,6 +49,7 @@ import * as p from './protocol.js';
 import { OptionNegotiator, encodeGreeting, type ExportDescriptor, type NegotiatedState } from './server-options.js';
 import { validateRequest, type ValidationContext } from './request-validate.js';
 import type { BufferShare, ShareUser } from './buffer-share.js';
+import { peerVerifyError, upgradeServerSocket, type ServerTls } from './server-tls.js';
 
 export const kRequestsPerConnection = 256;
 export const kRequestIndexBits = 8;
@@ -112,6 +114,8 @@ export interface ConnectionHost {
   readonly fastZero: boolean;
   /** Fair share of the device's buffers, or null when the device has no shared buffers. */
   readonly bufferShare: BufferShare | null;
+  /** TLS offered on this export, or null (off). */
+  readonly tls: ServerTls | null;
   connectionClosed(connection: ServerConnection): void;
   /** Register a connection whose parsing stalled; `resume()` is called after a `wake()`. */
   stalled(connection: ServerConnection): void;
@@ -133,7 +137,9 @@ export class ServerConnection implements ShareUser {
   private stalledChunk: Buffer | null = null;
   private stalledPosition = 0;
   private stalledEnd = 0;
-  private readonly socket: Socket;
+  /** The client's socket; after STARTTLS the TLSSocket wrapping `plainSocket`. */
+  private socket: Socket;
+  private plainSocket: Socket | null = null;
   /** Direct receive mode: reads land in `receiveBuffer`, or straight in a payload's buffer. */
   private readonly receiveBuffer: Buffer | null = null;
   private directTarget: Uint8Array | null = null;
@@ -182,17 +188,66 @@ export class ServerConnection implements ShareUser {
     for (let index = 0; index < kRequestsPerConnection; index += 1) {
       this.records.push(new RequestRecord(index, (this.index << kRequestIndexBits) | index, this));
     }
-    this.negotiator = new OptionNegotiator(host.exportDescriptor, {
-      send: (bytes) => this.sendRaw(bytes),
-      onTransmission: (state, rest) => this.enterTransmission(state, rest),
-      onClose: (reason) => this.close(reason),
-    });
+    this.negotiator = new OptionNegotiator(
+      host.exportDescriptor,
+      {
+        send: (bytes) => this.sendRaw(bytes),
+        onTransmission: (state, rest) => this.enterTransmission(state, rest),
+        onClose: (reason) => this.close(reason),
+        onStartTls: () => this.startTls(),
+      },
+      host.tls?.mode ?? 'off',
+    );
     socket.setNoDelay(true);
-    if (!directReceive) socket.on('data', (chunk: Buffer) => this.onData(chunk, chunk.length));
+    this.listen(socket, !directReceive);
+    socket.write(encodeGreeting());
+  }
+
+  private listen(socket: Socket, data: boolean): void {
+    if (data) socket.on('data', (chunk: Buffer) => this.onData(chunk, chunk.length));
     socket.on('error', (error: Error) => this.close(`socket error: ${error.message}`));
     socket.on('close', () => this.close('client closed the connection'));
     socket.on('end', () => this.onEnd());
-    socket.write(encodeGreeting());
+  }
+
+  /**
+   * STARTTLS was acknowledged (the ACK is queued on the plain socket's handle): stop reading
+   * plain bytes and wrap the same socket in a server TLSSocket. A failed handshake closes this
+   * connection only; success restarts option haggling inside TLS.
+   */
+  private startTls(): void {
+    const tls = this.host.tls;
+    assert(tls !== null, 'STARTTLS accepted without TLS settings');
+    if (this.closed) return;
+    const plain = this.socket;
+    plain.pause();
+    plain.removeAllListeners('data');
+    plain.removeAllListeners('end');
+    plain.removeAllListeners('error');
+    plain.on('error', () => {
+      // reported by the TLS socket
+    });
+    let secured: TLSSocket;
+    try {
+      secured = upgradeServerSocket(plain, tls);
+    } catch (error) {
+      this.close(`TLS upgrade failed: ${(error as Error).message}`);
+      return;
+    }
+    this.plainSocket = plain;
+    this.socket = secured;
+    secured.setNoDelay(true);
+    this.listen(secured, true);
+    secured.once('secure', () => {
+      if (this.closed) return;
+      const rejected = tls.verifyPeer ? peerVerifyError(secured) : null;
+      if (rejected !== null) {
+        this.close(`client certificate rejected: ${rejected}`);
+        return;
+      }
+      this.logger.debug({ protocol: secured.getProtocol(), cipher: secured.getCipher().name }, 'TLS established');
+      this.negotiator.tlsEstablished();
+    });
   }
 
   get isClosed(): boolean {
@@ -871,6 +926,7 @@ export class ServerConnection implements ShareUser {
       if (record.state === RecordState.Writing) this.releaseRecord(record);
     }
     this.socket.destroy();
+    this.plainSocket?.destroy();
     if (this.inFlight === 0) this.host.connectionClosed(this);
   }
 }

@@ -10,8 +10,17 @@
  * | state            | waiting for                          | next                          |
  * |------------------|--------------------------------------|-------------------------------|
  * | clientFlags      | 4 bytes of client flags              | options (or closed)           |
- * | options          | 16-byte option header + data         | options, transmission, closed |
+ * | options          | 16-byte option header + data         | options, tls, transmission,   |
+ * |                  |                                      | closed                        |
+ * | tls              | the TLS handshake (socket's business) | options (tlsEstablished)     |
  * | done             | nothing (handed off or closed)       | -                             |
+ *
+ * TLS (mode on/require): STARTTLS is acknowledged, then `onStartTls` upgrades the socket; bytes
+ * already received after STARTTLS (before the server's ACK could be seen) are a protocol
+ * violation and close the connection. After the handshake every earlier negotiated state
+ * (structured replies, meta contexts) is forgotten and option haggling restarts. With
+ * `require`, every option but STARTTLS and ABORT gets ERR_TLS_REQD until TLS is up (and
+ * EXPORT_NAME, which has no error reply, closes), so no export information leaks.
  *
  * Invariants:
  * - Every option gets exactly one final reply (ACK or an error) unless it ends negotiation
@@ -49,7 +58,12 @@ export interface OptionHandlers {
   onTransmission(state: NegotiatedState, rest: Buffer): void;
   /** The connection must be closed; `reason` is logged (null for a clean ABORT). */
   onClose(reason: string | null): void;
+  /** STARTTLS was acknowledged: upgrade the socket, then call `tlsEstablished()`. */
+  onStartTls?(): void;
 }
+
+/** TLS offered by the server: off (STARTTLS unsupported), on (optional), require (forced). */
+export type NegotiatorTlsMode = 'off' | 'on' | 'require';
 
 export const kOptionBytesMax = 64 * 1024;
 export const kBaseAllocationContextId = 1;
@@ -145,7 +159,8 @@ function optionName(option: number): string {
 
 export class OptionNegotiator {
   private buffered: Buffer = Buffer.alloc(0);
-  private stage: 'clientFlags' | 'options' | 'done' = 'clientFlags';
+  private stage: 'clientFlags' | 'options' | 'tls' | 'done' = 'clientFlags';
+  private tlsActive = false;
   private fixedNewstyle = false;
   private noZeroes = false;
   private structuredReplies = false;
@@ -157,7 +172,9 @@ export class OptionNegotiator {
   constructor(
     private readonly exportDescriptor: ExportDescriptor,
     private readonly handlers: OptionHandlers,
+    private readonly tlsMode: NegotiatorTlsMode = 'off',
   ) {
+    assert(tlsMode === 'off' || handlers.onStartTls !== undefined, 'TLS needs an onStartTls handler');
     assert(exportDescriptor.sizeBytes >= 0, 'export size must be non-negative');
     assert((exportDescriptor.transmissionFlags & p.kTxFlagHasFlags) !== 0, 'HAS_FLAGS must be set');
   }
@@ -171,12 +188,36 @@ export class OptionNegotiator {
     this.shuttingDown = true;
   }
 
+  /** True once STARTTLS succeeded on this connection. */
+  get tls(): boolean {
+    return this.tlsActive;
+  }
+
+  /** The TLS handshake after STARTTLS finished: forget earlier state, haggle again. */
+  tlsEstablished(): void {
+    assert(this.stage === 'tls', 'tlsEstablished outside the TLS stage');
+    this.tlsActive = true;
+    this.structuredReplies = false;
+    this.metaExportName = null;
+    this.metaSelected = false;
+    this.buffered = Buffer.alloc(0);
+    this.stage = 'options';
+  }
+
   feed(chunk: Buffer): void {
     if (this.stage === 'done') return;
+    if (this.stage === 'tls') {
+      this.finish('client sent data after STARTTLS before the TLS handshake');
+      return;
+    }
     this.buffered = this.buffered.length === 0 ? chunk : Buffer.concat([this.buffered, chunk]);
-    while (!this.finished && this.step()) {
+    while (this.parsing() && this.step()) {
       // each step consumes one complete unit (client flags or one option)
     }
+  }
+
+  private parsing(): boolean {
+    return this.stage === 'clientFlags' || this.stage === 'options';
   }
 
   /** Parses one unit if complete; returns false when more bytes are needed. */
@@ -237,6 +278,14 @@ export class OptionNegotiator {
       this.replyError(option, p.kRepErrShutdown, 'server is shutting down');
       return;
     }
+    if (this.tlsMode === 'require' && !this.tlsActive && option !== p.kOptStartTls && option !== p.kOptAbort) {
+      if (option === p.kOptExportName) {
+        this.finish('EXPORT_NAME before STARTTLS, and the server requires TLS');
+        return;
+      }
+      this.replyError(option, p.kRepErrTlsReqd, 'this server requires TLS: send NBD_OPT_STARTTLS first');
+      return;
+    }
     switch (option) {
       case p.kOptExportName:
         this.handleExportName(data);
@@ -249,7 +298,7 @@ export class OptionNegotiator {
         this.handleList(data);
         return;
       case p.kOptStartTls:
-        this.replyError(option, p.kRepErrUnsup, 'TLS is not supported by this server');
+        this.handleStartTls(data);
         return;
       case p.kOptInfo:
       case p.kOptGo:
@@ -265,6 +314,29 @@ export class OptionNegotiator {
       default:
         this.replyError(option, p.kRepErrUnsup, `${optionName(option)} is not supported`);
     }
+  }
+
+  private handleStartTls(data: Buffer): void {
+    if (this.tlsMode === 'off') {
+      this.replyError(p.kOptStartTls, p.kRepErrUnsup, 'TLS is not enabled on this server');
+      return;
+    }
+    if (this.tlsActive) {
+      this.replyError(p.kOptStartTls, p.kRepErrInvalid, 'TLS is already active');
+      return;
+    }
+    if (data.length !== 0) {
+      this.replyError(p.kOptStartTls, p.kRepErrInvalid, 'STARTTLS takes no data');
+      return;
+    }
+    if (this.buffered.length !== 0) {
+      // A client must wait for the ACK before its TLS hello: anything here is a violation.
+      this.finish('client sent data after STARTTLS before the TLS handshake');
+      return;
+    }
+    this.reply(p.kOptStartTls, p.kRepAck);
+    this.stage = 'tls';
+    (this.handlers.onStartTls as () => void)();
   }
 
   private handleExportName(data: Buffer): void {

@@ -31,6 +31,7 @@ import * as p from './protocol.js';
 import type { ExportDescriptor } from './server-options.js';
 import { ServerConnection, kRequestIndexBits, kRequestsPerConnection, type ConnectionHost } from './server-connection.js';
 import { BufferShare } from './buffer-share.js';
+import type { ServerTls } from './server-tls.js';
 
 export interface NbdServerOptions {
   device: BlockDevice;
@@ -56,6 +57,11 @@ export interface NbdServerOptions {
    * (large payloads skip the copy from Node's read buffer). Default false.
    */
   directReceive?: boolean;
+  /**
+   * TLS offered (mode on) or required (mode require), from loadServerTls; null/absent = off.
+   * Direct receive is not used when TLS is configured (TLS records are decrypted by node:tls).
+   */
+  tls?: ServerTls | null;
 }
 
 export const kConnectionsMaxDefault = 128;
@@ -106,6 +112,7 @@ export class NbdServer implements ConnectionHost {
   readonly exportDescriptor: ExportDescriptor;
   readonly fastZero: boolean;
   readonly bufferShare: BufferShare | null;
+  readonly tls: ServerTls | null;
   private readonly logger: Logger;
   private readonly connections: (ServerConnection | null)[] = [];
   private readonly stalledConnections = new Set<ServerConnection>();
@@ -168,7 +175,11 @@ export class NbdServer implements ConnectionHost {
       device.acquireBuffer !== undefined && capacityBytes !== undefined
         ? new BufferShare(capacityBytes, device.bufferUnitBytes)
         : null;
-    this.directReceive = options.directReceive === true;
+    this.tls = options.tls ?? null;
+    if (options.directReceive === true && this.tls !== null) {
+      this.logger.warn('--receive direct is not used with --tls on/require; WRITE payloads are streamed');
+    }
+    this.directReceive = options.directReceive === true && this.tls === null;
     this.fastZero = device.features.fastZero;
     this.exportDescriptor = {
       name,

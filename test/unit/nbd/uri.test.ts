@@ -32,8 +32,8 @@ for (const [text, expected] of accepted) {
 const rejected: [string, RegExp][] = [
   ['', /empty URI/],
   ['localhost:10809', /expected 'nbd:\/\/'/],
-  ['nbds://host/', /TLS/],
-  ['nbds+unix:///?socket=/s', /TLS/],
+  ['nbds://alice@host/', /needs tls-psk-file/],
+  ['nbds+unix:///?socket=/s&tls-verify-peer=yes', /true or false/],
   ['nbd+vsock://1:2/', /vsock/],
   ['http://host/', /unknown scheme 'http'/],
   ['nbd+unix:///export', /requires \?socket=PATH/],
