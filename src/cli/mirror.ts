@@ -3,6 +3,8 @@
  * runs the embedded default: two sparse 1 GiB file legs under ./enbd-data, a Unix socket there
  * and TCP 127.0.0.1:10809. Settings come from flags and/or a JSON or YAML config file
  * (`--config`); flags win over the file.
+ * SIGHUP re-reads the config file and applies the settings in kLiveSettings (`reloadMirror`);
+ * the others are reported as needing a restart.
  * Thread: main thread.
  */
 import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, statSync } from 'node:fs';
@@ -16,9 +18,10 @@ import { openLegDevices } from './create.js';
 import { EnbdError, describeError } from '../core/errors.js';
 import { MirrorDevice } from '../engine/mirror.js';
 import type { CopyMode, Placement } from '../engine/messages.js';
-import { createNbdServer } from '../nbd/server.js';
+import { createNbdServer, type NbdServer } from '../nbd/server.js';
 import { kServerLimitDefaults, parseBytes, parseInteger, parseListen, parseServerLimits, type ServerLimits } from './parse.js';
 import { installShutdown } from './shutdown.js';
+import { installHangup } from './hangup.js';
 import { startControlPlane, type ControlPlane } from '../control/plane.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
 
@@ -232,13 +235,82 @@ async function assembleLegs(settings: MirrorSettings, createFirst: boolean, logg
   return assembled;
 }
 
+/**
+ * What SIGHUP changes in a running mirror, config key -> how. Everything else in the file needs
+ * a restart (legs: `enbd leg add` / `enbd leg remove` change the running set).
+ */
+export const kLiveSettings = ['resyncRateMin', 'resyncRateMax', 'logLevel', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs'] as const;
+
+/** The settings as config keys, for comparing two loads (serverLimits flattened). */
+function comparable(settings: MirrorSettings): Record<string, unknown> {
+  const { serverLimits, ...rest } = settings;
+  return {
+    ...rest,
+    maxConnections: serverLimits.connectionsMax,
+    handshakeTimeoutMs: serverLimits.handshakeTimeoutMs,
+    payloadTimeoutMs: serverLimits.payloadTimeoutMs,
+  };
+}
+
+const kLevelOrder = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
+function showsInfo(level: string): boolean {
+  return kLevelOrder.indexOf(level) <= kLevelOrder.indexOf('info');
+}
+
+interface Running {
+  mirror: MirrorDevice;
+  server: NbdServer;
+  logger: Logger;
+}
+
+/**
+ * SIGHUP: re-reads the config file (flags still win), applies what changed among kLiveSettings,
+ * and logs one line with every change and every setting that changed but needs a restart. An
+ * invalid file throws (the caller logs it) and nothing is applied. Clients are never touched.
+ * `loaded` is what the last load said; it is updated to the applied values.
+ */
+async function reloadMirror(flags: Record<string, unknown>, loaded: MirrorSettings, running: Running): Promise<void> {
+  const next = resolveMirrorSettings(flags);
+  const before = comparable(loaded);
+  const after = comparable(next);
+  const changed: Record<string, { from: unknown; to: unknown }> = {};
+  const needsRestart: string[] = [];
+  for (const key of Object.keys(after)) {
+    if (JSON.stringify(before[key]) === JSON.stringify(after[key])) continue;
+    if ((kLiveSettings as readonly string[]).includes(key)) changed[key] = { from: before[key], to: after[key] };
+    else needsRestart.push(key);
+  }
+  if (changed['resyncRateMin'] !== undefined || changed['resyncRateMax'] !== undefined) {
+    running.mirror.setResyncRates({ minBytesPerSecond: next.resyncRateMin, maxBytesPerSecond: next.resyncRateMax });
+    loaded.resyncRateMin = next.resyncRateMin;
+    loaded.resyncRateMax = next.resyncRateMax;
+  }
+  if (JSON.stringify(loaded.serverLimits) !== JSON.stringify(next.serverLimits)) {
+    running.server.setLimits(next.serverLimits);
+    loaded.serverLimits = { ...next.serverLimits };
+  }
+  const line = { config: flags['config'], changed, ...(needsRestart.length > 0 ? { needsRestart } : {}) };
+  const message = Object.keys(changed).length === 0 ? 'SIGHUP: config reloaded, nothing to change live' : 'SIGHUP: config reloaded';
+  const previousLevel = running.logger.level;
+  // one line, under whichever of the two log levels shows info
+  if (showsInfo(previousLevel)) running.logger.info(line, message);
+  if (changed['logLevel'] !== undefined) {
+    running.logger.level = next.logLevel;
+    await running.mirror.setLogLevel(next.logLevel);
+    loaded.logLevel = next.logLevel;
+    if (!showsInfo(previousLevel) && showsInfo(next.logLevel)) running.logger.info(line, message);
+  }
+}
+
 export async function runMirror(flags: Record<string, unknown>): Promise<void> {
   const settings = resolveMirrorSettings(flags);
+  const loaded = structuredClone(settings); // what the config said, before the defaults filled in
   const embedded = settings.legs.length === 0;
   const createdNow = embedded ? embeddedDefault(settings) : false;
   if (settings.socket === null && settings.listen === null) settings.listen = '127.0.0.1:10809';
   const listen = settings.listen === null ? null : parseListen('--listen', settings.listen);
   const logger = createLogger({ level: settings.logLevel });
+  const hangup = installHangup(logger, 'enbd mirror is still starting');
   const assembled = settings.metadata === 'leg' ? await assembleLegs(settings, createdNow, logger) : undefined;
   const mirror = await MirrorDevice.open({
     ...(assembled !== undefined ? { metadata: assembled } : {}),
@@ -302,7 +374,14 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
     throw error;
   }
   printBanner(settings, mirror, uris, embedded, control?.path ?? null);
+  if (typeof flags['config'] === 'string') {
+    const running: Running = { mirror, server, logger };
+    hangup.setReload(async () => await reloadMirror(flags, loaded, running));
+  } else {
+    hangup.setReload(null, 'no --config file, nothing to reload');
+  }
   installShutdown(logger, async () => {
+    hangup.setReload(null, 'the daemon is stopping');
     await control?.close();
     await metrics?.close();
     await server.close();

@@ -1,5 +1,6 @@
 /**
  * `enbd serve FILE`: our own NBD file server, on a Unix socket and/or TCP, until SIGINT/SIGTERM.
+ * SIGHUP is logged and ignored (src/cli/hangup.ts).
  * Thread: main thread.
  */
 import { statfsSync } from 'node:fs';
@@ -10,6 +11,7 @@ import { FileDevice } from '../stubs/file-device.js';
 import { createNbdServer } from '../nbd/server.js';
 import { kServerLimitDefaults, parseBytes, parseListen, parseServerLimits } from './parse.js';
 import { installShutdown } from './shutdown.js';
+import { installHangup } from './hangup.js';
 
 const kTmpfsMagic = 0x01021994;
 const kRamfsMagic = 0x858458f6;
@@ -30,6 +32,8 @@ function isMemoryBacked(path: string): boolean {
 
 export async function runServe(file: string, options: Record<string, unknown>): Promise<void> {
   const logger = createLogger({ level: String(options['logLevel'] ?? 'info') });
+  // SIGHUP (a closed terminal) must not kill the server: it has no config to reload
+  installHangup(logger, 'enbd serve has no configuration to reload');
   const maximumPayloadBytes = parseBytes('--max-payload', String(options['maxPayload'] ?? '32M'));
   const limits = parseServerLimits(
     String(options['maxConnections'] ?? kServerLimitDefaults.maxConnections),

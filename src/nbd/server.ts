@@ -111,15 +111,15 @@ export class NbdServer implements ConnectionHost {
   private readonly stalledConnections = new Set<ServerConnection>();
   private readonly listeners: Server[] = [];
   private readonly unixPaths: string[] = [];
-  private readonly connectionsMax: number;
+  private connectionsMax: number;
   private wakeScheduled = false;
   private nextConnectionId = 1;
   private closing = false;
   private readonly idleWaiters: (() => void)[] = [];
   private readonly directReceive: boolean;
-  private readonly handshakeTimeoutMs: number;
-  private readonly payloadTimeoutMs: number;
-  private readonly sweepIntervalMs: number;
+  private handshakeTimeoutMs: number;
+  private payloadTimeoutMs: number;
+  private sweepIntervalMs: number;
   private sweepTimer: NodeJS.Timeout | null = null;
   private readonly sweepBound = (): void => {
     setImmediate(this.checkTimeoutsBound);
@@ -193,6 +193,32 @@ export class NbdServer implements ConnectionHost {
     let count = 0;
     for (const connection of this.connections) if (connection !== null) count += connection.inFlight;
     return count;
+  }
+
+  /** The abuse bounds now in force (connectionsMax, handshake and payload timeouts). */
+  limits(): { connectionsMax: number; handshakeTimeoutMs: number; payloadTimeoutMs: number } {
+    return { connectionsMax: this.connectionsMax, handshakeTimeoutMs: this.handshakeTimeoutMs, payloadTimeoutMs: this.payloadTimeoutMs };
+  }
+
+  /**
+   * Changes the abuse bounds of a running server (SIGHUP reload). Open connections stay: a lower
+   * connectionsMax refuses only new ones; new timeouts apply from the next sweep, which is
+   * re-armed with the period they call for.
+   */
+  setLimits(limits: { connectionsMax: number; handshakeTimeoutMs: number; payloadTimeoutMs: number }): void {
+    if (!Number.isInteger(limits.connectionsMax) || limits.connectionsMax < 1 || limits.connectionsMax > kConnectionsMaxLimit) {
+      throw new RangeError(`limits.connectionsMax must be an integer from 1 to ${kConnectionsMaxLimit}`);
+    }
+    this.handshakeTimeoutMs = checkTimeout(limits.handshakeTimeoutMs, 'handshakeTimeoutMs');
+    this.payloadTimeoutMs = checkTimeout(limits.payloadTimeoutMs, 'payloadTimeoutMs');
+    this.connectionsMax = limits.connectionsMax;
+    const sweepIntervalMs = sweepIntervalMsFor(this.handshakeTimeoutMs, this.payloadTimeoutMs);
+    if (sweepIntervalMs === this.sweepIntervalMs) return;
+    this.sweepIntervalMs = sweepIntervalMs;
+    const running = this.sweepTimer !== null;
+    this.stopSweep();
+    this.lastSweepMs = -1;
+    if ((running || this.connectionCount > 0) && !this.closing) this.startSweep();
   }
 
   /** Connections refused because `connectionsMax` were open (since the start). */
