@@ -19,10 +19,11 @@ import { EnbdError, describeError } from '../core/errors.js';
 import { MirrorDevice } from '../engine/mirror.js';
 import type { CopyMode, Placement } from '../engine/messages.js';
 import { createNbdServer, type NbdServer } from '../nbd/server.js';
-import { kServerLimitDefaults, parseBytes, parseInteger, parseListen, parseServerLimits, type ServerLimits } from './parse.js';
+import { kServerLimitDefaults, parseBytes, parseInteger, parseListen, parseServerLimits, type ListenAddress, type ServerLimits } from './parse.js';
 import { installShutdown } from './shutdown.js';
 import { installHangup } from './hangup.js';
-import { startControlPlane, type ControlPlane } from '../control/plane.js';
+import { controlPathFor, startControlPlane, type ControlPlane } from '../control/plane.js';
+import { checkTcpFree, checkUnixFree } from '../core/listen.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
 
 export interface MirrorSettings {
@@ -311,6 +312,10 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
   const listen = settings.listen === null ? null : parseListen('--listen', settings.listen);
   const logger = createLogger({ level: settings.logLevel });
   const hangup = installHangup(logger, 'enbd mirror is still starting');
+  const metricsAddress = settings.metrics === null ? null : parseListen('--metrics', settings.metrics);
+  // every listener is checked before any leg is opened or any socket bound (a second daemon
+  // on the same socket, port or control socket refuses here and touches nothing)
+  await checkMirrorListeners(settings, listen, metricsAddress, embedded);
   const assembled = settings.metadata === 'leg' ? await assembleLegs(settings, createdNow, logger) : undefined;
   const mirror = await MirrorDevice.open({
     ...(assembled !== undefined ? { metadata: assembled } : {}),
@@ -349,11 +354,10 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
   const uris: string[] = [];
   let control: ControlPlane | null = null;
   let metrics: MetricsServer | null = null;
-  const metricsAddress = settings.metrics === null ? null : parseListen('--metrics', settings.metrics);
   try {
     if (settings.socket !== null) {
       const socketPath = resolve(settings.socket);
-      await server.listenUnix(socketPath);
+      await server.listenUnix(socketPath, '--socket');
       uris.push(`nbd+unix:///${encodeURIComponent(settings.name)}?socket=${socketPath}`);
     }
     if (listen !== null) {
@@ -390,6 +394,15 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
     logger.info({ stats: mirror.stats(), payload: server.payloadStats() }, 'final stats');
     await mirror.close();
   });
+}
+
+/** Throws, naming the flag and the address, if any listener of this mirror is taken. */
+async function checkMirrorListeners(settings: MirrorSettings, listen: ListenAddress | null, metrics: ListenAddress | null, embedded: boolean): Promise<void> {
+  if (settings.socket !== null) await checkUnixFree(resolve(settings.socket), '--socket');
+  if (listen !== null) await checkTcpFree(listen.host, listen.port, '--listen');
+  const controlPath = controlPathFor({ control: settings.control, socket: settings.socket, dataDir: settings.dataDir, embedded });
+  if (controlPath !== null) await checkUnixFree(controlPath, '--control');
+  if (metrics !== null) await checkTcpFree(metrics.host, metrics.port, '--metrics');
 }
 
 function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: string[], embedded: boolean, controlPath: string | null): void {

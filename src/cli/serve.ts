@@ -9,6 +9,7 @@ import { createLogger } from '../core/log.js';
 import { EnbdError } from '../core/errors.js';
 import { FileDevice } from '../stubs/file-device.js';
 import { createNbdServer } from '../nbd/server.js';
+import { checkTcpFree, checkUnixFree } from '../core/listen.js';
 import { kServerLimitDefaults, parseBytes, parseListen, parseServerLimits } from './parse.js';
 import { installShutdown } from './shutdown.js';
 import { installHangup } from './hangup.js';
@@ -49,6 +50,9 @@ export async function runServe(file: string, options: Record<string, unknown>): 
     throw new EnbdError('ENBD_ERR_CONFIG', `--io must be auto, sync or async, got "${ioAsked}"`);
   }
   const io = ioAsked === 'auto' ? (isMemoryBacked(resolve(file)) ? 'sync' : 'async') : ioAsked;
+  // both listeners are checked before the file is opened or either is bound
+  if (socketPath !== null) await checkUnixFree(socketPath, '--socket');
+  if (listen !== null) await checkTcpFree(listen.host, listen.port, '--listen');
   const device = FileDevice.open(resolve(file), { readOnly: options['readOnly'] === true, io });
   const server = createNbdServer({
     device,
@@ -61,7 +65,7 @@ export async function runServe(file: string, options: Record<string, unknown>): 
     directReceive: options['receive'] === 'direct',
   });
   try {
-    if (socketPath !== null) await server.listenUnix(socketPath);
+    if (socketPath !== null) await server.listenUnix(socketPath, '--socket');
     if (listen !== null) {
       const port = await server.listenTcp(listen.host, listen.port);
       const host = listen.host.includes(':') ? `[${listen.host}]` : listen.host;

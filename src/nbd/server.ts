@@ -20,13 +20,12 @@
  * - A client's bytes can only close that client's connection; nothing a client sends throws
  *   out of a socket callback (errors are caught per connection and logged).
  */
-import { listenOn } from '../core/listen.js';
+import { checkUnixFree, listenOn } from '../core/listen.js';
 import { createServer, type Server, type Socket } from 'node:net';
-import { existsSync, lstatSync, unlinkSync } from 'node:fs';
+import { lstatSync, unlinkSync } from 'node:fs';
 import { createLogger, type Logger } from '../core/log.js';
 import type { BlockDevice } from '../core/block-device.js';
 import { assert, isPowerOfTwo } from '../core/assert.js';
-import { EnbdError } from '../core/errors.js';
 import * as p from './protocol.js';
 import type { ExportDescriptor } from './server-options.js';
 import { ServerConnection, kRequestIndexBits, kRequestsPerConnection, type ConnectionHost } from './server-connection.js';
@@ -110,7 +109,8 @@ export class NbdServer implements ConnectionHost {
   private readonly connections: (ServerConnection | null)[] = [];
   private readonly stalledConnections = new Set<ServerConnection>();
   private readonly listeners: Server[] = [];
-  private readonly unixPaths: string[] = [];
+  /** Unix sockets this server bound, with their inode: close() unlinks only those very files. */
+  private readonly unixPaths: Array<{ path: string; inode: number }> = [];
   private connectionsMax: number;
   private wakeScheduled = false;
   private nextConnectionId = 1;
@@ -253,16 +253,19 @@ export class NbdServer implements ConnectionHost {
     return server;
   }
 
-  async listenUnix(path: string): Promise<void> {
-    if (existsSync(path)) {
-      if (!lstatSync(path).isSocket()) {
-        throw new EnbdError('ENBD_ERR_CONFIG', `${path} exists and is not a socket; refusing to replace it`);
-      }
-      unlinkSync(path); // a stale socket left by a previous run
+  /**
+   * Listens on a Unix socket. An existing socket is replaced only when it is stale (connect
+   * refused: its daemon is gone); one that something accepts on is refused with a message
+   * naming it (`what`: the option the user gave, e.g. "--socket"), and left alone.
+   */
+  async listenUnix(path: string, what = 'socket'): Promise<void> {
+    if ((await checkUnixFree(path, what)) === 'stale') {
+      unlinkSync(path);
+      this.logger.info({ socket: path }, 'replaced a stale Unix socket (nothing accepted on it)');
     }
     const server = this.createListener();
     await listenOn(server, { path });
-    this.unixPaths.push(path);
+    this.unixPaths.push({ path, inode: lstatSync(path).ino });
     this.logger.info({ socket: path }, 'listening on Unix socket');
   }
 
@@ -386,9 +389,9 @@ export class NbdServer implements ConnectionHost {
     this.closing = true;
     // Stop accepting now; server.close's callback waits for every connection, so don't await it.
     for (const server of this.listeners) server.close();
-    for (const path of this.unixPaths) {
+    for (const { path, inode } of this.unixPaths) {
       try {
-        unlinkSync(path);
+        if (lstatSync(path).ino === inode) unlinkSync(path);
       } catch {
         // already gone
       }

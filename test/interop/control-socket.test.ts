@@ -182,7 +182,8 @@ describe('enbd control socket: location, permissions, robustness', { skip: skipU
     const first = await startMirror({ legs, socketPath: dir.path('first.sock'), args: ['--control', control] });
     const second = await runMirrorCli(['--leg', legs[0] ?? '', '--leg', legs[1] ?? '', '--socket', dir.path('second.sock'), '--control', control, '--log-level', 'warn']);
     assert.equal(second.status, 1, `a second daemon on a live control path exits 1:\n${second.stderr}`);
-    assert.match(second.stderr, /enbd: error: control socket .*shared\.ctl is in use by another process/);
+    assert.match(second.stderr, /enbd: error: --control .*shared\.ctl is in use: another process accepts connections on it/);
+    assert.ok(!existsSync(dir.path('second.sock')), 'the refused daemon bound none of its listeners');
     await statusOk(control);
 
     assert.equal(await first.stop('SIGKILL'), 128);
