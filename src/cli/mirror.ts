@@ -22,6 +22,7 @@ import { createNbdServer, type NbdServer } from '../nbd/server.js';
 import { kServerLimitDefaults, parseBytes, parseInteger, parseListen, parseServerLimits, type ListenAddress, type ServerLimits } from './parse.js';
 import { installShutdown } from './shutdown.js';
 import { installHangup } from './hangup.js';
+import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits, type HostHabits } from './host.js';
 import { controlPathFor, startControlPlane, type ControlPlane } from '../control/plane.js';
 import { checkTcpFree, checkUnixFree } from '../core/listen.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
@@ -65,9 +66,11 @@ export interface MirrorSettings {
   metadata: 'leg' | 'none';
   forceSource: number | null;
   degraded: boolean;
+  /** -r/--read-only: the export refuses writes (EPERM); resyncs still write the legs. */
+  readOnly: boolean;
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'readOnly']);
 const kDefaultLegBytes = 1024 ** 3;
 
 function readConfig(path: string): Record<string, unknown> {
@@ -140,6 +143,7 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     metadata,
     forceSource: forceSource === undefined ? null : parseInteger('--force-source', text(forceSource, '--force-source'), 0, 31),
     degraded: pick('degraded') === true || pick('degraded') === 'true',
+    readOnly: pick('readOnly') === true || pick('readOnly') === 'true',
     legs,
     socket: socket === undefined ? null : text(socket, '--socket'),
     listen: listen === undefined ? null : text(listen, '--listen'),
@@ -304,8 +308,19 @@ async function reloadMirror(flags: Record<string, unknown>, loaded: MirrorSettin
 }
 
 export async function runMirror(flags: Record<string, unknown>): Promise<void> {
+  const habits = parseHostHabits(flags);
+  try {
+    await runMirrorWith(flags, habits);
+  } catch (error) {
+    hostCleanup(habits); // the -U - directory of a start that failed
+    throw error;
+  }
+}
+
+async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits): Promise<void> {
   const settings = resolveMirrorSettings(flags);
   const loaded = structuredClone(settings); // what the config said, before the defaults filled in
+  if (settings.socket === kPrivateSocket) settings.socket = makePrivateSocket(habits);
   const embedded = settings.legs.length === 0;
   const createdNow = embedded ? embeddedDefault(settings) : false;
   if (settings.socket === null && settings.listen === null) settings.listen = '127.0.0.1:10809';
@@ -350,8 +365,10 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
     maximumPayloadBytes: settings.maxPayload,
     ...settings.serverLimits,
     directReceive: settings.receive === 'direct',
+    readOnly: settings.readOnly,
   });
   const uris: string[] = [];
+  let tcp: { host: string; port: number } | null = null;
   let control: ControlPlane | null = null;
   let metrics: MetricsServer | null = null;
   try {
@@ -362,6 +379,7 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
     }
     if (listen !== null) {
       const port = await server.listenTcp(listen.host, listen.port);
+      tcp = { host: listen.host, port };
       const host = listen.host.includes(':') ? `[${listen.host}]` : listen.host;
       uris.push(`nbd://${host}:${port}/${encodeURIComponent(settings.name)}`);
     }
@@ -377,23 +395,32 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
     await mirror.close();
     throw error;
   }
-  printBanner(settings, mirror, uris, embedded, control?.path ?? null);
+  printBanner(settings, mirror, uris, embedded, control?.path ?? null, bannerStream(habits));
   if (typeof flags['config'] === 'string') {
     const running: Running = { mirror, server, logger };
     hangup.setReload(async () => await reloadMirror(flags, loaded, running));
   } else {
     hangup.setReload(null, 'no --config file, nothing to reload');
   }
-  installShutdown(logger, async () => {
+  const shutdown = installShutdown(logger, async () => {
     hangup.setReload(null, 'the daemon is stopping');
-    await control?.close();
-    await metrics?.close();
-    await server.close();
-    const errno = await mirror.flushAll();
-    if (errno !== 0) logger.error({ errno }, 'final flush of the legs failed');
-    logger.info({ stats: mirror.stats(), payload: server.payloadStats() }, 'final stats');
-    await mirror.close();
+    try {
+      await stopMirror(control, metrics, server, mirror, logger);
+    } finally {
+      hostCleanup(habits);
+    }
   });
+  hostReady(habits, { exportName: settings.name, unixSocket: settings.socket === null ? null : resolve(settings.socket), tcp }, logger, shutdown);
+}
+
+async function stopMirror(control: ControlPlane | null, metrics: MetricsServer | null, server: NbdServer, mirror: MirrorDevice, logger: Logger): Promise<void> {
+  await control?.close();
+  await metrics?.close();
+  await server.close();
+  const errno = await mirror.flushAll();
+  if (errno !== 0) logger.error({ errno }, 'final flush of the legs failed');
+  logger.info({ stats: mirror.stats(), payload: server.payloadStats() }, 'final stats');
+  await mirror.close();
 }
 
 /** Throws, naming the flag and the address, if any listener of this mirror is taken. */
@@ -405,7 +432,7 @@ async function checkMirrorListeners(settings: MirrorSettings, listen: ListenAddr
   if (metrics !== null) await checkTcpFree(metrics.host, metrics.port, '--metrics');
 }
 
-function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: string[], embedded: boolean, controlPath: string | null): void {
+function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: string[], embedded: boolean, controlPath: string | null, stream: NodeJS.WriteStream): void {
   const lines = [`enbd mirror: ${mirror.sizeBytes} bytes mirrored across ${settings.legs.length} legs`];
   const meta = mirror.metadataStatus();
   if (meta !== null) lines.push(`  array: "${meta.arrayName}" ${meta.arrayUuid}, events ${meta.events}, write-intent chunk ${meta.bitmapChunkBytes} bytes`);
@@ -417,5 +444,5 @@ function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: strin
   lines.push('attach:', `  nbdinfo '${first}'`, `  qemu-io -f raw -c 'read -v 0 512' '${first}'`);
   lines.push(`  mkdir -p /tmp/enbd-fuse && nbdfuse /tmp/enbd-fuse/disk.img '${first}' &`);
   if (embedded) lines.push(`(embedded default: data in ${settings.dataDir}; stop with Ctrl-C)`);
-  process.stdout.write(lines.join('\n') + '\n');
+  stream.write(lines.join('\n') + '\n');
 }

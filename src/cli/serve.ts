@@ -1,6 +1,7 @@
 /**
  * `enbd serve FILE`: our own NBD file server, on a Unix socket and/or TCP, until SIGINT/SIGTERM.
- * SIGHUP is logged and ignored (src/cli/hangup.ts).
+ * SIGHUP is logged and ignored (src/cli/hangup.ts). nbdkit's habits (-U -, -P, --run,
+ * --exit-with-parent, -f, -p, -e) come from src/cli/host.ts.
  * Thread: main thread.
  */
 import { statfsSync } from 'node:fs';
@@ -13,6 +14,7 @@ import { checkTcpFree, checkUnixFree } from '../core/listen.js';
 import { kServerLimitDefaults, parseBytes, parseListen, parseServerLimits } from './parse.js';
 import { installShutdown } from './shutdown.js';
 import { installHangup } from './hangup.js';
+import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits } from './host.js';
 
 const kTmpfsMagic = 0x01021994;
 const kRamfsMagic = 0x858458f6;
@@ -41,7 +43,9 @@ export async function runServe(file: string, options: Record<string, unknown>): 
     String(options['handshakeTimeout'] ?? kServerLimitDefaults.handshakeTimeoutMs),
     String(options['payloadTimeout'] ?? kServerLimitDefaults.payloadTimeoutMs),
   );
-  const socketPath = typeof options['socket'] === 'string' ? resolve(options['socket']) : null;
+  const habits = parseHostHabits(options);
+  const socketOption = options['socket'];
+  const socketPath = typeof socketOption !== 'string' ? null : socketOption === kPrivateSocket ? makePrivateSocket(habits) : resolve(socketOption);
   const listenText = typeof options['listen'] === 'string' ? options['listen'] : socketPath === null ? '127.0.0.1:10809' : null;
   const listen = listenText === null ? null : parseListen('--listen', listenText);
   const exportName = String(options['name'] ?? '');
@@ -51,8 +55,13 @@ export async function runServe(file: string, options: Record<string, unknown>): 
   }
   const io = ioAsked === 'auto' ? (isMemoryBacked(resolve(file)) ? 'sync' : 'async') : ioAsked;
   // both listeners are checked before the file is opened or either is bound
-  if (socketPath !== null) await checkUnixFree(socketPath, '--socket');
-  if (listen !== null) await checkTcpFree(listen.host, listen.port, '--listen');
+  try {
+    if (socketPath !== null) await checkUnixFree(socketPath, '--socket');
+    if (listen !== null) await checkTcpFree(listen.host, listen.port, '--listen');
+  } catch (error) {
+    hostCleanup(habits);
+    throw error;
+  }
   const device = FileDevice.open(resolve(file), { readOnly: options['readOnly'] === true, io });
   const server = createNbdServer({
     device,
@@ -64,24 +73,33 @@ export async function runServe(file: string, options: Record<string, unknown>): 
     readOnly: options['readOnly'] === true,
     directReceive: options['receive'] === 'direct',
   });
+  const banner = bannerStream(habits);
+  let tcp: { host: string; port: number } | null = null;
   try {
     if (socketPath !== null) await server.listenUnix(socketPath, '--socket');
     if (listen !== null) {
       const port = await server.listenTcp(listen.host, listen.port);
+      tcp = { host: listen.host, port };
       const host = listen.host.includes(':') ? `[${listen.host}]` : listen.host;
-      process.stdout.write(`enbd serve: nbd://${host}:${port}/${encodeURIComponent(exportName)}\n`);
+      banner.write(`enbd serve: nbd://${host}:${port}/${encodeURIComponent(exportName)}\n`);
     }
   } catch (error) {
     await server.close();
     await device.close();
+    hostCleanup(habits);
     throw error;
   }
   if (socketPath !== null) {
-    process.stdout.write(`enbd serve: nbd+unix:///${encodeURIComponent(exportName)}?socket=${socketPath}\n`);
+    banner.write(`enbd serve: nbd+unix:///${encodeURIComponent(exportName)}?socket=${socketPath}\n`);
   }
   logger.info({ file, sizeBytes: device.sizeBytes, readOnly: device.features.readOnly, io }, 'serving');
-  installShutdown(logger, async () => {
-    await server.close();
-    await device.close();
+  const shutdown = installShutdown(logger, async () => {
+    try {
+      await server.close();
+      await device.close();
+    } finally {
+      hostCleanup(habits);
+    }
   });
+  hostReady(habits, { exportName, unixSocket: socketPath, tcp }, logger, shutdown);
 }
