@@ -20,7 +20,9 @@ import { MirrorDevice } from '../engine/mirror.js';
 import type { CopyMode, Placement } from '../engine/messages.js';
 import { createNbdServer, type NbdServer } from '../nbd/server.js';
 import { kServerLimitDefaults, parseBytes, parseInteger, parseListen, parseServerLimits, type ListenAddress, type ServerLimits } from './parse.js';
-import { installShutdown } from './shutdown.js';
+import { installShutdown, type Shutdown } from './shutdown.js';
+import { ServiceNotifier } from './notify.js';
+import { describeLagging } from '../control/health.js';
 import { installHangup } from './hangup.js';
 import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits, type HostHabits } from './host.js';
 import { controlPathFor, startControlPlane, type ControlPlane } from '../control/plane.js';
@@ -327,6 +329,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
   const listen = settings.listen === null ? null : parseListen('--listen', settings.listen);
   const logger = createLogger({ level: settings.logLevel });
   const hangup = installHangup(logger, 'enbd mirror is still starting');
+  const notifier = ServiceNotifier.fromEnvironment(logger); // before any worker starts
   const metricsAddress = settings.metrics === null ? null : parseListen('--metrics', settings.metrics);
   // every listener is checked before any leg is opened or any socket bound (a second daemon
   // on the same socket, port or control socket refuses here and touches nothing)
@@ -404,6 +407,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
   }
   const shutdown = installShutdown(logger, async () => {
     hangup.setReload(null, 'the daemon is stopping');
+    notifier?.stopping();
     try {
       await stopMirror(control, metrics, server, mirror, logger);
     } finally {
@@ -411,6 +415,31 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     }
   });
   hostReady(habits, { exportName: settings.name, unixSocket: settings.socket === null ? null : resolve(settings.socket), tcp }, logger, shutdown);
+  if (notifier !== null) notifyLegSummary(notifier, mirror, shutdown);
+}
+
+const kStatusDebounceMs = 1000;
+
+/** "2/2 legs in sync" or "1/2 legs in sync; leg 1 resyncing 40.0%" (systemd STATUS=). */
+export function legSummary(mirror: MirrorDevice): string {
+  const legs = mirror.legStatus().filter((leg) => leg.state !== 'removed');
+  const inSync = legs.filter((leg) => leg.state === 'in-sync').length;
+  const head = `${inSync}/${legs.length} legs in sync`;
+  return inSync === legs.length ? head : `${head}; ${describeLagging(legs)}`;
+}
+
+/** READY=1 with the leg summary now; a new STATUS= at most once a second after leg events. */
+function notifyLegSummary(notifier: ServiceNotifier, mirror: MirrorDevice, shutdown: Shutdown): void {
+  notifier.ready(legSummary(mirror));
+  let timer: NodeJS.Timeout | null = null;
+  mirror.on(() => {
+    if (timer !== null || shutdown.stopping) return;
+    timer = setTimeout(() => {
+      timer = null;
+      if (!shutdown.stopping) notifier.status(legSummary(mirror));
+    }, kStatusDebounceMs);
+    timer.unref();
+  });
 }
 
 async function stopMirror(control: ControlPlane | null, metrics: MetricsServer | null, server: NbdServer, mirror: MirrorDevice, logger: Logger): Promise<void> {

@@ -14,6 +14,7 @@ import { checkTcpFree, checkUnixFree } from '../core/listen.js';
 import { kServerLimitDefaults, parseBytes, parseListen, parseServerLimits } from './parse.js';
 import { installShutdown } from './shutdown.js';
 import { installHangup } from './hangup.js';
+import { ServiceNotifier } from './notify.js';
 import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits } from './host.js';
 
 const kTmpfsMagic = 0x01021994;
@@ -37,6 +38,7 @@ export async function runServe(file: string, options: Record<string, unknown>): 
   const logger = createLogger({ level: String(options['logLevel'] ?? 'info') });
   // SIGHUP (a closed terminal) must not kill the server: it has no config to reload
   installHangup(logger, 'enbd serve has no configuration to reload');
+  const notifier = ServiceNotifier.fromEnvironment(logger);
   const maximumPayloadBytes = parseBytes('--max-payload', String(options['maxPayload'] ?? '32M'));
   const limits = parseServerLimits(
     String(options['maxConnections'] ?? kServerLimitDefaults.maxConnections),
@@ -94,6 +96,7 @@ export async function runServe(file: string, options: Record<string, unknown>): 
   }
   logger.info({ file, sizeBytes: device.sizeBytes, readOnly: device.features.readOnly, io }, 'serving');
   const shutdown = installShutdown(logger, async () => {
+    notifier?.stopping();
     try {
       await server.close();
       await device.close();
@@ -102,4 +105,5 @@ export async function runServe(file: string, options: Record<string, unknown>): 
     }
   });
   hostReady(habits, { exportName, unixSocket: socketPath, tcp }, logger, shutdown);
+  notifier?.ready(`serving ${resolve(file)}${device.features.readOnly ? ' read-only' : ''}`);
 }
