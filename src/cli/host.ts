@@ -69,18 +69,21 @@ export function makePrivateSocket(habits: HostHabits): string {
   return join(habits.privateDir, 'enbd.sock');
 }
 
-/** The URI a client should use: the Unix socket when there is one, else TCP. */
+/** The URI a client should use: the Unix socket when there is one, else TCP ('' when only inherited fds). */
 export function preferredUri(endpoints: ReadyEndpoints): string {
   const name = encodeURIComponent(endpoints.exportName);
   if (endpoints.unixSocket !== null) return `nbd+unix:///${name}?socket=${endpoints.unixSocket}`;
-  assert(endpoints.tcp !== null, 'a daemon listens somewhere');
+  if (endpoints.tcp === null) return '';
   const host = endpoints.tcp.host.includes(':') ? `[${endpoints.tcp.host}]` : endpoints.tcp.host;
   return `nbd://${host}:${endpoints.tcp.port}/${name}`;
 }
 
-/** Where the banner goes: stdout, or stderr with --run (stdout belongs to the command). */
-export function bannerStream(habits: HostHabits): NodeJS.WriteStream {
-  return habits.run === null ? process.stdout : process.stderr;
+/**
+ * Where the banner goes: stdout, or stderr with --run or under socket activation (stdout then
+ * belongs to the command, or is the captive client's own: `nbdinfo --size -- [ enbd ... ]`).
+ */
+export function bannerStream(habits: HostHabits, activated: boolean): NodeJS.WriteStream {
+  return habits.run === null && !activated ? process.stdout : process.stderr;
 }
 
 function writePidfile(path: string): void {

@@ -22,6 +22,7 @@ import { createNbdServer, type NbdServer } from '../nbd/server.js';
 import { kServerLimitDefaults, parseBytes, parseInteger, parseListen, parseServerLimits, type ListenAddress, type ServerLimits } from './parse.js';
 import { installShutdown, type Shutdown } from './shutdown.js';
 import { ServiceNotifier } from './notify.js';
+import { takeListenFds } from './activation.js';
 import { describeLagging } from '../control/health.js';
 import { installHangup } from './hangup.js';
 import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits, type HostHabits } from './host.js';
@@ -202,7 +203,7 @@ function parseBitmapChunk(value: string): number {
  * Returns true when it created both now (they then get fresh metadata, assumed clean: both are
  * all zeros).
  */
-function embeddedDefault(settings: MirrorSettings): boolean {
+function embeddedDefault(settings: MirrorSettings, activated: boolean): boolean {
   mkdirSync(settings.dataDir, { recursive: true });
   let created = 0;
   for (const name of ['leg0.img', 'leg1.img']) {
@@ -218,7 +219,7 @@ function embeddedDefault(settings: MirrorSettings): boolean {
     settings.legs.push(join(settings.dataDir, name));
   }
   settings.socket ??= join(settings.dataDir, 'enbd.sock');
-  settings.listen ??= '127.0.0.1:10809';
+  if (!activated) settings.listen ??= '127.0.0.1:10809';
   return created === 2;
 }
 
@@ -324,8 +325,9 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
   const loaded = structuredClone(settings); // what the config said, before the defaults filled in
   if (settings.socket === kPrivateSocket) settings.socket = makePrivateSocket(habits);
   const embedded = settings.legs.length === 0;
-  const createdNow = embedded ? embeddedDefault(settings) : false;
-  if (settings.socket === null && settings.listen === null) settings.listen = '127.0.0.1:10809';
+  const activated = takeListenFds(); // systemd socket activation: replaces the default TCP address
+  const createdNow = embedded ? embeddedDefault(settings, activated.length > 0) : false;
+  if (settings.socket === null && settings.listen === null && activated.length === 0) settings.listen = '127.0.0.1:10809';
   const listen = settings.listen === null ? null : parseListen('--listen', settings.listen);
   const logger = createLogger({ level: settings.logLevel });
   const hangup = installHangup(logger, 'enbd mirror is still starting');
@@ -375,6 +377,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
   let control: ControlPlane | null = null;
   let metrics: MetricsServer | null = null;
   try {
+    for (const fd of activated) await server.listenFd(fd);
     if (settings.socket !== null) {
       const socketPath = resolve(settings.socket);
       await server.listenUnix(socketPath, '--socket');
@@ -398,7 +401,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     await mirror.close();
     throw error;
   }
-  printBanner(settings, mirror, uris, embedded, control?.path ?? null, bannerStream(habits));
+  printBanner(settings, mirror, uris, embedded, control?.path ?? null, bannerStream(habits, activated.length > 0), activated);
   if (typeof flags['config'] === 'string') {
     const running: Running = { mirror, server, logger };
     hangup.setReload(async () => await reloadMirror(flags, loaded, running));
@@ -461,17 +464,20 @@ async function checkMirrorListeners(settings: MirrorSettings, listen: ListenAddr
   if (metrics !== null) await checkTcpFree(metrics.host, metrics.port, '--metrics');
 }
 
-function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: string[], embedded: boolean, controlPath: string | null, stream: NodeJS.WriteStream): void {
+function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: string[], embedded: boolean, controlPath: string | null, stream: NodeJS.WriteStream, activated: readonly number[]): void {
   const lines = [`enbd mirror: ${mirror.sizeBytes} bytes mirrored across ${settings.legs.length} legs`];
   const meta = mirror.metadataStatus();
   if (meta !== null) lines.push(`  array: "${meta.arrayName}" ${meta.arrayUuid}, events ${meta.events}, write-intent chunk ${meta.bitmapChunkBytes} bytes`);
   else lines.push('  metadata: none (unprotected: a crash or a restart while degraded can serve stale data)');
   for (const leg of mirror.legStatus()) lines.push(`  leg ${leg.index}: ${leg.uri} (${leg.kind}) ${leg.state}${leg.member != null ? `, member ${leg.member.slotIndex}` : ''}`);
+  if (activated.length > 0) lines.push(`  socket activation: ${activated.length} inherited listener${activated.length === 1 ? '' : 's'} (fd ${activated.join(', ')})`);
   for (const uri of uris) lines.push(`  export: ${uri}`);
   if (controlPath !== null) lines.push(`  control: ${controlPath} (enbd status --control ${controlPath})`);
   const first = uris[0] ?? '';
-  lines.push('attach:', `  nbdinfo '${first}'`, `  qemu-io -f raw -c 'read -v 0 512' '${first}'`);
-  lines.push(`  mkdir -p /tmp/enbd-fuse && nbdfuse /tmp/enbd-fuse/disk.img '${first}' &`);
+  if (first !== '') {
+    lines.push('attach:', `  nbdinfo '${first}'`, `  qemu-io -f raw -c 'read -v 0 512' '${first}'`);
+    lines.push(`  mkdir -p /tmp/enbd-fuse && nbdfuse /tmp/enbd-fuse/disk.img '${first}' &`);
+  }
   if (embedded) lines.push(`(embedded default: data in ${settings.dataDir}; stop with Ctrl-C)`);
   stream.write(lines.join('\n') + '\n');
 }

@@ -15,6 +15,7 @@ import { kServerLimitDefaults, parseBytes, parseListen, parseServerLimits } from
 import { installShutdown } from './shutdown.js';
 import { installHangup } from './hangup.js';
 import { ServiceNotifier } from './notify.js';
+import { takeListenFds } from './activation.js';
 import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits } from './host.js';
 
 const kTmpfsMagic = 0x01021994;
@@ -48,7 +49,8 @@ export async function runServe(file: string, options: Record<string, unknown>): 
   const habits = parseHostHabits(options);
   const socketOption = options['socket'];
   const socketPath = typeof socketOption !== 'string' ? null : socketOption === kPrivateSocket ? makePrivateSocket(habits) : resolve(socketOption);
-  const listenText = typeof options['listen'] === 'string' ? options['listen'] : socketPath === null ? '127.0.0.1:10809' : null;
+  const activated = takeListenFds(); // systemd socket activation: replaces the default TCP address
+  const listenText = typeof options['listen'] === 'string' ? options['listen'] : socketPath === null && activated.length === 0 ? '127.0.0.1:10809' : null;
   const listen = listenText === null ? null : parseListen('--listen', listenText);
   const exportName = String(options['name'] ?? '');
   const ioAsked = String(options['io'] ?? 'auto');
@@ -75,9 +77,11 @@ export async function runServe(file: string, options: Record<string, unknown>): 
     readOnly: options['readOnly'] === true,
     directReceive: options['receive'] === 'direct',
   });
-  const banner = bannerStream(habits);
+  const banner = bannerStream(habits, activated.length > 0);
   let tcp: { host: string; port: number } | null = null;
   try {
+    for (const fd of activated) await server.listenFd(fd);
+    if (activated.length > 0) banner.write(`enbd serve: socket activation: ${activated.length} inherited listener${activated.length === 1 ? '' : 's'} (fd ${activated.join(', ')})\n`);
     if (socketPath !== null) await server.listenUnix(socketPath, '--socket');
     if (listen !== null) {
       const port = await server.listenTcp(listen.host, listen.port);

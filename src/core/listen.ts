@@ -23,7 +23,14 @@ import { connect, createServer, type Server } from 'node:net';
 import { assert } from './assert.js';
 import { EnbdError, describeError } from './errors.js';
 
-export type ListenTarget = { path: string } | { host: string; port: number };
+/** A Unix socket path, a TCP address, or an inherited listening fd (socket activation). */
+export type ListenTarget = { path: string } | { host: string; port: number } | { fd: number };
+
+function describeTarget(target: ListenTarget): string {
+  if ('path' in target) return target.path;
+  if ('fd' in target) return `inherited fd ${target.fd} (socket activation)`;
+  return `${target.host}:${target.port}`;
+}
 
 const kProbeTimeoutMs = 1000;
 
@@ -36,9 +43,10 @@ export async function listenOn(server: Server, target: ListenTarget, prefix = ''
     };
     server.once('error', reject);
     if ('path' in target) server.listen(target.path, done);
+    else if ('fd' in target) server.listen({ fd: target.fd }, done);
     else server.listen(target.port, target.host, done);
   }).catch((error: unknown) => {
-    const where = 'path' in target ? target.path : `${target.host}:${target.port}`;
+    const where = describeTarget(target);
     const inUse = (error as NodeJS.ErrnoException).code === 'EADDRINUSE' ? ' (in use by another process: another enbd?)' : '';
     throw new EnbdError('ENBD_ERR_CONFIG', `${prefix}cannot listen on ${where}: ${describeError(error)}${inUse}`);
   });

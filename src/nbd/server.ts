@@ -269,6 +269,14 @@ export class NbdServer implements ConnectionHost {
     this.logger.info({ socket: path }, 'listening on Unix socket');
   }
 
+  /** Serves an inherited listening socket (systemd socket activation, LISTEN_FDS). */
+  async listenFd(fd: number): Promise<void> {
+    assert(Number.isInteger(fd) && fd >= 3, 'an inherited fd (3 or above)');
+    const server = this.createListener();
+    await listenOn(server, { fd });
+    this.logger.info({ fd }, 'listening on an inherited socket (socket activation)');
+  }
+
   /** Listens on TCP; returns the bound port (useful with port 0). */
   async listenTcp(host: string, port: number): Promise<number> {
     const server = this.createListener();
