@@ -19,7 +19,7 @@ import { EnbdError, describeError } from '../core/errors.js';
 import { MirrorDevice } from '../engine/mirror.js';
 import type { CopyMode, Placement } from '../engine/messages.js';
 import { createNbdServer, type NbdServer } from '../nbd/server.js';
-import { kServerLimitDefaults, parseBytes, parseInteger, parseListen, parseServerLimits, type ListenAddress, type ServerLimits } from './parse.js';
+import { kServerLimitDefaults, parseBytes, parseDurationMs, parseInteger, parseListen, parseServerLimits, type ListenAddress, type ServerLimits } from './parse.js';
 import { installShutdown, type Shutdown } from './shutdown.js';
 import { ServiceNotifier } from './notify.js';
 import { takeListenFds } from './activation.js';
@@ -120,8 +120,8 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
   if (!isLogLevel(logLevel)) throw new EnbdError('ENBD_ERR_CONFIG', `--log-level "${logLevel}" is not a pino level`);
   const receive = text(pick('receive') ?? 'stream', 'receive');
   if (receive !== 'stream' && receive !== 'direct') throw new EnbdError('ENBD_ERR_CONFIG', `--receive must be stream or direct, got "${receive}"`);
-  const reconnectMinMs = parseInteger('--reconnect-min', text(pick('reconnectMinMs') ?? '250', '--reconnect-min'), 1, 3_600_000);
-  const reconnectMaxMs = parseInteger('--reconnect-max', text(pick('reconnectMaxMs') ?? '30000', '--reconnect-max'), 1, 3_600_000);
+  const reconnectMinMs = parseDurationMs('--reconnect-min', text(pick('reconnectMinMs') ?? '250', '--reconnect-min'), 1, 3_600_000);
+  const reconnectMaxMs = parseDurationMs('--reconnect-max', text(pick('reconnectMaxMs') ?? '30000', '--reconnect-max'), 1, 3_600_000);
   if (reconnectMaxMs < reconnectMinMs) throw new EnbdError('ENBD_ERR_CONFIG', `--reconnect-max (${reconnectMaxMs}) is below --reconnect-min (${reconnectMinMs})`);
   const resyncRateMin = parseBytes('--resync-rate-min', text(pick('resyncRateMin') ?? '32M', '--resync-rate-min'));
   const resyncRateMax = parseBytes('--resync-rate-max', text(pick('resyncRateMax') ?? '0', '--resync-rate-max'));
@@ -157,13 +157,13 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     copyMode,
     placement,
     maxPayload: parseBytes('--max-payload', text(pick('maxPayload') ?? '32M', '--max-payload')),
-    legTimeoutMs: parseInteger('--leg-timeout', text(pick('legTimeoutMs') ?? '5000', '--leg-timeout'), 0, 3_600_000),
-    idleProbeMs: parseInteger('--idle-probe', text(pick('idleProbeMs') ?? '5000', '--idle-probe'), 0, 3_600_000),
-    fenceTimeoutMs: parseInteger('--fence-timeout', text(pick('fenceTimeoutMs') ?? '10000', '--fence-timeout'), 1, 3_600_000),
-    probeTimeoutMs: probeTimeout === undefined ? null : parseInteger('--probe-timeout', text(probeTimeout, '--probe-timeout'), 1, 3_600_000),
+    legTimeoutMs: parseDurationMs('--leg-timeout', text(pick('legTimeoutMs') ?? '5000', '--leg-timeout'), 0, 3_600_000),
+    idleProbeMs: parseDurationMs('--idle-probe', text(pick('idleProbeMs') ?? '5000', '--idle-probe'), 0, 3_600_000),
+    fenceTimeoutMs: parseDurationMs('--fence-timeout', text(pick('fenceTimeoutMs') ?? '10000', '--fence-timeout'), 1, 3_600_000),
+    probeTimeoutMs: probeTimeout === undefined ? null : parseDurationMs('--probe-timeout', text(probeTimeout, '--probe-timeout'), 1, 3_600_000),
     legMaxFailures: parseInteger('--leg-max-failures', text(pick('legMaxFailures') ?? '20', '--leg-max-failures'), 0, 1_000_000),
-    legFailureWindowMs: parseInteger('--leg-failure-window', text(pick('legFailureWindowMs') ?? '3600000', '--leg-failure-window'), 1, 7 * 24 * 3_600_000),
-    legStableMs: parseInteger('--leg-stable', text(pick('legStableMs') ?? '30000', '--leg-stable'), 0, 24 * 3_600_000),
+    legFailureWindowMs: parseDurationMs('--leg-failure-window', text(pick('legFailureWindowMs') ?? '3600000', '--leg-failure-window'), 1, 7 * 24 * 3_600_000),
+    legStableMs: parseDurationMs('--leg-stable', text(pick('legStableMs') ?? '30000', '--leg-stable'), 0, 24 * 3_600_000),
     bitmapChunk: parseBitmapChunk(text(pick('bitmapChunk') ?? '4K', '--bitmap-chunk')),
     bitmapPool: parseInteger('--bitmap-pool', text(pick('bitmapPool') ?? '64', '--bitmap-pool'), 1, 262_144),
     reconnectMinMs,
