@@ -5,7 +5,7 @@
  * Thread: main thread. User-facing output goes to stdout; logs (pino) go to stderr.
  */
 import { Command, CommanderError, Option } from 'commander';
-import { describeError } from '../core/errors.js';
+import { EnbdError, describeError } from '../core/errors.js';
 import { runServe } from './serve.js';
 import { runMirror } from './mirror.js';
 import { registerControlCommands } from './control.js';
@@ -130,7 +130,8 @@ async function main(argv: string[]): Promise<void> {
       process.exitCode = error.exitCode === 0 ? 0 : kUsageExit;
       return;
     }
-    process.stderr.write(`enbd: error: ${describeError(error)}\n`);
+    // for people: the message only; our error codes stay in --json output and the logs
+    process.stderr.write(`enbd: error: ${error instanceof EnbdError ? error.message : describeError(error)}\n`);
     process.exitCode = 1;
   }
 }

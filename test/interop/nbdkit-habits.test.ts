@@ -150,6 +150,17 @@ describe('nbdkit habits: -U -, --run, -P, --exit-with-parent, -r, -p, -e, -f', {
     for (const leg of legs) assert.ok(readRange(leg, 0, 4096).every((byte) => byte === 0), 'the legs are unchanged');
   });
 
+  test('bin/enbd runs the CLI from any directory, also through a symlink', async () => {
+    const launcher = new URL('../../../bin/enbd', import.meta.url).pathname;
+    const link = dir.path('enbd-link');
+    await runOk('ln', ['-s', launcher, link]);
+    for (const command of [launcher, link]) {
+      const version = await run(command, ['--version']);
+      assert.equal(version.status, 0, version.stderr);
+      assert.equal(version.stdout.trim(), '0.1.0');
+    }
+  });
+
   test('aliases: -p PORT and -e NAME serve; conflicting spellings are refused', async () => {
     const port = await freePort();
     const served = await enbd(['serve', file(), '-p', String(port), '-e', 'disk', '--log-level', 'warn', '--run', 'nbdinfo --size "$uri"']);
@@ -158,7 +169,7 @@ describe('nbdkit habits: -U -, --run, -P, --exit-with-parent, -r, -p, -e, -f', {
     assert.match(served.stderr, new RegExp(`nbd://127\\.0\\.0\\.1:${port}/disk`));
     const names = await enbd(['serve', file(), '-U', '-', '-e', 'a', '--name', 'b']);
     assert.equal(names.status, 1);
-    assert.match(names.stderr, /^enbd: error: -e\/--export-name "a" and --name "b" differ; use one/m);
+    assert.match(names.stderr, /^enbd: error: -e\/--export-name "a" and --name "b" differ; use one$/m, 'no error code in a message for people');
     const ports = await enbd(['mirror', '--leg', file(), '--metadata', 'none', '-p', '1', '--listen', '2']);
     assert.equal(ports.status, 1);
     assert.match(ports.stderr, /^enbd: error: -p\/--port 1 and --listen 2 both given; use one/m);
