@@ -98,7 +98,14 @@ function writePidfile(path: string): void {
  */
 export function hostReady(habits: HostHabits, endpoints: ReadyEndpoints, logger: Logger, shutdown: Shutdown): void {
   if (habits.pidfile !== null) {
-    writePidfile(habits.pidfile);
+    try {
+      writePidfile(habits.pidfile);
+    } catch (error) {
+      // nbdkit fails its start then: stop (cleanly) with exit 1 rather than run without it
+      logger.error({ err: error, pidfile: habits.pidfile }, '--pidfile cannot be written; stopping');
+      shutdown.begin('--pidfile cannot be written', 1);
+      return;
+    }
     logger.debug({ pidfile: habits.pidfile }, 'pidfile written');
   }
   if (habits.exitWithParent) watchParent(logger, shutdown);

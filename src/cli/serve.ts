@@ -16,7 +16,7 @@ import { installShutdown } from './shutdown.js';
 import { installHangup } from './hangup.js';
 import { ServiceNotifier } from './notify.js';
 import { takeListenFds } from './activation.js';
-import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits } from './host.js';
+import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits, type HostHabits } from './host.js';
 
 const kTmpfsMagic = 0x01021994;
 const kRamfsMagic = 0x858458f6;
@@ -36,6 +36,16 @@ function isMemoryBacked(path: string): boolean {
 }
 
 export async function runServe(file: string, options: Record<string, unknown>): Promise<void> {
+  const habits = parseHostHabits(options);
+  try {
+    await runServeWith(file, options, habits);
+  } catch (error) {
+    hostCleanup(habits); // the -U - directory of a start that failed
+    throw error;
+  }
+}
+
+async function runServeWith(file: string, options: Record<string, unknown>, habits: HostHabits): Promise<void> {
   const logger = createLogger({ level: String(options['logLevel'] ?? 'info') });
   // SIGHUP (a closed terminal) must not kill the server: it has no config to reload
   installHangup(logger, 'enbd serve has no configuration to reload');
@@ -46,7 +56,6 @@ export async function runServe(file: string, options: Record<string, unknown>): 
     String(options['handshakeTimeout'] ?? kServerLimitDefaults.handshakeTimeoutMs),
     String(options['payloadTimeout'] ?? kServerLimitDefaults.payloadTimeoutMs),
   );
-  const habits = parseHostHabits(options);
   const socketOption = options['socket'];
   const socketPath = typeof socketOption !== 'string' ? null : socketOption === kPrivateSocket ? makePrivateSocket(habits) : resolve(socketOption);
   const activated = takeListenFds(); // systemd socket activation: replaces the default TCP address
@@ -59,13 +68,8 @@ export async function runServe(file: string, options: Record<string, unknown>): 
   }
   const io = ioAsked === 'auto' ? (isMemoryBacked(resolve(file)) ? 'sync' : 'async') : ioAsked;
   // both listeners are checked before the file is opened or either is bound
-  try {
-    if (socketPath !== null) await checkUnixFree(socketPath, '--socket');
-    if (listen !== null) await checkTcpFree(listen.host, listen.port, '--listen');
-  } catch (error) {
-    hostCleanup(habits);
-    throw error;
-  }
+  if (socketPath !== null) await checkUnixFree(socketPath, '--socket');
+  if (listen !== null) await checkTcpFree(listen.host, listen.port, '--listen');
   const device = FileDevice.open(resolve(file), { readOnly: options['readOnly'] === true, io });
   const server = createNbdServer({
     device,
@@ -92,7 +96,6 @@ export async function runServe(file: string, options: Record<string, unknown>): 
   } catch (error) {
     await server.close();
     await device.close();
-    hostCleanup(habits);
     throw error;
   }
   if (socketPath !== null) {

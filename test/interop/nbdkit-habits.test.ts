@@ -125,6 +125,17 @@ describe('nbdkit habits: -U -, --run, -P, --exit-with-parent, -r, -p, -e, -f', {
     });
   }
 
+  test('-P in a missing directory, or a missing file with -U -: exit 1, the private dir removed', async () => {
+    const result = await enbd(['serve', file(), '-U', '-', '-P', dir.path('no/such/dir/x.pid'), '--log-level', 'warn']);
+    assert.equal(result.status, 1, `a pidfile that cannot be written stops the daemon:\n${result.stderr}`);
+    assert.ok(!existsSync(privateDirOf(result.stdout + result.stderr)), 'the private socket dir is removed');
+    const before = new Set((await run('sh', ['-c', 'ls -d "${TMPDIR:-/tmp}"/enbd-?????? 2>/dev/null'])).stdout.split('\n'));
+    const missing = await enbd(['serve', dir.path('missing.img'), '-U', '-', '--log-level', 'warn']);
+    assert.equal(missing.status, 1);
+    const after = (await run('sh', ['-c', 'ls -d "${TMPDIR:-/tmp}"/enbd-?????? 2>/dev/null'])).stdout.split('\n');
+    assert.deepEqual(after.filter((path) => !before.has(path)), [], 'a failed start leaves no private dir');
+  });
+
   test('--exit-with-parent: killing the parent stops the daemon cleanly', async () => {
     const socket = dir.path('orphan.sock');
     const pidfile = dir.path('orphan.pid');
