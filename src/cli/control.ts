@@ -3,10 +3,13 @@
  *   enbd status [--json] [--watch], enbd leg fail|reconnect|remove <index>, enbd leg add <uri>,
  *   enbd resync pause|resume, enbd resync rate [--min B/s] [--max B/s], enbd log-level <level>,
  *   enbd repl.
+ *   enbd wait [--timeout S].
  * Every command takes --control PATH; without it: $ENBD_CONTROL, else ./enbd-data/enbd.ctl or
  * ./enbd.ctl (whichever exists, in that order).
  * Errors (no socket, permission denied, an engine refusal) reach main.ts's handler, which prints
- * `enbd: error: MESSAGE` and exits 1.
+ * `enbd: error: MESSAGE` and exits 1; except for `status` and `wait`, which exit with the
+ * health codes of src/control/health.ts (0 in sync, 1 degraded, 2 no in-sync leg, 4 the daemon
+ * cannot be reached), like `mdadm --detail --test`.
  * Thread: main thread. Output goes to stdout (this is the client, not the daemon).
  */
 import { existsSync } from 'node:fs';
@@ -14,9 +17,11 @@ import { resolve } from 'node:path';
 import cliProgress from 'cli-progress';
 import { Argument, type Command } from 'commander';
 import { ControlClient, ControlError } from '../control/client.js';
+import { describeLagging, healthCode, kExitDegraded, kExitInSync, kExitUnreachable, parseSeconds } from '../control/health.js';
 import { formatBytes, formatCeiling, formatDuration, formatExportLine, formatLatency, formatRate, formatStatus, resyncFraction } from '../control/format.js';
 import type { ControlEvent, LegView, StatusResult } from '../control/protocol.js';
 import { runRepl } from '../control/repl-client.js';
+import { EnbdError } from '../core/errors.js';
 import { parseBytes, parseInteger } from './parse.js';
 
 const kLogLevels = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
@@ -151,7 +156,8 @@ interface StatusOptions extends ControlOption {
   count?: string;
 }
 
-async function watchStatus(client: ControlClient, options: StatusOptions): Promise<void> {
+/** Refreshes until Ctrl-C or --count; returns the health code of the last status shown. */
+async function watchStatus(client: ControlClient, options: StatusOptions): Promise<number> {
   const intervalMs = parseInteger('--interval', options.interval, 100, 3_600_000);
   const count = options.count === undefined ? Infinity : parseInteger('--count', options.count, 1, 1_000_000_000);
   const view = options.json !== true && process.stdout.isTTY === true ? new TerminalStatusView() : null;
@@ -164,6 +170,7 @@ async function watchStatus(client: ControlClient, options: StatusOptions): Promi
   process.once('SIGINT', stop);
   process.once('SIGTERM', stop);
   client.onClose(() => wake?.());
+  let code: number = kExitUnreachable;
   try {
     await client.subscribe((event) => {
       const line = options.json === true ? null : describeEvent(event);
@@ -175,6 +182,7 @@ async function watchStatus(client: ControlClient, options: StatusOptions): Promi
     });
     for (let refresh = 0; refresh < count && !stopped; refresh += 1) {
       const status = await client.call('status');
+      code = healthCode(status.legs);
       if (options.json === true) say(JSON.stringify(status));
       else if (view !== null) view.render(status);
       else say(formatStatus(status).join('\n') + '\n');
@@ -193,17 +201,113 @@ async function watchStatus(client: ControlClient, options: StatusOptions): Promi
     process.off('SIGINT', stop);
     process.off('SIGTERM', stop);
   }
+  return code;
+}
+
+/**
+ * Reports a failure to ask the daemon (exit 4): `enbd: error: ...` on stderr and, with --json,
+ * `{ "error": { reason, code, message } }` on stdout so a script parsing stdout sees it too.
+ */
+function reportUnreachable(error: unknown, json: boolean): void {
+  const message = error instanceof Error ? error.message : String(error);
+  if (json) {
+    const reason = error instanceof ControlError ? error.reason : 'connect';
+    const code = error instanceof ControlError ? error.remoteCode : null;
+    say(JSON.stringify({ error: { reason, code, message } }));
+  }
+  process.stderr.write(`enbd: error: ${message}\n`);
+  process.exitCode = kExitUnreachable;
 }
 
 async function runStatus(options: StatusOptions): Promise<void> {
-  await withClient(options, async (client) => {
-    if (options.watch === true) {
-      await watchStatus(client, options);
-      return;
+  // flag errors are usage errors (main.ts), not "cannot reach the daemon"
+  if (options.watch === true) parseInteger('--interval', options.interval, 100, 3_600_000);
+  let code: number;
+  try {
+    code = await withClient(options, async (client) => {
+      if (options.watch === true) return await watchStatus(client, options);
+      const status = await client.call('status');
+      say(options.json === true ? JSON.stringify(status, null, 2) : formatStatus(status).join('\n'));
+      return healthCode(status.legs);
+    });
+  } catch (error) {
+    if (!(error instanceof ControlError)) throw error;
+    reportUnreachable(error, options.json === true);
+    return;
+  }
+  process.exitCode = code;
+}
+
+// ---- wait -------------------------------------------------------------------------------------
+
+interface WaitOptions extends ControlOption {
+  timeout?: string;
+  json?: boolean;
+}
+
+const kWaitPollMs = 1000;
+const kWaitTimeoutSecondsMax = 366 * 24 * 3600;
+
+/**
+ * Blocks until every leg is in sync (exit 0). Re-reads the status on every pushed event and
+ * at least once a second. --timeout passes first: exit 1; the daemon cannot be reached or goes
+ * away: exit 4. Prints one line at the end (the status object with --json).
+ */
+async function runWait(options: WaitOptions): Promise<void> {
+  let timeoutSeconds = Infinity;
+  if (options.timeout !== undefined) {
+    const seconds = parseSeconds(options.timeout);
+    if (seconds === null || seconds > kWaitTimeoutSecondsMax) {
+      throw new EnbdError('ENBD_ERR_CONFIG', `--timeout must be a duration (30, 1.5, 500ms, 2s, 1m, 1h) up to a year, got "${options.timeout}"`);
     }
-    const status = await client.call('status');
-    say(options.json === true ? JSON.stringify(status, null, 2) : formatStatus(status).join('\n'));
-  });
+    timeoutSeconds = seconds;
+  }
+  const deadlineMs = Date.now() + timeoutSeconds * 1000;
+  let client: ControlClient;
+  try {
+    client = await ControlClient.connect(resolveControlPath(options.control));
+  } catch (error) {
+    if (!(error instanceof ControlError)) throw error;
+    reportUnreachable(error, options.json === true);
+    return;
+  }
+  let wake: (() => void) | null = null;
+  client.onClose(() => wake?.());
+  try {
+    await client.subscribe((event) => {
+      if (event.event !== 'resync-progress') wake?.();
+    });
+    for (;;) {
+      const status = await client.call('status');
+      const code = healthCode(status.legs);
+      const live = status.legs.filter((leg) => leg.state !== 'removed').length;
+      if (code === kExitInSync) {
+        say(options.json === true ? JSON.stringify(status) : `every leg in sync (${live} leg${live === 1 ? '' : 's'})`);
+        process.exitCode = kExitInSync;
+        return;
+      }
+      const leftMs = deadlineMs - Date.now();
+      if (leftMs <= 0) {
+        if (options.json === true) say(JSON.stringify(status));
+        process.stderr.write(`enbd: wait timed out after ${options.timeout ?? ''}: ${describeLagging(status.legs)}\n`);
+        process.exitCode = kExitDegraded;
+        return;
+      }
+      await new Promise<void>((resolveWait) => {
+        const timer = setTimeout(resolveWait, Math.min(kWaitPollMs, leftMs));
+        wake = () => {
+          clearTimeout(timer);
+          resolveWait();
+        };
+      });
+      wake = null;
+    }
+  } catch (error) {
+    if (!(error instanceof ControlError)) throw error;
+    reportUnreachable(error, options.json === true);
+  } finally {
+    client.close();
+  }
 }
 
 // ---- registration -----------------------------------------------------------------------------
@@ -261,13 +365,19 @@ function registerResyncCommands(program: Command): void {
 
 /** Adds status, leg, resync, log-level and repl to the program. */
 export function registerControlCommands(program: Command): void {
-  addControlOption(program.command('status').description('state of a running daemon: export, legs, resync progress, latency'))
+  addControlOption(program.command('status').description('state of a running daemon: export, legs, resync progress, latency; exits 0 every leg in sync, 1 degraded or resyncing, 2 no in-sync leg, 4 cannot reach the daemon'))
     .option('--json', 'print the status object as JSON (with --watch: one object per line)', false)
     .option('--watch', 'refresh until Ctrl-C (live progress bars on a terminal)', false)
     .option('--interval <ms>', 'refresh period for --watch', '1000')
     .option('--count <n>', 'with --watch: stop after N refreshes')
     .action(async (options: StatusOptions) => {
       await runStatus(options);
+    });
+  addControlOption(program.command('wait').description('block until every leg is in sync; exits 0 then, 1 when --timeout passes first, 4 when the daemon cannot be reached'))
+    .option('--timeout <duration>', 'give up after this long (seconds, or 500ms, 2s, 1m, 1h); default: wait forever')
+    .option('--json', 'print the final status object as JSON', false)
+    .action(async (options: WaitOptions) => {
+      await runWait(options);
     });
   registerLegCommands(program);
   registerResyncCommands(program);

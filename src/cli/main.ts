@@ -5,14 +5,27 @@
  * Thread: main thread. User-facing output goes to stdout; logs (pino) go to stderr.
  */
 import { Command, CommanderError, Option } from 'commander';
-import { describeError } from '../core/errors.js';
+import { EnbdError, describeError } from '../core/errors.js';
 import { runServe } from './serve.js';
 import { runMirror } from './mirror.js';
 import { registerControlCommands } from './control.js';
 import { registerCreateCommand } from './create.js';
 import { registerExamineCommand } from './examine.js';
+import { applyAliases } from './host.js';
 
 const kUsageExit = 2;
+
+/** nbdkit's habits, shared by serve and mirror (src/cli/host.ts). */
+function addHostOptions(command: Command): Command {
+  return command
+    .option('-f, --foreground', 'accepted for nbdkit compatibility (enbd always stays in the foreground)')
+    .option('-P, --pidfile <file>', 'write the pid to FILE once every listener accepts (removed at a clean stop)')
+    .option('--run <command>', 'once ready, run COMMAND with /bin/sh ($uri, $nbd, $unixsocket, $socket, $port, $exportname set); stop when it exits and exit with its status')
+    .option('--exit-with-parent', 'stop when the parent process exits (parent pid polled every 500 ms)')
+    .option('-p, --port <port>', 'alias of --listen PORT (on 127.0.0.1)')
+    .option('-e, --export-name <name>', 'alias of --name')
+    .option('--unix <path>', 'alias of --socket');
+}
 
 function buildProgram(): Command {
   const program = new Command();
@@ -23,15 +36,15 @@ function buildProgram(): Command {
     .exitOverride()
     .showHelpAfterError('(run with --help for usage)');
 
-  program
+  const serve = program
     .command('serve')
     .description('serve one file over NBD (usable on its own and as a mirror leg)')
     .argument('<file>', 'file to export (its size is the export size)')
-    .option('--socket <path>', 'listen on this Unix socket')
+    .option('-U, --socket <path>', 'listen on this Unix socket ("-": a private socket in a new temp dir)')
     .option('--listen <[host:]port>', 'listen on TCP (default 127.0.0.1:10809 when no --socket is given)')
-    .option('--name <name>', 'export name (the default export "" reaches it too)', '')
+    .option('--name <name>', 'export name (the default export "" reaches it too)')
     .option('--description <text>', 'export description shown to clients')
-    .option('--read-only', 'refuse writes (EPERM)', false)
+    .option('-r, --read-only', 'refuse writes (EPERM)', false)
     .option('--max-payload <bytes>', 'largest READ/WRITE payload accepted (e.g. 32M)', '32M')
     .option('--max-connections <n>', 'most clients at once; more are closed at once', '128')
     .option('--handshake-timeout <ms>', 'close a client that has not finished option negotiation in time (0 = never)', '10000')
@@ -42,19 +55,21 @@ function buildProgram(): Command {
     .option('--tls-psk <file>', 'TLS with pre-shared keys instead of certificates: psktool file of username:hexkey lines')
     .addOption(new Option('--io <mode>', 'file I/O: async (libuv thread pool), sync (on the serving thread), or auto: sync on tmpfs/ramfs, async elsewhere').choices(['auto', 'async', 'sync']).default('auto'))
     .addOption(new Option('--receive <mode>', 'WRITE payloads: stream (copied from Node read chunks) or direct (read straight into the request buffer)').choices(['stream', 'direct']).default('stream'))
-    .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'))
-    .action(async (file: string, options: Record<string, unknown>) => {
-      await runServe(file, options);
-    });
+    .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'));
+  addHostOptions(serve).action(async (file: string, options: Record<string, unknown>) => {
+    applyAliases(options);
+    await runServe(file, options);
+  });
 
-  program
+  const mirror = program
     .command('mirror')
     .description('export one device mirrored across N legs (with no --leg: the embedded default, two file legs under ./enbd-data)')
     .option('--leg <uri>', 'a leg: nbd://host:port/export, nbd+unix:///export?socket=PATH, file:///path or a path (repeat)', (value: string, previous: string[]) => [...previous, value], [] as string[])
     .option('--config <file>', 'settings from a JSON or YAML file (flags win)')
-    .option('--socket <path>', 'listen on this Unix socket')
+    .option('-U, --socket <path>', 'listen on this Unix socket ("-": a private socket in a new temp dir)')
     .option('--listen <[host:]port>', 'listen on TCP (default 127.0.0.1:10809 when no --socket is given)')
     .option('--name <name>', 'export name (the default export "" reaches it too)')
+    .option('-r, --read-only', 'export read-only: writes get EPERM (resyncs still write the legs)')
     .option('--size <bytes>', 'export size when legs differ (every leg must hold it; --metadata none only)')
     .option('--metadata <mode>', 'leg: assemble from the enbd metadata on every leg (enbd create), crash-safe (default); none: no metadata, unprotected against crashes, restarts while degraded and stale legs')
     .option('--force-source <leg>', 'split brain or no leg known up to date: trust this leg (its index in the --leg list) and resync the others from it')
@@ -89,8 +104,9 @@ function buildProgram(): Command {
     .option('--metrics <[host:]port>', 'serve Prometheus metrics over HTTP at /metrics (host defaults to 127.0.0.1)')
     .option('--data-dir <dir>', 'where the embedded default keeps its legs and socket (default ./enbd-data)')
     .option('--control <path>', 'control socket, mode 0600 (default: <socket>.ctl, DATA_DIR/enbd.ctl for the embedded default, ./enbd.ctl for TCP only; "none" disables it)')
-    .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
-    .action(async (options: Record<string, unknown>) => {
+    .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']));
+  addHostOptions(mirror).action(async (options: Record<string, unknown>) => {
+      applyAliases(options);
       const renamed: Record<string, unknown> = {
         ...options,
         legTimeoutMs: options['legTimeout'],
@@ -122,7 +138,8 @@ async function main(argv: string[]): Promise<void> {
       process.exitCode = error.exitCode === 0 ? 0 : kUsageExit;
       return;
     }
-    process.stderr.write(`enbd: error: ${describeError(error)}\n`);
+    // for people: the message only; our error codes stay in --json output and the logs
+    process.stderr.write(`enbd: error: ${error instanceof EnbdError ? error.message : describeError(error)}\n`);
     process.exitCode = 1;
   }
 }

@@ -3,6 +3,8 @@
  * runs the embedded default: two sparse 1 GiB file legs under ./enbd-data, a Unix socket there
  * and TCP 127.0.0.1:10809. Settings come from flags and/or a JSON or YAML config file
  * (`--config`); flags win over the file.
+ * SIGHUP re-reads the config file and applies the settings in kLiveSettings (`reloadMirror`);
+ * the others are reported as needing a restart.
  * Thread: main thread.
  */
 import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, statSync } from 'node:fs';
@@ -16,11 +18,17 @@ import { openLegDevices } from './create.js';
 import { EnbdError, describeError } from '../core/errors.js';
 import { MirrorDevice } from '../engine/mirror.js';
 import type { CopyMode, Placement } from '../engine/messages.js';
-import { createNbdServer } from '../nbd/server.js';
+import { createNbdServer, type NbdServer } from '../nbd/server.js';
 import { loadServerTls, parseTlsMode, type ServerTlsSettings } from '../nbd/server-tls.js';
-import { kServerLimitDefaults, parseBytes, parseInteger, parseListen, parseServerLimits, type ServerLimits } from './parse.js';
-import { installShutdown } from './shutdown.js';
-import { startControlPlane, type ControlPlane } from '../control/plane.js';
+import { kServerLimitDefaults, parseBytes, parseDurationMs, parseInteger, parseListen, parseServerLimits, type ListenAddress, type ServerLimits } from './parse.js';
+import { installShutdown, type Shutdown } from './shutdown.js';
+import { ServiceNotifier } from './notify.js';
+import { takeListenFds } from './activation.js';
+import { describeLagging } from '../control/health.js';
+import { installHangup } from './hangup.js';
+import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits, type HostHabits } from './host.js';
+import { controlPathFor, startControlPlane, type ControlPlane } from '../control/plane.js';
+import { checkTcpFree, checkUnixFree } from '../core/listen.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
 
 export interface MirrorSettings {
@@ -64,9 +72,11 @@ export interface MirrorSettings {
   degraded: boolean;
   /** --tls, --tls-certificates, --tls-verify-peer (the export's TLS). */
   tls: ServerTlsSettings;
+  /** -r/--read-only: the export refuses writes (EPERM); resyncs still write the legs. */
+  readOnly: boolean;
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly']);
 const kDefaultLegBytes = 1024 ** 3;
 
 function readConfig(path: string): Record<string, unknown> {
@@ -113,8 +123,8 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
   if (!isLogLevel(logLevel)) throw new EnbdError('ENBD_ERR_CONFIG', `--log-level "${logLevel}" is not a pino level`);
   const receive = text(pick('receive') ?? 'stream', 'receive');
   if (receive !== 'stream' && receive !== 'direct') throw new EnbdError('ENBD_ERR_CONFIG', `--receive must be stream or direct, got "${receive}"`);
-  const reconnectMinMs = parseInteger('--reconnect-min', text(pick('reconnectMinMs') ?? '250', '--reconnect-min'), 1, 3_600_000);
-  const reconnectMaxMs = parseInteger('--reconnect-max', text(pick('reconnectMaxMs') ?? '30000', '--reconnect-max'), 1, 3_600_000);
+  const reconnectMinMs = parseDurationMs('--reconnect-min', text(pick('reconnectMinMs') ?? '250', '--reconnect-min'), 1, 3_600_000);
+  const reconnectMaxMs = parseDurationMs('--reconnect-max', text(pick('reconnectMaxMs') ?? '30000', '--reconnect-max'), 1, 3_600_000);
   if (reconnectMaxMs < reconnectMinMs) throw new EnbdError('ENBD_ERR_CONFIG', `--reconnect-max (${reconnectMaxMs}) is below --reconnect-min (${reconnectMinMs})`);
   const resyncRateMin = parseBytes('--resync-rate-min', text(pick('resyncRateMin') ?? '32M', '--resync-rate-min'));
   const resyncRateMax = parseBytes('--resync-rate-max', text(pick('resyncRateMax') ?? '0', '--resync-rate-max'));
@@ -148,6 +158,7 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     metadata,
     forceSource: forceSource === undefined ? null : parseInteger('--force-source', text(forceSource, '--force-source'), 0, 31),
     degraded: pick('degraded') === true || pick('degraded') === 'true',
+    readOnly: pick('readOnly') === true || pick('readOnly') === 'true',
     legs,
     socket: socket === undefined ? null : text(socket, '--socket'),
     listen: listen === undefined ? null : text(listen, '--listen'),
@@ -158,13 +169,13 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     copyMode,
     placement,
     maxPayload: parseBytes('--max-payload', text(pick('maxPayload') ?? '32M', '--max-payload')),
-    legTimeoutMs: parseInteger('--leg-timeout', text(pick('legTimeoutMs') ?? '5000', '--leg-timeout'), 0, 3_600_000),
-    idleProbeMs: parseInteger('--idle-probe', text(pick('idleProbeMs') ?? '5000', '--idle-probe'), 0, 3_600_000),
-    fenceTimeoutMs: parseInteger('--fence-timeout', text(pick('fenceTimeoutMs') ?? '10000', '--fence-timeout'), 1, 3_600_000),
-    probeTimeoutMs: probeTimeout === undefined ? null : parseInteger('--probe-timeout', text(probeTimeout, '--probe-timeout'), 1, 3_600_000),
+    legTimeoutMs: parseDurationMs('--leg-timeout', text(pick('legTimeoutMs') ?? '5000', '--leg-timeout'), 0, 3_600_000),
+    idleProbeMs: parseDurationMs('--idle-probe', text(pick('idleProbeMs') ?? '5000', '--idle-probe'), 0, 3_600_000),
+    fenceTimeoutMs: parseDurationMs('--fence-timeout', text(pick('fenceTimeoutMs') ?? '10000', '--fence-timeout'), 1, 3_600_000),
+    probeTimeoutMs: probeTimeout === undefined ? null : parseDurationMs('--probe-timeout', text(probeTimeout, '--probe-timeout'), 1, 3_600_000),
     legMaxFailures: parseInteger('--leg-max-failures', text(pick('legMaxFailures') ?? '20', '--leg-max-failures'), 0, 1_000_000),
-    legFailureWindowMs: parseInteger('--leg-failure-window', text(pick('legFailureWindowMs') ?? '3600000', '--leg-failure-window'), 1, 7 * 24 * 3_600_000),
-    legStableMs: parseInteger('--leg-stable', text(pick('legStableMs') ?? '30000', '--leg-stable'), 0, 24 * 3_600_000),
+    legFailureWindowMs: parseDurationMs('--leg-failure-window', text(pick('legFailureWindowMs') ?? '3600000', '--leg-failure-window'), 1, 7 * 24 * 3_600_000),
+    legStableMs: parseDurationMs('--leg-stable', text(pick('legStableMs') ?? '30000', '--leg-stable'), 0, 24 * 3_600_000),
     bitmapChunk: parseBitmapChunk(text(pick('bitmapChunk') ?? '4K', '--bitmap-chunk')),
     bitmapPool: parseInteger('--bitmap-pool', text(pick('bitmapPool') ?? '64', '--bitmap-pool'), 1, 262_144),
     reconnectMinMs,
@@ -204,7 +215,7 @@ function parseBitmapChunk(value: string): number {
  * Returns true when it created both now (they then get fresh metadata, assumed clean: both are
  * all zeros).
  */
-function embeddedDefault(settings: MirrorSettings): boolean {
+function embeddedDefault(settings: MirrorSettings, activated: boolean): boolean {
   mkdirSync(settings.dataDir, { recursive: true });
   let created = 0;
   for (const name of ['leg0.img', 'leg1.img']) {
@@ -220,7 +231,7 @@ function embeddedDefault(settings: MirrorSettings): boolean {
     settings.legs.push(join(settings.dataDir, name));
   }
   settings.socket ??= join(settings.dataDir, 'enbd.sock');
-  settings.listen ??= '127.0.0.1:10809';
+  if (!activated) settings.listen ??= '127.0.0.1:10809';
   return created === 2;
 }
 
@@ -244,15 +255,101 @@ async function assembleLegs(settings: MirrorSettings, createFirst: boolean, logg
   return assembled;
 }
 
+/**
+ * What SIGHUP changes in a running mirror, config key -> how. Everything else in the file needs
+ * a restart (legs: `enbd leg add` / `enbd leg remove` change the running set).
+ */
+export const kLiveSettings = ['resyncRateMin', 'resyncRateMax', 'logLevel', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs'] as const;
+
+/** The settings as config keys, for comparing two loads (serverLimits flattened). */
+function comparable(settings: MirrorSettings): Record<string, unknown> {
+  const { serverLimits, ...rest } = settings;
+  return {
+    ...rest,
+    maxConnections: serverLimits.connectionsMax,
+    handshakeTimeoutMs: serverLimits.handshakeTimeoutMs,
+    payloadTimeoutMs: serverLimits.payloadTimeoutMs,
+  };
+}
+
+const kLevelOrder = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
+function showsInfo(level: string): boolean {
+  return kLevelOrder.indexOf(level) <= kLevelOrder.indexOf('info');
+}
+
+interface Running {
+  mirror: MirrorDevice;
+  server: NbdServer;
+  logger: Logger;
+}
+
+/**
+ * SIGHUP: re-reads the config file (flags still win), applies what changed among kLiveSettings,
+ * and logs one line with every change and every setting that changed but needs a restart. An
+ * invalid file throws (the caller logs it) and nothing is applied. Clients are never touched.
+ * `loaded` is what the last load said; it is updated to the applied values.
+ */
+async function reloadMirror(flags: Record<string, unknown>, loaded: MirrorSettings, running: Running): Promise<void> {
+  const next = resolveMirrorSettings(flags);
+  const before = comparable(loaded);
+  const after = comparable(next);
+  const changed: Record<string, { from: unknown; to: unknown }> = {};
+  const needsRestart: string[] = [];
+  for (const key of Object.keys(after)) {
+    if (JSON.stringify(before[key]) === JSON.stringify(after[key])) continue;
+    if ((kLiveSettings as readonly string[]).includes(key)) changed[key] = { from: before[key], to: after[key] };
+    else needsRestart.push(key);
+  }
+  if (changed['resyncRateMin'] !== undefined || changed['resyncRateMax'] !== undefined) {
+    running.mirror.setResyncRates({ minBytesPerSecond: next.resyncRateMin, maxBytesPerSecond: next.resyncRateMax });
+    loaded.resyncRateMin = next.resyncRateMin;
+    loaded.resyncRateMax = next.resyncRateMax;
+  }
+  if (JSON.stringify(loaded.serverLimits) !== JSON.stringify(next.serverLimits)) {
+    running.server.setLimits(next.serverLimits);
+    loaded.serverLimits = { ...next.serverLimits };
+  }
+  const line = { config: flags['config'], changed, ...(needsRestart.length > 0 ? { needsRestart } : {}) };
+  const message = Object.keys(changed).length === 0 ? 'SIGHUP: config reloaded, nothing to change live' : 'SIGHUP: config reloaded';
+  const previousLevel = running.logger.level;
+  // one line, under whichever of the two log levels shows info
+  if (showsInfo(previousLevel)) running.logger.info(line, message);
+  if (changed['logLevel'] !== undefined) {
+    running.logger.level = next.logLevel;
+    await running.mirror.setLogLevel(next.logLevel);
+    loaded.logLevel = next.logLevel;
+    if (!showsInfo(previousLevel) && showsInfo(next.logLevel)) running.logger.info(line, message);
+  }
+}
+
 export async function runMirror(flags: Record<string, unknown>): Promise<void> {
+  const habits = parseHostHabits(flags);
+  try {
+    await runMirrorWith(flags, habits);
+  } catch (error) {
+    hostCleanup(habits); // the -U - directory of a start that failed
+    throw error;
+  }
+}
+
+async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits): Promise<void> {
   const settings = resolveMirrorSettings(flags);
+  const loaded = structuredClone(settings); // what the config said, before the defaults filled in
+  if (settings.socket === kPrivateSocket) settings.socket = makePrivateSocket(habits);
   const embedded = settings.legs.length === 0;
-  const createdNow = embedded ? embeddedDefault(settings) : false;
-  if (settings.socket === null && settings.listen === null) settings.listen = '127.0.0.1:10809';
+  const activated = takeListenFds(); // systemd socket activation: replaces the default TCP address
+  const createdNow = embedded ? embeddedDefault(settings, activated.length > 0) : false;
+  if (settings.socket === null && settings.listen === null && activated.length === 0) settings.listen = '127.0.0.1:10809';
   const listen = settings.listen === null ? null : parseListen('--listen', settings.listen);
   const logger = createLogger({ level: settings.logLevel });
   // Certificates are checked before any leg is opened: a bad path fails fast.
   const serverTls = loadServerTls(settings.tls);
+  const hangup = installHangup(logger, 'enbd mirror is still starting');
+  const notifier = ServiceNotifier.fromEnvironment(logger); // before any worker starts
+  const metricsAddress = settings.metrics === null ? null : parseListen('--metrics', settings.metrics);
+  // every listener is checked before any leg is opened or any socket bound (a second daemon
+  // on the same socket, port or control socket refuses here and touches nothing)
+  await checkMirrorListeners(settings, listen, metricsAddress, embedded);
   const assembled = settings.metadata === 'leg' ? await assembleLegs(settings, createdNow, logger) : undefined;
   const mirror = await MirrorDevice.open({
     ...(assembled !== undefined ? { metadata: assembled } : {}),
@@ -288,21 +385,24 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
     ...settings.serverLimits,
     directReceive: settings.receive === 'direct',
     tls: serverTls,
+    readOnly: settings.readOnly,
   });
   const uris: string[] = [];
   // With --tls require the export URIs are the nbds forms (plain clients are refused).
   const tlsScheme = serverTls?.mode === 'require' ? 'nbds' : 'nbd';
+  let tcp: { host: string; port: number } | null = null;
   let control: ControlPlane | null = null;
   let metrics: MetricsServer | null = null;
-  const metricsAddress = settings.metrics === null ? null : parseListen('--metrics', settings.metrics);
   try {
+    for (const fd of activated) await server.listenFd(fd);
     if (settings.socket !== null) {
       const socketPath = resolve(settings.socket);
-      await server.listenUnix(socketPath);
+      await server.listenUnix(socketPath, '--socket');
       uris.push(`${tlsScheme}+unix:///${encodeURIComponent(settings.name)}?socket=${socketPath}`);
     }
     if (listen !== null) {
       const port = await server.listenTcp(listen.host, listen.port);
+      tcp = { host: listen.host, port };
       const host = listen.host.includes(':') ? `[${listen.host}]` : listen.host;
       uris.push(`${tlsScheme}://${host}:${port}/${encodeURIComponent(settings.name)}`);
     }
@@ -318,24 +418,76 @@ export async function runMirror(flags: Record<string, unknown>): Promise<void> {
     await mirror.close();
     throw error;
   }
-  printBanner(settings, mirror, uris, embedded, control?.path ?? null);
-  installShutdown(logger, async () => {
-    await control?.close();
-    await metrics?.close();
-    await server.close();
-    const errno = await mirror.flushAll();
-    if (errno !== 0) logger.error({ errno }, 'final flush of the legs failed');
-    logger.info({ stats: mirror.stats(), payload: server.payloadStats() }, 'final stats');
-    await mirror.close();
+  printBanner(settings, mirror, uris, embedded, control?.path ?? null, bannerStream(habits, activated.length > 0), activated);
+  if (typeof flags['config'] === 'string') {
+    const running: Running = { mirror, server, logger };
+    hangup.setReload(async () => await reloadMirror(flags, loaded, running));
+  } else {
+    hangup.setReload(null, 'no --config file, nothing to reload');
+  }
+  const shutdown = installShutdown(logger, async () => {
+    hangup.setReload(null, 'the daemon is stopping');
+    notifier?.stopping();
+    try {
+      await stopMirror(control, metrics, server, mirror, logger);
+    } finally {
+      hostCleanup(habits);
+    }
+  });
+  hostReady(habits, { exportName: settings.name, unixSocket: settings.socket === null ? null : resolve(settings.socket), tcp }, logger, shutdown);
+  if (notifier !== null) notifyLegSummary(notifier, mirror, shutdown);
+}
+
+const kStatusDebounceMs = 1000;
+
+/** "2/2 legs in sync" or "1/2 legs in sync; leg 1 resyncing 40.0%" (systemd STATUS=). */
+export function legSummary(mirror: MirrorDevice): string {
+  const legs = mirror.legStatus().filter((leg) => leg.state !== 'removed');
+  const inSync = legs.filter((leg) => leg.state === 'in-sync').length;
+  const head = `${inSync}/${legs.length} legs in sync`;
+  return inSync === legs.length ? head : `${head}; ${describeLagging(legs)}`;
+}
+
+/** READY=1 with the leg summary now; a new STATUS= at most once a second after leg events. */
+function notifyLegSummary(notifier: ServiceNotifier, mirror: MirrorDevice, shutdown: Shutdown): void {
+  notifier.ready(legSummary(mirror));
+  let timer: NodeJS.Timeout | null = null;
+  mirror.on(() => {
+    if (timer !== null || shutdown.stopping) return;
+    timer = setTimeout(() => {
+      timer = null;
+      if (!shutdown.stopping) notifier.status(legSummary(mirror));
+    }, kStatusDebounceMs);
+    timer.unref();
   });
 }
 
-function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: string[], embedded: boolean, controlPath: string | null): void {
+async function stopMirror(control: ControlPlane | null, metrics: MetricsServer | null, server: NbdServer, mirror: MirrorDevice, logger: Logger): Promise<void> {
+  await control?.close();
+  await metrics?.close();
+  await server.close();
+  const errno = await mirror.flushAll();
+  if (errno !== 0) logger.error({ errno }, 'final flush of the legs failed');
+  logger.info({ stats: mirror.stats(), payload: server.payloadStats() }, 'final stats');
+  await mirror.close();
+}
+
+/** Throws, naming the flag and the address, if any listener of this mirror is taken. */
+async function checkMirrorListeners(settings: MirrorSettings, listen: ListenAddress | null, metrics: ListenAddress | null, embedded: boolean): Promise<void> {
+  if (settings.socket !== null) await checkUnixFree(resolve(settings.socket), '--socket');
+  if (listen !== null) await checkTcpFree(listen.host, listen.port, '--listen');
+  const controlPath = controlPathFor({ control: settings.control, socket: settings.socket, dataDir: settings.dataDir, embedded });
+  if (controlPath !== null) await checkUnixFree(controlPath, '--control');
+  if (metrics !== null) await checkTcpFree(metrics.host, metrics.port, '--metrics');
+}
+
+function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: string[], embedded: boolean, controlPath: string | null, stream: NodeJS.WriteStream, activated: readonly number[]): void {
   const lines = [`enbd mirror: ${mirror.sizeBytes} bytes mirrored across ${settings.legs.length} legs`];
   const meta = mirror.metadataStatus();
   if (meta !== null) lines.push(`  array: "${meta.arrayName}" ${meta.arrayUuid}, events ${meta.events}, write-intent chunk ${meta.bitmapChunkBytes} bytes`);
   else lines.push('  metadata: none (unprotected: a crash or a restart while degraded can serve stale data)');
   for (const leg of mirror.legStatus()) lines.push(`  leg ${leg.index}: ${leg.uri} (${leg.kind}) ${leg.state}${leg.member != null ? `, member ${leg.member.slotIndex}` : ''}`);
+  if (activated.length > 0) lines.push(`  socket activation: ${activated.length} inherited listener${activated.length === 1 ? '' : 's'} (fd ${activated.join(', ')})`);
   for (const uri of uris) lines.push(`  export: ${uri}`);
   if (controlPath !== null) lines.push(`  control: ${controlPath} (enbd status --control ${controlPath})`);
   const first = uris[0] ?? '';
@@ -345,8 +497,10 @@ function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: strin
       : `certificates${settings.tls.verifyPeer === true ? ', client certificates verified' : ''} (clients add tls-certificates=DIR with their ca-cert.pem to nbds URIs)`;
     lines.push(`  tls: ${settings.tls.mode}, ${how}`);
   }
-  lines.push('attach:', `  nbdinfo '${first}'`, `  qemu-io -f raw -c 'read -v 0 512' '${first}'`);
-  lines.push(`  mkdir -p /tmp/enbd-fuse && nbdfuse /tmp/enbd-fuse/disk.img '${first}' &`);
+  if (first !== '') {
+    lines.push('attach:', `  nbdinfo '${first}'`, `  qemu-io -f raw -c 'read -v 0 512' '${first}'`);
+    lines.push(`  mkdir -p /tmp/enbd-fuse && nbdfuse /tmp/enbd-fuse/disk.img '${first}' &`);
+  }
   if (embedded) lines.push(`(embedded default: data in ${settings.dataDir}; stop with Ctrl-C)`);
-  process.stdout.write(lines.join('\n') + '\n');
+  stream.write(lines.join('\n') + '\n');
 }

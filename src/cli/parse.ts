@@ -1,5 +1,6 @@
 /**
- * Parsers for CLI option values: byte sizes ("4096", "64K", "1G"), listen addresses
+ * Parsers for CLI option values: byte sizes ("4096", "64K", "1G"), durations ("5000", "500ms",
+ * "2s", "1m"), listen addresses
  * ("10809", "127.0.0.1:10809", "[::1]:10809"). Each throws EnbdError('ENBD_ERR_CONFIG') with a
  * message naming the option and the bad value.
  * Thread: main thread.
@@ -28,6 +29,22 @@ export function parseInteger(option: string, text: string, minimum: number, maxi
   return value;
 }
 
+const kDurationUnitsMs: Record<string, number> = { '': 1, ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
+
+/**
+ * A duration in milliseconds: a bare number is milliseconds (as the flags always took), or a
+ * number with a unit: "500ms", "2s", "1.5s", "1m", "1h". Rounded to whole milliseconds.
+ */
+export function parseDurationMs(option: string, text: string, minimumMs: number, maximumMs: number): number {
+  const match = /^(\d+(?:\.\d+)?)\s*(ms|s|m|h)?$/i.exec(text.trim());
+  const unit = kDurationUnitsMs[(match?.[2] ?? '').toLowerCase()];
+  const value = match === null || match[1] === undefined || unit === undefined ? NaN : Math.round(Number(match[1]) * unit);
+  if (!Number.isSafeInteger(value) || value < minimumMs || value > maximumMs) {
+    throw new EnbdError('ENBD_ERR_CONFIG', `${option} must be a duration from ${minimumMs} ms to ${maximumMs} ms (a bare number is ms; or 500ms, 2s, 1m, 1h), got "${text}"`);
+  }
+  return value;
+}
+
 /** The NBD server's abuse bounds (--max-connections, --handshake-timeout, --payload-timeout). */
 export interface ServerLimits {
   connectionsMax: number;
@@ -41,8 +58,8 @@ export const kServerLimitDefaults = { maxConnections: '128', handshakeTimeoutMs:
 export function parseServerLimits(maxConnections: string, handshakeTimeoutMs: string, payloadTimeoutMs: string): ServerLimits {
   return {
     connectionsMax: parseInteger('--max-connections', maxConnections, 1, 65_535),
-    handshakeTimeoutMs: parseInteger('--handshake-timeout', handshakeTimeoutMs, 0, 0x7fff_ffff),
-    payloadTimeoutMs: parseInteger('--payload-timeout', payloadTimeoutMs, 0, 0x7fff_ffff),
+    handshakeTimeoutMs: parseDurationMs('--handshake-timeout', handshakeTimeoutMs, 0, 0x7fff_ffff),
+    payloadTimeoutMs: parseDurationMs('--payload-timeout', payloadTimeoutMs, 0, 0x7fff_ffff),
   };
 }
 

@@ -1,5 +1,7 @@
 /**
  * `enbd serve FILE`: our own NBD file server, on a Unix socket and/or TCP, until SIGINT/SIGTERM.
+ * SIGHUP is logged and ignored (src/cli/hangup.ts). nbdkit's habits (-U -, -P, --run,
+ * --exit-with-parent, -f, -p, -e) come from src/cli/host.ts.
  * Thread: main thread.
  */
 import { statfsSync } from 'node:fs';
@@ -8,9 +10,14 @@ import { createLogger } from '../core/log.js';
 import { EnbdError } from '../core/errors.js';
 import { FileDevice } from '../stubs/file-device.js';
 import { createNbdServer } from '../nbd/server.js';
+import { checkTcpFree, checkUnixFree } from '../core/listen.js';
 import { kServerLimitDefaults, parseBytes, parseListen, parseServerLimits } from './parse.js';
 import { installShutdown } from './shutdown.js';
 import { loadServerTls, parseTlsMode } from '../nbd/server-tls.js';
+import { installHangup } from './hangup.js';
+import { ServiceNotifier } from './notify.js';
+import { takeListenFds } from './activation.js';
+import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits, type HostHabits } from './host.js';
 
 const kTmpfsMagic = 0x01021994;
 const kRamfsMagic = 0x858458f6;
@@ -30,15 +37,30 @@ function isMemoryBacked(path: string): boolean {
 }
 
 export async function runServe(file: string, options: Record<string, unknown>): Promise<void> {
+  const habits = parseHostHabits(options);
+  try {
+    await runServeWith(file, options, habits);
+  } catch (error) {
+    hostCleanup(habits); // the -U - directory of a start that failed
+    throw error;
+  }
+}
+
+async function runServeWith(file: string, options: Record<string, unknown>, habits: HostHabits): Promise<void> {
   const logger = createLogger({ level: String(options['logLevel'] ?? 'info') });
+  // SIGHUP (a closed terminal) must not kill the server: it has no config to reload
+  installHangup(logger, 'enbd serve has no configuration to reload');
+  const notifier = ServiceNotifier.fromEnvironment(logger);
   const maximumPayloadBytes = parseBytes('--max-payload', String(options['maxPayload'] ?? '32M'));
   const limits = parseServerLimits(
     String(options['maxConnections'] ?? kServerLimitDefaults.maxConnections),
     String(options['handshakeTimeout'] ?? kServerLimitDefaults.handshakeTimeoutMs),
     String(options['payloadTimeout'] ?? kServerLimitDefaults.payloadTimeoutMs),
   );
-  const socketPath = typeof options['socket'] === 'string' ? resolve(options['socket']) : null;
-  const listenText = typeof options['listen'] === 'string' ? options['listen'] : socketPath === null ? '127.0.0.1:10809' : null;
+  const socketOption = options['socket'];
+  const socketPath = typeof socketOption !== 'string' ? null : socketOption === kPrivateSocket ? makePrivateSocket(habits) : resolve(socketOption);
+  const activated = takeListenFds(); // systemd socket activation: replaces the default TCP address
+  const listenText = typeof options['listen'] === 'string' ? options['listen'] : socketPath === null && activated.length === 0 ? '127.0.0.1:10809' : null;
   const listen = listenText === null ? null : parseListen('--listen', listenText);
   const exportName = String(options['name'] ?? '');
   const ioAsked = String(options['io'] ?? 'auto');
@@ -52,6 +74,9 @@ export async function runServe(file: string, options: Record<string, unknown>): 
     verifyPeer: options['tlsVerifyPeer'] === true,
     ...(typeof options['tlsPsk'] === 'string' ? { pskFile: resolve(options['tlsPsk']) } : {}),
   });
+  // both listeners are checked before the file is opened or either is bound
+  if (socketPath !== null) await checkUnixFree(socketPath, '--socket');
+  if (listen !== null) await checkTcpFree(listen.host, listen.port, '--listen');
   const device = FileDevice.open(resolve(file), { readOnly: options['readOnly'] === true, io });
   const server = createNbdServer({
     device,
@@ -64,12 +89,17 @@ export async function runServe(file: string, options: Record<string, unknown>): 
     directReceive: options['receive'] === 'direct',
     tls,
   });
+  const banner = bannerStream(habits, activated.length > 0);
+  let tcp: { host: string; port: number } | null = null;
   try {
-    if (socketPath !== null) await server.listenUnix(socketPath);
+    for (const fd of activated) await server.listenFd(fd);
+    if (activated.length > 0) banner.write(`enbd serve: socket activation: ${activated.length} inherited listener${activated.length === 1 ? '' : 's'} (fd ${activated.join(', ')})\n`);
+    if (socketPath !== null) await server.listenUnix(socketPath, '--socket');
     if (listen !== null) {
       const port = await server.listenTcp(listen.host, listen.port);
+      tcp = { host: listen.host, port };
       const host = listen.host.includes(':') ? `[${listen.host}]` : listen.host;
-      process.stdout.write(`enbd serve: nbd://${host}:${port}/${encodeURIComponent(exportName)}\n`);
+      banner.write(`enbd serve: nbd://${host}:${port}/${encodeURIComponent(exportName)}\n`);
     }
   } catch (error) {
     await server.close();
@@ -77,11 +107,18 @@ export async function runServe(file: string, options: Record<string, unknown>): 
     throw error;
   }
   if (socketPath !== null) {
-    process.stdout.write(`enbd serve: nbd+unix:///${encodeURIComponent(exportName)}?socket=${socketPath}\n`);
+    banner.write(`enbd serve: nbd+unix:///${encodeURIComponent(exportName)}?socket=${socketPath}\n`);
   }
   logger.info({ file, sizeBytes: device.sizeBytes, readOnly: device.features.readOnly, io, tls: tls?.mode ?? 'off' }, 'serving');
-  installShutdown(logger, async () => {
-    await server.close();
-    await device.close();
+  const shutdown = installShutdown(logger, async () => {
+    notifier?.stopping();
+    try {
+      await server.close();
+      await device.close();
+    } finally {
+      hostCleanup(habits);
+    }
   });
+  hostReady(habits, { exportName, unixSocket: socketPath, tcp }, logger, shutdown);
+  notifier?.ready(`serving ${resolve(file)}${device.features.readOnly ? ' read-only' : ''}`);
 }

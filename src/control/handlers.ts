@@ -119,8 +119,6 @@ export class MirrorControl {
   private readonly broadcast: (event: string, data: unknown) => void;
   private readonly startedAt = Date.now();
   private resyncPaused = false;
-  /** The engine has no getter: read once at start (no resync runs yet), then kept here. */
-  private resyncRates: ControlResults['resync.rate'];
   private unsubscribe: (() => void) | null = null;
   private progressTimer: NodeJS.Timeout | null = null;
 
@@ -130,8 +128,6 @@ export class MirrorControl {
     this.logger = options.logger;
     this.controlPath = options.controlPath;
     this.broadcast = options.broadcast;
-    const rates = this.mirror.resyncSettings().rates;
-    this.resyncRates = { minBytesPerSecond: rates.minBytesPerSecond, maxBytesPerSecond: rates.maxBytesPerSecond };
     this.unsubscribe = this.mirror.on((event) => this.onMirrorEvent(event));
   }
 
@@ -231,7 +227,7 @@ export class MirrorControl {
       daemon: { pid: process.pid, uptimeSeconds: Math.round((Date.now() - this.startedAt) / 1000), logLevel: this.logger.level, control: this.controlPath },
       legs,
       metadata: this.mirror.metadataStatus(),
-      resync: { paused: this.resyncPaused, ...this.resyncRates },
+      resync: { paused: this.resyncPaused, ...this.resyncRates() },
       stats: {
         requests: stats.requests,
         writeRequests: stats.writeRequests,
@@ -331,18 +327,24 @@ export class MirrorControl {
     return { paused };
   }
 
+  /** Read from the engine each time: a SIGHUP reload of the config may have changed them. */
+  private resyncRates(): ControlResults['resync.rate'] {
+    const rates = this.mirror.resyncSettings().rates;
+    return { minBytesPerSecond: rates.minBytesPerSecond, maxBytesPerSecond: rates.maxBytesPerSecond };
+  }
+
   private setRates(min: number | undefined, max: number | undefined): ControlResults['resync.rate'] {
-    const current = this.resyncRates;
+    const current = this.resyncRates();
     const minBytesPerSecond = min ?? current.minBytesPerSecond;
     const maxBytesPerSecond = max ?? current.maxBytesPerSecond;
     if (maxBytesPerSecond !== 0 && maxBytesPerSecond < minBytesPerSecond) {
       throw badParams(`resync rate max (${maxBytesPerSecond} B/s) is below min (${minBytesPerSecond} B/s); max 0 means unlimited`);
     }
     if (min === undefined && max === undefined) return { ...current };
-    const rates = this.mirror.setResyncRates({ minBytesPerSecond, maxBytesPerSecond });
-    this.resyncRates = { minBytesPerSecond: rates.minBytesPerSecond, maxBytesPerSecond: rates.maxBytesPerSecond };
-    this.logger.info({ ...this.resyncRates }, 'resync rates set by the operator');
-    return { ...this.resyncRates };
+    this.mirror.setResyncRates({ minBytesPerSecond, maxBytesPerSecond });
+    const rates = this.resyncRates();
+    this.logger.info({ ...rates }, 'resync rates set by the operator');
+    return rates;
   }
 
   private async setLogLevel(level: unknown): Promise<ControlResults['log.level']> {

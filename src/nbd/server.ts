@@ -20,13 +20,12 @@
  * - A client's bytes can only close that client's connection; nothing a client sends throws
  *   out of a socket callback (errors are caught per connection and logged).
  */
-import { listenOn } from '../core/listen.js';
+import { checkUnixFree, listenOn } from '../core/listen.js';
 import { createServer, type Server, type Socket } from 'node:net';
-import { existsSync, lstatSync, unlinkSync } from 'node:fs';
+import { lstatSync, unlinkSync } from 'node:fs';
 import { createLogger, type Logger } from '../core/log.js';
 import type { BlockDevice } from '../core/block-device.js';
 import { assert, isPowerOfTwo } from '../core/assert.js';
-import { EnbdError } from '../core/errors.js';
 import * as p from './protocol.js';
 import type { ExportDescriptor } from './server-options.js';
 import { ServerConnection, kRequestIndexBits, kRequestsPerConnection, type ConnectionHost } from './server-connection.js';
@@ -117,16 +116,17 @@ export class NbdServer implements ConnectionHost {
   private readonly connections: (ServerConnection | null)[] = [];
   private readonly stalledConnections = new Set<ServerConnection>();
   private readonly listeners: Server[] = [];
-  private readonly unixPaths: string[] = [];
-  private readonly connectionsMax: number;
+  /** Unix sockets this server bound, with their inode: close() unlinks only those very files. */
+  private readonly unixPaths: Array<{ path: string; inode: number }> = [];
+  private connectionsMax: number;
   private wakeScheduled = false;
   private nextConnectionId = 1;
   private closing = false;
   private readonly idleWaiters: (() => void)[] = [];
   private readonly directReceive: boolean;
-  private readonly handshakeTimeoutMs: number;
-  private readonly payloadTimeoutMs: number;
-  private readonly sweepIntervalMs: number;
+  private handshakeTimeoutMs: number;
+  private payloadTimeoutMs: number;
+  private sweepIntervalMs: number;
   private sweepTimer: NodeJS.Timeout | null = null;
   private readonly sweepBound = (): void => {
     setImmediate(this.checkTimeoutsBound);
@@ -206,6 +206,32 @@ export class NbdServer implements ConnectionHost {
     return count;
   }
 
+  /** The abuse bounds now in force (connectionsMax, handshake and payload timeouts). */
+  limits(): { connectionsMax: number; handshakeTimeoutMs: number; payloadTimeoutMs: number } {
+    return { connectionsMax: this.connectionsMax, handshakeTimeoutMs: this.handshakeTimeoutMs, payloadTimeoutMs: this.payloadTimeoutMs };
+  }
+
+  /**
+   * Changes the abuse bounds of a running server (SIGHUP reload). Open connections stay: a lower
+   * connectionsMax refuses only new ones; new timeouts apply from the next sweep, which is
+   * re-armed with the period they call for.
+   */
+  setLimits(limits: { connectionsMax: number; handshakeTimeoutMs: number; payloadTimeoutMs: number }): void {
+    if (!Number.isInteger(limits.connectionsMax) || limits.connectionsMax < 1 || limits.connectionsMax > kConnectionsMaxLimit) {
+      throw new RangeError(`limits.connectionsMax must be an integer from 1 to ${kConnectionsMaxLimit}`);
+    }
+    this.handshakeTimeoutMs = checkTimeout(limits.handshakeTimeoutMs, 'handshakeTimeoutMs');
+    this.payloadTimeoutMs = checkTimeout(limits.payloadTimeoutMs, 'payloadTimeoutMs');
+    this.connectionsMax = limits.connectionsMax;
+    const sweepIntervalMs = sweepIntervalMsFor(this.handshakeTimeoutMs, this.payloadTimeoutMs);
+    if (sweepIntervalMs === this.sweepIntervalMs) return;
+    this.sweepIntervalMs = sweepIntervalMs;
+    const running = this.sweepTimer !== null;
+    this.stopSweep();
+    this.lastSweepMs = -1;
+    if ((running || this.connectionCount > 0) && !this.closing) this.startSweep();
+  }
+
   /** Connections refused because `connectionsMax` were open (since the start). */
   get connectionsRefused(): number {
     return this.refusalsTotal;
@@ -238,17 +264,28 @@ export class NbdServer implements ConnectionHost {
     return server;
   }
 
-  async listenUnix(path: string): Promise<void> {
-    if (existsSync(path)) {
-      if (!lstatSync(path).isSocket()) {
-        throw new EnbdError('ENBD_ERR_CONFIG', `${path} exists and is not a socket; refusing to replace it`);
-      }
-      unlinkSync(path); // a stale socket left by a previous run
+  /**
+   * Listens on a Unix socket. An existing socket is replaced only when it is stale (connect
+   * refused: its daemon is gone); one that something accepts on is refused with a message
+   * naming it (`what`: the option the user gave, e.g. "--socket"), and left alone.
+   */
+  async listenUnix(path: string, what = 'socket'): Promise<void> {
+    if ((await checkUnixFree(path, what)) === 'stale') {
+      unlinkSync(path);
+      this.logger.info({ socket: path }, 'replaced a stale Unix socket (nothing accepted on it)');
     }
     const server = this.createListener();
     await listenOn(server, { path });
-    this.unixPaths.push(path);
+    this.unixPaths.push({ path, inode: lstatSync(path).ino });
     this.logger.info({ socket: path }, 'listening on Unix socket');
+  }
+
+  /** Serves an inherited listening socket (systemd socket activation, LISTEN_FDS). */
+  async listenFd(fd: number): Promise<void> {
+    assert(Number.isInteger(fd) && fd >= 3, 'an inherited fd (3 or above)');
+    const server = this.createListener();
+    await listenOn(server, { fd });
+    this.logger.info({ fd }, 'listening on an inherited socket (socket activation)');
   }
 
   /** Listens on TCP; returns the bound port (useful with port 0). */
@@ -371,9 +408,9 @@ export class NbdServer implements ConnectionHost {
     this.closing = true;
     // Stop accepting now; server.close's callback waits for every connection, so don't await it.
     for (const server of this.listeners) server.close();
-    for (const path of this.unixPaths) {
+    for (const { path, inode } of this.unixPaths) {
       try {
-        unlinkSync(path);
+        if (lstatSync(path).ino === inode) unlinkSync(path);
       } catch {
         // already gone
       }

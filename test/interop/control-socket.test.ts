@@ -107,7 +107,7 @@ describe('enbd control socket: location, permissions, robustness', { skip: skipU
     const cliReadable = await run('setpriv', [...asNobody, process.execPath, '-e', `require('fs').accessSync(${JSON.stringify(enbdCli)}, 4)`]);
     if (cliReadable.status === 0) {
       const refused = await run('setpriv', [...asNobody, process.execPath, enbdCli, 'status', '--control', control]);
-      assert.equal(refused.status, 1, `exit 1:\n${refused.stdout}\n${refused.stderr}`);
+      assert.equal(refused.status, 4, `exit 4 (cannot reach the daemon):\n${refused.stdout}\n${refused.stderr}`);
       assert.equal(refused.stdout, '');
       assert.ok(refused.stderr.startsWith(`enbd: error: permission denied on control socket ${control} (EACCES)`), refused.stderr);
     } else {
@@ -158,17 +158,17 @@ describe('enbd control socket: location, permissions, robustness', { skip: skipU
     assert.equal(await mirror.stop(), 0, mirror.stderr());
   });
 
-  test('a missing or unreachable control socket: a clear error naming the path, exit 1', async () => {
+  test('a missing or unreachable control socket: a clear error naming the path, exit 1 (status: 4)', async () => {
     const missing = dir.path('missing.ctl');
     const result = await run(process.execPath, [enbdCli, 'status', '--control', missing]);
-    assert.equal(result.status, 1);
+    assert.equal(result.status, 4, 'enbd status: 4 = cannot reach the daemon');
     assert.equal(result.stdout, '');
     assert.match(result.stderr, new RegExp(`^enbd: error: no control socket at ${missing.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')} `));
     const leg = await run(process.execPath, [enbdCli, 'leg', 'fail', '1', '--control', missing]);
     assert.equal(leg.status, 1);
     assert.match(leg.stderr, /no control socket at/);
     const notSocket = await run(process.execPath, [enbdCli, 'status', '--control', dir.dir]);
-    assert.equal(notSocket.status, 1);
+    assert.equal(notSocket.status, 4);
     assert.match(notSocket.stderr, new RegExp(`^enbd: error: .*${dir.dir.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}`));
   });
 
@@ -182,7 +182,8 @@ describe('enbd control socket: location, permissions, robustness', { skip: skipU
     const first = await startMirror({ legs, socketPath: dir.path('first.sock'), args: ['--control', control] });
     const second = await runMirrorCli(['--leg', legs[0] ?? '', '--leg', legs[1] ?? '', '--socket', dir.path('second.sock'), '--control', control, '--log-level', 'warn']);
     assert.equal(second.status, 1, `a second daemon on a live control path exits 1:\n${second.stderr}`);
-    assert.match(second.stderr, /enbd: error: control socket .*shared\.ctl is in use by another process/);
+    assert.match(second.stderr, /enbd: error: --control .*shared\.ctl is in use: another process accepts connections on it/);
+    assert.ok(!existsSync(dir.path('second.sock')), 'the refused daemon bound none of its listeners');
     await statusOk(control);
 
     assert.equal(await first.stop('SIGKILL'), 128);
