@@ -427,7 +427,8 @@ test('property: bitmap set/clear rules against a model (random writes, quiet per
         for (const [index, state] of legStates(mirror).entries()) if (state === 'failed' || state === 'faulty') await mirror.reconnectLegNow(index);
         assert.ok(await waitFor(() => legStates(mirror).every((state) => state === 'in-sync'), 10_000), `all in sync at the end${context()}`);
         for (const [index, store] of stores.entries()) assert.deepEqual(store.bytes.subarray(0, expected.length), expected, `leg ${index} holds the model's bytes${context()}`);
-        assert.equal(await fm.driver.flush(), 0);
+        const finalFlush = await fm.driver.flush();
+        assert.equal(finalFlush, 0, `the final FLUSH with every leg in sync${context()}\nlast leg events: ${JSON.stringify(fm.events.slice(-8))}`);
         assert.ok(await waitFor(() => stores.every((store) => setBits(bitmapOf(store, meta.layout, true), meta.layout).length === 0), 5000), `bits cleared once all are in sync and quiet${context()}`);
         assert.deepEqual(violations, []);
       } finally {
