@@ -257,7 +257,8 @@ test('(e) a leg whose device was wiped comes back resyncing everything, with fre
     const fresh = superblockOf(stores[1] as FaultStore, true);
     assert.equal(fresh?.arrayUuid, superblockOf(stores[0] as FaultStore)?.arrayUuid, 'fresh superblocks of this array on the wiped leg');
     assert.equal(fresh?.legUuid, legUuid, 'in its own slot, with its UUID');
-    assert.equal(superblockOf(stores[0] as FaultStore, true)?.members[1]?.state, 'needs-full-sync', 'leg 0 records it needs a full sync');
+    // (metadataStatus shows the table once the keeper built it; its superblock write follows.)
+    assert.ok(await waitFor(() => superblockOf(stores[0] as FaultStore, true)?.members[1]?.state === 'needs-full-sync', 5000), 'leg 0 records it needs a full sync');
     assert.ok(setBits(bitmapOf(stores[0] as FaultStore, layout, true), layout).length >= Math.ceil(layout.chunkCount / 3), 'bits stay while it resyncs');
     mirror.pauseResync(false);
     assert.ok(await waitFor(() => legStates(mirror).every((state) => state === 'in-sync'), 10_000), `in sync again: ${legStates(mirror).join(',')}`);

@@ -320,6 +320,21 @@ test('no split brain when the legs a stale leg ran with were later resynced into
   assert.deepEqual(roles(plan), ['in-sync', 'bitmap-resync']);
 });
 
+test('a leg that records itself needs-full-sync gets a full resync even where the other leg\'s table says needs-resync', () => {
+  // A wiped leg returning to a running mirror: the keeper's identity check finds it blank and
+  // writes it fresh superblocks (self needs-full-sync, the current events) before the member-
+  // table change reaches leg 0, whose table still says needs-resync (from when the leg dropped).
+  // A crash in between: leg 1 is all zeros but for what the bitmap marks; a bitmap resync would
+  // leave it serving zeros as in sync.
+  const leg0 = legOf('leg0', sbOf({ slot: 0, members: [['in-sync', 7], ['needs-resync', 6]], events: 7, state: 'active' }), [2]);
+  const leg1 = legOf('leg1', sbOf({ slot: 1, members: [['in-sync', 7], ['needs-full-sync', 6]], events: 7, state: 'active' }), [2]);
+  for (const order of [[leg0, leg1], [leg1, leg0]]) {
+    const plan = planAssembly(order, opts());
+    const role = plan.legs.find((leg) => leg.slotIndex === 1)?.role;
+    assert.equal(role, 'full-resync', `given as ${order.map((leg) => leg.uri).join(',')}`);
+  }
+});
+
 test('a member not given: refused naming --degraded; with --degraded it is recorded needs-resync', () => {
   const found = [0, 1].map((slot) => legOf(`leg${slot}`, sbOf({ slot, members: [['in-sync', 5], ['in-sync', 5], ['in-sync', 5]], events: 5 })));
   refused(found, opts(), /member 2 of the array \(leg UUID leg-uuid-slot-2, in-sync\) is not given/, /--degraded/);
