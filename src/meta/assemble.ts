@@ -258,7 +258,7 @@ export function planAssembly(found: FoundLeg[], options: AssemblyOptions): Assem
     const known = sb !== null && sb.arrayUuid === reference.sb.arrayUuid && sb.legUuid === record.legUuid;
     let role: LegRole;
     let why: string;
-    if (!known || record.state === 'needs-full-sync') {
+    if (!known || record.state === 'needs-full-sync' || sb.members[sb.slotIndex]?.state === 'needs-full-sync') {
       role = 'full-resync';
       why = known ? 'recorded as needing a full sync' : 'a new member';
     } else if (forced !== null) {
