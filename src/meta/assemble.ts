@@ -132,6 +132,11 @@ function recordsStale(a: Superblock, b: Superblock): boolean {
   return record !== undefined && record.legUuid === b.legUuid && record.state !== 'in-sync';
 }
 
+/** Does the leg record itself as in sync (it ran as a source, not as a resync target)? */
+function selfInSync(sb: Superblock): boolean {
+  return sb.members[sb.slotIndex]?.state === 'in-sync';
+}
+
 /** Plans an assembly from what every given leg holds; throws EnbdError('ENBD_ERR_META') when refused. */
 export function planAssembly(found: FoundLeg[], options: AssemblyOptions): AssemblyPlan {
   const newUuid = options.newUuid ?? randomUUID;
@@ -185,7 +190,9 @@ export function planAssembly(found: FoundLeg[], options: AssemblyOptions): Assem
   }
   for (const a of valid) {
     for (const b of valid) {
-      if (a.index >= b.index || !recordsStale(a.sb, b.sb) || !recordsStale(b.sb, a.sb)) continue;
+      // One table (a generation written to both while both resynced) records both stale and each
+      // itself stale too: no divergence. A split brain has at least one leg that ran as in-sync.
+      if (a.index >= b.index || !recordsStale(a.sb, b.sb) || !recordsStale(b.sb, a.sb) || (!selfInSync(a.sb) && !selfInSync(b.sb))) continue;
       if (forced === null) {
         refuse(`split brain: leg ${a.index} (${a.leg.uri}, events ${a.sb.events}) and leg ${b.index} (${b.leg.uri}, events ${b.sb.events}) each ran without the other and may each hold writes the other lacks; pick the survivor with --force-source LEG (the other legs are resynced from it; their differing writes are lost)`);
       }
@@ -263,7 +270,7 @@ export function planAssembly(found: FoundLeg[], options: AssemblyOptions): Assem
     const known = sb !== null && sb.arrayUuid === reference.sb.arrayUuid && sb.legUuid === record.legUuid;
     let role: LegRole;
     let why: string;
-    if (!known || record.state === 'needs-full-sync') {
+    if (!known || record.state === 'needs-full-sync' || sb.members[sb.slotIndex]?.state === 'needs-full-sync') {
       role = 'full-resync';
       why = known ? 'recorded as needing a full sync' : 'a new member';
     } else if (forced !== null) {
