@@ -4,9 +4,10 @@
  * case that runs it (workload-major, so cases of one workload run back to back and drift hits
  * them alike), then (once every case has stopped) the on-leg metadata measurements of
  * lib/metadata.ts (a --metadata leg mirror against --metadata none, warm, cold, and a SIGKILL
- * and restart) and the resync measurements of lib/resync.ts with a mirror in this process,
+ * and restart), the TLS measurements of lib/tls.ts (TLS legs and TLS exports against nbdkit
+ * over TLS) and the resync measurements of lib/resync.ts with a mirror in this process,
  * prints a table, the copy-avoidance matrix (lib/matrix.ts),
- * the targets, the metadata block and the resync block, and writes bench/results/<ISO date>.json and, when the
+ * the targets, the metadata block, the TLS block and the resync block, and writes bench/results/<ISO date>.json and, when the
  * matrix workloads ran, bench/results/<ISO date>.svg (lib/chart.ts; copied to
  * bench/chart-latest.svg when every leg count was measured).
  * Threads: main thread of the harness process.
@@ -37,6 +38,8 @@ import { runResyncBench, type ResyncResults } from './lib/resync.js';
 import { enbdUnavailable } from './lib/enbd.js';
 import { runMetadataBench, unavailableMetadata, type MetadataResults } from './lib/metadata.js';
 import { metadataBlock } from './lib/metadata-report.js';
+import { runTlsBench, unavailableTls, type TlsResults } from './lib/tls.js';
+import { tlsBlock } from './lib/tls-report.js';
 import { kResultsSchemaVersion, resultsStem, writeAtomic, writeResults } from './lib/results.js';
 import type { RowResult, RunResults } from './lib/results.js';
 import { runFio } from './lib/fio.js';
@@ -98,6 +101,9 @@ const kHelp = `usage: node dist/bench/run.js [options]
   --no-verify          do not byte-compare the legs after each resync (nor in the metadata crash)
   --no-metadata        skip the on-leg metadata measurements (default: run them after the workloads)
   --metadata-only      only the metadata measurements (no cases, no workloads, no resync)
+  --no-tls             skip the TLS measurements (default: run them after the metadata part;
+                       --quick: the two issue pairs, full: also TLS on both sides and TLS / plain)
+  --tls-only           only the TLS measurements (no cases, no workloads, no metadata, no resync)
   --no-save            do not write bench/results/<date>.json and .svg (nor bench/chart-latest.svg)
   --list               list cases and workloads, then exit
   --help               this text
@@ -124,6 +130,8 @@ interface Options {
   verify: boolean;
   metadata: boolean;
   metadataOnly: boolean;
+  tls: boolean;
+  tlsOnly: boolean;
 }
 
 function parseOptions(argv: string[]): Options | null {
@@ -149,6 +157,8 @@ function parseOptions(argv: string[]): Options | null {
       'no-verify': { type: 'boolean', default: false },
       'no-metadata': { type: 'boolean', default: false },
       'metadata-only': { type: 'boolean', default: false },
+      'no-tls': { type: 'boolean', default: false },
+      'tls-only': { type: 'boolean', default: false },
       list: { type: 'boolean', default: false },
       help: { type: 'boolean', default: false },
     },
@@ -179,7 +189,11 @@ function parseOptions(argv: string[]): Options | null {
   if (values['no-resync'] && values['resync-only']) throw new RangeError('--no-resync and --resync-only exclude each other');
   if (values['no-metadata'] && values['metadata-only']) throw new RangeError('--no-metadata and --metadata-only exclude each other');
   if (values['resync-only'] && values['metadata-only']) throw new RangeError('--resync-only and --metadata-only exclude each other');
-  const only = values['resync-only'] || values['metadata-only'];
+  if (values['no-tls'] && values['tls-only']) throw new RangeError('--no-tls and --tls-only exclude each other');
+  if (values['tls-only'] && (values['resync-only'] || values['metadata-only'])) {
+    throw new RangeError('--tls-only excludes --resync-only and --metadata-only');
+  }
+  const only = values['resync-only'] || values['metadata-only'] || values['tls-only'];
   const split = (text: string | undefined): string[] | null => {
     if (text === undefined) return null;
     return text.split(',').map((name) => name.trim()).filter((name) => name !== '');
@@ -193,13 +207,15 @@ function parseOptions(argv: string[]): Options | null {
     limits: values['no-limits'] ? false : (values.limits ?? (!quick && !only)),
     save: !values['no-save'],
     list: values.list,
-    resync: !values['no-resync'] && !values['metadata-only'],
+    resync: !values['no-resync'] && !values['metadata-only'] && !values['tls-only'],
     resyncOnly: values['resync-only'],
     resyncSizeBytes: resyncSizeMiB * kMiB,
     resyncRounds,
     verify: !values['no-verify'],
-    metadata: !values['no-metadata'] && !values['resync-only'],
+    metadata: !values['no-metadata'] && !values['resync-only'] && !values['tls-only'],
     metadataOnly: values['metadata-only'],
+    tls: !values['no-tls'] && !values['resync-only'] && !values['metadata-only'],
+    tlsOnly: values['tls-only'],
   };
 }
 
@@ -441,13 +457,14 @@ async function main(): Promise<number> {
       process.stdout.write(`workload  ${workload.name.padEnd(width)} ${workload.description}${tags}\n`);
     }
     process.stdout.write(`metadata  ${'metadata'.padEnd(width)} --metadata leg vs none: warm, cold, SIGKILL + restart (--no-metadata, --metadata-only)\n`);
+    process.stdout.write(`tls       ${'tls'.padEnd(width)} TLS legs / exports vs nbdkit over TLS, 4K randwrite + 1M write (--no-tls, --tls-only)\n`);
     process.stdout.write(`resync    ${'resync'.padEnd(width)} 1 % scattered and full resync vs nbdcopy (--no-resync, --resync-only)\n`);
     return 0;
   }
-  const noCases = options.resyncOnly || options.metadataOnly;
+  const noCases = options.resyncOnly || options.metadataOnly || options.tlsOnly;
   const cases = noCases ? [] : select(allCases, options.caseNames, options.quick, 'case');
   const workloads = noCases ? [] : select(kWorkloads, options.workloadNames, options.quick, 'workload');
-  if ((workloads.length > 0 || options.metadata) && !hasTool('fio')) throw new Error('fio is not installed (apt-get install -y fio)');
+  if ((workloads.length > 0 || options.metadata || options.tls) && !hasTool('fio')) throw new Error('fio is not installed (apt-get install -y fio)');
   const startedAt = new Date().toISOString();
   const machine = machineInfo();
   const runRoot = mkdtempSync(join(tmpdir(), 'enbd-bench-'));
@@ -482,10 +499,11 @@ async function main(): Promise<number> {
     for (const workload of workloads) rows.push(...await runWorkload(states, workload, options));
     for (const state of states) await stopCase(state);
     const metadata = options.metadata ? await runMetadata(options, runRoot, dataRoot, sharedImage) : null;
+    const tls = options.tls ? await runTls(options, runRoot, dataRoot, sharedImage) : null;
     const resync = options.resync ? await runResync(options, runRoot) : null;
     const ratios = computeRatios(cases, workloads, rows, options.baseline);
     const matrix = buildMatrix(rows, ratios);
-    printReport(options, machine.cpuCount, limits, rows, ratios, matrix, metadata, resync);
+    printReport(options, machine.cpuCount, limits, rows, ratios, matrix, metadata, tls, resync);
     const source = sourceInfo(repoRoot);
     const chartText = matrix.cells.length === 0 ? null : renderChart(matrix, {
       title: `enbd mirror vs qemu quorum: throughput by leg count (run ${resultsStem(startedAt)})`,
@@ -510,7 +528,7 @@ async function main(): Promise<number> {
       cases: states.map((state) => ({
         name: state.benchCase.name, description: state.benchCase.description, status: state.status,
       })),
-      rows, ratios, resync, metadata, matrix,
+      rows, ratios, resync, metadata, tls, matrix,
       chart: options.save && chartText !== null ? `${resultsStem(startedAt)}.svg` : null,
     };
     if (options.save) {
@@ -555,6 +573,26 @@ async function runMetadata(options: Options, runRoot: string, dataRoot: string,
   }
 }
 
+async function runTls(options: Options, runRoot: string, dataRoot: string,
+  sharedImage: () => string): Promise<TlsResults> {
+  const owned = makeContext('tls', runRoot, dataRoot, options.sizeBytes, sharedImage);
+  try {
+    const missing = ['nbdkit', 'openssl'].filter((tool) => !hasTool(tool));
+    if (missing.length > 0) throw new Error(`tool(s) missing: ${missing.join(', ')}`);
+    const unbuilt = enbdUnavailable(owned.context);
+    if (unbuilt !== null) throw new Error(unbuilt);
+    return await runTlsBench({
+      context: owned.context, quick: options.quick, rounds: options.rounds, runtimeSec: options.runtimeSec,
+      rampSec: kRampSec, warmupSec: options.warmup ? kWarmupSec : 0, log,
+    });
+  } catch (error) {
+    log(`tls: ${shortError(error)}`);
+    return unavailableTls(options.sizeBytes, options.quick, error instanceof Error ? error.message : String(error));
+  } finally {
+    for (const managed of [...owned.processes].reverse()) await managed.stop();
+  }
+}
+
 async function runResync(options: Options, runRoot: string): Promise<ResyncResults> {
   const missing = ['nbdkit', 'nbdcopy'].filter((tool) => !hasTool(tool));
   const runDir = join(runRoot, 'resync');
@@ -572,7 +610,7 @@ async function runResync(options: Options, runRoot: string): Promise<ResyncResul
 
 function printReport(options: Options, cpuCount: number, limits: MachineLimits | null,
   rows: readonly RowResult[], ratios: ReturnType<typeof computeRatios>, matrix: MatrixSummary,
-  metadata: MetadataResults | null, resync: ResyncResults | null): void {
+  metadata: MetadataResults | null, tls: TlsResults | null, resync: ResyncResults | null): void {
   const out = (text: string): void => void process.stdout.write(`${text}\n`);
   out(`\nenbd bench: ${options.runtimeSec} s per workload after ${kRampSec} s ramp,` +
     ` ${options.rounds} round(s),` +
@@ -580,6 +618,7 @@ function printReport(options: Options, cpuCount: number, limits: MachineLimits |
     ' (compare only within one run: noise between runs is 15-20 %)');
   if (options.resyncOnly) out('(--resync-only: no cases, no workloads)');
   if (options.metadataOnly) out('(--metadata-only: no cases, no workloads, no resync)');
+  if (options.tlsOnly) out('(--tls-only: no cases, no workloads, no metadata, no resync)');
   if (limits !== null) out(`machine limits: ${limitsLine(limits)}`);
   out('');
   const tableRows = rows.map((row) =>
@@ -595,6 +634,7 @@ function printReport(options: Options, cpuCount: number, limits: MachineLimits |
   const tracking = writePathLine(ratios);
   if (tracking !== null) out(`\n${tracking}`);
   if (metadata !== null) out(`\n${metadataBlock(metadata)}`);
+  if (tls !== null) out(`\n${tlsBlock(tls)}`);
   if (resync !== null) out(`\n${resyncBlock(resync)}`);
 }
 

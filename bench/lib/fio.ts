@@ -39,6 +39,13 @@ export interface FioOptions {
    * sizeBytes, cut short after runtimeSec.
    */
   timeBased?: boolean;
+  /**
+   * fio's environment (default: the harness's). The TLS phase sets HOME to a directory whose
+   * .pki/libnbd/ca-cert.pem is its CA: fio's nbd engine cannot pass `tls-certificates=DIR`
+   * in its URI (libnbd refuses that local-file parameter unless the program allows it), but
+   * libnbd looks for certificates in $HOME/.pki/libnbd when the URI names none.
+   */
+  env?: NodeJS.ProcessEnv;
 }
 
 export interface FioResult {
@@ -140,7 +147,7 @@ export async function runFio(workload: Workload, options: FioOptions): Promise<F
   const timeoutMs = (options.runtimeSec + options.rampSec) * 1000 + kFioSlackMs;
   type Outcome = { status: number | null; stderr: string };
   const { status, stderr } = await new Promise<Outcome>((resolveRun) => {
-    const child = spawn('fio', args, { stdio: ['ignore', 'ignore', 'pipe'] });
+    const child = spawn('fio', args, { stdio: ['ignore', 'ignore', 'pipe'], env: options.env ?? process.env });
     let stderrText = '';
     child.stderr.on('data', (chunk: Buffer) => (stderrText += chunk.toString()));
     const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);

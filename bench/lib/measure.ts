@@ -35,23 +35,35 @@ export interface Measurement extends FioResult {
    * WRITE do not depend on the window); null for servers without counters (nbdkit, qemu).
    */
   counters: CounterDelta | null;
+  /**
+   * The legs' CPU over the same window (percent of one core, and seconds per GiB the client
+   * moved), only when measure() was given leg pids (the TLS phase: TLS legs decrypt too).
+   */
+  legCpuPercent?: number;
+  legCpuSecPerGiB?: number;
 }
 
 interface Sample {
   cpuSeconds: number;
+  legCpuSeconds: number;
   wallMs: number;
 }
 
-function sampleAfter(delayMs: number, pids: readonly number[],
+function sampleAfter(delayMs: number, pids: readonly number[], legPids: readonly number[],
   fioDone: () => boolean): Promise<Sample | null> {
   return sleep(delayMs).then(() => {
     if (fioDone()) return null;
-    return { cpuSeconds: treeCpuSeconds(pids), wallMs: performance.now() };
+    return {
+      cpuSeconds: treeCpuSeconds(pids),
+      legCpuSeconds: legPids.length === 0 ? 0 : treeCpuSeconds(legPids),
+      wallMs: performance.now(),
+    };
   });
 }
 
 export async function measure(workload: Workload, options: FioOptions,
-  serverPids: readonly number[], counters?: () => Promise<CounterSnapshot | null>): Promise<Measurement> {
+  serverPids: readonly number[], counters?: () => Promise<CounterSnapshot | null>,
+  legPids: readonly number[] = []): Promise<Measurement> {
   assert(serverPids.length > 0, 'measure needs the server pids');
   const countersBefore = counters === undefined ? null : await counters();
   const rampMs = options.rampSec * 1000;
@@ -60,16 +72,26 @@ export async function measure(workload: Workload, options: FioOptions,
   assert(windowEndMs > windowStartMs, 'runtime too short for a CPU window');
   let done = false;
   const fio = runFio(workload, options).finally(() => (done = true));
-  const startSample = sampleAfter(windowStartMs, serverPids, () => done);
-  const endSample = sampleAfter(windowEndMs, serverPids, () => done);
+  const startSample = sampleAfter(windowStartMs, serverPids, legPids, () => done);
+  const endSample = sampleAfter(windowEndMs, serverPids, legPids, () => done);
   const [result, start, end] = await Promise.all([fio, startSample, endSample]);
   const countersAfter = counters === undefined ? null : await counters();
   let serverCpuPercent = Number.NaN;
   let serverCpuSecPerGiB = Number.NaN;
+  let legCpuPercent = Number.NaN;
+  let legCpuSecPerGiB = Number.NaN;
   if (start !== null && end !== null && end.wallMs > start.wallMs) {
-    const cpuRate = (end.cpuSeconds - start.cpuSeconds) / ((end.wallMs - start.wallMs) / 1000);
+    const windowSec = (end.wallMs - start.wallMs) / 1000;
+    const cpuRate = (end.cpuSeconds - start.cpuSeconds) / windowSec;
+    const legCpuRate = (end.legCpuSeconds - start.legCpuSeconds) / windowSec;
     serverCpuPercent = cpuRate * 100;
-    if (result.bytesPerSec > 0) serverCpuSecPerGiB = cpuRate / (result.bytesPerSec / kBytesPerGiB);
+    legCpuPercent = legCpuRate * 100;
+    if (result.bytesPerSec > 0) {
+      serverCpuSecPerGiB = cpuRate / (result.bytesPerSec / kBytesPerGiB);
+      legCpuSecPerGiB = legCpuRate / (result.bytesPerSec / kBytesPerGiB);
+    }
   }
-  return { ...result, serverCpuPercent, serverCpuSecPerGiB, counters: counterDelta(countersBefore, countersAfter) };
+  const counterFields = { counters: counterDelta(countersBefore, countersAfter) };
+  if (legPids.length === 0) return { ...result, serverCpuPercent, serverCpuSecPerGiB, ...counterFields };
+  return { ...result, serverCpuPercent, serverCpuSecPerGiB, ...counterFields, legCpuPercent, legCpuSecPerGiB };
 }

@@ -13,10 +13,12 @@ import type { MatrixSummary } from './matrix.js';
 import type { Measurement } from './measure.js';
 import type { MetadataResults } from './metadata.js';
 import type { ResyncResults } from './resync.js';
+import type { TlsResults } from './tls.js';
 
 /**
  * Still 1: later additions are new fields only (`resync`; then `options.allPairs`, `matrix`,
- * `chart`, `counters` in each measurement; then `metadata`, `options.metadataCrashDeviceBytes`), so readers of older files keep working.
+ * `chart`, `counters` in each measurement; then `metadata`, `options.metadataCrashDeviceBytes`; then `tls`,
+ * `legCpuPercent` / `legCpuSecPerGiB` in the TLS rows' measurements), so readers of older files keep working.
  */
 export const kResultsSchemaVersion = 1;
 
@@ -83,6 +85,11 @@ export interface RunResults {
    * (warm, cold), the SIGKILL-and-restart resync; null with --no-metadata. Absent in older files.
    */
   metadata?: MetadataResults | null;
+  /**
+   * TLS measurements (lib/tls.ts): rows of the TLS servers (with their legs' CPU in
+   * measurement.legCpuSecPerGiB) and the pairs' ratios; null with --no-tls. Absent in older files.
+   */
+  tls?: TlsResults | null;
   /**
    * The copy-avoidance matrix (lib/matrix.ts): enbd mirror cells by legs x mode with ratios to
    * the direct leg, the pass-through and qemu quorum, reference points, copies-per-WRITE
