@@ -126,10 +126,13 @@ function claimIsLive(owner: OwnerRecord, options: AssemblyOptions): boolean {
   return options.nowMs - owner.heartbeatMs < (options.staleClaimMs ?? kClaimStaleMs);
 }
 
-/** Does `a` record `b` (by UUID, at b's slot) as not in sync? */
+/** Did `a` run without `b`: does it record b's slot as not in sync, or not know b there? */
 function recordsStale(a: Superblock, b: Superblock): boolean {
+  // The slot counts, not the UUID: a member replaced on a's side (a new UUID in b's slot while
+  // a ran without b) does not hide that b ran alone too.
+  // And a that does not know b at all (another UUID in b's slot, or no such slot) ran without b.
   const record = a.members[b.slotIndex];
-  return record !== undefined && record.legUuid === b.legUuid && record.state !== 'in-sync';
+  return record === undefined || record.legUuid !== b.legUuid || record.state !== 'in-sync';
 }
 
 /** Does the leg record itself as in sync (it ran as a source, not as a resync target)? */
@@ -223,7 +226,14 @@ export function planAssembly(found: FoundLeg[], options: AssemblyOptions): Assem
       legUuidOf[index] = table[slotOf[index] as number]?.legUuid ?? '';
       continue;
     }
-    // A new member: a blank leg, or one the array does not know in its slot.
+    // A new member: a blank leg, or one the array does not know in its slot. A leg of this array
+    // that records itself in sync but whose slot the freshest legs gave to another leg (a blank
+    // leg took it while this one was away) may have run alone and hold writes they lack: refused
+    // unless --force-source names the survivor.
+    const own = leg.read.superblock;
+    if (own !== null && own.arrayUuid === reference.sb.arrayUuid && selfInSync(own) && forced === null) {
+      refuse(`leg ${index} (${leg.uri}) is a member of this array (leg UUID ${own.legUuid}, slot ${own.slotIndex}, events ${own.events}) that the freshest legs no longer know in its slot, yet it records itself in sync: it may hold writes the others lack (a split brain); pick the survivor with --force-source LEG, or wipe this leg's metadata (enbd create --force on it alone) to add it as a new leg`);
+    }
     const dataSize = (() => {
       try {
         return computeLayout(leg.read.legSizeBytes, layout.bitmapChunkBytes).dataSizeBytes;
