@@ -4,6 +4,7 @@
  * Usage errors exit 2, runtime errors exit 1, a clean shutdown exits 0.
  * Thread: main thread. User-facing output goes to stdout; logs (pino) go to stderr.
  */
+import { kVersion } from '../core/version.js';
 import { Command, CommanderError, Option } from 'commander';
 import { EnbdError, describeError } from '../core/errors.js';
 import { runServe } from './serve.js';
@@ -32,7 +33,7 @@ function buildProgram(): Command {
   program
     .name('enbd')
     .description('Mirroring network block device daemon: one NBD export mirrored across N legs (RAID1)')
-    .version('0.1.0')
+    .version(kVersion)
     .exitOverride()
     .showHelpAfterError('(run with --help for usage)');
 

@@ -85,7 +85,9 @@ export function formatExportLine(status: StatusResult): string {
 export function formatStatus(status: StatusResult): string[] {
   const lines = [formatExportLine(status)];
   const resync = status.resync;
-  lines.push(`resync: ${resync.paused ? 'paused' : 'running'}, floor ${formatRate(resync.minBytesPerSecond)}, ceiling ${formatCeiling(resync.maxBytesPerSecond)}`);
+  // idle: no leg is being resynced (running or paused says what a resync does, or would do)
+  const copying = status.legs.some((leg) => leg.resync !== null);
+  lines.push(`resync: ${!copying ? (resync.paused ? 'idle (paused)' : 'idle') : resync.paused ? 'paused' : 'running'}, floor ${formatRate(resync.minBytesPerSecond)}, ceiling ${formatCeiling(resync.maxBytesPerSecond)}`);
   const meta = status.metadata;
   lines.push(meta === null || meta === undefined
     ? 'metadata: none (--metadata none: unprotected against crashes, restarts while degraded, stale legs)'

@@ -160,6 +160,7 @@ export class LegLifecycle {
   async reconnectLeg(leg: Leg): Promise<void> {
     if (this.host.isClosed() || (leg.state !== 'degraded' && leg.state !== 'faulty' && leg.state !== 'failed')) return;
     leg.health.attempts += 1;
+    leg.reconnects += 1;
     this.move(leg, 'reconnecting', leg.failureReason, { attempt: leg.health.attempts });
     let info: LegInfo | { error: { message: string } };
     try {

@@ -50,6 +50,8 @@ export class Leg {
   /** Bumped whenever the leg fails: a resync copy clears bits only within one epoch. */
   epoch = 0;
   failures = 0;
+  /** Reconnect attempts since start (never reset, unlike the backoff's attempt count). */
+  reconnects = 0;
   resyncedBytes = 0;
   constructor(
     readonly index: number,

@@ -140,6 +140,8 @@ export interface LegStatus {
   recentFailures: number;
   /** Bytes copied to this leg by resyncs since start. */
   resyncedBytes: number;
+  /** Reconnect attempts since start (never reset). */
+  reconnects?: number;
   /** Its member slot and leg UUID in the on-leg metadata (null or absent: --metadata none). */
   member?: { slotIndex: number; legUuid: string } | null;
 }
@@ -1487,6 +1489,7 @@ export class MirrorDevice implements BlockDevice {
       failures: leg.failures,
       recentFailures: leg.health.recentFailures,
       resyncedBytes: leg.resyncedBytes,
+      reconnects: leg.reconnects,
       member: this.keeper?.legMeta(leg.index) ?? null,
     }));
   }

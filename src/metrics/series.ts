@@ -18,6 +18,7 @@
 import type { KeeperStatus } from '../engine/meta-keeper.js';
 import { Counter, Gauge, type Registry } from 'prom-client';
 import { assert } from '../core/assert.js';
+import { kVersion } from '../core/version.js';
 import type { LegState, LegStatus } from '../engine/mirror.js';
 import type { LegStats } from '../engine/messages.js';
 import { SnapshotHistogram } from './histogram.js';
@@ -119,6 +120,23 @@ function metaSeries(name: string, type: SeriesSpec['type'], help: string, pick: 
   } };
 }
 
+/** A counter per leg, from legStatus (monotonic since start). */
+function legCounter(name: string, help: string, pick: (leg: LegStatus) => number): SeriesSpec {
+  return { name, type: 'counter', labelNames: ['leg'], help, read: perLeg(pick) };
+}
+
+/**
+ * The array as one word, like `enbd status`'s exit code: in-sync (every leg), resyncing (every
+ * leg admitted, some copying), degraded (an in-sync leg and one out), failed (no in-sync leg).
+ */
+export function mirrorState(legs: readonly LegStatus[]): 'in-sync' | 'resyncing' | 'degraded' | 'failed' {
+  const live = legs.filter((leg) => leg.state !== 'removed');
+  if (!live.some((leg) => leg.state === 'in-sync')) return 'failed';
+  if (live.every((leg) => leg.state === 'in-sync')) return 'in-sync';
+  return live.every((leg) => leg.state === 'in-sync' || leg.state === 'resyncing') ? 'resyncing' : 'degraded';
+}
+const kMirrorStates = ['in-sync', 'resyncing', 'degraded', 'failed'] as const;
+
 /** A series per leg, from legStatus (always present). */
 function legGauge(name: string, help: string, pick: (leg: LegStatus) => number): SeriesSpec {
   return { name, type: 'gauge', labelNames: ['leg'], help, read: perLeg(pick) };
@@ -197,6 +215,31 @@ const kRingSeries: readonly SeriesSpec[] = [
     (s) => s.ringRequests),
 ];
 
+const kArraySeries: readonly SeriesSpec[] = [
+  {
+    name: 'enbd_build_info', type: 'gauge', labelNames: ['version', 'node'],
+    help: 'Always 1: the enbd version and the Node.js version running it.',
+    read: (_s, emit) => emit({ version: kVersion, node: process.versions.node }, 1),
+  },
+  {
+    name: 'enbd_mirror_legs', type: 'gauge', labelNames: ['state'],
+    help: `Legs in each state (${kLegStates.join(', ')}).`,
+    read: (s, emit) => {
+      for (const state of kLegStates) emit({ state }, s.stats.legs.filter((leg) => leg.state === state).length);
+    },
+  },
+  single('enbd_mirror_legs_expected', 'gauge', 'Legs the mirror is to have (every leg but removed ones).',
+    (s) => s.stats.legs.filter((leg) => leg.state !== 'removed').length),
+  {
+    name: 'enbd_mirror_state', type: 'gauge', labelNames: ['state'],
+    help: `The array's state: 1 for the current one (${kMirrorStates.join(', ')}), like enbd status's exit code.`,
+    read: (s, emit) => {
+      const now = mirrorState(s.stats.legs);
+      for (const state of kMirrorStates) emit({ state }, state === now ? 1 : 0);
+    },
+  },
+];
+
 const kLegSeries: readonly SeriesSpec[] = [
   {
     name: 'enbd_leg_info', type: 'gauge', labelNames: ['leg', 'uri', 'kind'],
@@ -211,12 +254,15 @@ const kLegSeries: readonly SeriesSpec[] = [
     name: 'enbd_leg_state', type: 'gauge', labelNames: ['leg', 'state'], read: legStates,
     help: `Leg state: 1 for the current state, 0 for the others (${kLegStates.join(', ')}).`,
   },
-  legGauge('enbd_leg_failures_total',
+  legCounter('enbd_leg_failures_total',
     'Times the leg left the in-sync or resyncing state since the daemon started.',
     (leg) => leg.failures),
-  legGauge('enbd_leg_resynced_bytes_total',
+  legCounter('enbd_leg_resynced_bytes_total',
     'Bytes copied to the leg by resyncs since the daemon started.',
     (leg) => leg.resyncedBytes),
+  legCounter('enbd_leg_reconnects_total',
+    'Reconnect attempts of the leg since the daemon started (never reset).',
+    (leg) => leg.reconnects ?? 0),
   legGauge('enbd_leg_dirty_bytes',
     'Bytes of the leg its dirty map marks as missed (0 while in sync).',
     (leg) => leg.dirtyBytes),
@@ -271,6 +317,7 @@ const kLegActorSeries: readonly SeriesSpec[] = [
 export const kSeries: readonly SeriesSpec[] = [
   ...kRequestSeries,
   ...kRingSeries,
+  ...kArraySeries,
   ...kLegSeries,
   ...kLegActorSeries,
 ];

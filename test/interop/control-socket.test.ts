@@ -154,6 +154,8 @@ describe('enbd control socket: location, permissions, robustness', { skip: skipU
     assert.match(mirror.stderr(), /closing a control connection/, 'the daemon logged why');
     const cli = await run(process.execPath, [enbdCli, 'status', '--control', control]);
     assert.equal(cli.status, 0, cli.stderr);
+    assert.match(cli.stdout, /^resync: idle, floor /m, 'nothing resyncs: idle');
+    assert.match(cli.stdout, /^metadata: none /m, '--metadata none says so');
     watcher.close();
     assert.equal(await mirror.stop(), 0, mirror.stderr());
   });

@@ -7,6 +7,7 @@
  * Threads: test process main thread; the legs are nbdkit child processes.
  */
 import { after, before, describe, test } from 'node:test';
+import { kVersion } from '../../src/core/version.js';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { createLogger } from '../../src/core/log.js';
@@ -110,7 +111,16 @@ describe('enbd mirror --metrics: Prometheus series of a real mirror', { skip: sk
       assert.equal(valueOf(scraped, 'enbd_leg_state', { leg, state: 'failed' }), 0);
       assert.equal(valueOf(scraped, 'enbd_leg_resync_active', { leg }), 0);
       assert.equal(valueOf(scraped, 'enbd_leg_info', { leg }), 1);
+      assert.equal(valueOf(scraped, 'enbd_leg_failures_total', { leg }), 0);
     }
+    assert.equal(scraped.types.get('enbd_leg_failures_total'), 'counter');
+    assert.equal(scraped.types.get('enbd_leg_resynced_bytes_total'), 'counter');
+    assert.equal(scraped.types.get('enbd_leg_reconnects_total'), 'counter');
+    assert.equal(valueOf(scraped, 'enbd_mirror_state', { state: 'in-sync' }), 1);
+    assert.equal(valueOf(scraped, 'enbd_mirror_state', { state: 'degraded' }), 0);
+    assert.equal(valueOf(scraped, 'enbd_mirror_legs', { state: 'in-sync' }), 2);
+    assert.equal(valueOf(scraped, 'enbd_mirror_legs_expected'), 2);
+    assert.equal(valueOf(scraped, 'enbd_build_info', { version: kVersion, node: process.versions.node }), 1);
   });
 
   test('a leg failed by hand shows failed and collects dirty bytes as writes go past it', async () => {
@@ -123,6 +133,10 @@ describe('enbd mirror --metrics: Prometheus series of a real mirror', { skip: sk
     assert.equal(valueOf(scraped, 'enbd_leg_state', { leg: '1', state: 'failed' }), 1);
     assert.equal(valueOf(scraped, 'enbd_leg_state', { leg: '1', state: 'in-sync' }), 0);
     assert.equal(valueOf(scraped, 'enbd_leg_state', { leg: '0', state: 'in-sync' }), 1);
+    assert.equal(valueOf(scraped, 'enbd_leg_failures_total', { leg: '1' }), 1);
+    assert.equal(valueOf(scraped, 'enbd_mirror_state', { state: 'degraded' }), 1);
+    assert.equal(valueOf(scraped, 'enbd_mirror_state', { state: 'in-sync' }), 0);
+    assert.equal(valueOf(scraped, 'enbd_mirror_legs', { state: 'failed' }), 1);
   });
 
   test('the connections gauge drops when the client leaves', async () => {
