@@ -164,12 +164,12 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     listen: listen === undefined ? null : text(listen, '--listen'),
     name: text(pick('name') ?? '', '--name'),
     size: size === undefined ? undefined : parseBytes('--size', text(size, '--size')),
-    ringSlots: ringSlots === undefined ? undefined : parseInteger('--ring-slots', text(ringSlots, '--ring-slots'), 2, 4096),
-    slotBytes: slotBytes === undefined ? undefined : parseBytes('--slot-bytes', text(slotBytes, '--slot-bytes')),
+    ringSlots: ringSlots === undefined ? undefined : parseRingSlots(text(ringSlots, '--ring-slots')),
+    slotBytes: slotBytes === undefined ? undefined : parseSlotBytes(text(slotBytes, '--slot-bytes')),
     copyMode,
     placement,
     maxPayload: parseBytes('--max-payload', text(pick('maxPayload') ?? '32M', '--max-payload')),
-    legTimeoutMs: parseDurationMs('--leg-timeout', text(pick('legTimeoutMs') ?? '5000', '--leg-timeout'), 0, 3_600_000),
+    legTimeoutMs: parseLegTimeout(text(pick('legTimeoutMs') ?? '5000', '--leg-timeout')),
     idleProbeMs: parseDurationMs('--idle-probe', text(pick('idleProbeMs') ?? '5000', '--idle-probe'), 0, 3_600_000),
     fenceTimeoutMs: parseDurationMs('--fence-timeout', text(pick('fenceTimeoutMs') ?? '10000', '--fence-timeout'), 1, 3_600_000),
     probeTimeoutMs: probeTimeout === undefined ? null : parseDurationMs('--probe-timeout', text(probeTimeout, '--probe-timeout'), 1, 3_600_000),
@@ -194,6 +194,35 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
       text(pick('payloadTimeoutMs') ?? kServerLimitDefaults.payloadTimeoutMs, '--payload-timeout'),
     ),
   };
+}
+
+/** --ring-slots: a power of two from 2 to 4096, named as the user wrote it. */
+function parseRingSlots(value: string): number {
+  const slots = Number(value);
+  if (!/^\d+$/.test(value.trim()) || slots < 2 || slots > 4096 || (slots & (slots - 1)) !== 0) {
+    throw new EnbdError('ENBD_ERR_CONFIG', `--ring-slots must be a power of two from 2 to 4096, got ${value}`);
+  }
+  return slots;
+}
+
+/** --slot-bytes: a multiple of 4K from 4K to 32M. */
+function parseSlotBytes(value: string): number {
+  const bytes = parseBytes('--slot-bytes', value);
+  if (bytes < 4096 || bytes > 32 * 1024 * 1024 || bytes % 4096 !== 0) {
+    throw new EnbdError('ENBD_ERR_CONFIG', `--slot-bytes must be a multiple of 4K from 4K to 32M, got ${value}`);
+  }
+  return bytes;
+}
+
+/** Shortest --leg-timeout accepted (0 = never): below it a leg that is merely busy would fail. */
+const kLegTimeoutFloorMs = 100;
+
+function parseLegTimeout(value: string): number {
+  const ms = parseDurationMs('--leg-timeout', value, 0, 3_600_000);
+  if (ms !== 0 && ms < kLegTimeoutFloorMs) {
+    throw new EnbdError('ENBD_ERR_CONFIG', `--leg-timeout must be 0 (never) or at least ${kLegTimeoutFloorMs}ms: a shorter timeout fails legs that are only busy (a FLUSH or a loaded server takes longer), got ${value}`);
+  }
+  return ms;
 }
 
 function parseOnOff(option: string, value: unknown): boolean {
