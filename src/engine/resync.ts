@@ -21,6 +21,7 @@
  * - Bits are cleared only by the host's copy completion (after the target acknowledged the
  *   WRITE), never here.
  */
+import { RateWindow } from './rate-window.js';
 import type { Logger } from '../core/log.js';
 import type { DirtyMap, DirtyRun } from '../bitmap/dirty-map.js';
 
@@ -72,9 +73,8 @@ export class Resync {
   private paused = false;
   private tokens = 0;
   private lastRefill = 0;
-  private rateWindowStart = 0;
-  private rateWindowBytes = 0;
-  private rate = 0;
+  /** Copy rate over the last 10 s (0 while paused; no early spike). */
+  private readonly rateWindow = new RateWindow();
   private lastLog = 0;
   private readonly wakers: Array<() => void> = [];
 
@@ -113,7 +113,10 @@ export class Resync {
 
   progress(): ResyncProgress {
     const bytesLeft = this.map.dirtyBytes();
-    const rate = this.rate;
+    const now = Date.now();
+    const rate = this.running ? this.rateWindow.rate(now) : 0;
+    // An ETA needs a rate from a second of copying at least, and none while paused.
+    const eta = !this.paused && rate > 0 && now - this.startedAt >= 1000 ? Math.ceil(bytesLeft / rate) : null;
     return {
       leg: this.legIndex,
       running: this.running,
@@ -122,7 +125,7 @@ export class Resync {
       bytesLeft,
       bytesTotal: Math.max(this.bytesTotal, this.bytesDone + bytesLeft),
       bytesPerSecond: Math.round(rate),
-      etaSeconds: rate > 0 ? Math.ceil(bytesLeft / rate) : null,
+      etaSeconds: eta,
       startedAt: this.startedAt,
       copiesInFlight: this.inFlight,
     };
@@ -134,7 +137,7 @@ export class Resync {
     this.running = true;
     this.startedAt = Date.now();
     this.lastRefill = this.startedAt;
-    this.rateWindowStart = this.startedAt;
+    this.rateWindow.reset(this.startedAt);
     this.lastLog = this.startedAt;
     this.bytesDone = 0;
     this.bytesTotal = this.map.dirtyBytes();
@@ -218,15 +221,8 @@ export class Resync {
 
   private account(lengthBytes: number): void {
     this.bytesDone += lengthBytes;
-    this.rateWindowBytes += lengthBytes;
     const now = Date.now();
-    const elapsed = now - this.rateWindowStart;
-    if (elapsed >= 250) {
-      const sample = (this.rateWindowBytes * 1000) / elapsed;
-      this.rate = this.rate === 0 ? sample : this.rate * 0.7 + sample * 0.3;
-      this.rateWindowStart = now;
-      this.rateWindowBytes = 0;
-    }
+    this.rateWindow.add(now, this.bytesDone);
     if (now - this.lastLog >= kProgressLogMs) {
       this.lastLog = now;
       this.logger.info({ ...this.progress() }, 'resync progress');
