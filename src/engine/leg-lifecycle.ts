@@ -34,8 +34,8 @@ export interface LifecycleHost {
   startResync(leg: Leg): void;
   /** Sends a FLUSH to every admitted leg (fire and forget; failures fail legs as usual). */
   flushLegs(): void;
-  /** Marks the range on the leg unless no other leg holds it (mirror.ts). */
-  markUnlessSole(leg: Leg, offsetBytes: number, lengthBytes: number): void;
+  /** Marks the range on the leg unless no other leg holds it (mirror.ts); true when marked. */
+  markUnlessSole(leg: Leg, offsetBytes: number, lengthBytes: number): boolean;
   /**
    * After the probe, before the leg takes client I/O: its on-leg metadata is checked (a leg that
    * is not the one that left is marked for a full resync) and brought up to date. false: that
@@ -205,14 +205,15 @@ export class LegLifecycle {
     this.legReturned(leg);
   }
 
-  /** The leg leaves: its unflushed record goes into its dirty map (mergeUnflushed) and is reset. */
+  /**
+   * The leg leaves: its unflushed record goes into its dirty map (mergeUnflushed). What it alone
+   * held stays in the record: its server may still lose it while the leg is out, and by the time
+   * the leg returns another leg may hold it (legReturned merges again).
+   */
   spillUnflushed(leg: Leg): void {
     leg.flushSlot = -1;
     if (leg.unflushed === null || leg.dirty === null) return;
-    for (const half of leg.unflushed) {
-      this.mergeUnflushed(leg, half);
-      half.clearAll();
-    }
+    for (const half of leg.unflushed) this.mergeUnflushed(leg, half);
   }
 
   /**
@@ -228,7 +229,8 @@ export class LegLifecycle {
       for (let index = run.firstChunk; index < run.firstChunk + run.chunkCount; index += 1) {
         const offsetBytes = index * from.chunkBytes;
         const lengthBytes = Math.min(from.chunkBytes, from.deviceBytes - offsetBytes);
-        this.host.markUnlessSole(leg, offsetBytes, lengthBytes);
+        // Marked: the dirty map has it now. Not marked (the leg alone holds it): kept.
+        if (this.host.markUnlessSole(leg, offsetBytes, lengthBytes)) from.clearRange(offsetBytes, lengthBytes);
       }
       chunk = run.firstChunk + run.chunkCount;
     }
@@ -244,7 +246,13 @@ export class LegLifecycle {
     const unflushed = leg.unflushed as [DirtyMap, DirtyMap];
     leg.flushSlot = -1;
     leg.epoch += 1;
-    for (const half of unflushed) half.clearAll();
+    // Writes it alone held when it left may have been lost while it was out (its server may have
+    // restarted): where another leg holds them now, they are copied again. The rest is durable
+    // now (the probe ended with a FLUSH), or the leg's copy is the only one there is.
+    for (const half of unflushed) {
+      this.mergeUnflushed(leg, half);
+      half.clearAll();
+    }
     if (dirty.dirtyChunkCount() === 0) {
       this.setInSync(leg, 'it missed no writes');
       return;

@@ -1215,8 +1215,10 @@ export class MirrorDevice implements BlockDevice {
    * no other leg holds the range (then its copy is the only one there is; marking would make
    * the range unreadable everywhere).
    */
-  private markUnlessSole(leg: Leg, offsetBytes: number, lengthBytes: number): void {
-    if (this.firstCleanLeg(this.allLegsMask & ~leg.bit, offsetBytes, lengthBytes) !== null) leg.dirty?.markRange(offsetBytes, lengthBytes);
+  private markUnlessSole(leg: Leg, offsetBytes: number, lengthBytes: number): boolean {
+    if (this.firstCleanLeg(this.allLegsMask & ~leg.bit, offsetBytes, lengthBytes) === null || leg.dirty === null) return false;
+    leg.dirty.markRange(offsetBytes, lengthBytes);
+    return true;
   }
 
   // ---- leg lifecycle hooks (the rules live in leg-lifecycle.ts) ---------------------------
