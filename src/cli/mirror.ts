@@ -461,6 +461,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
       await stopMirror(control, metrics, server, mirror, logger);
     } finally {
       hostCleanup(habits);
+      await notifier?.drained();
     }
   });
   hostReady(habits, { exportName: settings.name, unixSocket: settings.socket === null ? null : resolve(settings.socket), tcp }, logger, shutdown);

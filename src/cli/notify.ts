@@ -87,6 +87,15 @@ export class ServiceNotifier {
     this.send(['STOPPING=1', 'STATUS=stopping']);
   }
 
+  /**
+   * Resolves once every queued message was handed to systemd-notify (or after `timeoutMs`): the
+   * daemon awaits it before exiting, so STOPPING=1 is not lost behind a message still in flight.
+   */
+  async drained(timeoutMs = 3000): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while ((this.sending || this.queue.length > 0) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+
   private send(fields: string[]): void {
     this.queue.push(fields);
     this.pump();

@@ -117,6 +117,7 @@ async function runServeWith(file: string, options: Record<string, unknown>, habi
       await device.close();
     } finally {
       hostCleanup(habits);
+      await notifier?.drained();
     }
   });
   hostReady(habits, { exportName, unixSocket: socketPath, tcp }, logger, shutdown);
