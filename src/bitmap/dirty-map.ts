@@ -425,6 +425,22 @@ export class DirtyMap {
   }
 
   /**
+   * Calls `visit` for every run of dirty chunks, in order (runs of at most 2^20 chunks). `visit`
+   * may change the map (clear or mark chunks); the scan goes on after the run it was given. For
+   * the cold paths (a leg leaving or returning, metadata scans); the resync uses
+   * nextDirtyRunInto with its own cursor.
+   */
+  forEachDirtyRun(visit: (firstChunk: number, chunkCount: number) => void): void {
+    const run: DirtyRun = { firstChunk: 0, chunkCount: 0 };
+    let chunk = 0;
+    while (this.nextDirtyRunInto(chunk, 1 << 20, run)) {
+      const { firstChunk, chunkCount } = run;
+      visit(firstChunk, chunkCount);
+      chunk = firstChunk + chunkCount;
+    }
+  }
+
+  /**
    * The first run of dirty chunks at or after fromChunk, at most maxChunks long, written into
    * `out` (no allocation). Returns false (out untouched) when no chunk from fromChunk on is
    * dirty. A run may include a chunk marked clean meanwhile (copying it again is harmless).

@@ -25,7 +25,8 @@
  * - close() leaves no socket file behind (only the one this server bound: checked by inode).
  */
 import { chmodSync, lstatSync, unlinkSync } from 'node:fs';
-import { connect, createServer, type Server, type Socket } from 'node:net';
+import { createServer, type Server, type Socket } from 'node:net';
+import { probeUnixSocket } from '../core/listen.js';
 import { assert } from '../core/assert.js';
 import { EnbdError, describeError } from '../core/errors.js';
 import type { Logger } from '../core/log.js';
@@ -35,7 +36,6 @@ import { ProtocolError, kControlErrorCodes, kControlEvents, parseRequest, type C
 export const kConnectionsMax = 16;
 export const kPendingMax = 32;
 export const kBacklogBytesMax = 4 * 1024 * 1024;
-const kProbeTimeoutMs = 1000;
 const kCloseGraceMs = 1000;
 
 /** One client connection, as handlers see it. */
@@ -86,26 +86,6 @@ function errorBody(error: unknown): { code: string; message: string } {
   return { code: typeof code === 'string' ? code : kControlErrorCodes.internal, message };
 }
 
-/** Whether something accepts connections on the Unix socket at `path`. */
-async function probeSocket(path: string): Promise<'live' | 'stale'> {
-  return await new Promise((resolve, reject) => {
-    const socket = connect(path);
-    const timer = setTimeout(() => {
-      socket.destroy();
-      resolve('live'); // it exists and does not refuse: someone holds it
-    }, kProbeTimeoutMs);
-    socket.once('connect', () => {
-      clearTimeout(timer);
-      socket.destroy();
-      resolve('live');
-    });
-    socket.once('error', (error: NodeJS.ErrnoException) => {
-      clearTimeout(timer);
-      if (error.code === 'ECONNREFUSED' || error.code === 'ENOENT') resolve('stale');
-      else reject(new EnbdError('ENBD_ERR_CONFIG', `control socket ${path} exists and cannot be probed: ${describeError(error)}`));
-    });
-  });
-}
 
 export class ControlServer {
   readonly path: string;
@@ -139,15 +119,9 @@ export class ControlServer {
   }
 
   private async removeStale(): Promise<void> {
-    let isSocket: boolean;
-    try {
-      isSocket = lstatSync(this.path).isSocket();
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code === 'ENOENT') return;
-      throw new EnbdError('ENBD_ERR_CONFIG', `control socket ${this.path}: ${describeError(error)}`);
-    }
-    if (!isSocket) throw new EnbdError('ENBD_ERR_CONFIG', `control socket ${this.path} exists and is not a socket; refusing to replace it`);
-    if ((await probeSocket(this.path)) === 'live') {
+    const state = await probeUnixSocket(this.path, 'control socket');
+    if (state === 'absent') return;
+    if (state === 'live') {
       throw new EnbdError('ENBD_ERR_CONFIG', `control socket ${this.path} is in use by another process (another enbd?); pass --control PATH or --control none`);
     }
     unlinkSync(this.path);

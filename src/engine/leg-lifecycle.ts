@@ -223,17 +223,14 @@ export class LegLifecycle {
    * unreadable everywhere.
    */
   mergeUnflushed(leg: Leg, from: DirtyMap): void {
-    const run = { firstChunk: 0, chunkCount: 0 };
-    let chunk = 0;
-    while (from.nextDirtyRunInto(chunk, 1 << 20, run)) {
-      for (let index = run.firstChunk; index < run.firstChunk + run.chunkCount; index += 1) {
+    from.forEachDirtyRun((firstChunk, chunkCount) => {
+      for (let index = firstChunk; index < firstChunk + chunkCount; index += 1) {
         const offsetBytes = index * from.chunkBytes;
         const lengthBytes = Math.min(from.chunkBytes, from.deviceBytes - offsetBytes);
         // Marked: the dirty map has it now. Not marked (the leg alone holds it): kept.
         if (this.host.markUnlessSole(leg, offsetBytes, lengthBytes)) from.clearRange(offsetBytes, lengthBytes);
       }
-      chunk = run.firstChunk + run.chunkCount;
-    }
+    });
   }
 
   /**

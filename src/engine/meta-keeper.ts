@@ -48,10 +48,10 @@
 import type { Logger } from '../core/log.js';
 import { assert } from '../core/assert.js';
 import * as p from '../nbd/protocol.js';
-import type { DirtyMap, DirtyRun } from '../bitmap/dirty-map.js';
+import type { DirtyMap } from '../bitmap/dirty-map.js';
 import { computeLayout, kMetaBlockBytes, kSuperblockBytes, superblockOffsets, type LegLayout } from '../meta/layout.js';
 import { encodeSuperblock, type MemberRecord, type MemberState, type OwnerRecord } from '../meta/superblock.js';
-import { inspectCopy } from '../meta/leg-meta.js';
+import { bitmapCount, inspectCopy } from '../meta/leg-meta.js';
 import { superblockFor, kHeartbeatMs, type AssembledArray } from '../meta/assemble.js';
 import { randomUUID } from 'node:crypto';
 import type { Leg } from './leg.js';
@@ -139,7 +139,6 @@ export class MetaKeeper {
   private timer: NodeJS.Timeout | null = null;
   private stopped = false;
   private readonly logger: Logger;
-  private readonly run: DirtyRun = { firstChunk: 0, chunkCount: 0 };
   private readonly admitQueue: Array<{ leg: Leg; done: (ok: boolean) => void }> = [];
   /** Set while resuming waiters with no admitted leg (they go on and fail for want of a leg). */
   private passAll = false;
@@ -205,14 +204,18 @@ export class MetaKeeper {
     this.kick();
   }
 
-  private want(firstChunk: number, endChunk: number): void {
+  /** Sets the wanted bits of the chunks (their pages to be written); true when one was not set. */
+  private want(firstChunk: number, endChunk: number): boolean {
+    let added = false;
     for (let chunk = firstChunk; chunk < endChunk; chunk += 1) {
       const byte = chunk >> 3;
       const bit = 1 << (chunk & 7);
       if (((this.wanted[byte] as number) & bit) !== 0) continue;
       this.wanted[byte] = (this.wanted[byte] as number) | bit;
       this.pagePending[Math.floor(byte / kMetaBlockBytes)] = 1;
+      added = true;
     }
+    return added;
   }
 
   /** A successful data-changing completion: held while a member-table change is not durable. */
@@ -287,19 +290,11 @@ export class MetaKeeper {
 
   private markFrom(map: DirtyMap): boolean {
     let added = false;
-    let chunk = 0;
-    const run = this.run;
-    while (map.nextDirtyRunInto(chunk, 1 << 20, run)) {
-      const start = run.firstChunk * map.chunkBytes;
-      const end = Math.min(map.deviceBytes, (run.firstChunk + run.chunkCount) * map.chunkBytes);
-      const first = Math.floor(start / this.chunkBytes);
-      const last = Math.min(this.chunkCount, Math.ceil(end / this.chunkBytes));
-      for (let at = first; at < last; at += 1) {
-        if (((this.wanted[at >> 3] as number) & (1 << (at & 7))) === 0) added = true;
-      }
-      this.want(first, last);
-      chunk = run.firstChunk + run.chunkCount;
-    }
+    map.forEachDirtyRun((firstChunk, chunkCount) => {
+      const start = firstChunk * map.chunkBytes;
+      const end = Math.min(map.deviceBytes, (firstChunk + chunkCount) * map.chunkBytes);
+      if (this.want(Math.floor(start / this.chunkBytes), Math.min(this.chunkCount, Math.ceil(end / this.chunkBytes)))) added = true;
+    });
     return added;
   }
 
@@ -642,14 +637,7 @@ export class MetaKeeper {
   }
 
   status(): KeeperStatus {
-    let dirtyChunks = 0;
-    for (const byte of this.durable) {
-      let value = byte;
-      while (value !== 0) {
-        dirtyChunks += value & 1;
-        value >>= 1;
-      }
-    }
+    const dirtyChunks = bitmapCount(this.durable, this.chunkCount);
     return {
       arrayUuid: this.plan.arrayUuid,
       arrayName: this.plan.arrayName,

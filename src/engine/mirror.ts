@@ -60,6 +60,7 @@ import { LegActor } from './leg-actor.js';
 import type { CopyMode, LegActorApi, LegActorInit, LegDeviceOpener, LegInfo, LegStats, Placement } from './messages.js';
 import { MetaKeeper, type KeeperStatus } from './meta-keeper.js';
 import type { AssembledArray } from '../meta/assemble.js';
+import { bitmapTest } from '../meta/leg-meta.js';
 
 export interface MirrorOptions {
   legs: string[];
@@ -450,7 +451,7 @@ export class MirrorDevice implements BlockDevice {
       if (planned.role === 'full-resync') dirty.markAll();
       else if (planned.role === 'bitmap-resync') {
         for (let chunk = 0; chunk < layout.chunkCount; chunk += 1) {
-          if ((((bitmap[chunk >> 3] ?? 0) >> (chunk & 7)) & 1) === 1) dirty.markRange(chunk * layout.bitmapChunkBytes, layout.bitmapChunkBytes);
+          if (bitmapTest(bitmap, chunk)) dirty.markRange(chunk * layout.bitmapChunkBytes, layout.bitmapChunkBytes);
         }
       }
       if (dirty.dirtyChunkCount() > 0) leg.state = 'resyncing';
@@ -575,17 +576,15 @@ export class MirrorDevice implements BlockDevice {
     }
     const first = others[0] as Leg;
     const map = first.dirty as DirtyMap;
-    const orphans: number[] = [];
-    const run = { firstChunk: 0, chunkCount: 0 };
-    let chunk = 0;
-    while (map.nextDirtyRunInto(chunk, 1 << 20, run)) {
-      for (let at = run.firstChunk; at < run.firstChunk + run.chunkCount; at += 1) {
-        if (others.every((other) => other.dirty?.isChunkDirty(at) === true)) orphans.push(at);
+    let orphans = 0;
+    map.forEachDirtyRun((firstChunk, chunkCount) => {
+      for (let at = firstChunk; at < firstChunk + chunkCount; at += 1) {
+        if (!others.every((other) => other.dirty?.isChunkDirty(at) === true)) continue;
+        map.clearChunks(at, 1);
+        orphans += 1;
       }
-      chunk = run.firstChunk + run.chunkCount;
-    }
-    for (const orphan of orphans) map.clearChunks(orphan, 1);
-    if (orphans.length > 0) this.logger.warn({ leg: leg.index, reference: first.index, chunks: orphans.length }, 'chunks no leg held: the reference leg\'s copy counts there');
+    });
+    if (orphans > 0) this.logger.warn({ leg: leg.index, reference: first.index, chunks: orphans }, 'chunks no leg held: the reference leg\'s copy counts there');
     leg.dirty?.markAll();
   }
 

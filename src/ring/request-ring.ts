@@ -193,6 +193,12 @@ export class RequestRing {
     this.checkSlot(slot);
     assert(this.field(slot, kSlotState) === kSlotStateAllocated, 'setRequest on an allocated slot');
     assert(this.runSpans[slot] === spanSlots, 'spanSlots equals the allocated run');
+    this.control[kHeaderWords + slot * kSlotWords + kSlotSpanSlots] = spanSlots;
+    this.describe(slot, command, flags, offsetBytes, lengthBytes, targetMask);
+  }
+
+  /** The request fields of setRequest and redescribe (all but the span), then fresh masks. */
+  private describe(slot: number, command: number, flags: number, offsetBytes: number, lengthBytes: number, targetMask: number): void {
     assertSafeInteger(offsetBytes, 'offsetBytes');
     assert(Number.isInteger(lengthBytes) && lengthBytes >= 0, 'lengthBytes is a u32');
     assert(lengthBytes < kTwoPow32, 'lengthBytes is a u32');
@@ -203,7 +209,6 @@ export class RequestRing {
     control[base + kSlotOffsetHigh] = Math.floor(offsetBytes / kTwoPow32);
     control[base + kSlotOffsetLow] = offsetBytes % kTwoPow32 | 0;
     control[base + kSlotLengthBytes] = lengthBytes | 0;
-    control[base + kSlotSpanSlots] = spanSlots;
     control[base + kSlotReadLeg] = -1;
     this.resetMasks(slot, targetMask);
   }
@@ -223,17 +228,7 @@ export class RequestRing {
     }
     assert(state === kSlotStateDispatched, 'redescribe a live slot');
     assert(this.visitedMask(slot) === this.targetMask(slot), 'redescribe only an answered request');
-    assertSafeInteger(offsetBytes, 'offsetBytes');
-    assert(Number.isInteger(lengthBytes) && lengthBytes >= 0 && lengthBytes < kTwoPow32, 'lengthBytes is a u32');
-    const base = kHeaderWords + slot * kSlotWords;
-    const control = this.control;
-    control[base + kSlotCommand] = command;
-    control[base + kSlotFlags] = flags;
-    control[base + kSlotOffsetHigh] = Math.floor(offsetBytes / kTwoPow32);
-    control[base + kSlotOffsetLow] = offsetBytes % kTwoPow32 | 0;
-    control[base + kSlotLengthBytes] = lengthBytes | 0;
-    control[base + kSlotReadLeg] = -1;
-    this.resetMasks(slot, targetMask);
+    this.describe(slot, command, flags, offsetBytes, lengthBytes, targetMask);
   }
 
   /**
