@@ -19,6 +19,7 @@
  *   an unknown method is answered with ENBD_CTL_UNKNOWN_METHOD and then closes it too.
  */
 import type { ResyncProgress } from '../engine/resync.js';
+import type { KeeperStatus } from '../engine/meta-keeper.js';
 
 export const kControlMethods = [
   'status',
@@ -161,21 +162,8 @@ export interface LegView {
   member: { slotIndex: number; legUuid: string } | null;
 }
 
-/** The on-leg metadata of the array (null: --metadata none). */
-export interface MetadataView {
-  arrayUuid: string;
-  arrayName: string;
-  events: number;
-  bitmapChunkBytes: number;
-  chunkCount: number;
-  /** Chunks whose write-intent bit is set on the legs. */
-  dirtyChunks: number;
-  /** Data-changing requests that waited for a bitmap write; bitmap page and superblock writes. */
-  intentWaits: number;
-  bitmapWrites: number;
-  superblockWrites: number;
-  members: Array<{ legUuid: string; state: string; events: number }>;
-}
+/** The on-leg metadata of the array (null: --metadata none): the keeper's own status. */
+export type MetadataView = KeeperStatus;
 
 export interface LatencyView {
   count: number;

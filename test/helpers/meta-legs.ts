@@ -14,7 +14,8 @@ import { truncateSync, writeFileSync } from 'node:fs';
 import assert from 'node:assert/strict';
 import { enbdCli, run } from './serve.js';
 import { readRange, startNbdkit, unixUri, type Child, type Scratch } from './tools.js';
-import { startMirror, type MirrorProcess } from './mirror.js';
+import { assertSameBytes, startMirror, type MirrorProcess } from './mirror.js';
+import { NbdClient } from '../../src/nbd/client.js';
 import { MirrorControl } from './fault-legs.js';
 
 /** Short fault timeouts so a lost or returning leg plays out in well under a second or two. */
@@ -70,6 +71,27 @@ export class FileLeg {
  * Compares two legs' data areas slice by slice (large legs are not read whole); fails naming the
  * first differing offset.
  */
+/** Writes `data` at `offsetBytes` through a fresh NBD connection (4 MiB requests), then FLUSH. */
+export async function writeFlush(uri: string, offsetBytes: number, data: Buffer): Promise<void> {
+  const piece = 4 * 1024 * 1024;
+  const client = await NbdClient.connect(uri);
+  try {
+    for (let at = 0; at < data.length; at += piece) await client.write(offsetBytes + at, data.subarray(at, Math.min(data.length, at + piece)));
+    await client.flush();
+  } finally {
+    await client.close();
+  }
+}
+
+/** Every leg's data area equals leg 0's (compared in memory); returns leg 0's. */
+export function assertLegsIdentical(legs: FileLeg[], dataSizeBytes: number, what: string): Buffer {
+  const first = (legs[0] as FileLeg).dataArea(dataSizeBytes);
+  for (const [index, leg] of legs.entries()) {
+    if (index > 0) assertSameBytes(leg.dataArea(dataSizeBytes), first, `${what}: data area of leg ${index} vs leg 0`);
+  }
+  return first;
+}
+
 export function assertSameDataAreas(left: FileLeg, right: FileLeg, dataSizeBytes: number, what: string): void {
   const slice = 16 * 1024 * 1024;
   for (let at = 0; at < dataSizeBytes; at += slice) {

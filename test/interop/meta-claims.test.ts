@@ -10,24 +10,14 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { NbdClient } from '../../src/nbd/client.js';
 import { scratch, type Scratch } from '../helpers/tools.js';
 import { skipUnlessTools } from '../helpers/serve.js';
 import { assertSameBytes, readNbd, runMirrorCli, stopAllMirrors } from '../helpers/mirror.js';
-import { MetaLegs, assembledRecord, createArray, examine, kMetaMirrorFlags, startMetaMirror } from '../helpers/meta-legs.js';
+import { MetaLegs, assembledRecord, createArray, examine, kMetaMirrorFlags, startMetaMirror, writeFlush } from '../helpers/meta-legs.js';
 
 const kMiB = 1024 * 1024;
 const kLegBytes = 32 * kMiB;
 
-async function writeFlush(uri: string, offsetBytes: number, data: Buffer): Promise<void> {
-  const client = await NbdClient.connect(uri);
-  try {
-    await client.write(offsetBytes, data);
-    await client.flush();
-  } finally {
-    await client.close();
-  }
-}
 
 describe('enbd mirror --metadata leg: exclusive claims on nbdkit file legs', { skip: skipUnlessTools('nbdkit'), timeout: 120_000 }, () => {
   let dir: Scratch;

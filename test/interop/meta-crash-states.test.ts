@@ -15,24 +15,14 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { NbdClient } from '../../src/nbd/client.js';
 import { readRange, scratch, type Scratch } from '../helpers/tools.js';
 import { skipUnlessTools } from '../helpers/serve.js';
 import { assertSameBytes, readNbd, stopAllMirrors } from '../helpers/mirror.js';
-import { MetaLegs, assembledRecord, assertSameDataAreas, createArray, dataSizeOf, examine, startMetaMirror } from '../helpers/meta-legs.js';
+import { MetaLegs, assembledRecord, assertSameDataAreas, createArray, dataSizeOf, examine, startMetaMirror, writeFlush } from '../helpers/meta-legs.js';
 
 const kMiB = 1024 * 1024;
 const kLegBytes = 32 * kMiB;
 
-async function writeFlush(uri: string, offsetBytes: number, data: Buffer): Promise<void> {
-  const client = await NbdClient.connect(uri);
-  try {
-    for (let at = 0; at < data.length; at += 4 * kMiB) await client.write(offsetBytes + at, data.subarray(at, Math.min(data.length, at + 4 * kMiB)));
-    await client.flush();
-  } finally {
-    await client.close();
-  }
-}
 
 describe('enbd mirror --metadata leg: stops in the middle of a leg\'s trouble', { skip: skipUnlessTools('nbdkit'), timeout: 120_000 }, () => {
   let dir: Scratch;

@@ -24,28 +24,12 @@ import { NbdClient } from '../../src/nbd/client.js';
 import { scratch, type Scratch } from '../helpers/tools.js';
 import { skipUnlessTools } from '../helpers/serve.js';
 import { assertSameBytes, readNbd, stopAllMirrors } from '../helpers/mirror.js';
-import { MetaLegs, assembledRecord, createArray, dataSizeOf, enbd, examine, logRecords, startMetaMirror, type FileLeg } from '../helpers/meta-legs.js';
+import { MetaLegs, assembledRecord, createArray, dataSizeOf, enbd, examine, logRecords, startMetaMirror, writeFlush, assertLegsIdentical } from '../helpers/meta-legs.js';
 
 const kMiB = 1024 * 1024;
 const kLegBytes = 32 * kMiB;
 
-async function writeFlush(uri: string, offsetBytes: number, data: Buffer): Promise<void> {
-  const client = await NbdClient.connect(uri);
-  try {
-    await client.write(offsetBytes, data);
-    await client.flush();
-  } finally {
-    await client.close();
-  }
-}
 
-function assertLegsIdentical(legs: FileLeg[], dataSizeBytes: number, what: string): Buffer {
-  const first = (legs[0] as FileLeg).dataArea(dataSizeBytes);
-  for (const [index, leg] of legs.entries()) {
-    if (index > 0) assertSameBytes(leg.dataArea(dataSizeBytes), first, `${what}: data area of leg ${index} vs leg 0`);
-  }
-  return first;
-}
 
 describe('enbd mirror --metadata leg: issue 11 scenarios on nbdkit file legs', { skip: skipUnlessTools('nbdkit'), timeout: 120_000 }, () => {
   let dir: Scratch;
