@@ -29,6 +29,7 @@ import { installHangup } from './hangup.js';
 import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits, type HostHabits } from './host.js';
 import { controlPathFor, startControlPlane, type ControlPlane } from '../control/plane.js';
 import { checkTcpFree, checkUnixFree } from '../core/listen.js';
+import { checkGranularity } from '../engine/checkpoints.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
 
 export interface MirrorSettings {
@@ -74,9 +75,11 @@ export interface MirrorSettings {
   tls: ServerTlsSettings;
   /** -r/--read-only: the export refuses writes (EPERM); resyncs still write the legs. */
   readOnly: boolean;
+  /** --checkpoint-granularity: bytes per bit of every checkpoint (changed-block tracking). */
+  checkpointGranularity: number;
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly', 'checkpointGranularity']);
 const kDefaultLegBytes = 1024 ** 3;
 
 function readConfig(path: string): Record<string, unknown> {
@@ -159,6 +162,7 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     forceSource: forceSource === undefined ? null : parseInteger('--force-source', text(forceSource, '--force-source'), 0, 31),
     degraded: pick('degraded') === true || pick('degraded') === 'true',
     readOnly: pick('readOnly') === true || pick('readOnly') === 'true',
+    checkpointGranularity: checkGranularity(parseBytes('--checkpoint-granularity', text(pick('checkpointGranularity') ?? '64K', '--checkpoint-granularity'))),
     legs,
     socket: socket === undefined ? null : text(socket, '--socket'),
     listen: listen === undefined ? null : text(listen, '--listen'),
@@ -383,6 +387,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
   const mirror = await MirrorDevice.open({
     ...(assembled !== undefined ? { metadata: assembled } : {}),
     legs: settings.legs,
+    checkpointGranularityBytes: settings.checkpointGranularity,
     ...(settings.size !== undefined ? { sizeBytes: settings.size } : {}),
     ring: {
       ...(settings.ringSlots !== undefined ? { slotCount: settings.ringSlots } : {}),

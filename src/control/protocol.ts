@@ -20,6 +20,42 @@
  */
 import type { ResyncProgress } from '../engine/resync.js';
 import type { KeeperStatus } from '../engine/meta-keeper.js';
+import type { CheckpointInfo } from '../engine/checkpoints.js';
+
+/** Checkpoint (changed-block tracking) methods: src/control/checkpoint-handlers.ts. */
+export const kCheckpointMethods = ['checkpoint.create', 'checkpoint.list', 'checkpoint.remove', 'checkpoint.freeze', 'checkpoint.runs'] as const;
+export type CheckpointMethod = (typeof kCheckpointMethods)[number];
+
+export type CheckpointView = CheckpointInfo;
+
+export interface CheckpointListResult {
+  granularityBytes: number;
+  /** The checkpoints live in the on-leg metadata (false: --metadata none, memory only). */
+  persistent: boolean;
+  checkpoints: CheckpointView[];
+}
+
+export interface CheckpointActionResult {
+  checkpoint: CheckpointView;
+  persistent: boolean;
+}
+
+export interface CheckpointFreezeResult {
+  frozen: CheckpointView;
+  created: CheckpointView;
+  persistent: boolean;
+  sizeBytes: number;
+}
+
+export interface CheckpointRunsResult {
+  name: string;
+  sizeBytes: number;
+  /** Changed runs from the asked offset, in order; `nextOffsetBytes` null when the end was reached. */
+  runs: Array<{ offsetBytes: number; lengthBytes: number }>;
+  nextOffsetBytes: number | null;
+}
+
+export const kCheckpointRunsMax = 4096;
 
 export const kControlMethods = [
   'status',
@@ -35,6 +71,7 @@ export const kControlMethods = [
   'resync.rate',
   'log.level',
   'repl.eval',
+  ...kCheckpointMethods,
 ] as const;
 
 export type ControlMethod = (typeof kControlMethods)[number];
@@ -265,6 +302,11 @@ export interface ControlResults {
   'resync.rate': ResyncRatesResult;
   'log.level': LogLevelResult;
   'repl.eval': ReplEvalResult;
+  'checkpoint.create': CheckpointActionResult;
+  'checkpoint.list': CheckpointListResult;
+  'checkpoint.remove': CheckpointActionResult;
+  'checkpoint.freeze': CheckpointFreezeResult;
+  'checkpoint.runs': CheckpointRunsResult;
 }
 
 /** Events pushed to subscribers. */

@@ -17,7 +17,9 @@ export type EnbdErrorCode =
   | 'ENBD_ERR_LEG'
   /** On-leg metadata (src/meta): a bad superblock, a leg too small, a refused create. */
   | 'ENBD_ERR_META'
-  | 'ENBD_ERR_IO';
+  | 'ENBD_ERR_IO'
+  /** Checkpoints (changed-block tracking): a bad name, too many, unknown, frozen. */
+  | 'ENBD_ERR_CHECKPOINT';
 
 export class EnbdError extends Error {
   readonly code: EnbdErrorCode;

@@ -59,6 +59,7 @@ import { Resync, type ResyncHost, type ResyncProgress, type ResyncRates } from '
 import { LegActor } from './leg-actor.js';
 import type { CopyMode, LegActorApi, LegActorInit, LegDeviceOpener, LegInfo, LegStats, Placement } from './messages.js';
 import { MetaKeeper, type KeeperStatus } from './meta-keeper.js';
+import { CheckpointSet } from './checkpoints.js';
 import type { AssembledArray } from '../meta/assemble.js';
 import { bitmapTest } from '../meta/leg-meta.js';
 
@@ -115,6 +116,8 @@ export interface MirrorOptions {
   metadata?: AssembledArray;
   /** Metadata heartbeat and lazy bitmap clearing period (ms, default 5000). */
   heartbeatMs?: number;
+  /** Checkpoint (changed-block tracking) granularity in bytes; default 64 KiB. */
+  checkpointGranularityBytes?: number;
 }
 
 export type { LegState } from './leg-health.js';
@@ -287,6 +290,8 @@ export class MirrorDevice implements BlockDevice {
   inFlight = 0;
   /** The on-leg metadata keeper (null: --metadata none). */
   private keeper: MetaKeeper | null = null;
+  /** Changed-block tracking (src/engine/checkpoints.ts); set once the geometry is known. */
+  private checkpointSet: CheckpointSet | null = null;
   /** The keeper's reserved ring run (metadata I/O, one request at a time), -1 when none. */
   private metaSlot = -1;
   private metaDone: ((failed: number) => void) | null = null;
@@ -434,6 +439,7 @@ export class MirrorDevice implements BlockDevice {
     this.settleGeometry(options.metadata?.plan.layout.dataSizeBytes ?? options.sizeBytes);
     this.flushTracking = this.features.flush && options.flushTracking !== false;
     for (const leg of this.legs) this.createMaps(leg);
+    this.checkpointSet = new CheckpointSet(this.sizeBytes, options.checkpointGranularityBytes);
     this.pumpCompletions();
     if (options.metadata !== undefined) await this.startKeeper(options.metadata);
   }
@@ -474,7 +480,7 @@ export class MirrorDevice implements BlockDevice {
       forEachWriteInFlight: (visit) => this.forEachWriteInFlight(visit),
       contentsUnknown: (leg) => this.contentsUnknown(leg),
       isClosed: () => this.closed,
-    }, assembled, { logger: this.logger, ...(this.options.heartbeatMs !== undefined ? { heartbeatMs: this.options.heartbeatMs } : {}) });
+    }, assembled, { logger: this.logger, checkpoints: this.checkpoints, ...(this.options.heartbeatMs !== undefined ? { heartbeatMs: this.options.heartbeatMs } : {}) });
     const full = assembled.legs.flatMap((planned, index) => (planned.role === 'full-resync' ? [this.legs[index] as Leg] : []));
     if (full.length > 0) await this.skipZeroRanges(full);
     for (const leg of this.legs) {
@@ -595,6 +601,24 @@ export class MirrorDevice implements BlockDevice {
       if (ring.state(slot) !== 2 || this.slots.phase[slot] !== 0 || (this.slots.token[slot] ?? -1) < 0) continue;
       if (isDataChanging(ring.command(slot))) visit(ring.offsetBytes(slot), ring.lengthBytes(slot));
     }
+  }
+
+  /** The checkpoints (changed-block tracking); available once the mirror is open. */
+  get checkpoints(): CheckpointSet {
+    assert(this.checkpointSet !== null, 'checkpoints exist once the mirror is open');
+    return this.checkpointSet;
+  }
+
+  /** Calls `visit` with the range of every data-changing client request in flight. */
+  visitWritesInFlight(visit: (offsetBytes: number, lengthBytes: number) => void): void {
+    this.forEachWriteInFlight(visit);
+  }
+
+  /** Makes the checkpoint list durable on the legs (no-op with --metadata none: false). */
+  async persistCheckpoints(): Promise<boolean> {
+    if (this.keeper === null) return false;
+    await this.keeper.persistCheckpoints();
+    return true;
   }
 
   /** The on-leg metadata, or null with --metadata none. */
@@ -949,6 +973,8 @@ export class MirrorDevice implements BlockDevice {
       if (phase === 1) {
         if (!this.copier.prepareRead(slot)) return;
       } else if (phase === 0 && isDataChanging(ring.command(slot))) {
+        // Checkpoints are marked before any leg gets the data (so before the ack).
+        this.checkpointSet?.mark(ring.offsetBytes(slot), ring.lengthBytes(slot));
         // Write intent: the chunks' bits are durable on the legs before any leg gets the data.
         const keeper = this.keeper;
         if (keeper !== null && !keeper.covers(ring.offsetBytes(slot), ring.lengthBytes(slot))) {
