@@ -28,7 +28,7 @@ import type { ControlClient } from '../control/client.js';
 import type { CheckpointRunsResult, CheckpointView } from '../control/protocol.js';
 import { formatBytes } from '../control/format.js';
 import { EnbdError } from '../core/errors.js';
-import { NbdClient } from '../nbd/client.js';
+import { NbdClient } from '../nbd/client/client.js';
 import { addControlOption, resolveControlPath, say, withClient, type ControlOption } from './control.js';
 
 const kPieceBytes = 4 * 1024 * 1024;
