@@ -30,6 +30,7 @@ import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket
 import { controlPathFor, startControlPlane, type ControlPlane } from '../control/plane.js';
 import { checkTcpFree, checkUnixFree } from '../core/listen.js';
 import { checkGranularity } from '../engine/checkpoints.js';
+import { mirrorStatusContexts } from '../engine/status-contexts.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
 
 export interface MirrorSettings {
@@ -420,6 +421,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     directReceive: settings.receive === 'direct',
     tls: serverTls,
     readOnly: settings.readOnly,
+    metaContexts: mirrorStatusContexts(mirror),
   });
   const uris: string[] = [];
   // With --tls require the export URIs are the nbds forms (plain clients are refused).

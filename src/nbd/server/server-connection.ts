@@ -44,6 +44,7 @@ import { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import type { Logger } from '../../core/log.js';
 import type { BlockDevice, Extent } from '../../core/block-device.js';
+import { kDirtyFlag, mapExtents, type MetaContextSource } from './meta-contexts.js';
 import { assert } from '../../core/assert.js';
 import * as p from '../protocol.js';
 import { OptionNegotiator, encodeGreeting, type ExportDescriptor, type NegotiatedState } from './server-options.js';
@@ -116,6 +117,8 @@ export interface ConnectionHost {
   readonly bufferShare: BufferShare | null;
   /** TLS offered on this export, or null (off). */
   readonly tls: ServerTls | null;
+  /** Status contexts beyond base:allocation (checkpoints, dirty maps), or null. */
+  readonly metaContexts: MetaContextSource | null;
   connectionClosed(connection: ServerConnection): void;
   /** Register a connection whose parsing stalled; `resume()` is called after a `wake()`. */
   stalled(connection: ServerConnection): void;
@@ -197,6 +200,7 @@ export class ServerConnection implements ShareUser {
         onStartTls: () => this.startTls(),
       },
       host.tls?.mode ?? 'off',
+      host.metaContexts,
     );
     socket.setNoDelay(true);
     this.listen(socket, !directReceive);
@@ -348,7 +352,7 @@ export class ServerConnection implements ShareUser {
       transmissionFlags: state.exportDescriptor.transmissionFlags,
       maximumPayloadBytes: state.exportDescriptor.maximumPayloadBytes,
       structuredReplies: state.structuredReplies,
-      metaContextSelected: state.baseAllocationId !== 0,
+      metaContextSelected: state.baseAllocationId !== 0 || state.extraContexts.length > 0,
       fastZero: this.host.fastZero,
     };
     this.logger.debug({ structuredReplies: state.structuredReplies, baseAllocation: state.baseAllocationId !== 0 }, 'transmission phase');
@@ -681,6 +685,10 @@ export class ServerConnection implements ShareUser {
       this.finish(record, p.kEInval);
       return;
     }
+    if (this.negotiated?.baseAllocationId === 0) {
+      this.replyBlockStatus(record, null, asked, reqOne);
+      return;
+    }
     const extentsPromise = this.host.device.features.blockStatus
       ? this.host.device.getExtents(offset, asked)
       : Promise.resolve<Extent[]>([{ lengthBytes: asked, flags: 0 }]);
@@ -856,12 +864,30 @@ export class ServerConnection implements ShareUser {
     this.socket.write(record.data, record.onWritten);
   }
 
-  private replyBlockStatus(record: RequestRecord, extents: Extent[], askedBytes: number, reqOne: boolean): void {
+  /**
+   * One status chunk per selected context: base:allocation (`extents`, null when not selected)
+   * first, then the other contexts in selection order; the last chunk carries DONE.
+   */
+  private replyBlockStatus(record: RequestRecord, extents: Extent[] | null, askedBytes: number, reqOne: boolean): void {
     if (this.closed) {
       this.releaseRecord(record);
       this.afterRelease();
       return;
     }
+    const extra = this.negotiated?.extraContexts ?? [];
+    this.requestsServed += 1;
+    this.beginBatch();
+    if (extents !== null) this.writeStatusChunk(record, this.negotiated?.baseAllocationId ?? 0, extents, askedBytes, reqOne, extra.length === 0, p.kStateHole | p.kStateZero);
+    const source = this.host.metaContexts;
+    for (const [index, context] of extra.entries()) {
+      const found = mapExtents(source?.map(context.name) ?? null, record.offsetBytes, askedBytes, reqOne ? 1 : kExtentsMax);
+      this.writeStatusChunk(record, context.id, found, askedBytes, reqOne, index === extra.length - 1, kDirtyFlag);
+    }
+    this.releaseRecord(record);
+    this.afterRelease();
+  }
+
+  private writeStatusChunk(record: RequestRecord, contextId: number, extents: Extent[], askedBytes: number, reqOne: boolean, done: boolean, flagMask: number): void {
     const lengths: number[] = [];
     const flags: number[] = [];
     let covered = 0;
@@ -870,7 +896,7 @@ export class ServerConnection implements ShareUser {
       while (remaining > 0 && lengths.length < kExtentsMax) {
         const piece = Math.min(remaining, kExtentBytesMax);
         lengths.push(piece);
-        flags.push(extent.flags & (p.kStateHole | p.kStateZero));
+        flags.push(extent.flags & flagMask);
         covered += piece;
         remaining -= piece;
       }
@@ -880,18 +906,13 @@ export class ServerConnection implements ShareUser {
       lengths.push(askedBytes);
       flags.push(0);
     }
-    this.requestsServed += 1;
-    this.beginBatch();
-    const contextId = this.negotiated?.baseAllocationId ?? 0;
     const count = reqOne ? 1 : lengths.length;
-    const at = this.writeChunkHeader(record, p.kReplyFlagDone, p.kReplyTypeBlockStatus, 4 + 8 * count, 4 + 8 * count);
+    const at = this.writeChunkHeader(record, done ? p.kReplyFlagDone : 0, p.kReplyTypeBlockStatus, 4 + 8 * count, 4 + 8 * count);
     this.out.writeUInt32BE(contextId, at);
     for (let index = 0; index < count; index += 1) {
       this.out.writeUInt32BE(lengths[index] ?? 0, at + 4 + 8 * index);
       this.out.writeUInt32BE(flags[index] ?? 0, at + 8 + 8 * index);
     }
-    this.releaseRecord(record);
-    this.afterRelease();
   }
 
   // ---- teardown ---------------------------------------------------------------------------
