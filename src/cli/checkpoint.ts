@@ -32,7 +32,7 @@ import { NbdClient } from '../nbd/client/client.js';
 import { addControlOption, resolveControlPath, say, withClient, type ControlOption } from './control.js';
 
 const kPieceBytes = 4 * 1024 * 1024;
-const kPiecesInFlight = 8;
+const kPiecesInFlight = 16;
 export const kBackupFormat = 'enbd-backup-1';
 
 export interface BackupManifest {
@@ -101,7 +101,7 @@ function exportUri(options: ControlOption & { uri?: string }, exportName: string
   return `nbd+unix:///${encodeURIComponent(exportName)}?socket=${encodeURIComponent(control.slice(0, -'.ctl'.length))}`;
 }
 
-async function runBackup(client: ControlClient, options: ControlOption & { since?: string; to: string; newCheckpoint?: string; uri?: string }): Promise<BackupManifest> {
+export async function runBackup(client: ControlClient, options: ControlOption & { since?: string; to: string; newCheckpoint?: string; uri?: string }): Promise<BackupManifest> {
   const status = await client.call('status');
   const sizeBytes = status.export.sizeBytes;
   const uri = exportUri(options, status.export.name);
