@@ -22,6 +22,7 @@
  * - The frozen checkpoint is removed only after FILE and FILE.json are complete and synced;
  *   a failed backup leaves it frozen (run the same `--since` again, without --new-checkpoint).
  */
+import { writeSync } from 'node:fs';
 import { open, readFile, rename, writeFile } from 'node:fs/promises';
 import type { Command } from 'commander';
 import type { ControlClient } from '../control/client.js';
@@ -160,7 +161,9 @@ async function copyExtents(uri: string, extents: ReadonlyArray<{ offsetBytes: nu
         const [offsetBytes, lengthBytes] = pieces[next] as [number, number];
         next += 1;
         const data = await nbd.read(offsetBytes, lengthBytes);
-        await file.write(data, 0, data.length, offsetBytes);
+        // Synchronous: a page-cache write of <= 4 MiB is shorter than a thread-pool round trip
+        // (the file is fsynced once at the end).
+        writeSync(file.fd, data, 0, data.length, offsetBytes);
       }
     };
     await Promise.all(Array.from({ length: kPiecesInFlight }, lane));
