@@ -20,7 +20,7 @@
 import { assert } from '../../core/assert.js';
 import { EnbdError } from '../../core/errors.js';
 import type { Extent } from '../../core/block-device.js';
-import { commandNames, errnoNames } from '../protocol.js';
+import { commandNames, errnoNames } from '../protocol-names.js';
 
 export interface InternalRequest {
   command: number;

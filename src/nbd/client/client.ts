@@ -66,7 +66,6 @@ import type {
   Extent,
 } from '../../core/block-device.js';
 import {
-  commandNames,
   kCmdBlockStatus,
   kCmdCache,
   kCmdDisc,
@@ -81,6 +80,7 @@ import {
   kRequestHeaderBytes,
   kRequestMagic,
 } from '../protocol.js';
+import { commandNames } from '../protocol-names.js';
 import { describeNbdAddress, formatNbdUri, parseNbdUri, type NbdAddress } from '../uri.js';
 import { negotiateClient, type HandshakeResult } from './client-handshake.js';
 import { RequestTable } from './client-requests.js';

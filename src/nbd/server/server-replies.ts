@@ -19,12 +19,11 @@
  */
 import type { Socket } from 'node:net';
 import * as p from '../protocol.js';
-import { RecordState, type RequestRecord } from './server-records.js';
+import { RecordState, kTwoPow32, type RequestRecord } from './server-records.js';
 
 const kOutputArenaBytes = 256 * 1024;
 /** READ payloads up to this size are copied into the output arena; larger ones are sent as is. */
 const kInlineReadBytesMax = 16 * 1024;
-const kTwoPow32 = 0x1_0000_0000;
 
 export class ReplyWriter {
   private out = Buffer.allocUnsafeSlow(kOutputArenaBytes);
