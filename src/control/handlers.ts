@@ -31,7 +31,7 @@
 import { assert } from '../core/assert.js';
 import { isLogLevel, type Logger } from '../core/log.js';
 import { kMaxLegs, type BitmapSnapshot, type MirrorEvent, type MirrorOperations } from '../engine/view.js';
-import type { NbdServer } from '../nbd/server.js';
+import type { NbdServer } from '../nbd/server/server.js';
 import { commandNames } from '../nbd/protocol.js';
 import {
   kBitmapRunsMax,

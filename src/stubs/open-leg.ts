@@ -10,7 +10,7 @@ import type { BlockDevice } from '../core/block-device.js';
 import type { LegKind } from '../core/status-types.js';
 import type { Logger } from '../core/log.js';
 import { EnbdError, describeError } from '../core/errors.js';
-import { NbdClient } from '../nbd/client.js';
+import { NbdClient } from '../nbd/client/client.js';
 import { parseNbdUri, type NbdAddress } from '../nbd/uri.js';
 import { FileDevice } from './file-device.js';
 
