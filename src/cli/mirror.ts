@@ -32,6 +32,7 @@ import { checkTcpFree, checkUnixFree } from '../core/listen.js';
 import { checkGranularity } from '../engine/checkpoints.js';
 import { mirrorStatusContexts } from '../engine/status-contexts.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
+import { kConnectionActorEntry } from './actor-entry.js';
 
 export interface MirrorSettings {
   legs: string[];
@@ -396,6 +397,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     },
     copyMode: settings.copyMode,
     placement: settings.placement,
+    actorEntry: kConnectionActorEntry,
     logger,
     logLevel: settings.logLevel,
     legTimeoutMs: settings.legTimeoutMs,

@@ -3,8 +3,8 @@
  * freeze (one engine step for `enbd backup --new-checkpoint`) and runs (the changed extents,
  * paged, for `enbd backup`).
  *
- * Thread: the daemon's main thread. Each method is a few CheckpointSet calls; create, remove
- * and freeze then wait for one superblock write (the checkpoint list is durable on the legs
+ * Thread: the daemon's main thread. Each method is one MirrorOperations.checkpointOperations
+ * call (the engine's narrow face); create, remove and freeze then wait for one superblock write (the checkpoint list is durable on the legs
  * before the answer), except with --metadata none (memory only: `persistent: false`).
  *
  * Design notes
@@ -17,7 +17,7 @@
  * | checkpoint.freeze  | since, next            | checkpoints.freeze, persistCheckpoints    |
  * | checkpoint.runs    | name, offset?, length? | changed runs (at most kCheckpointRunsMax) |
  */
-import type { MirrorDevice } from '../engine/mirror.js';
+import type { CheckpointOperations, MirrorOperations } from '../engine/view.js';
 import { kCheckpointRunsMax, type CheckpointActionResult, type CheckpointFreezeResult, type CheckpointListResult, type CheckpointMethod, type CheckpointRunsResult } from './protocol.js';
 import type { MethodHandler } from './server.js';
 import { ControlRequestError } from './server.js';
@@ -38,27 +38,24 @@ function countParam(params: Record<string, unknown>, key: string, fallback: numb
   return value;
 }
 
-export function checkpointHandlers(mirror: MirrorDevice): Array<[CheckpointMethod, MethodHandler]> {
-  const seed = (visit: (offsetBytes: number, lengthBytes: number) => void): void => mirror.visitWritesInFlight(visit);
+export function checkpointHandlers(mirror: MirrorOperations): Array<[CheckpointMethod, MethodHandler]> {
+  const operations = (): CheckpointOperations => mirror.checkpointOperations();
   const create = async (params: Record<string, unknown>): Promise<CheckpointActionResult> => {
-    const checkpoint = mirror.checkpoints.create(stringParam(params, 'name'), Date.now(), seed);
-    const persistent = await mirror.persistCheckpoints();
-    return { checkpoint, persistent };
+    const ops = operations();
+    return { checkpoint: await ops.create(stringParam(params, 'name')), persistent: ops.persistent };
   };
-  const list = (): CheckpointListResult => ({
-    granularityBytes: mirror.checkpoints.granularityBytes,
-    persistent: mirror.metadataStatus() !== null,
-    checkpoints: mirror.checkpoints.list(),
-  });
+  const list = (): CheckpointListResult => {
+    const ops = operations();
+    return { granularityBytes: ops.granularityBytes, persistent: ops.persistent, checkpoints: ops.list() };
+  };
   const remove = async (params: Record<string, unknown>): Promise<CheckpointActionResult> => {
-    const checkpoint = mirror.checkpoints.remove(stringParam(params, 'name'));
-    const persistent = await mirror.persistCheckpoints();
-    return { checkpoint, persistent };
+    const ops = operations();
+    return { checkpoint: await ops.remove(stringParam(params, 'name')), persistent: ops.persistent };
   };
   const freeze = async (params: Record<string, unknown>): Promise<CheckpointFreezeResult> => {
-    const { frozen, created } = mirror.checkpoints.freeze(stringParam(params, 'since'), stringParam(params, 'next'), Date.now(), seed);
-    const persistent = await mirror.persistCheckpoints();
-    return { frozen, created, persistent, sizeBytes: mirror.sizeBytes };
+    const ops = operations();
+    const { frozen, created } = await ops.freeze(stringParam(params, 'since'), stringParam(params, 'next'));
+    return { frozen, created, persistent: ops.persistent, sizeBytes: mirror.sizeBytes };
   };
   const runs = (params: Record<string, unknown>): CheckpointRunsResult => {
     const name = stringParam(params, 'name');
@@ -66,7 +63,7 @@ export function checkpointHandlers(mirror: MirrorDevice): Array<[CheckpointMetho
     const sizeBytes = mirror.sizeBytes;
     const lengthBytes = countParam(params, 'length', Math.max(0, sizeBytes - offsetBytes));
     const endBytes = Math.min(sizeBytes, offsetBytes + lengthBytes);
-    const found = offsetBytes >= endBytes ? [] : mirror.checkpoints.runs(name, offsetBytes, endBytes - offsetBytes, kCheckpointRunsMax);
+    const found = offsetBytes >= endBytes ? [] : operations().runs(name, offsetBytes, endBytes - offsetBytes, kCheckpointRunsMax);
     const last = found[found.length - 1];
     const full = found.length >= kCheckpointRunsMax && last !== undefined && last.offsetBytes + last.lengthBytes < endBytes;
     return { name, sizeBytes, runs: found, nextOffsetBytes: full && last !== undefined ? last.offsetBytes + last.lengthBytes : null };

@@ -1,6 +1,7 @@
 /**
  * Messages of the control socket (inside the frames of frame.ts) and the shapes of their
- * results. Plain data only: both ends (daemon and CLI) import this file.
+ * results. Plain data only: both ends (daemon and CLI) import this file, and it imports only
+ * the types-only core/status-types.ts (nothing above it).
  *
  * Threads: the daemon's main thread and the CLI client's.
  *
@@ -18,15 +19,20 @@
  * - A frame that is not a request of this shape closes the connection (the daemon logs why);
  *   an unknown method is answered with ENBD_CTL_UNKNOWN_METHOD and then closes it too.
  */
-import type { ResyncProgress } from '../engine/resync.js';
-import type { KeeperStatus } from '../engine/meta-keeper.js';
-import type { CheckpointInfo } from '../engine/checkpoints.js';
+import type { KeeperStatus, ResyncProgress } from '../core/status-types.js';
 
 /** Checkpoint (changed-block tracking) methods: src/control/checkpoint-handlers.ts. */
 export const kCheckpointMethods = ['checkpoint.create', 'checkpoint.list', 'checkpoint.remove', 'checkpoint.freeze', 'checkpoint.runs'] as const;
 export type CheckpointMethod = (typeof kCheckpointMethods)[number];
 
-export type CheckpointView = CheckpointInfo;
+/** A checkpoint as the daemon reports it (the engine's CheckpointInfo, plain data). */
+export interface CheckpointView {
+  name: string;
+  createdMs: number;
+  state: 'active' | 'frozen';
+  granularityBytes: number;
+  changedBytes: number;
+}
 
 export interface CheckpointListResult {
   granularityBytes: number;
@@ -172,7 +178,7 @@ function describeType(value: unknown): string {
 
 // ---- results ------------------------------------------------------------------------------
 
-/** The engine's resync progress, as the daemon sends it (a type-only import: no engine code). */
+/** The engine's resync progress, as the daemon sends it (a plain shape from core/status-types.ts). */
 export type ResyncProgressView = ResyncProgress;
 
 export interface LegView {

@@ -335,3 +335,47 @@ export function decodeRuns(runs: Uint8Array, unitBytes: number, visit: (offsetBy
   }
   return true;
 }
+
+// ---- the operator's face (src/control reaches checkpoints only through this) -------------------
+
+/** What the control plane may do with checkpoints (MirrorOperations.checkpointOperations). */
+export interface CheckpointOperations {
+  readonly granularityBytes: number;
+  /** Kept in the on-leg metadata (false: --metadata none, memory only). */
+  readonly persistent: boolean;
+  /** Creates `name` (seeded with writes in flight); resolves once the list is durable. */
+  create(name: string): Promise<CheckpointInfo>;
+  remove(name: string): Promise<CheckpointInfo>;
+  /** Freezes `since` and starts `next` in one step; resolves once durable. */
+  freeze(since: string, next: string): Promise<{ frozen: CheckpointInfo; created: CheckpointInfo }>;
+  list(): CheckpointInfo[];
+  runs(name: string, offsetBytes: number, lengthBytes: number, runsMax: number): Array<{ offsetBytes: number; lengthBytes: number }>;
+}
+
+/** The face over a set, its seed (writes in flight) and its persistence (the keeper). */
+export function checkpointOperations(set: CheckpointSet, seed: (visit: (offsetBytes: number, lengthBytes: number) => void) => void, persist: (() => Promise<void>) | null): CheckpointOperations {
+  const durable = async (): Promise<void> => {
+    if (persist !== null) await persist();
+  };
+  return {
+    granularityBytes: set.granularityBytes,
+    persistent: persist !== null,
+    create: async (name) => {
+      const info = set.create(name, Date.now(), seed);
+      await durable();
+      return info;
+    },
+    remove: async (name) => {
+      const info = set.remove(name);
+      await durable();
+      return info;
+    },
+    freeze: async (since, next) => {
+      const result = set.freeze(since, next, Date.now(), seed);
+      await durable();
+      return result;
+    },
+    list: () => set.list(),
+    runs: (name, offsetBytes, lengthBytes, runsMax) => set.runs(name, offsetBytes, lengthBytes, runsMax),
+  };
+}
