@@ -9,7 +9,7 @@
  * Reads the engine only through its face, src/engine/view.ts (MirrorOperations: plain-data
  * snapshots, leg stats with a timeout, the operator's actions; kMaxLegs), and the NBD server
  * as a type; the live objects come from runMirror. The REPL's live objects come from the
- * view's one debug export, debugHandles(). nbd/protocol.ts names the commands.
+ * view's one debug export, debugHandles(). nbd/protocol-names.ts names the commands.
  *
  * Design notes
  * | method         | params          | engine call                                  |
@@ -32,7 +32,7 @@ import { assert } from '../core/assert.js';
 import { isLogLevel, type Logger } from '../core/log.js';
 import { kMaxLegs, type BitmapSnapshot, type MirrorEvent, type MirrorOperations } from '../engine/view.js';
 import type { NbdServer } from '../nbd/server/server.js';
-import { commandNames } from '../nbd/protocol.js';
+import { commandNames } from '../nbd/protocol-names.js';
 import {
   kBitmapRunsMax,
   kControlErrorCodes,
