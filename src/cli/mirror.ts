@@ -30,6 +30,7 @@ import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket
 import { controlPathFor, startControlPlane, type ControlPlane } from '../control/plane.js';
 import { checkTcpFree, checkUnixFree } from '../core/listen.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
+import { kConnectionActorEntry } from './actor-entry.js';
 
 export interface MirrorSettings {
   legs: string[];
@@ -390,6 +391,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     },
     copyMode: settings.copyMode,
     placement: settings.placement,
+    actorEntry: kConnectionActorEntry,
     logger,
     logLevel: settings.logLevel,
     legTimeoutMs: settings.legTimeoutMs,
