@@ -19,7 +19,7 @@
  * - A frame that is not a request of this shape closes the connection (the daemon logs why);
  *   an unknown method is answered with ENBD_CTL_UNKNOWN_METHOD and then closes it too.
  */
-import type { KeeperStatus, ResyncProgress } from '../core/status-types.js';
+import type { BitmapSnapshot, KeeperStatus, ResyncProgress } from '../core/status-types.js';
 
 export const kControlMethods = [
   'status',
@@ -190,20 +190,8 @@ export interface StatusResult {
   metadata: MetadataView | null;
 }
 
-export interface BitmapResult {
-  leg: number;
-  deviceBytes: number;
-  chunkBytes: number;
-  dirtyBytes: number;
-  dirtyChunks: number;
-  pagesInUse: number;
-  poolPages: number;
-  freePages: number;
-  sentinelPages: number;
-  memoryBytes: number;
-  /** The first dirty runs, in bytes (at most kBitmapRunsMax). */
-  firstRuns: Array<{ offsetBytes: number; lengthBytes: number }>;
-}
+/** A leg's dirty map: the engine's snapshot as it is (firstRuns: at most kBitmapRunsMax). */
+export type BitmapResult = BitmapSnapshot;
 
 export interface SlotView {
   slot: number;
