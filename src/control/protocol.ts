@@ -1,7 +1,7 @@
 /**
  * Messages of the control socket (inside the frames of frame.ts) and the shapes of their
  * results. Plain data only: both ends (daemon and CLI) import this file, and it imports only
- * the types-only core/status-types.ts (nothing above it).
+ * core (errors.ts for ProtocolError's base, the types-only status-types.ts): nothing above it.
  *
  * Threads: the daemon's main thread and the CLI client's.
  *
@@ -20,7 +20,7 @@
  *   an unknown method is answered with ENBD_CTL_UNKNOWN_METHOD and then closes it too.
  */
 import { EnbdError } from '../core/errors.js';
-import type { KeeperStatus, ResyncProgress } from '../core/status-types.js';
+import type { BitmapSnapshot, KeeperStatus, ResyncProgress } from '../core/status-types.js';
 
 /** Checkpoint (changed-block tracking) methods: src/control/checkpoint-handlers.ts. */
 export const kCheckpointMethods = ['checkpoint.create', 'checkpoint.list', 'checkpoint.remove', 'checkpoint.freeze', 'checkpoint.runs'] as const;
@@ -234,20 +234,8 @@ export interface StatusResult {
   metadata: MetadataView | null;
 }
 
-export interface BitmapResult {
-  leg: number;
-  deviceBytes: number;
-  chunkBytes: number;
-  dirtyBytes: number;
-  dirtyChunks: number;
-  pagesInUse: number;
-  poolPages: number;
-  freePages: number;
-  sentinelPages: number;
-  memoryBytes: number;
-  /** The first dirty runs, in bytes (at most kBitmapRunsMax). */
-  firstRuns: Array<{ offsetBytes: number; lengthBytes: number }>;
-}
+/** A leg's dirty map: the engine's snapshot as it is (firstRuns: at most kBitmapRunsMax). */
+export type BitmapResult = BitmapSnapshot;
 
 export interface SlotView {
   slot: number;
