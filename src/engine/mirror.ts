@@ -62,8 +62,7 @@ import type { CopyMode, LegActorApi, LegActorInit, LegDeviceOpener, LegInfo, Leg
 import { MetaKeeper, type KeeperStatus } from './meta-keeper.js';
 import type { AssembledArray } from '../meta/assemble.js';
 import { bitmapTest } from '../meta/leg-meta.js';
-import { bitmapSnapshotOf, legStatsWithin, ringCountersOf, slotsSnapshotOf, type BitmapSnapshot, type RingCounters, type SlotsSnapshot } from './snapshots.js';
-import type { MirrorDebugHandles } from './view.js';
+import { bitmapSnapshotOf, legStatsWithin, ringCountersOf, slotsSnapshotOf, type BitmapSnapshot, type MirrorDebugHandles, type RingCounters, type SlotsSnapshot } from './snapshots.js';
 
 export interface MirrorOptions {
   legs: string[];
