@@ -30,6 +30,7 @@ import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket
 import { controlPathFor, startControlPlane, type ControlPlane } from '../control/plane.js';
 import { checkTcpFree, checkUnixFree } from '../core/listen.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
+import { defaultHashThreads, kHashThreadsMax } from '../engine/hash-pool.js';
 
 export interface MirrorSettings {
   legs: string[];
@@ -74,10 +75,18 @@ export interface MirrorSettings {
   tls: ServerTlsSettings;
   /** -r/--read-only: the export refuses writes (EPERM); resyncs still write the legs. */
   readOnly: boolean;
+  /** --verify-threads: the verify hash pool's size. */
+  verifyThreads: number;
+  /** --verify-interval / verifyInterval: scheduled verify period (ms, 0 = off). */
+  verifyIntervalMs: number;
+  /** --resync-verify: checksum resync (compare first, copy only what differs). */
+  resyncVerify: boolean;
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly', 'verifyThreads', 'verifyInterval', 'resyncVerify']);
 const kDefaultLegBytes = 1024 ** 3;
+/** The longest timer Node keeps (2^31 - 1 ms, about 24.8 days). */
+const kVerifyIntervalMsMax = 2_147_483_647;
 
 function readConfig(path: string): Record<string, unknown> {
   let text: string;
@@ -159,6 +168,9 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     forceSource: forceSource === undefined ? null : parseInteger('--force-source', text(forceSource, '--force-source'), 0, 31),
     degraded: pick('degraded') === true || pick('degraded') === 'true',
     readOnly: pick('readOnly') === true || pick('readOnly') === 'true',
+    verifyThreads: parseInteger('--verify-threads', text(pick('verifyThreads') ?? String(defaultHashThreads()), '--verify-threads'), 1, kHashThreadsMax),
+    verifyIntervalMs: parseDurationMs('--verify-interval', text(pick('verifyInterval') ?? '0', '--verify-interval'), 0, kVerifyIntervalMsMax),
+    resyncVerify: pick('resyncVerify') === true || pick('resyncVerify') === 'true',
     legs,
     socket: socket === undefined ? null : text(socket, '--socket'),
     listen: listen === undefined ? null : text(listen, '--listen'),
@@ -405,6 +417,8 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     reconnectMaxMs: settings.reconnectMaxMs,
     resyncRates: { minBytesPerSecond: settings.resyncRateMin, maxBytesPerSecond: settings.resyncRateMax },
     flushTracking: settings.flushTracking,
+    verify: { threads: settings.verifyThreads, intervalMs: settings.verifyIntervalMs },
+    resyncVerify: settings.resyncVerify,
   });
   const server = createNbdServer({
     device: mirror,

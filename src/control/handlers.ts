@@ -23,6 +23,8 @@
  * | resync.pause   |                 | pauseResync(true) (kept for later resyncs)   |
  * | resync.resume  |                 | pauseResync(false)                           |
  * | resync.rate    | min?, max?      | setResyncRates                               |
+ * | verify.start   | offset?, length?, rate?, repair? | verifier.start (refused while one runs) |
+ * | verify.stop    |                 | verifier.stop (units in flight finish)       |
  * | log.level      | level           | logger.level; mirror.setLogLevel (actors)    |
  * | repl.eval      | code            | ReplEvaluator (one vm context per session)   |
  */
@@ -31,6 +33,7 @@ import { assert } from '../core/assert.js';
 import { isLogLevel, type Logger } from '../core/log.js';
 import type { MirrorDevice, MirrorEvent } from '../engine/mirror.js';
 import type { LegStats } from '../engine/messages.js';
+import type { VerifyStartOptions } from '../engine/verify.js';
 import type { NbdServer } from '../nbd/server.js';
 import { commandNames } from '../nbd/protocol.js';
 import { kSlotStateAllocated, kSlotStateDispatched, kMaxLegs } from '../ring/layout.js';
@@ -84,6 +87,31 @@ function rateParam(params: Record<string, unknown>, key: 'min' | 'max'): number 
     throw badParams(`params.${key} must be a rate in bytes/s (a non-negative integer)`);
   }
   return value;
+}
+
+function byteParam(params: Record<string, unknown>, key: string): number | undefined {
+  const value = params[key];
+  if (value === undefined || value === null) return undefined;
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 0) {
+    throw badParams(`params.${key} must be a non-negative integer (bytes)`);
+  }
+  return value;
+}
+
+/** verify.start's params: offset, length (bytes), rate (bytes/s, 0 = unlimited), repair. */
+function verifyStartParams(params: Record<string, unknown>): VerifyStartOptions {
+  const repair = params['repair'];
+  if (repair !== undefined && typeof repair !== 'boolean') throw badParams('params.repair must be a boolean');
+  const offsetBytes = byteParam(params, 'offset');
+  const lengthBytes = byteParam(params, 'length');
+  const rateBytesPerSecond = byteParam(params, 'rate');
+  return {
+    ...(offsetBytes !== undefined ? { offsetBytes } : {}),
+    ...(lengthBytes !== undefined ? { lengthBytes } : {}),
+    ...(rateBytesPerSecond !== undefined ? { rateBytesPerSecond } : {}),
+    repair: repair === true,
+    reason: 'operator',
+  };
 }
 
 async function withTimeout<T>(promise: Promise<T>, timeoutMs: number): Promise<T | null> {
@@ -143,6 +171,11 @@ export class MirrorControl {
       'resync.pause': () => this.pauseResync(true),
       'resync.resume': () => this.pauseResync(false),
       'resync.rate': (params) => this.setRates(rateParam(params, 'min'), rateParam(params, 'max')),
+      'verify.start': (params) => this.mirror.verifier.start(verifyStartParams(params)),
+      'verify.stop': async () => {
+        const stopped = this.mirror.verifier.running;
+        return { stopped, verify: await this.mirror.verifier.stop() };
+      },
       'log.level': (params) => this.setLogLevel(params['level']),
       'repl.eval': async (params, session) => await this.replEval(params['code'], session),
     };
@@ -227,6 +260,7 @@ export class MirrorControl {
       daemon: { pid: process.pid, uptimeSeconds: Math.round((Date.now() - this.startedAt) / 1000), logLevel: this.logger.level, control: this.controlPath },
       legs,
       metadata: this.mirror.metadataStatus(),
+      verify: this.mirror.verifier.status(),
       resync: { paused: this.resyncPaused, ...this.resyncRates() },
       stats: {
         requests: stats.requests,

@@ -20,6 +20,7 @@
  */
 import type { ResyncProgress } from '../engine/resync.js';
 import type { KeeperStatus } from '../engine/meta-keeper.js';
+import type { VerifyProgress, VerifyStatus } from '../engine/verify.js';
 
 export const kControlMethods = [
   'status',
@@ -33,6 +34,8 @@ export const kControlMethods = [
   'resync.pause',
   'resync.resume',
   'resync.rate',
+  'verify.start',
+  'verify.stop',
   'log.level',
   'repl.eval',
 ] as const;
@@ -188,7 +191,13 @@ export interface StatusResult {
   /** Client request latency by kind (read, write, flush, ...), since start. */
   latency: Record<string, LatencyView>;
   metadata: MetadataView | null;
+  /** Online verify: the running (or last) verify, totals, checksum-resync counts. */
+  verify?: VerifyView;
 }
+
+/** The engine's verify status (a type-only import: no engine code). */
+export type VerifyView = VerifyStatus;
+export type VerifyProgressView = VerifyProgress;
 
 export interface BitmapResult {
   leg: number;
@@ -263,6 +272,8 @@ export interface ControlResults {
   'resync.pause': { paused: boolean };
   'resync.resume': { paused: boolean };
   'resync.rate': ResyncRatesResult;
+  'verify.start': VerifyProgressView;
+  'verify.stop': { stopped: boolean; verify: VerifyProgressView | null };
   'log.level': LogLevelResult;
   'repl.eval': ReplEvalResult;
 }

@@ -12,6 +12,7 @@
  * - At most one legStats() call is outstanding: a scrape that finds the previous call still
  *   pending waits on that one instead of stacking another request on a stuck actor.
  */
+import type { VerifyStatus } from '../engine/verify.js';
 import type { KeeperStatus } from '../engine/meta-keeper.js';
 import type { Logger } from '../core/log.js';
 import type { LatencySnapshot } from '../core/latency.js';
@@ -39,6 +40,8 @@ export interface MetricsMirror {
   legStats(): Promise<LegStats[]>;
   /** The on-leg metadata (absent or null: --metadata none). */
   metadataStatus?(): KeeperStatus | null;
+  /** Online verify (absent: the verify series are left out). */
+  readonly verifier?: { status(): VerifyStatus };
 }
 
 /** What metrics read from the NBD server (NbdServer satisfies it). */
@@ -57,6 +60,8 @@ export interface MirrorSample {
   exportBytes: number;
   /** The on-leg metadata, or null with --metadata none. */
   metadata: KeeperStatus | null;
+  /** Online verify status, or null when the mirror has none. */
+  verify: VerifyStatus | null;
   engineInFlight: number;
   ringSlotCount: number;
   ringSlotBytes: number;
@@ -107,6 +112,7 @@ export class Sampler {
       latency,
       exportBytes: mirror.sizeBytes,
       metadata: mirror.metadataStatus?.() ?? null,
+      verify: mirror.verifier?.status() ?? null,
       engineInFlight: mirror.inFlight,
       ringSlotCount: mirror.ring.slotCount,
       ringSlotBytes: mirror.ring.slotBytes,
