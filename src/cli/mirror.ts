@@ -300,7 +300,7 @@ async function assembleLegs(settings: MirrorSettings, createFirst: boolean, logg
  * What SIGHUP changes in a running mirror, config key -> how. Everything else in the file needs
  * a restart (legs: `enbd leg add` / `enbd leg remove` change the running set).
  */
-export const kLiveSettings = ['resyncRateMin', 'resyncRateMax', 'logLevel', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs'] as const;
+export const kLiveSettings = ['resyncRateMin', 'resyncRateMax', 'logLevel', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'verifyIntervalMs'] as const;
 
 /** The settings as config keys, for comparing two loads (serverLimits flattened). */
 function comparable(settings: MirrorSettings): Record<string, unknown> {
@@ -340,6 +340,10 @@ async function reloadMirror(flags: Record<string, unknown>, loaded: MirrorSettin
     if (JSON.stringify(before[key]) === JSON.stringify(after[key])) continue;
     if ((kLiveSettings as readonly string[]).includes(key)) changed[key] = { from: before[key], to: after[key] };
     else needsRestart.push(key);
+  }
+  if (changed['verifyIntervalMs'] !== undefined) {
+    running.mirror.verifier.setInterval(next.verifyIntervalMs);
+    loaded.verifyIntervalMs = next.verifyIntervalMs;
   }
   if (changed['resyncRateMin'] !== undefined || changed['resyncRateMax'] !== undefined) {
     running.mirror.setResyncRates({ minBytesPerSecond: next.resyncRateMin, maxBytesPerSecond: next.resyncRateMax });
