@@ -3,7 +3,9 @@
  * nbdkit file legs (the scribble and repair cases are in verify.test.ts):
  * - verify rounds while fio writes through the export: zero mismatches;
  * - --resync-verify: a leg added with mostly the same bytes gets only the differing chunks
- *   copied (resyncedBytes), the rest is matched (status and metrics), and ends identical.
+ *   copied (resyncedBytes), the rest is matched (status), and ends identical;
+ * - --verify-interval starts checks by itself; `enbd verify stop` ends a rate-limited verify
+ *   early; a second start while one runs is refused.
  *
  * Threads: test process main thread; nbdkit, the daemon, the CLI and fio are child processes.
  */
@@ -145,5 +147,48 @@ describe('enbd verify: under write load; checksum resync', { skip: skipUnlessToo
     const data = assertLegsIdentical([source, added], kLegBytes, 'after the checksum resync');
     assert.ok(data.equals(original));
     assert.ok(readFileSync(added.file).equals(original));
+  });
+  test('--verify-interval starts a check on its own', async () => {
+    const [left, right] = await fileLegs(2, randomBytes(kLegBytes)) as [FileLeg, FileLeg];
+    const { mirror, control } = await mirrorOf([left.uri, right.uri], ['--verify-interval', '300ms', '--verify-threads', '1']);
+    try {
+      const deadline = Date.now() + 30_000;
+      let current: VerifyProgressView | null = null;
+      while (Date.now() < deadline) {
+        const status = await control.status();
+        current = status.verify?.current ?? null;
+        assert.equal(status.verify?.threads, 1);
+        if (current !== null && !current.running) break;
+        await sleep(50);
+      }
+      assert.ok(current !== null && !current.running, `a scheduled verify ran to its end: ${JSON.stringify(current)}`);
+      assert.equal(current.reason, 'schedule');
+      assert.equal(current.repair, false);
+      assert.equal(current.mismatchChunks, 0);
+      assert.equal(current.bytesChecked, kLegBytes);
+    } finally {
+      control.close();
+      await mirror.stop();
+    }
+  });
+  test('verify stop ends a slow verify early; a second start while one runs is refused', async () => {
+    const [left, right] = await fileLegs(2, randomBytes(kLegBytes)) as [FileLeg, FileLeg];
+    const { mirror, control } = await mirrorOf([left.uri, right.uri]);
+    try {
+      const client = clients.get(control) as ControlClient;
+      await client.call('verify.start', { rate: 1024 * 1024 });
+      await assert.rejects(client.call('verify.start', {}), /already running/);
+      const refused = await control.cli(['verify', 'start', '--range', '5:abc']);
+      assert.notEqual(refused.status, 0, 'a bad --range is refused');
+      const out = await control.cliOk(['verify', 'stop']);
+      assert.match(out, /verify stopped: /);
+      const stopped = await waitVerifyDone(control);
+      assert.equal(stopped.stopped, true);
+      assert.ok(stopped.bytesDone < kLegBytes, `stopped early (${stopped.bytesDone} bytes done)`);
+      assert.deepEqual((await client.call('verify.stop', {})).stopped, false, 'nothing left to stop');
+    } finally {
+      control.close();
+      await mirror.stop();
+    }
   });
 });

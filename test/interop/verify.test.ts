@@ -14,7 +14,8 @@ import { closeSync, openSync, writeFileSync, writeSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { StatusResult, VerifyProgressView } from '../../src/control/protocol.js';
-import { scratch, type Scratch } from '../helpers/tools.js';
+import { freePort, scratch, type Scratch } from '../helpers/tools.js';
+import { parseExposition, valueOf } from '../unit/metrics/exposition.js';
 import { skipUnlessTools } from '../helpers/serve.js';
 import { startMirror, stopAllMirrors, type MirrorProcess } from '../helpers/mirror.js';
 import { FileLeg, assertLegsIdentical, logRecords } from '../helpers/meta-legs.js';
@@ -109,7 +110,8 @@ describe('enbd verify: online check and repair', { skip: skipUnlessTools('nbdkit
   test('scribbled chunks are reported exactly; --repair makes the legs identical from leg 0', async () => {
     const original = randomBytes(kLegBytes);
     const [left, right] = await fileLegs(2, original) as [FileLeg, FileLeg];
-    const { mirror, control } = await mirrorOf([left.uri, right.uri]);
+    const port = await freePort();
+    const { mirror, control } = await mirrorOf([left.uri, right.uri], ['--metrics', `127.0.0.1:${port}`]);
     try {
       // Chunks 3, 4 (one scribble across their border), 100 and the last one, on leg 1 only.
       scribble(right, 4 * kChunkBytes - 10, Buffer.alloc(20, 0xa5));
@@ -127,6 +129,11 @@ describe('enbd verify: online check and repair', { skip: skipUnlessTools('nbdkit
       assert.deepEqual(status.legs.map((leg) => leg.state), ['in-sync', 'in-sync'], 'a verify fails no leg');
       const shown = await control.cliOk(['status']);
       assert.match(shown, /verify \(check, last\): complete .* 4 mismatched chunks/);
+      const scraped = parseExposition(await (await fetch(`http://127.0.0.1:${port}/metrics`)).text());
+      assert.equal(valueOf(scraped, 'enbd_verify_mismatch_chunks_total'), 4);
+      assert.equal(valueOf(scraped, 'enbd_verify_checked_bytes_total'), kLegBytes);
+      assert.equal(valueOf(scraped, 'enbd_verify_running'), 0);
+      assert.equal(valueOf(scraped, 'enbd_verify_done_ratio'), 1);
 
       logged = mirror.stderr().length;
       const repaired = await verify(control, { repair: true });
