@@ -28,7 +28,8 @@ import type { BlockDevice } from '../../core/block-device.js';
 import { assert, isPowerOfTwo } from '../../core/assert.js';
 import * as p from '../protocol.js';
 import type { ExportDescriptor } from './server-options.js';
-import { ServerConnection, kRequestIndexBits, kRequestsPerConnection, type ConnectionHost } from './server-connection.js';
+import { ServerConnection, type ConnectionHost } from './server-connection.js';
+import { kRequestIndexBits, kRequestsPerConnection } from './server-records.js';
 import { BufferShare } from './buffer-share.js';
 import type { ServerTls } from './server-tls.js';
 
