@@ -37,13 +37,12 @@
  * - Slots of a unit are freed only after every READ, hash and WRITE of it settled.
  * - The lock is taken after the slots were allocated (never wait for slots holding a lock).
  */
-import { availableParallelism } from 'node:os';
 import type { Extent } from '../core/block-device.js';
 import type { Logger } from '../core/log.js';
 import { assert } from '../core/assert.js';
 import { EnbdError } from '../core/errors.js';
 import { RateWindow } from './rate-window.js';
-import { HashPool, type HashAlgorithm } from './hash-pool.js';
+import { HashPool, defaultHashThreads, type HashAlgorithm } from './hash-pool.js';
 import type { LegState } from './leg-health.js';
 
 /** What the verifier sees of a leg. */
@@ -243,7 +242,7 @@ export class Verifier {
     this.chunkBytes = chunkBytes;
     this.lanes = lanes;
     this.pool = new HashPool({
-      threads: options.threads ?? Math.max(1, Math.min(2, availableParallelism())),
+      threads: options.threads ?? defaultHashThreads(),
       ...(options.algorithm !== undefined ? { algorithm: options.algorithm } : {}),
     });
     this.setInterval(options.intervalMs ?? 0);
@@ -373,11 +372,17 @@ export class Verifier {
 
   private async run(): Promise<void> {
     const lanes: Promise<void>[] = [];
-    for (let lane = 0; lane < this.lanes; lane += 1) lanes.push(this.lane());
-    try {
-      await Promise.all(lanes);
-    } catch (error) {
-      this.logger.error({ err: error }, 'verify failed');
+    for (let lane = 0; lane < this.lanes; lane += 1) {
+      lanes.push(this.lane().catch((error: unknown) => {
+        this.stopWanted = true; // the other lanes stop after their unit
+        throw error;
+      }));
+    }
+    // Every lane ends before the verify counts as ended (a failed lane must not outlive it).
+    for (const outcome of await Promise.allSettled(lanes)) {
+      if (outcome.status === 'rejected') {
+        this.logger.error({ err: outcome.reason as unknown }, 'verify failed');
+      }
     }
     const state = this.progressState as Progress;
     state.running = false;
