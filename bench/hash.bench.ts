@@ -14,6 +14,7 @@ import { createHash } from 'node:crypto';
 import { pathToFileURL } from 'node:url';
 import xxhash from 'xxhash-wasm';
 import { HashPool, kHashAlgorithms, type HashAlgorithm } from '../src/engine/hash-pool.js';
+import { kHashWorkerEntry } from '../src/cli/actor-entry.js';
 
 const kPieceBytes = 1024 * 1024;
 const kBufferBytes = 64 * kPieceBytes;
@@ -54,7 +55,7 @@ async function singleThread(view: Uint8Array): Promise<Record<HashAlgorithm, num
 }
 
 async function pooled(view: Uint8Array, algorithm: HashAlgorithm, threads: number): Promise<number> {
-  const pool = new HashPool({ threads, algorithm });
+  const pool = new HashPool({ threads, algorithm, workerEntry: kHashWorkerEntry });
   try {
     const buffer = view.buffer as SharedArrayBuffer;
     await pool.hash(buffer, 0, kPieceBytes, 64 * 1024); // start the workers

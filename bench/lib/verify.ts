@@ -25,6 +25,7 @@ import { pino } from 'pino';
 import { assert } from '../../src/core/assert.js';
 import type { Logger } from '../../src/core/log.js';
 import { MirrorDevice } from '../../src/engine/mirror.js';
+import { kConnectionActorEntry, kHashWorkerEntry } from '../../src/cli/actor-entry.js';
 import type { HashAlgorithm } from '../../src/engine/hash-pool.js';
 import { unixUri } from './case.js';
 import { treeCpuSeconds } from './cpu.js';
@@ -140,22 +141,22 @@ class VerifyScenario {
 
   async verify(config: VerifyConfig): Promise<Omit<VerifyRun, 'ratio'>> {
     const mirror = await MirrorDevice.open({
-      legs: this.legUris, logger: this.logger, logLevel: 'warn',
-      verify: { threads: config.threads, algorithm: config.algorithm },
+      legs: this.legUris, actorEntry: kConnectionActorEntry, logger: this.logger, logLevel: 'warn',
+      verify: { threads: config.threads, algorithm: config.algorithm, workerEntry: kHashWorkerEntry },
     });
     try {
       assert(mirror.sizeBytes === this.options.sizeBytes, 'mirror has the legs\' size');
-      mirror.verifier.start({ lengthBytes: Math.min(kWarmupBytes, mirror.sizeBytes) });
-      await mirror.verifier.done();
+      mirror.startVerify({ lengthBytes: Math.min(kWarmupBytes, mirror.sizeBytes) });
+      await mirror.verifyDone();
       const cpuBefore = processCpuSeconds();
       const legsBefore = treeCpuSeconds(this.legPids());
       const startedAt = performance.now();
-      mirror.verifier.start({});
-      await mirror.verifier.done();
+      mirror.startVerify({});
+      await mirror.verifyDone();
       const wallMs = performance.now() - startedAt;
       const enbdCpu = processCpuSeconds() - cpuBefore;
       const legsCpu = treeCpuSeconds(this.legPids()) - legsBefore;
-      const progress = mirror.verifier.progress();
+      const progress = mirror.verifyStatus().current;
       assert(progress !== null, 'a verify ran');
       const gib = this.options.sizeBytes / kGiB;
       const error = progress.bytesChecked !== this.options.sizeBytes

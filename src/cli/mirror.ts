@@ -31,6 +31,7 @@ import { controlPathFor, startControlPlane, type ControlPlane } from '../control
 import { checkTcpFree, checkUnixFree } from '../core/listen.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
 import { defaultHashThreads, kHashThreadsMax } from '../engine/hash-pool.js';
+import { kConnectionActorEntry, kHashWorkerEntry } from './actor-entry.js';
 
 export interface MirrorSettings {
   legs: string[];
@@ -342,7 +343,7 @@ async function reloadMirror(flags: Record<string, unknown>, loaded: MirrorSettin
     else needsRestart.push(key);
   }
   if (changed['verifyIntervalMs'] !== undefined) {
-    running.mirror.verifier.setInterval(next.verifyIntervalMs);
+    running.mirror.setVerifyInterval(next.verifyIntervalMs);
     loaded.verifyIntervalMs = next.verifyIntervalMs;
   }
   if (changed['resyncRateMin'] !== undefined || changed['resyncRateMax'] !== undefined) {
@@ -406,6 +407,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     },
     copyMode: settings.copyMode,
     placement: settings.placement,
+    actorEntry: kConnectionActorEntry,
     logger,
     logLevel: settings.logLevel,
     legTimeoutMs: settings.legTimeoutMs,
@@ -421,7 +423,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     reconnectMaxMs: settings.reconnectMaxMs,
     resyncRates: { minBytesPerSecond: settings.resyncRateMin, maxBytesPerSecond: settings.resyncRateMax },
     flushTracking: settings.flushTracking,
-    verify: { threads: settings.verifyThreads, intervalMs: settings.verifyIntervalMs },
+    verify: { threads: settings.verifyThreads, intervalMs: settings.verifyIntervalMs, workerEntry: kHashWorkerEntry },
     resyncVerify: settings.resyncVerify,
   });
   const server = createNbdServer({

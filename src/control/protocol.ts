@@ -1,6 +1,7 @@
 /**
  * Messages of the control socket (inside the frames of frame.ts) and the shapes of their
- * results. Plain data only: both ends (daemon and CLI) import this file.
+ * results. Plain data only: both ends (daemon and CLI) import this file, and it imports only
+ * the types-only core/status-types.ts (nothing above it).
  *
  * Threads: the daemon's main thread and the CLI client's.
  *
@@ -18,9 +19,7 @@
  * - A frame that is not a request of this shape closes the connection (the daemon logs why);
  *   an unknown method is answered with ENBD_CTL_UNKNOWN_METHOD and then closes it too.
  */
-import type { ResyncProgress } from '../engine/resync.js';
-import type { KeeperStatus } from '../engine/meta-keeper.js';
-import type { VerifyProgress, VerifyStatus } from '../engine/verify.js';
+import type { KeeperStatus, ResyncProgress, VerifyProgress, VerifyStatus } from '../core/status-types.js';
 
 export const kControlMethods = [
   'status',
@@ -138,7 +137,7 @@ function describeType(value: unknown): string {
 
 // ---- results ------------------------------------------------------------------------------
 
-/** The engine's resync progress, as the daemon sends it (a type-only import: no engine code). */
+/** The engine's resync progress, as the daemon sends it (a plain shape from core/status-types.ts). */
 export type ResyncProgressView = ResyncProgress;
 
 export interface LegView {

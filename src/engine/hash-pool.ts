@@ -37,9 +37,12 @@ export interface HashTask {
 export interface HashPoolOptions {
   threads?: number;
   algorithm?: HashAlgorithm;
+  /**
+   * The worker entry (actors/hash-worker.ts compiled; src/cli/actor-entry.ts kHashWorkerEntry):
+   * the layer that starts the engine knows where the build put it. Absent: hash() refuses.
+   */
+  workerEntry?: URL;
 }
-
-const kWorkerUrl = new URL('../../actors/hash-worker.js', import.meta.url);
 export const kHashThreadsMax = 64;
 
 export function defaultHashThreads(): number {
@@ -51,6 +54,7 @@ export class HashPool {
   readonly algorithm: HashAlgorithm;
   private pool: Piscina | null = null;
   private closed = false;
+  private readonly workerEntry: URL | null;
 
   constructor(options: HashPoolOptions = {}) {
     const threads = options.threads ?? defaultHashThreads();
@@ -63,14 +67,16 @@ export class HashPool {
     }
     this.threads = threads;
     this.algorithm = algorithm;
+    this.workerEntry = options.workerEntry ?? null;
   }
 
   /** One digest per piece of the range (pieces of `pieceBytes`, the last may be shorter). */
   async hash(buffer: SharedArrayBuffer, offsetBytes: number, lengthBytes: number, pieceBytes: number): Promise<string[]> {
     if (this.closed) throw new Error('the hash pool is closed');
     if (lengthBytes <= 0 || pieceBytes <= 0) throw new RangeError('hash a non-empty range in pieces of at least one byte');
+    if (this.workerEntry === null) throw new Error('the hash pool was given no worker entry (options.workerEntry)');
     this.pool ??= new Piscina({
-      filename: kWorkerUrl.href,
+      filename: this.workerEntry.href,
       minThreads: this.threads,
       maxThreads: this.threads,
       idleTimeout: 60_000,

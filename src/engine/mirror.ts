@@ -62,7 +62,9 @@ import type { CopyMode, LegActorApi, LegActorInit, LegDeviceOpener, LegInfo, Leg
 import { MetaKeeper, type KeeperStatus } from './meta-keeper.js';
 import type { AssembledArray } from '../meta/assemble.js';
 import { bitmapTest } from '../meta/leg-meta.js';
-import { Verifier, type VerifyHost, type VerifyOptions } from './verify.js';
+import { Verifier, type VerifyHost, type VerifyOptions, type VerifyProgress, type VerifyStartOptions, type VerifyStatus } from './verify.js';
+import { bitmapSnapshotOf, legStatsWithin, ringCountersOf, slotsSnapshotOf, type BitmapSnapshot, type RingCounters, type SlotsSnapshot } from './snapshots.js';
+import type { MirrorDebugHandles } from './view.js';
 
 export interface MirrorOptions {
   legs: string[];
@@ -121,6 +123,11 @@ export interface MirrorOptions {
   verify?: VerifyOptions;
   /** Checksum resync: compare a piece on source and target first, copy only what differs. */
   resyncVerify?: boolean;
+  /**
+   * The connection actor's worker entry (`placement: 'workers'`, needed then): the caller
+   * knows where the build put it (src/cli/actor-entry.ts kConnectionActorEntry).
+   */
+  actorEntry?: URL;
 }
 
 export type { LegState } from './leg-health.js';
@@ -184,8 +191,6 @@ const kUnflushedPoolPages = 16;
 /** Errors that answer the request itself (every leg would say the same), not the leg's health. */
 const kRequestLevelErrnos = new Set([p.kEInval, p.kENoSpc, p.kENotSup, p.kEPerm, p.kEOverflow]);
 
-const kWorkerUrl = new URL('../../actors/connection-actor.js', import.meta.url);
-
 
 interface PendingSubmit {
   command: number;
@@ -247,8 +252,8 @@ export class MirrorDevice implements BlockDevice {
     return this.ring.slotBytes;
   }
   onBufferAvailable: (() => void) | null = null;
-  readonly ring: RequestRing;
-  readonly legs: Leg[] = [];
+  private readonly ring: RequestRing;
+  private readonly legs: Leg[] = [];
   private readonly doorbell: Doorbell;
   private readonly rangeLock: RangeLock;
   private readonly granted: Int32Array;
@@ -298,7 +303,7 @@ export class MirrorDevice implements BlockDevice {
   private metaDone: ((failed: number) => void) | null = null;
   private metaTarget: Uint8Array | null = null;
   /** Online verify and checksum resync (src/engine/verify.ts); slot phases 4 (I/O) and 5 (lock). */
-  readonly verifier: Verifier;
+  private readonly verifier: Verifier;
 
   private constructor(options: MirrorOptions) {
     this.logger = options.logger;
@@ -433,6 +438,9 @@ export class MirrorDevice implements BlockDevice {
       throw new EnbdError('ENBD_ERR_CONFIG', 'openDevice needs placement "inline"');
     }
     for (const uri of options.legs) parseLegUri(uri); // clear URI errors before any thread starts
+    if (options.placement !== 'inline' && options.actorEntry === undefined) {
+      throw new EnbdError('ENBD_ERR_CONFIG', 'placement "workers" needs actorEntry (the connection actor\'s worker entry)');
+    }
     const mirror = new MirrorDevice(options);
     try {
       await mirror.startLegs(options);
@@ -662,6 +670,32 @@ export class MirrorDevice implements BlockDevice {
     return this.keeper?.status() ?? null;
   }
 
+  /** Online verify (src/engine/verify.ts): the running or last verify, totals. */
+  verifyStatus(): VerifyStatus {
+    return this.verifier.status();
+  }
+
+  /** Starts a verify of a range (default: the device); refused while one runs. */
+  startVerify(options: VerifyStartOptions = {}): VerifyProgress {
+    return this.verifier.start(options);
+  }
+
+  /** Stops the running verify (units in flight finish); resolves once it stopped. */
+  async stopVerify(): Promise<{ stopped: boolean; verify: VerifyProgress | null }> {
+    const stopped = this.verifier.running;
+    return { stopped, verify: await this.verifier.stop() };
+  }
+
+  /** Resolves when the running verify (if any) ended (bench, tests). */
+  async verifyDone(): Promise<void> {
+    await this.verifier.done();
+  }
+
+  /** The scheduled verify period (ms, 0 = off), e.g. after a SIGHUP reload. */
+  setVerifyInterval(intervalMs: number): void {
+    this.verifier.setInterval(intervalMs);
+  }
+
   private startLeg(init: LegActorInit, dispatch: SpscQueue, completion: SpscQueue): Leg {
     if (this.placement === 'inline') {
       const actor = new LegActor(init, this.logger.child({ leg: init.legIndex }), this.options.openDevice ?? null);
@@ -670,7 +704,9 @@ export class MirrorDevice implements BlockDevice {
       return leg;
     }
     const channel = new MessageChannel();
-    const worker = new Worker(kWorkerUrl, {
+    const entry = this.options.actorEntry;
+    assert(entry !== undefined, 'open() refuses placement workers without actorEntry');
+    const worker = new Worker(entry, {
       workerData: { ...init, copyPort: channel.port2 },
       transferList: [channel.port2],
     });
@@ -1564,17 +1600,11 @@ export class MirrorDevice implements BlockDevice {
   }
 
   /**
-   * Per-leg actor counters, by position in `legs` (`index` says which leg). A leg without a
-   * live actor (removed, or its thread died) answers at once with zero counters.
+   * Per-leg actor counters by leg index (MirrorView.legStats): null for a removed leg or one
+   * that does not answer within `timeoutMs` (default: no limit, for the REPL).
    */
-  async legStats(): Promise<LegStats[]> {
-    return await Promise.all(this.legs.map(async (leg) => {
-      const live = leg.state !== 'removed' && (leg.inline !== null || (leg.worker !== null && leg.worker.threadId >= 0));
-      if (!live) {
-        return { index: leg.index, requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, inFlight: 0, connected: false, latencySumMs: 0, latencyCount: 0 };
-      }
-      return { ...(await leg.api.stats()), index: leg.index };
-    }));
+  async legStats(timeoutMs = Number.POSITIVE_INFINITY): Promise<Array<LegStats | null>> {
+    return await legStatsWithin(this.legs, timeoutMs);
   }
 
   stats(): MirrorStats {
@@ -1591,6 +1621,30 @@ export class MirrorDevice implements BlockDevice {
       ringSlotsInUse: this.ring.slotCount - this.ring.freeCount,
       legs: this.legStatus(),
     };
+  }
+
+  // ---- MirrorView (src/engine/view.ts): plain-data reads for control and metrics ----------
+
+  legState(index: number): LegState | null {
+    return this.legs[index]?.state ?? null;
+  }
+
+  ringCounters(): RingCounters {
+    return ringCountersOf(this.ring);
+  }
+
+  slotsSnapshot(limit: number): SlotsSnapshot {
+    return slotsSnapshotOf(this.ring, limit);
+  }
+
+  bitmapSnapshot(index: number, runsMax: number): BitmapSnapshot | null {
+    const map = this.legAt(index).dirty;
+    return map === null ? null : bitmapSnapshotOf(index, map, runsMax);
+  }
+
+  /** Debug only (enbd repl): the live objects behind the view (MirrorDebugHandles). */
+  debugHandles(): MirrorDebugHandles {
+    return { mirror: this, ring: this.ring, legs: this.legs, dirtyMap: (index: number) => this.dirtyMap(index) };
   }
 
   /** Flushes every in-sync leg (used on shutdown); resolves with the errno (0 = ok). */

@@ -44,6 +44,7 @@ import { EnbdError } from '../core/errors.js';
 import { RateWindow } from './rate-window.js';
 import { HashPool, defaultHashThreads, type HashAlgorithm } from './hash-pool.js';
 import type { LegState } from './leg-health.js';
+import type { VerifyProgress, VerifyStatus } from '../core/status-types.js';
 
 /** What the verifier sees of a leg. */
 export interface VerifyLeg {
@@ -95,6 +96,8 @@ export interface VerifyOptions {
   lanes?: number;
   /** Scheduled verify period (ms, 0 = off). */
   intervalMs?: number;
+  /** The hash pool's worker entry (src/cli/actor-entry.ts kHashWorkerEntry). */
+  workerEntry?: URL;
 }
 
 export interface VerifyStartOptions {
@@ -107,42 +110,7 @@ export interface VerifyStartOptions {
   reason?: string;
 }
 
-export interface VerifyProgress {
-  running: boolean;
-  repair: boolean;
-  reason: string;
-  offsetBytes: number;
-  lengthBytes: number;
-  /** Bytes done: checked + skipped (the bar). */
-  bytesDone: number;
-  bytesChecked: number;
-  /** Bytes every leg reported as reading zero (not read). */
-  bytesSkipped: number;
-  /** Bytes not compared: fewer than two legs in sync, or a READ failed. */
-  bytesUnchecked: number;
-  bytesPerSecond: number;
-  etaSeconds: number | null;
-  mismatchChunks: number;
-  repairedChunks: number;
-  startedAt: number;
-  finishedAt: number | null;
-  stopped: boolean;
-}
-
-export interface VerifyStatus {
-  chunkBytes: number;
-  threads: number;
-  algorithm: HashAlgorithm;
-  intervalMs: number;
-  /** The running verify, else the last one (null: none yet). */
-  current: VerifyProgress | null;
-  /** Totals since start (metrics). */
-  mismatchChunksTotal: number;
-  checkedBytesTotal: number;
-  repairedChunksTotal: number;
-  /** Checksum resync, per leg: bytes found identical (not copied) and found different. */
-  resyncVerify: Array<{ leg: number; matchedBytes: number; differentBytes: number }>;
-}
+export type { VerifyProgress, VerifyStatus } from '../core/status-types.js';
 
 export type ReferenceWhy = 'majority' | 'freshest' | 'first';
 
@@ -244,6 +212,7 @@ export class Verifier {
     this.pool = new HashPool({
       threads: options.threads ?? defaultHashThreads(),
       ...(options.algorithm !== undefined ? { algorithm: options.algorithm } : {}),
+      ...(options.workerEntry !== undefined ? { workerEntry: options.workerEntry } : {}),
     });
     this.setInterval(options.intervalMs ?? 0);
   }

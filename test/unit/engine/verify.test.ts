@@ -10,6 +10,7 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { chooseReference, intersectRanges } from '../../../src/engine/verify.js';
 import { HashPool, kHashAlgorithms } from '../../../src/engine/hash-pool.js';
+import { kHashWorkerEntry } from '../../../src/cli/actor-entry.js';
 
 const pools: HashPool[] = [];
 after(async () => {
@@ -55,7 +56,7 @@ function filledSab(bytes: number): Uint8Array {
 }
 
 test('hash pool: equal bytes give equal digests, one changed byte changes only its piece', async () => {
-  const pool = new HashPool({ threads: 2 });
+  const pool = new HashPool({ threads: 2, workerEntry: kHashWorkerEntry });
   pools.push(pool);
   const piece = 64 * 1024;
   const view = filledSab(8 * piece);
@@ -74,7 +75,7 @@ test('hash pool: equal bytes give equal digests, one changed byte changes only i
 });
 
 test('hash pool: the last piece may be short; the bytes are read in place from the SAB', async () => {
-  const pool = new HashPool({ threads: 1, algorithm: 'sha256' });
+  const pool = new HashPool({ threads: 1, algorithm: 'sha256', workerEntry: kHashWorkerEntry });
   pools.push(pool);
   const view = filledSab(100_000);
   const digests = await pool.hash(view.buffer as SharedArrayBuffer, 1000, 50_000, 16_384);
@@ -89,7 +90,7 @@ test('hash pool: the last piece may be short; the bytes are read in place from t
 
 test('hash pool: every algorithm agrees with itself and tells copies apart', async () => {
   for (const algorithm of kHashAlgorithms) {
-    const pool = new HashPool({ threads: 1, algorithm });
+    const pool = new HashPool({ threads: 1, algorithm, workerEntry: kHashWorkerEntry });
     pools.push(pool);
     const view = filledSab(32 * 1024);
     view[20_000] = (view[20_000] ?? 0) ^ 1; // the pattern repeats every 256 bytes: break it
@@ -105,7 +106,9 @@ test('hash pool: options and ranges are validated', async () => {
   assert.throws(() => new HashPool({ threads: 0 }), RangeError);
   assert.throws(() => new HashPool({ threads: 1.5 }), RangeError);
   assert.throws(() => new HashPool({ algorithm: 'md5' as never }), RangeError);
-  const pool = new HashPool({ threads: 1 });
+  const blind = new HashPool({ threads: 1 });
+  await assert.rejects(blind.hash(new SharedArrayBuffer(4096), 0, 4096, 4096), /no worker entry/);
+  const pool = new HashPool({ threads: 1, workerEntry: kHashWorkerEntry });
   pools.push(pool);
   const view = filledSab(4096);
   await assert.rejects(pool.hash(view.buffer as SharedArrayBuffer, 0, 0, 4096), RangeError);
