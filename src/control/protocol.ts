@@ -19,6 +19,7 @@
  * - A frame that is not a request of this shape closes the connection (the daemon logs why);
  *   an unknown method is answered with ENBD_CTL_UNKNOWN_METHOD and then closes it too.
  */
+import { EnbdError } from '../core/errors.js';
 import type { KeeperStatus, ResyncProgress, VerifyProgress, VerifyStatus } from '../core/status-types.js';
 
 export const kControlMethods = [
@@ -76,12 +77,12 @@ export interface ControlEvent {
 export type ServerMessage = ({ kind: 'response' } & ControlResponse) | ({ kind: 'event' } & ControlEvent);
 
 /** A frame that does not hold a message of the expected shape. */
-export class ProtocolError extends Error {
-  readonly code = kControlErrorCodes.badRequest;
+export class ProtocolError extends EnbdError {
+  declare readonly code: typeof kControlErrorCodes.badRequest;
   /** The request id when it could be read (the daemon then answers before closing). */
   readonly id: number | null;
   constructor(message: string, id: number | null = null) {
-    super(message);
+    super(kControlErrorCodes.badRequest, message);
     this.name = 'ProtocolError';
     this.id = id;
   }

@@ -63,8 +63,7 @@ import { MetaKeeper, type KeeperStatus } from './meta-keeper.js';
 import type { AssembledArray } from '../meta/assemble.js';
 import { bitmapTest } from '../meta/leg-meta.js';
 import { Verifier, type VerifyHost, type VerifyOptions, type VerifyProgress, type VerifyStartOptions, type VerifyStatus } from './verify.js';
-import { bitmapSnapshotOf, legStatsWithin, ringCountersOf, slotsSnapshotOf, type BitmapSnapshot, type RingCounters, type SlotsSnapshot } from './snapshots.js';
-import type { MirrorDebugHandles } from './view.js';
+import { bitmapSnapshotOf, legStatsWithin, ringCountersOf, slotsSnapshotOf, type BitmapSnapshot, type MirrorDebugHandles, type RingCounters, type SlotsSnapshot } from './snapshots.js';
 
 export interface MirrorOptions {
   legs: string[];
@@ -1371,7 +1370,7 @@ export class MirrorDevice implements BlockDevice {
 
   private legAt(index: number): Leg {
     const leg = this.legs[index];
-    if (leg === undefined) throw new EnbdError('ENBD_ERR_CONFIG', `no leg ${index} (legs are 0..${this.legs.length - 1})`);
+    if (leg === undefined) throw new EnbdError('ENBD_ERR_REFUSED', `no leg ${index} (legs are 0..${this.legs.length - 1})`);
     return leg;
   }
 
@@ -1392,10 +1391,10 @@ export class MirrorDevice implements BlockDevice {
    */
   private refuseIfLastCopy(leg: Leg, verb: string, others: Leg[]): void {
     if (leg.state === 'in-sync' && !others.some((other) => other.state === 'in-sync')) {
-      throw new EnbdError('ENBD_ERR_CONFIG', `leg ${leg.index} is the last in-sync leg; refusing to ${verb} it`);
+      throw new EnbdError('ENBD_ERR_REFUSED', `leg ${leg.index} is the last in-sync leg; refusing to ${verb} it`);
     }
     if (this.lifecycle.soleHolder(leg, others)) {
-      throw new EnbdError('ENBD_ERR_CONFIG', `leg ${leg.index} alone holds some of the device's acknowledged data; refusing to ${verb} it`);
+      throw new EnbdError('ENBD_ERR_REFUSED', `leg ${leg.index} alone holds some of the device's acknowledged data; refusing to ${verb} it`);
     }
   }
 
@@ -1427,12 +1426,12 @@ export class MirrorDevice implements BlockDevice {
    * all dirty). Resolves with its index (a removed leg's index is reused).
    */
   async addLeg(uri: string): Promise<number> {
-    if (this.closed) throw new EnbdError('ENBD_ERR_CONFIG', 'the mirror is shutting down');
+    if (this.closed) throw new EnbdError('ENBD_ERR_REFUSED', 'the mirror is shutting down');
     parseLegUri(uri);
-    if (this.legs.some((leg) => leg.state !== 'removed' && leg.uri === uri)) throw new EnbdError('ENBD_ERR_CONFIG', `${uri} is already a leg`);
+    if (this.legs.some((leg) => leg.state !== 'removed' && leg.uri === uri)) throw new EnbdError('ENBD_ERR_REFUSED', `${uri} is already a leg`);
     let index = this.legs.findIndex((leg) => leg.state === 'removed' && leg.worker === null && leg.inline === null);
     if (index < 0) index = this.legs.length;
-    if (index >= kMaxLegs) throw new EnbdError('ENBD_ERR_CONFIG', `a mirror has at most ${kMaxLegs} legs`);
+    if (index >= kMaxLegs) throw new EnbdError('ENBD_ERR_REFUSED', `a mirror has at most ${kMaxLegs} legs`);
     const leg = this.createLeg(index, uri);
     leg.state = 'reconnecting'; // not admitted while it is checked; probation next
     const info = await leg.api.open();
@@ -1483,7 +1482,7 @@ export class MirrorDevice implements BlockDevice {
    */
   async removeLeg(index: number): Promise<void> {
     const leg = this.legAt(index);
-    if (leg.state === 'removed') throw new EnbdError('ENBD_ERR_CONFIG', `leg ${index} is already removed`);
+    if (leg.state === 'removed') throw new EnbdError('ENBD_ERR_REFUSED', `leg ${index} is already removed`);
     if (leg.admitted) this.refuseIfLastCopy(leg, 'remove', this.legs.filter((other) => other !== leg && other.admitted));
     this.refuseIfLastCopy(leg, 'remove', this.legs.filter((other) => other !== leg && other.state !== 'removed'));
     this.lifecycle.clearReconnect(leg);
@@ -1514,7 +1513,7 @@ export class MirrorDevice implements BlockDevice {
   /** Marks a leg's range (default: all of it) as missed, e.g. for a full resync. Not for an in-sync leg. */
   markLegDirty(index: number, offsetBytes = 0, lengthBytes = this.sizeBytes - offsetBytes): void {
     const leg = this.legAt(index);
-    if (leg.state === 'in-sync') throw new EnbdError('ENBD_ERR_CONFIG', `leg ${index} is in sync; fail it first`);
+    if (leg.state === 'in-sync') throw new EnbdError('ENBD_ERR_REFUSED', `leg ${index} is in sync; fail it first`);
     if (offsetBytes === 0 && lengthBytes === this.sizeBytes) leg.dirty?.markAll();
     else leg.dirty?.markRange(offsetBytes, lengthBytes);
     this.keeper?.onLegState(leg);

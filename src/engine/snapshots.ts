@@ -58,6 +58,14 @@ export interface BitmapSnapshot {
   firstRuns: Array<{ offsetBytes: number; lengthBytes: number }>;
 }
 
+/**
+ * The live engine objects, named as the REPL shows them: `mirror` (the MirrorDevice), `ring`
+ * (its RequestRing), `legs` (its Leg records), `dirtyMap(i)` (leg i's DirtyMap).
+ * Debug only: for `enbd repl`, never for control or metrics code (their types are the
+ * engine's business, and touching them can break the engine's invariants).
+ */
+export type MirrorDebugHandles = Readonly<Record<'mirror' | 'ring' | 'legs' | 'dirtyMap', unknown>>;
+
 /** The longest run one nextDirtyRun call returns (chunks), as the resync walks it. */
 const kRunChunksMax = 1 << 20;
 

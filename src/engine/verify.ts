@@ -241,8 +241,8 @@ export class Verifier {
 
   /** Starts a verify of the range (default: the whole device). Refused while one runs. */
   start(options: VerifyStartOptions = {}): VerifyProgress {
-    if (this.host.isClosed()) throw new EnbdError('ENBD_ERR_CONFIG', 'the mirror is shutting down');
-    if (this.running) throw new EnbdError('ENBD_ERR_CONFIG', 'a verify is already running (enbd verify stop first)');
+    if (this.host.isClosed()) throw new EnbdError('ENBD_ERR_REFUSED', 'the mirror is shutting down');
+    if (this.running) throw new EnbdError('ENBD_ERR_REFUSED', 'a verify is already running (enbd verify stop first)');
     const size = this.host.sizeBytes();
     const offsetBytes = options.offsetBytes ?? 0;
     const lengthBytes = options.lengthBytes ?? size - offsetBytes;

@@ -33,10 +33,10 @@ import type { LegStats } from './messages.js';
 import type { LegStatus, MirrorEvent, MirrorStats } from './mirror.js';
 import type { ResyncRates } from './resync.js';
 import type { VerifyStartOptions } from './verify.js';
-import type { BitmapSnapshot, RingCounters, SlotsSnapshot } from './snapshots.js';
+import type { BitmapSnapshot, MirrorDebugHandles, RingCounters, SlotsSnapshot } from './snapshots.js';
 
 export { kMaxLegs } from '../ring/layout.js';
-export type { BitmapSnapshot, RingCounters, SlotSnapshot, SlotsSnapshot } from './snapshots.js';
+export type { BitmapSnapshot, MirrorDebugHandles, RingCounters, SlotSnapshot, SlotsSnapshot } from './snapshots.js';
 export type { LegStatus, MirrorEvent, MirrorStats } from './mirror.js';
 export type { LegStats } from './messages.js';
 export type { LegState } from './leg-health.js';
@@ -48,14 +48,6 @@ export interface LatencyReader {
   /** Mean in ms over everything recorded for `kind` (0 when none). */
   meanMs(kind: number): number;
 }
-
-/**
- * The live engine objects, named as the REPL shows them: `mirror` (the MirrorDevice), `ring`
- * (its RequestRing), `legs` (its Leg records), `dirtyMap(i)` (leg i's DirtyMap).
- * Debug only: for `enbd repl`, never for control or metrics code (their types are the
- * engine's business, and touching them can break the engine's invariants).
- */
-export type MirrorDebugHandles = Readonly<Record<'mirror' | 'ring' | 'legs' | 'dirtyMap', unknown>>;
 
 /** What control and metrics read from a running mirror. */
 export interface MirrorView {

@@ -85,7 +85,7 @@ describe('MirrorView on a MirrorDevice', () => {
     assert.equal(missed.chunkBytes, 4 * kKiB);
     assert.deepEqual(mirror.bitmapSnapshot(1, 1)?.firstRuns, [{ offsetBytes: 12 * kKiB, lengthBytes: 8 * kKiB }], 'runsMax 1 lists the first run only');
     assert.equal(mirror.bitmapSnapshot(0, 8)?.dirtyBytes, 0, 'the in-sync leg missed nothing');
-    assert.throws(() => mirror.bitmapSnapshot(7, 8), (error) => codeOf(error) === 'ENBD_ERR_CONFIG');
+    assert.throws(() => mirror.bitmapSnapshot(7, 8), (error) => codeOf(error) === 'ENBD_ERR_REFUSED');
 
     const stats = await mirror.legStats(5000);
     assert.equal(stats.length, 2);
