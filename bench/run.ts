@@ -41,6 +41,7 @@ import { metadataBlock } from './lib/metadata-report.js';
 import { runTlsBench, unavailableTls, type TlsResults } from './lib/tls.js';
 import { tlsBlock } from './lib/tls-report.js';
 import { runVerifyBench, unavailableVerify, verifyBlock, type VerifyResults } from './lib/verify.js';
+import { cbtBlock, runCbtBench, type CbtResults } from './lib/cbt.js';
 import { kResultsSchemaVersion, resultsStem, writeAtomic, writeResults } from './lib/results.js';
 import type { RowResult, RunResults } from './lib/results.js';
 import { runFio } from './lib/fio.js';
@@ -49,6 +50,7 @@ import { kWorkloads, type Workload } from './lib/workloads.js';
 // Budget: the full run (~80 fio runs) under 10 minutes, --quick under 2 (README, "Run time").
 // One round: cases of one workload run back to back, so their ratios share the drift.
 const kDefaultRuntimeSec = 3;
+const kCbtBackupGiB = 4;
 const kQuickRuntimeSec = 2;
 const kDefaultRounds = 1;
 const kQuickRounds = 1;
@@ -111,6 +113,9 @@ const kHelp = `usage: node dist/bench/run.js [options]
   --verify-only        only the verify measurements: enbd verify vs nbdcopy to null:, 1/2/4
                        hash threads, sha256/blake2b512 (device --verify-size-mib)
   --verify-size-mib N  device size for the verify measurements (default ${kDefaultVerifySizeMiB}, quick ${kQuickVerifySizeMiB})
+  --no-cbt             skip the changed-block tracking measurements (default: run them after TLS)
+  --cbt-only           only the changed-block tracking measurements: 4K randwrite with 0/1/4
+                       checkpoints, backup of 1 % changed of a ${kCbtBackupGiB} GiB device vs nbdcopy
   --no-save            do not write bench/results/<date>.json and .svg (nor bench/chart-latest.svg)
   --list               list cases and workloads, then exit
   --help               this text
@@ -142,6 +147,8 @@ interface Options {
   verifyPhase: boolean;
   verifyOnly: boolean;
   verifySizeBytes: number;
+  cbt: boolean;
+  cbtOnly: boolean;
 }
 
 function parseOptions(argv: string[]): Options | null {
@@ -172,6 +179,8 @@ function parseOptions(argv: string[]): Options | null {
       'no-verify-phase': { type: 'boolean', default: false },
       'verify-only': { type: 'boolean', default: false },
       'verify-size-mib': { type: 'string' },
+      'no-cbt': { type: 'boolean', default: false },
+      'cbt-only': { type: 'boolean', default: false },
       list: { type: 'boolean', default: false },
       help: { type: 'boolean', default: false },
     },
@@ -215,7 +224,10 @@ function parseOptions(argv: string[]): Options | null {
     throw new RangeError('--verify-size-mib must be an integer >= 128');
   }
   const verifyOnly = values['verify-only'];
-  const only = values['resync-only'] || values['metadata-only'] || values['tls-only'] || verifyOnly;
+  if (values['no-cbt'] && values['cbt-only']) throw new RangeError('--no-cbt and --cbt-only exclude each other');
+  const cbtOnly = values['cbt-only'];
+  if (cbtOnly && (values['resync-only'] || values['metadata-only'] || values['tls-only'] || verifyOnly)) throw new RangeError('--cbt-only excludes the other --*-only switches');
+  const only = values['resync-only'] || values['metadata-only'] || values['tls-only'] || cbtOnly || verifyOnly;
   const split = (text: string | undefined): string[] | null => {
     if (text === undefined) return null;
     return text.split(',').map((name) => name.trim()).filter((name) => name !== '');
@@ -229,16 +241,18 @@ function parseOptions(argv: string[]): Options | null {
     limits: values['no-limits'] ? false : (values.limits ?? (!quick && !only)),
     save: !values['no-save'],
     list: values.list,
-    resync: !values['no-resync'] && !values['metadata-only'] && !values['tls-only'] && !verifyOnly,
+    resync: !values['no-resync'] && !values['metadata-only'] && !values['tls-only'] && !cbtOnly && !verifyOnly,
     resyncOnly: values['resync-only'],
     resyncSizeBytes: resyncSizeMiB * kMiB,
     resyncRounds,
     verify: !values['no-verify'],
-    metadata: !values['no-metadata'] && !values['resync-only'] && !values['tls-only'] && !verifyOnly,
+    metadata: !values['no-metadata'] && !values['resync-only'] && !values['tls-only'] && !cbtOnly && !verifyOnly,
     metadataOnly: values['metadata-only'],
-    tls: !values['no-tls'] && !values['resync-only'] && !values['metadata-only'] && !verifyOnly,
+    tls: !values['no-tls'] && !values['resync-only'] && !values['metadata-only'] && !cbtOnly && !verifyOnly,
     tlsOnly: values['tls-only'],
-    verifyPhase: !values['no-verify-phase'] && !values['resync-only'] && !values['metadata-only'] && !values['tls-only'],
+    cbt: !values['no-cbt'] && !values['resync-only'] && !values['metadata-only'] && !values['tls-only'] && !verifyOnly,
+    cbtOnly,
+    verifyPhase: !values['no-verify-phase'] && !values['resync-only'] && !values['metadata-only'] && !values['tls-only'] && !cbtOnly,
     verifyOnly,
     verifySizeBytes: verifySizeMiB * kMiB,
   };
@@ -487,7 +501,7 @@ async function main(): Promise<number> {
     process.stdout.write(`verify    ${'verify'.padEnd(width)} enbd verify of 2 legs vs nbdcopy to null:, 1/2/4 hash threads (--no-verify-phase, --verify-only)\n`);
     return 0;
   }
-  const noCases = options.resyncOnly || options.metadataOnly || options.tlsOnly || options.verifyOnly;
+  const noCases = options.resyncOnly || options.metadataOnly || options.tlsOnly || options.cbtOnly || options.verifyOnly;
   const cases = noCases ? [] : select(allCases, options.caseNames, options.quick, 'case');
   const workloads = noCases ? [] : select(kWorkloads, options.workloadNames, options.quick, 'workload');
   if ((workloads.length > 0 || options.metadata || options.tls) && !hasTool('fio')) throw new Error('fio is not installed (apt-get install -y fio)');
@@ -527,10 +541,12 @@ async function main(): Promise<number> {
     const metadata = options.metadata ? await runMetadata(options, runRoot, dataRoot, sharedImage) : null;
     const tls = options.tls ? await runTls(options, runRoot, dataRoot, sharedImage) : null;
     const resync = options.resync ? await runResync(options, runRoot) : null;
+    const cbt = options.cbt ? await runCbt(options, runRoot) : null;
     const verify = options.verifyPhase ? await runVerify(options, runRoot) : null;
     const ratios = computeRatios(cases, workloads, rows, options.baseline);
     const matrix = buildMatrix(rows, ratios);
     printReport(options, machine.cpuCount, limits, rows, ratios, matrix, metadata, tls, resync, verify);
+    if (cbt !== null) process.stdout.write(`\n${cbtBlock(cbt)}\n`);
     const source = sourceInfo(repoRoot);
     const chartText = matrix.cells.length === 0 ? null : renderChart(matrix, {
       title: `enbd mirror vs qemu quorum: throughput by leg count (run ${resultsStem(startedAt)})`,
@@ -618,6 +634,16 @@ async function runTls(options: Options, runRoot: string, dataRoot: string,
   } finally {
     for (const managed of [...owned.processes].reverse()) await managed.stop();
   }
+}
+
+async function runCbt(options: Options, runRoot: string): Promise<CbtResults> {
+  const missing = ['nbdkit', 'nbdcopy', 'fio'].filter((tool) => !hasTool(tool));
+  if (missing.length > 0) return { source: 'issue 17', writePath: [], backup: null, error: `tool(s) missing: ${missing.join(', ')}` };
+  return await runCbtBench({
+    runDir: runRoot, distRoot, rounds: Math.max(options.rounds, 3),
+    runtimeSec: options.runtimeSec, rampSec: kRampSec, sizeBytes: options.sizeBytes,
+    backupDeviceBytes: (options.quick ? 1 : kCbtBackupGiB) * 1024 * kMiB, log,
+  });
 }
 
 async function runResync(options: Options, runRoot: string): Promise<ResyncResults> {

@@ -29,6 +29,8 @@ import { installHangup } from './hangup.js';
 import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits, type HostHabits } from './host.js';
 import { controlPathFor, startControlPlane, type ControlPlane } from '../control/plane.js';
 import { checkTcpFree, checkUnixFree } from '../core/listen.js';
+import { checkGranularity } from '../engine/checkpoints.js';
+import { mirrorStatusContexts } from '../engine/status-contexts.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
 import { defaultHashThreads, kHashThreadsMax } from '../engine/hash-pool.js';
 import { kConnectionActorEntry, kHashWorkerEntry } from './actor-entry.js';
@@ -82,9 +84,11 @@ export interface MirrorSettings {
   verifyIntervalMs: number;
   /** --resync-verify: checksum resync (compare first, copy only what differs). */
   resyncVerify: boolean;
+  /** --checkpoint-granularity: bytes per bit of every checkpoint (changed-block tracking). */
+  checkpointGranularity: number;
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly', 'verifyThreads', 'verifyInterval', 'resyncVerify']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly', 'checkpointGranularity', 'verifyThreads', 'verifyInterval', 'resyncVerify']);
 const kDefaultLegBytes = 1024 ** 3;
 /** The longest timer Node keeps (2^31 - 1 ms, about 24.8 days). */
 const kVerifyIntervalMsMax = 2_147_483_647;
@@ -172,6 +176,7 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     verifyThreads: parseInteger('--verify-threads', text(pick('verifyThreads') ?? String(defaultHashThreads()), '--verify-threads'), 1, kHashThreadsMax),
     verifyIntervalMs: parseDurationMs('--verify-interval', text(pick('verifyInterval') ?? '0', '--verify-interval'), 0, kVerifyIntervalMsMax),
     resyncVerify: pick('resyncVerify') === true || pick('resyncVerify') === 'true',
+    checkpointGranularity: checkGranularity(parseBytes('--checkpoint-granularity', text(pick('checkpointGranularity') ?? '64K', '--checkpoint-granularity'))),
     legs,
     socket: socket === undefined ? null : text(socket, '--socket'),
     listen: listen === undefined ? null : text(listen, '--listen'),
@@ -400,6 +405,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
   const mirror = await MirrorDevice.open({
     ...(assembled !== undefined ? { metadata: assembled } : {}),
     legs: settings.legs,
+    checkpointGranularityBytes: settings.checkpointGranularity,
     ...(settings.size !== undefined ? { sizeBytes: settings.size } : {}),
     ring: {
       ...(settings.ringSlots !== undefined ? { slotCount: settings.ringSlots } : {}),
@@ -435,6 +441,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     directReceive: settings.receive === 'direct',
     tls: serverTls,
     readOnly: settings.readOnly,
+    metaContexts: mirrorStatusContexts(mirror),
   });
   const uris: string[] = [];
   // With --tls require the export URIs are the nbds forms (plain clients are refused).

@@ -22,6 +22,48 @@
 import { EnbdError } from '../core/errors.js';
 import type { KeeperStatus, ResyncProgress, VerifyProgress, VerifyStatus } from '../core/status-types.js';
 
+/** Checkpoint (changed-block tracking) methods: src/control/checkpoint-handlers.ts. */
+export const kCheckpointMethods = ['checkpoint.create', 'checkpoint.list', 'checkpoint.remove', 'checkpoint.freeze', 'checkpoint.runs'] as const;
+export type CheckpointMethod = (typeof kCheckpointMethods)[number];
+
+/** A checkpoint as the daemon reports it (the engine's CheckpointInfo, plain data). */
+export interface CheckpointView {
+  name: string;
+  createdMs: number;
+  state: 'active' | 'frozen';
+  granularityBytes: number;
+  changedBytes: number;
+}
+
+export interface CheckpointListResult {
+  granularityBytes: number;
+  /** The checkpoints live in the on-leg metadata (false: --metadata none, memory only). */
+  persistent: boolean;
+  checkpoints: CheckpointView[];
+}
+
+export interface CheckpointActionResult {
+  checkpoint: CheckpointView;
+  persistent: boolean;
+}
+
+export interface CheckpointFreezeResult {
+  frozen: CheckpointView;
+  created: CheckpointView;
+  persistent: boolean;
+  sizeBytes: number;
+}
+
+export interface CheckpointRunsResult {
+  name: string;
+  sizeBytes: number;
+  /** Changed runs from the asked offset, in order; `nextOffsetBytes` null when the end was reached. */
+  runs: Array<{ offsetBytes: number; lengthBytes: number }>;
+  nextOffsetBytes: number | null;
+}
+
+export const kCheckpointRunsMax = 4096;
+
 export const kControlMethods = [
   'status',
   'subscribe',
@@ -38,6 +80,7 @@ export const kControlMethods = [
   'verify.stop',
   'log.level',
   'repl.eval',
+  ...kCheckpointMethods,
 ] as const;
 
 export type ControlMethod = (typeof kControlMethods)[number];
@@ -276,6 +319,11 @@ export interface ControlResults {
   'verify.stop': { stopped: boolean; verify: VerifyProgressView | null };
   'log.level': LogLevelResult;
   'repl.eval': ReplEvalResult;
+  'checkpoint.create': CheckpointActionResult;
+  'checkpoint.list': CheckpointListResult;
+  'checkpoint.remove': CheckpointActionResult;
+  'checkpoint.freeze': CheckpointFreezeResult;
+  'checkpoint.runs': CheckpointRunsResult;
 }
 
 /** Events pushed to subscribers. */

@@ -33,6 +33,7 @@ import type { LegStats } from './messages.js';
 import type { LegStatus, MirrorEvent, MirrorStats } from './mirror.js';
 import type { ResyncRates } from './resync.js';
 import type { VerifyStartOptions } from './verify.js';
+import type { CheckpointOperations } from './checkpoints.js';
 import type { BitmapSnapshot, MirrorDebugHandles, RingCounters, SlotsSnapshot } from './snapshots.js';
 
 export { kMaxLegs } from '../ring/layout.js';
@@ -40,6 +41,7 @@ export type { BitmapSnapshot, MirrorDebugHandles, RingCounters, SlotSnapshot, Sl
 export type { LegStatus, MirrorEvent, MirrorStats } from './mirror.js';
 export type { LegStats } from './messages.js';
 export type { LegState } from './leg-health.js';
+export type { CheckpointInfo, CheckpointOperations } from './checkpoints.js';
 
 /** Request latency histograms by kind (core/latency.ts LatencyHistograms, read side). */
 export interface LatencyReader {
@@ -94,6 +96,8 @@ export interface MirrorOperations extends MirrorView {
   startVerify(options: VerifyStartOptions): VerifyProgress;
   /** Stops the running verify (units in flight finish); `stopped` false when none ran. */
   stopVerify(): Promise<{ stopped: boolean; verify: VerifyProgress | null }>;
+  /** Checkpoints (changed-block tracking): create, remove, freeze, list, changed runs. */
+  checkpointOperations(): CheckpointOperations;
   /** Debug only (enbd repl): see MirrorDebugHandles. */
   debugHandles(): MirrorDebugHandles;
 }
