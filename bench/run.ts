@@ -40,6 +40,7 @@ import { runMetadataBench, unavailableMetadata, type MetadataResults } from './l
 import { metadataBlock } from './lib/metadata-report.js';
 import { runTlsBench, unavailableTls, type TlsResults } from './lib/tls.js';
 import { tlsBlock } from './lib/tls-report.js';
+import { runVerifyBench, unavailableVerify, verifyBlock, type VerifyResults } from './lib/verify.js';
 import { cbtBlock, runCbtBench, type CbtResults } from './lib/cbt.js';
 import { kResultsSchemaVersion, resultsStem, writeAtomic, writeResults } from './lib/results.js';
 import type { RowResult, RunResults } from './lib/results.js';
@@ -66,6 +67,8 @@ const kMaxRounds = 20;
 const kDefaultResyncSizeMiB = 4096;
 const kQuickResyncSizeMiB = 512;
 const kDefaultResyncRounds = 2;
+const kDefaultVerifySizeMiB = 1024;
+const kQuickVerifySizeMiB = 256;
 const kResyncDirtyFraction = 0.01;
 /**
  * Untimed fio per case and warm-up workload before the first measurement, so a Node server's
@@ -106,6 +109,10 @@ const kHelp = `usage: node dist/bench/run.js [options]
   --no-tls             skip the TLS measurements (default: run them after the metadata part;
                        --quick: the two issue pairs, full: also TLS on both sides and TLS / plain)
   --tls-only           only the TLS measurements (no cases, no workloads, no metadata, no resync)
+  --no-verify-phase    skip the online-verify measurements (default: run them after the resync)
+  --verify-only        only the verify measurements: enbd verify vs nbdcopy to null:, 1/2/4
+                       hash threads, sha256/blake2b512 (device --verify-size-mib)
+  --verify-size-mib N  device size for the verify measurements (default ${kDefaultVerifySizeMiB}, quick ${kQuickVerifySizeMiB})
   --no-cbt             skip the changed-block tracking measurements (default: run them after TLS)
   --cbt-only           only the changed-block tracking measurements: 4K randwrite with 0/1/4
                        checkpoints, backup of 1 % changed of a ${kCbtBackupGiB} GiB device vs nbdcopy
@@ -137,6 +144,9 @@ interface Options {
   metadataOnly: boolean;
   tls: boolean;
   tlsOnly: boolean;
+  verifyPhase: boolean;
+  verifyOnly: boolean;
+  verifySizeBytes: number;
   cbt: boolean;
   cbtOnly: boolean;
 }
@@ -166,6 +176,9 @@ function parseOptions(argv: string[]): Options | null {
       'metadata-only': { type: 'boolean', default: false },
       'no-tls': { type: 'boolean', default: false },
       'tls-only': { type: 'boolean', default: false },
+      'no-verify-phase': { type: 'boolean', default: false },
+      'verify-only': { type: 'boolean', default: false },
+      'verify-size-mib': { type: 'string' },
       'no-cbt': { type: 'boolean', default: false },
       'cbt-only': { type: 'boolean', default: false },
       list: { type: 'boolean', default: false },
@@ -202,10 +215,19 @@ function parseOptions(argv: string[]): Options | null {
   if (values['tls-only'] && (values['resync-only'] || values['metadata-only'])) {
     throw new RangeError('--tls-only excludes --resync-only and --metadata-only');
   }
+  if (values['no-verify-phase'] && values['verify-only']) throw new RangeError('--no-verify-phase and --verify-only exclude each other');
+  if (values['verify-only'] && (values['resync-only'] || values['metadata-only'] || values['tls-only'])) {
+    throw new RangeError('--verify-only excludes --resync-only, --metadata-only and --tls-only');
+  }
+  const verifySizeMiB = Number(values['verify-size-mib'] ?? (quick ? kQuickVerifySizeMiB : kDefaultVerifySizeMiB));
+  if (!Number.isInteger(verifySizeMiB) || verifySizeMiB < 128) {
+    throw new RangeError('--verify-size-mib must be an integer >= 128');
+  }
+  const verifyOnly = values['verify-only'];
   if (values['no-cbt'] && values['cbt-only']) throw new RangeError('--no-cbt and --cbt-only exclude each other');
   const cbtOnly = values['cbt-only'];
-  if (cbtOnly && (values['resync-only'] || values['metadata-only'] || values['tls-only'])) throw new RangeError('--cbt-only excludes the other --*-only switches');
-  const only = values['resync-only'] || values['metadata-only'] || values['tls-only'] || cbtOnly;
+  if (cbtOnly && (values['resync-only'] || values['metadata-only'] || values['tls-only'] || verifyOnly)) throw new RangeError('--cbt-only excludes the other --*-only switches');
+  const only = values['resync-only'] || values['metadata-only'] || values['tls-only'] || cbtOnly || verifyOnly;
   const split = (text: string | undefined): string[] | null => {
     if (text === undefined) return null;
     return text.split(',').map((name) => name.trim()).filter((name) => name !== '');
@@ -219,17 +241,20 @@ function parseOptions(argv: string[]): Options | null {
     limits: values['no-limits'] ? false : (values.limits ?? (!quick && !only)),
     save: !values['no-save'],
     list: values.list,
-    resync: !values['no-resync'] && !values['metadata-only'] && !values['tls-only'] && !cbtOnly,
+    resync: !values['no-resync'] && !values['metadata-only'] && !values['tls-only'] && !cbtOnly && !verifyOnly,
     resyncOnly: values['resync-only'],
     resyncSizeBytes: resyncSizeMiB * kMiB,
     resyncRounds,
     verify: !values['no-verify'],
-    metadata: !values['no-metadata'] && !values['resync-only'] && !values['tls-only'] && !cbtOnly,
+    metadata: !values['no-metadata'] && !values['resync-only'] && !values['tls-only'] && !cbtOnly && !verifyOnly,
     metadataOnly: values['metadata-only'],
-    tls: !values['no-tls'] && !values['resync-only'] && !values['metadata-only'] && !cbtOnly,
+    tls: !values['no-tls'] && !values['resync-only'] && !values['metadata-only'] && !cbtOnly && !verifyOnly,
     tlsOnly: values['tls-only'],
-    cbt: !values['no-cbt'] && !values['resync-only'] && !values['metadata-only'] && !values['tls-only'],
+    cbt: !values['no-cbt'] && !values['resync-only'] && !values['metadata-only'] && !values['tls-only'] && !verifyOnly,
     cbtOnly,
+    verifyPhase: !values['no-verify-phase'] && !values['resync-only'] && !values['metadata-only'] && !values['tls-only'] && !cbtOnly,
+    verifyOnly,
+    verifySizeBytes: verifySizeMiB * kMiB,
   };
 }
 
@@ -473,9 +498,10 @@ async function main(): Promise<number> {
     process.stdout.write(`metadata  ${'metadata'.padEnd(width)} --metadata leg vs none: warm, cold, SIGKILL + restart (--no-metadata, --metadata-only)\n`);
     process.stdout.write(`tls       ${'tls'.padEnd(width)} TLS legs / exports vs nbdkit over TLS, 4K randwrite + 1M write (--no-tls, --tls-only)\n`);
     process.stdout.write(`resync    ${'resync'.padEnd(width)} 1 % scattered and full resync vs nbdcopy (--no-resync, --resync-only)\n`);
+    process.stdout.write(`verify    ${'verify'.padEnd(width)} enbd verify of 2 legs vs nbdcopy to null:, 1/2/4 hash threads (--no-verify-phase, --verify-only)\n`);
     return 0;
   }
-  const noCases = options.resyncOnly || options.metadataOnly || options.tlsOnly || options.cbtOnly;
+  const noCases = options.resyncOnly || options.metadataOnly || options.tlsOnly || options.cbtOnly || options.verifyOnly;
   const cases = noCases ? [] : select(allCases, options.caseNames, options.quick, 'case');
   const workloads = noCases ? [] : select(kWorkloads, options.workloadNames, options.quick, 'workload');
   if ((workloads.length > 0 || options.metadata || options.tls) && !hasTool('fio')) throw new Error('fio is not installed (apt-get install -y fio)');
@@ -516,9 +542,10 @@ async function main(): Promise<number> {
     const tls = options.tls ? await runTls(options, runRoot, dataRoot, sharedImage) : null;
     const resync = options.resync ? await runResync(options, runRoot) : null;
     const cbt = options.cbt ? await runCbt(options, runRoot) : null;
+    const verify = options.verifyPhase ? await runVerify(options, runRoot) : null;
     const ratios = computeRatios(cases, workloads, rows, options.baseline);
     const matrix = buildMatrix(rows, ratios);
-    printReport(options, machine.cpuCount, limits, rows, ratios, matrix, metadata, tls, resync);
+    printReport(options, machine.cpuCount, limits, rows, ratios, matrix, metadata, tls, resync, verify);
     if (cbt !== null) process.stdout.write(`\n${cbtBlock(cbt)}\n`);
     const source = sourceInfo(repoRoot);
     const chartText = matrix.cells.length === 0 ? null : renderChart(matrix, {
@@ -544,7 +571,7 @@ async function main(): Promise<number> {
       cases: states.map((state) => ({
         name: state.benchCase.name, description: state.benchCase.description, status: state.status,
       })),
-      rows, ratios, resync, metadata, tls, matrix,
+      rows, ratios, resync, metadata, tls, verify, matrix,
       chart: options.save && chartText !== null ? `${resultsStem(startedAt)}.svg` : null,
     };
     if (options.save) {
@@ -634,9 +661,21 @@ async function runResync(options: Options, runRoot: string): Promise<ResyncResul
   });
 }
 
+async function runVerify(options: Options, runRoot: string): Promise<VerifyResults> {
+  const missing = ['nbdkit', 'nbdcopy'].filter((tool) => !hasTool(tool));
+  const runDir = join(runRoot, 'verify');
+  mkdirSync(runDir);
+  if (missing.length > 0) {
+    log(`verify: tool(s) missing: ${missing.join(', ')}`);
+    return unavailableVerify(options.verifySizeBytes, `tool(s) missing: ${missing.join(', ')}`);
+  }
+  return await runVerifyBench({ sizeBytes: options.verifySizeBytes, quick: options.quick, runDir, log });
+}
+
 function printReport(options: Options, cpuCount: number, limits: MachineLimits | null,
   rows: readonly RowResult[], ratios: ReturnType<typeof computeRatios>, matrix: MatrixSummary,
-  metadata: MetadataResults | null, tls: TlsResults | null, resync: ResyncResults | null): void {
+  metadata: MetadataResults | null, tls: TlsResults | null, resync: ResyncResults | null,
+  verify: VerifyResults | null): void {
   const out = (text: string): void => void process.stdout.write(`${text}\n`);
   out(`\nenbd bench: ${options.runtimeSec} s per workload after ${kRampSec} s ramp,` +
     ` ${options.rounds} round(s),` +
@@ -645,6 +684,7 @@ function printReport(options: Options, cpuCount: number, limits: MachineLimits |
   if (options.resyncOnly) out('(--resync-only: no cases, no workloads)');
   if (options.metadataOnly) out('(--metadata-only: no cases, no workloads, no resync)');
   if (options.tlsOnly) out('(--tls-only: no cases, no workloads, no metadata, no resync)');
+  if (options.verifyOnly) out('(--verify-only: no cases, no workloads, no metadata, no TLS, no resync)');
   if (limits !== null) out(`machine limits: ${limitsLine(limits)}`);
   out('');
   const tableRows = rows.map((row) =>
@@ -662,6 +702,7 @@ function printReport(options: Options, cpuCount: number, limits: MachineLimits |
   if (metadata !== null) out(`\n${metadataBlock(metadata)}`);
   if (tls !== null) out(`\n${tlsBlock(tls)}`);
   if (resync !== null) out(`\n${resyncBlock(resync)}`);
+  if (verify !== null) out(`\n${verifyBlock(verify)}`);
 }
 
 main().then((code) => {

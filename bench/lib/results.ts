@@ -13,6 +13,7 @@ import type { MatrixSummary } from './matrix.js';
 import type { Measurement } from './measure.js';
 import type { MetadataResults } from './metadata.js';
 import type { ResyncResults } from './resync.js';
+import type { VerifyResults } from './verify.js';
 import type { TlsResults } from './tls.js';
 
 /**
@@ -80,6 +81,8 @@ export interface RunResults {
   ratios: RatioResult[];
   /** Resync measurements (lib/resync.ts); null with --no-resync. Absent in older files. */
   resync: ResyncResults | null;
+  /** Online verify measurements (lib/verify.ts); null with --no-verify-phase. Absent in older files. */
+  verify?: VerifyResults | null;
   /**
    * On-leg metadata measurements (lib/metadata.ts): --metadata leg vs none rows and ratios
    * (warm, cold), the SIGKILL-and-restart resync; null with --no-metadata. Absent in older files.

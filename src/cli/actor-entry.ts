@@ -9,3 +9,6 @@
 
 /** The connection actor's worker entry (actors/connection-actor.ts, compiled). */
 export const kConnectionActorEntry: URL = new URL('../../actors/connection-actor.js', import.meta.url);
+
+/** The verify hash pool's piscina worker (actors/hash-worker.ts, compiled). */
+export const kHashWorkerEntry: URL = new URL('../../actors/hash-worker.js', import.meta.url);

@@ -2,7 +2,7 @@
  * Client commands for a running daemon, over its control socket (src/control):
  *   enbd status [--json] [--watch], enbd leg fail|reconnect|remove <index>, enbd leg add <uri>,
  *   enbd resync pause|resume, enbd resync rate [--min B/s] [--max B/s], enbd log-level <level>,
- *   enbd repl.
+ *   enbd verify start [--range OFF:LEN] [--rate B/s] [--repair], enbd verify stop, enbd repl.
  *   enbd wait [--timeout S].
  * Every command takes --control PATH; without it: $ENBD_CONTROL, else ./enbd-data/enbd.ctl or
  * ./enbd.ctl (whichever exists, in that order).
@@ -18,7 +18,7 @@ import cliProgress from 'cli-progress';
 import { Argument, type Command } from 'commander';
 import { ControlClient, ControlError } from '../control/client.js';
 import { describeLagging, healthCode, kExitDegraded, kExitInSync, kExitUnreachable, parseSeconds } from '../control/health.js';
-import { formatBytes, formatCeiling, formatDuration, formatExportLine, formatLatency, formatRate, formatStatus, resyncFraction } from '../control/format.js';
+import { formatBytes, formatCeiling, formatDuration, formatExportLine, formatLatency, formatRate, formatStatus, formatVerify, resyncFraction, verifyFraction } from '../control/format.js';
 import type { ControlEvent, LegView, StatusResult } from '../control/protocol.js';
 import { runRepl } from '../control/repl-client.js';
 import { EnbdError } from '../core/errors.js';
@@ -90,6 +90,7 @@ class TerminalStatusView {
   private readonly bars: cliProgress.MultiBar;
   private readonly header: cliProgress.SingleBar;
   private readonly legBars = new Map<number, cliProgress.SingleBar>();
+  private verifyBar: cliProgress.SingleBar | null = null;
 
   constructor() {
     this.bars = new cliProgress.MultiBar({ stream: process.stdout, format: renderBarLine, hideCursor: true, fps: 5, clearOnComplete: false, stopOnComplete: false, emptyOnZero: true });
@@ -114,11 +115,23 @@ class TerminalStatusView {
       bar.setTotal(total);
       bar.update(done, payload);
     }
+    this.renderVerify(status);
     for (const [index, bar] of this.legBars) {
       if (seen.has(index)) continue;
       this.bars.remove(bar);
       this.legBars.delete(index);
     }
+  }
+
+  /** One more line for the verify: a bar while it runs, its summary after. */
+  private renderVerify(status: StatusResult): void {
+    if (status.verify === undefined) return;
+    const current = status.verify.current;
+    const running = current !== null && current.running;
+    const payload: BarPayload = { text: formatVerify(status.verify), resync: running };
+    const done = current === null ? 0 : Math.round(verifyFraction(current) * 1000);
+    this.verifyBar ??= this.bars.create(1000, done, payload);
+    this.verifyBar.update(done, payload);
   }
 
   log(line: string): void {
@@ -342,6 +355,32 @@ function registerLegCommands(program: Command): void {
     });
 }
 
+function registerVerifyCommands(program: Command): void {
+  const verify = program.command('verify').description('check that the legs hold the same bytes, and repair them (running daemon)');
+  addControlOption(verify.command('start').description('start a verify of the whole device or a range; progress in enbd status'))
+    .option('--range <offset:length>', 'only this range (bytes, e.g. 0:1G or 64M:16M)')
+    .option('--rate <bytes/s>', 'at most this fast (e.g. 100M; default unlimited)')
+    .option('--repair', 'rewrite legs that differ from the reference (majority, else freshest, else leg 0)', false)
+    .action(async (options: ControlOption & { range?: string; rate?: string; repair: boolean }) => {
+      const params: Record<string, number | boolean> = { repair: options.repair };
+      if (options.range !== undefined) {
+        const [offset, length, extra] = options.range.split(':');
+        if (offset === undefined || length === undefined || extra !== undefined) throw new EnbdError('ENBD_ERR_CONFIG', `--range must be OFFSET:LENGTH, got "${options.range}"`);
+        params['offset'] = parseBytes('--range offset', offset);
+        params['length'] = parseBytes('--range length', length);
+      }
+      if (options.rate !== undefined) params['rate'] = parseBytes('--rate', options.rate);
+      const started = await withClient(options, async (client) => await client.call('verify.start', params));
+      say(`verify ${started.repair ? '(repair) ' : ''}started: ${formatBytes(started.lengthBytes)} at ${started.offsetBytes}`);
+    });
+  addControlOption(verify.command('stop').description('stop the running verify (units in flight finish)'))
+    .action(async (options: ControlOption) => {
+      const result = await withClient(options, async (client) => await client.call('verify.stop'));
+      const verify = result.verify;
+      say(!result.stopped || verify === null ? 'no verify was running' : `verify stopped: ${formatBytes(verify.bytesDone)} of ${formatBytes(verify.lengthBytes)} done, ${verify.mismatchChunks} mismatched chunks`);
+    });
+}
+
 function registerResyncCommands(program: Command): void {
   const resync = program.command('resync').description('pause, resume or rate-limit resyncs (running daemon)');
   for (const [name, paused] of [['pause', true], ['resume', false]] as const) {
@@ -381,6 +420,7 @@ export function registerControlCommands(program: Command): void {
     });
   registerLegCommands(program);
   registerResyncCommands(program);
+  registerVerifyCommands(program);
   addControlOption(program.command('log-level').description('change the daemon\'s log level without a restart').addArgument(new Argument('<level>', 'new level').choices(kLogLevels)))
     .action(async (level: string, options: ControlOption) => {
       const result = await withClient(options, async (client) => await client.call('log.level', { level }));

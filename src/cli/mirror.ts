@@ -32,7 +32,8 @@ import { checkTcpFree, checkUnixFree } from '../core/listen.js';
 import { checkGranularity } from '../engine/checkpoints.js';
 import { mirrorStatusContexts } from '../engine/status-contexts.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
-import { kConnectionActorEntry } from './actor-entry.js';
+import { defaultHashThreads, kHashThreadsMax } from '../engine/hash-pool.js';
+import { kConnectionActorEntry, kHashWorkerEntry } from './actor-entry.js';
 
 export interface MirrorSettings {
   legs: string[];
@@ -77,12 +78,20 @@ export interface MirrorSettings {
   tls: ServerTlsSettings;
   /** -r/--read-only: the export refuses writes (EPERM); resyncs still write the legs. */
   readOnly: boolean;
+  /** --verify-threads: the verify hash pool's size. */
+  verifyThreads: number;
+  /** --verify-interval / verifyInterval: scheduled verify period (ms, 0 = off). */
+  verifyIntervalMs: number;
+  /** --resync-verify: checksum resync (compare first, copy only what differs). */
+  resyncVerify: boolean;
   /** --checkpoint-granularity: bytes per bit of every checkpoint (changed-block tracking). */
   checkpointGranularity: number;
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly', 'checkpointGranularity']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly', 'checkpointGranularity', 'verifyThreads', 'verifyInterval', 'resyncVerify']);
 const kDefaultLegBytes = 1024 ** 3;
+/** The longest timer Node keeps (2^31 - 1 ms, about 24.8 days). */
+const kVerifyIntervalMsMax = 2_147_483_647;
 
 function readConfig(path: string): Record<string, unknown> {
   let text: string;
@@ -164,6 +173,9 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     forceSource: forceSource === undefined ? null : parseInteger('--force-source', text(forceSource, '--force-source'), 0, 31),
     degraded: pick('degraded') === true || pick('degraded') === 'true',
     readOnly: pick('readOnly') === true || pick('readOnly') === 'true',
+    verifyThreads: parseInteger('--verify-threads', text(pick('verifyThreads') ?? String(defaultHashThreads()), '--verify-threads'), 1, kHashThreadsMax),
+    verifyIntervalMs: parseDurationMs('--verify-interval', text(pick('verifyInterval') ?? '0', '--verify-interval'), 0, kVerifyIntervalMsMax),
+    resyncVerify: pick('resyncVerify') === true || pick('resyncVerify') === 'true',
     checkpointGranularity: checkGranularity(parseBytes('--checkpoint-granularity', text(pick('checkpointGranularity') ?? '64K', '--checkpoint-granularity'))),
     legs,
     socket: socket === undefined ? null : text(socket, '--socket'),
@@ -294,7 +306,7 @@ async function assembleLegs(settings: MirrorSettings, createFirst: boolean, logg
  * What SIGHUP changes in a running mirror, config key -> how. Everything else in the file needs
  * a restart (legs: `enbd leg add` / `enbd leg remove` change the running set).
  */
-export const kLiveSettings = ['resyncRateMin', 'resyncRateMax', 'logLevel', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs'] as const;
+export const kLiveSettings = ['resyncRateMin', 'resyncRateMax', 'logLevel', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'verifyIntervalMs'] as const;
 
 /** The settings as config keys, for comparing two loads (serverLimits flattened). */
 function comparable(settings: MirrorSettings): Record<string, unknown> {
@@ -334,6 +346,10 @@ async function reloadMirror(flags: Record<string, unknown>, loaded: MirrorSettin
     if (JSON.stringify(before[key]) === JSON.stringify(after[key])) continue;
     if ((kLiveSettings as readonly string[]).includes(key)) changed[key] = { from: before[key], to: after[key] };
     else needsRestart.push(key);
+  }
+  if (changed['verifyIntervalMs'] !== undefined) {
+    running.mirror.setVerifyInterval(next.verifyIntervalMs);
+    loaded.verifyIntervalMs = next.verifyIntervalMs;
   }
   if (changed['resyncRateMin'] !== undefined || changed['resyncRateMax'] !== undefined) {
     running.mirror.setResyncRates({ minBytesPerSecond: next.resyncRateMin, maxBytesPerSecond: next.resyncRateMax });
@@ -413,6 +429,8 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     reconnectMaxMs: settings.reconnectMaxMs,
     resyncRates: { minBytesPerSecond: settings.resyncRateMin, maxBytesPerSecond: settings.resyncRateMax },
     flushTracking: settings.flushTracking,
+    verify: { threads: settings.verifyThreads, intervalMs: settings.verifyIntervalMs, workerEntry: kHashWorkerEntry },
+    resyncVerify: settings.resyncVerify,
   });
   const server = createNbdServer({
     device: mirror,

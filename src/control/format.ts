@@ -4,7 +4,7 @@
  *
  * Thread: the CLI's main thread.
  */
-import type { BitmapResult, LegView, ResyncProgressView, SlotsResult, StatusResult } from './protocol.js';
+import type { BitmapResult, LegView, ResyncProgressView, SlotsResult, StatusResult, VerifyProgressView, VerifyView } from './protocol.js';
 
 const kUnits = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB'] as const;
 
@@ -56,6 +56,33 @@ export function formatResync(resync: ResyncProgressView): string {
   return `resync ${percent}% ${formatBytes(resync.bytesLeft)} of ${formatBytes(resync.bytesTotal)} left, ${formatRate(resync.bytesPerSecond)}, ETA ${formatDuration(resync.etaSeconds)}${paused}`;
 }
 
+/** Fraction done of a verify, 0..1. */
+export function verifyFraction(verify: VerifyProgressView): number {
+  if (verify.lengthBytes <= 0) return 1;
+  return Math.min(1, Math.max(0, verify.bytesDone / verify.lengthBytes));
+}
+
+/**
+ * "verify 45.0% of 1.0 GiB at 0, 200.0 MiB/s, ETA 3 s, 2 mismatched chunks" while it runs;
+ * "verify (last): complete, ... " after.
+ */
+export function formatVerify(verify: VerifyView): string {
+  const current = verify.current;
+  const chunk = formatBytes(verify.chunkBytes);
+  if (current === null) return `verify: none run yet (${verify.threads} hash threads, ${verify.algorithm}, chunks of ${chunk}${verify.intervalMs > 0 ? `, every ${formatDuration(verify.intervalMs / 1000)}` : ''})`;
+  const range = `${formatBytes(current.lengthBytes)} at ${current.offsetBytes}`;
+  const mode = current.repair ? 'repair' : 'check';
+  const found = `${current.mismatchChunks} mismatched chunk${current.mismatchChunks === 1 ? '' : 's'} of ${chunk}${current.repair ? `, ${current.repairedChunks} repaired` : ''}`;
+  const skipped = `${formatBytes(current.bytesSkipped)} zero skipped${current.bytesUnchecked > 0 ? `, ${formatBytes(current.bytesUnchecked)} not compared` : ''}`;
+  if (current.running) {
+    const percent = (verifyFraction(current) * 100).toFixed(1);
+    return `verify (${mode}): ${percent}% of ${range}, ${formatRate(current.bytesPerSecond)}, ETA ${formatDuration(current.etaSeconds)}, ${found}, ${skipped}`;
+  }
+  const how = current.stopped ? 'stopped' : 'complete';
+  const seconds = current.finishedAt === null ? null : (current.finishedAt - current.startedAt) / 1000;
+  return `verify (${mode}, last): ${how} after ${formatDuration(seconds)}, ${formatBytes(current.bytesDone)} of ${range}, ${found}, ${skipped}`;
+}
+
 function pad(text: string, width: number): string {
   return text.length >= width ? text : text + ' '.repeat(width - text.length);
 }
@@ -92,6 +119,7 @@ export function formatStatus(status: StatusResult): string[] {
   lines.push(meta === null || meta === undefined
     ? 'metadata: none (--metadata none: unprotected against crashes, restarts while degraded, stale legs)'
     : `metadata: array "${meta.arrayName}" ${meta.arrayUuid}, events ${meta.events}, write-intent ${meta.dirtyChunks} of ${meta.chunkCount} chunks of ${formatBytes(meta.bitmapChunkBytes)} set`);
+  if (status.verify !== undefined) lines.push(formatVerify(status.verify));
   lines.push(...formatLegTable(status.legs));
   const latency = Object.entries(status.latency).filter(([, view]) => view.count > 0).map(([kind, view]) => `${kind} ${view.count} (mean ${formatLatency(view.meanMs)})`);
   lines.push(`requests: ${latency.length === 0 ? 'none yet' : latency.join(', ')}`);

@@ -24,6 +24,8 @@
  * | resync.pause   |                 | pauseResync(true) (kept for later resyncs)   |
  * | resync.resume  |                 | pauseResync(false)                           |
  * | resync.rate    | min?, max?      | setResyncRates                               |
+ * | verify.start   | offset?, length?, rate?, repair? | startVerify (refused while one runs) |
+ * | verify.stop    |                 | stopVerify (units in flight finish)          |
  * | log.level      | level           | logger.level; mirror.setLogLevel (actors)    |
  * | repl.eval      | code            | ReplEvaluator over debugHandles() (one vm    |
  * |                |                 | context per session)                         |
@@ -31,6 +33,7 @@
 import { assert } from '../core/assert.js';
 import { isLogLevel, type Logger } from '../core/log.js';
 import { kMaxLegs, type BitmapSnapshot, type MirrorEvent, type MirrorOperations } from '../engine/view.js';
+import type { VerifyStartOptions } from '../engine/verify.js';
 import type { NbdServer } from '../nbd/server/server.js';
 import { commandNames } from '../nbd/protocol-names.js';
 import {
@@ -88,6 +91,31 @@ function rateParam(params: Record<string, unknown>, key: 'min' | 'max'): number 
   return value;
 }
 
+function byteParam(params: Record<string, unknown>, key: string): number | undefined {
+  const value = params[key];
+  if (value === undefined || value === null) return undefined;
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 0) {
+    throw badParams(`params.${key} must be a non-negative integer (bytes)`);
+  }
+  return value;
+}
+
+/** verify.start's params: offset, length (bytes), rate (bytes/s, 0 = unlimited), repair. */
+function verifyStartParams(params: Record<string, unknown>): VerifyStartOptions {
+  const repair = params['repair'];
+  if (repair !== undefined && typeof repair !== 'boolean') throw badParams('params.repair must be a boolean');
+  const offsetBytes = byteParam(params, 'offset');
+  const lengthBytes = byteParam(params, 'length');
+  const rateBytesPerSecond = byteParam(params, 'rate');
+  return {
+    ...(offsetBytes !== undefined ? { offsetBytes } : {}),
+    ...(lengthBytes !== undefined ? { lengthBytes } : {}),
+    ...(rateBytesPerSecond !== undefined ? { rateBytesPerSecond } : {}),
+    repair: repair === true,
+    reason: 'operator',
+  };
+}
+
 const kLevelOrder = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
 /** Whether a logger at `level` shows messages at `wanted`. */
 function isLevelShowing(level: string, wanted: string): boolean {
@@ -127,6 +155,8 @@ export class MirrorControl {
       'resync.pause': () => this.pauseResync(true),
       'resync.resume': () => this.pauseResync(false),
       'resync.rate': (params) => this.setRates(rateParam(params, 'min'), rateParam(params, 'max')),
+      'verify.start': (params) => this.mirror.startVerify(verifyStartParams(params)),
+      'verify.stop': async () => await this.mirror.stopVerify(),
       'log.level': (params) => this.setLogLevel(params['level']),
       'repl.eval': async (params, session) => await this.replEval(params['code'], session),
     };
@@ -205,6 +235,7 @@ export class MirrorControl {
       daemon: { pid: process.pid, uptimeSeconds: Math.round((Date.now() - this.startedAt) / 1000), logLevel: this.logger.level, control: this.controlPath },
       legs,
       metadata: this.mirror.metadataStatus(),
+      verify: this.mirror.verifyStatus(),
       resync: { paused: this.resyncPaused, ...this.resyncRates() },
       stats: {
         requests: stats.requests,

@@ -20,7 +20,7 @@
  *   an unknown method is answered with ENBD_CTL_UNKNOWN_METHOD and then closes it too.
  */
 import { EnbdError } from '../core/errors.js';
-import type { BitmapSnapshot, KeeperStatus, ResyncProgress } from '../core/status-types.js';
+import type { BitmapSnapshot, KeeperStatus, ResyncProgress, VerifyProgress, VerifyStatus } from '../core/status-types.js';
 
 /** Checkpoint (changed-block tracking) methods: src/control/checkpoint-handlers.ts. */
 export const kCheckpointMethods = ['checkpoint.create', 'checkpoint.list', 'checkpoint.remove', 'checkpoint.freeze', 'checkpoint.runs'] as const;
@@ -76,6 +76,8 @@ export const kControlMethods = [
   'resync.pause',
   'resync.resume',
   'resync.rate',
+  'verify.start',
+  'verify.stop',
   'log.level',
   'repl.eval',
   ...kCheckpointMethods,
@@ -232,10 +234,16 @@ export interface StatusResult {
   /** Client request latency by kind (read, write, flush, ...), since start. */
   latency: Record<string, LatencyView>;
   metadata: MetadataView | null;
+  /** Online verify: the running (or last) verify, totals, checksum-resync counts. */
+  verify?: VerifyView;
 }
 
 /** A leg's dirty map: the engine's snapshot as it is (firstRuns: at most kBitmapRunsMax). */
 export type BitmapResult = BitmapSnapshot;
+
+/** The engine's verify status (a type-only import: no engine code). */
+export type VerifyView = VerifyStatus;
+export type VerifyProgressView = VerifyProgress;
 
 export interface SlotView {
   slot: number;
@@ -295,6 +303,8 @@ export interface ControlResults {
   'resync.pause': { paused: boolean };
   'resync.resume': { paused: boolean };
   'resync.rate': ResyncRatesResult;
+  'verify.start': VerifyProgressView;
+  'verify.stop': { stopped: boolean; verify: VerifyProgressView | null };
   'log.level': LogLevelResult;
   'repl.eval': ReplEvalResult;
   'checkpoint.create': CheckpointActionResult;

@@ -78,3 +78,45 @@ export interface BitmapSnapshot {
   /** In offset order, at most the limit asked for; the last run ends at the device's end. */
   firstRuns: Array<{ offsetBytes: number; lengthBytes: number }>;
 }
+
+/** A verify's progress (src/engine/verify.ts): the running one, or the last. */
+export interface VerifyProgress {
+  running: boolean;
+  repair: boolean;
+  /** Who started it: 'operator' or 'schedule'. */
+  reason: string;
+  offsetBytes: number;
+  lengthBytes: number;
+  /** Bytes done: checked + skipped + not compared (the bar). */
+  bytesDone: number;
+  bytesChecked: number;
+  /** Bytes every leg reported as reading zero (not read). */
+  bytesSkipped: number;
+  /** Bytes not compared: fewer than two legs in sync, or a READ failed. */
+  bytesUnchecked: number;
+  bytesPerSecond: number;
+  etaSeconds: number | null;
+  mismatchChunks: number;
+  repairedChunks: number;
+  startedAt: number;
+  finishedAt: number | null;
+  stopped: boolean;
+}
+
+/** The verifier's status (src/engine/verify.ts). */
+export interface VerifyStatus {
+  chunkBytes: number;
+  threads: number;
+  /** The pool's hash: xxh64, sha256 or blake2b512. */
+  algorithm: string;
+  intervalMs: number;
+  /** The running verify, else the last one (null: none yet). */
+  current: VerifyProgress | null;
+  /** Totals since start (metrics). */
+  mismatchChunksTotal: number;
+  checkedBytesTotal: number;
+  repairedChunksTotal: number;
+  /** Checksum resync, per leg: bytes found identical (not copied) and found different. */
+  resyncVerify: Array<{ leg: number; matchedBytes: number; differentBytes: number }>;
+}
+

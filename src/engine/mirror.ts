@@ -63,6 +63,7 @@ import { MetaKeeper, type KeeperStatus } from './meta-keeper.js';
 import { CheckpointSet, checkpointOperations, type CheckpointOperations } from './checkpoints.js';
 import type { AssembledArray } from '../meta/assemble.js';
 import { bitmapTest } from '../meta/leg-meta.js';
+import { Verifier, type VerifyHost, type VerifyOptions, type VerifyProgress, type VerifyStartOptions, type VerifyStatus } from './verify.js';
 import { bitmapSnapshotOf, legStatsWithin, ringCountersOf, slotsSnapshotOf, type BitmapSnapshot, type MirrorDebugHandles, type RingCounters, type SlotsSnapshot } from './snapshots.js';
 
 export interface MirrorOptions {
@@ -118,6 +119,10 @@ export interface MirrorOptions {
   metadata?: AssembledArray;
   /** Metadata heartbeat and lazy bitmap clearing period (ms, default 5000). */
   heartbeatMs?: number;
+  /** Online verify: hash pool, piece size, scheduled interval (src/engine/verify.ts). */
+  verify?: VerifyOptions;
+  /** Checksum resync: compare a piece on source and target first, copy only what differs. */
+  resyncVerify?: boolean;
   /** Checkpoint (changed-block tracking) granularity in bytes; default 64 KiB. */
   checkpointGranularityBytes?: number;
   /**
@@ -301,6 +306,8 @@ export class MirrorDevice implements BlockDevice {
   private metaSlot = -1;
   private metaDone: ((failed: number) => void) | null = null;
   private metaTarget: Uint8Array | null = null;
+  /** Online verify and checksum resync (src/engine/verify.ts); slot phases 4 (I/O) and 5 (lock). */
+  private readonly verifier: Verifier;
 
   private constructor(options: MirrorOptions) {
     this.logger = options.logger;
@@ -349,7 +356,11 @@ export class MirrorDevice implements BlockDevice {
       upToDateFor: (leg, offsetBytes, lengthBytes) => this.upToDateFor(leg, offsetBytes, lengthBytes),
       failLeg: (leg, reason) => this.lifecycle.failLeg(leg, reason),
       markUnlessSole: (leg, offsetBytes, lengthBytes) => this.markUnlessSole(leg, offsetBytes, lengthBytes),
+      ...(options.resyncVerify === true ? {
+        checksum: (leg: Leg, offsetBytes: number, lengthBytes: number) => this.verifier.compareForResync(leg.index, leg.epoch, offsetBytes, lengthBytes),
+      } : {}),
     });
+    this.verifier = new Verifier(this.verifyHost(), this.logger, options.verify ?? {});
     this.lifecycle = new LegLifecycle({
       legs: this.legs,
       isClosed: () => this.closed,
@@ -372,6 +383,54 @@ export class MirrorDevice implements BlockDevice {
     this.features = {
       readOnly: false, flush: true, fua: true, trim: true, writeZeroes: true, fastZero: true,
       cache: true, multiConn: true, rotational: false, blockStatus: true,
+    };
+  }
+
+  /** What the verifier may do with the ring, the range lock and the legs (verify.ts). */
+  private verifyHost(): VerifyHost {
+    const legAt = (index: number): Leg => this.legs[index] as Leg;
+    return {
+      sizeBytes: () => this.sizeBytes,
+      isClosed: () => this.closed,
+      legs: () => this.legs,
+      slotsFor: (lengthBytes) => this.ring.slotsFor(lengthBytes),
+      allocate: (span) => this.ring.allocate(span),
+      slotsFreed: () => new Promise<void>((resolve) => this.slotWaiters.push(resolve)),
+      bindInternal: (slot, span) => {
+        this.bindToken(slot, this.takeInternalToken(), true);
+        this.slots.span[slot] = span;
+        this.inFlight += 1;
+      },
+      dataView: (slot, lengthBytes) => this.ring.dataView(slot, lengthBytes),
+      lock: (slot, offsetBytes, lengthBytes) => {
+        this.slots.phase[slot] = 5;
+        return this.rangeLock.acquire(slot, offsetBytes, lengthBytes);
+      },
+      read: (slot, legIndex, offsetBytes, lengthBytes) => {
+        this.slots.phase[slot] = 4;
+        this.ring.setRequest(slot, p.kCmdRead, 0, offsetBytes, lengthBytes, this.slots.span[slot] ?? 1, legAt(legIndex).bit);
+        this.ring.setReadLeg(slot, legIndex);
+        this.dispatch(slot);
+      },
+      write: (slot, mask) => {
+        this.ring.rephase(slot, p.kCmdWrite, this.features.fua ? p.kCmdFlagFua : 0, mask);
+        this.dispatch(slot);
+      },
+      finish: (slot, locked) => {
+        this.slots.phase[slot] = 0;
+        if (locked) this.releaseRange(slot);
+        this.finishSlot(slot, 0);
+      },
+      upToDateFor: (index, offsetBytes, lengthBytes) => this.upToDateFor(legAt(index), offsetBytes, lengthBytes),
+      failLeg: (index, reason) => this.lifecycle.failLeg(legAt(index), reason),
+      markUnlessSole: (index, offsetBytes, lengthBytes) => this.markUnlessSole(legAt(index), offsetBytes, lengthBytes),
+      extents: (index, offsetBytes, lengthBytes) => legAt(index).api.getExtents(offsetBytes, lengthBytes),
+      generation: (index) => {
+        const member = this.keeper?.legMeta(index) ?? null;
+        return member === null ? null : this.keeper?.status().members[member.slotIndex]?.events ?? null;
+      },
+      clearMatched: (index, epoch, offsetBytes, lengthBytes) => this.copier.clearMatched(legAt(index), epoch, offsetBytes, lengthBytes),
+      errnoName: (index, slot) => errnoNames[this.ring.legErrno(slot, index)] ?? String(this.ring.legErrno(slot, index)),
     };
   }
 
@@ -626,6 +685,32 @@ export class MirrorDevice implements BlockDevice {
   /** The on-leg metadata, or null with --metadata none. */
   metadataStatus(): KeeperStatus | null {
     return this.keeper?.status() ?? null;
+  }
+
+  /** Online verify (src/engine/verify.ts): the running or last verify, totals. */
+  verifyStatus(): VerifyStatus {
+    return this.verifier.status();
+  }
+
+  /** Starts a verify of a range (default: the device); refused while one runs. */
+  startVerify(options: VerifyStartOptions = {}): VerifyProgress {
+    return this.verifier.start(options);
+  }
+
+  /** Stops the running verify (units in flight finish); resolves once it stopped. */
+  async stopVerify(): Promise<{ stopped: boolean; verify: VerifyProgress | null }> {
+    const stopped = this.verifier.running;
+    return { stopped, verify: await this.verifier.stop() };
+  }
+
+  /** Resolves when the running verify (if any) ended (bench, tests). */
+  async verifyDone(): Promise<void> {
+    await this.verifier.done();
+  }
+
+  /** The scheduled verify period (ms, 0 = off), e.g. after a SIGHUP reload. */
+  setVerifyInterval(intervalMs: number): void {
+    this.verifier.setInterval(intervalMs);
   }
 
   private startLeg(init: LegActorInit, dispatch: SpscQueue, completion: SpscQueue): Leg {
@@ -974,6 +1059,10 @@ export class MirrorDevice implements BlockDevice {
     const ring = this.ring;
     if (ring.state(slot) !== 2) {
       const phase = this.slots.phase[slot];
+      if (phase === 5) {
+        this.verifier.onGranted(slot); // a verify's range lock: its reads follow
+        return;
+      }
       if (phase === 1) {
         if (!this.copier.prepareRead(slot)) return;
       } else if (phase === 0 && isDataChanging(ring.command(slot))) {
@@ -1050,6 +1139,10 @@ export class MirrorDevice implements BlockDevice {
     const phase = this.slots.phase[slot] ?? 0;
     if (phase === 3) {
       this.onMetaComplete(slot, failed);
+      return;
+    }
+    if (phase === 4) {
+      this.verifier.onComplete(slot, failed);
       return;
     }
     if (phase !== 0) {
@@ -1582,6 +1675,7 @@ export class MirrorDevice implements BlockDevice {
   /** Stops the actors and their threads. The server must have drained first. */
   async close(): Promise<void> {
     if (this.closed) return;
+    await this.verifier.close();
     if (this.keeper !== null) {
       try {
         await this.keeper.stop();

@@ -17,6 +17,8 @@
  * - A run is split into pieces, each the longest prefix that one leg holds (clean in its map):
  *   two resyncing legs can give each other what only each holds.
  * - Phase of a copy slot (SlotTable.phase): 1 READ, 2 WRITE; 0 is a client request.
+ * - Checksum resync (`checksum`, --resync-verify): a piece is first compared on source and
+ *   target (verify.ts); identical sub-ranges are cleared without a copy (clearMatched).
  *
  * Invariants:
  * - Bits are cleared only here, only after the target acknowledged the WRITE, only if the
@@ -52,6 +54,12 @@ export interface CopyHost {
   upToDateFor(leg: Leg, offsetBytes: number, lengthBytes: number): boolean;
   failLeg(leg: Leg, reason: string): void;
   markUnlessSole(leg: Leg, offsetBytes: number, lengthBytes: number): void;
+  /**
+   * Checksum resync (--resync-verify, src/engine/verify.ts): compares the piece on a source and
+   * on the target under the range lock, clears the bits of what is the same (clearMatched) and
+   * resolves with the sub-ranges still to copy. Absent: every piece is copied.
+   */
+  checksum?: (target: Leg, offsetBytes: number, lengthBytes: number) => Promise<Array<[number, number]>>;
 }
 
 export class ResyncCopier {
@@ -69,11 +77,37 @@ export class ResyncCopier {
       const pieceOffset = offsetBytes + copied;
       const prefix = this.sourcePrefixBytes(target.bit, pieceOffset, lengthBytes - copied);
       if (prefix <= 0) return 'no-source';
-      const outcome = await this.copyPiece(target, pieceOffset, prefix);
+      const outcome = this.host.checksum === undefined ? await this.copyPiece(target, pieceOffset, prefix) : await this.copyDiffering(target, pieceOffset, prefix);
       if (outcome !== 'copied') return outcome;
       copied += prefix;
     }
     return 'copied';
+  }
+
+  /** Checksum resync: copies only the sub-ranges of the piece that differ on the target. */
+  private async copyDiffering(target: Leg, offsetBytes: number, lengthBytes: number): Promise<CopyOutcome> {
+    const checksum = this.host.checksum;
+    if (checksum === undefined) return await this.copyPiece(target, offsetBytes, lengthBytes);
+    for (const [offset, length] of await checksum(target, offsetBytes, lengthBytes)) {
+      const outcome = await this.copyPiece(target, offset, length);
+      if (outcome !== 'copied') return outcome;
+    }
+    return this.host.isClosed() || target.state !== 'resyncing' ? 'stopped' : 'copied';
+  }
+
+  /**
+   * Checksum resync: the target was found holding what a source holds for the range (both read
+   * and hashed under its range lock, which the caller still holds): its bits there are cleared,
+   * as a copy would, only within the epoch the comparison started in and only for whole chunks.
+   */
+  clearMatched(target: Leg, epoch: number, offsetBytes: number, lengthBytes: number): boolean {
+    const map = target.dirty;
+    if (target.state !== 'resyncing' || target.epoch !== epoch || map === null) return false;
+    const chunk = map.chunkBytes;
+    if (offsetBytes % chunk !== 0 || (lengthBytes % chunk !== 0 && offsetBytes + lengthBytes !== map.deviceBytes)) return false;
+    map.clearRange(offsetBytes, lengthBytes);
+    if (this.host.flushes()) target.currentUnflushed?.markRange(offsetBytes, lengthBytes);
+    return true;
   }
 
   /** A source for a copy of the range: a leg other than the target up to date for all of it. */

@@ -18,6 +18,7 @@
  * | slotsSnapshot(n)  | the first n slots holding a request (allocated or dispatched)  |
  * | bitmapSnapshot    | a leg's dirty-map counters and its first dirty runs            |
  * | metadataStatus    | the on-leg metadata keeper's status (null: --metadata none)    |
+ * | verifyStatus      | the verifier's status: running or last verify, totals          |
  * | debugHandles      | the live objects, for the REPL only (see MirrorDebugHandles)   |
  *
  * Invariants:
@@ -26,11 +27,12 @@
  * - legStats(ms) settles within about ms whatever the actors do.
  */
 import type { LatencySnapshot } from '../core/latency.js';
-import type { KeeperStatus } from '../core/status-types.js';
+import type { KeeperStatus, VerifyProgress, VerifyStatus } from '../core/status-types.js';
 import type { LegState } from './leg-health.js';
 import type { LegStats } from './messages.js';
 import type { LegStatus, MirrorEvent, MirrorStats } from './mirror.js';
 import type { ResyncRates } from './resync.js';
+import type { VerifyStartOptions } from './verify.js';
 import type { CheckpointOperations } from './checkpoints.js';
 import type { BitmapSnapshot, MirrorDebugHandles, RingCounters, SlotsSnapshot } from './snapshots.js';
 
@@ -74,6 +76,8 @@ export interface MirrorView {
   bitmapSnapshot(index: number, runsMax: number): BitmapSnapshot | null;
   /** The on-leg metadata, or null with --metadata none. */
   metadataStatus(): KeeperStatus | null;
+  /** Online verify: the running (or last) verify, totals, checksum-resync counts. */
+  verifyStatus(): VerifyStatus;
   resyncSettings(): { rates: ResyncRates; paused: boolean };
   /** Subscribes to leg events; returns the unsubscribe function. */
   on(listener: (event: MirrorEvent) => void): () => void;
@@ -88,6 +92,10 @@ export interface MirrorOperations extends MirrorView {
   pauseResync(paused: boolean): void;
   setResyncRates(rates: Partial<ResyncRates>): ResyncRates;
   setLogLevel(level: string): Promise<void>;
+  /** Starts a verify (refused while one runs); see src/engine/verify.ts. */
+  startVerify(options: VerifyStartOptions): VerifyProgress;
+  /** Stops the running verify (units in flight finish); `stopped` false when none ran. */
+  stopVerify(): Promise<{ stopped: boolean; verify: VerifyProgress | null }>;
   /** Checkpoints (changed-block tracking): create, remove, freeze, list, changed runs. */
   checkpointOperations(): CheckpointOperations;
   /** Debug only (enbd repl): see MirrorDebugHandles. */

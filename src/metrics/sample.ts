@@ -17,14 +17,15 @@
  * - At most one legStats() call is outstanding: a scrape that finds the previous call still
  *   pending waits on that one instead of stacking another request on a stuck actor.
  */
-import type { KeeperStatus } from '../core/status-types.js';
+import type { KeeperStatus, VerifyStatus } from '../core/status-types.js';
 import type { Logger } from '../core/log.js';
 import type { LatencySnapshot } from '../core/latency.js';
 import { assert } from '../core/assert.js';
 import type { LegStats, MirrorStats, MirrorView } from '../engine/view.js';
 
 /** What metrics read from the mirror: a part of the engine's face (MirrorDevice has it all). */
-export type MetricsMirror = Pick<MirrorView, 'sizeBytes' | 'inFlight' | 'stats' | 'legStats' | 'ringCounters' | 'metadataStatus'> & {
+export type MetricsMirror = Pick<MirrorView, 'sizeBytes' | 'inFlight' | 'stats' | 'legStats' | 'ringCounters' | 'metadataStatus'>
+  & Partial<Pick<MirrorView, 'verifyStatus'>> & {
   readonly latency: Pick<MirrorView['latency'], 'kinds' | 'snapshot'>;
 };
 
@@ -44,6 +45,8 @@ export interface MirrorSample {
   exportBytes: number;
   /** The on-leg metadata, or null with --metadata none. */
   metadata: KeeperStatus | null;
+  /** Online verify status, or null when the mirror has none. */
+  verify: VerifyStatus | null;
   engineInFlight: number;
   ringSlotCount: number;
   ringSlotBytes: number;
@@ -97,6 +100,7 @@ export class Sampler {
       latency,
       exportBytes: mirror.sizeBytes,
       metadata: mirror.metadataStatus(),
+      verify: mirror.verifyStatus?.() ?? null,
       engineInFlight: mirror.inFlight,
       ringSlotCount: ring.slotCount,
       ringSlotBytes: ring.slotBytes,

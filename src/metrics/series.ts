@@ -313,12 +313,60 @@ const kLegActorSeries: readonly SeriesSpec[] = [
     (stats) => (stats.connected ? 1 : 0)),
 ];
 
+/** Online verify (src/engine/verify.ts, through MirrorView.verifyStatus). */
+const kVerifySeries: readonly SeriesSpec[] = [
+  {
+    name: 'enbd_verify_running', type: 'gauge', labelNames: [],
+    help: '1 while a verify (check or repair) runs, else 0.',
+    read: (s, emit) => {
+      if (s.verify !== null) emit({}, s.verify.current?.running === true ? 1 : 0);
+    },
+  },
+  {
+    name: 'enbd_verify_mismatch_chunks_total', type: 'counter', labelNames: [],
+    help: 'Chunks (of the verify chunk size) found different between in-sync legs since the daemon started.',
+    read: (s, emit) => {
+      if (s.verify !== null) emit({}, s.verify.mismatchChunksTotal);
+    },
+  },
+  {
+    name: 'enbd_verify_repaired_chunks_total', type: 'counter', labelNames: [],
+    help: 'Mismatched chunks rewritten from the reference leg by verify --repair since the daemon started.',
+    read: (s, emit) => {
+      if (s.verify !== null) emit({}, s.verify.repairedChunksTotal);
+    },
+  },
+  {
+    name: 'enbd_verify_checked_bytes_total', type: 'counter', labelNames: [],
+    help: 'Bytes read from every in-sync leg and compared by verifies since the daemon started (zero ranges skipped are not counted).',
+    read: (s, emit) => {
+      if (s.verify !== null) emit({}, s.verify.checkedBytesTotal);
+    },
+  },
+  {
+    name: 'enbd_verify_done_ratio', type: 'gauge', labelNames: [],
+    help: 'Fraction of the running (or last) verify\'s range done, 0..1 (0 before the first).',
+    read: (s, emit) => {
+      const current = s.verify?.current ?? null;
+      if (s.verify !== null) emit({}, current === null || current.lengthBytes === 0 ? 0 : current.bytesDone / current.lengthBytes);
+    },
+  },
+  {
+    name: 'enbd_resync_verify_matched_bytes_total', type: 'counter', labelNames: ['leg'],
+    help: 'Checksum resync (--resync-verify): bytes found identical on the target and not copied.',
+    read: (s, emit) => {
+      for (const entry of s.verify?.resyncVerify ?? []) emit({ leg: String(entry.leg) }, entry.matchedBytes);
+    },
+  },
+];
+
 export const kSeries: readonly SeriesSpec[] = [
   ...kRequestSeries,
   ...kRingSeries,
   ...kArraySeries,
   ...kLegSeries,
   ...kLegActorSeries,
+  ...kVerifySeries,
 ];
 
 function registerSpec(registry: Registry, sampler: Sampler, spec: SeriesSpec): void {
