@@ -56,6 +56,7 @@ import { SlotTable } from './slot-table.js';
 import { ResyncCopier } from './resync-copy.js';
 import { LegLifecycle, checkOf } from './leg-lifecycle.js';
 import { Resync, type ResyncHost, type ResyncProgress, type ResyncRates } from './resync.js';
+import { resyncWindow } from './resync-window.js';
 import { LegActor } from './leg-actor.js';
 import type { CopyMode, LegActorApi, LegActorInit, LegDeviceOpener, LegInfo, LegStats, Placement } from './messages.js';
 import { MetaKeeper, type KeeperStatus } from './meta-keeper.js';
@@ -83,9 +84,14 @@ export interface MirrorOptions {
   reconnectMaxMs?: number;
   /** Resync rate floor and ceiling in bytes/s (ceiling 0 = unlimited). */
   resyncRates?: Partial<ResyncRates>;
-  /** Resync copies in flight per leg (default 16) and the largest copy (default 1 MiB). */
+  /**
+   * Resync copies in flight per leg (default 128; their slots never more than half the ring),
+   * the largest copy (default 1 MiB), and the clean gap between dirty runs copied with them
+   * (default 64 KiB), see resync-window.ts.
+   */
   resyncLanes?: number;
   resyncCopyBytes?: number;
+  resyncGapBytes?: number;
   /**
    * Record writes since each leg's last flush (default true). Off only for the bench, to
    * measure what the record costs: a dropped leg's unflushed writes then go unmarked.
@@ -357,6 +363,7 @@ export class MirrorDevice implements BlockDevice {
       stillResyncing: (legIndex) => !this.closed && this.legs[legIndex]?.state === 'resyncing',
       clientBusy: (windowMs) => this.clientBusy(windowMs),
       resyncDone: (legIndex) => this.lifecycle.onResyncDone(this.legs[legIndex] as Leg),
+      footprintBytes: (lengthBytes) => this.ring.slotsFor(lengthBytes) * this.ring.slotBytes,
     };
     this.description = `mirror of ${options.legs.length} legs`;
     this.features = {
@@ -1223,10 +1230,7 @@ export class MirrorDevice implements BlockDevice {
   // ---- leg lifecycle hooks (the rules live in leg-lifecycle.ts) ---------------------------
 
   private startResync(leg: Leg): void {
-    // Copies take at most half of the ring, so client requests always find slots.
-    const copyBytes = Math.min(this.options.resyncCopyBytes ?? 1024 * 1024, this.ring.maxRequestBytes);
-    const lanes = Math.max(1, Math.min(this.options.resyncLanes ?? 16, Math.floor(this.ring.slotCount / 2 / this.ring.slotsFor(copyBytes))));
-    leg.resync ??= new Resync(leg.index, leg.dirty as DirtyMap, this.resyncHost, this.resyncRates, this.logger, lanes, copyBytes);
+    leg.resync ??= new Resync(leg.index, leg.dirty as DirtyMap, this.resyncHost, this.resyncRates, this.logger, resyncWindow(this.options, this.ring));
     leg.resync.setRates(this.resyncRates);
     if (this.resyncPaused) leg.resync.pause();
     if (leg.resync.isRunning) leg.resync.nudge();
