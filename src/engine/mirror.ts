@@ -280,8 +280,8 @@ export class MirrorDevice implements BlockDevice {
   private readonly options: MirrorOptions;
   private resyncRates: ResyncRates;
   private clientRequests = 0;
-  private clientRequestsSeen = 0;
-  private clientBusyAt = 0;
+  /** performance.now() when the last request started (clientBusy). */
+  private lastRequestAt = 0;
   private readonly resyncHost: ResyncHost;
   private flushTracking = true;
   private readonly healthPolicy: HealthPolicy;
@@ -770,7 +770,9 @@ export class MirrorDevice implements BlockDevice {
 
   /** Describes the request in its slot and dispatches it (after the range lock if needed). */
   private start(slot: number, command: number, flags: number, offsetBytes: number, lengthBytes: number): void {
-    this.slots.started[slot] = performance.now();
+    const now = performance.now();
+    this.slots.started[slot] = now;
+    this.lastRequestAt = now;
     this.slots.kind[slot] = latencyKind(command);
     const early = this.answerWithoutLegs(command, offsetBytes, lengthBytes);
     if (early >= 0) {
@@ -839,13 +841,9 @@ export class MirrorDevice implements BlockDevice {
     return -1;
   }
 
+  /** A request started within the last `windowMs` (the resync's rate floor and busy window). */
   private clientBusy(windowMs: number): boolean {
-    const now = Date.now();
-    if (this.clientRequests !== this.clientRequestsSeen) {
-      this.clientRequestsSeen = this.clientRequests;
-      this.clientBusyAt = now;
-    }
-    return now - this.clientBusyAt < windowMs;
+    return this.clientRequests > 0 && performance.now() - this.lastRequestAt < windowMs;
   }
 
   /**

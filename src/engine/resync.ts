@@ -15,8 +15,8 @@
  * - A window of copies, not lanes: one loop walks the map from a cursor and starts copies
  *   (without awaiting them) while fewer than `maxCopies` are in flight and their ring
  *   footprint (host.footprintBytes) stays within `maxFootprintBytes` (kBusyCopies at most while
- *   clients are busy: their requests queue behind copies on the legs); each completion wakes the
- *   loop to refill. Copies start synchronously in one burst (the rate check is synchronous
+ *   a client request came within 50 ms: client requests queue behind copies on the legs); each
+ *   completion wakes the loop to refill. Copies start synchronously in one burst (the rate check is synchronous
  *   unless it must wait), so the host stages a whole burst before one publish per leg. Each
  *   copy holds the range lock of its run for its READ and WRITE, so a client write to that
  *   range waits for at most one copy and is never overwritten by stale data.
@@ -92,6 +92,8 @@ export interface ResyncProgress {
 const kBusyWindowMs = 500;
 /** Copies in flight at most while clients are busy (client requests queue behind copies). */
 export const kBusyCopies = 16;
+/** "Busy" for the window: a client request within this many ms (the rate uses kBusyWindowMs). */
+const kBusyCopiesWindowMs = 50;
 const kNoSourceRetryMs = 200;
 const kProgressLogMs = 5000;
 
@@ -257,7 +259,7 @@ export class Resync {
    */
   private fill(): number {
     const chunkBytes = this.map.chunkBytes;
-    const maxCopies = this.host.clientBusy(kBusyWindowMs) ? Math.min(this.maxCopies, kBusyCopies) : this.maxCopies;
+    const maxCopies = this.host.clientBusy(kBusyCopiesWindowMs) ? Math.min(this.maxCopies, kBusyCopies) : this.maxCopies;
     while (this.inFlight < maxCopies && !this.halted && !this.paused) {
       if (this.inFlight > 0 && this.footprintInFlight >= this.maxFootprintBytes) return 0;
       if (this.passAtEnd) return 0;
