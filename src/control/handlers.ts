@@ -7,7 +7,7 @@
  * leg.remove, leg.reconnect) await the engine without blocking the event loop.
  *
  * Imports the engine and the NBD server as types only (the live objects come from runMirror),
- * plus two pure-data modules for names: nbd/protocol.ts (command names), ring/layout.ts (slot
+ * plus two pure-data modules for names: nbd/protocol-names.ts (command names), ring/layout.ts (slot
  * states, kMaxLegs).
  *
  * Design notes
@@ -31,8 +31,8 @@ import { assert } from '../core/assert.js';
 import { isLogLevel, type Logger } from '../core/log.js';
 import type { MirrorDevice, MirrorEvent } from '../engine/mirror.js';
 import type { LegStats } from '../engine/messages.js';
-import type { NbdServer } from '../nbd/server.js';
-import { commandNames } from '../nbd/protocol.js';
+import type { NbdServer } from '../nbd/server/server.js';
+import { commandNames } from '../nbd/protocol-names.js';
 import { kSlotStateAllocated, kSlotStateDispatched, kMaxLegs } from '../ring/layout.js';
 import {
   kBitmapRunsMax,

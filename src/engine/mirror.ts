@@ -42,6 +42,7 @@ import { assert } from '../core/assert.js';
 import { EnbdError } from '../core/errors.js';
 import { portEndpoint } from '../core/comlink-endpoint.js';
 import * as p from '../nbd/protocol.js';
+import { commandNames, errnoNames } from '../nbd/protocol-names.js';
 import { RequestRing } from '../ring/request-ring.js';
 import { kMaxLegs, type RingOptions } from '../ring/layout.js';
 import { Doorbell, SpscQueue } from '../ring/spsc-queue.js';
@@ -1131,10 +1132,10 @@ export class MirrorDevice implements BlockDevice {
 
   /** Every leg that failed the request (with a leg-level error, or while others succeeded) fails. */
   private failLegsOf(slot: number, command: number, target: number, failed: number): void {
-    const name = p.commandNames[command] ?? String(command);
+    const name = commandNames[command] ?? String(command);
     for (const leg of this.legs) {
       if ((failed & leg.bit) === 0) continue;
-      const errnoName = p.errnoNames[this.ring.legErrno(slot, leg.index)] ?? 'an error';
+      const errnoName = errnoNames[this.ring.legErrno(slot, leg.index)] ?? 'an error';
       this.lifecycle.failLeg(leg, failed === target ? `${name} failed on every leg (${errnoName} here)` : `${name} failed with ${errnoName} while other legs succeeded`);
     }
   }
@@ -1148,7 +1149,7 @@ export class MirrorDevice implements BlockDevice {
     if (!kRequestLevelErrnos.has(errno)) {
       // The leg could not read what it should hold: that range needs a copy from a good leg.
       this.markUnlessSole(failedLeg, offsetBytes, lengthBytes);
-      this.lifecycle.failLeg(failedLeg, `${p.commandNames[ring.command(slot)] ?? 'READ'} failed with ${p.errnoNames[errno] ?? errno}`);
+      this.lifecycle.failLeg(failedLeg, `${commandNames[ring.command(slot)] ?? 'READ'} failed with ${errnoNames[errno] ?? errno}`);
     }
     const next = this.pickReadLeg(this.slots.tried[slot] ?? 0, offsetBytes, lengthBytes);
     if (next === null || errno === p.kEInval) {
@@ -1513,9 +1514,9 @@ export class MirrorDevice implements BlockDevice {
 
   stats(): MirrorStats {
     const requests: Record<string, number> = {};
-    for (const [command, count] of this.counters.requests) requests[p.commandNames[command] ?? String(command)] = count;
+    for (const [command, count] of this.counters.requests) requests[commandNames[command] ?? String(command)] = count;
     const bytes: Record<string, number> = {};
-    for (const [command, count] of this.counters.bytes) bytes[p.commandNames[command] ?? String(command)] = count;
+    for (const [command, count] of this.counters.bytes) bytes[commandNames[command] ?? String(command)] = count;
     return {
       requests,
       bytes,
