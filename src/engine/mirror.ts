@@ -76,6 +76,8 @@ export interface MirrorOptions {
   connectTimeoutMs?: number;
   /** A leg request older than this fails that leg's connection (0 = never). */
   legTimeoutMs?: number;
+  /** Connections per NBD leg with multi-conn (default 1; a leg URI's connections=N wins). */
+  legConnections?: number;
   /** Bytes per dirty-map bit (power of two, default 4096). */
   bitmapChunkBytes?: number;
   /** Pool pages of each leg's dirty map (default 64 pages of 4 KiB = 8 GiB of device each). */
@@ -408,6 +410,7 @@ export class MirrorDevice implements BlockDevice {
       connectTimeoutMs: this.options.connectTimeoutMs ?? 10_000,
       requestTimeoutMs: this.options.legTimeoutMs ?? 0,
       idleProbeMs: this.options.idleProbeMs ?? 5000,
+      connections: this.options.legConnections ?? 1,
     };
     const leg = this.startLeg(init, dispatch, completion);
     leg.health = new LegHealth(leg, this.logger, this.healthPolicy);
