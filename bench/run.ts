@@ -40,6 +40,7 @@ import { runMetadataBench, unavailableMetadata, type MetadataResults } from './l
 import { metadataBlock } from './lib/metadata-report.js';
 import { runTlsBench, unavailableTls, type TlsResults } from './lib/tls.js';
 import { tlsBlock } from './lib/tls-report.js';
+import { legConnBlock, runLegConnBench, unavailableLegConn, type LegConnResults } from './lib/legconn.js';
 import { kResultsSchemaVersion, resultsStem, writeAtomic, writeResults } from './lib/results.js';
 import type { RowResult, RunResults } from './lib/results.js';
 import { runFio } from './lib/fio.js';
@@ -104,6 +105,9 @@ const kHelp = `usage: node dist/bench/run.js [options]
   --no-tls             skip the TLS measurements (default: run them after the metadata part;
                        --quick: the two issue pairs, full: also TLS on both sides and TLS / plain)
   --tls-only           only the TLS measurements (no cases, no workloads, no metadata, no resync)
+  --legconn            also measure several connections per leg (--leg-connections 1, 2, 4 over
+                       legs serialising per connection, 1 ms per request; default off)
+  --legconn-only       only that (no cases, no workloads, no metadata, no TLS, no resync)
   --no-save            do not write bench/results/<date>.json and .svg (nor bench/chart-latest.svg)
   --list               list cases and workloads, then exit
   --help               this text
@@ -132,6 +136,8 @@ interface Options {
   metadataOnly: boolean;
   tls: boolean;
   tlsOnly: boolean;
+  legconn: boolean;
+  legconnOnly: boolean;
 }
 
 function parseOptions(argv: string[]): Options | null {
@@ -159,6 +165,8 @@ function parseOptions(argv: string[]): Options | null {
       'metadata-only': { type: 'boolean', default: false },
       'no-tls': { type: 'boolean', default: false },
       'tls-only': { type: 'boolean', default: false },
+      legconn: { type: 'boolean', default: false },
+      'legconn-only': { type: 'boolean', default: false },
       list: { type: 'boolean', default: false },
       help: { type: 'boolean', default: false },
     },
@@ -193,7 +201,11 @@ function parseOptions(argv: string[]): Options | null {
   if (values['tls-only'] && (values['resync-only'] || values['metadata-only'])) {
     throw new RangeError('--tls-only excludes --resync-only and --metadata-only');
   }
-  const only = values['resync-only'] || values['metadata-only'] || values['tls-only'];
+  const legconnOnly = values['legconn-only'];
+  if (legconnOnly && (values['resync-only'] || values['metadata-only'] || values['tls-only'])) {
+    throw new RangeError('--legconn-only excludes --resync-only, --metadata-only and --tls-only');
+  }
+  const only = values['resync-only'] || values['metadata-only'] || values['tls-only'] || legconnOnly;
   const split = (text: string | undefined): string[] | null => {
     if (text === undefined) return null;
     return text.split(',').map((name) => name.trim()).filter((name) => name !== '');
@@ -207,15 +219,17 @@ function parseOptions(argv: string[]): Options | null {
     limits: values['no-limits'] ? false : (values.limits ?? (!quick && !only)),
     save: !values['no-save'],
     list: values.list,
-    resync: !values['no-resync'] && !values['metadata-only'] && !values['tls-only'],
+    resync: !values['no-resync'] && !values['metadata-only'] && !values['tls-only'] && !legconnOnly,
     resyncOnly: values['resync-only'],
     resyncSizeBytes: resyncSizeMiB * kMiB,
     resyncRounds,
     verify: !values['no-verify'],
-    metadata: !values['no-metadata'] && !values['resync-only'] && !values['tls-only'],
+    metadata: !values['no-metadata'] && !values['resync-only'] && !values['tls-only'] && !legconnOnly,
     metadataOnly: values['metadata-only'],
-    tls: !values['no-tls'] && !values['resync-only'] && !values['metadata-only'],
+    tls: !values['no-tls'] && !values['resync-only'] && !values['metadata-only'] && !legconnOnly,
     tlsOnly: values['tls-only'],
+    legconn: values.legconn || legconnOnly,
+    legconnOnly,
   };
 }
 
@@ -461,10 +475,10 @@ async function main(): Promise<number> {
     process.stdout.write(`resync    ${'resync'.padEnd(width)} 1 % scattered and full resync vs nbdcopy (--no-resync, --resync-only)\n`);
     return 0;
   }
-  const noCases = options.resyncOnly || options.metadataOnly || options.tlsOnly;
+  const noCases = options.resyncOnly || options.metadataOnly || options.tlsOnly || options.legconnOnly;
   const cases = noCases ? [] : select(allCases, options.caseNames, options.quick, 'case');
   const workloads = noCases ? [] : select(kWorkloads, options.workloadNames, options.quick, 'workload');
-  if ((workloads.length > 0 || options.metadata || options.tls) && !hasTool('fio')) throw new Error('fio is not installed (apt-get install -y fio)');
+  if ((workloads.length > 0 || options.metadata || options.tls || options.legconn) && !hasTool('fio')) throw new Error('fio is not installed (apt-get install -y fio)');
   const startedAt = new Date().toISOString();
   const machine = machineInfo();
   const runRoot = mkdtempSync(join(tmpdir(), 'enbd-bench-'));
@@ -500,10 +514,12 @@ async function main(): Promise<number> {
     for (const state of states) await stopCase(state);
     const metadata = options.metadata ? await runMetadata(options, runRoot, dataRoot, sharedImage) : null;
     const tls = options.tls ? await runTls(options, runRoot, dataRoot, sharedImage) : null;
+    const legconn = options.legconn ? await runLegConn(options, runRoot, dataRoot, sharedImage) : null;
     const resync = options.resync ? await runResync(options, runRoot) : null;
     const ratios = computeRatios(cases, workloads, rows, options.baseline);
     const matrix = buildMatrix(rows, ratios);
     printReport(options, machine.cpuCount, limits, rows, ratios, matrix, metadata, tls, resync);
+    if (legconn !== null) process.stdout.write(`\n${legConnBlock(legconn)}\n`);
     const source = sourceInfo(repoRoot);
     const chartText = matrix.cells.length === 0 ? null : renderChart(matrix, {
       title: `enbd mirror vs qemu quorum: throughput by leg count (run ${resultsStem(startedAt)})`,
@@ -528,7 +544,7 @@ async function main(): Promise<number> {
       cases: states.map((state) => ({
         name: state.benchCase.name, description: state.benchCase.description, status: state.status,
       })),
-      rows, ratios, resync, metadata, tls, matrix,
+      rows, ratios, resync, metadata, tls, legconn, matrix,
       chart: options.save && chartText !== null ? `${resultsStem(startedAt)}.svg` : null,
     };
     if (options.save) {
@@ -593,6 +609,22 @@ async function runTls(options: Options, runRoot: string, dataRoot: string,
   }
 }
 
+async function runLegConn(options: Options, runRoot: string, dataRoot: string,
+  sharedImage: () => string): Promise<LegConnResults> {
+  const owned = makeContext('legconn', runRoot, dataRoot, options.sizeBytes, sharedImage);
+  try {
+    if (!hasTool('nbdkit')) throw new Error('tool(s) missing: nbdkit');
+    const unbuilt = enbdUnavailable(owned.context);
+    if (unbuilt !== null) throw new Error(unbuilt);
+    return await runLegConnBench({ context: owned.context, rounds: options.rounds, runtimeSec: options.runtimeSec, rampSec: kRampSec, log });
+  } catch (error) {
+    log(`legconn: ${shortError(error)}`);
+    return unavailableLegConn(options.sizeBytes, error instanceof Error ? error.message : String(error));
+  } finally {
+    for (const managed of [...owned.processes].reverse()) await managed.stop();
+  }
+}
+
 async function runResync(options: Options, runRoot: string): Promise<ResyncResults> {
   const missing = ['nbdkit', 'nbdcopy'].filter((tool) => !hasTool(tool));
   const runDir = join(runRoot, 'resync');
@@ -619,6 +651,7 @@ function printReport(options: Options, cpuCount: number, limits: MachineLimits |
   if (options.resyncOnly) out('(--resync-only: no cases, no workloads)');
   if (options.metadataOnly) out('(--metadata-only: no cases, no workloads, no resync)');
   if (options.tlsOnly) out('(--tls-only: no cases, no workloads, no metadata, no resync)');
+  if (options.legconnOnly) out('(--legconn-only: no cases, no workloads, no metadata, no TLS, no resync)');
   if (limits !== null) out(`machine limits: ${limitsLine(limits)}`);
   out('');
   const tableRows = rows.map((row) =>
