@@ -32,6 +32,7 @@ import { parseConnectionCount } from '../stubs/open-leg.js';
 import { kMaxLegConnections } from '../stubs/leg-connections.js';
 import { checkTcpFree, checkUnixFree } from '../core/listen.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
+import { kConnectionActorEntry } from './actor-entry.js';
 
 export interface MirrorSettings {
   legs: string[];
@@ -402,6 +403,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     },
     copyMode: settings.copyMode,
     placement: settings.placement,
+    actorEntry: kConnectionActorEntry,
     logger,
     logLevel: settings.logLevel,
     legTimeoutMs: settings.legTimeoutMs,

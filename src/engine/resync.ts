@@ -41,6 +41,7 @@
 import { RateWindow } from './rate-window.js';
 import type { Logger } from '../core/log.js';
 import type { DirtyMap, DirtyRun } from '../bitmap/dirty-map.js';
+import type { ResyncProgress } from '../core/status-types.js';
 
 export type CopyOutcome = 'copied' | 'no-source' | 'source-failed' | 'target-failed' | 'stopped';
 
@@ -76,18 +77,7 @@ export interface ResyncRates {
   maxBytesPerSecond: number;
 }
 
-export interface ResyncProgress {
-  leg: number;
-  running: boolean;
-  paused: boolean;
-  bytesDone: number;
-  bytesLeft: number;
-  bytesTotal: number;
-  bytesPerSecond: number;
-  etaSeconds: number | null;
-  startedAt: number;
-  copiesInFlight: number;
-}
+export type { ResyncProgress };
 
 const kBusyWindowMs = 500;
 /** Copies in flight at most while clients are busy (client requests queue behind copies). */

@@ -36,7 +36,7 @@ const handlers = new Map<string, MethodHandler>([
     return 'slow done';
   }],
   ['refuse', () => {
-    throw new EnbdError('ENBD_ERR_CONFIG', 'leg 0 is the last in-sync leg; refusing to fail it');
+    throw new EnbdError('ENBD_ERR_REFUSED', 'leg 0 is the last in-sync leg; refusing to fail it');
   }],
 ]);
 
@@ -101,7 +101,7 @@ test('an engine error comes back as an error answer with its code and message', 
   const server = await startServer();
   const client = await ControlClient.connect(server.path);
   try {
-    await assert.rejects(client.callRaw('refuse'), (error: unknown) => error instanceof ControlError && error.reason === 'remote' && error.remoteCode === 'ENBD_ERR_CONFIG' && /last in-sync leg/.test(error.message));
+    await assert.rejects(client.callRaw('refuse'), (error: unknown) => error instanceof ControlError && error.reason === 'remote' && error.remoteCode === 'ENBD_ERR_REFUSED' && /last in-sync leg/.test(error.message));
     assert.deepStrictEqual(await client.call('status'), { up: true }, 'the connection stays usable');
   } finally {
     client.close();
