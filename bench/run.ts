@@ -42,6 +42,7 @@ import { runTlsBench, unavailableTls, type TlsResults } from './lib/tls.js';
 import { tlsBlock } from './lib/tls-report.js';
 import { runVerifyBench, unavailableVerify, verifyBlock, type VerifyResults } from './lib/verify.js';
 import { cbtBlock, runCbtBench, type CbtResults } from './lib/cbt.js';
+import { legConnBlock, runLegConnBench, unavailableLegConn, type LegConnResults } from './lib/legconn.js';
 import { kResultsSchemaVersion, resultsStem, writeAtomic, writeResults } from './lib/results.js';
 import type { RowResult, RunResults } from './lib/results.js';
 import { runFio } from './lib/fio.js';
@@ -116,6 +117,9 @@ const kHelp = `usage: node dist/bench/run.js [options]
   --no-cbt             skip the changed-block tracking measurements (default: run them after TLS)
   --cbt-only           only the changed-block tracking measurements: 4K randwrite with 0/1/4
                        checkpoints, backup of 1 % changed of a ${kCbtBackupGiB} GiB device vs nbdcopy
+  --legconn            also measure several connections per leg (--leg-connections 1, 2, 4 over
+                       legs serialising per connection, 1 ms per request; default off)
+  --legconn-only       only that (no cases, no workloads, no metadata, no TLS, no resync)
   --no-save            do not write bench/results/<date>.json and .svg (nor bench/chart-latest.svg)
   --list               list cases and workloads, then exit
   --help               this text
@@ -149,6 +153,8 @@ interface Options {
   verifySizeBytes: number;
   cbt: boolean;
   cbtOnly: boolean;
+  legconn: boolean;
+  legconnOnly: boolean;
 }
 
 function parseOptions(argv: string[]): Options | null {
@@ -181,6 +187,8 @@ function parseOptions(argv: string[]): Options | null {
       'verify-size-mib': { type: 'string' },
       'no-cbt': { type: 'boolean', default: false },
       'cbt-only': { type: 'boolean', default: false },
+      legconn: { type: 'boolean', default: false },
+      'legconn-only': { type: 'boolean', default: false },
       list: { type: 'boolean', default: false },
       help: { type: 'boolean', default: false },
     },
@@ -227,7 +235,11 @@ function parseOptions(argv: string[]): Options | null {
   if (values['no-cbt'] && values['cbt-only']) throw new RangeError('--no-cbt and --cbt-only exclude each other');
   const cbtOnly = values['cbt-only'];
   if (cbtOnly && (values['resync-only'] || values['metadata-only'] || values['tls-only'] || verifyOnly)) throw new RangeError('--cbt-only excludes the other --*-only switches');
-  const only = values['resync-only'] || values['metadata-only'] || values['tls-only'] || cbtOnly || verifyOnly;
+  const legconnOnly = values['legconn-only'];
+  if (legconnOnly && (values['resync-only'] || values['metadata-only'] || values['tls-only'] || cbtOnly || verifyOnly)) {
+    throw new RangeError('--legconn-only excludes the other --*-only switches');
+  }
+  const only = values['resync-only'] || values['metadata-only'] || values['tls-only'] || cbtOnly || verifyOnly || legconnOnly;
   const split = (text: string | undefined): string[] | null => {
     if (text === undefined) return null;
     return text.split(',').map((name) => name.trim()).filter((name) => name !== '');
@@ -241,20 +253,22 @@ function parseOptions(argv: string[]): Options | null {
     limits: values['no-limits'] ? false : (values.limits ?? (!quick && !only)),
     save: !values['no-save'],
     list: values.list,
-    resync: !values['no-resync'] && !values['metadata-only'] && !values['tls-only'] && !cbtOnly && !verifyOnly,
+    resync: !values['no-resync'] && !values['metadata-only'] && !values['tls-only'] && !cbtOnly && !verifyOnly && !legconnOnly,
     resyncOnly: values['resync-only'],
     resyncSizeBytes: resyncSizeMiB * kMiB,
     resyncRounds,
     verify: !values['no-verify'],
-    metadata: !values['no-metadata'] && !values['resync-only'] && !values['tls-only'] && !cbtOnly && !verifyOnly,
+    metadata: !values['no-metadata'] && !values['resync-only'] && !values['tls-only'] && !cbtOnly && !verifyOnly && !legconnOnly,
     metadataOnly: values['metadata-only'],
-    tls: !values['no-tls'] && !values['resync-only'] && !values['metadata-only'] && !cbtOnly && !verifyOnly,
+    tls: !values['no-tls'] && !values['resync-only'] && !values['metadata-only'] && !cbtOnly && !verifyOnly && !legconnOnly,
     tlsOnly: values['tls-only'],
-    cbt: !values['no-cbt'] && !values['resync-only'] && !values['metadata-only'] && !values['tls-only'] && !verifyOnly,
+    cbt: !values['no-cbt'] && !values['resync-only'] && !values['metadata-only'] && !values['tls-only'] && !verifyOnly && !legconnOnly,
     cbtOnly,
-    verifyPhase: !values['no-verify-phase'] && !values['resync-only'] && !values['metadata-only'] && !values['tls-only'] && !cbtOnly,
+    verifyPhase: !values['no-verify-phase'] && !values['resync-only'] && !values['metadata-only'] && !values['tls-only'] && !cbtOnly && !legconnOnly,
     verifyOnly,
     verifySizeBytes: verifySizeMiB * kMiB,
+    legconn: values.legconn || legconnOnly,
+    legconnOnly,
   };
 }
 
@@ -501,10 +515,10 @@ async function main(): Promise<number> {
     process.stdout.write(`verify    ${'verify'.padEnd(width)} enbd verify of 2 legs vs nbdcopy to null:, 1/2/4 hash threads (--no-verify-phase, --verify-only)\n`);
     return 0;
   }
-  const noCases = options.resyncOnly || options.metadataOnly || options.tlsOnly || options.cbtOnly || options.verifyOnly;
+  const noCases = options.resyncOnly || options.metadataOnly || options.tlsOnly || options.cbtOnly || options.verifyOnly || options.legconnOnly;
   const cases = noCases ? [] : select(allCases, options.caseNames, options.quick, 'case');
   const workloads = noCases ? [] : select(kWorkloads, options.workloadNames, options.quick, 'workload');
-  if ((workloads.length > 0 || options.metadata || options.tls) && !hasTool('fio')) throw new Error('fio is not installed (apt-get install -y fio)');
+  if ((workloads.length > 0 || options.metadata || options.tls || options.legconn) && !hasTool('fio')) throw new Error('fio is not installed (apt-get install -y fio)');
   const startedAt = new Date().toISOString();
   const machine = machineInfo();
   const runRoot = mkdtempSync(join(tmpdir(), 'enbd-bench-'));
@@ -540,6 +554,7 @@ async function main(): Promise<number> {
     for (const state of states) await stopCase(state);
     const metadata = options.metadata ? await runMetadata(options, runRoot, dataRoot, sharedImage) : null;
     const tls = options.tls ? await runTls(options, runRoot, dataRoot, sharedImage) : null;
+    const legconn = options.legconn ? await runLegConn(options, runRoot, dataRoot, sharedImage) : null;
     const resync = options.resync ? await runResync(options, runRoot) : null;
     const cbt = options.cbt ? await runCbt(options, runRoot) : null;
     const verify = options.verifyPhase ? await runVerify(options, runRoot) : null;
@@ -547,6 +562,7 @@ async function main(): Promise<number> {
     const matrix = buildMatrix(rows, ratios);
     printReport(options, machine.cpuCount, limits, rows, ratios, matrix, metadata, tls, resync, verify);
     if (cbt !== null) process.stdout.write(`\n${cbtBlock(cbt)}\n`);
+    if (legconn !== null) process.stdout.write(`\n${legConnBlock(legconn)}\n`);
     const source = sourceInfo(repoRoot);
     const chartText = matrix.cells.length === 0 ? null : renderChart(matrix, {
       title: `enbd mirror vs qemu quorum: throughput by leg count (run ${resultsStem(startedAt)})`,
@@ -571,7 +587,7 @@ async function main(): Promise<number> {
       cases: states.map((state) => ({
         name: state.benchCase.name, description: state.benchCase.description, status: state.status,
       })),
-      rows, ratios, resync, metadata, tls, verify, matrix,
+      rows, ratios, resync, metadata, tls, verify, legconn, matrix,
       chart: options.save && chartText !== null ? `${resultsStem(startedAt)}.svg` : null,
     };
     if (options.save) {
@@ -646,6 +662,22 @@ async function runCbt(options: Options, runRoot: string): Promise<CbtResults> {
   });
 }
 
+async function runLegConn(options: Options, runRoot: string, dataRoot: string,
+  sharedImage: () => string): Promise<LegConnResults> {
+  const owned = makeContext('legconn', runRoot, dataRoot, options.sizeBytes, sharedImage);
+  try {
+    if (!hasTool('nbdkit')) throw new Error('tool(s) missing: nbdkit');
+    const unbuilt = enbdUnavailable(owned.context);
+    if (unbuilt !== null) throw new Error(unbuilt);
+    return await runLegConnBench({ context: owned.context, rounds: options.rounds, runtimeSec: options.runtimeSec, rampSec: kRampSec, log });
+  } catch (error) {
+    log(`legconn: ${shortError(error)}`);
+    return unavailableLegConn(options.sizeBytes, error instanceof Error ? error.message : String(error));
+  } finally {
+    for (const managed of [...owned.processes].reverse()) await managed.stop();
+  }
+}
+
 async function runResync(options: Options, runRoot: string): Promise<ResyncResults> {
   const missing = ['nbdkit', 'nbdcopy'].filter((tool) => !hasTool(tool));
   const runDir = join(runRoot, 'resync');
@@ -685,6 +717,7 @@ function printReport(options: Options, cpuCount: number, limits: MachineLimits |
   if (options.metadataOnly) out('(--metadata-only: no cases, no workloads, no resync)');
   if (options.tlsOnly) out('(--tls-only: no cases, no workloads, no metadata, no resync)');
   if (options.verifyOnly) out('(--verify-only: no cases, no workloads, no metadata, no TLS, no resync)');
+  if (options.legconnOnly) out('(--legconn-only: no cases, no workloads, no metadata, no TLS, no resync)');
   if (limits !== null) out(`machine limits: ${limitsLine(limits)}`);
   out('');
   const tableRows = rows.map((row) =>

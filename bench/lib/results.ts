@@ -14,6 +14,7 @@ import type { Measurement } from './measure.js';
 import type { MetadataResults } from './metadata.js';
 import type { ResyncResults } from './resync.js';
 import type { VerifyResults } from './verify.js';
+import type { LegConnResults } from './legconn.js';
 import type { TlsResults } from './tls.js';
 
 /**
@@ -93,6 +94,11 @@ export interface RunResults {
    * measurement.legCpuSecPerGiB) and the pairs' ratios; null with --no-tls. Absent in older files.
    */
   tls?: TlsResults | null;
+  /**
+   * Several connections per leg (lib/legconn.ts, issue 15): IOPS per connection count and the
+   * N / 1 ratios; null unless --legconn or --legconn-only. Absent in older files.
+   */
+  legconn?: LegConnResults | null;
   /**
    * The copy-avoidance matrix (lib/matrix.ts): enbd mirror cells by legs x mode with ratios to
    * the direct leg, the pass-through and qemu quorum, reference points, copies-per-WRITE

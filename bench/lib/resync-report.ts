@@ -111,6 +111,9 @@ export function resyncBlock(results: ResyncResults): string {
         ? ` (target >= ${kResyncTargets.partialSpeedupMin}x ${verdict(results.met.partialSpeedup)})`
         : ` (same bytes in ${entry.writeBlockBytes / (results.partialSpeedups[0]?.writeBlockBytes ?? 1)}x fewer runs; no target)`));
   }
+  const directs = results.rounds.map((round) => (round.directIops === null ? `- (${round.directError ?? 'not run'})` : fixed(round.directIops, 0)));
+  lines.push(`  4 KiB resync writes/s / the legs' direct 4 KiB randwrite QD32 IOPS (reference leg: ${directs.join(', ')}): ` +
+    `${fixed(results.directRatio, 2)}x (target >= ${kResyncTargets.directRatioMin}x ${verdict(results.met.directRatio)})`);
   lines.push(`  full resync throughput / nbdcopy: ${fixed(results.fullThroughputRatio, 2)}x ` +
     `(target >= ${kResyncTargets.fullThroughputRatioMin}x ${verdict(results.met.fullThroughputRatio)})`);
   lines.push(`  legs byte-identical after every resync: ${results.legsEqual === null ? 'not checked' : results.legsEqual ? 'yes' : 'NO'}`);
@@ -122,7 +125,7 @@ export function resyncBlock(results: ResyncResults): string {
 export function unavailableResync(sizeBytes: number, dirtyFraction: number, reason: string): ResyncResults {
   return {
     sizeBytes, dirtyFraction, chunkBytes: 4096, legs: 'not started', fill: null, warmup: null, rounds: [],
-    partialSpeedup: null, partialSpeedups: [], fullThroughputRatio: null, targets: { ...kResyncTargets },
-    met: { partialSpeedup: null, fullThroughputRatio: null }, legsEqual: null, error: reason, logTail: '',
+    partialSpeedup: null, partialSpeedups: [], fullThroughputRatio: null, directRatio: null, targets: { ...kResyncTargets },
+    met: { partialSpeedup: null, fullThroughputRatio: null, directRatio: null }, legsEqual: null, error: reason, logTail: '',
   };
 }

@@ -89,6 +89,7 @@ function buildProgram(): Command {
     .option('--tls-certificates <dir>', 'directory with ca-cert.pem, server-cert.pem, server-key.pem (nbdkit names)')
     .option('--tls-verify-peer', 'require a client certificate signed by ca-cert.pem')
     .option('--tls-psk <file>', 'TLS with pre-shared keys instead of certificates: psktool file of username:hexkey lines')
+    .option('--leg-connections <n>', 'connections per NBD leg, used when its server advertises multi-conn (default 1; a leg URI\'s connections=N wins)')
     .option('--leg-timeout <ms>', 'degrade a leg whose request takes longer (default 5000; 0 = never)')
     .option('--idle-probe <ms>', 'probe a leg idle this long with a one-block READ (default 5000; 0 = never)')
     .option('--fence-timeout <ms>', 'wait this long for a failed leg\'s old connection to close before trying again (default 10000)')

@@ -28,6 +28,8 @@ import { describeLagging } from '../control/health.js';
 import { installHangup } from './hangup.js';
 import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits, type HostHabits } from './host.js';
 import { controlPathFor, startControlPlane, type ControlPlane } from '../control/plane.js';
+import { parseConnectionCount } from '../stubs/open-leg.js';
+import { kMaxLegConnections } from '../stubs/leg-connections.js';
 import { checkTcpFree, checkUnixFree } from '../core/listen.js';
 import { checkGranularity } from '../engine/checkpoints.js';
 import { mirrorStatusContexts } from '../engine/status-contexts.js';
@@ -47,6 +49,8 @@ export interface MirrorSettings {
   placement: Placement;
   maxPayload: number;
   legTimeoutMs: number;
+  /** --leg-connections: connections per NBD leg with multi-conn (a URI's connections=N wins). */
+  legConnections: number;
   idleProbeMs: number;
   fenceTimeoutMs: number;
   /** null = --leg-timeout, or 5000 when that is 0. */
@@ -88,7 +92,7 @@ export interface MirrorSettings {
   checkpointGranularity: number;
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly', 'checkpointGranularity', 'verifyThreads', 'verifyInterval', 'resyncVerify']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'legConnections', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly', 'checkpointGranularity', 'verifyThreads', 'verifyInterval', 'resyncVerify']);
 const kDefaultLegBytes = 1024 ** 3;
 /** The longest timer Node keeps (2^31 - 1 ms, about 24.8 days). */
 const kVerifyIntervalMsMax = 2_147_483_647;
@@ -188,6 +192,7 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     placement,
     maxPayload: parseBytes('--max-payload', text(pick('maxPayload') ?? '32M', '--max-payload')),
     legTimeoutMs: parseLegTimeout(text(pick('legTimeoutMs') ?? '5000', '--leg-timeout')),
+    legConnections: parseLegConnections(text(pick('legConnections') ?? '1', '--leg-connections')),
     idleProbeMs: parseDurationMs('--idle-probe', text(pick('idleProbeMs') ?? '5000', '--idle-probe'), 0, 3_600_000),
     fenceTimeoutMs: parseDurationMs('--fence-timeout', text(pick('fenceTimeoutMs') ?? '10000', '--fence-timeout'), 1, 3_600_000),
     probeTimeoutMs: probeTimeout === undefined ? null : parseDurationMs('--probe-timeout', text(probeTimeout, '--probe-timeout'), 1, 3_600_000),
@@ -212,6 +217,13 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
       text(pick('payloadTimeoutMs') ?? kServerLimitDefaults.payloadTimeoutMs, '--payload-timeout'),
     ),
   };
+}
+
+/** --leg-connections: 1..kMaxLegConnections. */
+function parseLegConnections(value: string): number {
+  const count = parseConnectionCount(value.trim());
+  if (count === null) throw new EnbdError('ENBD_ERR_CONFIG', `--leg-connections must be an integer from 1 to ${kMaxLegConnections}, got ${value}`);
+  return count;
 }
 
 /** --ring-slots: a power of two from 2 to 4096, named as the user wrote it. */
@@ -417,6 +429,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     logger,
     logLevel: settings.logLevel,
     legTimeoutMs: settings.legTimeoutMs,
+    legConnections: settings.legConnections,
     idleProbeMs: settings.idleProbeMs,
     fenceTimeoutMs: settings.fenceTimeoutMs,
     ...(settings.probeTimeoutMs !== null ? { probeTimeoutMs: settings.probeTimeoutMs } : {}),

@@ -147,6 +147,7 @@ export class LegActor implements LegActorApi {
           logger: this.logger,
           connectTimeoutMs: this.init.connectTimeoutMs,
           requestTimeoutMs: this.init.requestTimeoutMs,
+          connections: this.init.connections ?? 1,
         });
       device.setCompletionHandler((token, errno) => this.onDeviceComplete(device, token, errno));
       if ('onClose' in device) {

@@ -37,6 +37,8 @@ export interface LegActorInit {
    * as a drop.
    */
   idleProbeMs?: number;
+  /** Connections per NBD leg when its URI does not say (used with multi-conn only; default 1). */
+  connections?: number;
 }
 
 /** Opens a leg's server stub (the default: src/stubs/open-leg.ts; tests inject fault legs). */

@@ -57,6 +57,7 @@ import { SlotTable } from './slot-table.js';
 import { ResyncCopier } from './resync-copy.js';
 import { LegLifecycle, checkOf } from './leg-lifecycle.js';
 import { Resync, type ResyncHost, type ResyncProgress, type ResyncRates } from './resync.js';
+import { resyncWindow } from './resync-window.js';
 import { LegActor } from './leg-actor.js';
 import type { CopyMode, LegActorApi, LegActorInit, LegDeviceOpener, LegInfo, LegStats, Placement } from './messages.js';
 import { MetaKeeper, type KeeperStatus } from './meta-keeper.js';
@@ -78,6 +79,8 @@ export interface MirrorOptions {
   connectTimeoutMs?: number;
   /** A leg request older than this fails that leg's connection (0 = never). */
   legTimeoutMs?: number;
+  /** Connections per NBD leg with multi-conn (default 1; a leg URI's connections=N wins). */
+  legConnections?: number;
   /** Bytes per dirty-map bit (power of two, default 4096). */
   bitmapChunkBytes?: number;
   /** Pool pages of each leg's dirty map (default 64 pages of 4 KiB = 8 GiB of device each). */
@@ -87,9 +90,14 @@ export interface MirrorOptions {
   reconnectMaxMs?: number;
   /** Resync rate floor and ceiling in bytes/s (ceiling 0 = unlimited). */
   resyncRates?: Partial<ResyncRates>;
-  /** Resync copies in flight per leg (default 16) and the largest copy (default 1 MiB). */
+  /**
+   * Resync copies in flight per leg (default 128; their slots never more than half the ring),
+   * the largest copy (default 1 MiB), and the clean gap between dirty runs copied with them
+   * (default 64 KiB), see resync-window.ts.
+   */
   resyncLanes?: number;
   resyncCopyBytes?: number;
+  resyncGapBytes?: number;
   /**
    * Record writes since each leg's last flush (default true). Off only for the bench, to
    * measure what the record costs: a dropped leg's unflushed writes then go unmarked.
@@ -287,8 +295,8 @@ export class MirrorDevice implements BlockDevice {
   private readonly options: MirrorOptions;
   private resyncRates: ResyncRates;
   private clientRequests = 0;
-  private clientRequestsSeen = 0;
-  private clientBusyAt = 0;
+  /** performance.now() when the last request started (clientBusy). */
+  private lastRequestAt = 0;
   private readonly resyncHost: ResyncHost;
   private flushTracking = true;
   private readonly healthPolicy: HealthPolicy;
@@ -378,6 +386,7 @@ export class MirrorDevice implements BlockDevice {
       stillResyncing: (legIndex) => !this.closed && this.legs[legIndex]?.state === 'resyncing',
       clientBusy: (windowMs) => this.clientBusy(windowMs),
       resyncDone: (legIndex) => this.lifecycle.onResyncDone(this.legs[legIndex] as Leg),
+      footprintBytes: (lengthBytes) => this.ring.slotsFor(lengthBytes) * this.ring.slotBytes,
     };
     this.description = `mirror of ${options.legs.length} legs`;
     this.features = {
@@ -472,6 +481,7 @@ export class MirrorDevice implements BlockDevice {
       connectTimeoutMs: this.options.connectTimeoutMs ?? 10_000,
       requestTimeoutMs: this.options.legTimeoutMs ?? 0,
       idleProbeMs: this.options.idleProbeMs ?? 5000,
+      connections: this.options.legConnections ?? 1,
     };
     const leg = this.startLeg(init, dispatch, completion);
     leg.health = new LegHealth(leg, this.logger, this.healthPolicy);
@@ -876,7 +886,9 @@ export class MirrorDevice implements BlockDevice {
 
   /** Describes the request in its slot and dispatches it (after the range lock if needed). */
   private start(slot: number, command: number, flags: number, offsetBytes: number, lengthBytes: number): void {
-    this.slots.started[slot] = performance.now();
+    const now = performance.now();
+    this.slots.started[slot] = now;
+    this.lastRequestAt = now;
     this.slots.kind[slot] = latencyKind(command);
     const early = this.answerWithoutLegs(command, offsetBytes, lengthBytes);
     if (early >= 0) {
@@ -945,13 +957,9 @@ export class MirrorDevice implements BlockDevice {
     return -1;
   }
 
+  /** A request started within the last `windowMs` (the resync's rate floor and busy window). */
   private clientBusy(windowMs: number): boolean {
-    const now = Date.now();
-    if (this.clientRequests !== this.clientRequestsSeen) {
-      this.clientRequestsSeen = this.clientRequests;
-      this.clientBusyAt = now;
-    }
-    return now - this.clientBusyAt < windowMs;
+    return this.clientRequests > 0 && performance.now() - this.lastRequestAt < windowMs;
   }
 
   /**
@@ -1346,10 +1354,7 @@ export class MirrorDevice implements BlockDevice {
   // ---- leg lifecycle hooks (the rules live in leg-lifecycle.ts) ---------------------------
 
   private startResync(leg: Leg): void {
-    // Copies take at most half of the ring, so client requests always find slots.
-    const copyBytes = Math.min(this.options.resyncCopyBytes ?? 1024 * 1024, this.ring.maxRequestBytes);
-    const lanes = Math.max(1, Math.min(this.options.resyncLanes ?? 16, Math.floor(this.ring.slotCount / 2 / this.ring.slotsFor(copyBytes))));
-    leg.resync ??= new Resync(leg.index, leg.dirty as DirtyMap, this.resyncHost, this.resyncRates, this.logger, lanes, copyBytes);
+    leg.resync ??= new Resync(leg.index, leg.dirty as DirtyMap, this.resyncHost, this.resyncRates, this.logger, resyncWindow(this.options, this.ring));
     leg.resync.setRates(this.resyncRates);
     if (this.resyncPaused) leg.resync.pause();
     if (leg.resync.isRunning) leg.resync.nudge();

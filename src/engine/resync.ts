@@ -8,18 +8,35 @@
  * userspace copies). See ARCHITECTURE.md, "Resync".
  *
  * Design notes
- * - Runs are coalesced: adjacent dirty chunks become one copy of up to `maxCopyBytes`.
- * - `lanes` copies run at once (each holds the range lock of its run for the READ and the
- *   WRITE, so a client write to that range waits for at most one copy and is never overwritten
- *   by stale data).
+ * - Runs are coalesced: adjacent dirty chunks become one copy of up to `maxCopyBytes`, and a
+ *   clean gap of at most `gapBytes` between two dirty runs is copied with them (one READ and
+ *   one WRITE instead of two each: a few clean KiB cost less than a round trip; the source
+ *   must hold the gap too, which the host's piece split checks).
+ * - A window of copies, not lanes: one loop walks the map from a cursor and starts copies
+ *   (without awaiting them) while fewer than `maxCopies` are in flight and their ring
+ *   footprint (host.footprintBytes) stays within `maxFootprintBytes` (kBusyCopies at most while
+ *   a client request came within 50 ms: client requests queue behind copies on the legs); each
+ *   completion wakes the loop to refill. Copies start synchronously in one burst (the rate check is synchronous
+ *   unless it must wait), so the host stages a whole burst before one publish per leg. Each
+ *   copy holds the range lock of its run for its READ and WRITE, so a client write to that
+ *   range waits for at most one copy and is never overwritten by stale data.
+ * - Passes: the cursor only moves forward, so no two copies in flight overlap; at the end of
+ *   the map the loop waits for the copies in flight, then starts over at 0 for what is left
+ *   (no source, failed source, chunks marked again); a pass that copied nothing sleeps
+ *   kNoSourceRetryMs first (no spinning while no leg holds a run).
  * - Rate: a token bucket refilled at the ceiling while clients are idle and at the floor while
- *   they are busy (md's speed_limit_min/max). A ceiling of 0 means unlimited.
- * - The resync ends when a full pass finds the map empty with no copy in flight; it stops
- *   early when the leg leaves the resyncing state (it failed again, or the daemon stops).
+ *   they are busy (md's speed_limit_min/max), taken before each copy starts. A ceiling of 0
+ *   means unlimited.
+ * - The resync ends when a pass finds the map empty with no copy in flight; it stops early
+ *   when the leg leaves the resyncing state (it failed again, or the daemon stops).
  *
  * Invariants:
  * - Bits are cleared only by the host's copy completion (after the target acknowledged the
  *   WRITE), never here.
+ * - Copies in flight cover disjoint ranges; at most maxCopies of them, and their footprint is
+ *   within maxFootprintBytes (one copy may start alone whatever its footprint).
+ * - Bytes started by time t never exceed the bucket's burst plus the rate times the time
+ *   since the start (the rate is the one in force; it changes only through setRates).
  */
 import { RateWindow } from './rate-window.js';
 import type { Logger } from '../core/log.js';
@@ -37,6 +54,20 @@ export interface ResyncHost {
   clientBusy(windowMs: number): boolean;
   /** The resync found the map empty: the leg is up to date. */
   resyncDone(legIndex: number): void;
+  /** Ring bytes a copy of `lengthBytes` holds while in flight (default: lengthBytes). */
+  footprintBytes?(lengthBytes: number): number;
+}
+
+/** How many copies a resync keeps in flight and how it shapes them (see the design notes). */
+export interface ResyncWindow {
+  /** Copies in flight at most (default 4). */
+  maxCopies?: number;
+  /** The largest copy (default 1 MiB). */
+  maxCopyBytes?: number;
+  /** Clean bytes between two dirty runs copied with them (default 0: only adjacent chunks). */
+  gapBytes?: number;
+  /** Footprint of the copies in flight at most (default: unbounded, maxCopies decides). */
+  maxFootprintBytes?: number;
 }
 
 export interface ResyncRates {
@@ -49,13 +80,25 @@ export interface ResyncRates {
 export type { ResyncProgress };
 
 const kBusyWindowMs = 500;
+/** Copies in flight at most while clients are busy (client requests queue behind copies). */
+export const kBusyCopies = 16;
+/** "Busy" for the window: a client request within this many ms (the rate uses kBusyWindowMs). */
+const kBusyCopiesWindowMs = 50;
 const kNoSourceRetryMs = 200;
 const kProgressLogMs = 5000;
 
 export class Resync {
   private cursorChunk = 0;
   private readonly run: DirtyRun = { firstChunk: 0, chunkCount: 0 };
+  private readonly nextRun: DirtyRun = { firstChunk: 0, chunkCount: 0 };
   private inFlight = 0;
+  private footprintInFlight = 0;
+  /** Copies that succeeded in the current pass (a pass without any sleeps before the next). */
+  private copiedThisPass = 0;
+  /** A copy ended with target-failed or stopped: start nothing more in this run of the loop. */
+  private halted = false;
+  /** This pass found nothing after the cursor (the next pass starts at 0 and looks again). */
+  private passAtEnd = false;
   private bytesDone = 0;
   private bytesTotal = 0;
   private startedAt = 0;
@@ -67,16 +110,32 @@ export class Resync {
   private readonly rateWindow = new RateWindow();
   private lastLog = 0;
   private readonly wakers: Array<() => void> = [];
+  /** The loop waiting for a copy to end (no timer: a completion or nudge resolves it). */
+  private loopWaker: (() => void) | null = null;
+  private readonly maxCopies: number;
+  private readonly maxCopyBytes: number;
+  private readonly gapChunks: number;
+  private readonly maxFootprintBytes: number;
 
+  /**
+   * `window`: a ResyncWindow, or (older form) the number of copies in flight, with
+   * `maxCopyBytes` as the next argument.
+   */
   constructor(
     readonly legIndex: number,
     private readonly map: DirtyMap,
     private readonly host: ResyncHost,
     private rates: ResyncRates,
     private readonly logger: Logger,
-    private readonly lanes = 4,
-    private readonly maxCopyBytes = 1024 * 1024,
-  ) {}
+    window: ResyncWindow | number = {},
+    maxCopyBytes?: number,
+  ) {
+    const shape: ResyncWindow = typeof window === 'number' ? { maxCopies: window, maxCopyBytes } : window;
+    this.maxCopies = Math.max(1, Math.floor(shape.maxCopies ?? 4));
+    this.maxCopyBytes = Math.max(1, shape.maxCopyBytes ?? 1024 * 1024);
+    this.gapChunks = Math.max(0, Math.floor((shape.gapBytes ?? 0) / map.chunkBytes));
+    this.maxFootprintBytes = shape.maxFootprintBytes ?? Number.POSITIVE_INFINITY;
+  }
 
   get isRunning(): boolean {
     return this.running;
@@ -96,8 +155,9 @@ export class Resync {
     this.nudge();
   }
 
-  /** Wakes every waiting lane (a copy ended, a source came back, rates changed, resumed). */
+  /** Wakes the loop and every timed wait (a copy ended, a source came back, rates changed, resumed). */
   nudge(): void {
+    this.wakeLoop();
     for (const wake of this.wakers.splice(0)) wake();
   }
 
@@ -134,10 +194,8 @@ export class Resync {
     this.cursorChunk = 0;
     this.logger.info({ leg: this.legIndex, bytesLeft: this.bytesTotal }, 'resync started');
     for (;;) {
-      const lanes: Promise<void>[] = [];
-      for (let lane = 0; lane < this.lanes; lane += 1) lanes.push(this.lane());
-      await Promise.all(lanes);
-      // The leg may have failed and come back while the lanes were winding down: its return
+      await this.loop();
+      // The leg may have failed and come back while the copies were winding down: its return
       // only nudged this (still running) resync, so go on rather than leave it unserved.
       if (!this.host.stillResyncing(this.legIndex) || this.map.dirtyChunkCount() === 0) break;
       await this.sleep(50);
@@ -153,60 +211,129 @@ export class Resync {
     }
   }
 
-  private async lane(): Promise<void> {
-    const chunkBytes = this.map.chunkBytes;
-    const maxChunks = Math.max(1, Math.floor(this.maxCopyBytes / chunkBytes));
-    while (this.host.stillResyncing(this.legIndex)) {
+  /** Keeps the window full until the map is empty, the leg stops resyncing, or a copy halts it. */
+  private async loop(): Promise<void> {
+    this.halted = false;
+    this.copiedThisPass = 0;
+    this.passAtEnd = false;
+    while (this.host.stillResyncing(this.legIndex) && !this.halted) {
       if (this.paused) {
         await this.sleep(kNoSourceRetryMs);
         continue;
       }
-      if (!this.map.nextDirtyRunInto(this.cursorChunk, maxChunks, this.run)) {
-        // Nothing after the cursor. While other lanes still copy, wait for them (their runs
-        // are still dirty: wrapping now would copy them twice). Then start over from 0 for
-        // what is left behind the cursor (failed copies, chunks marked again); done when the
-        // map is empty.
-        if (this.inFlight > 0) {
-          await this.sleep(kNoSourceRetryMs);
-          continue;
-        }
-        if (this.map.dirtyChunkCount() === 0) return;
-        if (this.cursorChunk === 0) await this.sleep(kNoSourceRetryMs);
-        this.cursorChunk = 0;
+      const waitMs = this.fill();
+      if (this.halted) break;
+      if (waitMs > 0) {
+        // The rate: wait for tokens (a completion or nudge wakes it early to re-check).
+        await this.sleep(Math.min(waitMs, 1000));
         continue;
       }
-      const firstChunk = this.run.firstChunk;
-      const chunkCount = this.run.chunkCount;
-      this.cursorChunk = firstChunk + chunkCount;
-      const offsetBytes = firstChunk * chunkBytes;
-      const lengthBytes = Math.min(chunkCount * chunkBytes, this.map.deviceBytes - offsetBytes);
-      // Counted in flight from here, so no other lane wraps around onto this run meanwhile.
-      this.inFlight += 1;
-      let outcome: CopyOutcome = 'stopped';
-      try {
-        await this.takeTokens(lengthBytes);
-        outcome = await this.host.copyRange(this.legIndex, offsetBytes, lengthBytes);
-      } finally {
-        this.inFlight -= 1;
+      if (this.inFlight > 0) {
+        await this.copyEnded();
+        continue;
       }
-      // Wake lanes waiting at the end of the map only on progress (or exit): a copy that found
-      // no source answers at once, and waking each other on that would spin in microtasks.
-      if (outcome === 'copied') {
-        this.account(lengthBytes);
-        this.nudge();
-      } else if (outcome === 'target-failed' || outcome === 'stopped') {
-        this.nudge();
-        return;
-      } else if (outcome === 'no-source') {
-        // No connected leg holds (part of) this run now: it stays dirty and is retried when the
-        // lanes wrap around; the runs after it may have a source, so go on with them.
-        await this.sleep(kNoSourceRetryMs);
-      } else {
-        // The source failed: the run stays dirty; try it again.
-        this.cursorChunk = Math.min(this.cursorChunk, firstChunk);
-        await this.sleep(kNoSourceRetryMs);
-      }
+      // Nothing after the cursor and nothing in flight: start over from 0 for what is left
+      // (no source, failed sources, chunks marked again); done when the map is empty.
+      if (this.map.dirtyChunkCount() === 0) break;
+      if (this.copiedThisPass === 0) await this.sleep(kNoSourceRetryMs);
+      this.cursorChunk = 0;
+      this.copiedThisPass = 0;
+      this.passAtEnd = false;
     }
+    while (this.inFlight > 0) await this.copyEnded();
+  }
+
+  /**
+   * Starts copies from the cursor while the window has room. Returns 0 when it stopped for
+   * the window or the end of the map, else the ms to wait for rate tokens.
+   */
+  private fill(): number {
+    const chunkBytes = this.map.chunkBytes;
+    const maxCopies = this.host.clientBusy(kBusyCopiesWindowMs) ? Math.min(this.maxCopies, kBusyCopies) : this.maxCopies;
+    while (this.inFlight < maxCopies && !this.halted && !this.paused) {
+      if (this.inFlight > 0 && this.footprintInFlight >= this.maxFootprintBytes) return 0;
+      if (this.passAtEnd) return 0;
+      if (!this.findRun(this.cursorChunk)) {
+        this.passAtEnd = true;
+        return 0;
+      }
+      const offsetBytes = this.run.firstChunk * chunkBytes;
+      const lengthBytes = Math.min(this.run.chunkCount * chunkBytes, this.map.deviceBytes - offsetBytes);
+      const footprint = this.host.footprintBytes?.(lengthBytes) ?? lengthBytes;
+      if (this.inFlight > 0 && this.footprintInFlight + footprint > this.maxFootprintBytes) return 0;
+      const waitMs = this.takeTokens(lengthBytes);
+      if (waitMs > 0) return waitMs;
+      this.cursorChunk = this.run.firstChunk + this.run.chunkCount;
+      this.launch(offsetBytes, lengthBytes, footprint);
+    }
+    return 0;
+  }
+
+  /**
+   * The next copy from `fromChunk` into this.run: a dirty run, extended over clean gaps of at
+   * most gapChunks to the dirty runs after it, at most maxCopyBytes in all.
+   */
+  private findRun(fromChunk: number): boolean {
+    const chunkBytes = this.map.chunkBytes;
+    const maxChunks = Math.max(1, Math.floor(this.maxCopyBytes / chunkBytes));
+    if (!this.map.nextDirtyRunInto(fromChunk, maxChunks, this.run)) return false;
+    if (this.gapChunks === 0) return true;
+    const first = this.run.firstChunk;
+    let end = first + this.run.chunkCount;
+    while (end - first < maxChunks) {
+      const limit = Math.min(this.map.chunkCount, end + this.gapChunks + 1, first + maxChunks);
+      const next = this.map.firstDirtyChunk(end, limit);
+      if (next >= limit) break;
+      if (!this.map.nextDirtyRunInto(next, first + maxChunks - next, this.nextRun)) break;
+      end = this.nextRun.firstChunk + this.nextRun.chunkCount;
+    }
+    this.run.chunkCount = end - first;
+    return true;
+  }
+
+  private launch(offsetBytes: number, lengthBytes: number, footprint: number): void {
+    this.inFlight += 1;
+    this.footprintInFlight += footprint;
+    let outcome: Promise<CopyOutcome>;
+    try {
+      outcome = this.host.copyRange(this.legIndex, offsetBytes, lengthBytes);
+    } catch (error) {
+      outcome = Promise.reject(error);
+    }
+    outcome.then(
+      (result) => this.copyDone(result, lengthBytes, footprint),
+      (error: unknown) => {
+        this.logger.error({ leg: this.legIndex, err: error, offsetBytes, lengthBytes }, 'resync copy threw');
+        this.copyDone('stopped', lengthBytes, footprint);
+      },
+    );
+  }
+
+  private copyDone(outcome: CopyOutcome, lengthBytes: number, footprint: number): void {
+    this.inFlight -= 1;
+    this.footprintInFlight -= footprint;
+    if (outcome === 'copied') {
+      this.copiedThisPass += 1;
+      this.account(lengthBytes);
+    } else if (outcome === 'target-failed' || outcome === 'stopped') {
+      this.halted = true;
+    }
+    // 'no-source' (no connected leg holds part of the run now) and 'source-failed': the run
+    // stays dirty and is retried in the next pass, after a sleep if that pass copies nothing.
+    this.wakeLoop();
+  }
+
+  private wakeLoop(): void {
+    const wake = this.loopWaker;
+    this.loopWaker = null;
+    wake?.();
+  }
+
+  /** Resolves when a copy ends (or on nudge). */
+  private async copyEnded(): Promise<void> {
+    await new Promise<void>((resolve) => {
+      this.loopWaker = resolve;
+    });
   }
 
   private account(lengthBytes: number): void {
@@ -225,32 +352,23 @@ export class Resync {
     return maxBytesPerSecond;
   }
 
-  /** Token bucket: waits until `bytes` may be copied at the current rate (0 = unlimited). */
-  private async takeTokens(bytes: number): Promise<void> {
-    for (;;) {
-      const rate = this.currentRate();
-      const now = Date.now();
-      if (this.paused && this.host.stillResyncing(this.legIndex)) {
-        await this.sleep(200);
-        continue;
-      }
-      if (rate <= 0) {
-        this.lastRefill = now;
-        return;
-      }
-      // Burst of at most 100 ms of rate (or one copy), so a pause does not bank a flood.
-      const burst = Math.max(bytes, rate / 10);
-      this.tokens = Math.min(burst, this.tokens + ((now - this.lastRefill) * rate) / 1000);
+  /** Token bucket: takes `bytes` and returns 0, or returns the ms until they may be copied (0 = unlimited). */
+  private takeTokens(bytes: number): number {
+    const rate = this.currentRate();
+    const now = Date.now();
+    if (rate <= 0) {
       this.lastRefill = now;
-      if (this.tokens >= bytes) {
-        this.tokens -= bytes;
-        return;
-      }
-      const waitMs = Math.max(1, Math.ceil(((bytes - this.tokens) * 1000) / rate));
-      await this.sleep(Math.min(waitMs, 1000));
-      if (!this.host.stillResyncing(this.legIndex)) return;
-      while (this.paused && this.host.stillResyncing(this.legIndex)) await this.sleep(200);
+      return 0;
     }
+    // Burst of at most 100 ms of rate (or one copy), so a pause does not bank a flood.
+    const burst = Math.max(bytes, rate / 10);
+    this.tokens = Math.min(burst, this.tokens + ((now - this.lastRefill) * rate) / 1000);
+    this.lastRefill = now;
+    if (this.tokens >= bytes) {
+      this.tokens -= bytes;
+      return 0;
+    }
+    return Math.max(1, Math.ceil(((bytes - this.tokens) * 1000) / rate));
   }
 
   private async sleep(ms: number): Promise<void> {

@@ -1,8 +1,15 @@
 /**
  * Leg URIs to server stubs: `nbd://host[:port]/export` and `nbd+unix:///export?socket=PATH`
- * become an NbdClient; `file:///abs/path` or a plain path becomes a FileDevice. The engine only
- * ever sees the BlockDevice interface.
+ * become an NbdClient (or a ConnectionGroup of several, see below); `file:///abs/path` or a
+ * plain path becomes a FileDevice. The engine only ever sees the BlockDevice interface.
  * Thread: the thread that will use the device (a connection actor's worker, or main inline).
+ *
+ * Design notes
+ * - Connections per leg: the URI's `connections=N` query parameter (enbd's own; it is taken
+ *   off before the NBD URI is parsed, so `nbd://host/export?connections=4` is valid), else
+ *   OpenLegOptions.connections (`--leg-connections N`), else 1. More than one is used only when
+ *   the server advertises multi-conn (the first connection's handshake tells); otherwise the
+ *   leg keeps its one connection and an info line says why.
  */
 import { isAbsolute, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -13,10 +20,41 @@ import { EnbdError, describeError } from '../core/errors.js';
 import { NbdClient } from '../nbd/client/client.js';
 import { parseNbdUri, type NbdAddress } from '../nbd/uri.js';
 import { FileDevice } from './file-device.js';
+import { ConnectionGroup, kMaxLegConnections } from './leg-connections.js';
 
 export type { LegKind };
 
-export type LegAddress = { kind: 'nbd'; address: NbdAddress; uri: string } | { kind: 'file'; path: string; uri: string };
+export type LegAddress =
+  | { kind: 'nbd'; address: NbdAddress; uri: string; connections?: number }
+  | { kind: 'file'; path: string; uri: string };
+
+/** A connection count (flag or URI parameter): an integer in 1..kMaxLegConnections, else null. */
+export function parseConnectionCount(text: string): number | null {
+  if (!/^[0-9]{1,3}$/.test(text)) return null;
+  const count = Number(text);
+  return count >= 1 && count <= kMaxLegConnections ? count : null;
+}
+
+/** Takes enbd's `connections=N` off an NBD URI's query: [the URI without it, N or undefined]. */
+function takeConnections(text: string): [string, number | undefined] {
+  const queryStart = text.indexOf('?');
+  if (queryStart < 0) return [text, undefined];
+  const kept: string[] = [];
+  let connections: number | undefined;
+  for (const part of text.slice(queryStart + 1).split('&')) {
+    if (!part.startsWith('connections=')) {
+      kept.push(part);
+      continue;
+    }
+    const count = parseConnectionCount(part.slice('connections='.length));
+    if (count === null) {
+      throw new EnbdError('ENBD_ERR_URI', `invalid leg URI '${text}': connections must be an integer in 1..${kMaxLegConnections}`);
+    }
+    connections = count;
+  }
+  const base = text.slice(0, queryStart);
+  return [kept.length > 0 ? `${base}?${kept.join('&')}` : base, connections];
+}
 
 /** Parses a leg URI (throws ENBD_ERR_URI with a message naming the URI). */
 export function parseLegUri(text: string): LegAddress {
@@ -32,7 +70,8 @@ export function parseLegUri(text: string): LegAddress {
     return { kind: 'file', path, uri: trimmed };
   }
   if (/^[a-z][a-z0-9+.-]*:\/\//i.test(trimmed)) {
-    return { kind: 'nbd', address: parseNbdUri(trimmed), uri: trimmed };
+    const [nbdUri, connections] = takeConnections(trimmed);
+    return { kind: 'nbd', address: parseNbdUri(nbdUri), uri: trimmed, ...(connections !== undefined ? { connections } : {}) };
   }
   const path = isAbsolute(trimmed) ? trimmed : resolve(trimmed);
   return { kind: 'file', path, uri: `file://${path}` };
@@ -45,15 +84,40 @@ export interface OpenLegOptions {
   requestTimeoutMs?: number;
   /** I/O mode of file legs (see FileDevice). */
   fileIo?: 'sync' | 'async';
+  /** Connections per NBD leg when its URI does not say (default 1; used with multi-conn only). */
+  connections?: number;
 }
 
 /** Opens the leg: connects and negotiates for NBD, opens the file for a file leg. */
 export async function openLeg(leg: LegAddress, options: OpenLegOptions = {}): Promise<BlockDevice> {
   // A file leg lives on its own actor thread: synchronous I/O there blocks only that leg.
   if (leg.kind === 'file') return FileDevice.open(leg.path, { io: options.fileIo ?? 'sync' });
-  return await NbdClient.connect(leg.address, {
+  const connect = async (): Promise<NbdClient> => await NbdClient.connect(leg.address, {
     connectTimeoutMs: options.connectTimeoutMs ?? 10_000,
     requestTimeoutMs: options.requestTimeoutMs ?? 0,
     ...(options.logger !== undefined ? { logger: options.logger } : {}),
   });
+  const wanted = leg.connections ?? options.connections ?? 1;
+  const first = await connect();
+  if (wanted <= 1) return first;
+  if (!first.features.multiConn) {
+    options.logger?.info({ leg: leg.uri, connections: wanted },
+      'leg server does not advertise multi-conn (NBD_FLAG_CAN_MULTI_CONN): using one connection');
+    return first;
+  }
+  const others = await Promise.allSettled(Array.from({ length: wanted - 1 }, connect));
+  const failed = others.find((result): result is PromiseRejectedResult => result.status === 'rejected');
+  if (failed !== undefined) {
+    await Promise.all([first, ...others.flatMap((result) => (result.status === 'fulfilled' ? [result.value] : []))]
+      .map(async (client) => await client.close().catch(() => undefined)));
+    throw failed.reason;
+  }
+  const members = [first, ...others.map((result) => (result as PromiseFulfilledResult<NbdClient>).value)];
+  const sizes = new Set(members.map((client) => client.sizeBytes));
+  if (sizes.size !== 1) {
+    await Promise.all(members.map(async (client) => await client.close().catch(() => undefined)));
+    throw new EnbdError('ENBD_ERR_CONFIG', `leg ${leg.uri}: its connections see different export sizes (${[...sizes].join(', ')})`);
+  }
+  options.logger?.info({ leg: leg.uri, connections: members.length }, 'leg connected over several connections (multi-conn)');
+  return new ConnectionGroup(members);
 }

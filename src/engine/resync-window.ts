@@ -1,0 +1,42 @@
+/**
+ * The shape of a mirror's resync window: how many copies a resyncing leg keeps in flight, how
+ * large each may be, which clean gaps are copied along, and how much of the ring they may hold.
+ * Kept out of mirror.ts so the numbers and their reasons live in one place.
+ *
+ * Thread: main thread (called when a resync starts).
+ *
+ * Design notes
+ * - Copies hold ring slots (a 4 KiB copy holds a whole slot): their footprint is capped at half
+ *   the ring, so client requests always find slots; within that, `resyncLanes` (default 128)
+ *   copies at most, 16 while clients are busy (Resync's kBusyCopies). 4 KiB copies: 128 in
+ *   flight with the default ring (was 16 lanes: per copy, 128 in flight made 1.1-1.35 syscalls
+ *   and 0.36-0.45 context switches in the process, 16 made 2.2-2.4 and 0.85-0.96); 1 MiB copies
+ *   of a 256 KiB-slot ring: 32 in flight (32 MiB, half the default ring).
+ * - Gap: 64 KiB of clean chunks between two dirty runs are copied with them. A copy's fixed
+ *   cost (two requests, four thread hops, the range lock) is worth far more than 64 KiB of
+ *   memcpy and socket bandwidth on these legs; the bytes copied then exceed the dirty bytes.
+ *   Not with on-leg metadata: a copy may write a chunk only while its bit is durable on every
+ *   admitted leg (the keeper's write intent, invariant I1 of meta-keeper.ts), and a clean gap
+ *   chunk's bit is not set (its chunks are 64 KiB or more there anyway, most often more than
+ *   the gap).
+ *
+ * Invariants:
+ * - maxCopyBytes <= the ring's largest request; maxFootprintBytes = half the ring's bytes.
+ * - gapBytes = 0 with on-leg metadata.
+ */
+import type { MirrorOptions } from './mirror.js';
+import type { RequestRing } from '../ring/request-ring.js';
+import type { ResyncWindow } from './resync.js';
+
+export const kDefaultResyncCopies = 128;
+export const kDefaultResyncCopyBytes = 1024 * 1024;
+export const kDefaultResyncGapBytes = 64 * 1024;
+
+export function resyncWindow(options: Pick<MirrorOptions, 'resyncLanes' | 'resyncCopyBytes' | 'resyncGapBytes' | 'metadata'>, ring: RequestRing): ResyncWindow {
+  return {
+    maxCopies: Math.max(1, options.resyncLanes ?? kDefaultResyncCopies),
+    maxCopyBytes: Math.min(options.resyncCopyBytes ?? kDefaultResyncCopyBytes, ring.maxRequestBytes),
+    gapBytes: options.metadata !== undefined ? 0 : Math.max(0, options.resyncGapBytes ?? kDefaultResyncGapBytes),
+    maxFootprintBytes: Math.floor(ring.slotCount / 2) * ring.slotBytes,
+  };
+}
