@@ -28,6 +28,7 @@
  */
 import type { DirtyMap } from '../bitmap/dirty-map.js';
 import { assert } from '../core/assert.js';
+import { withTimeout } from '../core/timeout.js';
 import { isLogLevel, type Logger } from '../core/log.js';
 import type { MirrorDevice, MirrorEvent } from '../engine/mirror.js';
 import type { LegStats } from '../engine/messages.js';
@@ -84,18 +85,6 @@ function rateParam(params: Record<string, unknown>, key: 'min' | 'max'): number 
     throw badParams(`params.${key} must be a rate in bytes/s (a non-negative integer)`);
   }
   return value;
-}
-
-async function withTimeout<T>(promise: Promise<T>, timeoutMs: number): Promise<T | null> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<null>((resolve) => {
-    timer = setTimeout(() => resolve(null), timeoutMs);
-  });
-  try {
-    return await Promise.race([promise.catch(() => null), timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
 }
 
 const kLevelOrder = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
@@ -188,7 +177,7 @@ export class MirrorControl {
   /** Each leg actor's counters; a leg that does not answer in time (or is removed) gets null. */
   private async legStats(): Promise<Array<LegStats | null>> {
     return await Promise.all(
-      this.mirror.legs.map(async (leg) => (leg.state === 'removed' ? null : await withTimeout(leg.api.stats(), kLegStatsTimeoutMs))),
+      this.mirror.legs.map(async (leg) => (leg.state === 'removed' ? null : await withTimeout(leg.api.stats().catch(() => null), kLegStatsTimeoutMs, null))),
     );
   }
 

@@ -16,6 +16,7 @@ import type { KeeperStatus } from '../engine/meta-keeper.js';
 import type { Logger } from '../core/log.js';
 import type { LatencySnapshot } from '../core/latency.js';
 import { assert } from '../core/assert.js';
+import { withTimeout } from '../core/timeout.js';
 import type { MirrorStats } from '../engine/mirror.js';
 import type { LegStats } from '../engine/messages.js';
 
@@ -136,19 +137,13 @@ export class Sampler {
       };
       call.then(settled, settled);
     }
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<null>((resolve) => {
-      timer = setTimeout(() => resolve(null), this.legStatsTimeoutMs);
-    });
     let result: LegStats[] | null;
     try {
-      result = await Promise.race([call, timeout]);
+      result = await withTimeout(call, this.legStatsTimeoutMs, null);
       if (result === null) this.noteMissing({ timeoutMs: this.legStatsTimeoutMs }, 'timed out');
     } catch (error) {
       result = null;
       this.noteMissing({ err: error }, 'failed');
-    } finally {
-      clearTimeout(timer);
     }
     if (result !== null) this.legStatsMissing = false;
     return result;
