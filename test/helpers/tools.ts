@@ -28,17 +28,37 @@ export function hasTool(name: string): boolean {
   return known;
 }
 
+function missingToolsReason(tools: readonly string[]): string | null {
+  const missing = tools.filter((tool) => !hasTool(tool));
+  return missing.length === 0 ? null : `required tool(s) missing: ${missing.join(', ')}`;
+}
+
 /**
- * Returns true when every tool is present. Otherwise: under CI throws (a missing install step
- * must never turn the suite green); elsewhere skips the test with a loud reason.
+ * For `describe(name, { skip: skipUnlessTools(...) })`: false when every tool is present;
+ * otherwise throws under CI (a missing install step must never turn the suite green) or
+ * returns a loud reason.
+ */
+export function skipUnlessTools(...tools: string[]): string | false {
+  const reason = missingToolsReason(tools);
+  if (reason === null) return false;
+  if (isCi) throw new Error(`${reason} (CI must install them; see .ci/run)`);
+  process.stderr.write(`SKIP: ${reason}\n`);
+  return reason;
+}
+
+/**
+ * Returns true when every tool is present. Otherwise: under CI (or with no test context)
+ * throws; elsewhere skips the test with a loud reason.
  */
 export function requires(t: TestContext | null, ...tools: string[]): boolean {
-  const missing = tools.filter((tool) => !hasTool(tool));
-  if (missing.length === 0) return true;
-  const message = `required tool(s) missing: ${missing.join(', ')}`;
-  if (isCi || t === null) throw new Error(`${message} (CI must install them; see .ci/run)`);
-  process.stderr.write(`SKIP: ${message}\n`);
-  t.skip(message);
+  if (t === null) {
+    const reason = missingToolsReason(tools);
+    if (reason !== null) throw new Error(`${reason} (CI must install them; see .ci/run)`);
+    return true;
+  }
+  const reason = skipUnlessTools(...tools);
+  if (reason === false) return true;
+  t.skip(reason);
   return false;
 }
 
@@ -90,11 +110,6 @@ export async function unixAccepts(socketPath: string): Promise<boolean> {
   });
 }
 
-/**
- * Waits until a server accepts connections on `socketPath`. The socket file alone is not
- * enough: a server binds (creating the file) before it listens, and a connect in between is
- * refused.
- */
 /** Reads exactly `lengthBytes` of a file at `offsetBytes` (a leg image, a served file). */
 export function readRange(path: string, offsetBytes: number, lengthBytes: number): Buffer {
   const fd = openSync(path, 'r');
@@ -125,6 +140,11 @@ export async function stopProcess(pid: number, timeoutMs = 5000): Promise<void> 
   }, timeoutMs);
 }
 
+/**
+ * Waits until a server accepts connections on `socketPath`. The socket file alone is not
+ * enough: a server binds (creating the file) before it listens, and a connect in between is
+ * refused.
+ */
 export async function waitForUnixListener(what: string, socketPath: string, child: Child, timeoutMs = 20_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
@@ -196,21 +216,33 @@ export interface RunResult {
   stderr: string;
 }
 
-/** Run a tool to completion (async, so servers in this process keep serving). */
+/**
+ * Runs a tool to completion (async, so servers in this process keep serving). stdin is
+ * /dev/null unless `input` is given; stdin errors are swallowed (a tool may exit before it
+ * reads its stdin: an unhandled EPIPE would be pinned by node:test on whichever test happens
+ * to be running). A spawn failure (ENOENT) resolves with status null and the error in stderr.
+ */
 export async function run(command: string, args: string[], options: { timeoutMs?: number; input?: string } = {}): Promise<RunResult> {
   return await new Promise((resolveRun) => {
-    const child = spawn(command, args, { env: toolEnv, stdio: ['pipe', 'pipe', 'pipe'] });
+    const stdin = options.input === undefined ? 'ignore' : 'pipe';
+    const child = spawn(command, args, { env: toolEnv, stdio: [stdin, 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
-    child.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
-    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-    child.stdin.on('error', () => undefined); // a tool may exit before reading its stdin (EPIPE)
+    child.stdout?.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
+    child.stderr?.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
     const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 120_000);
+    child.once('error', (error) => {
+      clearTimeout(timer);
+      resolveRun({ status: null, stdout, stderr: `${stderr}${String(error)}` });
+    });
     child.once('close', (status) => {
       clearTimeout(timer);
       resolveRun({ status, stdout, stderr });
     });
-    child.stdin.end(options.input ?? '');
+    if (child.stdin !== null) {
+      child.stdin.on('error', () => undefined);
+      child.stdin.end(options.input);
+    }
   });
 }
 
