@@ -16,9 +16,10 @@ import { createArray } from '../meta/create-array.js';
 import { LegMeta } from '../meta/leg-meta.js';
 import { openLegDevices } from './create.js';
 import { EnbdError, describeError } from '../core/errors.js';
-import { MirrorDevice } from '../engine/mirror.js';
+import type { MirrorDevice } from '../engine/mirror.js';
 import type { CopyMode, Placement } from '../engine/messages.js';
-import { createNbdServer, type NbdServer } from '../nbd/server.js';
+import type { NbdServer } from '../nbd/server.js';
+import { openMirrorServer, type MirrorServer } from './mirror-server.js';
 import { loadServerTls, parseTlsMode, type ServerTlsSettings } from '../nbd/server-tls.js';
 import { kServerLimitDefaults, parseBytes, parseDurationMs, parseInteger, parseListen, parseServerLimits, type ListenAddress, type ServerLimits } from './parse.js';
 import { installShutdown, type Shutdown } from './shutdown.js';
@@ -380,7 +381,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
   // on the same socket, port or control socket refuses here and touches nothing)
   await checkMirrorListeners(settings, listen, metricsAddress, embedded);
   const assembled = settings.metadata === 'leg' ? await assembleLegs(settings, createdNow, logger) : undefined;
-  const mirror = await MirrorDevice.open({
+  const served = await openMirrorServer({
     ...(assembled !== undefined ? { metadata: assembled } : {}),
     legs: settings.legs,
     ...(settings.size !== undefined ? { sizeBytes: settings.size } : {}),
@@ -405,9 +406,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     reconnectMaxMs: settings.reconnectMaxMs,
     resyncRates: { minBytesPerSecond: settings.resyncRateMin, maxBytesPerSecond: settings.resyncRateMax },
     flushTracking: settings.flushTracking,
-  });
-  const server = createNbdServer({
-    device: mirror,
+  }, {
     exportName: settings.name,
     logger,
     maximumPayloadBytes: settings.maxPayload,
@@ -416,6 +415,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     tls: serverTls,
     readOnly: settings.readOnly,
   });
+  const { mirror, server } = served;
   const uris: string[] = [];
   // With --tls require the export URIs are the nbds forms (plain clients are refused).
   const tlsScheme = serverTls?.mode === 'require' ? 'nbds' : 'nbd';
@@ -443,8 +443,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     }
   } catch (error) {
     await control?.close();
-    await server.close();
-    await mirror.close();
+    await served.abort();
     throw error;
   }
   printBanner(settings, mirror, uris, embedded, control?.path ?? null, bannerStream(habits, activated.length > 0), activated);
@@ -458,7 +457,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     hangup.setReload(null, 'the daemon is stopping');
     notifier?.stopping();
     try {
-      await stopMirror(control, metrics, server, mirror, logger);
+      await stopMirror(control, metrics, served, logger);
     } finally {
       hostCleanup(habits);
       await notifier?.drained();
@@ -492,14 +491,13 @@ function notifyLegSummary(notifier: ServiceNotifier, mirror: MirrorDevice, shutd
   });
 }
 
-async function stopMirror(control: ControlPlane | null, metrics: MetricsServer | null, server: NbdServer, mirror: MirrorDevice, logger: Logger): Promise<void> {
+async function stopMirror(control: ControlPlane | null, metrics: MetricsServer | null, served: MirrorServer, logger: Logger): Promise<void> {
   await control?.close();
   await metrics?.close();
-  await server.close();
-  const errno = await mirror.flushAll();
-  if (errno !== 0) logger.error({ errno }, 'final flush of the legs failed');
-  logger.info({ stats: mirror.stats(), payload: server.payloadStats() }, 'final stats');
-  await mirror.close();
+  await served.stop((errno) => {
+    if (errno !== 0) logger.error({ errno }, 'final flush of the legs failed');
+    logger.info({ stats: served.mirror.stats(), payload: served.server.payloadStats() }, 'final stats');
+  });
 }
 
 /** Throws, naming the flag and the address, if any listener of this mirror is taken. */

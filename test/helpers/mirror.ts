@@ -3,7 +3,7 @@
  * - `startMirror`: spawns `enbd mirror ...` as a child process and resolves once its banner
  *   says it listens (the banner is printed only after every listener is bound);
  * - `runMirrorCli`: runs the CLI expecting it to exit (error cases); kills it if it serves;
- * - `startInProcessMirror`: MirrorDevice.open + createNbdServer in this process (fast, for
+ * - `startInProcessMirror`: src/cli/mirror-server.ts openMirrorServer in this process (fast, for
  *   property tests);
  * - leg readers (`readLegFile`, `copyLegOut`, `readNbd`) and `assertSameBytes`, which reports
  *   the first differing offset instead of dumping megabytes.
@@ -17,10 +17,11 @@ import { readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import assert from 'node:assert/strict';
 import { createLogger } from '../../src/core/log.js';
-import { MirrorDevice, type MirrorOptions } from '../../src/engine/mirror.js';
+import type { MirrorDevice, MirrorOptions } from '../../src/engine/mirror.js';
+import { openMirrorServer } from '../../src/cli/mirror-server.js';
 import type { CopyMode, Placement } from '../../src/engine/messages.js';
 import { NbdClient } from '../../src/nbd/client.js';
-import { createNbdServer, type NbdServer } from '../../src/nbd/server.js';
+import type { NbdServer } from '../../src/nbd/server.js';
 import { enbdCli } from './serve.js';
 import { runOk, toolEnv, unixUri } from './tools.js';
 
@@ -205,7 +206,7 @@ export interface InProcessMirror {
 
 export async function startInProcessMirror(options: InProcessMirrorOptions): Promise<InProcessMirror> {
   const logger = createLogger({ level: process.env['ENBD_TEST_LOG_LEVEL'] ?? 'silent', pretty: false });
-  const device = await MirrorDevice.open({
+  const served = await openMirrorServer({
     legs: options.legs,
     logger,
     logLevel: process.env['ENBD_TEST_LOG_LEVEL'] ?? 'silent',
@@ -214,8 +215,8 @@ export async function startInProcessMirror(options: InProcessMirrorOptions): Pro
     ...(options.sizeBytes !== undefined ? { sizeBytes: options.sizeBytes } : {}),
     ...(options.ring !== undefined ? { ring: options.ring } : {}),
     ...(options.engine ?? {}),
-  });
-  const server = createNbdServer({ device, logger });
+  }, { logger });
+  const { mirror: device, server } = served;
   let closed = false;
   const mirror: InProcessMirror = {
     device,
@@ -225,9 +226,7 @@ export async function startInProcessMirror(options: InProcessMirrorOptions): Pro
       if (closed) return;
       closed = true;
       liveInProcess.delete(mirror);
-      await server.close();
-      const errno = await device.flushAll();
-      await device.close();
+      const errno = await served.stop();
       assert.equal(errno, 0, 'final flush of the legs succeeded');
     },
   };
