@@ -12,10 +12,11 @@
  * Invariants: every process or in-process mirror started here is stopped by `stopAllMirrors`
  * (call it from `after()`); processes still alive at exit get SIGKILL.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import assert from 'node:assert/strict';
+import { spawnTracked } from '../../harness/process.js';
 import { createLogger } from '../../src/core/log.js';
 import type { MirrorDevice, MirrorOptions } from '../../src/engine/mirror.js';
 import { openMirrorServer } from '../../src/cli/mirror-server.js';
@@ -64,11 +65,9 @@ interface Spawned {
   exited: Promise<number | null>;
 }
 
+/** Mirror processes still running (stopAllMirrors); harness/process.ts also reaps them at exit. */
 const liveProcesses = new Set<ChildProcess>();
 const liveInProcess = new Set<InProcessMirror>();
-process.on('exit', () => {
-  for (const child of liveProcesses) child.kill('SIGKILL');
-});
 
 /**
  * The suites written before on-leg metadata run on raw legs: `enbd mirror ... --leg` gets
@@ -82,22 +81,17 @@ export function withMetadataDefault(args: string[]): string[] {
 
 function spawnCli(rawArgs: string[], cwd: string | undefined): Spawned {
   const args = withMetadataDefault(rawArgs);
-  const child = spawn(process.execPath, [enbdCli, ...args], {
+  const tracked = spawnTracked(process.execPath, [enbdCli, ...args], {
     env: { ...toolEnv, ENBD_LOG_JSON: '1' },
-    stdio: ['ignore', 'pipe', 'pipe'],
     ...(cwd !== undefined ? { cwd } : {}),
   });
+  const child = tracked.process;
   liveProcesses.add(child);
   let stdout = '';
   let stderr = '';
   child.stdout?.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
   child.stderr?.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-  const exited = new Promise<number | null>((resolveExit) => {
-    child.once('exit', (code, signal) => {
-      liveProcesses.delete(child);
-      resolveExit(code ?? (signal === null ? null : 128));
-    });
-  });
+  const exited = tracked.exited.finally(() => liveProcesses.delete(child));
   return { child, stdout: () => stdout, stderr: () => stderr, exited };
 }
 
