@@ -36,7 +36,7 @@ import { pino } from 'pino';
 import { assert } from '../../src/core/assert.js';
 import type { Logger } from '../../src/core/log.js';
 import type { LegState, MirrorDevice, MirrorEvent } from '../../src/engine/mirror.js';
-import { NbdClient } from '../../src/nbd/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 import { openMirrorServer, type MirrorServer } from '../../src/cli/mirror-server.js';
 import { unixUri } from './case.js';
 import { runTool, startProcess, type ManagedProcess } from './proc.js';

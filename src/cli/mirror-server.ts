@@ -14,7 +14,7 @@
  * abort are idempotent (the second call resolves at once, stop with the first flush errno).
  */
 import { MirrorDevice, type MirrorOptions } from '../engine/mirror.js';
-import { createNbdServer, type NbdServer, type NbdServerOptions } from '../nbd/server.js';
+import { createNbdServer, type NbdServer, type NbdServerOptions } from '../nbd/server/server.js';
 
 export interface MirrorServer {
   mirror: MirrorDevice;

@@ -21,8 +21,8 @@ import { createLogger } from '../../src/core/log.js';
 import type { MirrorDevice, MirrorOptions } from '../../src/engine/mirror.js';
 import { openMirrorServer } from '../../src/cli/mirror-server.js';
 import type { CopyMode, Placement } from '../../src/engine/messages.js';
-import { NbdClient } from '../../src/nbd/client.js';
-import type { NbdServer } from '../../src/nbd/server.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
+import type { NbdServer } from '../../src/nbd/server/server.js';
 import { enbdCli } from './serve.js';
 import { runOk, toolEnv, unixUri } from './tools.js';
 
