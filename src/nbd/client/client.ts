@@ -51,6 +51,8 @@
  */
 import { connect as netConnect, type Socket } from 'node:net';
 import { assert } from '../../core/assert.js';
+import { settlesWithin } from '../../core/timeout.js';
+import { kTwoPow32 } from '../../core/u64.js';
 import { EnbdError } from '../../core/errors.js';
 import type { Logger } from '../../core/log.js';
 import type {
@@ -121,7 +123,6 @@ const kConnectTimeoutMsDefault = 10_000;
 /** Payload-less commands (TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS) are split at 1 GiB. */
 const kPayloadlessBytesMax = 1024 * 1024 * 1024;
 const kTimeoutEpochs = 5;
-const kTwoPow32 = 0x1_0000_0000;
 export const kDefaultBlockSizes: Readonly<BlockSizes> = {
   minimumBytes: 1,
   preferredBytes: 4096,
@@ -643,15 +644,7 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
   /** True once the socket closed, false after `timeoutMs`. */
   private async waitSocketClosed(timeoutMs: number): Promise<boolean> {
     if (this.state === kStateClosed) return true;
-    let timer: NodeJS.Timeout | null = null;
-    const expired = new Promise<boolean>((resolve) => {
-      timer = setTimeout(() => resolve(false), timeoutMs);
-    });
-    try {
-      return await Promise.race([this.socketClosed.then(() => true), expired]);
-    } finally {
-      if (timer !== null) clearTimeout(timer);
-    }
+    return await settlesWithin(this.socketClosed, timeoutMs);
   }
 
   /** Wait for requests in flight, send NBD_CMD_DISC, close. Idempotent; bounded. */

@@ -45,6 +45,7 @@ import type { TLSSocket } from 'node:tls';
 import type { Logger } from '../../core/log.js';
 import type { BlockDevice, Extent } from '../../core/block-device.js';
 import { assert } from '../../core/assert.js';
+import { kTwoPow32 } from '../../core/u64.js';
 import * as p from '../protocol.js';
 import { OptionNegotiator, encodeGreeting, type ExportDescriptor, type NegotiatedState } from './server-options.js';
 import { validateRequest, type ValidationContext } from './request-validate.js';
@@ -63,7 +64,6 @@ const kLargeBuffersKept = 16;
 const kLargeBufferBytesKept = 64 * 1024 * 1024;
 const kExtentsMax = 65536;
 const kExtentBytesMax = 0xffff_f000;
-const kTwoPow32 = 0x1_0000_0000;
 /** Direct receive: own receive buffer size, and the smallest payload rest read straight into its slot. */
 const kReceiveBufferBytes = 256 * 1024;
 const kDirectReceiveMinBytes = 64 * 1024;
