@@ -28,11 +28,15 @@ export interface MirrorServer {
   abort(): Promise<void>;
 }
 
-export async function openMirrorServer(mirrorOptions: MirrorOptions, serverOptions: Omit<NbdServerOptions, 'device'>): Promise<MirrorServer> {
+/** The server's options; a function of the opened mirror when they need it (meta contexts). */
+export type MirrorServerOptions = Omit<NbdServerOptions, 'device'> | ((mirror: MirrorDevice) => Omit<NbdServerOptions, 'device'>);
+
+export async function openMirrorServer(mirrorOptions: MirrorOptions, serverOptions: MirrorServerOptions): Promise<MirrorServer> {
   const mirror = await MirrorDevice.open(mirrorOptions);
   let server: NbdServer;
   try {
-    server = createNbdServer({ ...serverOptions, device: mirror });
+    const options = typeof serverOptions === 'function' ? serverOptions(mirror) : serverOptions;
+    server = createNbdServer({ ...options, device: mirror });
   } catch (error) {
     await mirror.close();
     throw error;

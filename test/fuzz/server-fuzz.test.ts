@@ -29,6 +29,7 @@ import { setImmediate as yieldToLoop, setTimeout as sleep } from 'node:timers/pr
 import { createNbdServer, type NbdServer } from '../../src/nbd/server/server.js';
 import { createLogger } from '../../src/core/log.js';
 import * as p from '../../src/nbd/protocol.js';
+import { commandNames } from '../../src/nbd/protocol-names.js';
 import { MemoryDevice, PooledMemoryDevice } from '../helpers/memory-device.js';
 import { NbdProbe, assembleRead } from '../helpers/nbd-probe.js';
 import { scratch, waitFor, type Scratch } from '../helpers/tools.js';
@@ -459,7 +460,7 @@ for (const [targetIndex, target] of kTargets.entries()) describe(`NBD server fuz
       if ((unanswered >= 0 && target.answersAll) || truncated) {
         const ender = order.findIndex((cookie, index) => index >= lastReplied && sent.get(cookie)?.good === false);
         const request = sent.get(order[Math.max(unanswered, 0)] ?? 0n);
-        const what = truncated ? 'a reply was cut short' : `well-formed request ${unanswered} (${p.commandNames[request?.type ?? -1] ?? '?'}) got no reply`;
+        const what = truncated ? 'a reply was cut short' : `well-formed request ${unanswered} (${commandNames[request?.type ?? -1] ?? '?'}) got no reply`;
         assert.ok(ender >= 0, `${what}, and no malformed request at or after the last answered one (${lastReplied}) ended the connection`);
       }
       assertDeviceSane();

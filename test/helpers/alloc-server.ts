@@ -14,6 +14,7 @@
 import { PerformanceObserver } from 'node:perf_hooks';
 import { createInterface } from 'node:readline';
 import { openMirrorServer } from '../../src/cli/mirror-server.js';
+import { kConnectionActorEntry } from '../../src/cli/actor-entry.js';
 import { createLogger } from '../../src/core/log.js';
 
 const [socketPath, legA, legB] = process.argv.slice(2);
@@ -26,7 +27,7 @@ let gcCount = 0;
 new PerformanceObserver((list) => (gcCount += list.getEntries().length)).observe({ entryTypes: ['gc'] });
 
 const logger = createLogger({ level: 'silent', pretty: false });
-const served = await openMirrorServer({ legs: [legA, legB], logger }, { logger, directReceive: true });
+const served = await openMirrorServer({ legs: [legA, legB], logger, actorEntry: kConnectionActorEntry }, { logger, directReceive: true });
 const kept: Buffer[] = [];
 if (extraBytes > 0) {
   // the deliberate regression: one Buffer per released request buffer (kept, bounded)

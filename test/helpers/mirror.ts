@@ -23,6 +23,7 @@ import { openMirrorServer } from '../../src/cli/mirror-server.js';
 import type { CopyMode, Placement } from '../../src/engine/messages.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
 import type { NbdServer } from '../../src/nbd/server/server.js';
+import { kConnectionActorEntry } from '../../src/cli/actor-entry.js';
 import { enbdCli } from './serve.js';
 import { runOk, toolEnv, unixUri } from './tools.js';
 
@@ -202,6 +203,7 @@ export async function startInProcessMirror(options: InProcessMirrorOptions): Pro
   const logger = createLogger({ level: process.env['ENBD_TEST_LOG_LEVEL'] ?? 'silent', pretty: false });
   const served = await openMirrorServer({
     legs: options.legs,
+    actorEntry: kConnectionActorEntry,
     logger,
     logLevel: process.env['ENBD_TEST_LOG_LEVEL'] ?? 'silent',
     ...(options.placement !== undefined ? { placement: options.placement } : {}),

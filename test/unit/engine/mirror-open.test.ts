@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { truncateSync, writeFileSync } from 'node:fs';
 import { createLogger } from '../../../src/core/log.js';
 import { MirrorDevice } from '../../../src/engine/mirror.js';
+import { kConnectionActorEntry } from '../../../src/cli/actor-entry.js';
 import { MirrorDriver } from '../../helpers/fault-device.js';
 import { readRange, scratch, type Scratch } from '../../helpers/tools.js';
 
@@ -48,6 +49,14 @@ describe('MirrorDevice.open / close', () => {
     });
   });
 
+  test('workers placement without the worker entry: ENBD_ERR_CONFIG naming actorEntry', async () => {
+    await assert.rejects(MirrorDevice.open({ legs: [big], logger }), (error) => {
+      assert.equal(codeOf(error), 'ENBD_ERR_CONFIG');
+      assert.match((error as Error).message, /actorEntry/);
+      return true;
+    });
+  });
+
   test('legs of different sizes: ENBD_ERR_CONFIG naming both; sizeBytes picks a common size', async () => {
     await assert.rejects(MirrorDevice.open({ legs: [big, small], logger, placement: 'inline' }), (error) => {
       assert.equal(codeOf(error), 'ENBD_ERR_CONFIG');
@@ -65,7 +74,7 @@ describe('MirrorDevice.open / close', () => {
 
   test('missing file leg: ENBD_ERR_LEG naming it', async () => {
     const missing = dir.path('missing/leg.img');
-    await assert.rejects(MirrorDevice.open({ legs: [big, missing], logger }), (error) => {
+    await assert.rejects(MirrorDevice.open({ legs: [big, missing], logger, actorEntry: kConnectionActorEntry }), (error) => {
       assert.equal(codeOf(error), 'ENBD_ERR_LEG');
       assert.ok((error as Error).message.includes(missing));
       return true;
@@ -83,7 +92,7 @@ describe('MirrorDevice.open / close', () => {
     }
     const resources = (): string[] => process.getActiveResourcesInfo().filter((name) => name !== 'TTYWrap').sort();
     const before = resources();
-    const mirror = await MirrorDevice.open({ legs, logger });
+    const mirror = await MirrorDevice.open({ legs, logger, actorEntry: kConnectionActorEntry });
     const driver = new MirrorDriver(mirror);
     const data = Buffer.alloc(8192);
     for (let index = 0; index < data.length; index += 1) data[index] = (index * 7 + 1) & 0xff;
