@@ -5,21 +5,29 @@
  * short-lived tools run to completion (`runTool`: nbdcopy for the resync measurements).
  * Threads: harness main thread.
  *
+ * The spawning, the registry, the readiness probe and the tool runner are harness/process.ts
+ * (shared with the tests); this file adds the bench's log files, labels and process trees.
+ *
  * Invariants:
- * - Every spawned process is in `live` until its 'exit' event; `killAllSync` reaches it.
+ * - Every spawned process is in the harness registry until its 'exit' event; `killAllSync`
+ *   reaches it and (setDescendantsOf) its descendants.
  * - A server's stdout and stderr go to a log file (never a pipe that could fill and block it);
  *   a tool's output is drained and only its tail kept.
  * - A process whose stop() was called is `stopRequested`: its exit is not a death.
  * - `start` resolves only when the socket path exists and the process is still running; it
  *   rejects with the tail of the log otherwise (the harness reports it as a failed row).
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, openSync, readFileSync, rmSync } from 'node:fs';
-import { connect } from 'node:net';
-import { performance } from 'node:perf_hooks';
-import { setTimeout as sleep } from 'node:timers/promises';
+import { closeSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { assert } from '../../src/core/assert.js';
+import {
+  killAllSync, killQuietly, runToCompletion, setDescendantsOf, spawnTracked, waitForListener, type TrackedChild,
+} from '../../harness/process.js';
 import { descendantPids } from './cpu.js';
+
+export { killAllSync };
+
+// the harness's exit handler also kills what a server forked (nbdkit plugins, enbd workers)
+setDescendantsOf(descendantPids);
 
 const kReadyPollMs = 20;
 const kDefaultReadyTimeoutMs = 15_000;
@@ -42,28 +50,24 @@ export interface ProcessSpec {
   readyTimeoutMs?: number;
 }
 
-const live = new Set<ChildProcess>();
-
 export class ManagedProcess {
   readonly spec: ProcessSpec;
-  private readonly child: ChildProcess;
-  private readonly exited: Promise<void>;
+  private readonly tracked: TrackedChild;
   private stopCalled = false;
 
-  constructor(spec: ProcessSpec, child: ChildProcess) {
-    assert(child.pid !== undefined, `${spec.label}: spawn gave no pid`);
+  constructor(spec: ProcessSpec, tracked: TrackedChild) {
+    assert(tracked.process.pid !== undefined, `${spec.label}: spawn gave no pid`);
     this.spec = spec;
-    this.child = child;
-    this.exited = new Promise((resolveExit) => child.once('exit', () => resolveExit()));
+    this.tracked = tracked;
   }
 
   get pid(): number {
-    assert(this.child.pid !== undefined);
-    return this.child.pid;
+    assert(this.tracked.process.pid !== undefined);
+    return this.tracked.process.pid;
   }
 
   get running(): boolean {
-    return this.child.exitCode === null && this.child.signalCode === null;
+    return this.tracked.running;
   }
 
   /** stop() was called: the process is gone on purpose (e.g. a leg a case takes down). */
@@ -73,8 +77,8 @@ export class ManagedProcess {
 
   exitDescription(): string {
     if (this.running) return 'running';
-    if (this.child.signalCode !== null) return `killed by ${this.child.signalCode}`;
-    return `exited with code ${String(this.child.exitCode)}`;
+    if (this.tracked.process.signalCode !== null) return `killed by ${this.tracked.process.signalCode}`;
+    return `exited with code ${String(this.tracked.process.exitCode)}`;
   }
 
   logTail(): string {
@@ -93,24 +97,10 @@ export class ManagedProcess {
   async stop(signal: 'SIGTERM' | 'SIGKILL' = 'SIGTERM'): Promise<void> {
     this.stopCalled = true;
     const descendants = this.running ? descendantPids(this.pid) : [];
-    if (this.running) this.child.kill(signal);
-    const timedOut = await Promise.race([
-      this.exited.then(() => false),
-      sleep(kStopGraceMs).then(() => true),
-    ]);
-    if (timedOut) this.child.kill('SIGKILL');
-    await this.exited;
+    await this.tracked.stop(signal, kStopGraceMs);
     for (const pid of descendants) killQuietly(pid, 'SIGKILL');
     rmSync(this.spec.socketPath, { force: true });
     assert(!this.running);
-  }
-}
-
-function killQuietly(pid: number, signal: NodeJS.Signals): void {
-  try {
-    process.kill(pid, signal);
-  } catch {
-    // already gone
   }
 }
 
@@ -119,49 +109,25 @@ export async function startProcess(spec: ProcessSpec): Promise<ManagedProcess> {
   assert(spec.args.every((arg) => typeof arg === 'string'));
   rmSync(spec.socketPath, { force: true }); // nbdkit leaves stale sockets behind
   const logFd = openSync(spec.logPath, 'a');
-  let child: ChildProcess;
+  let tracked: TrackedChild;
   try {
-    child = spawn(spec.command, [...spec.args], {
-      stdio: ['ignore', logFd, logFd],
-      env: spec.env ?? process.env,
-    });
+    tracked = spawnTracked(spec.command, spec.args, { output: logFd, env: spec.env ?? process.env });
   } finally {
     closeSync(logFd);
   }
-  const spawnError = new Promise<Error>((resolveError) => child.once('error', resolveError));
-  let failure: Error | null = null;
-  void spawnError.then((error) => (failure = error));
-  // Wait a tick so an ENOENT spawn error is reported before we look at pid.
-  await sleep(0);
-  if (failure !== null || child.pid === undefined) {
-    throw new Error(`${spec.label}: cannot spawn ${spec.command}: ${String(failure ?? 'no pid')}`);
+  if (tracked.process.pid === undefined) {
+    await tracked.exited; // the 'error' event of a failed spawn (ENOENT) has come
+    throw new Error(`${spec.label}: cannot spawn ${spec.command}: ${String(tracked.spawnError ?? 'no pid')}`);
   }
-  live.add(child);
-  child.once('exit', () => live.delete(child));
-  const managed = new ManagedProcess(spec, child);
-  const deadline = Date.now() + (spec.readyTimeoutMs ?? kDefaultReadyTimeoutMs);
-  // The socket file appears at bind(), before listen(): probe with a real connect.
-  while (!(await unixAccepts(spec.socketPath))) {
-    if (!managed.running || Date.now() > deadline) {
-      const reason = managed.running ? 'socket did not appear in time' : managed.exitDescription();
-      await managed.stop();
-      throw new Error(`${spec.label}: failed to start (${reason})\n${managed.logTail()}`);
-    }
-    await sleep(kReadyPollMs);
+  const managed = new ManagedProcess(spec, tracked);
+  // The socket file appears at bind(), before listen(): waitForListener probes with a connect.
+  const outcome = await waitForListener(spec.socketPath, tracked, spec.readyTimeoutMs ?? kDefaultReadyTimeoutMs, kReadyPollMs);
+  if (outcome !== 'listening') {
+    const reason = outcome === 'timeout' ? 'socket did not appear in time' : managed.exitDescription();
+    await managed.stop();
+    throw new Error(`${spec.label}: failed to start (${reason})\n${managed.logTail()}`);
   }
   return managed;
-}
-
-async function unixAccepts(socketPath: string): Promise<boolean> {
-  if (!existsSync(socketPath)) return false;
-  return await new Promise<boolean>((resolveTry) => {
-    const socket = connect(socketPath);
-    socket.once('connect', () => {
-      socket.destroy();
-      resolveTry(true);
-    });
-    socket.once('error', () => resolveTry(false));
-  });
 }
 
 export interface ToolRun {
@@ -176,45 +142,11 @@ const kToolOutputTailChars = 2_000;
 
 /**
  * Runs a short-lived tool (nbdcopy...) to completion, SIGKILLed after timeoutMs. The child is
- * in `live` while it runs, so Ctrl-C and killAllSync reach it too. Never rejects.
+ * in the harness registry while it runs, so Ctrl-C and killAllSync reach it too. Never rejects.
  */
 export async function runTool(command: string, args: readonly string[], timeoutMs: number): Promise<ToolRun> {
-  const startedAt = performance.now();
-  return await new Promise<ToolRun>((resolveRun) => {
-    const child = spawn(command, [...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    live.add(child);
-    let output = '';
-    const collect = (chunk: Buffer): void => {
-      output = (output + chunk.toString()).slice(-kToolOutputTailChars);
-    };
-    child.stdout?.on('data', collect);
-    child.stderr?.on('data', collect);
-    const timer = setTimeout(() => {
-      output += `\n(killed after ${timeoutMs} ms)`;
-      child.kill('SIGKILL');
-    }, timeoutMs);
-    let settled = false;
-    const settle = (status: number | null, extra: string): void => {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      live.delete(child);
-      resolveRun({ status, wallMs: performance.now() - startedAt, output: `${output}${extra}`.trim() });
-    };
-    child.once('error', (error) => settle(null, `\n${String(error)}`));
-    child.once('close', (code) => settle(code, ''));
-  });
+  const result = await runToCompletion(command, args, { timeoutMs, tailChars: kToolOutputTailChars });
+  const killed = result.timedOut ? `\n(killed after ${timeoutMs} ms)` : '';
+  const output = `${`${result.stdout}${result.stderr}`.slice(-kToolOutputTailChars)}${killed}`.trim();
+  return { status: result.status, wallMs: result.wallMs, output };
 }
-
-/** Synchronous last-resort cleanup (signal handlers, process 'exit'). */
-export function killAllSync(): void {
-  for (const child of live) {
-    if (child.pid !== undefined) {
-      for (const pid of descendantPids(child.pid)) killQuietly(pid, 'SIGKILL');
-    }
-    child.kill('SIGKILL');
-  }
-  live.clear();
-}
-
-process.on('exit', killAllSync);

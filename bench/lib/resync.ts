@@ -41,9 +41,9 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { pino } from 'pino';
 import { assert } from '../../src/core/assert.js';
 import type { Logger } from '../../src/core/log.js';
-import { MirrorDevice, type LegState, type MirrorEvent } from '../../src/engine/mirror.js';
+import type { LegState, MirrorDevice, MirrorEvent } from '../../src/engine/mirror.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
-import { createNbdServer, type NbdServer } from '../../src/nbd/server/server.js';
+import { openMirrorServer, type MirrorServer } from '../../src/cli/mirror-server.js';
 import { kConnectionActorEntry } from '../../src/cli/actor-entry.js';
 import { unixUri } from './case.js';
 import { runFio } from './fio.js';
@@ -342,7 +342,7 @@ function skippedComparison(): LegComparison {
 class ResyncScenario {
   private readonly processes: ManagedProcess[] = [];
   private mirror: MirrorDevice | null = null;
-  private server: NbdServer | null = null;
+  private served: MirrorServer | null = null;
   private client: NbdClient | null = null;
   readonly legUris: [string, string];
   private readonly legSockets: [string, string];
@@ -390,14 +390,14 @@ class ResyncScenario {
   }
 
   async openMirror(): Promise<void> {
-    this.mirror = await MirrorDevice.open({
+    this.served = await openMirrorServer({
       legs: [...this.legUris], actorEntry: kConnectionActorEntry, logger: this.logger, logLevel: 'warn', bitmapChunkBytes: kBlockBytes,
       reconnectMinMs: 60_000, reconnectMaxMs: 60_000,
       resyncRates: { minBytesPerSecond: 0, maxBytesPerSecond: 0 },
-    });
+    }, { logger: this.logger });
+    this.mirror = this.served.mirror;
     assert(this.mirror.sizeBytes === this.options.sizeBytes, 'mirror has the legs\' size');
-    this.server = createNbdServer({ device: this.mirror, logger: this.logger });
-    await this.server.listenUnix(this.exportSocket);
+    await this.served.server.listenUnix(this.exportSocket);
     this.client = await NbdClient.connect(unixUri(this.exportSocket));
   }
 
@@ -594,12 +594,8 @@ class ResyncScenario {
   async stop(): Promise<void> {
     await this.client?.close().catch(() => undefined);
     this.client = null;
-    await this.server?.close().catch(() => undefined);
-    this.server = null;
-    if (this.mirror !== null) {
-      await this.mirror.flushAll().catch(() => 0);
-      await this.mirror.close().catch(() => undefined);
-    }
+    await this.served?.stop().catch(() => 0);
+    this.served = null;
     this.mirror = null;
     for (const managed of this.processes.reverse()) await managed.stop();
     this.processes.length = 0;

@@ -16,9 +16,10 @@ import { createArray } from '../meta/create-array.js';
 import { LegMeta } from '../meta/leg-meta.js';
 import { openLegDevices } from './create.js';
 import { EnbdError, describeError } from '../core/errors.js';
-import { MirrorDevice } from '../engine/mirror.js';
+import type { MirrorDevice } from '../engine/mirror.js';
 import type { CopyMode, Placement } from '../engine/messages.js';
-import { createNbdServer, type NbdServer } from '../nbd/server/server.js';
+import type { NbdServer } from '../nbd/server/server.js';
+import { openMirrorServer, type MirrorServer } from './mirror-server.js';
 import { loadServerTls, parseTlsMode, type ServerTlsSettings } from '../nbd/server/server-tls.js';
 import { kServerLimitDefaults, parseBytes, parseDurationMs, parseInteger, parseListen, parseServerLimits, type ListenAddress, type ServerLimits } from './parse.js';
 import { installShutdown, type Shutdown } from './shutdown.js';
@@ -414,7 +415,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
   // on the same socket, port or control socket refuses here and touches nothing)
   await checkMirrorListeners(settings, listen, metricsAddress, embedded);
   const assembled = settings.metadata === 'leg' ? await assembleLegs(settings, createdNow, logger) : undefined;
-  const mirror = await MirrorDevice.open({
+  const served = await openMirrorServer({
     ...(assembled !== undefined ? { metadata: assembled } : {}),
     legs: settings.legs,
     checkpointGranularityBytes: settings.checkpointGranularity,
@@ -444,9 +445,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     flushTracking: settings.flushTracking,
     verify: { threads: settings.verifyThreads, intervalMs: settings.verifyIntervalMs, workerEntry: kHashWorkerEntry },
     resyncVerify: settings.resyncVerify,
-  });
-  const server = createNbdServer({
-    device: mirror,
+  }, (opened) => ({
     exportName: settings.name,
     logger,
     maximumPayloadBytes: settings.maxPayload,
@@ -454,8 +453,9 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     directReceive: settings.receive === 'direct',
     tls: serverTls,
     readOnly: settings.readOnly,
-    metaContexts: mirrorStatusContexts(mirror),
-  });
+    metaContexts: mirrorStatusContexts(opened),
+  }));
+  const { mirror, server } = served;
   const uris: string[] = [];
   // With --tls require the export URIs are the nbds forms (plain clients are refused).
   const tlsScheme = serverTls?.mode === 'require' ? 'nbds' : 'nbd';
@@ -483,8 +483,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     }
   } catch (error) {
     await control?.close();
-    await server.close();
-    await mirror.close();
+    await served.abort();
     throw error;
   }
   printBanner(settings, mirror, uris, embedded, control?.path ?? null, bannerStream(habits, activated.length > 0), activated);
@@ -498,7 +497,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     hangup.setReload(null, 'the daemon is stopping');
     notifier?.stopping();
     try {
-      await stopMirror(control, metrics, server, mirror, logger);
+      await stopMirror(control, metrics, served, logger);
     } finally {
       hostCleanup(habits);
       await notifier?.drained();
@@ -532,14 +531,13 @@ function notifyLegSummary(notifier: ServiceNotifier, mirror: MirrorDevice, shutd
   });
 }
 
-async function stopMirror(control: ControlPlane | null, metrics: MetricsServer | null, server: NbdServer, mirror: MirrorDevice, logger: Logger): Promise<void> {
+async function stopMirror(control: ControlPlane | null, metrics: MetricsServer | null, served: MirrorServer, logger: Logger): Promise<void> {
   await control?.close();
   await metrics?.close();
-  await server.close();
-  const errno = await mirror.flushAll();
-  if (errno !== 0) logger.error({ errno }, 'final flush of the legs failed');
-  logger.info({ stats: mirror.stats(), payload: server.payloadStats() }, 'final stats');
-  await mirror.close();
+  await served.stop((errno) => {
+    if (errno !== 0) logger.error({ errno }, 'final flush of the legs failed');
+    logger.info({ stats: served.mirror.stats(), payload: served.server.payloadStats() }, 'final stats');
+  });
 }
 
 /** Throws, naming the flag and the address, if any listener of this mirror is taken. */

@@ -18,6 +18,7 @@
 import { inspect, types } from 'node:util';
 import { Script, createContext, type Context } from 'node:vm';
 import { assert } from '../core/assert.js';
+import { withTimeout } from '../core/timeout.js';
 import type { ReplEvalResult } from './protocol.js';
 
 export const kEvalTimeoutMs = 2000;
@@ -85,18 +86,13 @@ export class ReplEvaluator {
       return { output: bounded(describeThrown(thrown)), threw: true, incomplete: isIncomplete(thrown) };
     }
     if (isThenable(value)) {
-      let timer: NodeJS.Timeout | undefined;
-      const timeout = new Promise<{ timedOut: true }>((resolve) => {
-        timer = setTimeout(() => resolve({ timedOut: true }), kAwaitTimeoutMs);
-      });
       try {
-        const settled = await Promise.race([Promise.resolve(value).then((result) => ({ timedOut: false as const, result })), timeout]);
+        const answer = Promise.resolve(value).then((result) => ({ timedOut: false as const, result }));
+        const settled = await withTimeout(answer, kAwaitTimeoutMs, { timedOut: true as const });
         if (settled.timedOut) return { output: `Promise still pending after ${kAwaitTimeoutMs} ms`, threw: true, incomplete: false };
         value = settled.result;
       } catch (thrown) {
         return { output: bounded(describeThrown(thrown)), threw: true, incomplete: false };
-      } finally {
-        clearTimeout(timer);
       }
     }
     return { output: bounded(inspect(value, kInspectOptions)), threw: false, incomplete: false };

@@ -46,6 +46,7 @@
 import type { BlockDevice } from '../core/block-device.js';
 import type { Logger } from '../core/log.js';
 import { assert } from '../core/assert.js';
+import { settlesWithin, withTimeout } from '../core/timeout.js';
 import { EnbdError, describeError, toPlainError, type PlainError } from '../core/errors.js';
 import * as p from '../nbd/protocol.js';
 import { errnoNames } from '../nbd/protocol-names.js';
@@ -349,7 +350,7 @@ export class LegActor implements LegActorApi {
         if (await device.fence(timeoutMs)) return null;
         return `${device.description} not fenced within ${timeoutMs} ms (its server has not closed the connection, or it was cut before it did)`;
       }
-      if (await withinMs(this.closeOnce(device), timeoutMs)) return null;
+      if (await settlesWithin(this.closeOnce(device), timeoutMs)) return null;
       return `${device.description} did not close within ${timeoutMs} ms`;
     } catch (error) {
       return `fencing ${device.description} failed: ${describeError(error)}`;
@@ -394,7 +395,7 @@ export class LegActor implements LegActorApi {
 
   /** Closes a device that left `device`; abandons it if the close outlives kCloseBoundMs. */
   private async closeBounded(device: BlockDevice): Promise<void> {
-    if (await withinMs(this.closeOnce(device), kCloseBoundMs)) return;
+    if (await settlesWithin(this.closeOnce(device), kCloseBoundMs)) return;
     this.logger.warn({ leg: this.legIndex, boundMs: kCloseBoundMs }, 'leg did not close in time; abandoning its connection');
     this.abandon(device);
   }
@@ -428,18 +429,13 @@ export class LegActor implements LegActorApi {
 
   /** errno of one probe request, or -1 when it was not answered within `timeoutMs`. */
   private async probeRequest(device: BlockDevice, command: number, lengthBytes: number, data: Uint8Array | null, timeoutMs: number): Promise<number> {
-    let timer: NodeJS.Timeout | null = null;
     let token = -1;
     const answered = new Promise<number>((resolve) => {
       token = this.submitProbe(device, command, lengthBytes, data, resolve);
     });
-    const expired = new Promise<number>((resolve) => {
-      timer = setTimeout(() => resolve(-1), Math.max(0, timeoutMs));
-    });
     try {
-      return await Promise.race([answered, expired]);
+      return await withTimeout(answered, timeoutMs, -1);
     } finally {
-      if (timer !== null) clearTimeout(timer);
       // Not answered in time: a late answer is dropped (the waiter goes, the token is unique).
       this.probeWaiters.delete(token);
     }
@@ -539,18 +535,5 @@ export class LegActor implements LegActorApi {
     this.running = false;
     this.stopIdleTimer();
     await this.disconnect();
-  }
-}
-
-/** True when `promise` settles within `timeoutMs`. */
-async function withinMs(promise: Promise<void>, timeoutMs: number): Promise<boolean> {
-  let timer: NodeJS.Timeout | null = null;
-  const expired = new Promise<boolean>((resolve) => {
-    timer = setTimeout(() => resolve(false), timeoutMs);
-  });
-  try {
-    return await Promise.race([promise.then(() => true), expired]);
-  } finally {
-    if (timer !== null) clearTimeout(timer);
   }
 }

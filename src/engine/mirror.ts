@@ -50,6 +50,7 @@ import { abandonLeg } from '../ring/visited-mask.js';
 import { parseLegUri } from '../stubs/open-leg.js';
 import { DirtyMap } from '../bitmap/dirty-map.js';
 import { LatencyHistograms } from '../core/latency.js';
+import { withTimeout } from '../core/timeout.js';
 import { RangeLock } from './range-lock.js';
 import { LegHealth, kDefaultHealthPolicy, type HealthPolicy, type LegState } from './leg-health.js';
 import { Leg } from './leg.js';
@@ -1522,9 +1523,7 @@ export class MirrorDevice implements BlockDevice {
 
   private async stopActor(leg: Leg): Promise<void> {
     try {
-      let timer: NodeJS.Timeout | undefined;
-      await Promise.race([leg.api.shutdown(), new Promise((resolve) => (timer = setTimeout(resolve, 5000)))]);
-      clearTimeout(timer);
+      await withTimeout(leg.api.shutdown(), 5000, undefined);
     } catch (error) {
       this.logger.warn({ leg: leg.index, err: error }, 'leg shutdown failed');
     }

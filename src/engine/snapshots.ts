@@ -10,6 +10,7 @@
  * bitmap snapshot lists at most `runsMax` runs; legStatsWithin settles within `timeoutMs`.
  */
 import { assert } from '../core/assert.js';
+import { withTimeout } from '../core/timeout.js';
 import type { DirtyMap } from '../bitmap/dirty-map.js';
 import type { RequestRing } from '../ring/request-ring.js';
 import { kSlotStateAllocated, kSlotStateDispatched } from '../ring/layout.js';
@@ -112,15 +113,7 @@ const kZeroStats: Readonly<LegStats> = { requests: 0, bytesRead: 0, bytesWritten
 
 /** Resolves with the promise's value, or null when it rejects or has not settled within `timeoutMs`. */
 async function within<T>(promise: Promise<T>, timeoutMs: number): Promise<T | null> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<null>((resolve) => {
-    timer = setTimeout(() => resolve(null), timeoutMs);
-  });
-  try {
-    return await Promise.race([promise.catch(() => null), timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
+  return await withTimeout(promise.catch(() => null), timeoutMs, null);
 }
 
 /**

@@ -34,6 +34,7 @@
  */
 import { Packr } from 'msgpackr';
 import { assert } from '../core/assert.js';
+import { kTwoPow32 } from '../core/u64.js';
 import type { MemberRecord, MemberState } from '../core/status-types.js';
 import { EnbdError, describeError } from '../core/errors.js';
 import { crc32c } from './crc32c.js';
@@ -151,8 +152,8 @@ export function encodeSuperblock(superblock: Superblock, copyIndex: number, sequ
   view.setUint32(kOffsetIncompat, 0, true);
   view.setUint32(kOffsetCompat, (superblock.checkpoints?.length ?? 0) > 0 ? kCompatCheckpoints : 0, true);
   view.setUint32(kOffsetBlockBytes, kSuperblockBytes, true);
-  view.setUint32(kOffsetSequence, sequence % 2 ** 32, true);
-  view.setUint32(kOffsetSequence + 4, Math.floor(sequence / 2 ** 32), true);
+  view.setUint32(kOffsetSequence, sequence % kTwoPow32, true);
+  view.setUint32(kOffsetSequence + 4, Math.floor(sequence / kTwoPow32), true);
   view.setUint32(kOffsetCopyIndex, copyIndex, true);
   view.setUint32(kOffsetPayloadBytes, payload.length, true);
   block.set(payload, kHeaderBytes);
@@ -221,7 +222,7 @@ export function decodeSuperblock(block: Uint8Array): DecodedCopy {
   if (blockBytes !== kSuperblockBytes) fail(`header says ${blockBytes}-byte blocks, not ${kSuperblockBytes}`);
   const sequenceHigh = view.getUint32(kOffsetSequence + 4, true);
   if (sequenceHigh >= 2 ** 21) fail('sequence is beyond 2^53');
-  const sequence = sequenceHigh * 2 ** 32 + view.getUint32(kOffsetSequence, true);
+  const sequence = sequenceHigh * kTwoPow32 + view.getUint32(kOffsetSequence, true);
   if (sequence === 0) fail('sequence 0 (never valid)');
   const copyIndex = view.getUint32(kOffsetCopyIndex, true);
   if (copyIndex >= kSuperblockCopies) fail(`copy index ${copyIndex} is not 0 or 1`);

@@ -21,6 +21,7 @@ import type { KeeperStatus, VerifyStatus } from '../core/status-types.js';
 import type { Logger } from '../core/log.js';
 import type { LatencySnapshot } from '../core/latency.js';
 import { assert } from '../core/assert.js';
+import { withTimeout } from '../core/timeout.js';
 import type { LegStats, MirrorStats, MirrorView } from '../engine/view.js';
 
 /** What metrics read from the mirror: a part of the engine's face (MirrorDevice has it all). */
@@ -130,19 +131,13 @@ export class Sampler {
       };
       call.then(settled, settled);
     }
-    let timer: NodeJS.Timeout | undefined;
-    const timeout = new Promise<null>((resolve) => {
-      timer = setTimeout(() => resolve(null), this.legStatsTimeoutMs);
-    });
     let result: Array<LegStats | null> | null;
     try {
-      result = await Promise.race([call, timeout]);
+      result = await withTimeout(call, this.legStatsTimeoutMs, null);
       if (result === null) this.noteMissing({ timeoutMs: this.legStatsTimeoutMs }, 'timed out');
     } catch (error) {
       result = null;
       this.noteMissing({ err: error }, 'failed');
-    } finally {
-      clearTimeout(timer);
     }
     return result;
   }

@@ -39,6 +39,7 @@
  */
 
 import { assert, assertSafeInteger } from '../core/assert.js';
+import { kTwoPow32 } from '../core/u64.js';
 import {
   computeRingLayout,
   kGenerationMask,
@@ -73,8 +74,6 @@ import {
   type RingLayout,
   type RingOptions,
 } from './layout.js';
-
-const kTwoPow32 = 0x100000000;
 
 /** What crosses to a worker in workerData (structured clone shares SABs, never copies them). */
 export interface RingBuffers {

@@ -200,3 +200,76 @@ export class MemoryDevice implements BlockDevice {
     await Promise.resolve();
   }
 }
+
+export interface PooledMemoryDeviceOptions extends MemoryDeviceOptions {
+  /** Bytes of buffers the device can lend at once (bufferCapacityBytes). */
+  poolBytes: number;
+  /** Lending unit (bufferUnitBytes); a request is charged whole units. */
+  unitBytes: number;
+  /** Refuse every Nth acquire although a buffer is free (then wake the server later); 0 = never. */
+  refuseEvery?: number;
+}
+
+/**
+ * A MemoryDevice that also lends request buffers, like the mirror's ring (acquireBuffer /
+ * releaseBuffer / onBufferAvailable): a fixed pool, so under load it has none free and the
+ * server must wait for onBufferAvailable. Counts misuse (a release of a token it did not lend,
+ * a second acquire for a token it holds) in `bufferErrors`; `lentCount` is what is out now.
+ */
+export class PooledMemoryDevice extends MemoryDevice {
+  readonly bufferCapacityBytes: number;
+  readonly bufferUnitBytes: number;
+  onBufferAvailable: (() => void) | null = null;
+  acquiredCount = 0;
+  refusedCount = 0;
+  readonly bufferErrors: string[] = [];
+  private freeBytes: number;
+  private readonly lent = new Map<number, number>();
+  private wakeScheduled = false;
+
+  constructor(private readonly pool: PooledMemoryDeviceOptions) {
+    super(pool);
+    this.bufferCapacityBytes = pool.poolBytes;
+    this.bufferUnitBytes = pool.unitBytes;
+    this.freeBytes = pool.poolBytes;
+  }
+
+  get lentCount(): number {
+    return this.lent.size;
+  }
+
+  acquireBuffer(_command: number, lengthBytes: number, token: number): Uint8Array | null {
+    if (this.lent.has(token)) this.bufferErrors.push(`token ${token} acquired twice`);
+    const charge = Math.max(1, Math.ceil(lengthBytes / this.pool.unitBytes)) * this.pool.unitBytes;
+    const refuse = this.pool.refuseEvery !== undefined && this.pool.refuseEvery > 0 && (this.acquiredCount + this.refusedCount) % this.pool.refuseEvery === this.pool.refuseEvery - 1;
+    if (charge > this.freeBytes || refuse) {
+      this.refusedCount += 1;
+      if (refuse) this.scheduleWake();
+      return null;
+    }
+    this.acquiredCount += 1;
+    this.freeBytes -= charge;
+    this.lent.set(token, charge);
+    return new Uint8Array(lengthBytes);
+  }
+
+  releaseBuffer(token: number): void {
+    const charge = this.lent.get(token);
+    if (charge === undefined) {
+      this.bufferErrors.push(`token ${token} released but not lent`);
+      return;
+    }
+    this.lent.delete(token);
+    this.freeBytes += charge;
+    this.scheduleWake();
+  }
+
+  private scheduleWake(): void {
+    if (this.wakeScheduled) return;
+    this.wakeScheduled = true;
+    setImmediate(() => {
+      this.wakeScheduled = false;
+      this.onBufferAvailable?.();
+    });
+  }
+}

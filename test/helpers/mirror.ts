@@ -3,7 +3,7 @@
  * - `startMirror`: spawns `enbd mirror ...` as a child process and resolves once its banner
  *   says it listens (the banner is printed only after every listener is bound);
  * - `runMirrorCli`: runs the CLI expecting it to exit (error cases); kills it if it serves;
- * - `startInProcessMirror`: MirrorDevice.open + createNbdServer in this process (fast, for
+ * - `startInProcessMirror`: src/cli/mirror-server.ts openMirrorServer in this process (fast, for
  *   property tests);
  * - leg readers (`readLegFile`, `copyLegOut`, `readNbd`) and `assertSameBytes`, which reports
  *   the first differing offset instead of dumping megabytes.
@@ -12,15 +12,17 @@
  * Invariants: every process or in-process mirror started here is stopped by `stopAllMirrors`
  * (call it from `after()`); processes still alive at exit get SIGKILL.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import assert from 'node:assert/strict';
+import { spawnTracked } from '../../harness/process.js';
 import { createLogger } from '../../src/core/log.js';
-import { MirrorDevice, type MirrorOptions } from '../../src/engine/mirror.js';
+import type { MirrorDevice, MirrorOptions } from '../../src/engine/mirror.js';
+import { openMirrorServer } from '../../src/cli/mirror-server.js';
 import type { CopyMode, Placement } from '../../src/engine/messages.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
-import { createNbdServer, type NbdServer } from '../../src/nbd/server/server.js';
+import type { NbdServer } from '../../src/nbd/server/server.js';
 import { kConnectionActorEntry } from '../../src/cli/actor-entry.js';
 import { enbdCli } from './serve.js';
 import { runOk, toolEnv, unixUri } from './tools.js';
@@ -64,11 +66,9 @@ interface Spawned {
   exited: Promise<number | null>;
 }
 
+/** Mirror processes still running (stopAllMirrors); harness/process.ts also reaps them at exit. */
 const liveProcesses = new Set<ChildProcess>();
 const liveInProcess = new Set<InProcessMirror>();
-process.on('exit', () => {
-  for (const child of liveProcesses) child.kill('SIGKILL');
-});
 
 /**
  * The suites written before on-leg metadata run on raw legs: `enbd mirror ... --leg` gets
@@ -82,22 +82,17 @@ export function withMetadataDefault(args: string[]): string[] {
 
 function spawnCli(rawArgs: string[], cwd: string | undefined): Spawned {
   const args = withMetadataDefault(rawArgs);
-  const child = spawn(process.execPath, [enbdCli, ...args], {
+  const tracked = spawnTracked(process.execPath, [enbdCli, ...args], {
     env: { ...toolEnv, ENBD_LOG_JSON: '1' },
-    stdio: ['ignore', 'pipe', 'pipe'],
     ...(cwd !== undefined ? { cwd } : {}),
   });
+  const child = tracked.process;
   liveProcesses.add(child);
   let stdout = '';
   let stderr = '';
   child.stdout?.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
   child.stderr?.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-  const exited = new Promise<number | null>((resolveExit) => {
-    child.once('exit', (code, signal) => {
-      liveProcesses.delete(child);
-      resolveExit(code ?? (signal === null ? null : 128));
-    });
-  });
+  const exited = tracked.exited.finally(() => liveProcesses.delete(child));
   return { child, stdout: () => stdout, stderr: () => stderr, exited };
 }
 
@@ -206,7 +201,7 @@ export interface InProcessMirror {
 
 export async function startInProcessMirror(options: InProcessMirrorOptions): Promise<InProcessMirror> {
   const logger = createLogger({ level: process.env['ENBD_TEST_LOG_LEVEL'] ?? 'silent', pretty: false });
-  const device = await MirrorDevice.open({
+  const served = await openMirrorServer({
     legs: options.legs,
     actorEntry: kConnectionActorEntry,
     logger,
@@ -216,8 +211,8 @@ export async function startInProcessMirror(options: InProcessMirrorOptions): Pro
     ...(options.sizeBytes !== undefined ? { sizeBytes: options.sizeBytes } : {}),
     ...(options.ring !== undefined ? { ring: options.ring } : {}),
     ...(options.engine ?? {}),
-  });
-  const server = createNbdServer({ device, logger });
+  }, { logger });
+  const { mirror: device, server } = served;
   let closed = false;
   const mirror: InProcessMirror = {
     device,
@@ -227,9 +222,7 @@ export async function startInProcessMirror(options: InProcessMirrorOptions): Pro
       if (closed) return;
       closed = true;
       liveInProcess.delete(mirror);
-      await server.close();
-      const errno = await device.flushAll();
-      await device.close();
+      const errno = await served.stop();
       assert.equal(errno, 0, 'final flush of the legs succeeded');
     },
   };

@@ -13,12 +13,14 @@
  * Invariants: `start` resolves only once every requested endpoint accepts connections;
  * `stop` always reaps every child it started (SIGTERM, then SIGKILL after 10 s).
  */
-import { spawn } from 'node:child_process';
 import { rmSync, statSync } from 'node:fs';
 import { connect } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { freePort, hasTool, isCi, startChild, toolEnv, unixUri, waitForUnixListener, type Child, type RunResult } from './tools.js';
+import { freePort, runOk, startChild, unixUri, waitForUnixListener, type Child } from './tools.js';
+
+/** The one run/runOk/skipUnlessTools lives in tools.ts; suites that import them from here keep working. */
+export { run, runOk, skipUnlessTools, type RunResult } from './tools.js';
 
 export type ServerKind = 'enbd' | 'nbdkit';
 
@@ -167,64 +169,4 @@ export async function assertServing(server: ServerUnderTest): Promise<void> {
   const result = await runOk('nbdinfo', ['--size', server.uri()], { timeoutMs: 30_000 });
   const size = Number(result.stdout.trim());
   if (size !== server.sizeBytes) throw new Error(`nbdinfo --size said ${result.stdout.trim()}, expected ${server.sizeBytes}`);
-}
-
-/**
- * For `describe(name, { skip: skipUnlessTools(...) })`: false when every tool is present;
- * otherwise throws under CI (a missing install must fail the suite) or returns a loud reason.
- */
-export function skipUnlessTools(...tools: string[]): string | false {
-  const missing = tools.filter((tool) => !hasTool(tool));
-  if (missing.length === 0) return false;
-  const message = `required tool(s) missing: ${missing.join(', ')}`;
-  if (isCi) throw new Error(`${message} (CI must install them; see .ci/run)`);
-  process.stderr.write(`SKIP: ${message}\n`);
-  return message;
-}
-
-/**
- * Run a tool to completion. Same contract as tools.ts `run`, but stdin is /dev/null unless
- * `input` is given and stdin errors are swallowed: with tools.ts `run`, a child that exits
- * before its stdin is ended makes `stdin.end('')` raise EPIPE as an uncaught exception, which
- * node:test then pins on whichever test happens to be running.
- */
-export async function run(
-  command: string,
-  args: string[],
-  options: { timeoutMs?: number; input?: string } = {},
-): Promise<RunResult> {
-  return await new Promise((resolveRun) => {
-    const stdin = options.input === undefined ? 'ignore' : 'pipe';
-    const child = spawn(command, args, { env: toolEnv, stdio: [stdin, 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout?.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
-    child.stderr?.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-    const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 120_000);
-    child.once('error', (error) => {
-      clearTimeout(timer);
-      resolveRun({ status: null, stdout, stderr: `${stderr}${String(error)}` });
-    });
-    child.once('close', (status) => {
-      clearTimeout(timer);
-      resolveRun({ status, stdout, stderr });
-    });
-    if (child.stdin !== null) {
-      child.stdin.on('error', () => undefined);
-      child.stdin.end(options.input);
-    }
-  });
-}
-
-/** Like run, but throws with the tool's output when it exits non-zero. */
-export async function runOk(
-  command: string,
-  args: string[],
-  options: { timeoutMs?: number; input?: string } = {},
-): Promise<RunResult> {
-  const result = await run(command, args, options);
-  if (result.status !== 0) {
-    throw new Error(`${command} ${args.join(' ')} exited ${String(result.status)}\n${result.stdout}\n${result.stderr}`);
-  }
-  return result;
 }

@@ -1,15 +1,19 @@
 /**
  * Test helpers for real NBD programs: tool detection that fails loudly under CI, scratch
- * directories, free ports, and child processes (nbdkit, enbd) that are always cleaned up.
+ * directories, free ports, and child processes (nbdkit, enbd) that are always cleaned up (the
+ * process harness itself is harness/process.ts, shared with the bench).
  * Threads: test process main thread.
  */
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { closeSync, existsSync, mkdtempSync, openSync, readFileSync, readSync, rmSync } from 'node:fs';
-import { connect as netConnect, createServer } from 'node:net';
+import { spawnSync, type ChildProcess } from 'node:child_process';
+import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync } from 'node:fs';
+import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { TestContext } from 'node:test';
+import { runToCompletion, spawnTracked, unixAccepts, waitForListener, type TrackedChild } from '../../harness/process.js';
+
+export { unixAccepts };
 
 export const isCi = process.env['CI'] === 'true' || process.env['CI'] === '1';
 export const repoRoot = resolve(new URL('../../../', import.meta.url).pathname);
@@ -28,17 +32,37 @@ export function hasTool(name: string): boolean {
   return known;
 }
 
+function missingToolsReason(tools: readonly string[]): string | null {
+  const missing = tools.filter((tool) => !hasTool(tool));
+  return missing.length === 0 ? null : `required tool(s) missing: ${missing.join(', ')}`;
+}
+
 /**
- * Returns true when every tool is present. Otherwise: under CI throws (a missing install step
- * must never turn the suite green); elsewhere skips the test with a loud reason.
+ * For `describe(name, { skip: skipUnlessTools(...) })`: false when every tool is present;
+ * otherwise throws under CI (a missing install step must never turn the suite green) or
+ * returns a loud reason.
+ */
+export function skipUnlessTools(...tools: string[]): string | false {
+  const reason = missingToolsReason(tools);
+  if (reason === null) return false;
+  if (isCi) throw new Error(`${reason} (CI must install them; see .ci/run)`);
+  process.stderr.write(`SKIP: ${reason}\n`);
+  return reason;
+}
+
+/**
+ * Returns true when every tool is present. Otherwise: under CI (or with no test context)
+ * throws; elsewhere skips the test with a loud reason.
  */
 export function requires(t: TestContext | null, ...tools: string[]): boolean {
-  const missing = tools.filter((tool) => !hasTool(tool));
-  if (missing.length === 0) return true;
-  const message = `required tool(s) missing: ${missing.join(', ')}`;
-  if (isCi || t === null) throw new Error(`${message} (CI must install them; see .ci/run)`);
-  process.stderr.write(`SKIP: ${message}\n`);
-  t.skip(message);
+  if (t === null) {
+    const reason = missingToolsReason(tools);
+    if (reason !== null) throw new Error(`${reason} (CI must install them; see .ci/run)`);
+    return true;
+  }
+  const reason = skipUnlessTools(...tools);
+  if (reason === false) return true;
+  t.skip(reason);
   return false;
 }
 
@@ -77,24 +101,6 @@ export async function waitFor(what: string, predicate: () => boolean, timeoutMs 
   }
 }
 
-/** True when something accepts a connection on the Unix socket right now. */
-export async function unixAccepts(socketPath: string): Promise<boolean> {
-  if (!existsSync(socketPath)) return false;
-  return await new Promise<boolean>((resolveTry) => {
-    const socket = netConnect(socketPath);
-    socket.once('connect', () => {
-      socket.destroy();
-      resolveTry(true);
-    });
-    socket.once('error', () => resolveTry(false));
-  });
-}
-
-/**
- * Waits until a server accepts connections on `socketPath`. The socket file alone is not
- * enough: a server binds (creating the file) before it listens, and a connect in between is
- * refused.
- */
 /** Reads exactly `lengthBytes` of a file at `offsetBytes` (a leg image, a served file). */
 export function readRange(path: string, offsetBytes: number, lengthBytes: number): Buffer {
   const fd = openSync(path, 'r');
@@ -125,51 +131,38 @@ export async function stopProcess(pid: number, timeoutMs = 5000): Promise<void> 
   }, timeoutMs);
 }
 
+/**
+ * Waits until a server accepts connections on `socketPath`. The socket file alone is not
+ * enough: a server binds (creating the file) before it listens, and a connect in between is
+ * refused.
+ */
 export async function waitForUnixListener(what: string, socketPath: string, child: Child, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    if (child.process.exitCode !== null || child.process.signalCode !== null) {
-      throw new Error(`${what} exited ${String(child.process.exitCode ?? child.process.signalCode)} before listening on ${socketPath}:\n${child.output()}`);
-    }
-    if (await unixAccepts(socketPath)) return;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what} to listen on ${socketPath}`);
-    await sleep(25);
+  const outcome = await waitForListener(socketPath, child.tracked, timeoutMs);
+  if (outcome === 'exited') {
+    throw new Error(`${what} exited ${String(child.process.exitCode ?? child.process.signalCode)} before listening on ${socketPath}:\n${child.output()}`);
   }
+  if (outcome === 'timeout') throw new Error(`timed out after ${timeoutMs} ms waiting for ${what} to listen on ${socketPath}`);
 }
 
 export interface Child {
   process: ChildProcess;
+  /** The harness's handle (exit promise, registry): harness/process.ts. */
+  tracked: TrackedChild;
   output(): string;
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
-const children = new Set<ChildProcess>();
-process.on('exit', () => {
-  for (const child of children) child.kill('SIGKILL');
-});
-
+/** A child of the test (harness/process.ts reaps it at exit), its output collected. */
 export function startChild(command: string, args: string[], options: { env?: NodeJS.ProcessEnv } = {}): Child {
-  const child = spawn(command, args, { env: options.env ?? toolEnv, stdio: ['ignore', 'pipe', 'pipe'] });
-  children.add(child);
+  const tracked = spawnTracked(command, args, { env: options.env ?? toolEnv });
   let output = '';
-  child.stdout?.on('data', (chunk: Buffer) => (output += chunk.toString()));
-  child.stderr?.on('data', (chunk: Buffer) => (output += chunk.toString()));
-  const exited = new Promise<number | null>((resolveExit) => {
-    child.once('exit', (code, signal) => {
-      children.delete(child);
-      resolveExit(code ?? (signal === null ? null : 128));
-    });
-  });
+  tracked.process.stdout?.on('data', (chunk: Buffer) => (output += chunk.toString()));
+  tracked.process.stderr?.on('data', (chunk: Buffer) => (output += chunk.toString()));
   return {
-    process: child,
+    process: tracked.process,
+    tracked,
     output: () => output,
-    stop: async (signal: NodeJS.Signals = 'SIGTERM') => {
-      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
-      const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
-      const code = await exited;
-      clearTimeout(timer);
-      return code;
-    },
+    stop: async (signal: NodeJS.Signals = 'SIGTERM') => await tracked.stop(signal, 10_000),
   };
 }
 
@@ -196,22 +189,18 @@ export interface RunResult {
   stderr: string;
 }
 
-/** Run a tool to completion (async, so servers in this process keep serving). */
+/**
+ * Runs a tool to completion (async, so servers in this process keep serving): harness/process.ts
+ * runToCompletion with the tools' PATH. stdin is /dev/null unless `input` is given; a spawn
+ * failure (ENOENT) resolves with status null and the error in stderr.
+ */
 export async function run(command: string, args: string[], options: { timeoutMs?: number; input?: string } = {}): Promise<RunResult> {
-  return await new Promise((resolveRun) => {
-    const child = spawn(command, args, { env: toolEnv, stdio: ['pipe', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stdout.on('data', (chunk: Buffer) => (stdout += chunk.toString()));
-    child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
-    child.stdin.on('error', () => undefined); // a tool may exit before reading its stdin (EPIPE)
-    const timer = setTimeout(() => child.kill('SIGKILL'), options.timeoutMs ?? 120_000);
-    child.once('close', (status) => {
-      clearTimeout(timer);
-      resolveRun({ status, stdout, stderr });
-    });
-    child.stdin.end(options.input ?? '');
+  const result = await runToCompletion(command, args, {
+    env: toolEnv,
+    timeoutMs: options.timeoutMs ?? 120_000,
+    ...(options.input !== undefined ? { input: options.input } : {}),
   });
+  return { status: result.status, stdout: result.stdout, stderr: result.stderr };
 }
 
 /** Like run, but throws with the tool's output when it exits non-zero. */

@@ -26,6 +26,7 @@ import { EnbdError } from '../../core/errors.js';
 import type { Logger } from '../../core/log.js';
 import type { BlockSizes } from '../../core/block-device.js';
 import { assert, isPowerOfTwo } from '../../core/assert.js';
+import { kTwoPow32 } from '../../core/u64.js';
 import {
   kBlockSizeMinimumMax,
   kClientFlagFixedNewstyle,
@@ -68,7 +69,6 @@ import { optionReplyErrorName } from '../protocol-names.js';
 
 /** Largest option reply payload the client accepts (REP_SERVER / INFO strings are <= 4 KiB). */
 export const kOptionReplyBytesMax = 64 * 1024;
-const kTwoPow32 = 0x1_0000_0000;
 // cliserv_magic 0x00420281861253 as u64 halves (what nbdkit -o sends after NBDMAGIC).
 const kOldstyleHigh = 0x00004202;
 const kOldstyleLow = 0x81861253;

@@ -23,6 +23,7 @@
  * - No allocation per reply on the data path (payload scratch grows rarely, bounded).
  */
 import { assert } from '../../core/assert.js';
+import { kTwoPow32 } from '../../core/u64.js';
 import {
   kCmdBlockStatus,
   kCmdRead,
@@ -45,7 +46,6 @@ import type { RequestTable } from './client-requests.js';
 export const kBlockStatusPayloadBytesMax = 4 + 8 * 1024 * 1024;
 /** Largest error chunk accepted: error, length, 4 KiB message, offset. */
 export const kErrorPayloadBytesMax = 4 + 2 + 4096 + 8;
-const kTwoPow32 = 0x1_0000_0000;
 
 const kStateHeader = 0;
 const kStatePayload = 1;

@@ -56,6 +56,8 @@
  */
 import type { Socket } from 'node:net';
 import { assert } from '../../core/assert.js';
+import { settlesWithin } from '../../core/timeout.js';
+import { kTwoPow32 } from '../../core/u64.js';
 import { EnbdError } from '../../core/errors.js';
 import type { Logger } from '../../core/log.js';
 import type {
@@ -108,7 +110,6 @@ const kUnprovenSocketErrors: ReadonlySet<string> = new Set(['ETIMEDOUT', 'EHOSTU
 /** Payload-less commands (TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS) are split at 1 GiB. */
 const kPayloadlessBytesMax = 1024 * 1024 * 1024;
 const kTimeoutEpochs = 5;
-const kTwoPow32 = 0x1_0000_0000;
 const kStateOpen = 0;
 const kStateDraining = 1;
 const kStateClosing = 2;
@@ -586,15 +587,7 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
   /** True once the socket closed, false after `timeoutMs`. */
   private async waitSocketClosed(timeoutMs: number): Promise<boolean> {
     if (this.state === kStateClosed) return true;
-    let timer: NodeJS.Timeout | null = null;
-    const expired = new Promise<boolean>((resolve) => {
-      timer = setTimeout(() => resolve(false), timeoutMs);
-    });
-    try {
-      return await Promise.race([this.socketClosed.then(() => true), expired]);
-    } finally {
-      if (timer !== null) clearTimeout(timer);
-    }
+    return await settlesWithin(this.socketClosed, timeoutMs);
   }
 
   /** Wait for requests in flight, send NBD_CMD_DISC, close. Idempotent; bounded. */

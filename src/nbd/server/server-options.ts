@@ -30,6 +30,7 @@
  * - Bytes that follow the option that ends negotiation are handed to the transmission phase.
  */
 import { assert } from '../../core/assert.js';
+import { kTwoPow32 } from '../../core/u64.js';
 import * as p from '../protocol.js';
 import { optionName } from '../protocol-names.js';
 import { kExtraContextIdFirst, matchMetaContexts, type MetaContextSource } from './meta-contexts.js';
@@ -99,7 +100,7 @@ function optionReply(option: number, replyType: number, data: Buffer | null): Bu
 
 function u64(value: number): Buffer {
   const bytes = Buffer.allocUnsafe(8);
-  bytes.writeUInt32BE(Math.floor(value / 0x1_0000_0000), 0);
+  bytes.writeUInt32BE(Math.floor(value / kTwoPow32), 0);
   bytes.writeUInt32BE(value >>> 0, 4);
   return bytes;
 }

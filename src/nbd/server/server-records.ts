@@ -27,7 +27,9 @@
 export const kRequestsPerConnection = 256;
 export const kRequestIndexBits = 8;
 /** 2^32: splits a u64 wire field into u32 halves (also used by the reply path). */
-export const kTwoPow32 = 0x1_0000_0000;
+import { kTwoPow32 } from '../../core/u64.js';
+
+export { kTwoPow32 };
 
 export const enum RecordState {
   Free = 0,

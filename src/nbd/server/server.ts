@@ -27,6 +27,7 @@ import { lstatSync, unlinkSync } from 'node:fs';
 import { createLogger, type Logger } from '../../core/log.js';
 import type { BlockDevice } from '../../core/block-device.js';
 import { assert, isPowerOfTwo } from '../../core/assert.js';
+import { withTimeout } from '../../core/timeout.js';
 import * as p from '../protocol.js';
 import type { ExportDescriptor } from './server-options.js';
 import { ServerConnection, type ConnectionHost } from './server-connection.js';
@@ -427,12 +428,7 @@ export class NbdServer implements ConnectionHost {
       this.stopSweep();
       return;
     }
-    let timer: NodeJS.Timeout | undefined;
-    const drained = await Promise.race([
-      idle.then(() => true),
-      new Promise<boolean>((resolve) => (timer = setTimeout(() => resolve(false), kShutdownDrainMs))),
-    ]);
-    clearTimeout(timer);
+    const drained = await withTimeout(idle.then(() => true), kShutdownDrainMs, false);
     if (!drained) {
       this.logger.warn({ inFlight: this.inFlight }, 'clients did not drain in time; dropping them');
       for (const connection of this.connections) connection?.close('server shutdown timed out');
