@@ -65,7 +65,7 @@ function buildProgram(): Command {
   const mirror = program
     .command('mirror')
     .description('export one device mirrored across N legs (with no --leg: the embedded default, two file legs under ./enbd-data)')
-    .option('--leg <uri>', 'a leg: nbd://host:port/export, nbd+unix:///export?socket=PATH, file:///path or a path (repeat)', (value: string, previous: string[]) => [...previous, value], [] as string[])
+    .option('--leg <[name=]uri>', 'a leg: nbd://host:port/export, nbd+unix:///export?socket=PATH, file:///path or a path, optionally NAME=URI (repeat; unnamed legs are a, b, c, ...)', (value: string, previous: string[]) => [...previous, value], [] as string[])
     .option('--config <file>', 'settings from a JSON or YAML file (flags win)')
     .option('-U, --socket <path>', 'listen on this Unix socket ("-": a private socket in a new temp dir)')
     .option('--listen <[host:]port>', 'listen on TCP (default 127.0.0.1:10809 when no --socket is given)')

@@ -25,6 +25,7 @@ import { installShutdown, type Shutdown } from './shutdown.js';
 import { ServiceNotifier } from './notify.js';
 import { takeListenFds } from './activation.js';
 import { describeLagging } from '../control/health.js';
+import { assignLegNames, legNameProblem, splitLegSpec, type LegSpec } from '../engine/leg-names.js';
 import { installHangup } from './hangup.js';
 import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits, type HostHabits } from './host.js';
 import { controlPathFor, startControlPlane, type ControlPlane } from '../control/plane.js';
@@ -33,6 +34,8 @@ import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
 
 export interface MirrorSettings {
   legs: string[];
+  /** Each leg's name from `NAME=URI` or `{ name, uri }` (null: automatic), by position in legs. */
+  legNames: Array<string | null>;
   socket: string | null;
   listen: string | null;
   name: string;
@@ -112,9 +115,14 @@ function text(value: unknown, what: string): string {
 export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSettings {
   const config = typeof flags['config'] === 'string' ? readConfig(flags['config']) : {};
   const pick = (key: string): unknown => flags[key] ?? config[key];
-  const legsValue = (flags['leg'] as string[] | undefined)?.length ? flags['leg'] : config['legs'];
-  if (legsValue !== undefined && !Array.isArray(legsValue)) throw new EnbdError('ENBD_ERR_CONFIG', 'legs must be a list of URIs');
-  const legs = (legsValue ?? []).map((leg: unknown, index: number) => text(leg, `leg ${index}`));
+  const fromFlags = (flags['leg'] as string[] | undefined)?.length !== undefined && (flags['leg'] as string[]).length > 0;
+  const legsValue = fromFlags ? flags['leg'] : config['legs'];
+  const legsWhere = fromFlags ? '--leg' : `legs in ${String(flags['config'])}`;
+  if (legsValue !== undefined && !Array.isArray(legsValue)) throw new EnbdError('ENBD_ERR_CONFIG', `${legsWhere} must be a list of [NAME=]URI strings or { name, uri } mappings`);
+  const specs = (legsValue ?? []).map((leg: unknown) => legSpecOf(leg, legsWhere));
+  const legs = specs.map((spec) => spec.uri);
+  const legNames = specs.map((spec) => spec.name);
+  assignLegNames(legNames); // a name given twice is refused here, before anything opens
   const copyMode = text(pick('copyMode') ?? 'shared', 'copyMode');
   if (copyMode !== 'shared' && copyMode !== 'per-leg') throw new EnbdError('ENBD_ERR_CONFIG', `--copy-mode must be shared or per-leg, got "${copyMode}"`);
   const placement = text(pick('placement') ?? 'workers', 'placement');
@@ -160,6 +168,7 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     degraded: pick('degraded') === true || pick('degraded') === 'true',
     readOnly: pick('readOnly') === true || pick('readOnly') === 'true',
     legs,
+    legNames,
     socket: socket === undefined ? null : text(socket, '--socket'),
     listen: listen === undefined ? null : text(listen, '--listen'),
     name: text(pick('name') ?? '', '--name'),
@@ -194,6 +203,24 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
       text(pick('payloadTimeoutMs') ?? kServerLimitDefaults.payloadTimeoutMs, '--payload-timeout'),
     ),
   };
+}
+
+/** One entry of --leg or the config's legs: `[NAME=]URI`, or `{ name, uri }` in the file. */
+function legSpecOf(value: unknown, where: string): LegSpec {
+  if (typeof value === 'string') return splitLegSpec(value, where);
+  if (value !== null && typeof value === 'object' && !Array.isArray(value)) {
+    const entry = value as Record<string, unknown>;
+    const unknownKey = Object.keys(entry).find((key) => key !== 'name' && key !== 'uri');
+    if (typeof entry['uri'] !== 'string' || entry['uri'] === '' || unknownKey !== undefined) {
+      throw new EnbdError('ENBD_ERR_CONFIG', `${where}: a mapping entry must be { name, uri } with a non-empty uri${unknownKey !== undefined ? `, got key "${unknownKey}"` : ''}`);
+    }
+    const name = entry['name'];
+    if (name === undefined || name === null) return { name: null, uri: entry['uri'] };
+    const problem = typeof name === 'string' ? legNameProblem(name) : 'must be a string';
+    if (problem !== null) throw new EnbdError('ENBD_ERR_CONFIG', `${where}: leg name "${String(name)}" ${problem}`);
+    return { name: name as string, uri: entry['uri'] };
+  }
+  throw new EnbdError('ENBD_ERR_CONFIG', `${where} must be a list of [NAME=]URI strings or { name, uri } mappings, got ${JSON.stringify(value)}`);
 }
 
 /** --ring-slots: a power of two from 2 to 4096, named as the user wrote it. */
@@ -383,6 +410,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
   const mirror = await MirrorDevice.open({
     ...(assembled !== undefined ? { metadata: assembled } : {}),
     legs: settings.legs,
+    legNames: settings.legNames,
     ...(settings.size !== undefined ? { sizeBytes: settings.size } : {}),
     ring: {
       ...(settings.ringSlots !== undefined ? { slotCount: settings.ringSlots } : {}),
@@ -516,7 +544,7 @@ function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: strin
   const meta = mirror.metadataStatus();
   if (meta !== null) lines.push(`  array: "${meta.arrayName}" ${meta.arrayUuid}, events ${meta.events}, write-intent chunk ${meta.bitmapChunkBytes} bytes`);
   else lines.push('  metadata: none (unprotected: a crash or a restart while degraded can serve stale data)');
-  for (const leg of mirror.legStatus()) lines.push(`  leg ${leg.index}: ${leg.uri} (${leg.kind}) ${leg.state}${leg.member != null ? `, member ${leg.member.slotIndex}` : ''}`);
+  for (const leg of mirror.legStatus()) lines.push(`  leg ${leg.name} (${leg.index}): ${leg.uri} (${leg.kind}) ${leg.state}${leg.member != null ? `, member ${leg.member.slotIndex}` : ''}`);
   if (activated.length > 0) lines.push(`  socket activation: ${activated.length} inherited listener${activated.length === 1 ? '' : 's'} (fd ${activated.join(', ')})`);
   for (const uri of uris) lines.push(`  export: ${uri}`);
   if (controlPath !== null) lines.push(`  control: ${controlPath} (enbd status --control ${controlPath})`);
