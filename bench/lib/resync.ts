@@ -36,8 +36,8 @@ import { pino } from 'pino';
 import { assert } from '../../src/core/assert.js';
 import type { Logger } from '../../src/core/log.js';
 import { MirrorDevice, type LegState, type MirrorEvent } from '../../src/engine/mirror.js';
-import { NbdClient } from '../../src/nbd/client.js';
-import { createNbdServer, type NbdServer } from '../../src/nbd/server.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
+import { createNbdServer, type NbdServer } from '../../src/nbd/server/server.js';
 import { unixUri } from './case.js';
 import { runTool, startProcess, type ManagedProcess } from './proc.js';
 

@@ -31,7 +31,7 @@ import { assert } from '../core/assert.js';
 import { isLogLevel, type Logger } from '../core/log.js';
 import type { MirrorDevice, MirrorEvent } from '../engine/mirror.js';
 import type { LegStats } from '../engine/messages.js';
-import type { NbdServer } from '../nbd/server.js';
+import type { NbdServer } from '../nbd/server/server.js';
 import { commandNames } from '../nbd/protocol.js';
 import { kSlotStateAllocated, kSlotStateDispatched, kMaxLegs } from '../ring/layout.js';
 import {

@@ -19,7 +19,7 @@ import { join, resolve } from 'node:path';
 import { EnbdError } from '../core/errors.js';
 import type { Logger } from '../core/log.js';
 import type { MirrorDevice } from '../engine/mirror.js';
-import type { NbdServer } from '../nbd/server.js';
+import type { NbdServer } from '../nbd/server/server.js';
 import { MirrorControl } from './handlers.js';
 import { ControlServer } from './server.js';
 

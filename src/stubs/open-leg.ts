@@ -9,7 +9,7 @@ import { fileURLToPath } from 'node:url';
 import type { BlockDevice } from '../core/block-device.js';
 import type { Logger } from '../core/log.js';
 import { EnbdError, describeError } from '../core/errors.js';
-import { NbdClient } from '../nbd/client.js';
+import { NbdClient } from '../nbd/client/client.js';
 import { parseNbdUri, type NbdAddress } from '../nbd/uri.js';
 import { FileDevice } from './file-device.js';
 

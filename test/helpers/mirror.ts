@@ -19,8 +19,8 @@ import assert from 'node:assert/strict';
 import { createLogger } from '../../src/core/log.js';
 import { MirrorDevice, type MirrorOptions } from '../../src/engine/mirror.js';
 import type { CopyMode, Placement } from '../../src/engine/messages.js';
-import { NbdClient } from '../../src/nbd/client.js';
-import { createNbdServer, type NbdServer } from '../../src/nbd/server.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
+import { createNbdServer, type NbdServer } from '../../src/nbd/server/server.js';
 import { enbdCli } from './serve.js';
 import { runOk, toolEnv, unixUri } from './tools.js';
 

@@ -11,7 +11,7 @@ import { kVersion } from '../../src/core/version.js';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { createLogger } from '../../src/core/log.js';
-import { NbdClient } from '../../src/nbd/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 import { startMetricsServer, type MetricsServer } from '../../src/metrics/metrics.js';
 import { freePort, scratch, startNbdkit, unixUri, type Child, type Scratch } from '../helpers/tools.js';
 import { skipUnlessTools } from '../helpers/serve.js';

@@ -14,7 +14,7 @@ import { connect } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { EnbdError } from '../../src/core/errors.js';
 import type { LegState, MirrorDevice } from '../../src/engine/mirror.js';
-import { NbdClient } from '../../src/nbd/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 import * as p from '../../src/nbd/protocol.js';
 import { run, scratch, startNbdkit, unixUri, waitFor, type Child, type Scratch } from '../helpers/tools.js';
 import { skipUnlessTools } from '../helpers/serve.js';

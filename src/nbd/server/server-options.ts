@@ -29,8 +29,8 @@
  * - Option data above kOptionBytesMax is treated as a denial of service: hard disconnect.
  * - Bytes that follow the option that ends negotiation are handed to the transmission phase.
  */
-import { assert } from '../core/assert.js';
-import * as p from './protocol.js';
+import { assert } from '../../core/assert.js';
+import * as p from '../protocol.js';
 
 /** What the server exports; encodings are precomputed once per export. */
 export interface ExportDescriptor {

@@ -42,10 +42,10 @@
  */
 import { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
-import type { Logger } from '../core/log.js';
-import type { BlockDevice, Extent } from '../core/block-device.js';
-import { assert } from '../core/assert.js';
-import * as p from './protocol.js';
+import type { Logger } from '../../core/log.js';
+import type { BlockDevice, Extent } from '../../core/block-device.js';
+import { assert } from '../../core/assert.js';
+import * as p from '../protocol.js';
 import { OptionNegotiator, encodeGreeting, type ExportDescriptor, type NegotiatedState } from './server-options.js';
 import { validateRequest, type ValidationContext } from './request-validate.js';
 import type { BufferShare, ShareUser } from './buffer-share.js';

@@ -22,10 +22,10 @@
  * - Option reply payloads are bounded (kOptionReplyBytesMax) so a hostile server cannot make
  *   the client buffer without limit.
  */
-import { EnbdError } from '../core/errors.js';
-import type { Logger } from '../core/log.js';
-import type { BlockSizes } from '../core/block-device.js';
-import { assert, isPowerOfTwo } from '../core/assert.js';
+import { EnbdError } from '../../core/errors.js';
+import type { Logger } from '../../core/log.js';
+import type { BlockSizes } from '../../core/block-device.js';
+import { assert, isPowerOfTwo } from '../../core/assert.js';
 import {
   kBlockSizeMinimumMax,
   kClientFlagFixedNewstyle,
@@ -68,7 +68,7 @@ import {
   kRepMetaContext,
   kStringBytesMax,
   kTxFlagHasFlags,
-} from './protocol.js';
+} from '../protocol.js';
 
 /** Largest option reply payload the client accepts (REP_SERVER / INFO strings are <= 4 KiB). */
 export const kOptionReplyBytesMax = 64 * 1024;

@@ -50,16 +50,16 @@
  *         any state --socket lost / destroy()--> CLOSED
  */
 import { connect as netConnect, type Socket } from 'node:net';
-import { assert } from '../core/assert.js';
-import { EnbdError } from '../core/errors.js';
-import type { Logger } from '../core/log.js';
+import { assert } from '../../core/assert.js';
+import { EnbdError } from '../../core/errors.js';
+import type { Logger } from '../../core/log.js';
 import type {
   BlockDevice,
   BlockSizes,
   CompletionHandler,
   DeviceFeatures,
   Extent,
-} from '../core/block-device.js';
+} from '../../core/block-device.js';
 import {
   commandNames,
   errnoNames,
@@ -85,8 +85,8 @@ import {
   kTxFlagSendFua,
   kTxFlagSendTrim,
   kTxFlagSendWriteZeroes,
-} from './protocol.js';
-import { describeNbdAddress, formatNbdUri, parseNbdUri, type NbdAddress } from './uri.js';
+} from '../protocol.js';
+import { describeNbdAddress, formatNbdUri, parseNbdUri, type NbdAddress } from '../uri.js';
 import { negotiateClient, type HandshakeIo, type HandshakeResult } from './client-handshake.js';
 import { RequestTable } from './client-requests.js';
 import { ReplyParser, type ReplyEvents } from './client-replies.js';

@@ -22,7 +22,7 @@
  * - Unknown error values are reported as EINVAL; an unknown error chunk type fails the request.
  * - No allocation per reply on the data path (payload scratch grows rarely, bounded).
  */
-import { assert } from '../core/assert.js';
+import { assert } from '../../core/assert.js';
 import {
   kCmdBlockStatus,
   kCmdRead,
@@ -45,7 +45,7 @@ import {
   kSimpleReplyMagic,
   kStructuredReplyHeaderBytes,
   kStructuredReplyMagic,
-} from './protocol.js';
+} from '../protocol.js';
 import type { RequestTable } from './client-requests.js';
 
 /** Largest block status chunk accepted: 2^20 extents (the spec's SHOULD NOT exceed) + id. */
