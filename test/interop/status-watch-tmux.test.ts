@@ -11,7 +11,7 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { randomBytes } from 'node:crypto';
-import { NbdClient } from '../../src/nbd/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 import { scratch, startNbdkit, unixUri, type Child, type Scratch } from '../helpers/tools.js';
 import { run, skipUnlessTools } from '../helpers/serve.js';
 import { enbdCli, startMirror, stopAllMirrors } from '../helpers/mirror.js';
