@@ -21,8 +21,7 @@ import { formatCeiling, formatRate, formatStatus } from '../control/format.js';
 import { TerminalStatusView } from '../control/watch-view.js';
 import type { ControlEvent } from '../control/protocol.js';
 import { runRepl } from '../control/repl-client.js';
-import { EnbdError } from '../core/errors.js';
-import { parseBytes, parseInteger } from './parse.js';
+import { parseBytes, parseInteger, usageError } from './parse.js';
 import { splitLegSpec } from '../engine/leg-names.js';
 
 const kLogLevels = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
@@ -158,6 +157,7 @@ function reportUnreachable(error: unknown, json: boolean): void {
 async function runStatus(options: StatusOptions): Promise<void> {
   // flag errors are usage errors (main.ts), not "cannot reach the daemon"
   if (options.watch === true) parseInteger('--interval', options.interval, 100, 3_600_000);
+  if (options.count !== undefined) parseInteger('--count', options.count, 1, 1_000_000_000);
   let code: number;
   try {
     code = await withClient(options, async (client) => {
@@ -194,7 +194,7 @@ async function runWait(options: WaitOptions): Promise<void> {
   if (options.timeout !== undefined) {
     const seconds = parseSeconds(options.timeout);
     if (seconds === null || seconds > kWaitTimeoutSecondsMax) {
-      throw new EnbdError('ENBD_ERR_CONFIG', `--timeout must be a duration (30, 1.5, 500ms, 2s, 1m, 1h) up to a year, got "${options.timeout}"`);
+      throw usageError('--timeout', 'a duration (30, 1.5, 500ms, 2s, 1m, 1h) up to a year', options.timeout);
     }
     timeoutSeconds = seconds;
   }
@@ -273,7 +273,7 @@ function registerLegCommands(program: Command): void {
   }
   addControlOption(leg.command('add').description('add a leg (same size or larger); it gets a full resync and the given name, else the next free automatic one').argument('<[name=]uri>', 'NAME=URI or URI: nbd://..., nbd+unix:///...?socket=..., file:///path or a path'))
     .action(async (text: string, options: ControlOption) => {
-      const spec = splitLegSpec(text, 'enbd leg add');
+      const spec = splitLegSpec(text, '<[name=]uri>');
       const params = spec.name === null ? { uri: spec.uri } : { uri: spec.uri, name: spec.name };
       const result = await withClient(options, async (client) => await client.call('leg.add', params));
       say(`leg ${result.name} added: ${result.state} (full resync from an in-sync leg)`);

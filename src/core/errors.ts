@@ -13,6 +13,8 @@ export type EnbdErrorCode =
   | 'ENBD_ERR_CLOSED'
   | 'ENBD_ERR_NBD_REPLY'
   | 'ENBD_ERR_CONFIG'
+  /** A bad flag or config value: the CLI exits 2 (a usage error, as commander's own). */
+  | 'ENBD_ERR_USAGE'
   | 'ENBD_ERR_URI'
   | 'ENBD_ERR_LEG'
   /** On-leg metadata (src/meta): a bad superblock, a leg too small, a refused create. */

@@ -30,6 +30,8 @@ export function legNameProblem(name: string): string | null {
   return null;
 }
 
+const kSpecForm = `[NAME=]URI with a NAME of 1 to ${kLegNameCharsMax} letters, digits, _ or - (not all digits) and a URI after "="`;
+
 export interface LegSpec {
   name: string | null;
   uri: string;
@@ -37,16 +39,15 @@ export interface LegSpec {
 
 /**
  * Splits `[NAME=]URI`. `what` names the source for errors ("--leg", "legs in mirror.yaml").
- * Throws EnbdError('ENBD_ERR_CONFIG') for a bad name or an empty URI.
+ * Throws EnbdError('ENBD_ERR_USAGE') for a bad name or an empty URI ("--leg must be ...").
  */
 export function splitLegSpec(text: string, what: string): LegSpec {
   const at = text.indexOf('=');
   const prefix = at < 0 ? '' : text.slice(0, at);
   if (at <= 0 || prefix.includes(':') || prefix.includes('/')) return { name: null, uri: text };
   const problem = legNameProblem(prefix);
-  if (problem !== null) throw new EnbdError('ENBD_ERR_CONFIG', `${what}: leg name "${prefix}" ${problem}, got "${text}"`);
   const uri = text.slice(at + 1);
-  if (uri === '') throw new EnbdError('ENBD_ERR_CONFIG', `${what}: leg ${prefix} has no URI after "=", got "${text}"`);
+  if (problem !== null || uri === '') throw new EnbdError('ENBD_ERR_USAGE', `${what} must be ${kSpecForm}, got ${JSON.stringify(text)}`);
   return { name: prefix, uri };
 }
 
@@ -77,7 +78,7 @@ export function assignLegNames(given: ReadonlyArray<string | null | undefined>):
   const taken = new Set<string>();
   for (const name of given) {
     if (name === null || name === undefined) continue;
-    if (taken.has(name)) throw new EnbdError('ENBD_ERR_CONFIG', `leg name "${name}" is given to two legs`);
+    if (taken.has(name)) throw new EnbdError('ENBD_ERR_USAGE', `--leg must give each leg name once, got ${name} twice`);
     taken.add(name);
   }
   const none = new Set<string>();
