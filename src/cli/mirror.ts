@@ -30,7 +30,10 @@ import { installHangup } from './hangup.js';
 import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits, type HostHabits } from './host.js';
 import { controlPathFor, startControlPlane, type ControlPlane } from '../control/plane.js';
 import { checkTcpFree, checkUnixFree } from '../core/listen.js';
+import { checkGranularity } from '../engine/checkpoints.js';
+import { mirrorStatusContexts } from '../engine/status-contexts.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
+import { kConnectionActorEntry } from './actor-entry.js';
 
 export interface MirrorSettings {
   legs: string[];
@@ -77,9 +80,11 @@ export interface MirrorSettings {
   tls: ServerTlsSettings;
   /** -r/--read-only: the export refuses writes (EPERM); resyncs still write the legs. */
   readOnly: boolean;
+  /** --checkpoint-granularity: bytes per bit of every checkpoint (changed-block tracking). */
+  checkpointGranularity: number;
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly', 'checkpointGranularity']);
 const kDefaultLegBytes = 1024 ** 3;
 
 function readConfig(path: string): Record<string, unknown> {
@@ -115,6 +120,7 @@ const kFlagOfKey: Record<string, string> = {
   receive: '--receive', control: '--control', metrics: '--metrics', maxConnections: '--max-connections', handshakeTimeoutMs: '--handshake-timeout',
   payloadTimeoutMs: '--payload-timeout', metadata: '--metadata', forceSource: '--force-source', degraded: '--degraded', tls: '--tls',
   tlsCertificates: '--tls-certificates', tlsVerifyPeer: '--tls-verify-peer', tlsPsk: '--tls-psk', readOnly: '--read-only',
+  checkpointGranularity: '--checkpoint-granularity',
 };
 
 /**
@@ -215,6 +221,7 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     forceSource: forceSource === undefined ? null : parseInteger(from.name('forceSource'), forceSource, 0, 31),
     degraded: from.flag('degraded', false),
     readOnly: from.flag('readOnly', false),
+    checkpointGranularity: checkGranularity(parseBytes(from.name('checkpointGranularity'), from.text('checkpointGranularity', '64K'))),
     legs,
     legNames,
     socket: from.text('socket') ?? null,
@@ -491,6 +498,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     ...(assembled !== undefined ? { metadata: assembled } : {}),
     legs: settings.legs,
     legNames: settings.legNames,
+    checkpointGranularityBytes: settings.checkpointGranularity,
     ...(settings.size !== undefined ? { sizeBytes: settings.size } : {}),
     ring: {
       ...(settings.ringSlots !== undefined ? { slotCount: settings.ringSlots } : {}),
@@ -498,6 +506,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     },
     copyMode: settings.copyMode,
     placement: settings.placement,
+    actorEntry: kConnectionActorEntry,
     logger,
     logLevel: settings.logLevel,
     legTimeoutMs: settings.legTimeoutMs,
@@ -523,6 +532,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     directReceive: settings.receive === 'direct',
     tls: serverTls,
     readOnly: settings.readOnly,
+    metaContexts: mirrorStatusContexts(mirror),
   });
   const uris: string[] = [];
   // With --tls require the export URIs are the nbds forms (plain clients are refused).

@@ -1,6 +1,7 @@
 /**
  * Messages of the control socket (inside the frames of frame.ts) and the shapes of their
- * results. Plain data only: both ends (daemon and CLI) import this file.
+ * results. Plain data only: both ends (daemon and CLI) import this file, and it imports only
+ * core (errors.ts for ProtocolError's base, the types-only status-types.ts): nothing above it.
  *
  * Threads: the daemon's main thread and the CLI client's.
  *
@@ -18,8 +19,50 @@
  * - A frame that is not a request of this shape closes the connection (the daemon logs why);
  *   an unknown method is answered with ENBD_CTL_UNKNOWN_METHOD and then closes it too.
  */
-import type { ResyncProgress } from '../engine/resync.js';
-import type { KeeperStatus } from '../engine/meta-keeper.js';
+import { EnbdError } from '../core/errors.js';
+import type { BitmapSnapshot, KeeperStatus, ResyncProgress } from '../core/status-types.js';
+
+/** Checkpoint (changed-block tracking) methods: src/control/checkpoint-handlers.ts. */
+export const kCheckpointMethods = ['checkpoint.create', 'checkpoint.list', 'checkpoint.remove', 'checkpoint.freeze', 'checkpoint.runs'] as const;
+export type CheckpointMethod = (typeof kCheckpointMethods)[number];
+
+/** A checkpoint as the daemon reports it (the engine's CheckpointInfo, plain data). */
+export interface CheckpointView {
+  name: string;
+  createdMs: number;
+  state: 'active' | 'frozen';
+  granularityBytes: number;
+  changedBytes: number;
+}
+
+export interface CheckpointListResult {
+  granularityBytes: number;
+  /** The checkpoints live in the on-leg metadata (false: --metadata none, memory only). */
+  persistent: boolean;
+  checkpoints: CheckpointView[];
+}
+
+export interface CheckpointActionResult {
+  checkpoint: CheckpointView;
+  persistent: boolean;
+}
+
+export interface CheckpointFreezeResult {
+  frozen: CheckpointView;
+  created: CheckpointView;
+  persistent: boolean;
+  sizeBytes: number;
+}
+
+export interface CheckpointRunsResult {
+  name: string;
+  sizeBytes: number;
+  /** Changed runs from the asked offset, in order; `nextOffsetBytes` null when the end was reached. */
+  runs: Array<{ offsetBytes: number; lengthBytes: number }>;
+  nextOffsetBytes: number | null;
+}
+
+export const kCheckpointRunsMax = 4096;
 
 export const kControlMethods = [
   'status',
@@ -35,6 +78,7 @@ export const kControlMethods = [
   'resync.rate',
   'log.level',
   'repl.eval',
+  ...kCheckpointMethods,
 ] as const;
 
 export type ControlMethod = (typeof kControlMethods)[number];
@@ -74,12 +118,12 @@ export interface ControlEvent {
 export type ServerMessage = ({ kind: 'response' } & ControlResponse) | ({ kind: 'event' } & ControlEvent);
 
 /** A frame that does not hold a message of the expected shape. */
-export class ProtocolError extends Error {
-  readonly code = kControlErrorCodes.badRequest;
+export class ProtocolError extends EnbdError {
+  declare readonly code: typeof kControlErrorCodes.badRequest;
   /** The request id when it could be read (the daemon then answers before closing). */
   readonly id: number | null;
   constructor(message: string, id: number | null = null) {
-    super(message);
+    super(kControlErrorCodes.badRequest, message);
     this.name = 'ProtocolError';
     this.id = id;
   }
@@ -135,7 +179,7 @@ function describeType(value: unknown): string {
 
 // ---- results ------------------------------------------------------------------------------
 
-/** The engine's resync progress, as the daemon sends it (a type-only import: no engine code). */
+/** The engine's resync progress, as the daemon sends it (a plain shape from core/status-types.ts). */
 export type ResyncProgressView = ResyncProgress;
 
 export interface LegView {
@@ -192,20 +236,8 @@ export interface StatusResult {
   metadata: MetadataView | null;
 }
 
-export interface BitmapResult {
-  leg: number;
-  deviceBytes: number;
-  chunkBytes: number;
-  dirtyBytes: number;
-  dirtyChunks: number;
-  pagesInUse: number;
-  poolPages: number;
-  freePages: number;
-  sentinelPages: number;
-  memoryBytes: number;
-  /** The first dirty runs, in bytes (at most kBitmapRunsMax). */
-  firstRuns: Array<{ offsetBytes: number; lengthBytes: number }>;
-}
+/** A leg's dirty map: the engine's snapshot as it is (firstRuns: at most kBitmapRunsMax). */
+export type BitmapResult = BitmapSnapshot;
 
 export interface SlotView {
   slot: number;
@@ -268,6 +300,11 @@ export interface ControlResults {
   'resync.rate': ResyncRatesResult;
   'log.level': LogLevelResult;
   'repl.eval': ReplEvalResult;
+  'checkpoint.create': CheckpointActionResult;
+  'checkpoint.list': CheckpointListResult;
+  'checkpoint.remove': CheckpointActionResult;
+  'checkpoint.freeze': CheckpointFreezeResult;
+  'checkpoint.runs': CheckpointRunsResult;
 }
 
 /** Events pushed to subscribers. */

@@ -42,6 +42,7 @@ import { assert } from '../core/assert.js';
 import { EnbdError } from '../core/errors.js';
 import { portEndpoint } from '../core/comlink-endpoint.js';
 import * as p from '../nbd/protocol.js';
+import { commandNames, errnoNames } from '../nbd/protocol-names.js';
 import { RequestRing } from '../ring/request-ring.js';
 import { kMaxLegs, type RingOptions } from '../ring/layout.js';
 import { Doorbell, SpscQueue } from '../ring/spsc-queue.js';
@@ -59,9 +60,11 @@ import { Resync, type ResyncHost, type ResyncProgress, type ResyncRates } from '
 import { LegActor } from './leg-actor.js';
 import type { CopyMode, LegActorApi, LegActorInit, LegDeviceOpener, LegInfo, LegStats, Placement } from './messages.js';
 import { MetaKeeper, type KeeperStatus } from './meta-keeper.js';
+import { CheckpointSet, checkpointOperations, type CheckpointOperations } from './checkpoints.js';
 import type { AssembledArray } from '../meta/assemble.js';
 import { bitmapTest } from '../meta/leg-meta.js';
 import { assignLegNames, legNameProblem, nextAutoLegName, resolveLegRef } from './leg-names.js';
+import { bitmapSnapshotOf, legStatsWithin, ringCountersOf, slotsSnapshotOf, type BitmapSnapshot, type MirrorDebugHandles, type RingCounters, type SlotsSnapshot } from './snapshots.js';
 
 export interface MirrorOptions {
   legs: string[];
@@ -118,6 +121,13 @@ export interface MirrorOptions {
   metadata?: AssembledArray;
   /** Metadata heartbeat and lazy bitmap clearing period (ms, default 5000). */
   heartbeatMs?: number;
+  /** Checkpoint (changed-block tracking) granularity in bytes; default 64 KiB. */
+  checkpointGranularityBytes?: number;
+  /**
+   * The connection actor's worker entry (`placement: 'workers'`, needed then): the caller
+   * knows where the build put it (src/cli/actor-entry.ts kConnectionActorEntry).
+   */
+  actorEntry?: URL;
 }
 
 export type { LegState } from './leg-health.js';
@@ -183,8 +193,6 @@ const kUnflushedPoolPages = 16;
 /** Errors that answer the request itself (every leg would say the same), not the leg's health. */
 const kRequestLevelErrnos = new Set([p.kEInval, p.kENoSpc, p.kENotSup, p.kEPerm, p.kEOverflow]);
 
-const kWorkerUrl = new URL('../../actors/connection-actor.js', import.meta.url);
-
 
 interface PendingSubmit {
   command: number;
@@ -246,8 +254,8 @@ export class MirrorDevice implements BlockDevice {
     return this.ring.slotBytes;
   }
   onBufferAvailable: (() => void) | null = null;
-  readonly ring: RequestRing;
-  readonly legs: Leg[] = [];
+  private readonly ring: RequestRing;
+  private readonly legs: Leg[] = [];
   private readonly doorbell: Doorbell;
   private readonly rangeLock: RangeLock;
   private readonly granted: Int32Array;
@@ -294,6 +302,8 @@ export class MirrorDevice implements BlockDevice {
   inFlight = 0;
   /** The on-leg metadata keeper (null: --metadata none). */
   private keeper: MetaKeeper | null = null;
+  /** Changed-block tracking (src/engine/checkpoints.ts); set once the geometry is known. */
+  private checkpointSet: CheckpointSet | null = null;
   /** The keeper's reserved ring run (metadata I/O, one request at a time), -1 when none. */
   private metaSlot = -1;
   private metaDone: ((failed: number) => void) | null = null;
@@ -380,6 +390,9 @@ export class MirrorDevice implements BlockDevice {
       throw new EnbdError('ENBD_ERR_CONFIG', 'openDevice needs placement "inline"');
     }
     for (const uri of options.legs) parseLegUri(uri); // clear URI errors before any thread starts
+    if (options.placement !== 'inline' && options.actorEntry === undefined) {
+      throw new EnbdError('ENBD_ERR_CONFIG', 'placement "workers" needs actorEntry (the connection actor\'s worker entry)');
+    }
     const mirror = new MirrorDevice(options);
     try {
       await mirror.startLegs(options);
@@ -447,6 +460,7 @@ export class MirrorDevice implements BlockDevice {
     this.settleGeometry(options.metadata?.plan.layout.dataSizeBytes ?? options.sizeBytes);
     this.flushTracking = this.features.flush && options.flushTracking !== false;
     for (const leg of this.legs) this.createMaps(leg);
+    this.checkpointSet = new CheckpointSet(this.sizeBytes, options.checkpointGranularityBytes);
     this.pumpCompletions();
     if (options.metadata !== undefined) await this.startKeeper(options.metadata);
   }
@@ -487,7 +501,7 @@ export class MirrorDevice implements BlockDevice {
       forEachWriteInFlight: (visit) => this.forEachWriteInFlight(visit),
       contentsUnknown: (leg) => this.contentsUnknown(leg),
       isClosed: () => this.closed,
-    }, assembled, { logger: this.logger, ...(this.options.heartbeatMs !== undefined ? { heartbeatMs: this.options.heartbeatMs } : {}) });
+    }, assembled, { logger: this.logger, checkpoints: this.checkpoints, ...(this.options.heartbeatMs !== undefined ? { heartbeatMs: this.options.heartbeatMs } : {}) });
     const full = assembled.legs.flatMap((planned, index) => (planned.role === 'full-resync' ? [this.legs[index] as Leg] : []));
     if (full.length > 0) await this.skipZeroRanges(full);
     for (const leg of this.legs) {
@@ -610,6 +624,18 @@ export class MirrorDevice implements BlockDevice {
     }
   }
 
+  /** The checkpoints (changed-block tracking); available once the mirror is open. */
+  get checkpoints(): CheckpointSet {
+    assert(this.checkpointSet !== null, 'checkpoints exist once the mirror is open');
+    return this.checkpointSet;
+  }
+
+  /** The operator's checkpoint actions (src/engine/checkpoints.ts), durable through the keeper. */
+  checkpointOperations(): CheckpointOperations {
+    const keeper = this.keeper;
+    return checkpointOperations(this.checkpoints, (visit) => this.forEachWriteInFlight(visit), keeper === null ? null : async () => await keeper.persistCheckpoints());
+  }
+
   /** The on-leg metadata, or null with --metadata none. */
   metadataStatus(): KeeperStatus | null {
     return this.keeper?.status() ?? null;
@@ -623,7 +649,9 @@ export class MirrorDevice implements BlockDevice {
       return leg;
     }
     const channel = new MessageChannel();
-    const worker = new Worker(kWorkerUrl, {
+    const entry = this.options.actorEntry;
+    assert(entry !== undefined, 'open() refuses placement workers without actorEntry');
+    const worker = new Worker(entry, {
       workerData: { ...init, copyPort: channel.port2 },
       transferList: [channel.port2],
     });
@@ -962,6 +990,8 @@ export class MirrorDevice implements BlockDevice {
       if (phase === 1) {
         if (!this.copier.prepareRead(slot)) return;
       } else if (phase === 0 && isDataChanging(ring.command(slot))) {
+        // Checkpoints are marked before any leg gets the data (so before the ack).
+        this.checkpointSet?.mark(ring.offsetBytes(slot), ring.lengthBytes(slot));
         // Write intent: the chunks' bits are durable on the legs before any leg gets the data.
         const keeper = this.keeper;
         if (keeper !== null && !keeper.covers(ring.offsetBytes(slot), ring.lengthBytes(slot))) {
@@ -1139,10 +1169,10 @@ export class MirrorDevice implements BlockDevice {
 
   /** Every leg that failed the request (with a leg-level error, or while others succeeded) fails. */
   private failLegsOf(slot: number, command: number, target: number, failed: number): void {
-    const name = p.commandNames[command] ?? String(command);
+    const name = commandNames[command] ?? String(command);
     for (const leg of this.legs) {
       if ((failed & leg.bit) === 0) continue;
-      const errnoName = p.errnoNames[this.ring.legErrno(slot, leg.index)] ?? 'an error';
+      const errnoName = errnoNames[this.ring.legErrno(slot, leg.index)] ?? 'an error';
       this.lifecycle.failLeg(leg, failed === target ? `${name} failed on every leg (${errnoName} here)` : `${name} failed with ${errnoName} while other legs succeeded`);
     }
   }
@@ -1156,7 +1186,7 @@ export class MirrorDevice implements BlockDevice {
     if (!kRequestLevelErrnos.has(errno)) {
       // The leg could not read what it should hold: that range needs a copy from a good leg.
       this.markUnlessSole(failedLeg, offsetBytes, lengthBytes);
-      this.lifecycle.failLeg(failedLeg, `${p.commandNames[ring.command(slot)] ?? 'READ'} failed with ${p.errnoNames[errno] ?? errno}`);
+      this.lifecycle.failLeg(failedLeg, `${commandNames[ring.command(slot)] ?? 'READ'} failed with ${errnoNames[errno] ?? errno}`);
     }
     const next = this.pickReadLeg(this.slots.tried[slot] ?? 0, offsetBytes, lengthBytes);
     if (next === null || errno === p.kEInval) {
@@ -1285,7 +1315,7 @@ export class MirrorDevice implements BlockDevice {
 
   private legAt(index: number): Leg {
     const leg = this.legs[index];
-    if (leg === undefined) throw new EnbdError('ENBD_ERR_CONFIG', `no leg ${index} (legs are 0..${this.legs.length - 1})`);
+    if (leg === undefined) throw new EnbdError('ENBD_ERR_REFUSED', `no leg ${index} (legs are 0..${this.legs.length - 1})`);
     return leg;
   }
 
@@ -1306,10 +1336,10 @@ export class MirrorDevice implements BlockDevice {
    */
   private refuseIfLastCopy(leg: Leg, verb: string, others: Leg[]): void {
     if (leg.state === 'in-sync' && !others.some((other) => other.state === 'in-sync')) {
-      throw new EnbdError('ENBD_ERR_CONFIG', `leg ${leg.name} is the last in-sync leg; refusing to ${verb} it`);
+      throw new EnbdError('ENBD_ERR_REFUSED', `leg ${leg.name} is the last in-sync leg; refusing to ${verb} it`);
     }
     if (this.lifecycle.soleHolder(leg, others)) {
-      throw new EnbdError('ENBD_ERR_CONFIG', `leg ${leg.name} alone holds some of the device's acknowledged data; refusing to ${verb} it`);
+      throw new EnbdError('ENBD_ERR_REFUSED', `leg ${leg.name} alone holds some of the device's acknowledged data; refusing to ${verb} it`);
     }
   }
 
@@ -1342,17 +1372,17 @@ export class MirrorDevice implements BlockDevice {
    * the next automatic one no leg held in this run.
    */
   async addLeg(uri: string, name: string | null = null): Promise<number> {
-    if (this.closed) throw new EnbdError('ENBD_ERR_CONFIG', 'the mirror is shutting down');
+    if (this.closed) throw new EnbdError('ENBD_ERR_REFUSED', 'the mirror is shutting down');
     parseLegUri(uri);
-    if (this.legs.some((leg) => leg.state !== 'removed' && leg.uri === uri)) throw new EnbdError('ENBD_ERR_CONFIG', `${uri} is already a leg`);
+    if (this.legs.some((leg) => leg.state !== 'removed' && leg.uri === uri)) throw new EnbdError('ENBD_ERR_REFUSED', `${uri} is already a leg`);
     const live = new Set(this.legs.filter((leg) => leg.state !== 'removed').map((leg) => leg.name));
     const nameProblem = name === null ? null : legNameProblem(name);
-    if (nameProblem !== null) throw new EnbdError('ENBD_ERR_CONFIG', `leg name "${name}" ${nameProblem}`);
-    if (name !== null && live.has(name)) throw new EnbdError('ENBD_ERR_CONFIG', `a leg is already named ${name}`);
+    if (nameProblem !== null) throw new EnbdError('ENBD_ERR_REFUSED', `leg name "${name}" ${nameProblem}`);
+    if (name !== null && live.has(name)) throw new EnbdError('ENBD_ERR_REFUSED', `a leg is already named ${name}`);
     const legName = name ?? nextAutoLegName(live, this.retiredLegNames);
     let index = this.legs.findIndex((leg) => leg.state === 'removed' && leg.worker === null && leg.inline === null);
     if (index < 0) index = this.legs.length;
-    if (index >= kMaxLegs) throw new EnbdError('ENBD_ERR_CONFIG', `a mirror has at most ${kMaxLegs} legs`);
+    if (index >= kMaxLegs) throw new EnbdError('ENBD_ERR_REFUSED', `a mirror has at most ${kMaxLegs} legs`);
     const leg = this.createLeg(index, uri);
     leg.name = legName;
     leg.state = 'reconnecting'; // not admitted while it is checked; probation next
@@ -1405,7 +1435,7 @@ export class MirrorDevice implements BlockDevice {
    */
   async removeLeg(index: number): Promise<void> {
     const leg = this.legAt(index);
-    if (leg.state === 'removed') throw new EnbdError('ENBD_ERR_CONFIG', `leg ${index} is already removed`);
+    if (leg.state === 'removed') throw new EnbdError('ENBD_ERR_REFUSED', `leg ${index} is already removed`);
     if (leg.admitted) this.refuseIfLastCopy(leg, 'remove', this.legs.filter((other) => other !== leg && other.admitted));
     this.refuseIfLastCopy(leg, 'remove', this.legs.filter((other) => other !== leg && other.state !== 'removed'));
     this.lifecycle.clearReconnect(leg);
@@ -1436,7 +1466,7 @@ export class MirrorDevice implements BlockDevice {
   /** Marks a leg's range (default: all of it) as missed, e.g. for a full resync. Not for an in-sync leg. */
   markLegDirty(index: number, offsetBytes = 0, lengthBytes = this.sizeBytes - offsetBytes): void {
     const leg = this.legAt(index);
-    if (leg.state === 'in-sync') throw new EnbdError('ENBD_ERR_CONFIG', `leg ${index} is in sync; fail it first`);
+    if (leg.state === 'in-sync') throw new EnbdError('ENBD_ERR_REFUSED', `leg ${index} is in sync; fail it first`);
     if (offsetBytes === 0 && lengthBytes === this.sizeBytes) leg.dirty?.markAll();
     else leg.dirty?.markRange(offsetBytes, lengthBytes);
     this.keeper?.onLegState(leg);
@@ -1523,24 +1553,18 @@ export class MirrorDevice implements BlockDevice {
   }
 
   /**
-   * Per-leg actor counters, by position in `legs` (`index` says which leg). A leg without a
-   * live actor (removed, or its thread died) answers at once with zero counters.
+   * Per-leg actor counters by leg index (MirrorView.legStats): null for a removed leg or one
+   * that does not answer within `timeoutMs` (default: no limit, for the REPL).
    */
-  async legStats(): Promise<LegStats[]> {
-    return await Promise.all(this.legs.map(async (leg) => {
-      const live = leg.state !== 'removed' && (leg.inline !== null || (leg.worker !== null && leg.worker.threadId >= 0));
-      if (!live) {
-        return { index: leg.index, requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, inFlight: 0, connected: false, latencySumMs: 0, latencyCount: 0 };
-      }
-      return { ...(await leg.api.stats()), index: leg.index };
-    }));
+  async legStats(timeoutMs = Number.POSITIVE_INFINITY): Promise<Array<LegStats | null>> {
+    return await legStatsWithin(this.legs, timeoutMs);
   }
 
   stats(): MirrorStats {
     const requests: Record<string, number> = {};
-    for (const [command, count] of this.counters.requests) requests[p.commandNames[command] ?? String(command)] = count;
+    for (const [command, count] of this.counters.requests) requests[commandNames[command] ?? String(command)] = count;
     const bytes: Record<string, number> = {};
-    for (const [command, count] of this.counters.bytes) bytes[p.commandNames[command] ?? String(command)] = count;
+    for (const [command, count] of this.counters.bytes) bytes[commandNames[command] ?? String(command)] = count;
     return {
       requests,
       bytes,
@@ -1550,6 +1574,34 @@ export class MirrorDevice implements BlockDevice {
       ringSlotsInUse: this.ring.slotCount - this.ring.freeCount,
       legs: this.legStatus(),
     };
+  }
+
+  // ---- MirrorView (src/engine/view.ts): plain-data reads for control and metrics ----------
+
+  legState(index: number): LegState | null {
+    return this.legs[index]?.state ?? null;
+  }
+
+  legName(index: number): string | null {
+    return this.legs[index]?.name ?? null;
+  }
+
+  ringCounters(): RingCounters {
+    return ringCountersOf(this.ring);
+  }
+
+  slotsSnapshot(limit: number): SlotsSnapshot {
+    return slotsSnapshotOf(this.ring, limit);
+  }
+
+  bitmapSnapshot(index: number, runsMax: number): BitmapSnapshot | null {
+    const map = this.legAt(index).dirty;
+    return map === null ? null : bitmapSnapshotOf(index, map, runsMax);
+  }
+
+  /** Debug only (enbd repl): the live objects behind the view (MirrorDebugHandles). */
+  debugHandles(): MirrorDebugHandles {
+    return { mirror: this, ring: this.ring, legs: this.legs, dirtyMap: (index: number) => this.dirtyMap(index) };
   }
 
   /** Flushes every in-sync leg (used on shutdown); resolves with the errno (0 = ok). */

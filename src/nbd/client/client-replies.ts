@@ -26,14 +26,6 @@ import { assert } from '../../core/assert.js';
 import {
   kCmdBlockStatus,
   kCmdRead,
-  kEInval,
-  kEIo,
-  kENoMem,
-  kENoSpc,
-  kENotSup,
-  kEOverflow,
-  kEPerm,
-  kEShutdown,
   kReplyFlagDone,
   kReplyTypeBlockStatus,
   kReplyTypeErrorBit,
@@ -46,6 +38,7 @@ import {
   kStructuredReplyHeaderBytes,
   kStructuredReplyMagic,
 } from '../protocol.js';
+import { normalizeErrno } from '../protocol-names.js';
 import type { RequestTable } from './client-requests.js';
 
 /** Largest block status chunk accepted: 2^20 extents (the spec's SHOULD NOT exceed) + id. */
@@ -73,23 +66,6 @@ export interface ReplyEvents {
   onChunkError(slot: number, errno: number, message: string): void;
   /** Framing lost; called once, after which the parser ignores input. */
   onProtocolError(message: string): void;
-}
-
-/** An NBD error value as the client reports it: known values pass, anything else is EINVAL. */
-export function normalizeErrno(errno: number): number {
-  switch (errno) {
-    case kEPerm:
-    case kEIo:
-    case kENoMem:
-    case kEInval:
-    case kENoSpc:
-    case kEOverflow:
-    case kENotSup:
-    case kEShutdown:
-      return errno;
-    default:
-      return kEInval;
-  }
 }
 
 export class ReplyParser {
