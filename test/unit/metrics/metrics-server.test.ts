@@ -159,7 +159,7 @@ test('the engine\'s per-leg timeout: a listed leg without an answer leaves the a
   state.legStats = async () => [legStats(7), legStats(9), null]; // leg 2: removed (not in legStatus)
   const back = await scrape(server);
   assert.equal(valueOf(back, 'enbd_leg_stats_up'), 1);
-  assert.equal(valueOf(back, 'enbd_leg_requests_total', { leg: '1' }), 9);
+  assert.equal(valueOf(back, 'enbd_leg_requests_total', { leg: 'b' }), 9);
 });
 
 test('other paths are 404, other methods 405; HEAD and query strings work', async () => {
