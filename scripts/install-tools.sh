@@ -7,4 +7,4 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 apt-get update
 DEBIAN_FRONTEND=noninteractive apt-get install -y \
-  nbdkit libnbd-bin python3-libnbd qemu-utils fio fuse3 e2fsprogs fuse2fs
+  nbdkit libnbd-bin python3-libnbd qemu-utils fio fuse3 e2fsprogs fuse2fs tmux

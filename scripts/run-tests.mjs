@@ -9,7 +9,7 @@ const root = 'dist/test';
 
 // The interop suites drive real NBD programs. On a fresh Debian machine (as root) install them
 // first; elsewhere say loudly what is missing (tests then skip loudly, and fail under CI).
-const tools = ['nbdkit', 'nbdinfo', 'nbdsh', 'nbdcopy', 'qemu-io', 'qemu-img', 'qemu-nbd', 'fio'];
+const tools = ['nbdkit', 'nbdinfo', 'nbdsh', 'nbdcopy', 'qemu-io', 'qemu-img', 'qemu-nbd', 'fio', 'tmux'];
 const env = { ...process.env, PATH: `/usr/bin:/usr/sbin:${process.env.PATH ?? ''}` };
 const missing = tools.filter((tool) => spawnSync('sh', ['-c', `command -v ${tool}`], { env }).status !== 0);
 if (missing.length > 0) {

@@ -14,15 +14,15 @@
  */
 import { existsSync } from 'node:fs';
 import { resolve } from 'node:path';
-import cliProgress from 'cli-progress';
 import { Argument, type Command } from 'commander';
 import { ControlClient, ControlError } from '../control/client.js';
 import { describeLagging, healthCode, kExitDegraded, kExitInSync, kExitUnreachable, parseSeconds } from '../control/health.js';
-import { formatBytes, formatCeiling, formatDuration, formatExportLine, formatLatency, formatRate, formatStatus, formatVerify, resyncFraction, verifyFraction } from '../control/format.js';
-import type { ControlEvent, LegView, StatusResult } from '../control/protocol.js';
+import { formatBytes, formatCeiling, formatRate, formatStatus } from '../control/format.js';
+import { TerminalStatusView } from '../control/watch-view.js';
+import type { ControlEvent } from '../control/protocol.js';
 import { runRepl } from '../control/repl-client.js';
-import { EnbdError } from '../core/errors.js';
-import { parseBytes, parseInteger } from './parse.js';
+import { parseBytes, parseInteger, usageError } from './parse.js';
+import { splitLegSpec } from '../engine/leg-names.js';
 
 const kLogLevels = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
 const kControlCandidates = ['enbd-data/enbd.ctl', 'enbd.ctl'];
@@ -54,8 +54,9 @@ export function say(line: string): void {
   process.stdout.write(line + '\n');
 }
 
-function legIndex(text: string): number {
-  return parseInteger('leg index', text, 0, kMaxLegIndex);
+/** A leg reference as given: a name, an index or a URI (the daemon resolves it). */
+function legRef(text: string): string | number {
+  return /^\d+$/.test(text) ? parseInteger('<leg>', text, 0, kMaxLegIndex) : text;
 }
 
 export function addControlOption(command: Command): Command {
@@ -64,97 +65,18 @@ export function addControlOption(command: Command): Command {
 
 // ---- status --watch ---------------------------------------------------------------------------
 
-interface BarPayload {
-  text: string;
-  resync: boolean;
-}
-
-const kBarWidth = 30;
-
-function renderBarLine(_options: cliProgress.Options, params: cliProgress.Params, payload: BarPayload): string {
-  if (!payload.resync) return payload.text;
-  const filled = Math.round(Math.min(1, Math.max(0, params.progress)) * kBarWidth);
-  return `${payload.text} [${'#'.repeat(filled)}${'-'.repeat(kBarWidth - filled)}]`;
-}
-
-function legBarText(leg: LegView): string {
-  const head = `leg ${leg.index} ${leg.state.padEnd(12)} in-flight ${String(leg.inFlight).padEnd(4)} latency ${formatLatency(leg.latencyMeanMs).padEnd(9)} dirty ${formatBytes(leg.dirtyBytes).padEnd(10)}`;
-  if (leg.resync === null) return `${head} ${leg.uri}`;
-  const percent = (resyncFraction(leg.resync) * 100).toFixed(1).padStart(5);
-  const paused = leg.resync.paused ? ' paused' : '';
-  return `${head} ${percent}% ${formatRate(leg.resync.bytesPerSecond)} ETA ${formatDuration(leg.resync.etaSeconds)}${paused}`;
-}
-
-/** Live view on a terminal: one cli-progress line per leg (a bar for a resyncing leg). */
-class TerminalStatusView {
-  private readonly bars: cliProgress.MultiBar;
-  private readonly header: cliProgress.SingleBar;
-  private readonly legBars = new Map<number, cliProgress.SingleBar>();
-  private verifyBar: cliProgress.SingleBar | null = null;
-
-  constructor() {
-    this.bars = new cliProgress.MultiBar({ stream: process.stdout, format: renderBarLine, hideCursor: true, fps: 5, clearOnComplete: false, stopOnComplete: false, emptyOnZero: true });
-    this.header = this.bars.create(1, 0, { text: 'connecting...', resync: false });
-  }
-
-  render(status: StatusResult): void {
-    const resync = status.resync;
-    const text = `${formatExportLine(status)}; resync ${resync.paused ? 'paused' : 'running'} (floor ${formatRate(resync.minBytesPerSecond)}, ceiling ${formatCeiling(resync.maxBytesPerSecond)})`;
-    this.header.update(0, { text, resync: false });
-    const seen = new Set<number>();
-    for (const leg of status.legs) {
-      seen.add(leg.index);
-      const total = leg.resync === null ? 1 : Math.max(1, leg.resync.bytesTotal);
-      const done = leg.resync === null ? 0 : total - leg.resync.bytesLeft;
-      const payload: BarPayload = { text: legBarText(leg), resync: leg.resync !== null };
-      let bar = this.legBars.get(leg.index);
-      if (bar === undefined) {
-        bar = this.bars.create(total, done, payload);
-        this.legBars.set(leg.index, bar);
-      }
-      bar.setTotal(total);
-      bar.update(done, payload);
-    }
-    this.renderVerify(status);
-    for (const [index, bar] of this.legBars) {
-      if (seen.has(index)) continue;
-      this.bars.remove(bar);
-      this.legBars.delete(index);
-    }
-  }
-
-  /** One more line for the verify: a bar while it runs, its summary after. */
-  private renderVerify(status: StatusResult): void {
-    if (status.verify === undefined) return;
-    const current = status.verify.current;
-    const running = current !== null && current.running;
-    const payload: BarPayload = { text: formatVerify(status.verify), resync: running };
-    const done = current === null ? 0 : Math.round(verifyFraction(current) * 1000);
-    this.verifyBar ??= this.bars.create(1000, done, payload);
-    this.verifyBar.update(done, payload);
-  }
-
-  log(line: string): void {
-    this.bars.log(line + '\n');
-  }
-
-  stop(): void {
-    this.bars.stop();
-  }
-}
-
 function describeEvent(event: ControlEvent): string | null {
   const data = (event.data ?? {}) as Record<string, unknown>;
   const time = new Date().toISOString().slice(11, 19);
   switch (event.event) {
     case 'leg-state': {
       const reason = typeof data['reason'] === 'string' ? ` (${data['reason']})` : '';
-      return `${time} leg ${String(data['leg'])}: ${String(data['state'])}${reason}`;
+      return `${time} leg ${String(data['name'] ?? data['leg'])}: ${String(data['state'])}${reason}`;
     }
     case 'leg-added':
-      return `${time} leg ${String(data['leg'])} added: ${String(data['uri'])}`;
+      return `${time} leg ${String(data['name'] ?? data['leg'])} added: ${String(data['uri'])}`;
     case 'leg-removed':
-      return `${time} leg ${String(data['leg'])} removed`;
+      return `${time} leg ${String(data['name'] ?? data['leg'])} removed`;
     case 'log-level':
       return `${time} log level: ${String(data['level'])}`;
     default:
@@ -173,7 +95,7 @@ interface StatusOptions extends ControlOption {
 async function watchStatus(client: ControlClient, options: StatusOptions): Promise<number> {
   const intervalMs = parseInteger('--interval', options.interval, 100, 3_600_000);
   const count = options.count === undefined ? Infinity : parseInteger('--count', options.count, 1, 1_000_000_000);
-  const view = options.json !== true && process.stdout.isTTY === true ? new TerminalStatusView() : null;
+  const view = options.json !== true && process.stdout.isTTY === true ? new TerminalStatusView(process.stdout) : null;
   let wake: (() => void) | null = null;
   let stopped = false;
   const stop = (): void => {
@@ -235,6 +157,7 @@ function reportUnreachable(error: unknown, json: boolean): void {
 async function runStatus(options: StatusOptions): Promise<void> {
   // flag errors are usage errors (main.ts), not "cannot reach the daemon"
   if (options.watch === true) parseInteger('--interval', options.interval, 100, 3_600_000);
+  if (options.count !== undefined) parseInteger('--count', options.count, 1, 1_000_000_000);
   let code: number;
   try {
     code = await withClient(options, async (client) => {
@@ -271,7 +194,7 @@ async function runWait(options: WaitOptions): Promise<void> {
   if (options.timeout !== undefined) {
     const seconds = parseSeconds(options.timeout);
     if (seconds === null || seconds > kWaitTimeoutSecondsMax) {
-      throw new EnbdError('ENBD_ERR_CONFIG', `--timeout must be a duration (30, 1.5, 500ms, 2s, 1m, 1h) up to a year, got "${options.timeout}"`);
+      throw usageError('--timeout', 'a duration (30, 1.5, 500ms, 2s, 1m, 1h) up to a year', options.timeout);
     }
     timeoutSeconds = seconds;
   }
@@ -327,31 +250,33 @@ async function runWait(options: WaitOptions): Promise<void> {
 
 function registerLegCommands(program: Command): void {
   const leg = program.command('leg').description('take legs out, bring them back, add or remove them (running daemon)');
-  const simple: Array<[string, string, (client: ControlClient, index: number) => Promise<string>]> = [
-    ['fail', 'take a leg out by hand (it stays out until `leg reconnect`; refused for the last in-sync leg or a leg that alone holds some data)', async (client, index) => {
-      const result = await client.call('leg.fail', { leg: index });
-      return `leg ${result.leg}: ${result.state}`;
+  const simple: Array<[string, string, (client: ControlClient, ref: string | number) => Promise<string>]> = [
+    ['fail', 'take a leg out by hand (it stays out until `leg reconnect`; refused for the last in-sync leg or a leg that alone holds some data)', async (client, ref) => {
+      const result = await client.call('leg.fail', { leg: ref });
+      return `leg ${result.name}: ${result.state}`;
     }],
-    ['reconnect', 'bring a failed, faulty, degraded or fencing leg back now: fence its old connection, reconnect, probation, then resync', async (client, index) => {
-      const result = await client.call('leg.reconnect', { leg: index });
-      return `leg ${result.leg}: ${result.state}`;
+    ['reconnect', 'bring a failed, faulty, degraded or fencing leg back now: fence its old connection, reconnect, probation, then resync', async (client, ref) => {
+      const result = await client.call('leg.reconnect', { leg: ref });
+      return `leg ${result.name}: ${result.state}`;
     }],
-    ['remove', 'remove a leg for good (refused for the last in-sync leg or a leg that alone holds some data)', async (client, index) => {
-      const result = await client.call('leg.remove', { leg: index });
-      return `leg ${result.leg} removed`;
+    ['remove', 'remove a leg for good (refused for the last in-sync leg or a leg that alone holds some data)', async (client, ref) => {
+      const result = await client.call('leg.remove', { leg: ref });
+      return `leg ${result.name} removed`;
     }],
   ];
   for (const [name, description, run] of simple) {
-    addControlOption(leg.command(name).description(description).argument('<index>', 'leg index (see enbd status)'))
-      .action(async (index: string, options: ControlOption) => {
-        const number = legIndex(index);
-        say(await withClient(options, async (client) => await run(client, number)));
+    addControlOption(leg.command(name).description(description).argument('<leg>', 'the leg\'s name, index or URI (see enbd status)'))
+      .action(async (text: string, options: ControlOption) => {
+        const ref = legRef(text);
+        say(await withClient(options, async (client) => await run(client, ref)));
       });
   }
-  addControlOption(leg.command('add').description('add a leg (same size or larger); it gets a full resync').argument('<uri>', 'nbd://..., nbd+unix:///...?socket=..., file:///path or a path'))
-    .action(async (uri: string, options: ControlOption) => {
-      const result = await withClient(options, async (client) => await client.call('leg.add', { uri }));
-      say(`leg ${result.leg} added: ${result.state} (full resync from an in-sync leg)`);
+  addControlOption(leg.command('add').description('add a leg (same size or larger); it gets a full resync and the given name, else the next free automatic one').argument('<[name=]uri>', 'NAME=URI or URI: nbd://..., nbd+unix:///...?socket=..., file:///path or a path'))
+    .action(async (text: string, options: ControlOption) => {
+      const spec = splitLegSpec(text, '<[name=]uri>');
+      const params = spec.name === null ? { uri: spec.uri } : { uri: spec.uri, name: spec.name };
+      const result = await withClient(options, async (client) => await client.call('leg.add', params));
+      say(`leg ${result.name} added: ${result.state} (full resync from an in-sync leg)`);
     });
 }
 
@@ -365,9 +290,9 @@ function registerVerifyCommands(program: Command): void {
       const params: Record<string, number | boolean> = { repair: options.repair };
       if (options.range !== undefined) {
         const [offset, length, extra] = options.range.split(':');
-        if (offset === undefined || length === undefined || extra !== undefined) throw new EnbdError('ENBD_ERR_CONFIG', `--range must be OFFSET:LENGTH, got "${options.range}"`);
-        params['offset'] = parseBytes('--range offset', offset);
-        params['length'] = parseBytes('--range length', length);
+        if (offset === undefined || length === undefined || extra !== undefined) throw usageError('--range', 'OFFSET:LENGTH (bytes, e.g. 64M:16M)', options.range);
+        params['offset'] = parseBytes('--range', offset);
+        params['length'] = parseBytes('--range', length);
       }
       if (options.rate !== undefined) params['rate'] = parseBytes('--rate', options.rate);
       const started = await withClient(options, async (client) => await client.call('verify.start', params));

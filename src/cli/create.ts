@@ -14,7 +14,7 @@ import { createArray, type CreateLeg } from '../meta/create-array.js';
 import { checkBitmapChunk } from '../meta/layout.js';
 import { LegMeta } from '../meta/leg-meta.js';
 import { openLeg, parseLegUri } from '../stubs/open-leg.js';
-import { parseBytes } from './parse.js';
+import { parseBytes, usageError } from './parse.js';
 
 const kConnectTimeoutMs = 10_000;
 
@@ -49,11 +49,15 @@ export async function openLegDevices(uris: string[]): Promise<BlockDevice[]> {
 }
 
 export async function runCreate(options: CreateOptions): Promise<void> {
-  if (options.leg.length === 0) throw new EnbdError('ENBD_ERR_CONFIG', 'enbd create needs at least one --leg URI');
+  if (options.leg.length === 0) throw new EnbdError('ENBD_ERR_USAGE', 'enbd create needs at least one --leg URI');
   let bitmapChunkBytes: number | undefined;
   if (options.bitmapChunk !== undefined) {
     bitmapChunkBytes = parseBytes('--bitmap-chunk', options.bitmapChunk);
-    checkBitmapChunk(bitmapChunkBytes);
+    try {
+      checkBitmapChunk(bitmapChunkBytes);
+    } catch {
+      throw usageError('--bitmap-chunk', 'a power of two from 4K to 1T', options.bitmapChunk);
+    }
   }
   const devices = await openLegDevices(options.leg);
   const legs: CreateLeg[] = devices.map((device, index) => ({ uri: options.leg[index] ?? '', meta: new LegMeta(device) }));

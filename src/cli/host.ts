@@ -52,8 +52,8 @@ export interface ReadyEndpoints {
 export function parseHostHabits(options: Record<string, unknown>): HostHabits {
   const pidfile = options['pidfile'];
   const run = options['run'];
-  if (pidfile !== undefined && (typeof pidfile !== 'string' || pidfile === '')) throw new EnbdError('ENBD_ERR_CONFIG', '--pidfile needs a file name');
-  if (run !== undefined && (typeof run !== 'string' || run.trim() === '')) throw new EnbdError('ENBD_ERR_CONFIG', '--run needs a command');
+  if (pidfile !== undefined && (typeof pidfile !== 'string' || pidfile === '')) throw new EnbdError('ENBD_ERR_USAGE', `-P/--pidfile must be a file name, got ${JSON.stringify(pidfile)}`);
+  if (run !== undefined && (typeof run !== 'string' || run.trim() === '')) throw new EnbdError('ENBD_ERR_USAGE', `--run must be a command, got ${JSON.stringify(run)}`);
   return {
     pidfile: typeof pidfile === 'string' ? resolve(pidfile) : null,
     run: typeof run === 'string' ? run : null,
@@ -165,19 +165,20 @@ export function hostCleanup(habits: HostHabits): void {
 export function applyAliases(options: Record<string, unknown>): void {
   const port = options['port'];
   if (port !== undefined) {
-    if (options['listen'] !== undefined) throw new EnbdError('ENBD_ERR_CONFIG', `-p/--port ${String(port)} and --listen ${String(options['listen'])} both given; use one`);
+    if (options['listen'] !== undefined) throw new EnbdError('ENBD_ERR_USAGE', `-p/--port ${String(port)} and --listen ${String(options['listen'])} both given; use one`);
+    if (!/^\d+$/.test(String(port)) || Number(port) > 65535) throw new EnbdError('ENBD_ERR_USAGE', `-p/--port must be a port from 0 to 65535, got ${String(port)}`);
     options['listen'] = String(port);
   }
   const exportName = options['exportName'];
   if (exportName !== undefined) {
     if (options['name'] !== undefined && options['name'] !== exportName) {
-      throw new EnbdError('ENBD_ERR_CONFIG', `-e/--export-name "${String(exportName)}" and --name "${String(options['name'])}" differ; use one`);
+      throw new EnbdError('ENBD_ERR_USAGE', `-e/--export-name "${String(exportName)}" and --name "${String(options['name'])}" differ; use one`);
     }
     options['name'] = exportName;
   }
   const unix = options['unix'];
   if (unix !== undefined) {
-    if (options['socket'] !== undefined && options['socket'] !== unix) throw new EnbdError('ENBD_ERR_CONFIG', '--unix and --socket differ; use one');
+    if (options['socket'] !== undefined && options['socket'] !== unix) throw new EnbdError('ENBD_ERR_USAGE', '--unix and --socket differ; use one');
     options['socket'] = unix;
   }
 }

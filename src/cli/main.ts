@@ -14,8 +14,28 @@ import { registerCheckpointCommands } from './checkpoint.js';
 import { registerCreateCommand } from './create.js';
 import { registerExamineCommand } from './examine.js';
 import { applyAliases } from './host.js';
+import { shownValue } from './parse.js';
 
 const kUsageExit = 2;
+
+/**
+ * Commander's usage errors in enbd's one form: `enbd: error: --log-level must be fatal, ... or
+ * silent, got loud` for a bad choice, else commander's text with the `enbd: ` prefix.
+ */
+export function commanderMessage(text: string): string {
+  const choice = /^error: (?:option|argument) '([^' ]+)(?: [^']*)?' argument '([^']*)' is invalid\. Allowed choices are (.*)\.\n?$/s.exec(text);
+  if (choice !== null) {
+    const choices = (choice[3] ?? '').split(', ');
+    const list = choices.length > 1 ? `${choices.slice(0, -1).join(', ')} or ${choices.at(-1) ?? ''}` : choices.join('');
+    return `enbd: error: ${choice[1] ?? ''} must be ${list}, got ${shownValue(choice[2] ?? '')}\n`;
+  }
+  const argumentChoice = /^error: command-argument value '([^']*)' is invalid for argument '([^']*)'\. Allowed choices are (.*)\.\n?$/s.exec(text);
+  if (argumentChoice !== null) {
+    const choices = (argumentChoice[3] ?? '').split(', ');
+    return `enbd: error: <${argumentChoice[2] ?? ''}> must be ${choices.slice(0, -1).join(', ')} or ${choices.at(-1) ?? ''}, got ${shownValue(argumentChoice[1] ?? '')}\n`;
+  }
+  return text.startsWith('error: ') ? `enbd: ${text}` : text;
+}
 
 /** nbdkit's habits, shared by serve and mirror (src/cli/host.ts). */
 function addHostOptions(command: Command): Command {
@@ -36,6 +56,7 @@ function buildProgram(): Command {
     .description('Mirroring network block device daemon: one NBD export mirrored across N legs (RAID1)')
     .version(kVersion)
     .exitOverride()
+    .configureOutput({ outputError: (text, write) => write(commanderMessage(text)) })
     .showHelpAfterError('(run with --help for usage)');
 
   const serve = program
@@ -66,7 +87,7 @@ function buildProgram(): Command {
   const mirror = program
     .command('mirror')
     .description('export one device mirrored across N legs (with no --leg: the embedded default, two file legs under ./enbd-data)')
-    .option('--leg <uri>', 'a leg: nbd://host:port/export, nbd+unix:///export?socket=PATH, file:///path or a path (repeat)', (value: string, previous: string[]) => [...previous, value], [] as string[])
+    .option('--leg <[name=]uri>', 'a leg: nbd://host:port/export, nbd+unix:///export?socket=PATH, file:///path or a path, optionally NAME=URI (repeat; unnamed legs are a, b, c, ...)', (value: string, previous: string[]) => [...previous, value], [] as string[])
     .option('--config <file>', 'settings from a JSON or YAML file (flags win)')
     .option('-U, --socket <path>', 'listen on this Unix socket ("-": a private socket in a new temp dir)')
     .option('--listen <[host:]port>', 'listen on TCP (default 127.0.0.1:10809 when no --socket is given)')
@@ -148,7 +169,8 @@ async function main(argv: string[]): Promise<void> {
     }
     // for people: the message only; our error codes stay in --json output and the logs
     process.stderr.write(`enbd: error: ${error instanceof EnbdError ? error.message : describeError(error)}\n`);
-    process.exitCode = 1;
+    // a bad flag or config value is a usage error, like commander's own
+    process.exitCode = error instanceof EnbdError && error.code === 'ENBD_ERR_USAGE' ? kUsageExit : 1;
   }
 }
 

@@ -8,7 +8,7 @@
  * Thread: main thread.
  */
 import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, statSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { basename, join, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import { createLogger, isLogLevel, type Logger } from '../core/log.js';
 import { assembleArray, type AssembledArray } from '../meta/assemble.js';
@@ -21,11 +21,12 @@ import type { CopyMode, Placement } from '../engine/messages.js';
 import type { NbdServer } from '../nbd/server/server.js';
 import { openMirrorServer, type MirrorServer } from './mirror-server.js';
 import { loadServerTls, parseTlsMode, type ServerTlsSettings } from '../nbd/server/server-tls.js';
-import { kServerLimitDefaults, parseBytes, parseDurationMs, parseInteger, parseListen, parseServerLimits, type ListenAddress, type ServerLimits } from './parse.js';
+import { kServerLimitDefaults, parseBytes, parseDurationMs, parseInteger, parseListen, parseServerLimits, usageError, type ListenAddress, type ServerLimits } from './parse.js';
 import { installShutdown, type Shutdown } from './shutdown.js';
 import { ServiceNotifier } from './notify.js';
 import { takeListenFds } from './activation.js';
 import { describeLagging } from '../control/health.js';
+import { assignLegNames, legNameProblem, splitLegSpec, type LegSpec } from '../engine/leg-names.js';
 import { installHangup } from './hangup.js';
 import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits, type HostHabits } from './host.js';
 import { controlPathFor, startControlPlane, type ControlPlane } from '../control/plane.js';
@@ -40,6 +41,8 @@ import { kConnectionActorEntry, kHashWorkerEntry } from './actor-entry.js';
 
 export interface MirrorSettings {
   legs: string[];
+  /** Each leg's name from `NAME=URI` or `{ name, uri }` (null: automatic), by position in legs. */
+  legNames: Array<string | null>;
   socket: string | null;
   listen: string | null;
   name: string;
@@ -116,157 +119,222 @@ function readConfig(path: string): Record<string, unknown> {
   }
   const config = parsed as Record<string, unknown>;
   for (const key of Object.keys(config)) {
-    if (!kConfigKeys.has(key)) throw new EnbdError('ENBD_ERR_CONFIG', `config ${path}: unknown setting "${key}" (known: ${[...kConfigKeys].join(', ')})`);
+    if (!kConfigKeys.has(key)) throw new EnbdError('ENBD_ERR_USAGE', `${key} in ${basename(path)} is not a setting (settings: ${[...kConfigKeys].join(', ')})`);
   }
   return config;
 }
 
-function text(value: unknown, what: string): string {
-  if (typeof value === 'string') return value;
-  if (typeof value === 'number') return String(value);
-  throw new EnbdError('ENBD_ERR_CONFIG', `${what} must be a string`);
+/** The flag of each config key (the same setting on the command line). */
+const kFlagOfKey: Record<string, string> = {
+  socket: '--socket', listen: '--listen', name: '--name', size: '--size', ringSlots: '--ring-slots', slotBytes: '--slot-bytes',
+  copyMode: '--copy-mode', placement: '--placement', maxPayload: '--max-payload', legTimeoutMs: '--leg-timeout', idleProbeMs: '--idle-probe',
+  fenceTimeoutMs: '--fence-timeout', probeTimeoutMs: '--probe-timeout', legMaxFailures: '--leg-max-failures', legFailureWindowMs: '--leg-failure-window',
+  legStableMs: '--leg-stable', bitmapChunk: '--bitmap-chunk', bitmapPool: '--bitmap-pool', reconnectMinMs: '--reconnect-min', reconnectMaxMs: '--reconnect-max',
+  resyncRateMin: '--resync-rate-min', resyncRateMax: '--resync-rate-max', flushTracking: '--flush-tracking', logLevel: '--log-level', dataDir: '--data-dir',
+  receive: '--receive', control: '--control', metrics: '--metrics', maxConnections: '--max-connections', handshakeTimeoutMs: '--handshake-timeout',
+  payloadTimeoutMs: '--payload-timeout', metadata: '--metadata', forceSource: '--force-source', degraded: '--degraded', tls: '--tls',
+  tlsCertificates: '--tls-certificates', tlsVerifyPeer: '--tls-verify-peer', tlsPsk: '--tls-psk', readOnly: '--read-only',
+  checkpointGranularity: '--checkpoint-granularity', legConnections: '--leg-connections', verifyThreads: '--verify-threads',
+  verifyInterval: '--verify-interval', resyncVerify: '--resync-verify',
+};
+
+/**
+ * Reads settings from the flags, else the config file, and names each as the user wrote it:
+ * the flag (`--leg-timeout`) when it came from the command line, else the key and the file
+ * (`legTimeoutMs in mirror.yaml`), else the flag (a default is never wrong).
+ */
+class SettingSource {
+  private readonly file: string;
+  constructor(private readonly flags: Record<string, unknown>, private readonly config: Record<string, unknown>) {
+    this.file = typeof flags['config'] === 'string' ? basename(flags['config']) : '';
+  }
+
+  value(key: string): unknown {
+    return this.flags[key] ?? this.config[key];
+  }
+
+  name(key: string): string {
+    if (this.flags[key] === undefined && this.config[key] !== undefined) return `${key} in ${this.file}`;
+    return kFlagOfKey[key] ?? key;
+  }
+
+  /** The value as text (flags are strings; the file may hold numbers), or the default. */
+  text(key: string, fallback: string): string;
+  text(key: string, fallback?: undefined): string | undefined;
+  text(key: string, fallback?: string): string | undefined {
+    const value = this.value(key);
+    if (value === undefined || value === null) return fallback;
+    if (typeof value === 'string') return value;
+    if (typeof value === 'number') return String(value);
+    throw usageError(this.name(key), 'a string or a number', value);
+  }
+
+  /** One of `choices`. */
+  choice<T extends string>(key: string, choices: readonly T[], fallback: T): T {
+    const value = this.text(key, fallback);
+    if (!(choices as readonly string[]).includes(value)) throw usageError(this.name(key), `${choices.slice(0, -1).join(', ')} or ${choices.at(-1) ?? ''}`, value);
+    return value as T;
+  }
+
+  /** A switch: true/false in the file, on/off or true/false as text. */
+  flag(key: string, fallback: boolean): boolean {
+    const value = this.value(key) ?? fallback;
+    if (value === true || value === 'on' || value === 'true') return true;
+    if (value === false || value === 'off' || value === 'false') return false;
+    throw usageError(this.name(key), 'on or off', value);
+  }
 }
 
 /** Merges the config file (if any) under the command-line flags and validates everything. */
 export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSettings {
   const config = typeof flags['config'] === 'string' ? readConfig(flags['config']) : {};
-  const pick = (key: string): unknown => flags[key] ?? config[key];
-  const legsValue = (flags['leg'] as string[] | undefined)?.length ? flags['leg'] : config['legs'];
-  if (legsValue !== undefined && !Array.isArray(legsValue)) throw new EnbdError('ENBD_ERR_CONFIG', 'legs must be a list of URIs');
-  const legs = (legsValue ?? []).map((leg: unknown, index: number) => text(leg, `leg ${index}`));
-  const copyMode = text(pick('copyMode') ?? 'shared', 'copyMode');
-  if (copyMode !== 'shared' && copyMode !== 'per-leg') throw new EnbdError('ENBD_ERR_CONFIG', `--copy-mode must be shared or per-leg, got "${copyMode}"`);
-  const placement = text(pick('placement') ?? 'workers', 'placement');
-  if (placement !== 'workers' && placement !== 'inline') throw new EnbdError('ENBD_ERR_CONFIG', `--placement must be workers or inline, got "${placement}"`);
-  const logLevel = text(pick('logLevel') ?? 'info', 'logLevel');
-  if (!isLogLevel(logLevel)) throw new EnbdError('ENBD_ERR_CONFIG', `--log-level "${logLevel}" is not a pino level`);
-  const receive = text(pick('receive') ?? 'stream', 'receive');
-  if (receive !== 'stream' && receive !== 'direct') throw new EnbdError('ENBD_ERR_CONFIG', `--receive must be stream or direct, got "${receive}"`);
-  const reconnectMinMs = parseDurationMs('--reconnect-min', text(pick('reconnectMinMs') ?? '250', '--reconnect-min'), 1, 3_600_000);
-  const reconnectMaxMs = parseDurationMs('--reconnect-max', text(pick('reconnectMaxMs') ?? '30000', '--reconnect-max'), 1, 3_600_000);
-  if (reconnectMaxMs < reconnectMinMs) throw new EnbdError('ENBD_ERR_CONFIG', `--reconnect-max (${reconnectMaxMs}) is below --reconnect-min (${reconnectMinMs})`);
-  const resyncRateMin = parseBytes('--resync-rate-min', text(pick('resyncRateMin') ?? '32M', '--resync-rate-min'));
-  const resyncRateMax = parseBytes('--resync-rate-max', text(pick('resyncRateMax') ?? '0', '--resync-rate-max'));
+  const from = new SettingSource(flags, config);
+  const fromFlags = (flags['leg'] as string[] | undefined)?.length !== undefined && (flags['leg'] as string[]).length > 0;
+  const legsValue = fromFlags ? flags['leg'] : config['legs'];
+  const legsWhere = fromFlags ? '--leg' : `legs in ${typeof flags['config'] === 'string' ? basename(flags['config']) : ''}`;
+  if (legsValue !== undefined && !Array.isArray(legsValue)) throw usageError(legsWhere, 'a list of [NAME=]URI strings or { name, uri } mappings', legsValue);
+  const specs = (legsValue ?? []).map((leg: unknown) => legSpecOf(leg, legsWhere));
+  const legs = specs.map((spec) => spec.uri);
+  const legNames = specs.map((spec) => spec.name);
+  assignLegNames(legNames); // a name given twice is refused here, before anything opens
+  const copyMode = from.choice('copyMode', ['shared', 'per-leg'] as const, 'shared');
+  const placement = from.choice('placement', ['workers', 'inline'] as const, 'workers');
+  const logLevel = from.text('logLevel', 'info');
+  if (!isLogLevel(logLevel)) throw usageError(from.name('logLevel'), 'fatal, error, warn, info, debug, trace or silent', logLevel);
+  const receive = from.choice('receive', ['stream', 'direct'] as const, 'stream');
+  const duration = (key: string, fallback: string, minimumMs: number, maximumMs: number): number => parseDurationMs(from.name(key), from.text(key, fallback), minimumMs, maximumMs);
+  const bytes = (key: string, fallback: string): number => parseBytes(from.name(key), from.text(key, fallback));
+  const integer = (key: string, fallback: string, minimum: number, maximum: number): number => parseInteger(from.name(key), from.text(key, fallback), minimum, maximum);
+  const reconnectMinMs = duration('reconnectMinMs', '250', 1, 3_600_000);
+  const reconnectMaxMs = duration('reconnectMaxMs', '30000', 1, 3_600_000);
+  if (reconnectMaxMs < reconnectMinMs) throw usageError(from.name('reconnectMaxMs'), `at least ${from.name('reconnectMinMs')} (${reconnectMinMs} ms)`, from.text('reconnectMaxMs'));
+  const resyncRateMin = bytes('resyncRateMin', '32M');
+  const resyncRateMax = bytes('resyncRateMax', '0');
   if (resyncRateMax !== 0 && resyncRateMax < resyncRateMin) {
-    throw new EnbdError('ENBD_ERR_CONFIG', `--resync-rate-max (${resyncRateMax}) is below --resync-rate-min (${resyncRateMin}); 0 means unlimited`);
+    throw usageError(from.name('resyncRateMax'), `0 (unlimited) or at least ${from.name('resyncRateMin')} (${resyncRateMin} bytes/s)`, from.text('resyncRateMax'));
   }
-  const probeTimeout = pick('probeTimeoutMs');
-  const size = pick('size');
-  const ringSlots = pick('ringSlots');
-  const slotBytes = pick('slotBytes');
-  const socket = pick('socket');
-  const listen = pick('listen');
-  const control = pick('control');
-  const metrics = pick('metrics');
-  const metadata = text(pick('metadata') ?? 'leg', '--metadata');
-  if (metadata !== 'leg' && metadata !== 'none') throw new EnbdError('ENBD_ERR_CONFIG', `--metadata must be leg or none, got "${metadata}"`);
-  const forceSource = pick('forceSource');
+  const metadata = from.choice('metadata', ['leg', 'none'] as const, 'leg');
+  const size = from.text('size');
   if (metadata === 'leg' && size !== undefined) {
-    throw new EnbdError('ENBD_ERR_CONFIG', '--size applies to --metadata none only: with metadata the export is the data area recorded on the legs (see enbd examine)');
+    throw new EnbdError('ENBD_ERR_USAGE', `${from.name('size')} applies to --metadata none only: with metadata the export is the data area recorded on the legs (see enbd examine)`);
   }
-  const tlsCertificates = pick('tlsCertificates');
-  const tlsVerifyPeer = pick('tlsVerifyPeer');
-  const tlsPsk = pick('tlsPsk');
+  const ringSlots = from.text('ringSlots');
+  const slotBytes = from.text('slotBytes');
+  const probeTimeout = from.text('probeTimeoutMs');
+  const forceSource = from.text('forceSource');
+  const tlsCertificates = from.text('tlsCertificates');
+  const tlsPsk = from.text('tlsPsk');
+  const legTimeoutText = from.text('legTimeoutMs', '5000');
   return {
     tls: {
-      mode: parseTlsMode('--tls', text(pick('tls') ?? 'off', '--tls')),
-      ...(tlsCertificates !== undefined ? { certificatesDir: resolve(text(tlsCertificates, '--tls-certificates')) } : {}),
-      ...(tlsPsk !== undefined ? { pskFile: resolve(text(tlsPsk, '--tls-psk')) } : {}),
-      verifyPeer: parseOnOff('--tls-verify-peer', tlsVerifyPeer === 'true' ? true : tlsVerifyPeer === 'false' ? false : (tlsVerifyPeer ?? false)),
+      mode: parseTlsMode(from.name('tls'), from.text('tls', 'off')),
+      ...(tlsCertificates !== undefined ? { certificatesDir: resolve(tlsCertificates) } : {}),
+      ...(tlsPsk !== undefined ? { pskFile: resolve(tlsPsk) } : {}),
+      verifyPeer: from.flag('tlsVerifyPeer', false),
     },
     metadata,
-    forceSource: forceSource === undefined ? null : parseInteger('--force-source', text(forceSource, '--force-source'), 0, 31),
-    degraded: pick('degraded') === true || pick('degraded') === 'true',
-    readOnly: pick('readOnly') === true || pick('readOnly') === 'true',
-    verifyThreads: parseInteger('--verify-threads', text(pick('verifyThreads') ?? String(defaultHashThreads()), '--verify-threads'), 1, kHashThreadsMax),
-    verifyIntervalMs: parseDurationMs('--verify-interval', text(pick('verifyInterval') ?? '0', '--verify-interval'), 0, kVerifyIntervalMsMax),
-    resyncVerify: pick('resyncVerify') === true || pick('resyncVerify') === 'true',
-    checkpointGranularity: checkGranularity(parseBytes('--checkpoint-granularity', text(pick('checkpointGranularity') ?? '64K', '--checkpoint-granularity'))),
+    forceSource: forceSource === undefined ? null : parseInteger(from.name('forceSource'), forceSource, 0, 31),
+    degraded: from.flag('degraded', false),
+    readOnly: from.flag('readOnly', false),
+    verifyThreads: integer('verifyThreads', String(defaultHashThreads()), 1, kHashThreadsMax),
+    verifyIntervalMs: duration('verifyInterval', '0', 0, kVerifyIntervalMsMax),
+    resyncVerify: from.flag('resyncVerify', false),
+    checkpointGranularity: checkGranularity(parseBytes(from.name('checkpointGranularity'), from.text('checkpointGranularity', '64K'))),
     legs,
-    socket: socket === undefined ? null : text(socket, '--socket'),
-    listen: listen === undefined ? null : text(listen, '--listen'),
-    name: text(pick('name') ?? '', '--name'),
-    size: size === undefined ? undefined : parseBytes('--size', text(size, '--size')),
-    ringSlots: ringSlots === undefined ? undefined : parseRingSlots(text(ringSlots, '--ring-slots')),
-    slotBytes: slotBytes === undefined ? undefined : parseSlotBytes(text(slotBytes, '--slot-bytes')),
+    legNames,
+    socket: from.text('socket') ?? null,
+    listen: from.text('listen') ?? null,
+    name: from.text('name', ''),
+    size: size === undefined ? undefined : parseBytes(from.name('size'), size),
+    ringSlots: ringSlots === undefined ? undefined : parseRingSlots(from.name('ringSlots'), ringSlots),
+    slotBytes: slotBytes === undefined ? undefined : parseSlotBytes(from.name('slotBytes'), slotBytes),
     copyMode,
     placement,
-    maxPayload: parseBytes('--max-payload', text(pick('maxPayload') ?? '32M', '--max-payload')),
-    legTimeoutMs: parseLegTimeout(text(pick('legTimeoutMs') ?? '5000', '--leg-timeout')),
-    legConnections: parseLegConnections(text(pick('legConnections') ?? '1', '--leg-connections')),
-    idleProbeMs: parseDurationMs('--idle-probe', text(pick('idleProbeMs') ?? '5000', '--idle-probe'), 0, 3_600_000),
-    fenceTimeoutMs: parseDurationMs('--fence-timeout', text(pick('fenceTimeoutMs') ?? '10000', '--fence-timeout'), 1, 3_600_000),
-    probeTimeoutMs: probeTimeout === undefined ? null : parseDurationMs('--probe-timeout', text(probeTimeout, '--probe-timeout'), 1, 3_600_000),
-    legMaxFailures: parseInteger('--leg-max-failures', text(pick('legMaxFailures') ?? '20', '--leg-max-failures'), 0, 1_000_000),
-    legFailureWindowMs: parseDurationMs('--leg-failure-window', text(pick('legFailureWindowMs') ?? '3600000', '--leg-failure-window'), 1, 7 * 24 * 3_600_000),
-    legStableMs: parseDurationMs('--leg-stable', text(pick('legStableMs') ?? '30000', '--leg-stable'), 0, 24 * 3_600_000),
-    bitmapChunk: parseBitmapChunk(text(pick('bitmapChunk') ?? '4K', '--bitmap-chunk')),
-    bitmapPool: parseInteger('--bitmap-pool', text(pick('bitmapPool') ?? '64', '--bitmap-pool'), 1, 262_144),
+    maxPayload: bytes('maxPayload', '32M'),
+    legTimeoutMs: parseLegTimeout(from.name('legTimeoutMs'), legTimeoutText),
+    legConnections: parseLegConnections(from.name('legConnections'), from.text('legConnections', '1')),
+    idleProbeMs: duration('idleProbeMs', '5000', 0, 3_600_000),
+    fenceTimeoutMs: duration('fenceTimeoutMs', '10000', 1, 3_600_000),
+    probeTimeoutMs: probeTimeout === undefined ? null : parseDurationMs(from.name('probeTimeoutMs'), probeTimeout, 1, 3_600_000),
+    legMaxFailures: integer('legMaxFailures', '20', 0, 1_000_000),
+    legFailureWindowMs: duration('legFailureWindowMs', '3600000', 1, 7 * 24 * 3_600_000),
+    legStableMs: duration('legStableMs', '30000', 0, 24 * 3_600_000),
+    bitmapChunk: parseBitmapChunk(from.name('bitmapChunk'), from.text('bitmapChunk', '4K')),
+    bitmapPool: integer('bitmapPool', '64', 1, 262_144),
     reconnectMinMs,
     reconnectMaxMs,
     resyncRateMin,
     resyncRateMax,
-    flushTracking: parseOnOff('--flush-tracking', pick('flushTracking') ?? 'on'),
+    flushTracking: from.flag('flushTracking', true),
     logLevel,
-    dataDir: resolve(text(pick('dataDir') ?? 'enbd-data', '--data-dir')),
+    dataDir: resolve(from.text('dataDir', 'enbd-data')),
     receive,
-    control: control === undefined ? null : text(control, '--control'),
-    metrics: metrics === undefined ? null : text(metrics, '--metrics'),
+    control: from.text('control') ?? null,
+    metrics: from.text('metrics') ?? null,
     serverLimits: parseServerLimits(
-      text(pick('maxConnections') ?? kServerLimitDefaults.maxConnections, '--max-connections'),
-      text(pick('handshakeTimeoutMs') ?? kServerLimitDefaults.handshakeTimeoutMs, '--handshake-timeout'),
-      text(pick('payloadTimeoutMs') ?? kServerLimitDefaults.payloadTimeoutMs, '--payload-timeout'),
+      from.text('maxConnections', kServerLimitDefaults.maxConnections),
+      from.text('handshakeTimeoutMs', kServerLimitDefaults.handshakeTimeoutMs),
+      from.text('payloadTimeoutMs', kServerLimitDefaults.payloadTimeoutMs),
+      { maxConnections: from.name('maxConnections'), handshakeTimeoutMs: from.name('handshakeTimeoutMs'), payloadTimeoutMs: from.name('payloadTimeoutMs') },
     ),
   };
 }
 
 /** --leg-connections: 1..kMaxLegConnections. */
-function parseLegConnections(value: string): number {
+function parseLegConnections(option: string, value: string): number {
   const count = parseConnectionCount(value.trim());
-  if (count === null) throw new EnbdError('ENBD_ERR_CONFIG', `--leg-connections must be an integer from 1 to ${kMaxLegConnections}, got ${value}`);
+  if (count === null) throw usageError(option, `an integer from 1 to ${kMaxLegConnections}`, value);
   return count;
 }
 
+/** One entry of --leg or the config's legs: `[NAME=]URI`, or `{ name, uri }` in the file. */
+function legSpecOf(value: unknown, where: string): LegSpec {
+  if (typeof value === 'string') return splitLegSpec(value, where);
+  if (value !== null && typeof value === 'object' && !Array.isArray(value)) {
+    const entry = value as Record<string, unknown>;
+    const unknownKey = Object.keys(entry).find((key) => key !== 'name' && key !== 'uri');
+    if (typeof entry['uri'] !== 'string' || entry['uri'] === '' || unknownKey !== undefined) {
+      throw usageError(where, 'a list of [NAME=]URI strings or { name, uri } mappings with a non-empty uri', value);
+    }
+    const name = entry['name'];
+    if (name === undefined || name === null) return { name: null, uri: entry['uri'] };
+    const problem = typeof name === 'string' ? legNameProblem(name) : 'must be a string';
+    if (problem !== null) throw usageError(`the leg name in ${where}`, problem.replace(/^must be /, '').replace(/^must not be (.*)$/, 'not $1'), name);
+    return { name: name as string, uri: entry['uri'] };
+  }
+  throw usageError(where, 'a list of [NAME=]URI strings or { name, uri } mappings', value);
+}
+
 /** --ring-slots: a power of two from 2 to 4096, named as the user wrote it. */
-function parseRingSlots(value: string): number {
+function parseRingSlots(option: string, value: string): number {
   const slots = Number(value);
   if (!/^\d+$/.test(value.trim()) || slots < 2 || slots > 4096 || (slots & (slots - 1)) !== 0) {
-    throw new EnbdError('ENBD_ERR_CONFIG', `--ring-slots must be a power of two from 2 to 4096, got ${value}`);
+    throw usageError(option, 'a power of two from 2 to 4096', value);
   }
   return slots;
 }
 
 /** --slot-bytes: a multiple of 4K from 4K to 32M. */
-function parseSlotBytes(value: string): number {
-  const bytes = parseBytes('--slot-bytes', value);
-  if (bytes < 4096 || bytes > 32 * 1024 * 1024 || bytes % 4096 !== 0) {
-    throw new EnbdError('ENBD_ERR_CONFIG', `--slot-bytes must be a multiple of 4K from 4K to 32M, got ${value}`);
-  }
+function parseSlotBytes(option: string, value: string): number {
+  const bytes = parseBytes(option, value);
+  if (bytes < 4096 || bytes > 32 * 1024 * 1024 || bytes % 4096 !== 0) throw usageError(option, 'a multiple of 4K from 4K to 32M', value);
   return bytes;
 }
 
 /** Shortest --leg-timeout accepted (0 = never): below it a leg that is merely busy would fail. */
 const kLegTimeoutFloorMs = 100;
 
-function parseLegTimeout(value: string): number {
-  const ms = parseDurationMs('--leg-timeout', value, 0, 3_600_000);
+function parseLegTimeout(option: string, value: string): number {
+  const ms = parseDurationMs(option, value, 0, 3_600_000);
   if (ms !== 0 && ms < kLegTimeoutFloorMs) {
-    throw new EnbdError('ENBD_ERR_CONFIG', `--leg-timeout must be 0 (never) or at least ${kLegTimeoutFloorMs}ms: a shorter timeout fails legs that are only busy (a FLUSH or a loaded server takes longer), got ${value}`);
+    throw usageError(option, `0 (never) or at least ${kLegTimeoutFloorMs}ms: a shorter timeout fails legs that are only busy (a FLUSH or a loaded server takes longer)`, value);
   }
   return ms;
 }
 
-function parseOnOff(option: string, value: unknown): boolean {
-  if (value === true || value === 'on') return true;
-  if (value === false || value === 'off') return false;
-  throw new EnbdError('ENBD_ERR_CONFIG', `${option} must be on or off, got "${String(value)}"`);
-}
-
-function parseBitmapChunk(value: string): number {
-  const bytes = parseBytes('--bitmap-chunk', value);
-  if (bytes < 512 || bytes > 64 * 1024 * 1024 || (bytes & (bytes - 1)) !== 0) {
-    throw new EnbdError('ENBD_ERR_CONFIG', `--bitmap-chunk: "${value}" must be a power of two from 512 to 64M`);
-  }
+function parseBitmapChunk(option: string, value: string): number {
+  const bytes = parseBytes(option, value);
+  if (bytes < 512 || bytes > 64 * 1024 * 1024 || (bytes & (bytes - 1)) !== 0) throw usageError(option, 'a power of two from 512 to 64M', value);
   return bytes;
 }
 
@@ -316,8 +384,8 @@ async function assembleLegs(settings: MirrorSettings, createFirst: boolean, logg
 }
 
 /**
- * What SIGHUP changes in a running mirror, config key -> how. Everything else in the file needs
- * a restart (legs: `enbd leg add` / `enbd leg remove` change the running set).
+ * What SIGHUP changes in a running mirror, config key -> how; `legs` is reconciled against the
+ * running set (reconcileLegs). Everything else in the file needs a restart.
  */
 export const kLiveSettings = ['resyncRateMin', 'resyncRateMax', 'logLevel', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'verifyIntervalMs'] as const;
 
@@ -356,6 +424,7 @@ async function reloadMirror(flags: Record<string, unknown>, loaded: MirrorSettin
   const changed: Record<string, { from: unknown; to: unknown }> = {};
   const needsRestart: string[] = [];
   for (const key of Object.keys(after)) {
+    if (key === 'legs' || key === 'legNames') continue; // reconciled against the running set below
     if (JSON.stringify(before[key]) === JSON.stringify(after[key])) continue;
     if ((kLiveSettings as readonly string[]).includes(key)) changed[key] = { from: before[key], to: after[key] };
     else needsRestart.push(key);
@@ -373,7 +442,9 @@ async function reloadMirror(flags: Record<string, unknown>, loaded: MirrorSettin
     running.server.setLimits(next.serverLimits);
     loaded.serverLimits = { ...next.serverLimits };
   }
-  const line = { config: flags['config'], changed, ...(needsRestart.length > 0 ? { needsRestart } : {}) };
+  const legs = await reconcileLegs(next, running);
+  if (legs.added.length > 0 || legs.removed.length > 0) changed['legs'] = { from: legs.before, to: running.mirror.legStatus().map((leg) => `${leg.name}=${leg.uri}`) };
+  const line = { config: flags['config'], changed, ...(needsRestart.length > 0 ? { needsRestart } : {}), ...(legs.refused.length > 0 ? { legsRefused: legs.refused } : {}) };
   const message = Object.keys(changed).length === 0 ? 'SIGHUP: config reloaded, nothing to change live' : 'SIGHUP: config reloaded';
   const previousLevel = running.logger.level;
   // one line, under whichever of the two log levels shows info
@@ -384,6 +455,44 @@ async function reloadMirror(flags: Record<string, unknown>, loaded: MirrorSettin
     loaded.logLevel = next.logLevel;
     if (!showsInfo(previousLevel) && showsInfo(next.logLevel)) running.logger.info(line, message);
   }
+}
+
+/**
+ * SIGHUP's legs: the file's legs (by URI) against the running set. New ones are added (with
+ * their given name, else the next automatic one; a full resync each), running ones the file no
+ * longer lists are removed, except when the engine refuses (the last in-sync leg, or the only
+ * holder of some data): that leg stays and a warning says why. Adds go first, so a leg replaced
+ * in the file can be removed once its replacement is in.
+ */
+async function reconcileLegs(next: MirrorSettings, running: Running): Promise<{ before: string[]; added: string[]; removed: string[]; refused: Array<{ leg: string; why: string }> }> {
+  const live = running.mirror.legStatus();
+  const before = live.map((leg) => `${leg.name}=${leg.uri}`);
+  const wanted = new Set(next.legs);
+  const added: string[] = [];
+  const removed: string[] = [];
+  const refused: Array<{ leg: string; why: string }> = [];
+  for (const [at, uri] of next.legs.entries()) {
+    if (live.some((leg) => leg.uri === uri)) continue;
+    try {
+      const index = await running.mirror.addLeg(uri, next.legNames[at] ?? null);
+      added.push(running.mirror.legStatus().find((leg) => leg.index === index)?.name ?? uri);
+    } catch (error) {
+      refused.push({ leg: uri, why: describeError(error) });
+      running.logger.warn({ uri, err: describeError(error) }, 'SIGHUP: leg in the config not added');
+    }
+  }
+  for (const leg of live) {
+    if (wanted.has(leg.uri)) continue;
+    try {
+      await running.mirror.removeLeg(leg.index);
+      removed.push(leg.name);
+    } catch (error) {
+      const why = error instanceof Error ? error.message : String(error);
+      refused.push({ leg: leg.name, why });
+      running.logger.warn({ leg: leg.name, uri: leg.uri, err: describeError(error) }, `SIGHUP: leg ${leg.name} is gone from the config but stays: ${why}`);
+    }
+  }
+  return { before, added, removed, refused };
 }
 
 export async function runMirror(flags: Record<string, unknown>): Promise<void> {
@@ -418,6 +527,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
   const served = await openMirrorServer({
     ...(assembled !== undefined ? { metadata: assembled } : {}),
     legs: settings.legs,
+    legNames: settings.legNames,
     checkpointGranularityBytes: settings.checkpointGranularity,
     ...(settings.size !== undefined ? { sizeBytes: settings.size } : {}),
     ring: {
@@ -554,7 +664,7 @@ function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: strin
   const meta = mirror.metadataStatus();
   if (meta !== null) lines.push(`  array: "${meta.arrayName}" ${meta.arrayUuid}, events ${meta.events}, write-intent chunk ${meta.bitmapChunkBytes} bytes`);
   else lines.push('  metadata: none (unprotected: a crash or a restart while degraded can serve stale data)');
-  for (const leg of mirror.legStatus()) lines.push(`  leg ${leg.index}: ${leg.uri} (${leg.kind}) ${leg.state}${leg.member != null ? `, member ${leg.member.slotIndex}` : ''}`);
+  for (const leg of mirror.legStatus()) lines.push(`  leg ${leg.name} (${leg.index}): ${leg.uri} (${leg.kind}) ${leg.state}${leg.member != null ? `, member ${leg.member.slotIndex}` : ''}`);
   if (activated.length > 0) lines.push(`  socket activation: ${activated.length} inherited listener${activated.length === 1 ? '' : 's'} (fd ${activated.join(', ')})`);
   for (const uri of uris) lines.push(`  export: ${uri}`);
   if (controlPath !== null) lines.push(`  control: ${controlPath} (enbd status --control ${controlPath})`);

@@ -1,11 +1,24 @@
 /**
  * Parsers for CLI option values: byte sizes ("4096", "64K", "1G"), durations ("5000", "500ms",
  * "2s", "1m"), listen addresses
- * ("10809", "127.0.0.1:10809", "[::1]:10809"). Each throws EnbdError('ENBD_ERR_CONFIG') with a
- * message naming the option and the bad value.
+ * ("10809", "127.0.0.1:10809", "[::1]:10809"). Each throws `usageError`: EnbdError('ENBD_ERR_USAGE',
+ * "OPTION must be WHAT, got VALUE"), the one form of every flag and config error. OPTION is the
+ * flag as the user wrote it (`--ring-slots`) or the config key and file (`legTimeoutMs in
+ * mirror.yaml`); main.ts prints it as `enbd: error: ...` and exits 2.
  * Thread: main thread.
  */
 import { EnbdError } from '../core/errors.js';
+
+/** The value as shown in an error: as given, or quoted when it is empty or has spaces. */
+export function shownValue(value: unknown): string {
+  if (typeof value !== 'string') return JSON.stringify(value) ?? String(value);
+  return value === '' || /[\s"]/.test(value) ? JSON.stringify(value) : value;
+}
+
+/** "OPTION must be WHAT, got VALUE" (a usage error: exit 2). */
+export function usageError(option: string, mustBe: string, got: unknown): EnbdError {
+  return new EnbdError('ENBD_ERR_USAGE', `${option} must be ${mustBe}, got ${shownValue(got)}`);
+}
 
 const kUnits: Record<string, number> = { '': 1, b: 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4 };
 
@@ -14,17 +27,17 @@ export function parseBytes(option: string, text: string): number {
   const unit = match?.[2]?.toLowerCase() ?? '';
   const multiplier = kUnits[unit];
   if (match === null || match[1] === undefined || multiplier === undefined) {
-    throw new EnbdError('ENBD_ERR_CONFIG', `${option}: "${text}" is not a size (examples: 4096, 64K, 1G)`);
+    throw usageError(option, 'a size in bytes (4096, 64K, 1G)', text);
   }
   const value = Number(match[1]) * multiplier;
-  if (!Number.isSafeInteger(value)) throw new EnbdError('ENBD_ERR_CONFIG', `${option}: "${text}" is too large`);
+  if (!Number.isSafeInteger(value)) throw usageError(option, 'a size below 8P', text);
   return value;
 }
 
 export function parseInteger(option: string, text: string, minimum: number, maximum: number): number {
   const value = Number(text);
   if (!/^\d+$/.test(text.trim()) || !Number.isSafeInteger(value) || value < minimum || value > maximum) {
-    throw new EnbdError('ENBD_ERR_CONFIG', `${option}: "${text}" must be an integer from ${minimum} to ${maximum}`);
+    throw usageError(option, `an integer from ${minimum} to ${maximum}`, text);
   }
   return value;
 }
@@ -40,7 +53,7 @@ export function parseDurationMs(option: string, text: string, minimumMs: number,
   const unit = kDurationUnitsMs[(match?.[2] ?? '').toLowerCase()];
   const value = match === null || match[1] === undefined || unit === undefined ? NaN : Math.round(Number(match[1]) * unit);
   if (!Number.isSafeInteger(value) || value < minimumMs || value > maximumMs) {
-    throw new EnbdError('ENBD_ERR_CONFIG', `${option} must be a duration from ${minimumMs} ms to ${maximumMs} ms (a bare number is ms; or 500ms, 2s, 1m, 1h), got "${text}"`);
+    throw usageError(option, `a duration from ${minimumMs} ms to ${maximumMs} ms (a bare number is ms; or 500ms, 2s, 1m, 1h)`, text);
   }
   return value;
 }
@@ -55,11 +68,11 @@ export interface ServerLimits {
 export const kServerLimitDefaults = { maxConnections: '128', handshakeTimeoutMs: '10000', payloadTimeoutMs: '30000' } as const;
 
 /** Parses the three values (strings from flags or config); bounds as the server enforces them. */
-export function parseServerLimits(maxConnections: string, handshakeTimeoutMs: string, payloadTimeoutMs: string): ServerLimits {
+export function parseServerLimits(maxConnections: string, handshakeTimeoutMs: string, payloadTimeoutMs: string, names: { maxConnections?: string; handshakeTimeoutMs?: string; payloadTimeoutMs?: string } = {}): ServerLimits {
   return {
-    connectionsMax: parseInteger('--max-connections', maxConnections, 1, 65_535),
-    handshakeTimeoutMs: parseDurationMs('--handshake-timeout', handshakeTimeoutMs, 0, 0x7fff_ffff),
-    payloadTimeoutMs: parseDurationMs('--payload-timeout', payloadTimeoutMs, 0, 0x7fff_ffff),
+    connectionsMax: parseInteger(names.maxConnections ?? '--max-connections', maxConnections, 1, 65_535),
+    handshakeTimeoutMs: parseDurationMs(names.handshakeTimeoutMs ?? '--handshake-timeout', handshakeTimeoutMs, 0, 0x7fff_ffff),
+    payloadTimeoutMs: parseDurationMs(names.payloadTimeoutMs ?? '--payload-timeout', payloadTimeoutMs, 0, 0x7fff_ffff),
   };
 }
 
@@ -80,10 +93,9 @@ export function parseListen(option: string, text: string, defaultHost = '127.0.0
     host = text.slice(0, at);
     portText = text.slice(at + 1);
   }
-  if (host === '') throw new EnbdError('ENBD_ERR_CONFIG', `${option}: "${text}" has an empty host`);
   const port = Number(portText);
-  if (!/^\d+$/.test(portText) || port > 65535) {
-    throw new EnbdError('ENBD_ERR_CONFIG', `${option}: "${text}" is not [HOST:]PORT with a port from 0 to 65535`);
+  if (host === '' || !/^\d+$/.test(portText) || port > 65535) {
+    throw usageError(option, '[HOST:]PORT with a port from 0 to 65535', text);
   }
   return { host, port };
 }

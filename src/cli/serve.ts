@@ -7,11 +7,10 @@
 import { statfsSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { createLogger } from '../core/log.js';
-import { EnbdError } from '../core/errors.js';
 import { FileDevice } from '../stubs/file-device.js';
 import { createNbdServer } from '../nbd/server/server.js';
 import { checkTcpFree, checkUnixFree } from '../core/listen.js';
-import { kServerLimitDefaults, parseBytes, parseListen, parseServerLimits } from './parse.js';
+import { kServerLimitDefaults, parseBytes, parseListen, parseServerLimits, usageError } from './parse.js';
 import { installShutdown } from './shutdown.js';
 import { loadServerTls, parseTlsMode } from '../nbd/server/server-tls.js';
 import { installHangup } from './hangup.js';
@@ -65,7 +64,7 @@ async function runServeWith(file: string, options: Record<string, unknown>, habi
   const exportName = String(options['name'] ?? '');
   const ioAsked = String(options['io'] ?? 'auto');
   if (ioAsked !== 'sync' && ioAsked !== 'async' && ioAsked !== 'auto') {
-    throw new EnbdError('ENBD_ERR_CONFIG', `--io must be auto, sync or async, got "${ioAsked}"`);
+    throw usageError('--io', 'auto, sync or async', ioAsked);
   }
   const io = ioAsked === 'auto' ? (isMemoryBacked(resolve(file)) ? 'sync' : 'async') : ioAsked;
   const tls = loadServerTls({

@@ -91,7 +91,7 @@ const kLegColumns = ['LEG', 'STATE', 'IN-FLIGHT', 'LATENCY', 'DIRTY', 'URI'] as 
 
 /** One row per leg (plus a resync line under a resyncing leg, and the reason of a failed one). */
 export function formatLegTable(legs: readonly LegView[]): string[] {
-  const rows = legs.map((leg) => [String(leg.index), leg.state, String(leg.inFlight), formatLatency(leg.latencyMeanMs), formatBytes(leg.dirtyBytes), `${leg.uri} (${leg.kind})`]);
+  const rows = legs.map((leg) => [leg.name, leg.state, String(leg.inFlight), formatLatency(leg.latencyMeanMs), formatBytes(leg.dirtyBytes), `${leg.uri} (${leg.kind})`]);
   const widths = kLegColumns.map((title, column) => Math.max(title.length, ...rows.map((row) => (row[column] ?? '').length)));
   const line = (cells: readonly string[]): string => cells.map((cell, column) => (column === cells.length - 1 ? cell : pad(cell, widths[column] ?? 0))).join('  ');
   const lines = [line(kLegColumns)];

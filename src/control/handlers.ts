@@ -74,10 +74,12 @@ function badParams(message: string): ControlRequestError {
   return new ControlRequestError(kControlErrorCodes.badParams, message);
 }
 
-function legParam(params: Record<string, unknown>): number {
+/** params.leg: a leg index, or a string the engine resolves (a name, digits, or a URI). */
+function legParam(params: Record<string, unknown>): number | string {
   const leg = params['leg'];
+  if (typeof leg === 'string' && leg.length > 0 && leg.length <= kUriCharsMax) return leg;
   if (typeof leg !== 'number' || !Number.isInteger(leg) || leg < 0 || leg >= kMaxLegs) {
-    throw badParams(`params.leg must be a leg index from 0 to ${kMaxLegs - 1}`);
+    throw badParams(`params.leg must be a leg index from 0 to ${kMaxLegs - 1}, or a leg name or URI`);
   }
   return leg;
 }
@@ -146,11 +148,11 @@ export class MirrorControl {
   handlers(): ReadonlyMap<string, MethodHandler> {
     const table: { [M in Exclude<keyof ControlResults, 'subscribe' | CheckpointMethod>]: (params: Record<string, unknown>, session: ControlSession) => ControlResults[M] | Promise<ControlResults[M]> } = {
       status: async () => await this.status(),
-      'leg.fail': (params) => this.failLeg(legParam(params)),
-      'leg.reconnect': async (params) => await this.reconnectLeg(legParam(params)),
-      'leg.remove': async (params) => await this.removeLeg(legParam(params)),
-      'leg.add': async (params) => await this.addLeg(params['uri']),
-      'leg.bitmap': (params) => this.bitmap(legParam(params)),
+      'leg.fail': (params) => this.failLeg(this.legIndex(params)),
+      'leg.reconnect': async (params) => await this.reconnectLeg(this.legIndex(params)),
+      'leg.remove': async (params) => await this.removeLeg(this.legIndex(params)),
+      'leg.add': async (params) => await this.addLeg(params['uri'], params['name']),
+      'leg.bitmap': (params) => this.bitmap(this.legIndex(params)),
       'ring.slots': () => this.slots(),
       'resync.pause': () => this.pauseResync(true),
       'resync.resume': () => this.pauseResync(false),
@@ -195,7 +197,7 @@ export class MirrorControl {
   private tickProgress(): void {
     for (const leg of this.mirror.legStatus()) {
       if (leg.resync === null || leg.state !== 'resyncing') continue;
-      this.broadcast('resync-progress', { ...leg.resync, uri: leg.uri, state: leg.state });
+      this.broadcast('resync-progress', { ...leg.resync, name: leg.name, uri: leg.uri, state: leg.state });
     }
   }
 
@@ -207,6 +209,7 @@ export class MirrorControl {
       const counters = actorStats[leg.index] ?? null;
       return {
         index: leg.index,
+        name: leg.name,
         uri: leg.uri,
         kind: leg.kind,
         state: leg.state,
@@ -251,30 +254,40 @@ export class MirrorControl {
     };
   }
 
+  private legIndex(params: Record<string, unknown>): number {
+    return this.mirror.legIndexOf(legParam(params));
+  }
+
   private stateOf(index: number): string {
     return this.mirror.legState(index) ?? 'unknown';
   }
 
+  private nameOf(index: number): string {
+    return this.mirror.legName(index) ?? String(index);
+  }
+
   private failLeg(index: number): LegActionResult {
     this.mirror.failLegByHand(index, 'failed by the operator (enbd leg fail)');
-    return { leg: index, state: this.stateOf(index) };
+    return { leg: index, name: this.nameOf(index), state: this.stateOf(index) };
   }
 
   private async reconnectLeg(index: number): Promise<LegActionResult> {
     const state = await this.mirror.reconnectLegNow(index);
-    return { leg: index, state };
+    return { leg: index, name: this.nameOf(index), state };
   }
 
   private async removeLeg(index: number): Promise<LegActionResult> {
+    const name = this.nameOf(index);
     await this.mirror.removeLeg(index);
-    return { leg: index, state: this.stateOf(index) };
+    return { leg: index, name, state: this.stateOf(index) };
   }
 
-  private async addLeg(uri: unknown): Promise<LegActionResult> {
+  private async addLeg(uri: unknown, name: unknown): Promise<LegActionResult> {
     if (typeof uri !== 'string' || uri.length === 0 || uri.length > kUriCharsMax) throw badParams(`params.uri must be a leg URI of 1..${kUriCharsMax} characters`);
-    const index = await this.mirror.addLeg(uri);
+    if (name !== undefined && name !== null && typeof name !== 'string') throw badParams('params.name must be a leg name (a string) or absent');
+    const index = await this.mirror.addLeg(uri, typeof name === 'string' ? name : null);
     if (this.resyncPaused) this.mirror.pauseResync(true);
-    return { leg: index, state: this.stateOf(index) };
+    return { leg: index, name: this.nameOf(index), state: this.stateOf(index) };
   }
 
   private bitmap(index: number): BitmapResult {

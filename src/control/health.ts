@@ -35,16 +35,16 @@ export function healthCode(legs: ReadonlyArray<Pick<LegView, 'state'>>): HealthC
   return inSync === live.length ? kExitInSync : kExitDegraded;
 }
 
-/** "leg 1 resyncing 45.0%, leg 2 failed": the legs that are not in sync, for messages. */
-export function describeLagging(legs: ReadonlyArray<Pick<LegView, 'index' | 'state' | 'resync'>>): string {
+/** "leg b resyncing 45.0%, leg c failed": the legs that are not in sync, by name, for messages. */
+export function describeLagging(legs: ReadonlyArray<Pick<LegView, 'name' | 'state' | 'resync'>>): string {
   const lagging = legs.filter((leg) => leg.state !== 'removed' && leg.state !== 'in-sync');
   if (lagging.length === 0) return 'every leg in sync';
   return lagging
     .map((leg) => {
       const resync = leg.resync;
-      if (resync === null || resync.bytesTotal <= 0) return `leg ${leg.index} ${leg.state}`;
+      if (resync === null || resync.bytesTotal <= 0) return `leg ${leg.name} ${leg.state}`;
       const percent = (((resync.bytesTotal - resync.bytesLeft) / resync.bytesTotal) * 100).toFixed(1);
-      return `leg ${leg.index} ${leg.state} ${percent}%`;
+      return `leg ${leg.name} ${leg.state} ${percent}%`;
     })
     .join(', ');
 }

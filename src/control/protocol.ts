@@ -186,6 +186,8 @@ export type ResyncProgressView = ResyncProgress;
 
 export interface LegView {
   index: number;
+  /** The leg's stable name (enbd leg fail NAME; the metrics' leg label). */
+  name: string;
   uri: string;
   kind: string;
   state: string;
@@ -277,6 +279,7 @@ export const kSlotsListedMax = 32;
 
 export interface LegActionResult {
   leg: number;
+  name: string;
   state: string;
 }
 

@@ -27,6 +27,8 @@ export type EnbdErrorCode =
   | 'ENBD_ERR_CLOSED'
   | 'ENBD_ERR_NBD_REPLY'
   | 'ENBD_ERR_CONFIG'
+  /** A bad flag or config value: the CLI exits 2 (a usage error, as commander's own). */
+  | 'ENBD_ERR_USAGE'
   /** A run-time refusal of an operator command (the last in-sync leg, no such leg, ...). */
   | 'ENBD_ERR_REFUSED'
   | 'ENBD_ERR_URI'

@@ -55,6 +55,8 @@ export class Leg {
   /** Reconnect attempts since start (never reset, unlike the backoff's attempt count). */
   reconnects = 0;
   resyncedBytes = 0;
+  /** Its stable name (src/engine/leg-names.ts), set right after construction. */
+  name = '';
   constructor(
     readonly index: number,
     readonly uri: string,

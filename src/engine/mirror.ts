@@ -66,10 +66,13 @@ import { CheckpointSet, checkpointOperations, type CheckpointOperations } from '
 import type { AssembledArray } from '../meta/assemble.js';
 import { bitmapTest } from '../meta/leg-meta.js';
 import { Verifier, type VerifyHost, type VerifyOptions, type VerifyProgress, type VerifyStartOptions, type VerifyStatus } from './verify.js';
+import { assignLegNames, legNameProblem, nextAutoLegName, resolveLegRef } from './leg-names.js';
 import { bitmapSnapshotOf, legStatsWithin, ringCountersOf, slotsSnapshotOf, type BitmapSnapshot, type MirrorDebugHandles, type RingCounters, type SlotsSnapshot } from './snapshots.js';
 
 export interface MirrorOptions {
   legs: string[];
+  /** Each leg's name (src/engine/leg-names.ts); missing ones get automatic names a, b, ... */
+  legNames?: ReadonlyArray<string | null>;
   /** Export size; default: the legs' common size. Every leg must hold at least this much. */
   sizeBytes?: number;
   ring?: Partial<RingOptions>;
@@ -145,12 +148,14 @@ export type { LegState } from './leg-health.js';
 
 /** What the mirror tells its listeners (control plane, metrics). */
 export type MirrorEvent =
-  | { type: 'leg-state'; leg: number; uri: string; state: LegState; reason: string | null }
-  | { type: 'leg-added'; leg: number; uri: string }
-  | { type: 'leg-removed'; leg: number; uri: string };
+  | { type: 'leg-state'; leg: number; name: string; uri: string; state: LegState; reason: string | null }
+  | { type: 'leg-added'; leg: number; name: string; uri: string }
+  | { type: 'leg-removed'; leg: number; name: string; uri: string };
 
 export interface LegStatus {
   index: number;
+  /** Its stable name (src/engine/leg-names.ts). */
+  name: string;
   uri: string;
   kind: string;
   state: LegState;
@@ -303,6 +308,8 @@ export class MirrorDevice implements BlockDevice {
   private readonly healthPolicy: HealthPolicy;
   private readonly listeners = new Set<(event: MirrorEvent) => void>();
   private resyncPaused = false;
+  /** Every name a leg held in this run: automatic names skip them (src/engine/leg-names.ts). */
+  private readonly retiredLegNames = new Set<string>();
   /** Client request latency (arrival at the engine to completion), by kind (kLatencyKinds). */
   readonly latency = new LatencyHistograms(kLatencyKinds);
   private readonly counters = { requests: new Map<number, number>(), bytes: new Map<number, number>(), writeCopies: 0, writeBytesCopied: 0, writeRequests: 0 };
@@ -505,7 +512,13 @@ export class MirrorDevice implements BlockDevice {
   }
 
   private async startLegs(options: MirrorOptions): Promise<void> {
-    for (const [index, uri] of options.legs.entries()) this.legs.push(this.createLeg(index, uri));
+    const names = assignLegNames(options.legs.map((_, index) => options.legNames?.[index] ?? null));
+    for (const [index, uri] of options.legs.entries()) {
+      const leg = this.createLeg(index, uri);
+      leg.name = names[index] ?? String(index);
+      this.retiredLegNames.add(leg.name);
+      this.legs.push(leg);
+    }
     const infos = await Promise.all(this.legs.map((leg) => leg.api.open()));
     const problems: string[] = [];
     for (const [index, info] of infos.entries()) {
@@ -1391,7 +1404,12 @@ export class MirrorDevice implements BlockDevice {
 
   private emitState(leg: Leg): void {
     this.keeper?.onLegState(leg);
-    this.emit({ type: 'leg-state', leg: leg.index, uri: leg.uri, state: leg.state, reason: leg.failureReason });
+    this.emit({ type: 'leg-state', leg: leg.index, name: leg.name, uri: leg.uri, state: leg.state, reason: leg.failureReason });
+  }
+
+  /** A leg's index from its name, index or URI (src/engine/leg-names.ts). */
+  legIndexOf(ref: string | number): number {
+    return resolveLegRef(ref, this.legs.map((leg) => ({ index: leg.index, name: leg.name, uri: leg.uri, live: leg.state !== 'removed' })));
   }
 
   private legAt(index: number): Leg {
@@ -1417,10 +1435,10 @@ export class MirrorDevice implements BlockDevice {
    */
   private refuseIfLastCopy(leg: Leg, verb: string, others: Leg[]): void {
     if (leg.state === 'in-sync' && !others.some((other) => other.state === 'in-sync')) {
-      throw new EnbdError('ENBD_ERR_REFUSED', `leg ${leg.index} is the last in-sync leg; refusing to ${verb} it`);
+      throw new EnbdError('ENBD_ERR_REFUSED', `leg ${leg.name} is the last in-sync leg; refusing to ${verb} it`);
     }
     if (this.lifecycle.soleHolder(leg, others)) {
-      throw new EnbdError('ENBD_ERR_REFUSED', `leg ${leg.index} alone holds some of the device's acknowledged data; refusing to ${verb} it`);
+      throw new EnbdError('ENBD_ERR_REFUSED', `leg ${leg.name} alone holds some of the device's acknowledged data; refusing to ${verb} it`);
     }
   }
 
@@ -1449,16 +1467,23 @@ export class MirrorDevice implements BlockDevice {
   /**
    * Adds a leg to the running mirror: it must hold the export's size and offer what the export
    * already promised its clients. It goes through probation, then a full resync (its map starts
-   * all dirty). Resolves with its index (a removed leg's index is reused).
+   * all dirty). Resolves with its index (a removed leg's index is reused). `name`: given, or
+   * the next automatic one no leg held in this run.
    */
-  async addLeg(uri: string): Promise<number> {
+  async addLeg(uri: string, name: string | null = null): Promise<number> {
     if (this.closed) throw new EnbdError('ENBD_ERR_REFUSED', 'the mirror is shutting down');
     parseLegUri(uri);
     if (this.legs.some((leg) => leg.state !== 'removed' && leg.uri === uri)) throw new EnbdError('ENBD_ERR_REFUSED', `${uri} is already a leg`);
+    const live = new Set(this.legs.filter((leg) => leg.state !== 'removed').map((leg) => leg.name));
+    const nameProblem = name === null ? null : legNameProblem(name);
+    if (nameProblem !== null) throw new EnbdError('ENBD_ERR_REFUSED', `leg name "${name}" ${nameProblem}`);
+    if (name !== null && live.has(name)) throw new EnbdError('ENBD_ERR_REFUSED', `a leg is already named ${name}`);
+    const legName = name ?? nextAutoLegName(live, this.retiredLegNames);
     let index = this.legs.findIndex((leg) => leg.state === 'removed' && leg.worker === null && leg.inline === null);
     if (index < 0) index = this.legs.length;
     if (index >= kMaxLegs) throw new EnbdError('ENBD_ERR_REFUSED', `a mirror has at most ${kMaxLegs} legs`);
     const leg = this.createLeg(index, uri);
+    leg.name = legName;
     leg.state = 'reconnecting'; // not admitted while it is checked; probation next
     const info = await leg.api.open();
     let problem: string | null = null;
@@ -1495,7 +1520,8 @@ export class MirrorDevice implements BlockDevice {
         throw new EnbdError('ENBD_ERR_LEG', `cannot add leg ${uri}: writing its metadata failed`);
       }
     }
-    this.emit({ type: 'leg-added', leg: index, uri });
+    this.retiredLegNames.add(legName);
+    this.emit({ type: 'leg-added', leg: index, name: legName, uri });
     leg.state = 'probation';
     this.lifecycle.move(leg, 'resyncing', null, { why: 'leg added; full resync' });
     this.startResync(leg);
@@ -1515,7 +1541,7 @@ export class MirrorDevice implements BlockDevice {
     leg.epoch += 1;
     this.lifecycle.move(leg, 'removed', 'removed by the operator');
     leg.resync?.nudge();
-    this.emit({ type: 'leg-removed', leg: index, uri: leg.uri });
+    this.emit({ type: 'leg-removed', leg: index, name: leg.name, uri: leg.uri });
     const deadline = Date.now() + 30_000;
     while (leg.inFlight > 0 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20));
     await this.stopActor(leg);
@@ -1606,6 +1632,7 @@ export class MirrorDevice implements BlockDevice {
   legStatus(): LegStatus[] {
     return this.legs.filter((leg) => leg.state !== 'removed').map((leg) => ({
       index: leg.index,
+      name: leg.name,
       uri: leg.uri,
       kind: leg.info?.kind ?? 'unknown',
       state: leg.state,
@@ -1650,6 +1677,10 @@ export class MirrorDevice implements BlockDevice {
 
   legState(index: number): LegState | null {
     return this.legs[index]?.state ?? null;
+  }
+
+  legName(index: number): string | null {
+    return this.legs[index]?.name ?? null;
   }
 
   ringCounters(): RingCounters {

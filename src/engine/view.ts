@@ -87,7 +87,11 @@ export interface MirrorView {
 export interface MirrorOperations extends MirrorView {
   failLegByHand(index: number, reason?: string): void;
   reconnectLegNow(index: number): Promise<LegState>;
-  addLeg(uri: string): Promise<number>;
+  addLeg(uri: string, name?: string | null): Promise<number>;
+  /** A leg's index from its name, index or URI (src/engine/leg-names.ts); throws for none. */
+  legIndexOf(ref: string | number): number;
+  /** The name of the leg at `index` (null: no such leg). */
+  legName(index: number): string | null;
   removeLeg(index: number): Promise<void>;
   pauseResync(paused: boolean): void;
   setResyncRates(rates: Partial<ResyncRates>): ResyncRates;

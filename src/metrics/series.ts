@@ -11,7 +11,8 @@
  * |---------|----------------------------------------------------------------------------|
  * | op      | read, write, flush, trim, write_zeroes, cache (always present, 0 at start), |
  * |         | plus any other NBD command the engine counted, lower case                  |
- * | leg     | leg index as a decimal string ("0", "1", ...); removed legs are left out    |
+ * | leg     | the leg's name ("a", "b", or as given); removed legs are left out          |
+ * | index   | enbd_leg_info only: the leg's index (what older scrapes had as leg)          |
  * | state   | kLegStates: one series per state, 1 for the leg's current state, else 0    |
  * | receive | copied (socket chunk -> ring slot), direct (read straight into the slot)   |
  */
@@ -51,7 +52,7 @@ export const kLegStates: readonly LegState[] = Object.keys(kLegStateSet) as LegS
 export const kLatencyHistogramName = 'enbd_request_duration_seconds';
 
 function legLabel(leg: LegStatus): Labels {
-  return { leg: String(leg.index) };
+  return { leg: leg.name };
 }
 
 /** Emits `pick(status)` for every leg (from legStatus: always available). */
@@ -88,8 +89,7 @@ function bytesByOp(sample: MirrorSample, emit: Emit): void {
 
 function legStates(sample: MirrorSample, emit: Emit): void {
   for (const leg of sample.stats.legs) {
-    const index = String(leg.index);
-    for (const state of kLegStates) emit({ leg: index, state }, leg.state === state ? 1 : 0);
+    for (const state of kLegStates) emit({ leg: leg.name, state }, leg.state === state ? 1 : 0);
   }
 }
 
@@ -241,11 +241,11 @@ const kArraySeries: readonly SeriesSpec[] = [
 
 const kLegSeries: readonly SeriesSpec[] = [
   {
-    name: 'enbd_leg_info', type: 'gauge', labelNames: ['leg', 'uri', 'kind'],
-    help: 'Always 1: the URI and kind of each leg.',
+    name: 'enbd_leg_info', type: 'gauge', labelNames: ['leg', 'index', 'uri', 'kind'],
+    help: 'Always 1: the index, URI and kind of each leg (by its name).',
     read: (s, emit) => {
       for (const leg of s.stats.legs) {
-        emit({ leg: String(leg.index), uri: leg.uri, kind: leg.kind }, 1);
+        emit({ leg: leg.name, index: String(leg.index), uri: leg.uri, kind: leg.kind }, 1);
       }
     },
   },

@@ -141,11 +141,11 @@ describe('enbd control: status and leg/resync commands against a running mirror'
       assert.ok((view.latency['write']?.meanMs ?? 0) > 0, 'write latency mean');
       const table = await cliOk(control, ['status']);
       assert.match(table, /^export "": 64\.0 MiB \(67108864 bytes\), 1 client/m);
-      assert.match(table, /^0\s+in-sync\s+0\s+[\d.]+ ms\s+0 B\s+nbd\+unix/m);
-      assert.match(table, /^1\s+in-sync\s+0\s+[\d.]+ ms\s+0 B\s+nbd\+unix/m);
+      assert.match(table, /^a\s+in-sync\s+0\s+[\d.]+ ms\s+0 B\s+nbd\+unix/m);
+      assert.match(table, /^b\s+in-sync\s+0\s+[\d.]+ ms\s+0 B\s+nbd\+unix/m);
 
       // ---- during the failure: leg 1 out, writes marked on its dirty map
-      assert.equal(await cliOk(control, ['leg', 'fail', '1']), 'leg 1: failed\n');
+      assert.equal(await cliOk(control, ['leg', 'fail', '1']), 'leg b: failed\n');
       view = await status(control);
       assert.equal(view.legs[1]?.state, 'failed');
       assert.match(view.legs[1]?.failureReason ?? '', /operator/);
@@ -153,10 +153,10 @@ describe('enbd control: status and leg/resync commands against a running mirror'
       view = await status(control);
       assert.equal(view.legs[0]?.state, 'in-sync');
       assert.ok((view.legs[1]?.dirtyBytes ?? 0) >= 16 * kMiB, `leg 1 dirty bytes ${view.legs[1]?.dirtyBytes}`);
-      assert.match(await cliOk(control, ['status']), /^1\s+failed\s+.*\n\s+reason: failed by the operator/m);
+      assert.match(await cliOk(control, ['status']), /^b\s+failed\s+.*\n\s+reason: failed by the operator/m);
 
       // ---- reconnect: a rate-limited resync we can watch, pause and resume
-      assert.equal(await cliOk(control, ['leg', 'reconnect', '1']), 'leg 1: resyncing\n');
+      assert.equal(await cliOk(control, ['leg', 'reconnect', '1']), 'leg b: resyncing\n');
       view = await status(control);
       assert.equal(view.legs[1]?.state, 'resyncing');
       const progress = view.legs[1]?.resync;
@@ -222,7 +222,7 @@ describe('enbd control: status and leg/resync commands against a running mirror'
       await writeBlocks(client, model, 0, 3);
       await writeBlocks(client, model, 40 * kMiB, 5);
       const added = await memoryLeg();
-      assert.equal(await cliOk(control, ['leg', 'add', added.uri]), 'leg 2 added: resyncing (full resync from an in-sync leg)\n');
+      assert.equal(await cliOk(control, ['leg', 'add', added.uri]), 'leg c added: resyncing (full resync from an in-sync leg)\n');
       let view = await waitLegState(control, 2, 'in-sync');
       assert.deepStrictEqual(view.legs.map((leg) => leg.state), ['in-sync', 'in-sync', 'in-sync']);
       assert.equal(view.legs[2]?.uri, added.uri);
@@ -237,24 +237,24 @@ describe('enbd control: status and leg/resync commands against a running mirror'
       assert.equal(tooSmall.status, 1);
       assert.match(tooSmall.stderr, /^enbd: error: cannot add leg .*: it has 33554432 bytes, fewer than the export's 67108864\n$/);
 
-      assert.equal(await cliOk(control, ['leg', 'remove', '2']), 'leg 2 removed\n');
+      assert.equal(await cliOk(control, ['leg', 'remove', '2']), 'leg c removed\n');
       view = await status(control);
       assert.deepStrictEqual(view.legs.map((leg) => leg.index), [0, 1], 'a removed leg is no longer listed');
 
-      assert.equal(await cliOk(control, ['leg', 'fail', '1']), 'leg 1: failed\n');
+      assert.equal(await cliOk(control, ['leg', 'fail', '1']), 'leg b: failed\n');
       const removeLast = await cli(control, ['leg', 'remove', '0']);
       assert.equal(removeLast.status, 1, 'removing the last in-sync leg is refused');
-      assert.equal(removeLast.stderr, 'enbd: error: leg 0 is the last in-sync leg; refusing to remove it\n');
+      assert.equal(removeLast.stderr, 'enbd: error: leg a is the last in-sync leg; refusing to remove it\n');
       const failLast = await cli(control, ['leg', 'fail', '0']);
       assert.equal(failLast.status, 1);
-      assert.equal(failLast.stderr, 'enbd: error: leg 0 is the last in-sync leg; refusing to fail it\n');
+      assert.equal(failLast.stderr, 'enbd: error: leg a is the last in-sync leg; refusing to fail it\n');
       const noLeg = await cli(control, ['leg', 'fail', '9']);
       assert.equal(noLeg.status, 1);
       assert.match(noLeg.stderr, /^enbd: error: no leg 9/);
       const badIndex = await cli(control, ['leg', 'fail', 'one']);
       assert.equal(badIndex.status, 1);
-      assert.match(badIndex.stderr, /leg index: "one" must be an integer/);
-      assert.match(await cliOk(control, ['leg', 'reconnect', '1']), /^leg 1: (resyncing|in-sync)\n$/);
+      assert.match(badIndex.stderr, /^enbd: error: no leg "one" \(legs: a, b; a name, an index or a leg.s URI\)\n$/);
+      assert.match(await cliOk(control, ['leg', 'reconnect', '1']), /^leg b: (resyncing|in-sync)\n$/);
       await waitLegState(control, 1, 'in-sync');
       assert.deepStrictEqual((await readNbdRange(mirror.uri, 40 * kMiB, kMiB)).equals(model.subarray(40 * kMiB, 41 * kMiB)), true, 'reads still work');
     } finally {
@@ -283,8 +283,8 @@ describe('enbd control: status and leg/resync commands against a running mirror'
     assert.equal(inverted.status, 1);
     assert.match(inverted.stderr, /^enbd: error: resync rate max \(1048576 B\/s\) is below min \(8388608 B\/s\)/);
     const notASize = await cli(control, ['resync', 'rate', '--max', 'fast']);
-    assert.equal(notASize.status, 1);
-    assert.match(notASize.stderr, /--max: "fast" is not a size/);
+    assert.equal(notASize.status, 2);
+    assert.match(notASize.stderr, /^enbd: error: --max must be a size in bytes \(4096, 64K, 1G\), got fast\n/);
     assert.equal(await cliOk(control, ['resync', 'pause']), 'resync paused\n');
     assert.equal((await status(control)).resync.paused, true);
     assert.equal(await cliOk(control, ['resync', 'resume']), 'resync resumed\n');

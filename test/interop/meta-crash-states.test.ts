@@ -62,7 +62,7 @@ describe('enbd mirror --metadata leg: stops in the middle of a leg\'s trouble', 
       await second.control.waitStates(['in-sync', 'in-sync']);
       assertSameBytes(b.dataArea(dataSize), a.dataArea(dataSize), 'leg data areas after the resync');
       assertSameBytes(a.dataArea(dataSize).subarray(at, at + kMiB), newData, 'the legs hold the new bytes');
-      assert.equal(await second.control.cliOk(['leg', 'fail', '0']), 'leg 0: failed\n');
+      assert.equal(await second.control.cliOk(['leg', 'fail', '0']), 'leg a: failed\n');
       assertSameBytes(await readNbd(second.mirror.uri, at, kMiB), newData, 'read from leg 1 alone');
     } finally {
       assert.equal(await second.stop('SIGTERM'), 0);
@@ -92,7 +92,7 @@ describe('enbd mirror --metadata leg: stops in the middle of a leg\'s trouble', 
       await second.control.waitStates(['in-sync', 'in-sync'], 30_000);
       assertSameBytes(b.dataArea(dataSize), a.dataArea(dataSize), 'leg data areas after the second resync');
       assertSameBytes(a.dataArea(dataSize).subarray(2 * kMiB, 14 * kMiB), missed, 'the legs hold the missed write');
-      assert.equal(await second.control.cliOk(['leg', 'fail', '0']), 'leg 0: failed\n');
+      assert.equal(await second.control.cliOk(['leg', 'fail', '0']), 'leg a: failed\n');
       assertSameBytes(await readNbd(second.mirror.uri, 2 * kMiB, missed.length), missed, 'read from leg 1 alone');
     } finally {
       assert.equal(await second.stop('SIGTERM'), 0);
@@ -108,7 +108,7 @@ describe('enbd mirror --metadata leg: stops in the middle of a leg\'s trouble', 
     const data = randomBytes(2 * kMiB);
     const first = await startMetaMirror(dir, [a, b], 'of-1');
     await writeFlush(first.mirror.uri, at, randomBytes(2 * kMiB));
-    assert.equal(await first.control.cliOk(['leg', 'fail', '0']), 'leg 0: failed\n');
+    assert.equal(await first.control.cliOk(['leg', 'fail', '0']), 'leg a: failed\n');
     await writeFlush(first.mirror.uri, at, data);
     assert.equal(await first.stop('SIGTERM'), 0);
     const examinedB = await examine(b.uri);
@@ -161,7 +161,7 @@ describe('enbd mirror --metadata leg: stops in the middle of a leg\'s trouble', 
       await both.control.waitStates(['in-sync', 'in-sync'], 30_000);
       assertSameDataAreas(a, b, dataSize, 'after the resync');
       for (const one of writes) assertSameBytes(readRange(b.file, one.at, one.data.length), one.data, `leg 1 holds the run-${one.run} write at ${one.at}`);
-      assert.equal(await both.control.cliOk(['leg', 'fail', '0']), 'leg 0: failed\n');
+      assert.equal(await both.control.cliOk(['leg', 'fail', '0']), 'leg a: failed\n');
       for (const one of writes) assertSameBytes(await readNbd(both.mirror.uri, one.at, one.data.length), one.data, `read from leg 1 alone at ${one.at}`);
     } finally {
       assert.equal(await both.stop('SIGTERM'), 0);

@@ -177,8 +177,8 @@ describe('enbd create / enbd examine on real legs', { skip: skipUnlessTools('nbd
     assert.match(blank.stderr, /^enbd: error: .*carries no enbd metadata/m);
     assert.equal((JSON.parse(blank.stdout) as ExamineJson).usedCopy, null);
     const badChunk = await enbd('create', '--leg', sparse('chunk.img', kLegBytes), '--bitmap-chunk', '3000');
-    assert.equal(badChunk.status, 1);
-    assert.match(badChunk.stderr, /^enbd: error: bitmap chunk 3000 must be a power of two/m);
+    assert.equal(badChunk.status, 2, 'a bad flag value is a usage error');
+    assert.match(badChunk.stderr, /^enbd: error: --bitmap-chunk must be a power of two from 4K to 1T, got 3000$/m);
     const custom = await enbd('create', '--leg', dir.path('chunk.img'), '--bitmap-chunk', '64K');
     assert.equal(custom.status, 0, custom.stderr);
     assert.match(custom.stdout, /chunk 64\.0 KiB/);

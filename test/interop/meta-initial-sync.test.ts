@@ -70,7 +70,7 @@ describe('enbd mirror --metadata leg: the first sync after enbd create, interrup
       await second.control.waitStates(['in-sync', 'in-sync'], 30_000);
       assertSameBytes(b.dataArea(dataSize), a.dataArea(dataSize), 'leg data areas after the first sync');
       assertSameBytes(a.dataArea(dataSize), image, 'leg 0 still holds the original image');
-      assert.equal(await second.control.cliOk(['leg', 'fail', '0']), 'leg 0: failed\n');
+      assert.equal(await second.control.cliOk(['leg', 'fail', '0']), 'leg a: failed\n');
       assertSameBytes(await readNbd(second.mirror.uri, 0, dataSize), image, 'the image read from leg 1 alone');
     } finally {
       assert.equal(await second.stop('SIGTERM'), 0);

@@ -81,7 +81,7 @@ describe('enbd mirror --metadata leg: issue 11 scenarios on nbdkit file legs', {
       }
       const area = assertLegsIdentical([a, b], dataSize, 'after the resync');
       assertSameBytes(area.subarray(at, at + newData.length), newData, 'the legs hold the new bytes');
-      assert.equal(await second.control.cliOk(['leg', 'fail', '0']), 'leg 0: failed\n');
+      assert.equal(await second.control.cliOk(['leg', 'fail', '0']), 'leg a: failed\n');
       assertSameBytes(await readNbd(second.mirror.uri, at, newData.length), newData, 'read from leg 1 alone');
     } finally {
       assert.equal(await second.stop('SIGTERM'), 0);

@@ -78,7 +78,7 @@ describe('enbd mirror --metrics: Prometheus series of a real mirror', { skip: sk
     assert.equal(valueOf(scraped, 'enbd_write_payload_copies_per_request'), 1, 'shared copy mode: one copy per write');
     const received = samplesOf(scraped, 'enbd_server_write_payload_bytes_total').reduce((sum, sample) => sum + sample.value, 0);
     assert.ok(received >= kWriteCount * kWriteBytes, `server received ${received} payload bytes`);
-    for (const leg of ['0', '1']) {
+    for (const leg of ['a', 'b']) {
       assert.ok(valueOf(scraped, 'enbd_leg_written_bytes_total', { leg }) >= kWriteCount * kWriteBytes, `leg ${leg} bytes written`);
       assert.ok(valueOf(scraped, 'enbd_leg_requests_total', { leg }) >= kWriteCount + 1, `leg ${leg} requests`);
       assert.equal(valueOf(scraped, 'enbd_leg_errors_total', { leg }), 0);
@@ -116,7 +116,7 @@ describe('enbd mirror --metrics: Prometheus series of a real mirror', { skip: sk
 
   test('legs in sync: no dirty bytes, state in-sync', async () => {
     const scraped = await scrape();
-    for (const leg of ['0', '1']) {
+    for (const leg of ['a', 'b']) {
       assert.equal(valueOf(scraped, 'enbd_leg_dirty_bytes', { leg }), 0);
       assert.equal(valueOf(scraped, 'enbd_leg_state', { leg, state: 'in-sync' }), 1);
       assert.equal(valueOf(scraped, 'enbd_leg_state', { leg, state: 'failed' }), 0);
@@ -139,12 +139,12 @@ describe('enbd mirror --metrics: Prometheus series of a real mirror', { skip: sk
     mirror.device.failLegByHand(1);
     for (let index = 0; index < 4; index += 1) await client.write(kMiB + index * kWriteBytes, randomBytes(kWriteBytes));
     const scraped = await scrape();
-    assert.ok(valueOf(scraped, 'enbd_leg_dirty_bytes', { leg: '1' }) >= 4 * kWriteBytes, 'missed writes are dirty');
-    assert.equal(valueOf(scraped, 'enbd_leg_dirty_bytes', { leg: '0' }), 0);
-    assert.equal(valueOf(scraped, 'enbd_leg_state', { leg: '1', state: 'failed' }), 1);
-    assert.equal(valueOf(scraped, 'enbd_leg_state', { leg: '1', state: 'in-sync' }), 0);
-    assert.equal(valueOf(scraped, 'enbd_leg_state', { leg: '0', state: 'in-sync' }), 1);
-    assert.equal(valueOf(scraped, 'enbd_leg_failures_total', { leg: '1' }), 1);
+    assert.ok(valueOf(scraped, 'enbd_leg_dirty_bytes', { leg: 'b' }) >= 4 * kWriteBytes, 'missed writes are dirty');
+    assert.equal(valueOf(scraped, 'enbd_leg_dirty_bytes', { leg: 'a' }), 0);
+    assert.equal(valueOf(scraped, 'enbd_leg_state', { leg: 'b', state: 'failed' }), 1);
+    assert.equal(valueOf(scraped, 'enbd_leg_state', { leg: 'b', state: 'in-sync' }), 0);
+    assert.equal(valueOf(scraped, 'enbd_leg_state', { leg: 'a', state: 'in-sync' }), 1);
+    assert.equal(valueOf(scraped, 'enbd_leg_failures_total', { leg: 'b' }), 1);
     assert.equal(valueOf(scraped, 'enbd_mirror_state', { state: 'degraded' }), 1);
     assert.equal(valueOf(scraped, 'enbd_mirror_state', { state: 'in-sync' }), 0);
     assert.equal(valueOf(scraped, 'enbd_mirror_legs', { state: 'failed' }), 1);
@@ -190,7 +190,7 @@ describe('enbd mirror --metrics on the command line', { skip: skipUnlessTools('n
       assert.equal(response.status, 200);
       const text = await response.text();
       assert.match(text, /^enbd_requests_total\{op="write"\} [1-9]/m);
-      assert.match(text, /^enbd_leg_state\{leg="1",state="in-sync"\} 1$/m);
+      assert.match(text, /^enbd_leg_state\{leg="b",state="in-sync"\} 1$/m);
       assert.equal(await mirror.stop(), 0);
       await assert.rejects(fetch(`http://127.0.0.1:${port}/metrics`));
     } finally {

@@ -50,7 +50,7 @@ describe('enbd mirror: errors, config and shutdown', { skip: skipUnlessTools('nb
     assert.notEqual(result.status, null, `enbd mirror ${args.join(' ')} should have exited, but it served:\n${result.stdout}`);
     assert.equal(result.status, exitCode, `exit code for ${args.join(' ')}:\n${result.stderr}`);
     assert.doesNotMatch(result.stdout, /export:/, 'no banner on failure');
-    if (exitCode === 1) assert.match(result.stderr, /^enbd: error: /m);
+    assert.match(result.stderr, /^enbd: error: /m);
     return result;
   }
 
@@ -119,8 +119,8 @@ describe('enbd mirror: errors, config and shutdown', { skip: skipUnlessTools('nb
     [['--leg-timeout', '-5'], /leg-timeout.*-5/],
   ];
   for (const [flags, message] of badFlags) {
-    test(`bad flag value ${flags.join(' ')}: exit 1 with a clear message`, async () => {
-      const { stderr } = await refused(['--leg', big, ...flags]);
+    test(`bad flag value ${flags.join(' ')}: exit 2 (a usage error) with a clear message`, async () => {
+      const { stderr } = await refused(['--leg', big, ...flags], 2);
       assert.match(stderr, message);
     });
   }
@@ -133,21 +133,21 @@ describe('enbd mirror: errors, config and shutdown', { skip: skipUnlessTools('nb
     assert.match(level.stderr, /loud/);
   });
 
-  test('bad config files: unknown key, invalid YAML, legs not a list, missing file → exit 1', async () => {
+  test('bad config files: unknown key, legs not a list, a bad value → exit 2; invalid YAML, missing file → exit 1', async () => {
     const unknownKey = dir.path('unknown.yaml');
     writeFileSync(unknownKey, `legs: [${big}]\nringslots: 8\n`);
-    assert.match((await refused(['--config', unknownKey])).stderr, /ringslots/);
+    assert.match((await refused(['--config', unknownKey], 2)).stderr, /^enbd: error: ringslots in unknown\.yaml is not a setting/m);
     const invalid = dir.path('invalid.yaml');
     writeFileSync(invalid, 'legs: [unclosed\n  - : : :\n');
     assert.ok((await refused(['--config', invalid])).stderr.includes(invalid));
     const notList = dir.path('notlist.json');
     writeFileSync(notList, JSON.stringify({ legs: big }));
-    assert.match((await refused(['--config', notList])).stderr, /legs/);
+    assert.match((await refused(['--config', notList], 2)).stderr, /^enbd: error: legs in notlist\.json must be a list/m);
     const missing = dir.path('missing.yaml');
     assert.ok((await refused(['--config', missing])).stderr.includes(missing));
     const badValue = dir.path('badvalue.yaml');
     writeFileSync(badValue, `legs: [${big}]\ncopyMode: sideways\n`);
-    assert.match((await refused(['--config', badValue])).stderr, /sideways/);
+    assert.match((await refused(['--config', badValue], 2)).stderr, /^enbd: error: copyMode in badvalue\.yaml must be shared or per-leg, got sideways$/m);
   });
 
   test('a YAML config with legs works (flags win over the file)', async () => {

@@ -201,7 +201,7 @@ describe('enbd mirror: leg faults never lose or mis-serve an acknowledged write 
       assertSameBytes(legFile(b), legFile(a), 'leg files after the late write and the resync (B vs A)');
       assertSameBytes(legFile(a), model, 'leg files vs what the client wrote');
       // Leg 1 alone must serve the newer bytes too.
-      assert.equal(await control.cliOk(['leg', 'fail', '0']), 'leg 0: failed\n');
+      assert.equal(await control.cliOk(['leg', 'fail', '0']), 'leg a: failed\n');
       assertSameBytes(await client.read(at, 64 * 1024), model.subarray(at, at + 64 * 1024), 'the block read from leg 1 alone');
       assertSameBytes(await readNbd(mirror.uri, 0, kLegBytes), model, 'the whole device read from leg 1 alone');
       assert.equal(inSyncEarly, null, `leg 1 showed in-sync while its timed-out write was still pending on the old connection: ${inSyncEarly}`);

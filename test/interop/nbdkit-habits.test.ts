@@ -179,10 +179,10 @@ describe('nbdkit habits: -U -, --run, -P, --exit-with-parent, -r, -p, -e, -f', {
     assert.equal(served.stdout, `${kFileBytes}\n`);
     assert.match(served.stderr, new RegExp(`nbd://127\\.0\\.0\\.1:${port}/disk`));
     const names = await enbd(['serve', file(), '-U', '-', '-e', 'a', '--name', 'b']);
-    assert.equal(names.status, 1);
+    assert.equal(names.status, 2);
     assert.match(names.stderr, /^enbd: error: -e\/--export-name "a" and --name "b" differ; use one$/m, 'no error code in a message for people');
     const ports = await enbd(['mirror', '--leg', file(), '--metadata', 'none', '-p', '1', '--listen', '2']);
-    assert.equal(ports.status, 1);
+    assert.equal(ports.status, 2);
     assert.match(ports.stderr, /^enbd: error: -p\/--port 1 and --listen 2 both given; use one/m);
   });
 });

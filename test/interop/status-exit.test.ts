@@ -101,7 +101,7 @@ describe('enbd status / enbd wait exit codes', { skip: skipUnlessTools('nbdkit',
     assertCode(await cli(control, ['status', '--json']), 1, 'status --json with leg 1 failed');
     const timedOut = await cli(control, ['wait', '--timeout', '300ms']);
     assertCode(timedOut, 1, 'wait --timeout 300ms with leg 1 failed');
-    assert.match(timedOut.stderr, /timed out after 300ms: leg 1 failed/);
+    assert.match(timedOut.stderr, /timed out after 300ms: leg b failed/);
 
     // leg 1 misses 4 MiB, then comes back with the resync paused: it stays resyncing
     const client = await NbdClient.connect(mirror.uri);

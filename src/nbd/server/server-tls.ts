@@ -68,7 +68,7 @@ export function peerVerifyError(socket: TLSSocket): string | null {
 
 export function parseTlsMode(option: string, text: string): TlsMode {
   if (text === 'off' || text === 'on' || text === 'require') return text;
-  throw new EnbdError('ENBD_ERR_CONFIG', `${option} must be off, on or require, got "${text}"`);
+  throw new EnbdError('ENBD_ERR_USAGE', `${option} must be off, on or require, got ${text === '' || /[\s"]/.test(text) ? JSON.stringify(text) : text}`);
 }
 
 function readPem(dir: string, name: string, required: boolean): Buffer | null {

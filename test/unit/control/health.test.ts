@@ -7,8 +7,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { describeLagging, healthCode, parseSeconds } from '../../../src/control/health.js';
 
-const legs = (...states: string[]): Array<{ index: number; state: string; resync: null }> =>
-  states.map((state, index) => ({ index, state, resync: null }));
+const legs = (...states: string[]): Array<{ index: number; name: string; state: string; resync: null }> =>
+  states.map((state, index) => ({ index, name: String.fromCharCode(97 + index), state, resync: null }));
 
 test('healthCode: 0 only when every non-removed leg is in sync', () => {
   assert.equal(healthCode(legs('in-sync')), 0);
@@ -32,9 +32,9 @@ test('healthCode: 2 when no leg is in sync (resyncing does not count), or no leg
 
 test('describeLagging names the legs that are not in sync', () => {
   assert.equal(describeLagging(legs('in-sync', 'in-sync')), 'every leg in sync');
-  assert.equal(describeLagging(legs('in-sync', 'failed', 'removed')), 'leg 1 failed');
-  const resyncing = [{ index: 2, state: 'resyncing', resync: { bytesTotal: 200, bytesLeft: 50 } }];
-  assert.equal(describeLagging(resyncing as never), 'leg 2 resyncing 75.0%');
+  assert.equal(describeLagging(legs('in-sync', 'failed', 'removed')), 'leg b failed');
+  const resyncing = [{ index: 2, name: 'c', state: 'resyncing', resync: { bytesTotal: 200, bytesLeft: 50 } }];
+  assert.equal(describeLagging(resyncing as never), 'leg c resyncing 75.0%');
 });
 
 test('parseSeconds: plain seconds and ms/s/m/h units', () => {

@@ -24,7 +24,7 @@ after(async () => {
 
 function legStatus(index: number, overrides: Partial<LegStatus> = {}): LegStatus {
   return {
-    index, uri: `nbd+unix:///?socket=/run/leg${index}.sock`, kind: 'nbd', state: 'in-sync', inFlight: 0,
+    index, name: String.fromCharCode(97 + index), uri: `nbd+unix:///?socket=/run/leg${index}.sock`, kind: 'nbd', state: 'in-sync', inFlight: 0,
     failureReason: null, dirtyBytes: 0, reconnectAttempts: 0, resync: null, failures: 0, recentFailures: 0, resyncedBytes: 0, ...overrides,
   };
 }
@@ -101,16 +101,16 @@ test('the series carry the mirror\'s and the server\'s values', async () => {
   assert.equal(valueOf(metrics, 'enbd_ring_slots'), 8);
   assert.equal(valueOf(metrics, 'enbd_ring_slots_in_use'), 2);
   assert.equal(valueOf(metrics, 'enbd_ring_requests'), 1);
-  assert.equal(valueOf(metrics, 'enbd_leg_state', { leg: '1', state: 'resyncing' }), 1);
-  assert.equal(valueOf(metrics, 'enbd_leg_state', { leg: '1', state: 'in-sync' }), 0);
-  assert.equal(samplesOf(metrics, 'enbd_leg_state', { leg: '0' }).length, 9, 'one series per state');
-  assert.equal(valueOf(metrics, 'enbd_leg_dirty_bytes', { leg: '1' }), 65536);
-  assert.equal(valueOf(metrics, 'enbd_leg_resync_left_bytes', { leg: '1' }), 65536);
-  assert.equal(valueOf(metrics, 'enbd_leg_resync_done_bytes', { leg: '1' }), 4096);
-  assert.equal(valueOf(metrics, 'enbd_leg_resync_active', { leg: '0' }), 0);
-  assert.equal(valueOf(metrics, 'enbd_leg_info', { leg: '0', kind: 'nbd' }), 1);
-  assert.equal(valueOf(metrics, 'enbd_leg_requests_total', { leg: '1' }), 9);
-  assert.equal(valueOf(metrics, 'enbd_leg_request_seconds_total', { leg: '0' }), 0.25);
+  assert.equal(valueOf(metrics, 'enbd_leg_state', { leg: 'b', state: 'resyncing' }), 1);
+  assert.equal(valueOf(metrics, 'enbd_leg_state', { leg: 'b', state: 'in-sync' }), 0);
+  assert.equal(samplesOf(metrics, 'enbd_leg_state', { leg: 'a' }).length, 9, 'one series per state');
+  assert.equal(valueOf(metrics, 'enbd_leg_dirty_bytes', { leg: 'b' }), 65536);
+  assert.equal(valueOf(metrics, 'enbd_leg_resync_left_bytes', { leg: 'b' }), 65536);
+  assert.equal(valueOf(metrics, 'enbd_leg_resync_done_bytes', { leg: 'b' }), 4096);
+  assert.equal(valueOf(metrics, 'enbd_leg_resync_active', { leg: 'a' }), 0);
+  assert.equal(valueOf(metrics, 'enbd_leg_info', { leg: 'a', index: '0', kind: 'nbd' }), 1);
+  assert.equal(valueOf(metrics, 'enbd_leg_requests_total', { leg: 'b' }), 9);
+  assert.equal(valueOf(metrics, 'enbd_leg_request_seconds_total', { leg: 'a' }), 0.25);
   assert.equal(valueOf(metrics, 'enbd_leg_stats_up'), 1);
   assert.equal(valueOf(metrics, 'enbd_request_duration_seconds_count', { op: 'write' }), 2);
   assert.equal(metrics.types.get('enbd_requests_total'), 'counter');
@@ -130,7 +130,7 @@ test('a legStats() that never answers leaves the per-leg actor series out, withi
     assert.ok(tookMs < 2000, `scrape answered in ${tookMs.toFixed(0)} ms`);
     assert.equal(valueOf(metrics, 'enbd_leg_stats_up'), 0);
     assert.equal(samplesOf(metrics, 'enbd_leg_requests_total').length, 0, 'actor series left out');
-    assert.equal(valueOf(metrics, 'enbd_leg_dirty_bytes', { leg: '1' }), 65536, 'master-side leg series stay');
+    assert.equal(valueOf(metrics, 'enbd_leg_dirty_bytes', { leg: 'b' }), 65536, 'master-side leg series stay');
   }
   assert.equal(state.legStatsCalls, 1, 'a stuck call is awaited again, not stacked');
 });
@@ -145,7 +145,7 @@ test('a legStats() that fails leaves the actor series out; the next good one bri
   state.legStats = async () => [legStats(1), legStats(2)];
   const metrics = await scrape(server);
   assert.equal(valueOf(metrics, 'enbd_leg_stats_up'), 1);
-  assert.equal(valueOf(metrics, 'enbd_leg_requests_total', { leg: '1' }), 2);
+  assert.equal(valueOf(metrics, 'enbd_leg_requests_total', { leg: 'b' }), 2);
 });
 
 test('the engine\'s per-leg timeout: a listed leg without an answer leaves the actor series out; a removed one does not', async () => {
@@ -159,7 +159,7 @@ test('the engine\'s per-leg timeout: a listed leg without an answer leaves the a
   state.legStats = async () => [legStats(7), legStats(9), null]; // leg 2: removed (not in legStatus)
   const back = await scrape(server);
   assert.equal(valueOf(back, 'enbd_leg_stats_up'), 1);
-  assert.equal(valueOf(back, 'enbd_leg_requests_total', { leg: '1' }), 9);
+  assert.equal(valueOf(back, 'enbd_leg_requests_total', { leg: 'b' }), 9);
 });
 
 test('other paths are 404, other methods 405; HEAD and query strings work', async () => {
