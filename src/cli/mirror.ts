@@ -17,6 +17,7 @@ import { LegMeta } from '../meta/leg-meta.js';
 import { openLegDevices } from './create.js';
 import { EnbdError, describeError } from '../core/errors.js';
 import { MirrorDevice } from '../engine/mirror.js';
+import { parseReadPolicy, type ReadPolicyName } from '../engine/read-policy.js';
 import type { CopyMode, Placement } from '../engine/messages.js';
 import { createNbdServer, type NbdServer } from '../nbd/server.js';
 import { loadServerTls, parseTlsMode, type ServerTlsSettings } from '../nbd/server-tls.js';
@@ -74,9 +75,14 @@ export interface MirrorSettings {
   tls: ServerTlsSettings;
   /** -r/--read-only: the export refuses writes (EPERM); resyncs still write the legs. */
   readOnly: boolean;
+  /** --read-policy, --write-mostly, --write-behind (bytes), --read-repair (src/engine/read-policy.ts). */
+  readPolicy: ReadPolicyName;
+  writeMostly: number[];
+  writeBehind: number;
+  readRepair: boolean;
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly', 'readPolicy', 'writeMostly', 'writeBehind', 'readRepair']);
 const kDefaultLegBytes = 1024 ** 3;
 
 function readConfig(path: string): Record<string, unknown> {
@@ -145,6 +151,17 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
   if (metadata === 'leg' && size !== undefined) {
     throw new EnbdError('ENBD_ERR_CONFIG', '--size applies to --metadata none only: with metadata the export is the data area recorded on the legs (see enbd examine)');
   }
+  const writeMostlyValue = (flags['writeMostly'] as string[] | undefined)?.length ? flags['writeMostly'] : config['writeMostly'];
+  const writeMostlyList: unknown[] = writeMostlyValue === undefined ? [] : Array.isArray(writeMostlyValue) ? writeMostlyValue : [writeMostlyValue];
+  const writeMostly = writeMostlyList.map((value) => parseInteger('--write-mostly', text(value, '--write-mostly'), 0, 30));
+  for (const index of writeMostly) {
+    if (legs.length > 0 && index >= legs.length) throw new EnbdError('ENBD_ERR_CONFIG', `--write-mostly ${index}: there are only legs 0..${legs.length - 1}`);
+  }
+  const writeBehindMiB = Number(text(pick('writeBehind') ?? '0', '--write-behind'));
+  if (!Number.isFinite(writeBehindMiB) || writeBehindMiB < 0 || writeBehindMiB > 1024) {
+    throw new EnbdError('ENBD_ERR_CONFIG', `--write-behind must be a number of MiB from 0 to 1024, got "${String(pick('writeBehind'))}"`);
+  }
+  if (writeBehindMiB > 0 && writeMostly.length === 0) throw new EnbdError('ENBD_ERR_CONFIG', '--write-behind applies to write-mostly legs: name them with --write-mostly N');
   const tlsCertificates = pick('tlsCertificates');
   const tlsVerifyPeer = pick('tlsVerifyPeer');
   const tlsPsk = pick('tlsPsk');
@@ -159,6 +176,10 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     forceSource: forceSource === undefined ? null : parseInteger('--force-source', text(forceSource, '--force-source'), 0, 31),
     degraded: pick('degraded') === true || pick('degraded') === 'true',
     readOnly: pick('readOnly') === true || pick('readOnly') === 'true',
+    readPolicy: parseReadPolicy('--read-policy', text(pick('readPolicy') ?? 'least-pending', '--read-policy')),
+    writeMostly,
+    writeBehind: Math.round(writeBehindMiB * 1024 * 1024),
+    readRepair: parseOnOff('--read-repair', pick('readRepair') ?? 'on'),
     legs,
     socket: socket === undefined ? null : text(socket, '--socket'),
     listen: listen === undefined ? null : text(listen, '--listen'),
@@ -280,7 +301,7 @@ async function assembleLegs(settings: MirrorSettings, createFirst: boolean, logg
     }
   }
   const devices = await openLegDevices(settings.legs);
-  const assembled = await assembleArray(settings.legs, devices, { forceSource: settings.forceSource, degraded: settings.degraded });
+  const assembled = await assembleArray(settings.legs, devices, { forceSource: settings.forceSource, degraded: settings.degraded, writeMostly: settings.writeMostly });
   return assembled;
 }
 
@@ -288,7 +309,7 @@ async function assembleLegs(settings: MirrorSettings, createFirst: boolean, logg
  * What SIGHUP changes in a running mirror, config key -> how. Everything else in the file needs
  * a restart (legs: `enbd leg add` / `enbd leg remove` change the running set).
  */
-export const kLiveSettings = ['resyncRateMin', 'resyncRateMax', 'logLevel', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs'] as const;
+export const kLiveSettings = ['resyncRateMin', 'resyncRateMax', 'readPolicy', 'logLevel', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs'] as const;
 
 /** The settings as config keys, for comparing two loads (serverLimits flattened). */
 function comparable(settings: MirrorSettings): Record<string, unknown> {
@@ -333,6 +354,10 @@ async function reloadMirror(flags: Record<string, unknown>, loaded: MirrorSettin
     running.mirror.setResyncRates({ minBytesPerSecond: next.resyncRateMin, maxBytesPerSecond: next.resyncRateMax });
     loaded.resyncRateMin = next.resyncRateMin;
     loaded.resyncRateMax = next.resyncRateMax;
+  }
+  if (changed['readPolicy'] !== undefined) {
+    running.mirror.setReadPolicy(next.readPolicy);
+    loaded.readPolicy = next.readPolicy;
   }
   if (JSON.stringify(loaded.serverLimits) !== JSON.stringify(next.serverLimits)) {
     running.server.setLimits(next.serverLimits);
@@ -405,6 +430,10 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     reconnectMaxMs: settings.reconnectMaxMs,
     resyncRates: { minBytesPerSecond: settings.resyncRateMin, maxBytesPerSecond: settings.resyncRateMax },
     flushTracking: settings.flushTracking,
+    readPolicy: settings.readPolicy,
+    writeMostly: settings.writeMostly,
+    readRepair: settings.readRepair,
+    ...(settings.writeBehind > 0 ? { writeBehindBytes: settings.writeBehind } : {}),
   });
   const server = createNbdServer({
     device: mirror,
