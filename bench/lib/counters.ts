@@ -8,7 +8,7 @@
  * matrix does not turn it on.
  * Threads: harness main thread.
  *
- * Counters (src/engine/mirror.ts, src/nbd/server.ts; Prometheus names in brackets):
+ * Counters (src/engine/mirror.ts, src/nbd/server/server.ts; Prometheus names in brackets):
  *   writeRequests       [enbd_write_requests_total]              WRITEs the engine received
  *   writeCopies         [enbd_write_payload_copies_total]        copies the engine counted: one
  *                                                                per WRITE for socket chunk ->

@@ -36,8 +36,9 @@ import { pino } from 'pino';
 import { assert } from '../../src/core/assert.js';
 import type { Logger } from '../../src/core/log.js';
 import { MirrorDevice, type LegState, type MirrorEvent } from '../../src/engine/mirror.js';
-import { NbdClient } from '../../src/nbd/client.js';
-import { createNbdServer, type NbdServer } from '../../src/nbd/server.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
+import { createNbdServer, type NbdServer } from '../../src/nbd/server/server.js';
+import { kConnectionActorEntry } from '../../src/cli/actor-entry.js';
 import { unixUri } from './case.js';
 import { runTool, startProcess, type ManagedProcess } from './proc.js';
 
@@ -364,7 +365,7 @@ class ResyncScenario {
 
   async openMirror(): Promise<void> {
     this.mirror = await MirrorDevice.open({
-      legs: [...this.legUris], logger: this.logger, logLevel: 'warn', bitmapChunkBytes: kBlockBytes,
+      legs: [...this.legUris], actorEntry: kConnectionActorEntry, logger: this.logger, logLevel: 'warn', bitmapChunkBytes: kBlockBytes,
       reconnectMinMs: 60_000, reconnectMaxMs: 60_000,
       resyncRates: { minBytesPerSecond: 0, maxBytesPerSecond: 0 },
     });

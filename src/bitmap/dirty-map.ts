@@ -113,6 +113,7 @@
  */
 
 import { assert, AssertionError, isPowerOfTwo } from '../core/assert.js';
+import { OptionError } from '../core/errors.js';
 
 // ---- Header word indices ------------------------------------------------------------------
 export const kHeaderMagic = 0;
@@ -224,10 +225,10 @@ interface Layout {
 
 function checkPowerOfTwo(value: unknown, name: string, min: number, max: number): number {
   if (typeof value !== 'number' || !Number.isInteger(value)) {
-    throw new TypeError(`options.${name} must be an integer, got ${String(value)}`);
+    throw new OptionError('ENBD_ERR_BITMAP_OPTION', `options.${name} must be an integer, got ${String(value)}`);
   }
   if (!isPowerOfTwo(value) || value < min || value > max) {
-    throw new RangeError(
+    throw new OptionError('ENBD_ERR_BITMAP_OPTION', 
       `options.${name} must be a power of two in [${min}, ${max}], got ${value}`);
   }
   return value;
@@ -235,13 +236,13 @@ function checkPowerOfTwo(value: unknown, name: string, min: number, max: number)
 
 function geometryFromOptions(options: DirtyMapOptions): Geometry {
   if (typeof options !== 'object' || options === null) {
-    throw new TypeError('options must be an object');
+    throw new OptionError('ENBD_ERR_BITMAP_OPTION', 'options must be an object');
   }
   const deviceBytes = options.deviceBytes;
   if (typeof deviceBytes !== 'number' || !Number.isSafeInteger(deviceBytes)) {
-    throw new TypeError(`options.deviceBytes must be a safe integer, got ${String(deviceBytes)}`);
+    throw new OptionError('ENBD_ERR_BITMAP_OPTION', `options.deviceBytes must be a safe integer, got ${String(deviceBytes)}`);
   }
-  if (deviceBytes < 1) throw new RangeError(`options.deviceBytes must be >= 1, got ${deviceBytes}`);
+  if (deviceBytes < 1) throw new OptionError('ENBD_ERR_BITMAP_OPTION', `options.deviceBytes must be >= 1, got ${deviceBytes}`);
   const chunkBytes = checkPowerOfTwo(
     options.chunkBytes ?? kChunkBytesDefault, 'chunkBytes', kChunkBytesMin, kChunkBytesMax);
   const pageBytes = checkPowerOfTwo(
@@ -250,17 +251,17 @@ function geometryFromOptions(options: DirtyMapOptions): Geometry {
   const chunkCount = Math.ceil(deviceBytes / chunkBytes);
   const tableEntries = Math.ceil(chunkCount / pageChunks);
   if (tableEntries > kTableEntriesMax) {
-    throw new RangeError(`options.deviceBytes needs ${tableEntries} table entries (max ` +
+    throw new OptionError('ENBD_ERR_BITMAP_OPTION', `options.deviceBytes needs ${tableEntries} table entries (max ` +
       `${kTableEntriesMax}); raise options.chunkBytes or options.pageBytes`);
   }
   const poolOption = options.poolPages ?? kPoolPagesDefault;
   if (typeof poolOption !== 'number' || !Number.isSafeInteger(poolOption)) {
-    throw new TypeError(`options.poolPages must be an integer, got ${String(poolOption)}`);
+    throw new OptionError('ENBD_ERR_BITMAP_OPTION', `options.poolPages must be an integer, got ${String(poolOption)}`);
   }
-  if (poolOption < 0) throw new RangeError(`options.poolPages must be >= 0, got ${poolOption}`);
+  if (poolOption < 0) throw new OptionError('ENBD_ERR_BITMAP_OPTION', `options.poolPages must be >= 0, got ${poolOption}`);
   const poolPages = Math.min(poolOption, tableEntries);
   if (poolPages * pageBytes > kPoolBytesMax) {
-    throw new RangeError(`options.poolPages * options.pageBytes must be <= ${kPoolBytesMax}`);
+    throw new OptionError('ENBD_ERR_BITMAP_OPTION', `options.poolPages * options.pageBytes must be <= ${kPoolBytesMax}`);
   }
   return {
     deviceBytes,
@@ -372,14 +373,14 @@ export class DirtyMap {
 
   /** The same map seen from another thread (the SAB came through postMessage). */
   static attach(sab: SharedArrayBuffer): DirtyMap {
-    if (!(sab instanceof SharedArrayBuffer)) throw new TypeError('sab must be a SharedArrayBuffer');
-    if (sab.byteLength < kHeaderWords * 4) throw new RangeError('sab is too small for a dirty map');
+    if (!(sab instanceof SharedArrayBuffer)) throw new OptionError('ENBD_ERR_BITMAP_OPTION', 'sab must be a SharedArrayBuffer');
+    if (sab.byteLength < kHeaderWords * 4) throw new OptionError('ENBD_ERR_BITMAP_OPTION', 'sab is too small for a dirty map');
     const header = new Int32Array(sab, 0, kHeaderWords);
     if (Atomics.load(header, kHeaderMagic) !== kMagic) {
-      throw new TypeError('sab is not a dirty map');
+      throw new OptionError('ENBD_ERR_BITMAP_OPTION', 'sab is not a dirty map');
     }
     const version = Atomics.load(header, kHeaderVersion);
-    if (version !== kVersion) throw new RangeError(`dirty map version ${version} unsupported`);
+    if (version !== kVersion) throw new OptionError('ENBD_ERR_BITMAP_OPTION', `dirty map version ${version} unsupported`);
     const high = Atomics.load(header, kHeaderDeviceBytesHigh);
     const geometry = geometryFromOptions({
       deviceBytes: high * kTwo32 + (Atomics.load(header, kHeaderDeviceBytesLow) >>> 0),
@@ -391,7 +392,7 @@ export class DirtyMap {
     assert(geometry.poolPages === Atomics.load(header, kHeaderPoolPages));
     const layout = computeLayout(geometry);
     if (layout.totalBytes !== sab.byteLength) {
-      throw new RangeError('sab size does not match its header');
+      throw new OptionError('ENBD_ERR_BITMAP_OPTION', 'sab size does not match its header');
     }
     return new DirtyMap(sab, geometry, layout);
   }

@@ -19,8 +19,8 @@ import { EnbdError, describeError } from '../core/errors.js';
 import { MirrorDevice } from '../engine/mirror.js';
 import { parseReadPolicy, type ReadPolicyName } from '../engine/read-policy.js';
 import type { CopyMode, Placement } from '../engine/messages.js';
-import { createNbdServer, type NbdServer } from '../nbd/server.js';
-import { loadServerTls, parseTlsMode, type ServerTlsSettings } from '../nbd/server-tls.js';
+import { createNbdServer, type NbdServer } from '../nbd/server/server.js';
+import { loadServerTls, parseTlsMode, type ServerTlsSettings } from '../nbd/server/server-tls.js';
 import { kServerLimitDefaults, parseBytes, parseDurationMs, parseInteger, parseListen, parseServerLimits, type ListenAddress, type ServerLimits } from './parse.js';
 import { installShutdown, type Shutdown } from './shutdown.js';
 import { ServiceNotifier } from './notify.js';
@@ -31,6 +31,7 @@ import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket
 import { controlPathFor, startControlPlane, type ControlPlane } from '../control/plane.js';
 import { checkTcpFree, checkUnixFree } from '../core/listen.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
+import { kConnectionActorEntry } from './actor-entry.js';
 
 export interface MirrorSettings {
   legs: string[];
@@ -415,6 +416,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     },
     copyMode: settings.copyMode,
     placement: settings.placement,
+    actorEntry: kConnectionActorEntry,
     logger,
     logLevel: settings.logLevel,
     legTimeoutMs: settings.legTimeoutMs,

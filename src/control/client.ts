@@ -14,17 +14,19 @@
 import { lstatSync } from 'node:fs';
 import { connect, type Socket } from 'node:net';
 import { assert } from '../core/assert.js';
+import { EnbdError } from '../core/errors.js';
 import { FrameDecoder, FrameError, encodeFrame } from './frame.js';
 import { ProtocolError, parseServerMessage, type ControlEvent, type ControlMethod, type ControlResults } from './protocol.js';
 
 export type ControlErrorReason = 'connect' | 'remote' | 'closed' | 'protocol' | 'timeout';
 
-export class ControlError extends Error {
+/** Code ENBD_ERR_CONTROL; `reason` says what went wrong, `remoteCode` the daemon's code. */
+export class ControlError extends EnbdError {
   readonly reason: ControlErrorReason;
   /** The daemon's error code (reason 'remote') or the socket's errno code (reason 'connect'). */
   readonly remoteCode: string | null;
   constructor(reason: ControlErrorReason, message: string, remoteCode: string | null = null) {
-    super(message);
+    super('ENBD_ERR_CONTROL', message);
     this.name = 'ControlError';
     this.reason = reason;
     this.remoteCode = remoteCode;

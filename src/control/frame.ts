@@ -26,6 +26,7 @@
  */
 import { Packr } from 'msgpackr';
 import { assert } from '../core/assert.js';
+import { EnbdError } from '../core/errors.js';
 
 export const kFrameHeaderBytes = 4;
 export const kFrameBodyBytesMax = 1024 * 1024;
@@ -37,12 +38,11 @@ assert(kInitialBufferBytes <= kFrameBodyBytesMax + kFrameHeaderBytes, 'initial b
 export type FrameErrorCode = 'ENBD_CTL_FRAME_EMPTY' | 'ENBD_CTL_FRAME_TOO_LARGE' | 'ENBD_CTL_FRAME_UNDECODABLE' | 'ENBD_CTL_FRAME_UNENCODABLE';
 
 /** A frame that cannot be read or written; the connection it came on must be closed. */
-export class FrameError extends Error {
-  readonly code: FrameErrorCode;
+export class FrameError extends EnbdError {
+  declare readonly code: FrameErrorCode;
   constructor(code: FrameErrorCode, message: string) {
-    super(message);
+    super(code, message);
     this.name = 'FrameError';
-    this.code = code;
   }
 }
 

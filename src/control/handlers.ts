@@ -6,34 +6,33 @@
  * Thread: the daemon's main thread. Every method is a few engine calls; the slow ones (leg.add,
  * leg.remove, leg.reconnect) await the engine without blocking the event loop.
  *
- * Imports the engine and the NBD server as types only (the live objects come from runMirror),
- * plus two pure-data modules for names: nbd/protocol.ts (command names), ring/layout.ts (slot
- * states, kMaxLegs).
+ * Reads the engine only through its face, src/engine/view.ts (MirrorOperations: plain-data
+ * snapshots, leg stats with a timeout, the operator's actions; kMaxLegs), and the NBD server
+ * as a type; the live objects come from runMirror. The REPL's live objects come from the
+ * view's one debug export, debugHandles(). nbd/protocol-names.ts names the commands.
  *
  * Design notes
  * | method         | params          | engine call                                  |
  * |----------------|-----------------|----------------------------------------------|
- * | status         |                 | legStatus, stats, latency, leg actors' stats |
+ * | status         |                 | stats, latency, ringCounters, legStats(1 s)  |
  * | leg.fail       | leg             | failLegByHand (refused for the last in-sync) |
  * | leg.reconnect  | leg             | reconnectLegNow                              |
  * | leg.remove     | leg             | removeLeg (refused for the last in-sync)     |
  * | leg.add        | uri             | addLeg (full resync)                         |
- * | leg.bitmap     | leg             | dirtyMap(leg).stats + first dirty runs       |
- * | ring.slots     |                 | ring occupancy, first in-use requests        |
+ * | leg.bitmap     | leg             | bitmapSnapshot(leg, kBitmapRunsMax)          |
+ * | ring.slots     |                 | slotsSnapshot(kSlotsListedMax)               |
  * | resync.pause   |                 | pauseResync(true) (kept for later resyncs)   |
  * | resync.resume  |                 | pauseResync(false)                           |
  * | resync.rate    | min?, max?      | setResyncRates                               |
  * | log.level      | level           | logger.level; mirror.setLogLevel (actors)    |
- * | repl.eval      | code            | ReplEvaluator (one vm context per session)   |
+ * | repl.eval      | code            | ReplEvaluator over debugHandles() (one vm    |
+ * |                |                 | context per session)                         |
  */
-import type { DirtyMap } from '../bitmap/dirty-map.js';
 import { assert } from '../core/assert.js';
 import { isLogLevel, type Logger } from '../core/log.js';
-import type { MirrorDevice, MirrorEvent } from '../engine/mirror.js';
-import type { LegStats } from '../engine/messages.js';
-import type { NbdServer } from '../nbd/server.js';
-import { commandNames } from '../nbd/protocol.js';
-import { kSlotStateAllocated, kSlotStateDispatched, kMaxLegs } from '../ring/layout.js';
+import { kMaxLegs, type BitmapSnapshot, type MirrorEvent, type MirrorOperations } from '../engine/view.js';
+import type { NbdServer } from '../nbd/server/server.js';
+import { commandNames } from '../nbd/protocol-names.js';
 import {
   kBitmapRunsMax,
   kControlErrorCodes,
@@ -56,7 +55,8 @@ export const kProgressIntervalMs = 1000;
 const kReplStateKey = 'repl';
 
 export interface MirrorControlOptions {
-  mirror: MirrorDevice;
+  /** The engine's face (a MirrorDevice). */
+  mirror: MirrorOperations;
   server: NbdServer;
   /** The daemon's root logger (log.level changes it, and with it every child logger). */
   logger: Logger;
@@ -86,33 +86,15 @@ function rateParam(params: Record<string, unknown>, key: 'min' | 'max'): number 
   return value;
 }
 
-async function withTimeout<T>(promise: Promise<T>, timeoutMs: number): Promise<T | null> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<null>((resolve) => {
-    timer = setTimeout(() => resolve(null), timeoutMs);
-  });
-  try {
-    return await Promise.race([promise.catch(() => null), timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
 const kLevelOrder = ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'];
 /** Whether a logger at `level` shows messages at `wanted`. */
 function isLevelShowing(level: string, wanted: string): boolean {
   return kLevelOrder.indexOf(level) <= kLevelOrder.indexOf(wanted);
 }
 
-function slotStateName(state: number): string {
-  if (state === kSlotStateAllocated) return 'allocated';
-  if (state === kSlotStateDispatched) return 'dispatched';
-  return String(state);
-}
-
 /** The methods and event sources of one mirror's control plane. */
 export class MirrorControl {
-  private readonly mirror: MirrorDevice;
+  private readonly mirror: MirrorOperations;
   private readonly server: NbdServer;
   private readonly logger: Logger;
   private readonly controlPath: string;
@@ -185,15 +167,9 @@ export class MirrorControl {
     }
   }
 
-  /** Each leg actor's counters; a leg that does not answer in time (or is removed) gets null. */
-  private async legStats(): Promise<Array<LegStats | null>> {
-    return await Promise.all(
-      this.mirror.legs.map(async (leg) => (leg.state === 'removed' ? null : await withTimeout(leg.api.stats(), kLegStatsTimeoutMs))),
-    );
-  }
-
   private async status(): Promise<StatusResult> {
-    const actorStats = await this.legStats();
+    // Each leg actor's counters; a leg that does not answer in time (or is removed) gets null.
+    const actorStats = await this.mirror.legStats(kLegStatsTimeoutMs);
     const stats = this.mirror.stats();
     const legs: LegView[] = stats.legs.map((leg) => {
       const counters = actorStats[leg.index] ?? null;
@@ -239,7 +215,7 @@ export class MirrorControl {
         writeCopies: stats.writeCopies,
         writeBytesCopied: stats.writeBytesCopied,
         ringSlotsInUse: stats.ringSlotsInUse,
-        ringSlots: this.mirror.ring.slotCount,
+        ringSlots: this.mirror.ringCounters().slotCount,
         payloadBytesCopied: payload.bytesCopied,
         payloadBytesDirect: payload.bytesDirect,
       },
@@ -248,7 +224,7 @@ export class MirrorControl {
   }
 
   private stateOf(index: number): string {
-    return this.mirror.legs[index]?.state ?? 'unknown';
+    return this.mirror.legState(index) ?? 'unknown';
   }
 
   private failLeg(index: number): LegActionResult {
@@ -273,56 +249,21 @@ export class MirrorControl {
     return { leg: index, state: this.stateOf(index) };
   }
 
-  private dirtyMapOf(index: number): DirtyMap {
-    const map = this.mirror.dirtyMap(index);
-    if (map === null) throw new ControlRequestError('ENBD_ERR_LEG', `leg ${index} has no dirty map (it never opened)`);
-    return map;
-  }
-
   private bitmap(index: number): BitmapResult {
-    const map = this.dirtyMapOf(index);
-    const stats = map.stats();
-    const firstRuns: BitmapResult['firstRuns'] = [];
-    let chunk = 0;
-    while (firstRuns.length < kBitmapRunsMax) {
-      const run = map.nextDirtyRun(chunk, 1 << 20);
-      if (run === null) break;
-      const offsetBytes = run.firstChunk * stats.chunkBytes;
-      firstRuns.push({ offsetBytes, lengthBytes: Math.min(run.chunkCount * stats.chunkBytes, stats.deviceBytes - offsetBytes) });
-      chunk = run.firstChunk + run.chunkCount;
-    }
-    return {
-      leg: index,
-      deviceBytes: stats.deviceBytes,
-      chunkBytes: stats.chunkBytes,
-      dirtyBytes: stats.dirtyBytes,
-      dirtyChunks: stats.dirtyChunks,
-      pagesInUse: stats.pagesInUse,
-      poolPages: stats.poolPages,
-      freePages: stats.freePages,
-      sentinelPages: stats.sentinelPages,
-      memoryBytes: stats.memoryBytes,
-      firstRuns,
-    };
+    const snapshot: BitmapSnapshot | null = this.mirror.bitmapSnapshot(index, kBitmapRunsMax);
+    if (snapshot === null) throw new ControlRequestError('ENBD_ERR_LEG', `leg ${index} has no dirty map (it never opened)`);
+    assert(snapshot.firstRuns.length <= kBitmapRunsMax, 'the snapshot lists at most the runs asked for');
+    return snapshot;
   }
 
   private slots(): SlotsResult {
-    const ring = this.mirror.ring;
-    assert(ring.isMaster, 'the mirror owns the master view of its ring');
-    const requests: SlotView[] = [];
-    for (let slot = 0; slot < ring.slotCount && requests.length < kSlotsListedMax; slot += 1) {
-      const state = ring.state(slot);
-      if (state !== kSlotStateAllocated && state !== kSlotStateDispatched) continue;
-      requests.push({
-        slot,
-        state: slotStateName(state),
-        command: commandNames[ring.command(slot)] ?? String(ring.command(slot)),
-        offsetBytes: ring.offsetBytes(slot),
-        lengthBytes: ring.lengthBytes(slot),
-        spanSlots: ring.spanSlots(slot),
-      });
-    }
-    return { slotCount: ring.slotCount, slotBytes: ring.slotBytes, freeCount: ring.freeCount, inUse: ring.inUse, requests };
+    const snapshot = this.mirror.slotsSnapshot(kSlotsListedMax);
+    assert(snapshot.requests.length <= kSlotsListedMax, 'the snapshot lists at most the slots asked for');
+    const requests: SlotView[] = snapshot.requests.map((request) => ({
+      ...request,
+      command: commandNames[request.command] ?? String(request.command),
+    }));
+    return { slotCount: snapshot.slotCount, slotBytes: snapshot.slotBytes, freeCount: snapshot.freeCount, inUse: snapshot.inUse, requests };
   }
 
   private pauseResync(paused: boolean): { paused: boolean } {
@@ -370,13 +311,11 @@ export class MirrorControl {
     let evaluator = session.state.get(kReplStateKey) as ReplEvaluator | undefined;
     if (evaluator === undefined) {
       const mirror = this.mirror;
+      // The one use of the engine's debug handles: the REPL shows the live objects.
       evaluator = new ReplEvaluator({
-        mirror,
-        legs: mirror.legs,
-        ring: mirror.ring,
+        ...mirror.debugHandles(),
         server: this.server,
         stats: () => mirror.stats(),
-        dirtyMap: (index: number) => mirror.dirtyMap(index),
         status: async () => await this.status(),
       });
       session.state.set(kReplStateKey, evaluator);

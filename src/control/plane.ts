@@ -18,8 +18,8 @@
 import { join, resolve } from 'node:path';
 import { EnbdError } from '../core/errors.js';
 import type { Logger } from '../core/log.js';
-import type { MirrorDevice } from '../engine/mirror.js';
-import type { NbdServer } from '../nbd/server.js';
+import type { MirrorOperations } from '../engine/view.js';
+import type { NbdServer } from '../nbd/server/server.js';
 import { MirrorControl } from './handlers.js';
 import { ControlServer } from './server.js';
 
@@ -48,7 +48,8 @@ export function controlPathFor(input: ControlPathInput): string | null {
 }
 
 export interface ControlPlaneOptions extends ControlPathInput {
-  mirror: MirrorDevice;
+  /** The engine's face (a MirrorDevice). */
+  mirror: MirrorOperations;
   server: NbdServer;
   logger: Logger;
 }

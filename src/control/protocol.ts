@@ -1,6 +1,7 @@
 /**
  * Messages of the control socket (inside the frames of frame.ts) and the shapes of their
- * results. Plain data only: both ends (daemon and CLI) import this file.
+ * results. Plain data only: both ends (daemon and CLI) import this file, and it imports only
+ * the types-only core/status-types.ts (nothing above it).
  *
  * Threads: the daemon's main thread and the CLI client's.
  *
@@ -18,8 +19,8 @@
  * - A frame that is not a request of this shape closes the connection (the daemon logs why);
  *   an unknown method is answered with ENBD_CTL_UNKNOWN_METHOD and then closes it too.
  */
-import type { ResyncProgress } from '../engine/resync.js';
-import type { KeeperStatus } from '../engine/meta-keeper.js';
+import { EnbdError } from '../core/errors.js';
+import type { KeeperStatus, ResyncProgress } from '../core/status-types.js';
 
 export const kControlMethods = [
   'status',
@@ -74,12 +75,12 @@ export interface ControlEvent {
 export type ServerMessage = ({ kind: 'response' } & ControlResponse) | ({ kind: 'event' } & ControlEvent);
 
 /** A frame that does not hold a message of the expected shape. */
-export class ProtocolError extends Error {
-  readonly code = kControlErrorCodes.badRequest;
+export class ProtocolError extends EnbdError {
+  declare readonly code: typeof kControlErrorCodes.badRequest;
   /** The request id when it could be read (the daemon then answers before closing). */
   readonly id: number | null;
   constructor(message: string, id: number | null = null) {
-    super(message);
+    super(kControlErrorCodes.badRequest, message);
     this.name = 'ProtocolError';
     this.id = id;
   }
@@ -135,7 +136,7 @@ function describeType(value: unknown): string {
 
 // ---- results ------------------------------------------------------------------------------
 
-/** The engine's resync progress, as the daemon sends it (a type-only import: no engine code). */
+/** The engine's resync progress, as the daemon sends it (a plain shape from core/status-types.ts). */
 export type ResyncProgressView = ResyncProgress;
 
 export interface LegView {

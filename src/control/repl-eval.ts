@@ -1,7 +1,7 @@
 /**
  * Daemon side of `enbd repl`: evaluates a client's code with node:vm in a context that holds
- * the live objects (mirror, legs, ring, server, stats(), dirtyMap(i), status()), awaits a
- * returned promise, and answers util.inspect text.
+ * the live objects (mirror, legs, ring, dirtyMap(i): the engine's debugHandles(); server,
+ * stats(), status()), awaits a returned promise, and answers util.inspect text.
  *
  * Thread: the daemon's main thread. The evaluation blocks it (and every client's I/O) while it
  * runs, hence the bounds below.

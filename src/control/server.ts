@@ -28,7 +28,7 @@ import { chmodSync, lstatSync, unlinkSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { probeUnixSocket } from '../core/listen.js';
 import { assert } from '../core/assert.js';
-import { EnbdError, describeError } from '../core/errors.js';
+import { EnbdError, describeError, type EnbdErrorCode } from '../core/errors.js';
 import type { Logger } from '../core/log.js';
 import { FrameDecoder, FrameError, encodeFrame } from './frame.js';
 import { ProtocolError, kControlErrorCodes, kControlEvents, parseRequest, type ControlRequest, type ControlResponse } from './protocol.js';
@@ -59,12 +59,10 @@ export interface ControlServerOptions {
 }
 
 /** An error a handler throws to answer with a chosen code (EnbdError's code works too). */
-export class ControlRequestError extends Error {
-  readonly code: string;
-  constructor(code: string, message: string) {
-    super(message);
+export class ControlRequestError extends EnbdError {
+  constructor(code: EnbdErrorCode, message: string) {
+    super(code, message);
     this.name = 'ControlRequestError';
-    this.code = code;
   }
 }
 

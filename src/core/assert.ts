@@ -4,11 +4,12 @@
  * are never asserted; they are handled where they occur.
  * Threads: any. Allocation: none unless the assertion fails.
  */
+import { EnbdError } from './errors.js';
 
-export class AssertionError extends Error {
-  readonly code = 'ENBD_ERR_ASSERT';
+/** A failed assertion (code ENBD_ERR_ASSERT): a bug, never an operating error. */
+export class AssertionError extends EnbdError {
   constructor(message: string) {
-    super(message);
+    super('ENBD_ERR_ASSERT', message);
     this.name = 'AssertionError';
   }
 }

@@ -81,7 +81,7 @@ export interface BlockDevice {
   /**
    * Optional, with the buffer provider: total bytes of the buffers it can hand out (the mirror:
    * ring slots x slot bytes). The server then keeps each connection to a fair share of them
-   * (src/nbd/buffer-share.ts), so one client cannot hold them all.
+   * (src/nbd/server/buffer-share.ts), so one client cannot hold them all.
    */
   readonly bufferCapacityBytes?: number;
   /**

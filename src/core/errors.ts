@@ -1,8 +1,22 @@
 /**
- * Error classes with stable codes (undici style). Structured clone drops an Error's class,
- * name and code, so across threads we send `{ code, errno, message }` as plain data
- * (see `toPlainError`) and branch on `code`, never on `instanceof`.
+ * Errors with stable codes (undici style): one base class, EnbdError, that every error class
+ * in src/ extends, and the one list of codes (EnbdErrorCode; ARCHITECTURE.md "Error codes"
+ * tables them). Structured clone drops an Error's class, name and code, so across threads we
+ * send `{ code, errno, message }` as plain data (see `toPlainError`) and branch on `code`,
+ * never on `instanceof` of a subclass.
  * Threads: any.
+ *
+ * Design notes
+ * - Codes are stable API: the control protocol's answers and `--json` output carry them.
+ *   Messages are for people and carry no codes (main.ts prints an EnbdError's message only;
+ *   `describeError` adds a host errno code such as ENOENT, never ours).
+ * - ENBD_ERR_CONFIG is for what the operator configured (flags, files, sizes at open);
+ *   ENBD_ERR_REFUSED for an operator command the running mirror turns down (the last in-sync
+ *   leg, a leg already removed). Option errors of the ring and the dirty map carry the option
+ *   path in the message ('ring.slotCount must be ...'), as the TypeError/RangeError they
+ *   replace did.
+ * - ENBD_ERR_ASSERT (AssertionError) is a programmer error: code that handles operating
+ *   errors by catching EnbdError must rethrow it (`isOperatingError`).
  */
 
 export type EnbdErrorCode =
@@ -13,11 +27,32 @@ export type EnbdErrorCode =
   | 'ENBD_ERR_CLOSED'
   | 'ENBD_ERR_NBD_REPLY'
   | 'ENBD_ERR_CONFIG'
+  /** A run-time refusal of an operator command (the last in-sync leg, no such leg, ...). */
+  | 'ENBD_ERR_REFUSED'
   | 'ENBD_ERR_URI'
   | 'ENBD_ERR_LEG'
   /** On-leg metadata (src/meta): a bad superblock, a leg too small, a refused create. */
   | 'ENBD_ERR_META'
-  | 'ENBD_ERR_IO';
+  | 'ENBD_ERR_IO'
+  /** Request ring and SPSC queue options (src/ring). */
+  | 'ENBD_ERR_RING_OPTION'
+  /** Dirty map options and attach checks (src/bitmap). */
+  | 'ENBD_ERR_BITMAP_OPTION'
+  /** A failed assertion: a bug (src/core/assert.ts). */
+  | 'ENBD_ERR_ASSERT'
+  /** The CLI could not get an answer from the daemon's control socket (ControlError). */
+  | 'ENBD_ERR_CONTROL'
+  /** Control socket framing (src/control/frame.ts). */
+  | 'ENBD_CTL_FRAME_EMPTY'
+  | 'ENBD_CTL_FRAME_TOO_LARGE'
+  | 'ENBD_CTL_FRAME_UNDECODABLE'
+  | 'ENBD_CTL_FRAME_UNENCODABLE'
+  /** Control protocol answers (src/control/protocol.ts kControlErrorCodes). */
+  | 'ENBD_CTL_BAD_REQUEST'
+  | 'ENBD_CTL_BAD_PARAMS'
+  | 'ENBD_CTL_UNKNOWN_METHOD'
+  | 'ENBD_CTL_BUSY'
+  | 'ENBD_CTL_INTERNAL';
 
 export class EnbdError extends Error {
   readonly code: EnbdErrorCode;
@@ -29,6 +64,19 @@ export class EnbdError extends Error {
     this.code = code;
     this.errno = errno;
   }
+}
+
+/** A bad option value of the ring or the dirty map (the message names the option path). */
+export class OptionError extends EnbdError {
+  constructor(code: 'ENBD_ERR_RING_OPTION' | 'ENBD_ERR_BITMAP_OPTION', message: string) {
+    super(code, message);
+    this.name = 'OptionError';
+  }
+}
+
+/** True for an EnbdError that is an operating error (not a failed assertion). */
+export function isOperatingError(error: unknown): error is EnbdError {
+  return error instanceof EnbdError && error.code !== 'ENBD_ERR_ASSERT';
 }
 
 export interface PlainError {
@@ -48,8 +96,12 @@ export function toPlainError(error: unknown): PlainError {
   return { code: 'ERR_UNKNOWN', errno: 0, message: String(error) };
 }
 
-/** A message for the user: the error's own message plus its code when it has one. */
+/**
+ * A message for the user: the error's own message, plus a host errno code (ENOENT, ...) when
+ * it has one the message does not name. Our own codes are for machines and are left out.
+ */
 export function describeError(error: unknown): string {
+  if (error instanceof EnbdError) return error.message;
   if (error instanceof Error) {
     const code = (error as NodeJS.ErrnoException).code;
     return code !== undefined && !error.message.includes(String(code))

@@ -48,6 +48,7 @@ import type { Logger } from '../core/log.js';
 import { assert } from '../core/assert.js';
 import { EnbdError, describeError, toPlainError, type PlainError } from '../core/errors.js';
 import * as p from '../nbd/protocol.js';
+import { errnoNames } from '../nbd/protocol-names.js';
 import { RequestRing } from '../ring/request-ring.js';
 import { Doorbell, SpscQueue } from '../ring/spsc-queue.js';
 import { ackSlot } from '../ring/visited-mask.js';
@@ -459,7 +460,7 @@ export class LegActor implements LegActorApi {
       const payload = command === p.kCmdFlush ? null : buffer;
       const errno = leftMs <= 0 ? -1 : await this.probeRequest(device, command, command === p.kCmdFlush ? 0 : lengthBytes, payload, leftMs);
       if (errno === -1) return this.probeFailed(`${what} not answered within the probe timeout of ${timeoutMs} ms`);
-      if (errno !== 0) return this.probeFailed(`${what} failed: ${p.errnoNames[errno] ?? `errno ${errno}`}`);
+      if (errno !== 0) return this.probeFailed(`${what} failed: ${errnoNames[errno] ?? `errno ${errno}`}`);
       if (this.device !== device) return this.probeFailed(`the connection was closed during the probe (after ${what})`);
       this.lastActivityMs = performance.now();
     }
@@ -504,7 +505,7 @@ export class LegActor implements LegActorApi {
     sent.token = this.submitProbe(device, p.kCmdRead, this.idleBuffer.length, this.idleBuffer, (errno) => {
       if (this.idleProbe === sent) this.idleProbe = null;
       this.lastActivityMs = performance.now();
-      if (errno !== 0) this.reportDrop(device, `idle probe failed: ${p.errnoNames[errno] ?? `errno ${errno}`}`);
+      if (errno !== 0) this.reportDrop(device, `idle probe failed: ${errnoNames[errno] ?? `errno ${errno}`}`);
     });
   }
 

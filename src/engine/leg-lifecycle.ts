@@ -23,7 +23,15 @@ import type { DirtyMap } from '../bitmap/dirty-map.js';
 import type { HealthPolicy, LegState } from './leg-health.js';
 import type { Leg } from './leg.js';
 import type { LegCheck, LegInfo } from './messages.js';
-import type { MirrorOptions } from './mirror.js';
+
+/** The lifecycle's timings, read from MirrorOptions (same names; a type here, so no import cycle with mirror.ts). */
+export interface LifecycleTimings {
+  fenceTimeoutMs?: number;
+  legTimeoutMs?: number;
+  probeTimeoutMs?: number;
+  reconnectMinMs?: number;
+  reconnectMaxMs?: number;
+}
 
 /** What the lifecycle needs of the session master. */
 export interface LifecycleHost {
@@ -59,7 +67,7 @@ export class LegLifecycle {
 
   constructor(
     private readonly host: LifecycleHost,
-    private readonly options: MirrorOptions,
+    private readonly options: LifecycleTimings,
     private readonly policy: HealthPolicy,
     private readonly logger: Logger,
   ) {}

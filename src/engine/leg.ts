@@ -8,7 +8,9 @@
  *
  * Invariants:
  * - `state` changes only through LegHealth.move (the transition table), except the initial
- *   state of a leg being added.
+ *   state of a leg being added (addLeg) or assembled from on-leg metadata (startKeeper).
+ * Every field, its writer and (for the SAB-backed ones) its Atomics ops: ARCHITECTURE.md,
+ * "The Leg record".
  * - `epoch` is bumped on every failure and return: a resync copy clears bits only within one.
  */
 import type { Worker, MessagePort } from 'node:worker_threads';

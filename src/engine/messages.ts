@@ -7,7 +7,7 @@
 import type { BlockDevice, BlockSizes, DeviceFeatures, Extent } from '../core/block-device.js';
 import type { PlainError } from '../core/errors.js';
 import type { RingBuffers } from '../ring/request-ring.js';
-import type { LegKind } from '../stubs/open-leg.js';
+import type { LegKind } from '../core/status-types.js';
 
 export type CopyMode = 'shared' | 'per-leg';
 export type Placement = 'workers' | 'inline';

@@ -51,6 +51,7 @@ import * as p from '../nbd/protocol.js';
 import type { DirtyMap } from '../bitmap/dirty-map.js';
 import { computeLayout, kMetaBlockBytes, kSuperblockBytes, superblockOffsets, type LegLayout } from '../meta/layout.js';
 import { encodeSuperblock, type MemberRecord, type MemberState, type OwnerRecord } from '../meta/superblock.js';
+import type { KeeperStatus } from '../core/status-types.js';
 import { bitmapCount, inspectCopy } from '../meta/leg-meta.js';
 import { superblockFor, kHeartbeatMs, type AssembledArray } from '../meta/assemble.js';
 import { randomUUID } from 'node:crypto';
@@ -88,20 +89,7 @@ interface LegMetaState {
   fullSync: boolean;
 }
 
-export interface KeeperStatus {
-  arrayUuid: string;
-  arrayName: string;
-  events: number;
-  bitmapChunkBytes: number;
-  chunkCount: number;
-  /** Chunks whose bit is durable on the legs. */
-  dirtyChunks: number;
-  /** Data-changing requests that waited for a bitmap write. */
-  intentWaits: number;
-  bitmapWrites: number;
-  superblockWrites: number;
-  members: MemberRecord[];
-}
+export type { KeeperStatus };
 
 export interface KeeperOptions {
   heartbeatMs?: number;

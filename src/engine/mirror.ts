@@ -42,6 +42,7 @@ import { assert } from '../core/assert.js';
 import { EnbdError } from '../core/errors.js';
 import { portEndpoint } from '../core/comlink-endpoint.js';
 import * as p from '../nbd/protocol.js';
+import { commandNames, errnoNames } from '../nbd/protocol-names.js';
 import { RequestRing } from '../ring/request-ring.js';
 import { kMaxLegs, type RingOptions } from '../ring/layout.js';
 import { Doorbell, SpscQueue } from '../ring/spsc-queue.js';
@@ -64,6 +65,7 @@ import { bitmapTest } from '../meta/leg-meta.js';
 import { ReadChooser, type ReadPolicyName } from './read-policy.js';
 import { ReadRepair } from './read-repair.js';
 import { WriteBehind, kShadowPhase } from './write-behind.js';
+import { bitmapSnapshotOf, legStatsWithin, ringCountersOf, slotsSnapshotOf, type BitmapSnapshot, type MirrorDebugHandles, type RingCounters, type SlotsSnapshot } from './snapshots.js';
 
 export interface MirrorOptions {
   legs: string[];
@@ -132,6 +134,11 @@ export interface MirrorOptions {
    * once the other admitted legs hold it (src/engine/write-behind.ts).
    */
   writeBehindBytes?: number;
+  /**
+   * The connection actor's worker entry (`placement: 'workers'`, needed then): the caller
+   * knows where the build put it (src/cli/actor-entry.ts kConnectionActorEntry).
+   */
+  actorEntry?: URL;
 }
 
 export type { LegState } from './leg-health.js';
@@ -207,8 +214,6 @@ const kUnflushedPoolPages = 16;
 /** Errors that answer the request itself (every leg would say the same), not the leg's health. */
 const kRequestLevelErrnos = new Set([p.kEInval, p.kENoSpc, p.kENotSup, p.kEPerm, p.kEOverflow]);
 
-const kWorkerUrl = new URL('../../actors/connection-actor.js', import.meta.url);
-
 
 interface PendingSubmit {
   command: number;
@@ -270,8 +275,8 @@ export class MirrorDevice implements BlockDevice {
     return this.ring.slotBytes;
   }
   onBufferAvailable: (() => void) | null = null;
-  readonly ring: RequestRing;
-  readonly legs: Leg[] = [];
+  private readonly ring: RequestRing;
+  private readonly legs: Leg[] = [];
   private readonly doorbell: Doorbell;
   private readonly rangeLock: RangeLock;
   private readonly granted: Int32Array;
@@ -440,6 +445,9 @@ export class MirrorDevice implements BlockDevice {
       throw new EnbdError('ENBD_ERR_CONFIG', 'openDevice needs placement "inline"');
     }
     for (const uri of options.legs) parseLegUri(uri); // clear URI errors before any thread starts
+    if (options.placement !== 'inline' && options.actorEntry === undefined) {
+      throw new EnbdError('ENBD_ERR_CONFIG', 'placement "workers" needs actorEntry (the connection actor\'s worker entry)');
+    }
     const mirror = new MirrorDevice(options);
     try {
       await mirror.startLegs(options);
@@ -677,7 +685,9 @@ export class MirrorDevice implements BlockDevice {
       return leg;
     }
     const channel = new MessageChannel();
-    const worker = new Worker(kWorkerUrl, {
+    const entry = this.options.actorEntry;
+    assert(entry !== undefined, 'open() refuses placement workers without actorEntry');
+    const worker = new Worker(entry, {
       workerData: { ...init, copyPort: channel.port2 },
       transferList: [channel.port2],
     });
@@ -1206,10 +1216,10 @@ export class MirrorDevice implements BlockDevice {
 
   /** Every leg that failed the request (with a leg-level error, or while others succeeded) fails. */
   private failLegsOf(slot: number, command: number, target: number, failed: number): void {
-    const name = p.commandNames[command] ?? String(command);
+    const name = commandNames[command] ?? String(command);
     for (const leg of this.legs) {
       if ((failed & leg.bit) === 0) continue;
-      const errnoName = p.errnoNames[this.ring.legErrno(slot, leg.index)] ?? 'an error';
+      const errnoName = errnoNames[this.ring.legErrno(slot, leg.index)] ?? 'an error';
       this.lifecycle.failLeg(leg, failed === target ? `${name} failed on every leg (${errnoName} here)` : `${name} failed with ${errnoName} while other legs succeeded`);
     }
   }
@@ -1223,7 +1233,7 @@ export class MirrorDevice implements BlockDevice {
     if (!kRequestLevelErrnos.has(errno) && !(this.options.readRepair !== false && this.repair.start(failedLeg, offsetBytes, lengthBytes, ring.legErrno(slot, failedLeg.index), p.kEIo))) {
       // The leg could not read what it should hold: that range needs a copy from a good leg.
       this.markUnlessSole(failedLeg, offsetBytes, lengthBytes);
-      this.lifecycle.failLeg(failedLeg, `${p.commandNames[ring.command(slot)] ?? 'READ'} failed with ${p.errnoNames[errno] ?? errno}`);
+      this.lifecycle.failLeg(failedLeg, `${commandNames[ring.command(slot)] ?? 'READ'} failed with ${errnoNames[errno] ?? errno}`);
     }
     const next = this.pickReadLeg(this.slots.tried[slot] ?? 0, offsetBytes, lengthBytes);
     if (next === null || errno === p.kEInval) {
@@ -1368,7 +1378,7 @@ export class MirrorDevice implements BlockDevice {
 
   private legAt(index: number): Leg {
     const leg = this.legs[index];
-    if (leg === undefined) throw new EnbdError('ENBD_ERR_CONFIG', `no leg ${index} (legs are 0..${this.legs.length - 1})`);
+    if (leg === undefined) throw new EnbdError('ENBD_ERR_REFUSED', `no leg ${index} (legs are 0..${this.legs.length - 1})`);
     return leg;
   }
 
@@ -1389,10 +1399,10 @@ export class MirrorDevice implements BlockDevice {
    */
   private refuseIfLastCopy(leg: Leg, verb: string, others: Leg[]): void {
     if (leg.state === 'in-sync' && !others.some((other) => other.state === 'in-sync')) {
-      throw new EnbdError('ENBD_ERR_CONFIG', `leg ${leg.index} is the last in-sync leg; refusing to ${verb} it`);
+      throw new EnbdError('ENBD_ERR_REFUSED', `leg ${leg.index} is the last in-sync leg; refusing to ${verb} it`);
     }
     if (this.lifecycle.soleHolder(leg, others)) {
-      throw new EnbdError('ENBD_ERR_CONFIG', `leg ${leg.index} alone holds some of the device's acknowledged data; refusing to ${verb} it`);
+      throw new EnbdError('ENBD_ERR_REFUSED', `leg ${leg.index} alone holds some of the device's acknowledged data; refusing to ${verb} it`);
     }
   }
 
@@ -1424,12 +1434,12 @@ export class MirrorDevice implements BlockDevice {
    * all dirty). Resolves with its index (a removed leg's index is reused).
    */
   async addLeg(uri: string): Promise<number> {
-    if (this.closed) throw new EnbdError('ENBD_ERR_CONFIG', 'the mirror is shutting down');
+    if (this.closed) throw new EnbdError('ENBD_ERR_REFUSED', 'the mirror is shutting down');
     parseLegUri(uri);
-    if (this.legs.some((leg) => leg.state !== 'removed' && leg.uri === uri)) throw new EnbdError('ENBD_ERR_CONFIG', `${uri} is already a leg`);
+    if (this.legs.some((leg) => leg.state !== 'removed' && leg.uri === uri)) throw new EnbdError('ENBD_ERR_REFUSED', `${uri} is already a leg`);
     let index = this.legs.findIndex((leg) => leg.state === 'removed' && leg.worker === null && leg.inline === null);
     if (index < 0) index = this.legs.length;
-    if (index >= kMaxLegs) throw new EnbdError('ENBD_ERR_CONFIG', `a mirror has at most ${kMaxLegs} legs`);
+    if (index >= kMaxLegs) throw new EnbdError('ENBD_ERR_REFUSED', `a mirror has at most ${kMaxLegs} legs`);
     const leg = this.createLeg(index, uri);
     this.reads.resetLeg(index);
     this.repair.resetLeg(index);
@@ -1482,7 +1492,7 @@ export class MirrorDevice implements BlockDevice {
    */
   async removeLeg(index: number): Promise<void> {
     const leg = this.legAt(index);
-    if (leg.state === 'removed') throw new EnbdError('ENBD_ERR_CONFIG', `leg ${index} is already removed`);
+    if (leg.state === 'removed') throw new EnbdError('ENBD_ERR_REFUSED', `leg ${index} is already removed`);
     if (leg.admitted) this.refuseIfLastCopy(leg, 'remove', this.legs.filter((other) => other !== leg && other.admitted));
     this.refuseIfLastCopy(leg, 'remove', this.legs.filter((other) => other !== leg && other.state !== 'removed'));
     this.lifecycle.clearReconnect(leg);
@@ -1513,7 +1523,7 @@ export class MirrorDevice implements BlockDevice {
   /** Marks a leg's range (default: all of it) as missed, e.g. for a full resync. Not for an in-sync leg. */
   markLegDirty(index: number, offsetBytes = 0, lengthBytes = this.sizeBytes - offsetBytes): void {
     const leg = this.legAt(index);
-    if (leg.state === 'in-sync') throw new EnbdError('ENBD_ERR_CONFIG', `leg ${index} is in sync; fail it first`);
+    if (leg.state === 'in-sync') throw new EnbdError('ENBD_ERR_REFUSED', `leg ${index} is in sync; fail it first`);
     if (offsetBytes === 0 && lengthBytes === this.sizeBytes) leg.dirty?.markAll();
     else leg.dirty?.markRange(offsetBytes, lengthBytes);
     this.keeper?.onLegState(leg);
@@ -1610,24 +1620,18 @@ export class MirrorDevice implements BlockDevice {
   }
 
   /**
-   * Per-leg actor counters, by position in `legs` (`index` says which leg). A leg without a
-   * live actor (removed, or its thread died) answers at once with zero counters.
+   * Per-leg actor counters by leg index (MirrorView.legStats): null for a removed leg or one
+   * that does not answer within `timeoutMs` (default: no limit, for the REPL).
    */
-  async legStats(): Promise<LegStats[]> {
-    return await Promise.all(this.legs.map(async (leg) => {
-      const live = leg.state !== 'removed' && (leg.inline !== null || (leg.worker !== null && leg.worker.threadId >= 0));
-      if (!live) {
-        return { index: leg.index, requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, inFlight: 0, connected: false, latencySumMs: 0, latencyCount: 0 };
-      }
-      return { ...(await leg.api.stats()), index: leg.index };
-    }));
+  async legStats(timeoutMs = Number.POSITIVE_INFINITY): Promise<Array<LegStats | null>> {
+    return await legStatsWithin(this.legs, timeoutMs);
   }
 
   stats(): MirrorStats {
     const requests: Record<string, number> = {};
-    for (const [command, count] of this.counters.requests) requests[p.commandNames[command] ?? String(command)] = count;
+    for (const [command, count] of this.counters.requests) requests[commandNames[command] ?? String(command)] = count;
     const bytes: Record<string, number> = {};
-    for (const [command, count] of this.counters.bytes) bytes[p.commandNames[command] ?? String(command)] = count;
+    for (const [command, count] of this.counters.bytes) bytes[commandNames[command] ?? String(command)] = count;
     return {
       requests,
       bytes,
@@ -1637,6 +1641,30 @@ export class MirrorDevice implements BlockDevice {
       ringSlotsInUse: this.ring.slotCount - this.ring.freeCount,
       legs: this.legStatus(),
     };
+  }
+
+  // ---- MirrorView (src/engine/view.ts): plain-data reads for control and metrics ----------
+
+  legState(index: number): LegState | null {
+    return this.legs[index]?.state ?? null;
+  }
+
+  ringCounters(): RingCounters {
+    return ringCountersOf(this.ring);
+  }
+
+  slotsSnapshot(limit: number): SlotsSnapshot {
+    return slotsSnapshotOf(this.ring, limit);
+  }
+
+  bitmapSnapshot(index: number, runsMax: number): BitmapSnapshot | null {
+    const map = this.legAt(index).dirty;
+    return map === null ? null : bitmapSnapshotOf(index, map, runsMax);
+  }
+
+  /** Debug only (enbd repl): the live objects behind the view (MirrorDebugHandles). */
+  debugHandles(): MirrorDebugHandles {
+    return { mirror: this, ring: this.ring, legs: this.legs, dirtyMap: (index: number) => this.dirtyMap(index) };
   }
 
   /** Flushes every in-sync leg (used on shutdown); resolves with the errno (0 = ok). */

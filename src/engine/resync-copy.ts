@@ -24,6 +24,7 @@
  * - A copy never reads from a leg that is not up to date for its whole range.
  */
 import * as p from '../nbd/protocol.js';
+import { errnoNames } from '../nbd/protocol-names.js';
 import type { RequestRing } from '../ring/request-ring.js';
 import type { Leg } from './leg.js';
 import type { CopyOutcome } from './resync.js';
@@ -162,7 +163,7 @@ export class ResyncCopier {
         const source = legs[ring.readLeg(slot)] as Leg;
         const errno = ring.legErrno(slot, source.index);
         this.host.markUnlessSole(source, offsetBytes, lengthBytes);
-        this.host.failLeg(source, `READ for a resync failed with ${p.errnoNames[errno] ?? errno}`);
+        this.host.failLeg(source, `READ for a resync failed with ${errnoNames[errno] ?? errno}`);
         this.end(slot, 'source-failed');
         return;
       }
@@ -177,7 +178,7 @@ export class ResyncCopier {
     }
     if (failed !== 0) {
       const errno = ring.legErrno(slot, target.index);
-      this.host.failLeg(target, `WRITE for a resync failed with ${p.errnoNames[errno] ?? errno}`);
+      this.host.failLeg(target, `WRITE for a resync failed with ${errnoNames[errno] ?? errno}`);
       this.end(slot, 'target-failed');
       return;
     }

@@ -24,6 +24,7 @@
 import { RateWindow } from './rate-window.js';
 import type { Logger } from '../core/log.js';
 import type { DirtyMap, DirtyRun } from '../bitmap/dirty-map.js';
+import type { ResyncProgress } from '../core/status-types.js';
 
 export type CopyOutcome = 'copied' | 'no-source' | 'source-failed' | 'target-failed' | 'stopped';
 
@@ -45,18 +46,7 @@ export interface ResyncRates {
   maxBytesPerSecond: number;
 }
 
-export interface ResyncProgress {
-  leg: number;
-  running: boolean;
-  paused: boolean;
-  bytesDone: number;
-  bytesLeft: number;
-  bytesTotal: number;
-  bytesPerSecond: number;
-  etaSeconds: number | null;
-  startedAt: number;
-  copiesInFlight: number;
-}
+export type { ResyncProgress };
 
 const kBusyWindowMs = 500;
 const kNoSourceRetryMs = 200;

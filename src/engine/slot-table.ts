@@ -18,7 +18,8 @@
  * |          |                                 | that failed after it may have lost an unflushed ack|
  * | started  | start                           | performance.now() at arrival (latency)             |
  * | kind     | start                           | latency kind (kLatencyKinds index), -1 none        |
- * | phase    | copyRange                       | resync copy: 0 client request, 1 READ, 2 WRITE     |
+ * | phase    | copyRange; startKeeper (3)      | resync copy: 0 client request, 1 READ, 2 WRITE;    |
+ * |          |                                 | 3 the keeper's reserved metadata run               |
  * | copyLeg  | copyRange                       | resync copy: the leg it copies to                  |
  * | epoch    | copyRange                       | resync copy: the target's epoch when it started    |
  *

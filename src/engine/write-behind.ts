@@ -42,6 +42,7 @@
 import { assert } from '../core/assert.js';
 import type { Logger } from '../core/log.js';
 import * as p from '../nbd/protocol.js';
+import { errnoNames } from '../nbd/protocol-names.js';
 import { kMaxLegs } from '../ring/layout.js';
 import type { RequestRing } from '../ring/request-ring.js';
 import type { Leg } from './leg.js';
@@ -193,7 +194,7 @@ export class WriteBehind {
     if (leg !== null) {
       if (failed !== 0) {
         const errno = ring.legErrno(shadow, leg.index);
-        this.host.failLeg(leg, `WRITE (write-behind) failed with ${p.errnoNames[errno] ?? errno}`);
+        this.host.failLeg(leg, `WRITE (write-behind) failed with ${errnoNames[errno] ?? errno}`);
       } else if (leg.admitted && leg.epoch === this.host.slots.epoch[shadow]) {
         if ((ring.flags(shadow) & p.kCmdFlagFua) === 0) this.host.recordUnflushed(shadow, leg.bit);
         // The chunks it covers, except those a later shadow of this leg still covers (a write

@@ -20,6 +20,7 @@ import type { BlockDevice } from '../core/block-device.js';
 import { assert } from '../core/assert.js';
 import { EnbdError } from '../core/errors.js';
 import * as p from '../nbd/protocol.js';
+import { errnoNames } from '../nbd/protocol-names.js';
 
 const kAlignBytes = 4096;
 const kRequestBytesMax = 4 * 1024 * 1024;
@@ -46,7 +47,7 @@ export class DeviceIo {
     assert(waiter !== undefined, `completion for unknown token ${token}`);
     this.waiters.delete(token);
     if (errno === 0) waiter.resolve();
-    else waiter.reject(new EnbdError('ENBD_ERR_IO', `${waiter.what} on ${this.device.description} failed: ${p.errnoNames[errno] ?? `NBD errno ${errno}`}`, errno));
+    else waiter.reject(new EnbdError('ENBD_ERR_IO', `${waiter.what} on ${this.device.description} failed: ${errnoNames[errno] ?? `NBD errno ${errno}`}`, errno));
   }
 
   private submitOne(command: number, flags: number, offsetBytes: number, data: Uint8Array | null, lengthBytes: number, what: string): Promise<void> {

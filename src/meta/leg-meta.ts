@@ -25,7 +25,7 @@
  */
 import type { BlockDevice } from '../core/block-device.js';
 import { assert } from '../core/assert.js';
-import { EnbdError } from '../core/errors.js';
+import { isOperatingError } from '../core/errors.js';
 import { DeviceIo } from './device-io.js';
 import { kMetaBlockBytes, kSuperblockBytes, superblockOffsets, type LegLayout } from './layout.js';
 import { decodeSuperblock, encodeSuperblock, hasMagic, isBlank, type Superblock } from './superblock.js';
@@ -162,7 +162,7 @@ export function inspectCopy(copyIndex: number, offsetBytes: number, block: Uint8
     if (decoded.copyIndex !== copyIndex) return { ...report, reason: `holds copy ${decoded.copyIndex}, misplaced at copy ${copyIndex}` };
     return { ...report, status: 'valid', sequence: decoded.sequence, events: decoded.superblock.events, superblock: decoded.superblock };
   } catch (error) {
-    if (!(error instanceof EnbdError)) throw error;
+    if (!isOperatingError(error)) throw error;
     return { ...report, reason: error.message };
   }
 }

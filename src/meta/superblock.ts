@@ -34,6 +34,7 @@
  */
 import { Packr } from 'msgpackr';
 import { assert } from '../core/assert.js';
+import type { MemberRecord, MemberState } from '../core/status-types.js';
 import { EnbdError, describeError } from '../core/errors.js';
 import { crc32c } from './crc32c.js';
 import { kSuperblockBytes, kSuperblockCopies } from './layout.js';
@@ -62,24 +63,9 @@ assert(kOffsetPayloadBytes + 4 <= kHeaderBytes, 'header fields fit the header');
 
 const packr = new Packr({ useRecords: false, mapsAsObjects: true, int64AsType: 'number', moreTypes: false });
 
-/**
- * A member's role as this leg last saw it:
- * - in-sync: holds every write up to the array's `events`.
- * - needs-resync: missed writes; the write-intent bitmap covers them (bitmap resync).
- * - needs-full-sync: contents unknown (a new leg, or `enbd create` without --assume-clean).
- * - removed: the slot is empty.
- */
-export type MemberState = 'in-sync' | 'needs-resync' | 'needs-full-sync' | 'removed';
+/** A member's role as this leg last saw it (in-sync, needs-resync, ...: core/status-types.ts). */
+export type { MemberState, MemberRecord };
 const kMemberStates: readonly MemberState[] = ['in-sync', 'needs-resync', 'needs-full-sync', 'removed'];
-
-export interface MemberRecord {
-  legUuid: string;
-  state: MemberState;
-  /** The last `events` value this leg knows the member reached (split-brain detection). */
-  events: number;
-  /** Full-sync progress of the member: bytes from offset 0 known copied (0 when none). */
-  recoveryOffsetBytes: number;
-}
 
 export interface OwnerRecord {
   host: string;

@@ -9,7 +9,7 @@
  *
  * Scrape path (nothing runs on the request path; the engine only bumps its own counters):
  *   GET /metrics -> Sampler.refresh(): legStats() raced against legStatsTimeoutMs, then the
- *   synchronous reads (stats, legStatus, ring, latency snapshots, server counters)
+ *   synchronous reads (stats, legStatus, ringCounters, latency snapshots, server counters)
  *   -> registry.metrics(): each family's collect() refills itself from that one sample
  *   -> 200 text/plain; version=0.0.4
  *

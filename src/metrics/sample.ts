@@ -5,41 +5,28 @@
  * Thread: main thread. Nothing here runs on the request path: the engine's counters and
  * histograms are plain fields it bumps anyway; this module only reads them when scraped.
  *
+ * Reads the engine only through its face (src/engine/view.ts MirrorView): counters, ring
+ * counters, latency histograms, leg stats with a timeout.
+ *
  * Bounds:
- * - legStats() asks every leg actor over comlink; a busy or hung actor must not stall a scrape.
- *   The call is raced against `legStatsTimeoutMs`; on timeout (or error) the sample carries
- *   `legStats: null` and the per-leg actor series are left out of that scrape.
+ * - legStats(timeoutMs) asks every leg actor over comlink; a busy or hung actor must not stall
+ *   a scrape. The engine answers null for an actor that is late, and the call is also raced
+ *   against `legStatsTimeoutMs` here; on timeout (or error, or a listed leg without an answer)
+ *   the sample carries `legStats: null` and the per-leg actor series are left out of that
+ *   scrape.
  * - At most one legStats() call is outstanding: a scrape that finds the previous call still
  *   pending waits on that one instead of stacking another request on a stuck actor.
  */
-import type { KeeperStatus } from '../engine/meta-keeper.js';
+import type { KeeperStatus } from '../core/status-types.js';
 import type { Logger } from '../core/log.js';
 import type { LatencySnapshot } from '../core/latency.js';
 import { assert } from '../core/assert.js';
-import type { MirrorStats } from '../engine/mirror.js';
-import type { LegStats } from '../engine/messages.js';
+import type { LegStats, MirrorStats, MirrorView } from '../engine/view.js';
 
-/** What metrics read from the mirror (MirrorDevice satisfies it). */
-export interface MetricsMirror {
-  readonly sizeBytes: number;
-  /** Requests inside the engine (client requests and resync copies). */
-  readonly inFlight: number;
-  readonly ring: {
-    readonly slotCount: number;
-    readonly slotBytes: number;
-    readonly freeCount: number;
-    /** Live allocations: requests holding a run of slots. */
-    readonly inUse: number;
-  };
-  readonly latency: {
-    readonly kinds: readonly string[];
-    snapshot(kind: number): LatencySnapshot;
-  };
-  stats(): MirrorStats;
-  legStats(): Promise<LegStats[]>;
-  /** The on-leg metadata (absent or null: --metadata none). */
-  metadataStatus?(): KeeperStatus | null;
-}
+/** What metrics read from the mirror: a part of the engine's face (MirrorDevice has it all). */
+export type MetricsMirror = Pick<MirrorView, 'sizeBytes' | 'inFlight' | 'stats' | 'legStats' | 'ringCounters' | 'metadataStatus'> & {
+  readonly latency: Pick<MirrorView['latency'], 'kinds' | 'snapshot'>;
+};
 
 /** What metrics read from the NBD server (NbdServer satisfies it). */
 export interface MetricsNbdServer {
@@ -72,7 +59,7 @@ export const kLegStatsTimeoutMsDefault = 500;
 
 export class Sampler {
   private latestSample: MirrorSample | null = null;
-  private pendingLegStats: Promise<LegStats[]> | null = null;
+  private pendingLegStats: Promise<Array<LegStats | null>> | null = null;
   /** The last scrape went without leg stats: log the next failure at debug, not warn. */
   private legStatsMissing = false;
 
@@ -93,8 +80,11 @@ export class Sampler {
 
   /** Takes a new sample (waits at most legStatsTimeoutMs for the leg actors). */
   async refresh(): Promise<MirrorSample> {
-    const legStats = await this.boundedLegStats();
+    const answered = await this.boundedLegStats();
     const mirror = this.mirror;
+    const stats = mirror.stats();
+    const legStats = this.wholeOrNone(answered, stats);
+    const ring = mirror.ringCounters();
     const server = this.server;
     const payload = server.payloadStats();
     const histograms = mirror.latency;
@@ -102,16 +92,16 @@ export class Sampler {
       return { op, snapshot: histograms.snapshot(kind) };
     });
     const sample: MirrorSample = {
-      stats: mirror.stats(),
+      stats,
       legStats,
       latency,
       exportBytes: mirror.sizeBytes,
-      metadata: mirror.metadataStatus?.() ?? null,
+      metadata: mirror.metadataStatus(),
       engineInFlight: mirror.inFlight,
-      ringSlotCount: mirror.ring.slotCount,
-      ringSlotBytes: mirror.ring.slotBytes,
-      ringSlotsFree: mirror.ring.freeCount,
-      ringRequests: mirror.ring.inUse,
+      ringSlotCount: ring.slotCount,
+      ringSlotBytes: ring.slotBytes,
+      ringSlotsFree: ring.freeCount,
+      ringRequests: ring.inUse,
       connectionCount: server.connectionCount,
       serverInFlight: server.inFlight,
       payloadBytesCopied: payload.bytesCopied,
@@ -122,11 +112,11 @@ export class Sampler {
     return sample;
   }
 
-  private async boundedLegStats(): Promise<LegStats[] | null> {
+  private async boundedLegStats(): Promise<Array<LegStats | null> | null> {
     let call = this.pendingLegStats;
     if (call === null) {
       try {
-        call = this.mirror.legStats();
+        call = this.mirror.legStats(this.legStatsTimeoutMs);
       } catch (error) {
         call = Promise.reject(error instanceof Error ? error : new Error(String(error)));
       }
@@ -140,7 +130,7 @@ export class Sampler {
     const timeout = new Promise<null>((resolve) => {
       timer = setTimeout(() => resolve(null), this.legStatsTimeoutMs);
     });
-    let result: LegStats[] | null;
+    let result: Array<LegStats | null> | null;
     try {
       result = await Promise.race([call, timeout]);
       if (result === null) this.noteMissing({ timeoutMs: this.legStatsTimeoutMs }, 'timed out');
@@ -150,8 +140,19 @@ export class Sampler {
     } finally {
       clearTimeout(timer);
     }
-    if (result !== null) this.legStatsMissing = false;
     return result;
+  }
+
+  /** All listed legs' actor stats, or null (logged) when one of them gave no answer. */
+  private wholeOrNone(answered: Array<LegStats | null> | null, stats: MirrorStats): Array<LegStats | undefined> | null {
+    if (answered === null) return null;
+    const late = stats.legs.find((leg) => answered[leg.index] === null);
+    if (late !== undefined) {
+      this.noteMissing({ timeoutMs: this.legStatsTimeoutMs, leg: late.index }, 'timed out');
+      return null;
+    }
+    this.legStatsMissing = false;
+    return answered.map((entry) => entry ?? undefined);
   }
 
   /** Logs a missing legStats once at warn when it starts, then at debug until it recovers. */

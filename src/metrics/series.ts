@@ -15,12 +15,11 @@
  * | state   | kLegStates: one series per state, 1 for the leg's current state, else 0    |
  * | receive | copied (socket chunk -> ring slot), direct (read straight into the slot)   |
  */
-import type { KeeperStatus } from '../engine/meta-keeper.js';
+import type { KeeperStatus } from '../core/status-types.js';
 import { Counter, Gauge, type Registry } from 'prom-client';
 import { assert } from '../core/assert.js';
 import { kVersion } from '../core/version.js';
-import type { LegState, LegStatus } from '../engine/mirror.js';
-import type { LegStats } from '../engine/messages.js';
+import type { LegState, LegStats, LegStatus } from '../engine/view.js';
 import { SnapshotHistogram } from './histogram.js';
 import type { MirrorSample, Sampler } from './sample.js';
 

@@ -1,7 +1,9 @@
 /**
- * NBD wire format as pure data: magics, option/reply/command numbers, flags, errno values and
- * header sizes. No logic lives here (nbdkit's nbd-protocol.h is the model); codecs live in
- * sibling files. Source: NetworkBlockDevice/nbd doc/proto.md. All integers are big-endian.
+ * NBD wire format as pure data: magics, option/reply/command numbers, flags, errno values,
+ * header sizes and limits (numbers only, plus the one wire string 'base:allocation'). No
+ * logic and no imports (nbdkit's nbd-protocol.h is the model): names for these numbers and
+ * the errno mappings are in protocol-names.ts, codecs in the server/ and client/ files.
+ * Source: NetworkBlockDevice/nbd doc/proto.md. All integers are big-endian.
  * Threads: any.
  */
 
@@ -114,7 +116,7 @@ export const kStateHole = 0x1;
 export const kStateZero = 0x2;
 export const kMetaContextBaseAllocation = 'base:allocation';
 
-// Error values (NBD protocol numbers, not the host's errno).
+// Error values (NBD protocol numbers, not the host's errno; names in protocol-names.ts).
 export const kEPerm = 1;
 export const kEIo = 5;
 export const kENoMem = 12;
@@ -138,53 +140,3 @@ export const kStructuredReplyHeaderBytes = 20;
 export const kStringBytesMax = 4096;
 export const kBlockSizeMinimumMax = 65536;
 export const kDefaultPayloadBytesMax = 32 * 1024 * 1024;
-
-export const commandNames: Readonly<Record<number, string>> = {
-  [kCmdRead]: 'READ',
-  [kCmdWrite]: 'WRITE',
-  [kCmdDisc]: 'DISC',
-  [kCmdFlush]: 'FLUSH',
-  [kCmdTrim]: 'TRIM',
-  [kCmdCache]: 'CACHE',
-  [kCmdWriteZeroes]: 'WRITE_ZEROES',
-  [kCmdBlockStatus]: 'BLOCK_STATUS',
-  [kCmdResize]: 'RESIZE',
-};
-
-export const errnoNames: Readonly<Record<number, string>> = {
-  [kEPerm]: 'EPERM',
-  [kEIo]: 'EIO',
-  [kENoMem]: 'ENOMEM',
-  [kEInval]: 'EINVAL',
-  [kENoSpc]: 'ENOSPC',
-  [kEOverflow]: 'EOVERFLOW',
-  [kENotSup]: 'ENOTSUP',
-  [kEShutdown]: 'ESHUTDOWN',
-};
-
-/** Map a host errno code (from fs or net) to the NBD error value to put on the wire. */
-export function nbdErrnoFromHostCode(code: string | undefined): number {
-  switch (code) {
-    case 'EPERM':
-    case 'EACCES':
-    case 'EROFS':
-      return kEPerm;
-    case 'ENOMEM':
-      return kENoMem;
-    case 'EINVAL':
-      return kEInval;
-    case 'ENOSPC':
-    case 'EDQUOT':
-    case 'EFBIG':
-      return kENoSpc;
-    case 'EOVERFLOW':
-      return kEOverflow;
-    case 'ENOTSUP':
-    case 'EOPNOTSUPP':
-      return kENotSup;
-    case 'ESHUTDOWN':
-      return kEShutdown;
-    default:
-      return kEIo;
-  }
-}

@@ -63,6 +63,7 @@
  */
 
 import { assert, isPowerOfTwo } from '../core/assert.js';
+import { OptionError } from '../core/errors.js';
 
 export const kLayoutMagic = 0x45524e47; // 'ERNG'
 export const kLayoutVersion = 1;
@@ -149,14 +150,14 @@ export interface RingLayout {
 function checkNumber(name: string, value: unknown): number {
   if (typeof value !== 'number') {
     const kind = value === null ? 'null' : typeof value;
-    throw new TypeError(`ring.${name} must be a number, got ${kind}`);
+    throw new OptionError('ENBD_ERR_RING_OPTION', `ring.${name} must be a number, got ${kind}`);
   }
   return value;
 }
 
 /**
- * Validates options (defaults fill missing fields) and derives every size. Throws RangeError
- * naming the option ('ring.slotCount must be ...') or TypeError for a non-number.
+ * Validates options (defaults fill missing fields) and derives every size. Throws OptionError
+ * (code ENBD_ERR_RING_OPTION) naming the option ('ring.slotCount must be ...').
  */
 export function computeRingLayout(options: Partial<RingOptions> = {}): RingLayout {
   const slotCount = checkNumber(
@@ -168,7 +169,7 @@ export function computeRingLayout(options: Partial<RingOptions> = {}): RingLayou
     options.slotBytes === undefined ? kSlotBytesDefault : options.slotBytes,
   );
   if (!isPowerOfTwo(slotCount) || slotCount < kSlotCountMin || slotCount > kSlotCountMax) {
-    throw new RangeError(
+    throw new OptionError('ENBD_ERR_RING_OPTION', 
       `ring.slotCount must be a power of two between ${kSlotCountMin} and ${kSlotCountMax}, ` +
         `got ${slotCount}`,
     );
@@ -179,14 +180,14 @@ export function computeRingLayout(options: Partial<RingOptions> = {}): RingLayou
     slotBytes < kSlotBytesMin ||
     slotBytes > kSlotBytesMax
   ) {
-    throw new RangeError(
+    throw new OptionError('ENBD_ERR_RING_OPTION', 
       `ring.slotBytes must be a multiple of ${kPageBytes} between ${kSlotBytesMin} and ` +
         `${kSlotBytesMax}, got ${slotBytes}`,
     );
   }
   const dataBytes = slotCount * slotBytes;
   if (dataBytes > kDataBytesMax) {
-    throw new RangeError(
+    throw new OptionError('ENBD_ERR_RING_OPTION', 
       `ring.slotCount * ring.slotBytes must be at most ${kDataBytesMax} bytes, ` +
         `got ${slotCount} * ${slotBytes} = ${dataBytes}`,
     );

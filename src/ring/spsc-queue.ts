@@ -48,6 +48,7 @@
  */
 
 import { assert, isPowerOfTwo } from '../core/assert.js';
+import { OptionError } from '../core/errors.js';
 
 export const kQueueTail = 0;
 export const kQueueNotifyCount = 1;
@@ -120,14 +121,14 @@ export class SpscQueue {
     this.cachedTail = this.stagedTail;
   }
 
-  /** New queue in a new SAB. `capacity`: power of two in 2..2^20 (RangeError otherwise). */
+  /** New queue in a new SAB. `capacity`: power of two in 2..2^20 (OptionError ENBD_ERR_RING_OPTION otherwise). */
   static create(capacity: number): SpscQueue {
     if (
       !isPowerOfTwo(capacity) ||
       capacity < kQueueCapacityMin ||
       capacity > kQueueCapacityMax
     ) {
-      throw new RangeError(
+      throw new OptionError('ENBD_ERR_RING_OPTION', 
         `queue.capacity must be a power of two between ${kQueueCapacityMin} and ` +
           `${kQueueCapacityMax}, got ${capacity}`,
       );

@@ -36,6 +36,7 @@ import type { BlockDevice, BlockSizes, CompletionHandler, DeviceFeatures, Extent
 import { assert } from '../core/assert.js';
 import { EnbdError, describeError } from '../core/errors.js';
 import * as p from '../nbd/protocol.js';
+import { nbdErrnoFromHostCode } from '../nbd/protocol-names.js';
 
 const kZeroBytes = 1024 * 1024;
 const kZeroBuffer = Buffer.alloc(kZeroBytes);
@@ -313,7 +314,7 @@ export class FileDevice implements BlockDevice {
         op.doneBytes += bytes;
       }
     } catch (error) {
-      errno = p.nbdErrnoFromHostCode((error as NodeJS.ErrnoException).code);
+      errno = nbdErrnoFromHostCode((error as NodeJS.ErrnoException).code);
     }
     this.ready.push(op);
     this.readyErrno.push(errno);
@@ -340,7 +341,7 @@ export class FileDevice implements BlockDevice {
       return;
     }
     if (error !== null) {
-      this.complete(op, p.nbdErrnoFromHostCode(error.code));
+      this.complete(op, nbdErrnoFromHostCode(error.code));
       return;
     }
     if (bytes === 0 && op.command === p.kCmdRead) {
@@ -366,7 +367,7 @@ export class FileDevice implements BlockDevice {
 
   syncDone(op: FileOp, error: NodeJS.ErrnoException | null): void {
     this.ioReturned();
-    this.complete(op, error === null ? 0 : p.nbdErrnoFromHostCode(error.code));
+    this.complete(op, error === null ? 0 : nbdErrnoFromHostCode(error.code));
   }
 
   async getExtents(offsetBytes: number, lengthBytes: number): Promise<Extent[]> {

@@ -7,13 +7,14 @@
 import { isAbsolute, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { BlockDevice } from '../core/block-device.js';
+import type { LegKind } from '../core/status-types.js';
 import type { Logger } from '../core/log.js';
 import { EnbdError, describeError } from '../core/errors.js';
-import { NbdClient } from '../nbd/client.js';
+import { NbdClient } from '../nbd/client/client.js';
 import { parseNbdUri, type NbdAddress } from '../nbd/uri.js';
 import { FileDevice } from './file-device.js';
 
-export type LegKind = 'nbd' | 'file';
+export type { LegKind };
 
 export type LegAddress = { kind: 'nbd'; address: NbdAddress; uri: string } | { kind: 'file'; path: string; uri: string };
 

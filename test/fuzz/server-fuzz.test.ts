@@ -19,7 +19,7 @@ import assert from 'node:assert/strict';
 import fc from 'fast-check';
 import { connect } from 'node:net';
 import { setImmediate as yieldToLoop, setTimeout as sleep } from 'node:timers/promises';
-import { createNbdServer, type NbdServer } from '../../src/nbd/server.js';
+import { createNbdServer, type NbdServer } from '../../src/nbd/server/server.js';
 import { createLogger } from '../../src/core/log.js';
 import * as p from '../../src/nbd/protocol.js';
 import { MemoryDevice } from '../helpers/memory-device.js';

@@ -55,6 +55,7 @@ import { LegMeta } from '../../src/meta/leg-meta.js';
 import type { LegDeviceOpener } from '../../src/engine/messages.js';
 import { MirrorDevice, type MirrorEvent, type MirrorOptions } from '../../src/engine/mirror.js';
 import * as p from '../../src/nbd/protocol.js';
+import { commandNames } from '../../src/nbd/protocol-names.js';
 
 export type EioMode = 'none' | 'writes' | 'reads' | 'flushes' | 'all';
 
@@ -426,7 +427,7 @@ export class FaultLeg implements BlockDevice {
     const now = performance.now();
     for (const { request, sentAt } of this.waiting.values()) {
       if (now - sentAt < this.requestTimeoutMs) continue;
-      const name = p.commandNames[request.command] ?? 'request';
+      const name = commandNames[request.command] ?? 'request';
       this.store.timeouts.push([...this.waiting.values()].map(({ request: waited }) => ({
         sequence: 0,
         connection: this.id,

@@ -15,7 +15,7 @@ import assert from 'node:assert/strict';
 import { enbdCli, run } from './serve.js';
 import { readRange, startNbdkit, unixUri, type Child, type Scratch } from './tools.js';
 import { assertSameBytes, startMirror, type MirrorProcess } from './mirror.js';
-import { NbdClient } from '../../src/nbd/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 import { MirrorControl } from './fault-legs.js';
 
 /** Short fault timeouts so a lost or returning leg plays out in well under a second or two. */

@@ -19,8 +19,9 @@ import assert from 'node:assert/strict';
 import { createLogger } from '../../src/core/log.js';
 import { MirrorDevice, type MirrorOptions } from '../../src/engine/mirror.js';
 import type { CopyMode, Placement } from '../../src/engine/messages.js';
-import { NbdClient } from '../../src/nbd/client.js';
-import { createNbdServer, type NbdServer } from '../../src/nbd/server.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
+import { createNbdServer, type NbdServer } from '../../src/nbd/server/server.js';
+import { kConnectionActorEntry } from '../../src/cli/actor-entry.js';
 import { enbdCli } from './serve.js';
 import { runOk, toolEnv, unixUri } from './tools.js';
 
@@ -207,6 +208,7 @@ export async function startInProcessMirror(options: InProcessMirrorOptions): Pro
   const logger = createLogger({ level: process.env['ENBD_TEST_LOG_LEVEL'] ?? 'silent', pretty: false });
   const device = await MirrorDevice.open({
     legs: options.legs,
+    actorEntry: kConnectionActorEntry,
     logger,
     logLevel: process.env['ENBD_TEST_LOG_LEVEL'] ?? 'silent',
     ...(options.placement !== undefined ? { placement: options.placement } : {}),

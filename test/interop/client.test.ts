@@ -11,7 +11,7 @@ import { randomBytes } from 'node:crypto';
 import { existsSync, readFileSync, rmSync, writeFileSync, truncateSync } from 'node:fs';
 import { createServer, type Socket } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { NbdClient, type NbdClientOptions } from '../../src/nbd/client.js';
+import { NbdClient, type NbdClientOptions } from '../../src/nbd/client/client.js';
 import { EnbdError } from '../../src/core/errors.js';
 import {
   kCmdFlagFua,

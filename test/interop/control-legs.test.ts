@@ -15,7 +15,7 @@ import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { ControlClient } from '../../src/control/client.js';
 import type { ControlEvent, StatusResult } from '../../src/control/protocol.js';
-import { NbdClient } from '../../src/nbd/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 import { scratch, startNbdkit, unixUri, waitFor, type Child, type Scratch } from '../helpers/tools.js';
 import { run, skipUnlessTools } from '../helpers/serve.js';
 import { assertSameBytes, enbdCli, startMirror, stopAllMirrors, type MirrorProcess } from '../helpers/mirror.js';

@@ -20,7 +20,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { createLogger } from '../../src/core/log.js';
 import { LegActor } from '../../src/engine/leg-actor.js';
 import type { LegActorInit } from '../../src/engine/messages.js';
-import { NbdClient } from '../../src/nbd/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 import * as p from '../../src/nbd/protocol.js';
 import { kMaxLegs } from '../../src/ring/layout.js';
 import { RequestRing } from '../../src/ring/request-ring.js';

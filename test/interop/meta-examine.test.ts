@@ -10,7 +10,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
-import { NbdClient } from '../../src/nbd/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 import { computeLayout, defaultBitmapChunkBytes, superblockOffsets } from '../../src/meta/layout.js';
 import { enbdCli, skipUnlessTools } from '../helpers/serve.js';
 import { run, runOk, scratch, startNbdkit, unixUri, type Child, type RunResult, type Scratch } from '../helpers/tools.js';

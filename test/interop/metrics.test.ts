@@ -11,7 +11,7 @@ import { kVersion } from '../../src/core/version.js';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { createLogger } from '../../src/core/log.js';
-import { NbdClient } from '../../src/nbd/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 import { startMetricsServer, type MetricsServer } from '../../src/metrics/metrics.js';
 import { freePort, scratch, startNbdkit, unixUri, type Child, type Scratch } from '../helpers/tools.js';
 import { skipUnlessTools } from '../helpers/serve.js';
@@ -93,10 +93,11 @@ describe('enbd mirror --metrics: Prometheus series of a real mirror', { skip: sk
 
   test('ring, in-flight and connection gauges, and the default process metrics', async () => {
     const scraped = await scrape();
-    assert.equal(valueOf(scraped, 'enbd_ring_slots'), mirror.device.ring.slotCount);
-    assert.equal(valueOf(scraped, 'enbd_ring_slot_bytes'), mirror.device.ring.slotBytes);
+    const ring = mirror.device.ringCounters();
+    assert.equal(valueOf(scraped, 'enbd_ring_slots'), ring.slotCount);
+    assert.equal(valueOf(scraped, 'enbd_ring_slot_bytes'), ring.slotBytes);
     const inUse = valueOf(scraped, 'enbd_ring_slots_in_use');
-    assert.ok(inUse >= 0 && inUse <= mirror.device.ring.slotCount);
+    assert.ok(inUse >= 0 && inUse <= ring.slotCount);
     assert.equal(valueOf(scraped, 'enbd_in_flight_requests'), 0, 'the client waits for each request');
     assert.equal(valueOf(scraped, 'enbd_client_connections'), 1);
     assert.equal(scraped.types.get('process_cpu_user_seconds_total'), 'counter');

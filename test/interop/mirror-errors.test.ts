@@ -10,7 +10,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync, truncateSync, writeFileSync } from 'node:fs';
-import { NbdClient } from '../../src/nbd/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 import { run, runOk, scratch, startNbdkit, unixUri, waitFor, type Scratch } from '../helpers/tools.js';
 import { skipUnlessTools } from '../helpers/serve.js';
 import { assertFilled, runMirrorCli, startMirror, startMirrorArgs, stopAllMirrors, type CliResult } from '../helpers/mirror.js';

@@ -25,7 +25,7 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { closeSync, openSync, readSync, truncateSync, writeFileSync } from 'node:fs';
 import fc from 'fast-check';
-import { NbdClient } from '../../src/nbd/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 import { kCmdFlagFua } from '../../src/nbd/protocol.js';
 import { scratch, startNbdkit, unixUri, type Child, type Scratch } from '../helpers/tools.js';
 import { skipUnlessTools } from '../helpers/serve.js';

@@ -13,7 +13,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { closeSync, openSync, readFileSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import type { MirrorDevice, MirrorOptions } from '../../src/engine/mirror.js';
-import { NbdClient } from '../../src/nbd/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 import { scratch, startNbdkit, unixUri, waitFor, type Child, type Scratch } from '../helpers/tools.js';
 import { skipUnlessTools } from '../helpers/serve.js';
 import { assertSameBytes, startInProcessMirror, stopAllMirrors, type InProcessMirror } from '../helpers/mirror.js';

@@ -23,7 +23,7 @@ import { readRange, scratch, waitFor, type Scratch } from '../helpers/tools.js';
 import { assertServing, enbdCli, run, skipUnlessTools, startServerUnderTest, type ServerUnderTest } from '../helpers/serve.js';
 import { startMirror, stopAllMirrors, type MirrorProcess } from '../helpers/mirror.js';
 import { NbdProbe, assembleRead } from '../helpers/nbd-probe.js';
-import { NbdClient } from '../../src/nbd/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 import { ControlClient } from '../../src/control/client.js';
 import * as p from '../../src/nbd/protocol.js';
 

@@ -13,7 +13,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { StatusResult } from '../../src/control/protocol.js';
-import { NbdClient } from '../../src/nbd/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 import { scratch, startNbdkit, toolEnv, unixUri, type Child, type Scratch } from '../helpers/tools.js';
 import { run, skipUnlessTools } from '../helpers/serve.js';
 import { enbdCli, startMirror, stopAllMirrors, type MirrorProcess } from '../helpers/mirror.js';

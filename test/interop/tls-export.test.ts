@@ -18,7 +18,7 @@ import { NbdProbe } from '../helpers/nbd-probe.js';
 import { makePki } from '../helpers/pki.js';
 import { startMirrorArgs, stopAllMirrors } from '../helpers/mirror.js';
 import * as p from '../../src/nbd/protocol.js';
-import { NbdClient } from '../../src/nbd/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 
 const kSizeBytes = 16 * 1024 * 1024;
 const skip = skipUnlessTools('openssl', 'nbdinfo', 'nbdsh', 'nbdcopy', 'qemu-io');

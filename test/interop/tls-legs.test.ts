@@ -15,7 +15,7 @@ import { skipUnlessTools } from '../helpers/serve.js';
 import { assertSameBytes, enbdCli, runMirrorCli, startInProcessMirror, startMirrorArgs, stopAllMirrors } from '../helpers/mirror.js';
 import { run } from '../helpers/tools.js';
 import { makePki } from '../helpers/pki.js';
-import { NbdClient } from '../../src/nbd/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 import { parseNbdUri, formatNbdUri } from '../../src/nbd/uri.js';
 import type { MirrorDevice } from '../../src/engine/mirror.js';
 

@@ -12,7 +12,7 @@ import { chmodSync, closeSync, ftruncateSync, mkdirSync, openSync, readFileSync,
 import { scratch, startNbdkit, type Child, type Scratch } from '../helpers/tools.js';
 import { run, runOk, skipUnlessTools, startServerUnderTest, type ServerUnderTest } from '../helpers/serve.js';
 import { assertSameBytes, startInProcessMirror, stopAllMirrors } from '../helpers/mirror.js';
-import { NbdClient } from '../../src/nbd/client.js';
+import { NbdClient } from '../../src/nbd/client/client.js';
 
 const kSizeBytes = 16 * 1024 * 1024;
 

@@ -38,6 +38,7 @@ import { afterEach, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
 import * as p from '../../../src/nbd/protocol.js';
+import { commandNames, errnoNames } from '../../../src/nbd/protocol-names.js';
 import type { MirrorDevice } from '../../../src/engine/mirror.js';
 import {
   legStates, makeStores, openFaultMirror, waitFor, type FaultMirror, type FaultStore,
@@ -438,7 +439,7 @@ describe('issue 10 findings (engine, fault legs)', () => {
       'FLUSH 0+4096': await driver.flush(0, 4096),
     };
     for (const [what, errno] of Object.entries(answers)) {
-      assert.ok(errno === 0 || errno === p.kEInval, `${what}: answered 0 or EINVAL (got ${p.errnoNames[errno] ?? errno})`);
+      assert.ok(errno === 0 || errno === p.kEInval, `${what}: answered 0 or EINVAL (got ${errnoNames[errno] ?? errno})`);
     }
     await sleep(50);
     // The engine may answer them itself or pass a FLUSH on as a whole-device FLUSH 0+0; what
@@ -447,7 +448,7 @@ describe('issue 10 findings (engine, fault legs)', () => {
       command === p.kCmdFlush ? offsetBytes !== 0 || lengthBytes !== 0 : lengthBytes === 0;
     const reached = stores.flatMap((store, leg) => store.received.slice(before[leg])
       .filter((request) => invalid(request.command, request.offsetBytes, request.lengthBytes))
-      .map((request) => `leg ${leg}: ${p.commandNames[request.command] ?? request.command} ${request.offsetBytes}+${request.lengthBytes}`));
+      .map((request) => `leg ${leg}: ${commandNames[request.command] ?? request.command} ${request.offsetBytes}+${request.lengthBytes}`));
     assert.deepEqual(reached, [], 'none of them reached a leg as such');
     assert.equal(storeB.strictRefusals, 0, 'the strict leg refused nothing');
     assert.deepEqual(legStates(mirror), ['in-sync', 'in-sync'], 'no leg degraded');

@@ -35,6 +35,7 @@ import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
 import fc from 'fast-check';
 import * as p from '../../../src/nbd/protocol.js';
+import { commandNames, errnoNames } from '../../../src/nbd/protocol-names.js';
 import {
   legStates, makeStores, openFaultMirror, waitFor, type EioMode, type FaultMirror, type FaultStore,
 } from '../../helpers/fault-device.js';
@@ -249,7 +250,7 @@ class Run {
   }
 
   private settle(arrival: number, dataId: number, offset: number, length: number, errno: number, what: string): void {
-    if (errno !== 0 && errno !== p.kEIo) this.fail(`${what} ${offset}+${length} answered ${p.errnoNames[errno] ?? errno}, not 0 or EIO`);
+    if (errno !== 0 && errno !== p.kEIo) this.fail(`${what} ${offset}+${length} answered ${errnoNames[errno] ?? errno}, not 0 or EIO`);
     this.model.settle(arrival, dataId, offset, length, errno);
     if (errno === 0) this.stats.acked += 1;
     else this.stats.failedWrites += 1;
@@ -293,7 +294,7 @@ class Run {
   async read(offset: number, length: number, what: string, mustSucceed = false): Promise<Uint8Array | null> {
     const { errno, data } = await this.open.driver.read(offset, length);
     if (errno !== 0) {
-      if (errno !== p.kEIo || mustSucceed) this.fail(`${what}: READ ${offset}+${length} answered ${p.errnoNames[errno] ?? errno}`);
+      if (errno !== p.kEIo || mustSucceed) this.fail(`${what}: READ ${offset}+${length} answered ${errnoNames[errno] ?? errno}`);
       this.stats.readsEio += 1;
       return null;
     }
@@ -337,9 +338,9 @@ class Run {
     const lines = [`model: ${this.model.expected[offset]}${this.model.uncertain[offset] === 1 ? ' (uncertain)' : ''}`];
     for (const [index, store] of this.stores.entries()) {
       const writes = store.applied.filter((write) => offset >= write.offsetBytes && offset < write.offsetBytes + write.lengthBytes).slice(-4)
-        .map((write) => `#${write.sequence} ${p.commandNames[write.command] ?? write.command} ${write.offsetBytes}+${write.lengthBytes} conn ${write.connection}${write.late ? ' LATE' : ''}`);
+        .map((write) => `#${write.sequence} ${commandNames[write.command] ?? write.command} ${write.offsetBytes}+${write.lengthBytes} conn ${write.connection}${write.late ? ' LATE' : ''}`);
       const received = store.received.filter((request) => offset >= request.offsetBytes && offset < request.offsetBytes + request.lengthBytes).slice(-6)
-        .map((request) => `#${request.sequence} ${p.commandNames[request.command] ?? request.command} ${request.offsetBytes}+${request.lengthBytes} conn ${request.connection}`);
+        .map((request) => `#${request.sequence} ${commandNames[request.command] ?? request.command} ${request.offsetBytes}+${request.lengthBytes} conn ${request.connection}`);
       lines.push(`store ${index}: ${store.bytes[offset]}; last writes applied there: ${writes.join('; ') || 'none'}; last requests received there: ${received.join('; ') || 'none'}`);
     }
     return lines.join('\n');
@@ -364,7 +365,7 @@ class Run {
       case 'zero': return await this.zero(op.offset, op.length, op.trim);
       case 'flush': {
         const errno = await this.open.driver.flush();
-        if (errno !== 0 && errno !== p.kEIo) this.fail(`FLUSH answered ${p.errnoNames[errno] ?? errno}`);
+        if (errno !== 0 && errno !== p.kEIo) this.fail(`FLUSH answered ${errnoNames[errno] ?? errno}`);
         return;
       }
       case 'read': {

@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { truncateSync, writeFileSync } from 'node:fs';
 import { createLogger } from '../../../src/core/log.js';
 import { MirrorDevice } from '../../../src/engine/mirror.js';
+import { kConnectionActorEntry } from '../../../src/cli/actor-entry.js';
 import { scratch, type Scratch } from '../../helpers/tools.js';
 
 const kMiB = 1024 * 1024;
@@ -47,6 +48,14 @@ describe('MirrorDevice.open / close', () => {
     });
   });
 
+  test('workers placement without the worker entry: ENBD_ERR_CONFIG naming actorEntry', async () => {
+    await assert.rejects(MirrorDevice.open({ legs: [big], logger }), (error) => {
+      assert.equal(codeOf(error), 'ENBD_ERR_CONFIG');
+      assert.match((error as Error).message, /actorEntry/);
+      return true;
+    });
+  });
+
   test('legs of different sizes: ENBD_ERR_CONFIG naming both; sizeBytes picks a common size', async () => {
     await assert.rejects(MirrorDevice.open({ legs: [big, small], logger, placement: 'inline' }), (error) => {
       assert.equal(codeOf(error), 'ENBD_ERR_CONFIG');
@@ -64,7 +73,7 @@ describe('MirrorDevice.open / close', () => {
 
   test('missing file leg: ENBD_ERR_LEG naming it', async () => {
     const missing = dir.path('missing/leg.img');
-    await assert.rejects(MirrorDevice.open({ legs: [big, missing], logger }), (error) => {
+    await assert.rejects(MirrorDevice.open({ legs: [big, missing], logger, actorEntry: kConnectionActorEntry }), (error) => {
       assert.equal(codeOf(error), 'ENBD_ERR_LEG');
       assert.ok((error as Error).message.includes(missing));
       return true;
@@ -73,7 +82,7 @@ describe('MirrorDevice.open / close', () => {
 
   // Regression: MirrorDevice.close() used to leave its 5 s shutdown-race timer running.
   test('close() leaves no timer behind', async () => {
-    const mirror = await MirrorDevice.open({ legs: [big, dir.path('big.img')], logger, sizeBytes: kMiB });
+    const mirror = await MirrorDevice.open({ legs: [big, dir.path('big.img')], logger, sizeBytes: kMiB, actorEntry: kConnectionActorEntry });
     const timersBefore = process.getActiveResourcesInfo().filter((name) => name === 'Timeout').length;
     await mirror.close();
     const timersAfter = process.getActiveResourcesInfo().filter((name) => name === 'Timeout').length;

@@ -124,7 +124,7 @@ describe('read policy and slow legs over fault legs', () => {
 
   test('latency sends reads to the fast leg', async () => {
     const run = await start(2, { readPolicy: 'latency' });
-    (run.stores[1] as FaultMirror['stores'][number]).slowMs = 8;
+    (run.stores[1] as FaultMirror['stores'][number]).slowMs = 20;
     await readMany(run, 200, 4);
     const [fast, slow] = reads(run.mirror) as [number, number];
     assert.ok(fast >= 0.9 * (fast + slow), `the fast leg served ${fast} of ${fast + slow} reads`);

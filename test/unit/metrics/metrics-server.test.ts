@@ -2,7 +2,8 @@
  * startMetricsServer against a fake mirror and server (no actors, no sockets but HTTP):
  * the routes (404, 405, HEAD, query strings), the series read from the fake's values, the
  * default process metrics, and the bound on a slow or failing legStats(): the scrape still
- * answers in time, without the per-leg actor series, and a stuck call is not stacked.
+ * answers in time, without the per-leg actor series, and a stuck call is not stacked; a leg
+ * the engine answers null for (late) counts as missing, a removed one does not.
  * Threads: test process main thread.
  */
 import { after, test } from 'node:test';
@@ -36,7 +37,9 @@ interface Fake {
   mirror: MetricsMirror;
   server: MetricsNbdServer;
   legStatsCalls: number;
-  legStats: () => Promise<LegStats[]>;
+  /** The timeout the sampler passed to the engine's legStats, last call. */
+  legStatsTimeoutMs: number | null;
+  legStats: () => Promise<Array<LegStats | null>>;
 }
 
 function fake(): Fake {
@@ -53,15 +56,18 @@ function fake(): Fake {
   const stats: MirrorStats = { requests: { WRITE: 2, FLUSH: 1 }, bytes: { WRITE: 8192 }, writeRequests: 2, writeCopies: 3, writeBytesCopied: 12288, ringSlotsInUse: 2, legs };
   const state: Fake = {
     legStatsCalls: 0,
+    legStatsTimeoutMs: null,
     legStats: async () => [legStats(7), legStats(9)],
     mirror: {
       sizeBytes: 1 << 20,
       inFlight: 2,
-      ring: { slotCount: 8, slotBytes: 4096, freeCount: 6, inUse: 1 },
+      ringCounters: () => ({ slotCount: 8, slotBytes: 4096, freeCount: 6, inUse: 1 }),
       latency,
       stats: () => stats,
-      legStats: async () => {
+      metadataStatus: () => null,
+      legStats: async (timeoutMs) => {
         state.legStatsCalls += 1;
+        state.legStatsTimeoutMs = timeoutMs;
         return await state.legStats();
       },
     },
@@ -140,6 +146,20 @@ test('a legStats() that fails leaves the actor series out; the next good one bri
   const metrics = await scrape(server);
   assert.equal(valueOf(metrics, 'enbd_leg_stats_up'), 1);
   assert.equal(valueOf(metrics, 'enbd_leg_requests_total', { leg: '1' }), 2);
+});
+
+test('the engine\'s per-leg timeout: a listed leg without an answer leaves the actor series out; a removed one does not', async () => {
+  const state = fake();
+  state.legStats = async () => [legStats(7), null];
+  const server = await start(state, 150);
+  const late = await scrape(server);
+  assert.equal(state.legStatsTimeoutMs, 150, 'the engine is asked with the scrape\'s timeout');
+  assert.equal(valueOf(late, 'enbd_leg_stats_up'), 0);
+  assert.equal(samplesOf(late, 'enbd_leg_requests_total').length, 0, 'actor series left out');
+  state.legStats = async () => [legStats(7), legStats(9), null]; // leg 2: removed (not in legStatus)
+  const back = await scrape(server);
+  assert.equal(valueOf(back, 'enbd_leg_stats_up'), 1);
+  assert.equal(valueOf(back, 'enbd_leg_requests_total', { leg: '1' }), 9);
 });
 
 test('other paths are 404, other methods 405; HEAD and query strings work', async () => {

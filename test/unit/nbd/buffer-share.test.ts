@@ -1,5 +1,5 @@
 /**
- * The fair share of device buffers (src/nbd/buffer-share.ts): the share arithmetic, each row
+ * The fair share of device buffers (src/nbd/server/buffer-share.ts): the share arithmetic, each row
  * of the decision table, charging in whole units, the issue-10 scenario (stalled 32 MiB WRITEs
  * on a 64 MiB ring), option errors, and a model-based check (fast-check) that the counters
  * match the users' state after any sequence of acquire / release / want steps and that a
@@ -9,7 +9,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { BufferShare, fairShareBytes, mayAcquireShare, type ShareUser } from '../../../src/nbd/buffer-share.js';
+import { BufferShare, fairShareBytes, mayAcquireShare, type ShareUser } from '../../../src/nbd/server/buffer-share.js';
 
 const kMiB = 1024 * 1024;
 const kRingBytes = 64 * kMiB;

@@ -7,7 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { HeaderArena } from '../../../src/nbd/client-arena.js';
+import { HeaderArena } from '../../../src/nbd/client/client-arena.js';
 import { kRequestHeaderBytes } from '../../../src/nbd/protocol.js';
 
 interface Written {

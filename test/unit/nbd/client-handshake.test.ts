@@ -13,7 +13,7 @@ import {
   negotiateClient,
   type HandshakeIo,
   type HandshakeOptions,
-} from '../../../src/nbd/client-handshake.js';
+} from '../../../src/nbd/client/client-handshake.js';
 import {
   kFlagFixedNewstyle,
   kFlagNoZeroes,

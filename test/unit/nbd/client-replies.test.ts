@@ -7,8 +7,9 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { ReplyParser, normalizeErrno, type ReplyEvents } from '../../../src/nbd/client-replies.js';
-import { RequestTable, kRequestSlotsInitial, kRequestSlotsMax } from '../../../src/nbd/client-requests.js';
+import { ReplyParser, type ReplyEvents } from '../../../src/nbd/client/client-replies.js';
+import { normalizeErrno } from '../../../src/nbd/protocol-names.js';
+import { RequestTable, kRequestSlotsInitial, kRequestSlotsMax } from '../../../src/nbd/client/client-requests.js';
 import {
   kCmdBlockStatus,
   kCmdFlush,

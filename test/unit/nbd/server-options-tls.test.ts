@@ -5,7 +5,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { OptionNegotiator, type ExportDescriptor, type NegotiatorTlsMode } from '../../../src/nbd/server-options.js';
+import { OptionNegotiator, type ExportDescriptor, type NegotiatorTlsMode } from '../../../src/nbd/server/server-options.js';
 import * as p from '../../../src/nbd/protocol.js';
 
 const kExport: ExportDescriptor = {

@@ -14,6 +14,11 @@ import {
   kSlotWords,
   slotWord,
 } from '../../../src/ring/layout.js';
+import { EnbdError } from '../../../src/core/errors.js';
+
+function isRingOptionError(error: unknown): error is EnbdError {
+  return error instanceof EnbdError && error.code === 'ENBD_ERR_RING_OPTION';
+}
 
 test('defaults: 256 slots of 256 KiB', () => {
   const layout = computeRingLayout();
@@ -34,11 +39,11 @@ test('explicit bounds are accepted', () => {
 
 const badSlotCounts: unknown[] = [3, 0, 1, -2, 8192, 2.5, Number.NaN, Infinity, 6];
 for (const slotCount of badSlotCounts) {
-  test(`slotCount ${String(slotCount)} -> RangeError naming ring.slotCount`, () => {
+  test(`slotCount ${String(slotCount)} -> ENBD_ERR_RING_OPTION naming ring.slotCount`, () => {
     assert.throws(
       () => computeRingLayout({ slotCount: slotCount as number }),
       (error: unknown) =>
-        error instanceof RangeError &&
+        isRingOptionError(error) &&
         error.message.includes('ring.slotCount') &&
         error.message.includes(`got ${String(slotCount)}`),
     );
@@ -47,7 +52,8 @@ for (const slotCount of badSlotCounts) {
 
 test('exact message for slotCount 3', () => {
   assert.throws(() => computeRingLayout({ slotCount: 3 }), {
-    name: 'RangeError',
+    name: 'OptionError',
+    code: 'ENBD_ERR_RING_OPTION',
     message: 'ring.slotCount must be a power of two between 2 and 4096, got 3',
   });
 });
@@ -56,30 +62,30 @@ const badSlotBytes: unknown[] = [
   0, 4095, 4097, 6000, 2048, 64 * 1024 * 1024, -4096, 4096.5, Number.NaN,
 ];
 for (const slotBytes of badSlotBytes) {
-  test(`slotBytes ${String(slotBytes)} -> RangeError naming ring.slotBytes`, () => {
+  test(`slotBytes ${String(slotBytes)} -> ENBD_ERR_RING_OPTION naming ring.slotBytes`, () => {
     assert.throws(
       () => computeRingLayout({ slotBytes: slotBytes as number }),
-      (error: unknown) => error instanceof RangeError && error.message.includes('ring.slotBytes'),
+      (error: unknown) => isRingOptionError(error) && error.message.includes('ring.slotBytes'),
     );
   });
 }
 
-test('data area above 2 GiB -> RangeError naming both options', () => {
+test('data area above 2 GiB -> ENBD_ERR_RING_OPTION naming both options', () => {
   assert.throws(
     () => computeRingLayout({ slotCount: 4096, slotBytes: 32 * 1024 * 1024 }),
     (error: unknown) =>
-      error instanceof RangeError &&
+      isRingOptionError(error) &&
       error.message.includes('ring.slotCount * ring.slotBytes'),
   );
 });
 
-test('non-number options -> TypeError naming the option', () => {
+test('non-number options -> ENBD_ERR_RING_OPTION naming the option', () => {
   assert.throws(() => computeRingLayout({ slotCount: '256' as unknown as number }), {
-    name: 'TypeError',
+    code: 'ENBD_ERR_RING_OPTION',
     message: /ring\.slotCount/,
   });
   assert.throws(() => computeRingLayout({ slotBytes: null as unknown as number }), {
-    name: 'TypeError',
+    code: 'ENBD_ERR_RING_OPTION',
     message: /ring\.slotBytes/,
   });
 });

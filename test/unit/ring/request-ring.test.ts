@@ -23,9 +23,9 @@ function smallRing(slotCount = 8): RequestRing {
   return RequestRing.create({ slotCount, slotBytes: 4096 });
 }
 
-test('create validates options with RangeError naming the option', () => {
-  assert.throws(() => RequestRing.create({ slotCount: 3 }), /ring\.slotCount/);
-  assert.throws(() => RequestRing.create({ slotBytes: 1000 }), /ring\.slotBytes/);
+test('create validates options with ENBD_ERR_RING_OPTION naming the option', () => {
+  assert.throws(() => RequestRing.create({ slotCount: 3 }), { code: 'ENBD_ERR_RING_OPTION', message: /ring\.slotCount/ });
+  assert.throws(() => RequestRing.create({ slotBytes: 1000 }), { code: 'ENBD_ERR_RING_OPTION', message: /ring\.slotBytes/ });
 });
 
 test('setRequest round-trips every field, including offsets above 2^32 and u32 lengths', () => {

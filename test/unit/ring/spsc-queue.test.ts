@@ -18,10 +18,10 @@ import {
   kQueueTail,
 } from '../../../src/ring/spsc-queue.js';
 
-test('create validates capacity with RangeError naming queue.capacity', () => {
+test('create validates capacity with ENBD_ERR_RING_OPTION naming queue.capacity', () => {
   for (const capacity of [0, 1, 3, 100, 2 ** 21, -4, 2.5]) {
     assert.throws(() => SpscQueue.create(capacity), {
-      name: 'RangeError',
+      code: 'ENBD_ERR_RING_OPTION',
       message: new RegExp(`queue\\.capacity .* got ${capacity}`),
     });
   }

@@ -13,6 +13,7 @@ import { RequestRing } from '../../../src/ring/request-ring.js';
 import { Doorbell, SpscQueue } from '../../../src/ring/spsc-queue.js';
 import { abandonLeg, ackSlot, isComplete, resetMasks } from '../../../src/ring/visited-mask.js';
 import { expectedOffsetBytes, kStop, legErrnoFor, legFails } from './visited-rules.js';
+import { kEIo } from '../../../src/nbd/protocol.js';
 
 const kCmdWrite = 1;
 
@@ -24,7 +25,6 @@ interface AtomicsWaitAsync {
     timeoutMs: number,
   ): { async: false; value: string } | { async: true; value: Promise<string> };
 }
-const kEio = 5;
 const kEnospc = 28;
 
 function dispatchedSlot(ring: RequestRing, targetMask: number): number {
@@ -53,10 +53,10 @@ test('failures: failed mask, per-leg errno, first errno wins the aggregate', () 
   const slot = dispatchedSlot(ring, 0b111);
   assert.equal(ackSlot(ring, slot, 2, true, kEnospc), false);
   assert.equal(ackSlot(ring, slot, 0, false, 0), false);
-  assert.equal(ackSlot(ring, slot, 1, true, kEio), true);
+  assert.equal(ackSlot(ring, slot, 1, true, kEIo), true);
   assert.equal(ring.failedMask(slot), 0b110);
   assert.equal(ring.legErrno(slot, 0), 0);
-  assert.equal(ring.legErrno(slot, 1), kEio);
+  assert.equal(ring.legErrno(slot, 1), kEIo);
   assert.equal(ring.legErrno(slot, 2), kEnospc);
   assert.equal(ring.errno(slot), kEnospc, 'first failure');
 });
@@ -64,10 +64,10 @@ test('failures: failed mask, per-leg errno, first errno wins the aggregate', () 
 test('leg 30 (the highest) works; bit 31 is not a leg', () => {
   const ring = RequestRing.create({ slotCount: 2, slotBytes: 4096 });
   const slot = dispatchedSlot(ring, (1 << 30) | 1);
-  assert.equal(ackSlot(ring, slot, 30, true, kEio), false);
+  assert.equal(ackSlot(ring, slot, 30, true, kEIo), false);
   assert.equal(ackSlot(ring, slot, 0, false, 0), true);
   assert.equal(ring.failedMask(slot), 1 << 30);
-  assert.equal(ring.legErrno(slot, 30), kEio);
+  assert.equal(ring.legErrno(slot, 30), kEIo);
   assert.throws(() => ackSlot(ring, slot, 31, false, 0), /leg index/);
 });
 
@@ -78,7 +78,7 @@ test('asserts: double ack, leg outside target, undispatched slot, errno/failed m
   assert.throws(() => ackSlot(ring, slot, 0, false, 0), /once/);
   assert.throws(() => ackSlot(ring, slot, 2, false, 0), /target/);
   assert.throws(() => ackSlot(ring, slot, 1, true, 0), /errno/);
-  assert.throws(() => ackSlot(ring, slot, 1, false, kEio), /errno/);
+  assert.throws(() => ackSlot(ring, slot, 1, false, kEIo), /errno/);
   const idle = ring.allocate(1);
   ring.setRequest(idle, kCmdWrite, 0, 0, 0, 1, 1);
   assert.throws(() => ackSlot(ring, idle, 0, false, 0), /dispatched/);
@@ -87,7 +87,7 @@ test('asserts: double ack, leg outside target, undispatched slot, errno/failed m
 test('resetMasks clears a previous dispatch for a retry', () => {
   const ring = RequestRing.create({ slotCount: 4, slotBytes: 4096 });
   const slot = dispatchedSlot(ring, 0b11);
-  ackSlot(ring, slot, 0, true, kEio);
+  ackSlot(ring, slot, 0, true, kEIo);
   ackSlot(ring, slot, 1, false, 0);
   resetMasks(ring, slot, 0b10);
   assert.equal(ring.visitedMask(slot), 0);
@@ -104,7 +104,7 @@ test('a reused slot carries no stale per-leg errno from its previous request', (
   ring.markDispatched(slot);
   ackSlot(ring, slot, 0, false, 0);
   ackSlot(ring, slot, 2, true, kEnospc);
-  ackSlot(ring, slot, 1, true, kEio);
+  ackSlot(ring, slot, 1, true, kEIo);
   ring.free(slot);
   const again = ring.allocate(1);
   assert.equal(again, 0);
@@ -118,13 +118,13 @@ test('abandonLeg: acks a dead leg as failed only if it had not acked', () => {
   const ring = RequestRing.create({ slotCount: 4, slotBytes: 4096 });
   const slot = dispatchedSlot(ring, 0b111);
   ackSlot(ring, slot, 0, false, 0);
-  assert.equal(abandonLeg(ring, slot, 0, kEio), false, 'already acked: untouched');
-  assert.equal(abandonLeg(ring, slot, 3, kEio), false, 'not in target');
+  assert.equal(abandonLeg(ring, slot, 0, kEIo), false, 'already acked: untouched');
+  assert.equal(abandonLeg(ring, slot, 3, kEIo), false, 'not in target');
   assert.equal(ring.failedMask(slot), 0);
-  assert.equal(abandonLeg(ring, slot, 2, kEio), false);
+  assert.equal(abandonLeg(ring, slot, 2, kEIo), false);
   assert.equal(ring.failedMask(slot), 0b100);
   assert.equal(ackSlot(ring, slot, 1, false, 0), true);
-  assert.throws(() => abandonLeg(RequestRing.attach(ring.buffers), slot, 1, kEio), /master-only/);
+  assert.throws(() => abandonLeg(RequestRing.attach(ring.buffers), slot, 1, kEIo), /master-only/);
 });
 
 // ---- Real threads ----------------------------------------------------------------------

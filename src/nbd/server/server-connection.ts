@@ -11,27 +11,25 @@
  * into its destination (the device's buffer, e.g. a ring slot, or this connection's own
  * buffer). When no request record or device buffer is free, or the connection is over its fair
  * share of the device's buffers (buffer-share.ts), parsing stalls: the connection remembers
- * (chunk, position), pauses the socket, and resumes when a record or buffer frees.
+ * (chunk, position), pauses the socket, and resumes when a record or buffer frees. Direct
+ * receive (server-receive.ts) reads a large payload's rest straight into its buffer.
  *
- * Timeouts (no timer per connection or request: the server's sweep calls checkTimeouts): a
- * handshake must finish within the handshake timeout; a client in the middle of a request
- * (WRITE payload, rejected payload being discarded, part of a header) that sends nothing for
- * the payload timeout is disconnected, and close() releases the buffers it held. A chunk
- * counter is all the receive path pays for it.
+ * Timeouts (server-timeouts.ts; no timer per connection or request, the server's sweep calls
+ * checkTimeouts): a handshake must finish within the handshake timeout; a client in the
+ * middle of a request (WRITE payload, rejected payload being discarded, part of a header)
+ * that sends nothing for the payload timeout is disconnected, and close() releases the
+ * buffers it held. A chunk counter is all the receive path pays for it.
  *
- * Reply path: headers and small READ payloads are appended to an output arena; large READ
- * payloads are written as their own buffers. The socket is corked on the first reply of an
- * event-loop turn and uncorked once in setImmediate, so a turn's replies leave in one writev.
- * The arena is reset only when the socket has nothing pending (writableLength 0), so no
- * pending write ever sees its bytes overwritten.
+ * Pieces: request records and header decoding (server-records.ts), payload buffers and the
+ * fair share (server-buffers.ts), replies and per-turn batching (server-replies.ts), block
+ * status (server-block-status.ts), direct receive (server-receive.ts), timeouts
+ * (server-timeouts.ts). This file keeps the state machine: receive and parse, dispatch,
+ * completion and teardown.
  *
- * Request record states
- * | state     | meaning                                        | next                   |
- * |-----------|------------------------------------------------|------------------------|
- * | free      | on the free stack                              | payload, device        |
- * | payload   | WRITE header parsed, payload arriving          | device, free (on close)|
- * | device    | submitted to the device (or awaiting extents)  | free, writing          |
- * | writing   | large READ payload handed to the socket        | free                   |
+ * Reply path (server-replies.ts): an output arena, corked on the first reply of an event-loop
+ * turn and flushed once in setImmediate, so a turn's replies leave in one writev.
+ *
+ * Request record states: see server-records.ts (free, payload, device, writing).
  *
  * Invariants:
  * - Every request gets exactly one reply unless the connection is gone.
@@ -40,71 +38,34 @@
  *   a late completion can never reach another connection.
  * - A WRITE payload is always consumed (or the connection dropped) before the next header.
  */
-import { Socket } from 'node:net';
+import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
-import type { Logger } from '../core/log.js';
-import type { BlockDevice, Extent } from '../core/block-device.js';
-import { assert } from '../core/assert.js';
-import * as p from './protocol.js';
+import type { Logger } from '../../core/log.js';
+import type { BlockDevice, Extent } from '../../core/block-device.js';
+import { assert } from '../../core/assert.js';
+import * as p from '../protocol.js';
 import { OptionNegotiator, encodeGreeting, type ExportDescriptor, type NegotiatedState } from './server-options.js';
 import { validateRequest, type ValidationContext } from './request-validate.js';
 import type { BufferShare, ShareUser } from './buffer-share.js';
 import { peerVerifyError, upgradeServerSocket, type ServerTls } from './server-tls.js';
-
-export const kRequestsPerConnection = 256;
-export const kRequestIndexBits = 8;
-const kOutputArenaBytes = 256 * 1024;
-/** READ payloads up to this size are copied into the output arena; larger ones are sent as is. */
-const kInlineReadBytesMax = 16 * 1024;
-/** Own receive/read buffers up to this size are kept per record and reused. */
-const kRecordBufferKeepBytes = 256 * 1024;
-/** Larger own buffers go back to a per-connection pool: at most this many, this many bytes. */
-const kLargeBuffersKept = 16;
-const kLargeBufferBytesKept = 64 * 1024 * 1024;
-const kExtentsMax = 65536;
-const kExtentBytesMax = 0xffff_f000;
-const kTwoPow32 = 0x1_0000_0000;
-/** Direct receive: own receive buffer size, and the smallest payload rest read straight into its slot. */
-const kReceiveBufferBytes = 256 * 1024;
-const kDirectReceiveMinBytes = 64 * 1024;
-
-const enum RecordState {
-  Free = 0,
-  Payload = 1,
-  Device = 2,
-  Writing = 3,
-}
+import {
+  RecordState,
+  RequestRecord,
+  decodeRequestHeader,
+  kRequestIndexBits,
+  kRequestsPerConnection,
+  type RecordOwner,
+} from './server-records.js';
+import { RecordBuffers } from './server-buffers.js';
+import { ReplyWriter } from './server-replies.js';
+import { blockStatusAskedBytes, clipExtents, deviceExtents } from './server-block-status.js';
+import { adoptForDirectReceive, kDirectReceiveMinBytes, kReceiveBufferBytes } from './server-receive.js';
+import { ConnectionClock, TimeoutVerdict } from './server-timeouts.js';
 
 const enum ParseState {
   Header = 0,
   Payload = 1,
   Discard = 2,
-}
-
-class RequestRecord {
-  state = RecordState.Free;
-  command = 0;
-  flags = 0;
-  offsetBytes = 0;
-  lengthBytes = 0;
-  cookieHigh = 0;
-  cookieLow = 0;
-  data: Uint8Array | null = null;
-  fromDevice = false;
-  ownBuffer: Buffer | null = null;
-  /** A buffer from the connection's large-buffer pool, returned on release. */
-  largeBuffer: Buffer | null = null;
-  /** Bytes charged to the connection's buffer share for `data` (0: not a shared buffer). */
-  chargeBytes = 0;
-  filledBytes = 0;
-  readonly onWritten: () => void;
-  constructor(
-    readonly index: number,
-    readonly token: number,
-    connection: ServerConnection,
-  ) {
-    this.onWritten = () => connection.afterLargeWrite(this);
-  }
 }
 
 export interface ConnectionHost {
@@ -123,7 +84,7 @@ export interface ConnectionHost {
   wake(): void;
 }
 
-export class ServerConnection implements ShareUser {
+export class ServerConnection implements ShareUser, RecordOwner {
   private readonly records: RequestRecord[] = [];
   private readonly freeRecords: number[] = [];
   private readonly negotiator: OptionNegotiator;
@@ -143,17 +104,12 @@ export class ServerConnection implements ShareUser {
   /** Direct receive mode: reads land in `receiveBuffer`, or straight in a payload's buffer. */
   private readonly receiveBuffer: Buffer | null = null;
   private directTarget: Uint8Array | null = null;
-  private readonly largeBuffers: Buffer[] = [];
-  private largeBufferBytes = 0;
+  private readonly buffers: RecordBuffers;
   payloadBytesCopied = 0;
   payloadBytesDirect = 0;
   /** Record parsed from a WRITE header that is still waiting for a device buffer. */
   private awaitingBuffer: RequestRecord | null = null;
-  private out = Buffer.allocUnsafeSlow(kOutputArenaBytes);
-  private outStart = 0;
-  private outUsed = 0;
-  private flushScheduled = false;
-  private readonly flushBound = (): void => this.flush();
+  private readonly replies: ReplyWriter;
   private closed = false;
   private disconnecting = false;
   inFlight = 0;
@@ -162,11 +118,7 @@ export class ServerConnection implements ShareUser {
   shareHeldBytes = 0;
   shareWanting = false;
   /** Timeouts (checked by the server's sweep): credited handshake and silence time. */
-  private lastCheckedMs = performance.now();
-  private handshakeWaitedMs = 0;
-  private receivedChunks = 0;
-  private seenChunks = 0;
-  private silentMs = 0;
+  private readonly clock = new ConnectionClock();
 
   constructor(
     readonly index: number,
@@ -182,6 +134,8 @@ export class ServerConnection implements ShareUser {
       this.socket = acceptedSocket;
     }
     const socket = this.socket;
+    this.buffers = new RecordBuffers(host, this);
+    this.replies = new ReplyWriter(socket);
     for (let index = kRequestsPerConnection - 1; index >= 0; index -= 1) {
       this.freeRecords.push(index);
     }
@@ -236,6 +190,7 @@ export class ServerConnection implements ShareUser {
     }
     this.plainSocket = plain;
     this.socket = secured;
+    this.replies.socket = secured;
     secured.setNoDelay(true);
     this.listen(secured, true);
     secured.once('secure', () => {
@@ -281,7 +236,7 @@ export class ServerConnection implements ShareUser {
   }
 
   private onData(chunk: Buffer, end: number): void {
-    this.receivedChunks += 1;
+    this.clock.receivedChunks += 1;
     if (this.closed || this.disconnecting) return;
     if (this.negotiated === null) {
       // The negotiator may keep what it is given; a reused receive buffer must be copied.
@@ -298,24 +253,11 @@ export class ServerConnection implements ShareUser {
    * Socket object is destroyed without its handle (which also settles the server's count).
    */
   private adoptForDirectReceive(accepted: Socket): Socket {
-    const holder = accepted as unknown as { _handle: unknown };
-    const handle = holder._handle;
-    holder._handle = null;
-    accepted.destroy();
     const receiveBuffer = this.receiveBuffer as Buffer;
-    const options = {
-      handle,
-      allowHalfOpen: true,
-      readable: true,
-      writable: true,
-      onread: {
-        buffer: (): Uint8Array => this.directTarget ?? receiveBuffer,
-        callback: (bytes: number, buffer: Uint8Array): boolean => this.onReceive(bytes, buffer),
-      },
-    };
-    const socket = new Socket(options as unknown as ConstructorParameters<typeof Socket>[0]);
-    socket.resume();
-    return socket;
+    return adoptForDirectReceive(accepted, {
+      buffer: (): Uint8Array => this.directTarget ?? receiveBuffer,
+      callback: (bytes: number, buffer: Uint8Array): boolean => this.onReceive(bytes, buffer),
+    });
   }
 
   private onReceive(bytes: number, buffer: Uint8Array): boolean {
@@ -326,7 +268,7 @@ export class ServerConnection implements ShareUser {
     // The bytes went straight into the payload record's buffer.
     const record = this.payloadRecord;
     if (record === null || this.closed) return true;
-    this.receivedChunks += 1;
+    this.clock.receivedChunks += 1;
     record.filledBytes += bytes;
     this.payloadBytesDirect += bytes;
     const remaining = record.lengthBytes - record.filledBytes;
@@ -380,28 +322,12 @@ export class ServerConnection implements ShareUser {
    */
   checkTimeouts(nowMs: number, creditMs: number, handshakeTimeoutMs: number, payloadTimeoutMs: number): void {
     if (this.closed) return;
-    // A connection accepted since the previous sweep is credited only its own age.
-    const credit = Math.min(creditMs, nowMs - this.lastCheckedMs);
-    this.lastCheckedMs = nowMs;
-    if (this.negotiated === null) {
-      this.handshakeWaitedMs += credit;
-      if (handshakeTimeoutMs > 0 && this.handshakeWaitedMs >= handshakeTimeoutMs) {
-        this.close(`handshake not finished within ${handshakeTimeoutMs} ms`);
-      }
-      return;
-    }
-    if (payloadTimeoutMs <= 0 || !this.owesBytes()) {
-      this.silentMs = 0;
-      return;
-    }
-    if (this.receivedChunks !== this.seenChunks) {
-      // Bytes arrived since the previous sweep: the silence starts again.
-      this.seenChunks = this.receivedChunks;
-      this.silentMs = 0;
-      return;
-    }
-    this.silentMs += credit;
-    if (this.silentMs >= payloadTimeoutMs) {
+    const inHandshake = this.negotiated === null;
+    const owes = !inHandshake && this.owesBytes();
+    const verdict = this.clock.check(nowMs, creditMs, handshakeTimeoutMs, payloadTimeoutMs, inHandshake, owes);
+    if (verdict === TimeoutVerdict.Handshake) {
+      this.close(`handshake not finished within ${handshakeTimeoutMs} ms`);
+    } else if (verdict === TimeoutVerdict.Silence) {
       const what =
         this.parseState === ParseState.Payload
           ? 'a WRITE payload'
@@ -496,18 +422,7 @@ export class ServerConnection implements ShareUser {
     assert(recordIndex !== undefined, 'parse checks for a free record first');
     const record = this.records[recordIndex];
     assert(record !== undefined && record.state === RecordState.Free, 'free stack holds free records');
-    record.flags = bytes.readUInt16BE(position + 4);
-    record.command = bytes.readUInt16BE(position + 6);
-    record.cookieHigh = bytes.readUInt32BE(position + 8);
-    record.cookieLow = bytes.readUInt32BE(position + 12);
-    const offsetHigh = bytes.readUInt32BE(position + 16);
-    const offsetLow = bytes.readUInt32BE(position + 20);
-    // Offsets at or above 2^53 cannot be exact numbers; any such offset is out of range anyway.
-    record.offsetBytes = offsetHigh >= 0x20_0000 ? Number.MAX_SAFE_INTEGER : offsetHigh * kTwoPow32 + offsetLow;
-    record.lengthBytes = bytes.readUInt32BE(position + 24);
-    record.data = null;
-    record.fromDevice = false;
-    record.filledBytes = 0;
+    decodeRequestHeader(bytes, position, record);
     this.inFlight += 1;
     return this.dispatchHeader(record);
   }
@@ -548,7 +463,7 @@ export class ServerConnection implements ShareUser {
         this.finish(record, 0);
         return true;
       }
-      if (!this.acquireBuffer(record)) {
+      if (!this.buffers.acquire(record)) {
         this.setAwaiting(record);
         return false;
       }
@@ -576,71 +491,14 @@ export class ServerConnection implements ShareUser {
     this.host.bufferShare?.setWanting(this, record !== null);
   }
 
-  /**
-   * Gets a buffer for READ or WRITE data; false when this connection is over its fair share of
-   * the device's buffers (buffer-share.ts) or the device has none free right now.
-   */
-  private acquireBuffer(record: RequestRecord): boolean {
-    const device = this.host.device;
-    if (device.acquireBuffer !== undefined) {
-      const share = this.host.bufferShare;
-      const charge = share === null ? 0 : share.chargeFor(record.lengthBytes);
-      if (share !== null && !share.mayAcquire(this, charge)) return false;
-      const view = device.acquireBuffer(record.command, record.lengthBytes, record.token);
-      if (view === null) return false;
-      assert(view.length === record.lengthBytes, 'device buffer has the asked length');
-      record.data = view;
-      record.fromDevice = true;
-      record.chargeBytes = charge;
-      if (share !== null) share.acquired(this, charge);
-      return true;
-    }
-    const length = record.lengthBytes;
-    if (length <= kRecordBufferKeepBytes) {
-      if (record.ownBuffer === null || record.ownBuffer.length < length) {
-        record.ownBuffer = Buffer.allocUnsafeSlow(Math.max(length, 4096));
-      }
-      record.data = record.ownBuffer.length === length ? record.ownBuffer : record.ownBuffer.subarray(0, length);
-    } else {
-      const large = this.takeLargeBuffer(length);
-      record.largeBuffer = large;
-      record.data = large.length === length ? large : large.subarray(0, length);
-    }
-    return true;
-  }
-
-  /** A pooled buffer of at least `length` bytes (power-of-two capacity when new). */
-  private takeLargeBuffer(length: number): Buffer {
-    const pool = this.largeBuffers;
-    for (let index = 0; index < pool.length; index += 1) {
-      const candidate = pool[index] as Buffer;
-      if (candidate.length >= length) {
-        pool[index] = pool[pool.length - 1] as Buffer;
-        pool.pop();
-        this.largeBufferBytes -= candidate.length;
-        return candidate;
-      }
-    }
-    let capacity = kRecordBufferKeepBytes * 2;
-    while (capacity < length) capacity *= 2;
-    return Buffer.allocUnsafeSlow(capacity);
-  }
-
-  private giveLargeBuffer(buffer: Buffer): void {
-    if (this.largeBuffers.length >= kLargeBuffersKept) return;
-    if (this.largeBufferBytes + buffer.length > kLargeBufferBytesKept) return;
-    this.largeBuffers.push(buffer);
-    this.largeBufferBytes += buffer.length;
-  }
-
   private acquireWriteBuffer(record: RequestRecord): boolean {
     if (record.command === p.kCmdRead) {
-      if (!this.acquireBuffer(record)) return false;
+      if (!this.buffers.acquire(record)) return false;
       this.setAwaiting(null);
       this.host.device.submit(record.command, record.flags, record.offsetBytes, record.lengthBytes, record.data, record.token);
       return true;
     }
-    if (!this.acquireBuffer(record)) return false;
+    if (!this.buffers.acquire(record)) return false;
     this.setAwaiting(null);
     this.payloadRecord = record;
     this.parseState = ParseState.Payload;
@@ -676,15 +534,12 @@ export class ServerConnection implements ShareUser {
     const length = record.lengthBytes;
     const reqOne = (record.flags & p.kCmdFlagReqOne) !== 0;
     const sizeBytes = this.validation?.sizeBytes ?? 0;
-    const asked = Math.max(1, Math.min(length, sizeBytes - offset));
+    const asked = blockStatusAskedBytes(offset, length, sizeBytes);
     if (offset >= sizeBytes) {
       this.finish(record, p.kEInval);
       return;
     }
-    const extentsPromise = this.host.device.features.blockStatus
-      ? this.host.device.getExtents(offset, asked)
-      : Promise.resolve<Extent[]>([{ lengthBytes: asked, flags: 0 }]);
-    extentsPromise.then(
+    deviceExtents(this.host.device, offset, asked).then(
       (extents) => this.replyBlockStatus(record, extents, asked, reqOne),
       (error: unknown) => {
         this.logger.warn({ err: error }, 'block status failed');
@@ -712,8 +567,8 @@ export class ServerConnection implements ShareUser {
     if (record.command === p.kCmdRead) {
       this.replyRead(record, errno);
     } else {
-      this.beginBatch();
-      this.replySimple(record, errno);
+      this.replies.beginBatch();
+      this.replies.simple(record, errno);
       this.releaseRecord(record);
     }
     this.afterRelease();
@@ -727,20 +582,7 @@ export class ServerConnection implements ShareUser {
   }
 
   private releaseRecord(record: RequestRecord): void {
-    if (record.fromDevice) {
-      this.host.device.releaseBuffer?.(record.token);
-      record.fromDevice = false;
-      if (record.chargeBytes > 0) {
-        this.host.bufferShare?.released(this, record.chargeBytes);
-        record.chargeBytes = 0;
-        // Shares grew: connections waiting on theirs may go on.
-        this.host.wake();
-      }
-    }
-    if (record.largeBuffer !== null) {
-      this.giveLargeBuffer(record.largeBuffer);
-      record.largeBuffer = null;
-    }
+    this.buffers.release(record);
     record.data = null;
     record.state = RecordState.Free;
     this.freeRecords.push(record.index);
@@ -756,104 +598,9 @@ export class ServerConnection implements ShareUser {
     this.afterRelease();
   }
 
-  private reserve(bytes: number): number {
-    if (this.outUsed + bytes > this.out.length) {
-      this.flushSegment();
-      if (this.socket.writableLength === 0 && !this.flushScheduled) {
-        this.outStart = 0;
-        this.outUsed = 0;
-      } else {
-        this.out = Buffer.allocUnsafeSlow(Math.max(kOutputArenaBytes, bytes));
-        this.outStart = 0;
-        this.outUsed = 0;
-      }
-    }
-    const at = this.outUsed;
-    this.outUsed += bytes;
-    return at;
-  }
-
-  private beginBatch(): void {
-    if (this.flushScheduled) return;
-    this.flushScheduled = true;
-    if (this.outStart === this.outUsed && this.socket.writableLength === 0) {
-      this.outStart = 0;
-      this.outUsed = 0;
-    }
-    this.socket.cork();
-    setImmediate(this.flushBound);
-  }
-
-  private flushSegment(): void {
-    if (this.outUsed > this.outStart) {
-      this.socket.write(this.out.subarray(this.outStart, this.outUsed));
-      this.outStart = this.outUsed;
-    }
-  }
-
-  private flush(): void {
-    this.flushScheduled = false;
-    if (this.closed) return;
-    this.flushSegment();
-    this.socket.uncork();
-  }
-
-  private writeCookie(at: number, record: RequestRecord): void {
-    this.out.writeUInt32BE(record.cookieHigh, at);
-    this.out.writeUInt32BE(record.cookieLow, at + 4);
-  }
-
-  private replySimple(record: RequestRecord, errno: number): void {
-    const at = this.reserve(p.kSimpleReplyHeaderBytes);
-    const out = this.out;
-    out.writeUInt32BE(p.kSimpleReplyMagic, at);
-    out.writeUInt32BE(errno, at + 4);
-    this.writeCookie(at + 8, record);
-  }
-
-  /** Reserves a chunk header plus `bodyBytes` of body; returns where the body starts. */
-  private writeChunkHeader(record: RequestRecord, flags: number, type: number, lengthBytes: number, bodyBytes: number): number {
-    const at = this.reserve(p.kStructuredReplyHeaderBytes + bodyBytes);
-    const out = this.out;
-    out.writeUInt32BE(p.kStructuredReplyMagic, at);
-    out.writeUInt16BE(flags, at + 4);
-    out.writeUInt16BE(type, at + 6);
-    this.writeCookie(at + 8, record);
-    out.writeUInt32BE(lengthBytes, at + 16);
-    return at + p.kStructuredReplyHeaderBytes;
-  }
-
   private replyRead(record: RequestRecord, errno: number): void {
-    this.beginBatch();
     const structured = this.negotiated?.structuredReplies === true;
-    const length = record.lengthBytes;
-    if (errno !== 0 || length === 0 || record.data === null) {
-      if (!structured) this.replySimple(record, errno);
-      else if (errno === 0) this.writeChunkHeader(record, p.kReplyFlagDone, p.kReplyTypeNone, 0, 0);
-      else {
-        const body = this.writeChunkHeader(record, p.kReplyFlagDone, p.kReplyTypeError, 6, 6);
-        this.out.writeUInt32BE(errno, body);
-        this.out.writeUInt16BE(0, body + 4);
-      }
-      this.releaseRecord(record);
-      return;
-    }
-    if (structured) {
-      const at = this.writeChunkHeader(record, p.kReplyFlagDone, p.kReplyTypeOffsetData, 8 + length, 8);
-      this.out.writeUInt32BE(Math.floor(record.offsetBytes / kTwoPow32), at);
-      this.out.writeUInt32BE(record.offsetBytes >>> 0, at + 4);
-    } else {
-      this.replySimple(record, 0);
-    }
-    if (length <= kInlineReadBytesMax) {
-      const at = this.reserve(length);
-      this.out.set(record.data, at);
-      this.releaseRecord(record);
-      return;
-    }
-    this.flushSegment();
-    record.state = RecordState.Writing;
-    this.socket.write(record.data, record.onWritten);
+    if (this.replies.read(record, errno, structured)) this.releaseRecord(record);
   }
 
   private replyBlockStatus(record: RequestRecord, extents: Extent[], askedBytes: number, reqOne: boolean): void {
@@ -864,32 +611,11 @@ export class ServerConnection implements ShareUser {
     }
     const lengths: number[] = [];
     const flags: number[] = [];
-    let covered = 0;
-    for (const extent of extents) {
-      let remaining = Math.min(extent.lengthBytes, askedBytes - covered);
-      while (remaining > 0 && lengths.length < kExtentsMax) {
-        const piece = Math.min(remaining, kExtentBytesMax);
-        lengths.push(piece);
-        flags.push(extent.flags & (p.kStateHole | p.kStateZero));
-        covered += piece;
-        remaining -= piece;
-      }
-      if (covered >= askedBytes || lengths.length >= kExtentsMax || (reqOne && lengths.length > 0)) break;
-    }
-    if (lengths.length === 0) {
-      lengths.push(askedBytes);
-      flags.push(0);
-    }
+    clipExtents(extents, askedBytes, reqOne, lengths, flags);
     this.requestsServed += 1;
-    this.beginBatch();
     const contextId = this.negotiated?.baseAllocationId ?? 0;
     const count = reqOne ? 1 : lengths.length;
-    const at = this.writeChunkHeader(record, p.kReplyFlagDone, p.kReplyTypeBlockStatus, 4 + 8 * count, 4 + 8 * count);
-    this.out.writeUInt32BE(contextId, at);
-    for (let index = 0; index < count; index += 1) {
-      this.out.writeUInt32BE(lengths[index] ?? 0, at + 4 + 8 * index);
-      this.out.writeUInt32BE(flags[index] ?? 0, at + 8 + 8 * index);
-    }
+    this.replies.blockStatus(record, contextId, lengths, flags, count);
     this.releaseRecord(record);
     this.afterRelease();
   }
@@ -898,7 +624,7 @@ export class ServerConnection implements ShareUser {
 
   private closeWhenFlushed(): void {
     if (this.closed) return;
-    if (this.flushScheduled) {
+    if (this.replies.flushScheduled) {
       setImmediate(() => this.closeWhenFlushed());
       return;
     }
@@ -909,6 +635,7 @@ export class ServerConnection implements ShareUser {
   close(reason: string | null): void {
     if (this.closed) return;
     this.closed = true;
+    this.replies.stop();
     if (reason !== null && reason !== 'client closed the connection') this.logger.info({ reason }, 'closing connection');
     else this.logger.debug({ reason }, 'connection closed');
     const payloadRecord = this.payloadRecord;

@@ -22,18 +22,10 @@
  * - Unknown error values are reported as EINVAL; an unknown error chunk type fails the request.
  * - No allocation per reply on the data path (payload scratch grows rarely, bounded).
  */
-import { assert } from '../core/assert.js';
+import { assert } from '../../core/assert.js';
 import {
   kCmdBlockStatus,
   kCmdRead,
-  kEInval,
-  kEIo,
-  kENoMem,
-  kENoSpc,
-  kENotSup,
-  kEOverflow,
-  kEPerm,
-  kEShutdown,
   kReplyFlagDone,
   kReplyTypeBlockStatus,
   kReplyTypeErrorBit,
@@ -45,7 +37,8 @@ import {
   kSimpleReplyMagic,
   kStructuredReplyHeaderBytes,
   kStructuredReplyMagic,
-} from './protocol.js';
+} from '../protocol.js';
+import { normalizeErrno } from '../protocol-names.js';
 import type { RequestTable } from './client-requests.js';
 
 /** Largest block status chunk accepted: 2^20 extents (the spec's SHOULD NOT exceed) + id. */
@@ -73,23 +66,6 @@ export interface ReplyEvents {
   onChunkError(slot: number, errno: number, message: string): void;
   /** Framing lost; called once, after which the parser ignores input. */
   onProtocolError(message: string): void;
-}
-
-/** An NBD error value as the client reports it: known values pass, anything else is EINVAL. */
-export function normalizeErrno(errno: number): number {
-  switch (errno) {
-    case kEPerm:
-    case kEIo:
-    case kENoMem:
-    case kEInval:
-    case kENoSpc:
-    case kEOverflow:
-    case kENotSup:
-    case kEShutdown:
-      return errno;
-    default:
-      return kEInval;
-  }
 }
 
 export class ReplyParser {

@@ -26,9 +26,9 @@ import { isIP, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { checkServerIdentity, connect as tlsConnect, type ConnectionOptions, type TLSSocket } from 'node:tls';
 import { userInfo } from 'node:os';
-import { EnbdError, describeError } from '../core/errors.js';
-import { kPskCiphers, parsePskFile } from './server-tls.js';
-import type { NbdAddress, NbdTlsSettings } from './uri.js';
+import { EnbdError, describeError } from '../../core/errors.js';
+import { kPskCiphers, parsePskFile } from '../server/server-tls.js';
+import type { NbdAddress, NbdTlsSettings } from '../uri.js';
 
 function readPem(path: string, what = 'tls-certificates'): Buffer {
   try {

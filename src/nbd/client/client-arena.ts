@@ -19,8 +19,8 @@
  * - Bytes of a run handed to the sink are not handed out again before that run is released.
  * - runEndsCount <= capacity / kRequestHeaderBytes + 1.
  */
-import { assert } from '../core/assert.js';
-import { kRequestHeaderBytes } from './protocol.js';
+import { assert } from '../../core/assert.js';
+import { kRequestHeaderBytes } from '../protocol.js';
 
 export interface RunSink {
   /** Write `view` (arena bytes) and call `releaseRun` on the arena once it has been written. */

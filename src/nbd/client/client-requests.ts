@@ -13,7 +13,7 @@
  * - freeCount + inUseCount === capacity; the free stack holds each free slot once.
  * - data[slot] is null whenever the slot is free (no buffer is retained after completion).
  */
-import { assert } from '../core/assert.js';
+import { assert } from '../../core/assert.js';
 
 export const kRequestSlotsInitial = 256;
 /** Upper bound on requests in flight per connection. */

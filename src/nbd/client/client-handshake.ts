@@ -22,10 +22,10 @@
  * - Option reply payloads are bounded (kOptionReplyBytesMax) so a hostile server cannot make
  *   the client buffer without limit.
  */
-import { EnbdError } from '../core/errors.js';
-import type { Logger } from '../core/log.js';
-import type { BlockSizes } from '../core/block-device.js';
-import { assert, isPowerOfTwo } from '../core/assert.js';
+import { EnbdError } from '../../core/errors.js';
+import type { Logger } from '../../core/log.js';
+import type { BlockSizes } from '../../core/block-device.js';
+import { assert, isPowerOfTwo } from '../../core/assert.js';
 import {
   kBlockSizeMinimumMax,
   kClientFlagFixedNewstyle,
@@ -54,21 +54,17 @@ import {
   kOptStartTls,
   kOptStructuredReply,
   kRepAck,
-  kRepErrBlockSizeReqd,
-  kRepErrInvalid,
   kRepErrorBit,
-  kRepErrPlatform,
-  kRepErrPolicy,
   kRepErrShutdown,
   kRepErrTlsReqd,
-  kRepErrTooBig,
   kRepErrUnknown,
   kRepErrUnsup,
   kRepInfo,
   kRepMetaContext,
   kStringBytesMax,
   kTxFlagHasFlags,
-} from './protocol.js';
+} from '../protocol.js';
+import { optionReplyErrorName } from '../protocol-names.js';
 
 /** Largest option reply payload the client accepts (REP_SERVER / INFO strings are <= 4 KiB). */
 export const kOptionReplyBytesMax = 64 * 1024;
@@ -120,22 +116,6 @@ export interface OptionReplyHeader {
   option: number;
   replyType: number;
   lengthBytes: number;
-}
-
-const kReplyErrorNames: Readonly<Record<number, string>> = {
-  [kRepErrUnsup]: 'ERR_UNSUP',
-  [kRepErrPolicy]: 'ERR_POLICY',
-  [kRepErrInvalid]: 'ERR_INVALID',
-  [kRepErrPlatform]: 'ERR_PLATFORM',
-  [kRepErrTlsReqd]: 'ERR_TLS_REQD',
-  [kRepErrUnknown]: 'ERR_UNKNOWN',
-  [kRepErrShutdown]: 'ERR_SHUTDOWN',
-  [kRepErrBlockSizeReqd]: 'ERR_BLOCK_SIZE_REQD',
-  [kRepErrTooBig]: 'ERR_TOO_BIG',
-};
-
-export function optionReplyErrorName(replyType: number): string {
-  return kReplyErrorNames[replyType] ?? `error 0x${replyType.toString(16)}`;
 }
 
 function handshakeError(message: string): EnbdError {

@@ -29,8 +29,9 @@
  * - Option data above kOptionBytesMax is treated as a denial of service: hard disconnect.
  * - Bytes that follow the option that ends negotiation are handed to the transmission phase.
  */
-import { assert } from '../core/assert.js';
-import * as p from './protocol.js';
+import { assert } from '../../core/assert.js';
+import * as p from '../protocol.js';
+import { optionName } from '../protocol-names.js';
 
 /** What the server exports; encodings are precomputed once per export. */
 export interface ExportDescriptor {
@@ -145,16 +146,6 @@ function parseMetaRequest(data: Buffer): ParsedMetaRequest {
   }
   if (position !== data.length) return { error: 'trailing bytes after the last query' };
   return { name, queries };
-}
-
-function optionName(option: number): string {
-  const names: Record<number, string> = {
-    [p.kOptExportName]: 'EXPORT_NAME', [p.kOptAbort]: 'ABORT', [p.kOptList]: 'LIST',
-    [p.kOptStartTls]: 'STARTTLS', [p.kOptInfo]: 'INFO', [p.kOptGo]: 'GO',
-    [p.kOptStructuredReply]: 'STRUCTURED_REPLY', [p.kOptListMetaContext]: 'LIST_META_CONTEXT',
-    [p.kOptSetMetaContext]: 'SET_META_CONTEXT', [p.kOptExtendedHeaders]: 'EXTENDED_HEADERS',
-  };
-  return names[option] ?? `option ${option}`;
 }
 
 export class OptionNegotiator {

@@ -20,15 +20,16 @@
  * - A client's bytes can only close that client's connection; nothing a client sends throws
  *   out of a socket callback (errors are caught per connection and logged).
  */
-import { checkUnixFree, listenOn } from '../core/listen.js';
+import { checkUnixFree, listenOn } from '../../core/listen.js';
 import { createServer, type Server, type Socket } from 'node:net';
 import { lstatSync, unlinkSync } from 'node:fs';
-import { createLogger, type Logger } from '../core/log.js';
-import type { BlockDevice } from '../core/block-device.js';
-import { assert, isPowerOfTwo } from '../core/assert.js';
-import * as p from './protocol.js';
+import { createLogger, type Logger } from '../../core/log.js';
+import type { BlockDevice } from '../../core/block-device.js';
+import { assert, isPowerOfTwo } from '../../core/assert.js';
+import * as p from '../protocol.js';
 import type { ExportDescriptor } from './server-options.js';
-import { ServerConnection, kRequestIndexBits, kRequestsPerConnection, type ConnectionHost } from './server-connection.js';
+import { ServerConnection, type ConnectionHost } from './server-connection.js';
+import { kRequestIndexBits, kRequestsPerConnection } from './server-records.js';
 import { BufferShare } from './buffer-share.js';
 import type { ServerTls } from './server-tls.js';
 

@@ -16,7 +16,7 @@
  * | READ / TRIM / CACHE / BLOCK_STATUS past end | EINVAL    |
  * | FAST_ZERO the device cannot do fast        | ENOTSUP   |
  */
-import * as p from './protocol.js';
+import * as p from '../protocol.js';
 
 export interface ValidationContext {
   sizeBytes: number;

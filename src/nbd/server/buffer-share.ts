@@ -37,7 +37,7 @@
  *   heldBytes > 0 or wanting (kept by `update`, the only writer of both user fields).
  * - Charges are whole units and at least one unit; released exactly as acquired.
  */
-import { assert } from '../core/assert.js';
+import { assert } from '../../core/assert.js';
 
 /** Capacity split into this many units when the device does not say its unit size. */
 export const kDefaultUnitsPerCapacity = 256;

@@ -44,25 +44,28 @@
  *   destroys). fence(timeoutMs) gives up after timeoutMs but keeps the connection, so a later
  *   fence() waits on it again.
  *
+ * Pieces: connect + handshake I/O + TLS wrap (client-connect.ts, PendingConnection), options
+ * and features (client-options.ts), the Promise API's requests (client-promise.ts), the request
+ * table (client-requests.ts), the header arena (client-arena.ts), the reply parser
+ * (client-replies.ts). This file keeps submit and batching, completion, and failure/close.
+ *
  * States: OPEN --disconnect()--> DRAINING --in flight 0--> CLOSING (DISC sent) --close--> CLOSED
  *         OPEN/DRAINING --protocol error / timeout / fence()--> FENCING (DISC sent, half-closed)
  *         FENCING --server closed / reset / destroy() / close() bound--> CLOSED
  *         any state --socket lost / destroy()--> CLOSED
  */
-import { connect as netConnect, type Socket } from 'node:net';
-import { assert } from '../core/assert.js';
-import { EnbdError } from '../core/errors.js';
-import type { Logger } from '../core/log.js';
+import type { Socket } from 'node:net';
+import { assert } from '../../core/assert.js';
+import { EnbdError } from '../../core/errors.js';
+import type { Logger } from '../../core/log.js';
 import type {
   BlockDevice,
   BlockSizes,
   CompletionHandler,
   DeviceFeatures,
   Extent,
-} from '../core/block-device.js';
+} from '../../core/block-device.js';
 import {
-  commandNames,
-  errnoNames,
   kCmdBlockStatus,
   kCmdCache,
   kCmdDisc,
@@ -76,58 +79,36 @@ import {
   kENoMem,
   kRequestHeaderBytes,
   kRequestMagic,
-  kTxFlagCanMultiConn,
-  kTxFlagReadOnly,
-  kTxFlagRotational,
-  kTxFlagSendCache,
-  kTxFlagSendFastZero,
-  kTxFlagSendFlush,
-  kTxFlagSendFua,
-  kTxFlagSendTrim,
-  kTxFlagSendWriteZeroes,
-} from './protocol.js';
-import { describeNbdAddress, formatNbdUri, parseNbdUri, type NbdAddress } from './uri.js';
-import { negotiateClient, type HandshakeIo, type HandshakeResult } from './client-handshake.js';
+} from '../protocol.js';
+import { commandNames } from '../protocol-names.js';
+import { describeNbdAddress, formatNbdUri, parseNbdUri, type NbdAddress } from '../uri.js';
+import { negotiateClient, type HandshakeResult } from './client-handshake.js';
 import { RequestTable } from './client-requests.js';
 import { ReplyParser, type ReplyEvents } from './client-replies.js';
 import { HeaderArena, type RunSink } from './client-arena.js';
-import { upgradeClientSocket } from './client-tls.js';
+import { PendingConnection } from './client-connect.js';
+import {
+  featuresFromFlags,
+  kConnectTimeoutMsDefault,
+  kDefaultBlockSizes,
+  validateOptions,
+  type NbdClientOptions,
+} from './client-options.js';
+import { PromiseRequests } from './client-promise.js';
 
-export interface NbdClientOptions {
-  /** Overrides the export name in the URI. */
-  exportName?: string;
-  /** Connect + handshake deadline (default 10000). */
-  connectTimeoutMs?: number;
-  /** Ask for structured replies (default true). */
-  structuredReplies?: boolean;
-  /** Ask for base:allocation block status (default true; needs structured replies). */
-  blockStatus?: boolean;
-  logger?: Logger;
-  /** A request older than this fails the connection (0 = no limit, the default). */
-  requestTimeoutMs?: number;
-}
+export type { NbdClientOptions } from './client-options.js';
 
-export const kReceiveBufferBytes = 256 * 1024;
 export const kHeaderArenaBytes = 64 * 1024;
 const kDisconnectTimeoutMs = 5000;
-/** TCP keepalive: first probe after this much idle time. */
-const kKeepAliveDelayMs = 10_000;
 /**
  * Socket errors that end the connection without the server's end being known gone (unlike a
  * reset or a close by the peer): a fence cannot be proven by them.
  */
 const kUnprovenSocketErrors: ReadonlySet<string> = new Set(['ETIMEDOUT', 'EHOSTUNREACH', 'ENETUNREACH', 'EHOSTDOWN', 'ENETDOWN']);
-const kConnectTimeoutMsDefault = 10_000;
 /** Payload-less commands (TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS) are split at 1 GiB. */
 const kPayloadlessBytesMax = 1024 * 1024 * 1024;
 const kTimeoutEpochs = 5;
 const kTwoPow32 = 0x1_0000_0000;
-export const kDefaultBlockSizes: Readonly<BlockSizes> = {
-  minimumBytes: 1,
-  preferredBytes: 4096,
-  maximumBytes: kDefaultPayloadBytesMax,
-};
-
 const kStateOpen = 0;
 const kStateDraining = 1;
 const kStateClosing = 2;
@@ -142,15 +123,6 @@ const kDiscHeader = ((): Buffer => {
   return header;
 })();
 
-interface InternalRequest {
-  command: number;
-  offsetBytes: number;
-  lengthBytes: number;
-  resolve: () => void;
-  reject: (error: EnbdError) => void;
-  extents: Extent[] | null;
-}
-
 function noHandler(token: number): void {
   assert(false, `NbdClient completed token ${token} but no completion handler was set`);
 }
@@ -161,37 +133,6 @@ function flushTurn(client: NbdClient): void {
 
 function failPending(client: NbdClient): void {
   client.failPendingForScheduler();
-}
-
-function validateOptions(options: NbdClientOptions): void {
-  const { connectTimeoutMs, requestTimeoutMs, exportName } = options;
-  const badConnect = !Number.isInteger(connectTimeoutMs) || (connectTimeoutMs as number) <= 0;
-  if (connectTimeoutMs !== undefined && badConnect) {
-    throw new RangeError('options.connectTimeoutMs must be a positive integer');
-  }
-  const badRequest = !Number.isInteger(requestTimeoutMs) || (requestTimeoutMs as number) < 0;
-  if (requestTimeoutMs !== undefined && badRequest) {
-    throw new RangeError('options.requestTimeoutMs must be a non-negative integer');
-  }
-  if (exportName !== undefined && typeof exportName !== 'string') {
-    throw new TypeError('options.exportName must be a string');
-  }
-}
-
-export function featuresFromFlags(transmissionFlags: number, blockStatus: boolean): DeviceFeatures {
-  const has = (flag: number): boolean => (transmissionFlags & flag) !== 0;
-  return {
-    readOnly: has(kTxFlagReadOnly),
-    flush: has(kTxFlagSendFlush),
-    fua: has(kTxFlagSendFua),
-    trim: has(kTxFlagSendTrim),
-    writeZeroes: has(kTxFlagSendWriteZeroes),
-    fastZero: has(kTxFlagSendFastZero),
-    cache: has(kTxFlagSendCache),
-    multiConn: has(kTxFlagCanMultiConn),
-    rotational: has(kTxFlagRotational),
-    blockStatus,
-  };
 }
 
 export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
@@ -230,8 +171,7 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
   private readonly failInternal: boolean[] = [];
   private failScheduled = false;
   // Promise API.
-  private readonly internalRequests = new Map<number, InternalRequest>();
-  private nextInternalId = 1;
+  private readonly promises: PromiseRequests;
   // Timeout.
   private readonly requestTimeoutMs: number;
   private timeoutTimer: NodeJS.Timeout | null = null;
@@ -306,6 +246,9 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
     this.parser = new ReplyParser(this.table, this);
     this.arena = new HeaderArena(kHeaderArenaBytes, this);
     this.onRunWritten = () => this.arena.releaseRun();
+    this.promises = new PromiseRequests((command, flags, offsetBytes, lengthBytes, data, id) =>
+      this.submitRequest(command, flags, offsetBytes, lengthBytes, data, id, true),
+    );
     this.socketClosed = new Promise<void>((resolve) => (this.socketClosedResolve = resolve));
     this.requestTimeoutMs = options.requestTimeoutMs ?? 0;
     if (this.requestTimeoutMs > 0) {
@@ -465,7 +408,7 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
   }
 
   private complete(token: number, errno: number, internal: boolean): void {
-    if (internal) this.completeInternal(token, errno);
+    if (internal) this.promises.complete(token, errno, this.reason);
     else this.handler(token, errno);
   }
 
@@ -482,7 +425,7 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
   /** @internal */
   onBlockStatus(slot: number, view: Buffer, start: number, end: number): void {
     assert(this.table.internal[slot] === 1, 'BLOCK_STATUS is only sent by getExtents');
-    const request = this.internalRequests.get(this.table.token[slot] as number);
+    const request = this.promises.get(this.table.token[slot] as number);
     if (request === undefined || view.readUInt32BE(start) !== this.baseAllocationContextId) return;
     const extents: Extent[] = [];
     for (let at = start + 4; at + 8 <= end; at += 8) {
@@ -697,64 +640,10 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
 
   // ---- Promise API -------------------------------------------------------------------------
 
-  private request(
-    command: number,
-    flags: number,
-    offsetBytes: number,
-    lengthBytes: number,
-    data: Uint8Array | null,
-  ): Promise<void> {
-    const id = this.nextInternalId;
-    this.nextInternalId = id >= Number.MAX_SAFE_INTEGER ? 1 : id + 1;
-    return new Promise<void>((resolve, reject) => {
-      const request = { command, offsetBytes, lengthBytes, resolve, reject, extents: null };
-      this.internalRequests.set(id, request);
-      this.submitRequest(command, flags, offsetBytes, lengthBytes, data, id, true);
-    });
-  }
-
-  private completeInternal(id: number, errno: number): void {
-    const request = this.internalRequests.get(id);
-    assert(request !== undefined, 'internal request is known');
-    this.internalRequests.delete(id);
-    if (errno === 0) {
-      request.resolve();
-      return;
-    }
-    const name = errnoNames[errno] ?? `errno ${errno}`;
-    const operation = commandNames[request.command] ?? 'request';
-    const what = `${operation} at ${request.offsetBytes}+${request.lengthBytes}`;
-    const why = this.reason === null ? '' : ` (${this.reason.message})`;
-    request.reject(new EnbdError('ENBD_ERR_NBD_REPLY', `${what} failed: ${name}${why}`, errno));
-  }
-
   private payloadChunkBytes(): number {
     const { minimumBytes, maximumBytes } = this.blockSizes;
     const bytes = Math.min(maximumBytes, kDefaultPayloadBytesMax);
     return Math.max(minimumBytes, bytes - (bytes % minimumBytes));
-  }
-
-  /** Issue one request per piece of at most `pieceBytes`, all at once; resolve when all did. */
-  private async pieces(
-    command: number,
-    flags: number,
-    offsetBytes: number,
-    lengthBytes: number,
-    pieceBytes: number,
-    data: Uint8Array | null,
-  ): Promise<void> {
-    if (lengthBytes <= pieceBytes) {
-      await this.request(command, flags, offsetBytes, lengthBytes, data);
-      return;
-    }
-    const requests: Promise<void>[] = [];
-    for (let doneBytes = 0; doneBytes < lengthBytes; doneBytes += pieceBytes) {
-      const countBytes = Math.min(pieceBytes, lengthBytes - doneBytes);
-      const view = data === null ? null : data.subarray(doneBytes, doneBytes + countBytes);
-      requests.push(this.request(command, flags, offsetBytes + doneBytes, countBytes, view));
-    }
-    const results = await Promise.allSettled(requests);
-    for (const result of results) if (result.status === 'rejected') throw result.reason;
   }
 
   async read(offsetBytes: number, lengthBytes: number): Promise<Buffer> {
@@ -764,27 +653,27 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
   }
 
   async readInto(offsetBytes: number, target: Uint8Array): Promise<void> {
-    await this.pieces(kCmdRead, 0, offsetBytes, target.length, this.payloadChunkBytes(), target);
+    await this.promises.pieces(kCmdRead, 0, offsetBytes, target.length, this.payloadChunkBytes(), target);
   }
 
   async write(offsetBytes: number, data: Uint8Array, flags = 0): Promise<void> {
-    await this.pieces(kCmdWrite, flags, offsetBytes, data.length, this.payloadChunkBytes(), data);
+    await this.promises.pieces(kCmdWrite, flags, offsetBytes, data.length, this.payloadChunkBytes(), data);
   }
 
   async flush(flags = 0): Promise<void> {
-    await this.request(kCmdFlush, flags, 0, 0, null);
+    await this.promises.request(kCmdFlush, flags, 0, 0, null);
   }
 
   async trim(offsetBytes: number, lengthBytes: number, flags = 0): Promise<void> {
-    await this.pieces(kCmdTrim, flags, offsetBytes, lengthBytes, kPayloadlessBytesMax, null);
+    await this.promises.pieces(kCmdTrim, flags, offsetBytes, lengthBytes, kPayloadlessBytesMax, null);
   }
 
   async writeZeroes(offsetBytes: number, lengthBytes: number, flags = 0): Promise<void> {
-    await this.pieces(kCmdWriteZeroes, flags, offsetBytes, lengthBytes, kPayloadlessBytesMax, null);
+    await this.promises.pieces(kCmdWriteZeroes, flags, offsetBytes, lengthBytes, kPayloadlessBytesMax, null);
   }
 
   async cache(offsetBytes: number, lengthBytes: number): Promise<void> {
-    await this.pieces(kCmdCache, 0, offsetBytes, lengthBytes, kPayloadlessBytesMax, null);
+    await this.promises.pieces(kCmdCache, 0, offsetBytes, lengthBytes, kPayloadlessBytesMax, null);
   }
 
   /** base:allocation extents from `offsetBytes` (one data extent when not negotiated). */
@@ -794,230 +683,14 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
     assert(offsetBytes >= 0 && offsetBytes < this.sizeBytes, 'extent query inside the export');
     if (this.baseAllocationContextId === null) return [{ lengthBytes, flags: 0 }];
     const countBytes = Math.min(lengthBytes, kPayloadlessBytesMax, this.sizeBytes - offsetBytes);
-    const id = this.nextInternalId; // the id `request` is about to use
-    const done = this.request(kCmdBlockStatus, 0, offsetBytes, countBytes, null);
-    const request = this.internalRequests.get(id);
+    const id = this.promises.upcomingId; // the id `request` is about to use
+    const done = this.promises.request(kCmdBlockStatus, 0, offsetBytes, countBytes, null);
+    const request = this.promises.get(id);
     assert(request !== undefined, 'block status request registered');
     assert(request.command === kCmdBlockStatus, 'registered request is the block status one');
     await done;
     const extents = request?.extents ?? null;
     if (extents === null || extents.length === 0) return [{ lengthBytes: countBytes, flags: 0 }];
     return extents;
-  }
-}
-
-interface PendingRead {
-  lengthBytes: number;
-  resolve: (data: Buffer) => void;
-  reject: (error: Error) => void;
-}
-
-/**
- * One connection during connect + handshake: owns the socket until NbdClient takes it over,
- * turns socket events into HandshakeIo reads, and enforces the connect deadline.
- */
-class PendingConnection implements HandshakeIo {
-  /** The plain socket, or after STARTTLS the TLSSocket over it. */
-  socket: Socket;
-  private plainSocket: Socket | null = null;
-  readonly serverName: string;
-  private readonly receiveBuffer = Buffer.allocUnsafe(kReceiveBufferBytes);
-  private received: Buffer[] = [];
-  private receivedBytes = 0;
-  private client: NbdClient | null = null;
-  private pending: PendingRead | null = null;
-  private failure: Error | null = null;
-  private isConnected = false;
-  private connectWaiter: { resolve: () => void; reject: (error: Error) => void } | null = null;
-  private readonly deadline: NodeJS.Timeout;
-
-  constructor(
-    private readonly address: NbdAddress,
-    timeoutMs: number,
-  ) {
-    this.serverName = describeNbdAddress(address);
-    const onread = {
-      buffer: this.receiveBuffer,
-      callback: (count: number): boolean => {
-        if (this.client !== null) this.client.onReceive(this.receiveBuffer, count);
-        else this.onHandshakeBytes(count);
-        return true;
-      },
-    };
-    this.socket =
-      address.kind === 'unix'
-        ? netConnect({ path: address.socketPath, onread })
-        : netConnect({ host: address.host, port: address.port, onread, noDelay: true });
-    this.socket.once('connect', () => {
-      this.isConnected = true;
-      if (address.kind === 'tcp') {
-        this.socket.setNoDelay(true);
-        // A peer that vanished without a FIN/RST (host down, cable) is found by the kernel.
-        this.socket.setKeepAlive(true, kKeepAliveDelayMs);
-      }
-      this.connectWaiter?.resolve();
-    });
-    this.socket.on('error', (error) => this.onSocketError(error));
-    this.socket.on('close', () => this.onSocketClose());
-    this.deadline = setTimeout(() => {
-      const text = `connecting to NBD server ${this.serverName} timed out after ${timeoutMs} ms`;
-      this.setFailure(new EnbdError('ENBD_ERR_TIMEOUT', text));
-      this.socket.destroy();
-    }, timeoutMs);
-  }
-
-  connected(): Promise<void> {
-    if (this.isConnected) return Promise.resolve();
-    if (this.failure !== null) return Promise.reject(this.failure);
-    return new Promise((resolve, reject) => (this.connectWaiter = { resolve, reject }));
-  }
-
-  read(lengthBytes: number): Promise<Buffer> {
-    assert(this.pending === null, 'one handshake read at a time');
-    if (this.receivedBytes >= lengthBytes) return Promise.resolve(this.take(lengthBytes));
-    if (this.failure !== null) return Promise.reject(this.failure);
-    return new Promise((resolve, reject) => (this.pending = { lengthBytes, resolve, reject }));
-  }
-
-  write(data: Uint8Array): void {
-    if (this.failure === null) this.socket.write(data);
-  }
-
-  /** The handshake succeeded: stop the deadline; returns bytes received beyond it. */
-  finishHandshake(): Buffer {
-    clearTimeout(this.deadline);
-    const leftover = Buffer.concat(this.received);
-    this.received = [];
-    this.receivedBytes = 0;
-    return leftover;
-  }
-
-  attach(client: NbdClient): void {
-    this.client = client;
-    if (this.failure !== null) client.handleSocketClose();
-  }
-
-  abort(): void {
-    clearTimeout(this.deadline);
-    this.socket.destroy();
-    this.plainSocket?.destroy();
-  }
-
-  /**
-   * STARTTLS was acknowledged: wrap the socket in TLS (node:tls over the same handle; reads
-   * then arrive as 'data' chunks instead of through `onread`). Resolves once the handshake and
-   * the certificate checks passed.
-   */
-  async startTls(): Promise<void> {
-    const settings = this.address.tls;
-    assert(settings !== undefined, 'startTls on a plain address');
-    if (this.receivedBytes > 0) {
-      throw new EnbdError('ENBD_ERR_HANDSHAKE', `NBD server ${this.serverName} sent data after its STARTTLS reply`);
-    }
-    if (this.failure !== null) throw this.failure;
-    const plain = this.socket;
-    plain.removeAllListeners('error');
-    plain.removeAllListeners('close');
-    plain.on('error', () => {
-      // reported by the TLS socket
-    });
-    const secured = upgradeClientSocket(plain, this.address, settings);
-    this.plainSocket = plain;
-    this.socket = secured;
-    secured.on('data', (chunk: Buffer) => {
-      if (this.client !== null) this.client.onReceive(chunk, chunk.length);
-      else this.onHandshakeChunk(chunk);
-    });
-    await new Promise<void>((resolve, reject) => {
-      const fail = (error: Error): void => {
-        const failure = new EnbdError('ENBD_ERR_HANDSHAKE', `TLS handshake with NBD server ${this.serverName} failed: ${error.message}`, 0, { cause: error });
-        this.setFailure(failure);
-        reject(failure);
-      };
-      const closed = (): void => fail(new Error('connection closed during the TLS handshake'));
-      secured.once('secureConnect', () => {
-        secured.removeListener('error', fail);
-        secured.removeListener('close', closed);
-        secured.on('error', (error) => this.onSocketError(error));
-        secured.on('close', () => this.onSocketClose());
-        resolve();
-      });
-      secured.once('error', fail);
-      secured.once('close', closed);
-    });
-  }
-
-  private onHandshakeChunk(chunk: Buffer): void {
-    this.received.push(chunk);
-    this.receivedBytes += chunk.length;
-    const pending = this.pending;
-    if (pending !== null && this.receivedBytes >= pending.lengthBytes) {
-      this.pending = null;
-      pending.resolve(this.take(pending.lengthBytes));
-    }
-  }
-
-  private take(lengthBytes: number): Buffer {
-    const single = this.received.length === 1 ? (this.received[0] as Buffer) : null;
-    const all = single ?? Buffer.concat(this.received);
-    this.received = all.length > lengthBytes ? [all.subarray(lengthBytes)] : [];
-    this.receivedBytes = all.length - lengthBytes;
-    return all.subarray(0, lengthBytes);
-  }
-
-  private onHandshakeBytes(count: number): void {
-    this.received.push(Buffer.from(this.receiveBuffer.subarray(0, count)));
-    this.receivedBytes += count;
-    const pending = this.pending;
-    if (pending !== null && this.receivedBytes >= pending.lengthBytes) {
-      this.pending = null;
-      pending.resolve(this.take(pending.lengthBytes));
-    }
-  }
-
-  private setFailure(error: Error): void {
-    if (this.failure !== null) return;
-    this.failure = error;
-    const pending = this.pending;
-    this.pending = null;
-    pending?.reject(error);
-    const waiter = this.connectWaiter;
-    this.connectWaiter = null;
-    waiter?.reject(error);
-  }
-
-  private onSocketError(error: Error): void {
-    if (this.client !== null) {
-      this.client.handleSocketError(error);
-      return;
-    }
-    const code = (error as NodeJS.ErrnoException).code;
-    const server = `NBD server ${this.serverName}`;
-    const failure = this.isConnected
-      ? new EnbdError(
-          'ENBD_ERR_HANDSHAKE',
-          `connection to ${server} failed during the handshake: ${code ?? error.message}`,
-          0,
-          { cause: error },
-        )
-      : new EnbdError('ENBD_ERR_CONNECT', `cannot connect to ${server}: ${error.message}`, 0, {
-          cause: error,
-        });
-    this.setFailure(failure);
-  }
-
-  private onSocketClose(): void {
-    if (this.client !== null) {
-      this.client.handleSocketClose();
-      return;
-    }
-    this.setFailure(
-      this.isConnected
-        ? new EnbdError(
-            'ENBD_ERR_HANDSHAKE',
-            `NBD server ${this.serverName} closed the connection during the handshake`,
-          )
-        : new EnbdError('ENBD_ERR_CONNECT', `cannot connect to NBD server ${this.serverName}`),
-    );
   }
 }

@@ -28,7 +28,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { Socket } from 'node:net';
 import { TLSSocket, createSecureContext, type SecureContext } from 'node:tls';
-import { EnbdError, describeError } from '../core/errors.js';
+import { EnbdError, describeError } from '../../core/errors.js';
 
 export type TlsMode = 'off' | 'on' | 'require';
 

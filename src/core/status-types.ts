@@ -1,0 +1,62 @@
+/**
+ * Plain-data shapes that the engine reports and the messages between threads and processes
+ * carry: a leg's kind, a resync's progress, the on-leg metadata's status and member records.
+ * Types only: no code, no imports. They live at the bottom so that the shared message modules
+ * (src/engine/messages.ts between master and actors, src/control/protocol.ts between daemon
+ * and CLI) import nothing above them; the modules that produce these values (stubs/open-leg,
+ * engine/resync, engine/meta-keeper, meta/superblock) import them from here and re-export them.
+ *
+ * Threads: any (erased at run time).
+ */
+
+/** Which server stub a leg URI opens (src/stubs/open-leg.ts). */
+export type LegKind = 'nbd' | 'file';
+
+/**
+ * A member's role as this leg last saw it:
+ * - in-sync: holds every write up to the array's `events`.
+ * - needs-resync: missed writes; the write-intent bitmap covers them (bitmap resync).
+ * - needs-full-sync: contents unknown (a new leg, or `enbd create` without --assume-clean).
+ * - removed: the slot is empty.
+ */
+export type MemberState = 'in-sync' | 'needs-resync' | 'needs-full-sync' | 'removed';
+
+/** One entry of the superblock's member table (src/meta/superblock.ts). */
+export interface MemberRecord {
+  legUuid: string;
+  state: MemberState;
+  /** The last `events` value this leg knows the member reached (split-brain detection). */
+  events: number;
+  /** Full-sync progress of the member: bytes from offset 0 known copied (0 when none). */
+  recoveryOffsetBytes: number;
+}
+
+/** A resync's progress (src/engine/resync.ts). */
+export interface ResyncProgress {
+  leg: number;
+  running: boolean;
+  paused: boolean;
+  bytesDone: number;
+  bytesLeft: number;
+  bytesTotal: number;
+  bytesPerSecond: number;
+  etaSeconds: number | null;
+  startedAt: number;
+  copiesInFlight: number;
+}
+
+/** The on-leg metadata keeper's status (src/engine/meta-keeper.ts). */
+export interface KeeperStatus {
+  arrayUuid: string;
+  arrayName: string;
+  events: number;
+  bitmapChunkBytes: number;
+  chunkCount: number;
+  /** Chunks whose bit is durable on the legs. */
+  dirtyChunks: number;
+  /** Data-changing requests that waited for a bitmap write. */
+  intentWaits: number;
+  bitmapWrites: number;
+  superblockWrites: number;
+  members: MemberRecord[];
+}
