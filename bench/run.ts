@@ -40,6 +40,7 @@ import { runMetadataBench, unavailableMetadata, type MetadataResults } from './l
 import { metadataBlock } from './lib/metadata-report.js';
 import { runTlsBench, unavailableTls, type TlsResults } from './lib/tls.js';
 import { tlsBlock } from './lib/tls-report.js';
+import { cbtBlock, runCbtBench, type CbtResults } from './lib/cbt.js';
 import { kResultsSchemaVersion, resultsStem, writeAtomic, writeResults } from './lib/results.js';
 import type { RowResult, RunResults } from './lib/results.js';
 import { runFio } from './lib/fio.js';
@@ -48,6 +49,7 @@ import { kWorkloads, type Workload } from './lib/workloads.js';
 // Budget: the full run (~80 fio runs) under 10 minutes, --quick under 2 (README, "Run time").
 // One round: cases of one workload run back to back, so their ratios share the drift.
 const kDefaultRuntimeSec = 3;
+const kCbtBackupGiB = 4;
 const kQuickRuntimeSec = 2;
 const kDefaultRounds = 1;
 const kQuickRounds = 1;
@@ -104,6 +106,9 @@ const kHelp = `usage: node dist/bench/run.js [options]
   --no-tls             skip the TLS measurements (default: run them after the metadata part;
                        --quick: the two issue pairs, full: also TLS on both sides and TLS / plain)
   --tls-only           only the TLS measurements (no cases, no workloads, no metadata, no resync)
+  --no-cbt             skip the changed-block tracking measurements (default: run them after TLS)
+  --cbt-only           only the changed-block tracking measurements: 4K randwrite with 0/1/4
+                       checkpoints, backup of 1 % changed of a ${kCbtBackupGiB} GiB device vs nbdcopy
   --no-save            do not write bench/results/<date>.json and .svg (nor bench/chart-latest.svg)
   --list               list cases and workloads, then exit
   --help               this text
@@ -132,6 +137,8 @@ interface Options {
   metadataOnly: boolean;
   tls: boolean;
   tlsOnly: boolean;
+  cbt: boolean;
+  cbtOnly: boolean;
 }
 
 function parseOptions(argv: string[]): Options | null {
@@ -159,6 +166,8 @@ function parseOptions(argv: string[]): Options | null {
       'metadata-only': { type: 'boolean', default: false },
       'no-tls': { type: 'boolean', default: false },
       'tls-only': { type: 'boolean', default: false },
+      'no-cbt': { type: 'boolean', default: false },
+      'cbt-only': { type: 'boolean', default: false },
       list: { type: 'boolean', default: false },
       help: { type: 'boolean', default: false },
     },
@@ -193,7 +202,10 @@ function parseOptions(argv: string[]): Options | null {
   if (values['tls-only'] && (values['resync-only'] || values['metadata-only'])) {
     throw new RangeError('--tls-only excludes --resync-only and --metadata-only');
   }
-  const only = values['resync-only'] || values['metadata-only'] || values['tls-only'];
+  if (values['no-cbt'] && values['cbt-only']) throw new RangeError('--no-cbt and --cbt-only exclude each other');
+  const cbtOnly = values['cbt-only'];
+  if (cbtOnly && (values['resync-only'] || values['metadata-only'] || values['tls-only'])) throw new RangeError('--cbt-only excludes the other --*-only switches');
+  const only = values['resync-only'] || values['metadata-only'] || values['tls-only'] || cbtOnly;
   const split = (text: string | undefined): string[] | null => {
     if (text === undefined) return null;
     return text.split(',').map((name) => name.trim()).filter((name) => name !== '');
@@ -207,15 +219,17 @@ function parseOptions(argv: string[]): Options | null {
     limits: values['no-limits'] ? false : (values.limits ?? (!quick && !only)),
     save: !values['no-save'],
     list: values.list,
-    resync: !values['no-resync'] && !values['metadata-only'] && !values['tls-only'],
+    resync: !values['no-resync'] && !values['metadata-only'] && !values['tls-only'] && !cbtOnly,
     resyncOnly: values['resync-only'],
     resyncSizeBytes: resyncSizeMiB * kMiB,
     resyncRounds,
     verify: !values['no-verify'],
-    metadata: !values['no-metadata'] && !values['resync-only'] && !values['tls-only'],
+    metadata: !values['no-metadata'] && !values['resync-only'] && !values['tls-only'] && !cbtOnly,
     metadataOnly: values['metadata-only'],
-    tls: !values['no-tls'] && !values['resync-only'] && !values['metadata-only'],
+    tls: !values['no-tls'] && !values['resync-only'] && !values['metadata-only'] && !cbtOnly,
     tlsOnly: values['tls-only'],
+    cbt: !values['no-cbt'] && !values['resync-only'] && !values['metadata-only'] && !values['tls-only'],
+    cbtOnly,
   };
 }
 
@@ -461,7 +475,7 @@ async function main(): Promise<number> {
     process.stdout.write(`resync    ${'resync'.padEnd(width)} 1 % scattered and full resync vs nbdcopy (--no-resync, --resync-only)\n`);
     return 0;
   }
-  const noCases = options.resyncOnly || options.metadataOnly || options.tlsOnly;
+  const noCases = options.resyncOnly || options.metadataOnly || options.tlsOnly || options.cbtOnly;
   const cases = noCases ? [] : select(allCases, options.caseNames, options.quick, 'case');
   const workloads = noCases ? [] : select(kWorkloads, options.workloadNames, options.quick, 'workload');
   if ((workloads.length > 0 || options.metadata || options.tls) && !hasTool('fio')) throw new Error('fio is not installed (apt-get install -y fio)');
@@ -501,9 +515,11 @@ async function main(): Promise<number> {
     const metadata = options.metadata ? await runMetadata(options, runRoot, dataRoot, sharedImage) : null;
     const tls = options.tls ? await runTls(options, runRoot, dataRoot, sharedImage) : null;
     const resync = options.resync ? await runResync(options, runRoot) : null;
+    const cbt = options.cbt ? await runCbt(options, runRoot) : null;
     const ratios = computeRatios(cases, workloads, rows, options.baseline);
     const matrix = buildMatrix(rows, ratios);
     printReport(options, machine.cpuCount, limits, rows, ratios, matrix, metadata, tls, resync);
+    if (cbt !== null) process.stdout.write(`\n${cbtBlock(cbt)}\n`);
     const source = sourceInfo(repoRoot);
     const chartText = matrix.cells.length === 0 ? null : renderChart(matrix, {
       title: `enbd mirror vs qemu quorum: throughput by leg count (run ${resultsStem(startedAt)})`,
@@ -591,6 +607,16 @@ async function runTls(options: Options, runRoot: string, dataRoot: string,
   } finally {
     for (const managed of [...owned.processes].reverse()) await managed.stop();
   }
+}
+
+async function runCbt(options: Options, runRoot: string): Promise<CbtResults> {
+  const missing = ['nbdkit', 'nbdcopy', 'fio'].filter((tool) => !hasTool(tool));
+  if (missing.length > 0) return { source: 'issue 17', writePath: [], backup: null, error: `tool(s) missing: ${missing.join(', ')}` };
+  return await runCbtBench({
+    runDir: runRoot, distRoot, rounds: Math.max(options.rounds, 3),
+    runtimeSec: options.runtimeSec, rampSec: kRampSec, sizeBytes: options.sizeBytes,
+    backupDeviceBytes: (options.quick ? 1 : kCbtBackupGiB) * 1024 * kMiB, log,
+  });
 }
 
 async function runResync(options: Options, runRoot: string): Promise<ResyncResults> {

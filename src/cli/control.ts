@@ -28,7 +28,7 @@ const kLogLevels = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'
 const kControlCandidates = ['enbd-data/enbd.ctl', 'enbd.ctl'];
 const kMaxLegIndex = 30;
 
-interface ControlOption {
+export interface ControlOption {
   control?: string;
 }
 
@@ -41,7 +41,7 @@ export function resolveControlPath(given: string | undefined): string {
   throw new ControlError('connect', `no control socket found (tried ./${kControlCandidates.join(' and ./')}); pass --control PATH or set ENBD_CONTROL (the daemon's default is <socket>.ctl)`);
 }
 
-async function withClient<T>(options: ControlOption, run: (client: ControlClient) => Promise<T>): Promise<T> {
+export async function withClient<T>(options: ControlOption, run: (client: ControlClient) => Promise<T>): Promise<T> {
   const client = await ControlClient.connect(resolveControlPath(options.control));
   try {
     return await run(client);
@@ -50,7 +50,7 @@ async function withClient<T>(options: ControlOption, run: (client: ControlClient
   }
 }
 
-function say(line: string): void {
+export function say(line: string): void {
   process.stdout.write(line + '\n');
 }
 
@@ -58,7 +58,7 @@ function legIndex(text: string): number {
   return parseInteger('leg index', text, 0, kMaxLegIndex);
 }
 
-function addControlOption(command: Command): Command {
+export function addControlOption(command: Command): Command {
   return command.option('--control <path>', 'the daemon\'s control socket (default: $ENBD_CONTROL, ./enbd-data/enbd.ctl or ./enbd.ctl)');
 }
 

@@ -10,6 +10,7 @@ import { EnbdError, describeError } from '../core/errors.js';
 import { runServe } from './serve.js';
 import { runMirror } from './mirror.js';
 import { registerControlCommands } from './control.js';
+import { registerCheckpointCommands } from './checkpoint.js';
 import { registerCreateCommand } from './create.js';
 import { registerExamineCommand } from './examine.js';
 import { applyAliases } from './host.js';
@@ -73,6 +74,7 @@ function buildProgram(): Command {
     .option('-r, --read-only', 'export read-only: writes get EPERM (resyncs still write the legs)')
     .option('--size <bytes>', 'export size when legs differ (every leg must hold it; --metadata none only)')
     .option('--metadata <mode>', 'leg: assemble from the enbd metadata on every leg (enbd create), crash-safe (default); none: no metadata, unprotected against crashes, restarts while degraded and stale legs')
+    .option('--checkpoint-granularity <bytes>', 'bytes per bit of every checkpoint (enbd checkpoint create; power of two, 4K..64M, default 64K)')
     .option('--force-source <leg>', 'split brain or no leg known up to date: trust this leg (its index in the --leg list) and resync the others from it')
     .option('--degraded', 'start even if a member of the array is not given (it needs a resync when it returns)')
     .option('--ring-slots <count>', 'request ring slots (power of two, default 256)')
@@ -131,6 +133,7 @@ function buildProgram(): Command {
   registerCreateCommand(program);
   registerExamineCommand(program);
   registerControlCommands(program);
+  registerCheckpointCommands(program);
   return program;
 }
 

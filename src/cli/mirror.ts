@@ -30,6 +30,8 @@ import { installHangup } from './hangup.js';
 import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits, type HostHabits } from './host.js';
 import { controlPathFor, startControlPlane, type ControlPlane } from '../control/plane.js';
 import { checkTcpFree, checkUnixFree } from '../core/listen.js';
+import { checkGranularity } from '../engine/checkpoints.js';
+import { mirrorStatusContexts } from '../engine/status-contexts.js';
 import { startMetricsServer, type MetricsServer } from '../metrics/metrics.js';
 import { kConnectionActorEntry } from './actor-entry.js';
 
@@ -81,9 +83,11 @@ export interface MirrorSettings {
   writeMostly: number[];
   writeBehind: number;
   readRepair: boolean;
+  /** --checkpoint-granularity: bytes per bit of every checkpoint (changed-block tracking). */
+  checkpointGranularity: number;
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly', 'readPolicy', 'writeMostly', 'writeBehind', 'readRepair']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly', 'readPolicy', 'writeMostly', 'writeBehind', 'readRepair', 'checkpointGranularity']);
 const kDefaultLegBytes = 1024 ** 3;
 
 function readConfig(path: string): Record<string, unknown> {
@@ -181,6 +185,7 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     writeMostly,
     writeBehind: Math.round(writeBehindMiB * 1024 * 1024),
     readRepair: parseOnOff('--read-repair', pick('readRepair') ?? 'on'),
+    checkpointGranularity: checkGranularity(parseBytes('--checkpoint-granularity', text(pick('checkpointGranularity') ?? '64K', '--checkpoint-granularity'))),
     legs,
     socket: socket === undefined ? null : text(socket, '--socket'),
     listen: listen === undefined ? null : text(listen, '--listen'),
@@ -409,6 +414,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
   const mirror = await MirrorDevice.open({
     ...(assembled !== undefined ? { metadata: assembled } : {}),
     legs: settings.legs,
+    checkpointGranularityBytes: settings.checkpointGranularity,
     ...(settings.size !== undefined ? { sizeBytes: settings.size } : {}),
     ring: {
       ...(settings.ringSlots !== undefined ? { slotCount: settings.ringSlots } : {}),
@@ -446,6 +452,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     directReceive: settings.receive === 'direct',
     tls: serverTls,
     readOnly: settings.readOnly,
+    metaContexts: mirrorStatusContexts(mirror),
   });
   const uris: string[] = [];
   // With --tls require the export URIs are the nbds forms (plain clients are refused).

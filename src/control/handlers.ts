@@ -38,6 +38,7 @@ import {
   kControlErrorCodes,
   kSlotsListedMax,
   type BitmapResult,
+  type CheckpointMethod,
   type ControlResults,
   type LatencyView,
   type LegActionResult,
@@ -47,6 +48,7 @@ import {
   type StatusResult,
 } from './protocol.js';
 import { ReplEvaluator } from './repl-eval.js';
+import { checkpointHandlers } from './checkpoint-handlers.js';
 import { ControlRequestError, type ControlSession, type MethodHandler } from './server.js';
 
 const kLegStatsTimeoutMs = 1000;
@@ -114,7 +116,7 @@ export class MirrorControl {
   }
 
   handlers(): ReadonlyMap<string, MethodHandler> {
-    const table: { [M in Exclude<keyof ControlResults, 'subscribe'>]: (params: Record<string, unknown>, session: ControlSession) => ControlResults[M] | Promise<ControlResults[M]> } = {
+    const table: { [M in Exclude<keyof ControlResults, 'subscribe' | CheckpointMethod>]: (params: Record<string, unknown>, session: ControlSession) => ControlResults[M] | Promise<ControlResults[M]> } = {
       status: async () => await this.status(),
       'leg.fail': (params) => this.failLeg(legParam(params)),
       'leg.reconnect': async (params) => await this.reconnectLeg(legParam(params)),
@@ -128,7 +130,7 @@ export class MirrorControl {
       'log.level': (params) => this.setLogLevel(params['level']),
       'repl.eval': async (params, session) => await this.replEval(params['code'], session),
     };
-    return new Map<string, MethodHandler>(Object.entries(table));
+    return new Map<string, MethodHandler>([...Object.entries(table), ...checkpointHandlers(this.mirror)]);
   }
 
   /** Starts or stops the 1 s resync-progress ticker (only while someone listens). */

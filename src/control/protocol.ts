@@ -1,7 +1,7 @@
 /**
  * Messages of the control socket (inside the frames of frame.ts) and the shapes of their
  * results. Plain data only: both ends (daemon and CLI) import this file, and it imports only
- * the types-only core/status-types.ts (nothing above it).
+ * core (errors.ts for ProtocolError's base, the types-only status-types.ts): nothing above it.
  *
  * Threads: the daemon's main thread and the CLI client's.
  *
@@ -20,7 +20,49 @@
  *   an unknown method is answered with ENBD_CTL_UNKNOWN_METHOD and then closes it too.
  */
 import { EnbdError } from '../core/errors.js';
-import type { KeeperStatus, ResyncProgress } from '../core/status-types.js';
+import type { BitmapSnapshot, KeeperStatus, ResyncProgress } from '../core/status-types.js';
+
+/** Checkpoint (changed-block tracking) methods: src/control/checkpoint-handlers.ts. */
+export const kCheckpointMethods = ['checkpoint.create', 'checkpoint.list', 'checkpoint.remove', 'checkpoint.freeze', 'checkpoint.runs'] as const;
+export type CheckpointMethod = (typeof kCheckpointMethods)[number];
+
+/** A checkpoint as the daemon reports it (the engine's CheckpointInfo, plain data). */
+export interface CheckpointView {
+  name: string;
+  createdMs: number;
+  state: 'active' | 'frozen';
+  granularityBytes: number;
+  changedBytes: number;
+}
+
+export interface CheckpointListResult {
+  granularityBytes: number;
+  /** The checkpoints live in the on-leg metadata (false: --metadata none, memory only). */
+  persistent: boolean;
+  checkpoints: CheckpointView[];
+}
+
+export interface CheckpointActionResult {
+  checkpoint: CheckpointView;
+  persistent: boolean;
+}
+
+export interface CheckpointFreezeResult {
+  frozen: CheckpointView;
+  created: CheckpointView;
+  persistent: boolean;
+  sizeBytes: number;
+}
+
+export interface CheckpointRunsResult {
+  name: string;
+  sizeBytes: number;
+  /** Changed runs from the asked offset, in order; `nextOffsetBytes` null when the end was reached. */
+  runs: Array<{ offsetBytes: number; lengthBytes: number }>;
+  nextOffsetBytes: number | null;
+}
+
+export const kCheckpointRunsMax = 4096;
 
 export const kControlMethods = [
   'status',
@@ -36,6 +78,7 @@ export const kControlMethods = [
   'resync.rate',
   'log.level',
   'repl.eval',
+  ...kCheckpointMethods,
 ] as const;
 
 export type ControlMethod = (typeof kControlMethods)[number];
@@ -198,20 +241,8 @@ export interface StatusResult {
   metadata: MetadataView | null;
 }
 
-export interface BitmapResult {
-  leg: number;
-  deviceBytes: number;
-  chunkBytes: number;
-  dirtyBytes: number;
-  dirtyChunks: number;
-  pagesInUse: number;
-  poolPages: number;
-  freePages: number;
-  sentinelPages: number;
-  memoryBytes: number;
-  /** The first dirty runs, in bytes (at most kBitmapRunsMax). */
-  firstRuns: Array<{ offsetBytes: number; lengthBytes: number }>;
-}
+/** A leg's dirty map: the engine's snapshot as it is (firstRuns: at most kBitmapRunsMax). */
+export type BitmapResult = BitmapSnapshot;
 
 export interface SlotView {
   slot: number;
@@ -273,6 +304,11 @@ export interface ControlResults {
   'resync.rate': ResyncRatesResult;
   'log.level': LogLevelResult;
   'repl.eval': ReplEvalResult;
+  'checkpoint.create': CheckpointActionResult;
+  'checkpoint.list': CheckpointListResult;
+  'checkpoint.remove': CheckpointActionResult;
+  'checkpoint.freeze': CheckpointFreezeResult;
+  'checkpoint.runs': CheckpointRunsResult;
 }
 
 /** Events pushed to subscribers. */

@@ -42,6 +42,8 @@ export type EnbdErrorCode =
   | 'ENBD_ERR_ASSERT'
   /** The CLI could not get an answer from the daemon's control socket (ControlError). */
   | 'ENBD_ERR_CONTROL'
+  /** Checkpoints (changed-block tracking): a bad name, too many, unknown, frozen. */
+  | 'ENBD_ERR_CHECKPOINT'
   /** Control socket framing (src/control/frame.ts). */
   | 'ENBD_CTL_FRAME_EMPTY'
   | 'ENBD_CTL_FRAME_TOO_LARGE'

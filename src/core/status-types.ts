@@ -1,10 +1,12 @@
 /**
  * Plain-data shapes that the engine reports and the messages between threads and processes
- * carry: a leg's kind, a resync's progress, the on-leg metadata's status and member records.
+ * carry: a leg's kind, a resync's progress, a dirty map's snapshot, the on-leg metadata's
+ * status and member records.
  * Types only: no code, no imports. They live at the bottom so that the shared message modules
  * (src/engine/messages.ts between master and actors, src/control/protocol.ts between daemon
  * and CLI) import nothing above them; the modules that produce these values (stubs/open-leg,
- * engine/resync, engine/meta-keeper, meta/superblock) import them from here and re-export them.
+ * engine/resync, engine/meta-keeper, engine/snapshots, meta/superblock) import them from here
+ * and re-export them.
  *
  * Threads: any (erased at run time).
  */
@@ -59,4 +61,20 @@ export interface KeeperStatus {
   bitmapWrites: number;
   superblockWrites: number;
   members: MemberRecord[];
+}
+
+/** A leg's dirty map ("chunks this leg missed"): counters and its first dirty runs. */
+export interface BitmapSnapshot {
+  leg: number;
+  deviceBytes: number;
+  chunkBytes: number;
+  dirtyBytes: number;
+  dirtyChunks: number;
+  pagesInUse: number;
+  poolPages: number;
+  freePages: number;
+  sentinelPages: number;
+  memoryBytes: number;
+  /** In offset order, at most the limit asked for; the last run ends at the device's end. */
+  firstRuns: Array<{ offsetBytes: number; lengthBytes: number }>;
 }

@@ -30,6 +30,13 @@
  * |                                  | Then the whole bitmap is written to it.                    |
  * | clean shutdown                   | FLUSH; the bitmap is zeroed if every member is in sync;    |
  * |                                  | superblocks: state clean, no owner, events + 1             |
+ * | checkpoints (issue 17)           | every superblock write carries the checkpoint maps (runs,  |
+ * |                                  | coarsened to fit). With checkpoints, the heartbeat clears  |
+ * |                                  | quiet bits only AFTER its superblock write: a chunk whose  |
+ * |                                  | bit goes was last written before that snapshot, so the     |
+ * |                                  | stored maps hold it. After an unclean stop every chunk the |
+ * |                                  | bitmap marks is marked in every checkpoint. So stored maps |
+ * |                                  | plus bitmap always cover every change (never fewer).       |
  *
  * Bitmaps (one bit per chunk, bitmapBytes each, allocated once):
  * - wanted: what the leg bitmaps should say; durable: what every admitted leg durably holds
@@ -56,6 +63,8 @@ import { bitmapCount, inspectCopy } from '../meta/leg-meta.js';
 import { superblockFor, kHeartbeatMs, type AssembledArray } from '../meta/assemble.js';
 import { randomUUID } from 'node:crypto';
 import type { Leg } from './leg.js';
+import { kPayloadBytesMax, superblockPayloadBytes, type CheckpointRecord } from '../meta/superblock.js';
+import type { CheckpointSet } from './checkpoints.js';
 
 /** What the keeper needs of the session master. */
 export interface KeeperHost {
@@ -94,6 +103,8 @@ export type { KeeperStatus };
 export interface KeeperOptions {
   heartbeatMs?: number;
   logger: Logger;
+  /** The engine's checkpoints: restored from the superblock, kept in every superblock write. */
+  checkpoints?: CheckpointSet;
 }
 
 function memberStateOf(leg: Leg, state: LegMetaState): MemberState {
@@ -131,6 +142,11 @@ export class MetaKeeper {
   /** Set while resuming waiters with no admitted leg (they go on and fail for want of a leg). */
   private passAll = false;
   private readonly counters = { intentWaits: 0, bitmapWrites: 0, superblockWrites: 0 };
+  private readonly checkpoints: CheckpointSet | null;
+  /** Callers of persistCheckpoints waiting for the next superblock write. */
+  private persistWaiters: Array<() => void> = [];
+  /** The heartbeat's lazy clearing waits for its superblock write (checkpoints exist). */
+  private clearDue = false;
 
   constructor(private readonly host: KeeperHost, assembled: AssembledArray, options: KeeperOptions) {
     this.plan = assembled.plan;
@@ -157,6 +173,8 @@ export class MetaKeeper {
       };
     }
     this.writtenTable = this.tableKey(this.members);
+    this.checkpoints = options.checkpoints ?? null;
+    if (this.checkpoints !== null) this.restoreCheckpoints(this.checkpoints, assembled);
     const heartbeatMs = options.heartbeatMs ?? kHeartbeatMs;
     this.timer = setInterval(() => this.tick(), heartbeatMs);
     this.timer.unref();
@@ -318,7 +336,7 @@ export class MetaKeeper {
   }
 
   private hasWork(): boolean {
-    return this.tableChanged || this.heartbeatDue || this.admitQueue.length > 0 || this.pagePending.includes(1);
+    return this.tableChanged || this.heartbeatDue || this.persistWaiters.length > 0 || this.admitQueue.length > 0 || this.pagePending.includes(1);
   }
 
   private async loop(): Promise<void> {
@@ -344,14 +362,21 @@ export class MetaKeeper {
         await this.writePages(this.admittedMask());
         continue;
       }
-      if (this.heartbeatDue) {
+      if (this.heartbeatDue || this.persistWaiters.length > 0) {
         this.heartbeatDue = false;
+        const waiters = this.persistWaiters.splice(0);
         await this.writeSuperblocks('active', this.owner);
+        for (const done of waiters) done();
+        if (this.clearDue) {
+          this.clearDue = false;
+          this.clearQuiet();
+        }
         continue;
       }
       break;
     }
     if (this.host.isClosed()) this.releaseHeld();
+    if (this.stopped || this.host.isClosed()) for (const done of this.persistWaiters.splice(0)) done();
   }
 
   private admittedMask(): number {
@@ -451,17 +476,18 @@ export class MetaKeeper {
   private async writeSuperblocks(state: 'active' | 'clean', owner: OwnerRecord | null): Promise<void> {
     const nowMs = Date.now();
     if (owner !== null) owner.heartbeatMs = nowMs;
+    const checkpoints = this.checkpointRecords(state, owner, nowMs);
     for (const leg of this.host.legs) {
       const legState = this.perLeg[leg.index];
       if (!leg.admitted || legState == null) continue;
-      await this.writeSuperblock(leg, legState, state, owner, nowMs);
+      await this.writeSuperblock(leg, legState, state, owner, nowMs, checkpoints);
     }
   }
 
-  private async writeSuperblock(leg: Leg, legState: LegMetaState, state: 'active' | 'clean', owner: OwnerRecord | null, nowMs: number): Promise<boolean> {
+  private async writeSuperblock(leg: Leg, legState: LegMetaState, state: 'active' | 'clean', owner: OwnerRecord | null, nowMs: number, checkpoints: CheckpointRecord[]): Promise<boolean> {
     const copy = 1 - legState.lastCopy;
     const sequence = legState.lastSequence + 1;
-    const sb = superblockFor(this.plan, legState.layout, legState, this.members, this.events, state, owner, nowMs);
+    const sb = superblockFor(this.plan, legState.layout, legState, this.members, this.events, state, owner, nowMs, checkpoints);
     legState.attemptedSequence = sequence;
     const offsets = superblockOffsets(legState.layout.legSizeBytes);
     let failed = await this.host.metaIo(p.kCmdWrite, offsets[copy] as number, encodeSuperblock(sb, copy, sequence), leg.bit);
@@ -510,7 +536,7 @@ export class MetaKeeper {
     }
     if (fresh) {
       const nowMs = Date.now();
-      const sb0 = superblockFor(this.plan, legState.layout, legState, this.desiredTable(), this.events, 'active', this.owner, nowMs);
+      const sb0 = superblockFor(this.plan, legState.layout, legState, this.desiredTable(), this.events, 'active', this.owner, nowMs, this.checkpointRecords('active', this.owner, nowMs));
       const both = new Uint8Array(2 * kSuperblockBytes);
       both.set(encodeSuperblock(sb0, 0, 1), 0);
       both.set(encodeSuperblock(sb0, 1, 2), kSuperblockBytes);
@@ -530,7 +556,9 @@ export class MetaKeeper {
 
   private tick(): void {
     if (this.stopped || this.host.isClosed()) return;
-    this.clearQuiet();
+    // With checkpoints the clearing follows the heartbeat's superblock (see the table above).
+    if (this.checkpoints !== null && this.checkpoints.count > 0) this.clearDue = true;
+    else this.clearQuiet();
     this.heartbeatDue = true;
     this.kick();
   }
@@ -603,6 +631,8 @@ export class MetaKeeper {
     if (mask === 0) return;
     if (this.host.flushes()) this.failLegs(await this.host.metaIo(p.kCmdFlush, 0, new Uint8Array(0), mask), 'final FLUSH failed');
     this.members = this.desiredTable();
+    // The exact checkpoint maps are durable before the bitmap that covers them is zeroed.
+    if (this.checkpoints !== null && this.checkpoints.count > 0) await this.writeSuperblocks('active', this.owner);
     if (this.allInSync()) {
       this.wanted.fill(0);
       this.pagePending.fill(1);
@@ -614,6 +644,43 @@ export class MetaKeeper {
     for (const member of this.members) if (member.state === 'in-sync') member.events = this.events;
     await this.writeSuperblocks('clean', null);
     this.releaseHeld();
+  }
+
+  // ---- checkpoints --------------------------------------------------------------------------
+
+  /** Resolves once a superblock write that started after the call is done (checkpoint list durable). */
+  persistCheckpoints(): Promise<void> {
+    if (this.stopped || this.host.isClosed()) return Promise.resolve();
+    return new Promise<void>((resolve) => {
+      this.persistWaiters.push(resolve);
+      this.kick();
+    });
+  }
+
+  private restoreCheckpoints(checkpoints: CheckpointSet, assembled: AssembledArray): void {
+    const { plan } = assembled;
+    for (const problem of checkpoints.restore(plan.checkpoints)) this.logger.warn({ problem }, 'checkpoints');
+    if (plan.checkpoints.length === 0) return;
+    if (plan.unclean) {
+      // Writes since the last stored maps are under bits of the write-intent bitmap.
+      checkpoints.markFromBitmap(plan.bitmap, this.chunkBytes, this.chunkCount);
+      this.logger.info({ checkpoints: checkpoints.names() }, 'unclean stop: checkpoints also mark every chunk the write-intent bitmap marks');
+    }
+  }
+
+  /** The checkpoint maps for a superblock, each coarsened to its share of the payload room. */
+  private checkpointRecords(state: 'active' | 'clean', owner: OwnerRecord | null, nowMs: number): CheckpointRecord[] {
+    const checkpoints = this.checkpoints;
+    if (checkpoints === null || checkpoints.count === 0) return [];
+    let baseBytes = 0;
+    for (const [index, legState] of this.perLeg.entries()) {
+      if (legState == null || this.host.legs[index] === undefined) continue;
+      const sb = superblockFor(this.plan, legState.layout, legState, this.members, this.events, state, owner, nowMs);
+      baseBytes = Math.max(baseBytes, superblockPayloadBytes(sb));
+    }
+    const nameBytes = checkpoints.names().reduce((sum, name) => sum + Buffer.byteLength(name) + 48, 0);
+    const budgetBytes = Math.floor((kPayloadBytesMax - baseBytes - nameBytes - 128) / checkpoints.count);
+    return checkpoints.toRecords(Math.max(2, budgetBytes));
   }
 
   /** Stops the timers without writing (the daemon is failing anyway; the next start sees an unclean stop). */

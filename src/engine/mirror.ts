@@ -60,6 +60,7 @@ import { Resync, type ResyncHost, type ResyncProgress, type ResyncRates } from '
 import { LegActor } from './leg-actor.js';
 import type { CopyMode, LegActorApi, LegActorInit, LegDeviceOpener, LegInfo, LegStats, Placement } from './messages.js';
 import { MetaKeeper, type KeeperStatus } from './meta-keeper.js';
+import { CheckpointSet, checkpointOperations, type CheckpointOperations } from './checkpoints.js';
 import type { AssembledArray } from '../meta/assemble.js';
 import { bitmapTest } from '../meta/leg-meta.js';
 import { ReadChooser, type ReadPolicyName } from './read-policy.js';
@@ -134,6 +135,8 @@ export interface MirrorOptions {
    * once the other admitted legs hold it (src/engine/write-behind.ts).
    */
   writeBehindBytes?: number;
+  /** Checkpoint (changed-block tracking) granularity in bytes; default 64 KiB. */
+  checkpointGranularityBytes?: number;
   /**
    * The connection actor's worker entry (`placement: 'workers'`, needed then): the caller
    * knows where the build put it (src/cli/actor-entry.ts kConnectionActorEntry).
@@ -326,6 +329,8 @@ export class MirrorDevice implements BlockDevice {
   inFlight = 0;
   /** The on-leg metadata keeper (null: --metadata none). */
   private keeper: MetaKeeper | null = null;
+  /** Changed-block tracking (src/engine/checkpoints.ts); set once the geometry is known. */
+  private checkpointSet: CheckpointSet | null = null;
   /** The keeper's reserved ring run (metadata I/O, one request at a time), -1 when none. */
   private metaSlot = -1;
   private metaDone: ((failed: number) => void) | null = null;
@@ -509,6 +514,7 @@ export class MirrorDevice implements BlockDevice {
     this.settleGeometry(options.metadata?.plan.layout.dataSizeBytes ?? options.sizeBytes);
     this.flushTracking = this.features.flush && options.flushTracking !== false;
     for (const leg of this.legs) this.createMaps(leg);
+    this.checkpointSet = new CheckpointSet(this.sizeBytes, options.checkpointGranularityBytes);
     this.pumpCompletions();
     if (options.metadata !== undefined) await this.startKeeper(options.metadata);
   }
@@ -549,7 +555,7 @@ export class MirrorDevice implements BlockDevice {
       forEachWriteInFlight: (visit) => this.forEachWriteInFlight(visit),
       contentsUnknown: (leg) => this.contentsUnknown(leg),
       isClosed: () => this.closed,
-    }, assembled, { logger: this.logger, ...(this.options.heartbeatMs !== undefined ? { heartbeatMs: this.options.heartbeatMs } : {}) });
+    }, assembled, { logger: this.logger, checkpoints: this.checkpoints, ...(this.options.heartbeatMs !== undefined ? { heartbeatMs: this.options.heartbeatMs } : {}) });
     const full = assembled.legs.flatMap((planned, index) => (planned.role === 'full-resync' ? [this.legs[index] as Leg] : []));
     if (full.length > 0) await this.skipZeroRanges(full);
     for (const leg of this.legs) {
@@ -670,6 +676,18 @@ export class MirrorDevice implements BlockDevice {
       if (ring.state(slot) !== 2 || this.slots.phase[slot] !== 0 || (this.slots.token[slot] ?? -1) < 0) continue;
       if (isDataChanging(ring.command(slot))) visit(ring.offsetBytes(slot), ring.lengthBytes(slot));
     }
+  }
+
+  /** The checkpoints (changed-block tracking); available once the mirror is open. */
+  get checkpoints(): CheckpointSet {
+    assert(this.checkpointSet !== null, 'checkpoints exist once the mirror is open');
+    return this.checkpointSet;
+  }
+
+  /** The operator's checkpoint actions (src/engine/checkpoints.ts), durable through the keeper. */
+  checkpointOperations(): CheckpointOperations {
+    const keeper = this.keeper;
+    return checkpointOperations(this.checkpoints, (visit) => this.forEachWriteInFlight(visit), keeper === null ? null : async () => await keeper.persistCheckpoints());
   }
 
   /** The on-leg metadata, or null with --metadata none. */
@@ -1030,6 +1048,8 @@ export class MirrorDevice implements BlockDevice {
       } else if (phase === kShadowPhase) {
         if (this.behind !== null && !this.behind.prepare(slot)) return;
       } else if (phase === 0 && isDataChanging(ring.command(slot))) {
+        // Checkpoints are marked before any leg gets the data (so before the ack).
+        this.checkpointSet?.mark(ring.offsetBytes(slot), ring.lengthBytes(slot));
         // Write intent: the chunks' bits are durable on the legs before any leg gets the data.
         const keeper = this.keeper;
         if (keeper !== null && !keeper.covers(ring.offsetBytes(slot), ring.lengthBytes(slot))) {

@@ -15,6 +15,9 @@ import type { RequestRing } from '../ring/request-ring.js';
 import { kSlotStateAllocated, kSlotStateDispatched } from '../ring/layout.js';
 import type { Leg } from './leg.js';
 import type { LegStats } from './messages.js';
+import type { BitmapSnapshot } from '../core/status-types.js';
+
+export type { BitmapSnapshot };
 
 /** The ring's counters (RequestRing's, copied). */
 export interface RingCounters {
@@ -40,22 +43,6 @@ export interface SlotSnapshot {
 export interface SlotsSnapshot extends RingCounters {
   /** In slot order, at most the limit asked for. */
   requests: SlotSnapshot[];
-}
-
-/** A leg's dirty map ("chunks this leg missed"): counters and its first dirty runs. */
-export interface BitmapSnapshot {
-  leg: number;
-  deviceBytes: number;
-  chunkBytes: number;
-  dirtyBytes: number;
-  dirtyChunks: number;
-  pagesInUse: number;
-  poolPages: number;
-  freePages: number;
-  sentinelPages: number;
-  memoryBytes: number;
-  /** In offset order, at most the limit asked for; the last run ends at the device's end. */
-  firstRuns: Array<{ offsetBytes: number; lengthBytes: number }>;
 }
 
 /**

@@ -31,6 +31,7 @@ import type { LegState } from './leg-health.js';
 import type { LegStats } from './messages.js';
 import type { LegStatus, MirrorEvent, MirrorStats } from './mirror.js';
 import type { ResyncRates } from './resync.js';
+import type { CheckpointOperations } from './checkpoints.js';
 import type { BitmapSnapshot, MirrorDebugHandles, RingCounters, SlotsSnapshot } from './snapshots.js';
 
 export { kMaxLegs } from '../ring/layout.js';
@@ -38,6 +39,7 @@ export type { BitmapSnapshot, MirrorDebugHandles, RingCounters, SlotSnapshot, Sl
 export type { LegStatus, MirrorEvent, MirrorStats } from './mirror.js';
 export type { LegStats } from './messages.js';
 export type { LegState } from './leg-health.js';
+export type { CheckpointInfo, CheckpointOperations } from './checkpoints.js';
 
 /** Request latency histograms by kind (core/latency.ts LatencyHistograms, read side). */
 export interface LatencyReader {
@@ -86,6 +88,8 @@ export interface MirrorOperations extends MirrorView {
   pauseResync(paused: boolean): void;
   setResyncRates(rates: Partial<ResyncRates>): ResyncRates;
   setLogLevel(level: string): Promise<void>;
+  /** Checkpoints (changed-block tracking): create, remove, freeze, list, changed runs. */
+  checkpointOperations(): CheckpointOperations;
   /** Debug only (enbd repl): see MirrorDebugHandles. */
   debugHandles(): MirrorDebugHandles;
 }

@@ -42,7 +42,7 @@ import { assert } from '../core/assert.js';
 import { EnbdError, describeError } from '../core/errors.js';
 import { computeLayout, type LegLayout } from './layout.js';
 import { LegMeta, type LegMetaRead } from './leg-meta.js';
-import { kMembersMax, type MemberRecord, type OwnerRecord, type Superblock } from './superblock.js';
+import { kMembersMax, type CheckpointRecord, type MemberRecord, type OwnerRecord, type Superblock } from './superblock.js';
 
 /** A heartbeat older than this marks another host's claim as stale (the owner writes every 5 s). */
 export const kClaimStaleMs = 30_000;
@@ -106,6 +106,8 @@ export interface AssemblyPlan {
   bitmap: Uint8Array;
   /** The last run did not stop cleanly (state active, or a stale claim). */
   unclean: boolean;
+  /** Checkpoints as the freshest leg recorded them (carried into the claim). */
+  checkpoints: CheckpointRecord[];
   /** Stale claims taken over (for the log). */
   takenOver: OwnerRecord[];
   /** Lines for the log: what assembly decided and why. */
@@ -354,6 +356,7 @@ export function planAssembly(found: FoundLeg[], options: AssemblyOptions): Assem
     legs,
     bitmap,
     unclean,
+    checkpoints: reference.sb.checkpoints ?? [],
     takenOver,
     notes,
   };
@@ -377,7 +380,7 @@ export interface AssembledArray {
  * The superblock a leg gets for a member table and state: the array's data size, the bitmap
  * where this leg's own layout puts it (`legLayout`: a larger leg keeps its metadata at its end).
  */
-export function superblockFor(plan: Pick<AssemblyPlan, 'arrayUuid' | 'arrayName' | 'createdMs' | 'layout'>, legLayout: LegLayout, leg: { slotIndex: number; legUuid: string }, members: MemberRecord[], events: number, state: Superblock['state'], owner: OwnerRecord | null, nowMs: number): Superblock {
+export function superblockFor(plan: Pick<AssemblyPlan, 'arrayUuid' | 'arrayName' | 'createdMs' | 'layout'>, legLayout: LegLayout, leg: { slotIndex: number; legUuid: string }, members: MemberRecord[], events: number, state: Superblock['state'], owner: OwnerRecord | null, nowMs: number, checkpoints: CheckpointRecord[] = []): Superblock {
   assert(legLayout.dataSizeBytes >= plan.layout.dataSizeBytes && legLayout.bitmapChunkBytes === plan.layout.bitmapChunkBytes, 'the leg holds the array');
   return {
     arrayUuid: plan.arrayUuid,
@@ -395,6 +398,7 @@ export function superblockFor(plan: Pick<AssemblyPlan, 'arrayUuid' | 'arrayName'
     owner,
     createdMs: plan.createdMs,
     updatedMs: nowMs,
+    ...(checkpoints.length > 0 ? { checkpoints } : {}),
   };
 }
 
@@ -435,7 +439,7 @@ export async function assembleArray(uris: string[], devices: BlockDevice[], opti
       const layout = computeLayout(meta.sizeBytes, plan.layout.bitmapChunkBytes);
       // The bitmap first, then the superblock that points at it.
       await meta.writeBitmapPages(layout, plan.bitmap.length === layout.bitmapBytes ? plan.bitmap : resized(plan.bitmap, layout.bitmapBytes), 0, layout.bitmapAreaBytes / 4096);
-      const sb = superblockFor(plan, layout, planned, plan.members, plan.events, 'active', owner, full.nowMs);
+      const sb = superblockFor(plan, layout, planned, plan.members, plan.events, 'active', owner, full.nowMs, plan.checkpoints);
       const written = await meta.writeSuperblock(sb);
       legs.push({ ...planned, legSizeBytes: meta.sizeBytes, lastCopy: written.copyIndex, lastSequence: written.sequence });
     }

@@ -98,7 +98,25 @@ export interface Superblock {
   owner: OwnerRecord | null;
   createdMs: number;
   updatedMs: number;
+  /** Checkpoints (changed-block tracking, src/engine/checkpoints.ts); absent in older metadata. */
+  checkpoints?: CheckpointRecord[];
 }
+
+/**
+ * A checkpoint as kept in the payload (wire: [name, createdMs, frozen 0/1, granularityBytes,
+ * unitBytes, runs bin]); `runs` are LEB128 (gap, length) pairs of changed units of unitBytes.
+ */
+export interface CheckpointRecord {
+  name: string;
+  createdMs: number;
+  frozen: boolean;
+  granularityBytes: number;
+  unitBytes: number;
+  runs: Uint8Array;
+}
+
+/** compatFeatures bit: the payload lists checkpoints (older readers ignore them). */
+export const kCompatCheckpoints = 1;
 
 export interface DecodedCopy {
   superblock: Superblock;
@@ -131,7 +149,7 @@ export function encodeSuperblock(superblock: Superblock, copyIndex: number, sequ
   block.set(kMagicBytes, kOffsetMagic);
   view.setUint32(kOffsetVersion, kFormatVersion, true);
   view.setUint32(kOffsetIncompat, 0, true);
-  view.setUint32(kOffsetCompat, 0, true);
+  view.setUint32(kOffsetCompat, (superblock.checkpoints?.length ?? 0) > 0 ? kCompatCheckpoints : 0, true);
   view.setUint32(kOffsetBlockBytes, kSuperblockBytes, true);
   view.setUint32(kOffsetSequence, sequence % 2 ** 32, true);
   view.setUint32(kOffsetSequence + 4, Math.floor(sequence / 2 ** 32), true);
@@ -160,7 +178,13 @@ function toWire(superblock: Superblock): Record<string, unknown> {
     owner: superblock.owner === null ? null : [superblock.owner.host, superblock.owner.pid, superblock.owner.heartbeatMs],
     createdMs: superblock.createdMs,
     updatedMs: superblock.updatedMs,
+    ...((superblock.checkpoints?.length ?? 0) > 0 ? { checkpoints: (superblock.checkpoints ?? []).map((record) => [record.name, record.createdMs, record.frozen ? 1 : 0, record.granularityBytes, record.unitBytes, record.runs]) } : {}),
   };
+}
+
+/** Bytes of the msgpack payload `superblock` encodes to (the keeper sizes checkpoint maps with it). */
+export function superblockPayloadBytes(superblock: Superblock): number {
+  return packr.pack(toWire(superblock)).length;
 }
 
 // ---- decode -----------------------------------------------------------------------------------
@@ -245,6 +269,8 @@ function fromWire(wire: unknown): Superblock {
     createdMs: field(wire, 'createdMs', isCount, 'a count'),
     updatedMs: field(wire, 'updatedMs', isCount, 'a count'),
   };
+  const checkpoints = checkpointsFromWire(wire['checkpoints']);
+  if (checkpoints.length > 0) superblock.checkpoints = checkpoints;
   checkSuperblock(superblock);
   return superblock;
 }
@@ -260,6 +286,19 @@ function membersFromWire(value: unknown): MemberRecord[] {
       fail(`member ${slot} has a bad field`);
     }
     return { legUuid, state, events, recoveryOffsetBytes };
+  });
+}
+
+function checkpointsFromWire(value: unknown): CheckpointRecord[] {
+  if (value === undefined || value === null) return [];
+  if (!Array.isArray(value) || value.length > 64) fail('checkpoints is not a list of at most 64 entries');
+  return value.map((entry: unknown, at) => {
+    if (!Array.isArray(entry) || entry.length < 6) fail(`checkpoint ${at} is not [name, createdMs, frozen, granularity, unit, runs]`);
+    const [name, createdMs, frozen, granularityBytes, unitBytes, runs] = entry as unknown[];
+    if (!isString(name) || !isCount(createdMs) || (frozen !== 0 && frozen !== 1) || !isCount(granularityBytes) || !isCount(unitBytes) || !(runs instanceof Uint8Array)) {
+      fail(`checkpoint ${at} has a bad field`);
+    }
+    return { name, createdMs, frozen: frozen === 1, granularityBytes, unitBytes, runs: Uint8Array.from(runs) };
   });
 }
 

@@ -27,7 +27,7 @@ import { join } from 'node:path';
 import { checkServerIdentity, connect as tlsConnect, type ConnectionOptions, type TLSSocket } from 'node:tls';
 import { userInfo } from 'node:os';
 import { EnbdError, describeError } from '../../core/errors.js';
-import { kPskCiphers, parsePskFile } from '../server/server-tls.js';
+import { kPskCiphers, parsePskFile } from '../tls-psk.js';
 import type { NbdAddress, NbdTlsSettings } from '../uri.js';
 
 function readPem(path: string, what = 'tls-certificates'): Buffer {

@@ -8,7 +8,8 @@
  * BLOCK_STATUS is not a hot path (one Promise and two small arrays per request are fine). A
  * device without block status answers one data extent for the asked range. Extents are cut
  * to at most kExtentBytesMax each (u32, block aligned) and kExtentsMax per reply; with
- * NBD_CMD_FLAG_REQ_ONE only the first is sent. Only the HOLE and ZERO bits are passed on.
+ * NBD_CMD_FLAG_REQ_ONE only the first is sent. Only the HOLE and ZERO bits are passed on (other
+ * contexts, src/nbd/server/meta-contexts.ts, pass their own mask).
  * The asked length is clipped to the export's end and is at least 1 (an offset at or past the
  * end is refused with EINVAL by the caller before asking).
  *
@@ -18,7 +19,7 @@
 import type { BlockDevice, Extent } from '../../core/block-device.js';
 import * as p from '../protocol.js';
 
-const kExtentsMax = 65536;
+export const kExtentsMax = 65536;
 const kExtentBytesMax = 0xffff_f000;
 
 /** Bytes a BLOCK_STATUS at `offset` for `length` asks about (`offset` inside the export). */
@@ -40,6 +41,7 @@ export function clipExtents(
   reqOne: boolean,
   lengths: number[],
   flags: number[],
+  flagMask: number = p.kStateHole | p.kStateZero,
 ): void {
   let covered = 0;
   for (const extent of extents) {
@@ -47,7 +49,7 @@ export function clipExtents(
     while (remaining > 0 && lengths.length < kExtentsMax) {
       const piece = Math.min(remaining, kExtentBytesMax);
       lengths.push(piece);
-      flags.push(extent.flags & (p.kStateHole | p.kStateZero));
+      flags.push(extent.flags & flagMask);
       covered += piece;
       remaining -= piece;
     }

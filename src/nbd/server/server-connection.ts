@@ -42,6 +42,7 @@ import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import type { Logger } from '../../core/log.js';
 import type { BlockDevice, Extent } from '../../core/block-device.js';
+import { kDirtyFlag, mapExtents, type MetaContextSource } from './meta-contexts.js';
 import { assert } from '../../core/assert.js';
 import * as p from '../protocol.js';
 import { OptionNegotiator, encodeGreeting, type ExportDescriptor, type NegotiatedState } from './server-options.js';
@@ -58,7 +59,7 @@ import {
 } from './server-records.js';
 import { RecordBuffers } from './server-buffers.js';
 import { ReplyWriter } from './server-replies.js';
-import { blockStatusAskedBytes, clipExtents, deviceExtents } from './server-block-status.js';
+import { blockStatusAskedBytes, clipExtents, deviceExtents, kExtentsMax } from './server-block-status.js';
 import { adoptForDirectReceive, kDirectReceiveMinBytes, kReceiveBufferBytes } from './server-receive.js';
 import { ConnectionClock, TimeoutVerdict } from './server-timeouts.js';
 
@@ -77,6 +78,8 @@ export interface ConnectionHost {
   readonly bufferShare: BufferShare | null;
   /** TLS offered on this export, or null (off). */
   readonly tls: ServerTls | null;
+  /** Status contexts beyond base:allocation (checkpoints, dirty maps), or null. */
+  readonly metaContexts: MetaContextSource | null;
   connectionClosed(connection: ServerConnection): void;
   /** Register a connection whose parsing stalled; `resume()` is called after a `wake()`. */
   stalled(connection: ServerConnection): void;
@@ -151,6 +154,7 @@ export class ServerConnection implements ShareUser, RecordOwner {
         onStartTls: () => this.startTls(),
       },
       host.tls?.mode ?? 'off',
+      host.metaContexts,
     );
     socket.setNoDelay(true);
     this.listen(socket, !directReceive);
@@ -290,7 +294,7 @@ export class ServerConnection implements ShareUser, RecordOwner {
       transmissionFlags: state.exportDescriptor.transmissionFlags,
       maximumPayloadBytes: state.exportDescriptor.maximumPayloadBytes,
       structuredReplies: state.structuredReplies,
-      metaContextSelected: state.baseAllocationId !== 0,
+      metaContextSelected: state.baseAllocationId !== 0 || state.extraContexts.length > 0,
       fastZero: this.host.fastZero,
     };
     this.logger.debug({ structuredReplies: state.structuredReplies, baseAllocation: state.baseAllocationId !== 0 }, 'transmission phase');
@@ -539,6 +543,10 @@ export class ServerConnection implements ShareUser, RecordOwner {
       this.finish(record, p.kEInval);
       return;
     }
+    if (this.negotiated?.baseAllocationId === 0) {
+      this.replyBlockStatus(record, null, asked, reqOne);
+      return;
+    }
     deviceExtents(this.host.device, offset, asked).then(
       (extents) => this.replyBlockStatus(record, extents, asked, reqOne),
       (error: unknown) => {
@@ -603,21 +611,34 @@ export class ServerConnection implements ShareUser, RecordOwner {
     if (this.replies.read(record, errno, structured)) this.releaseRecord(record);
   }
 
-  private replyBlockStatus(record: RequestRecord, extents: Extent[], askedBytes: number, reqOne: boolean): void {
+  /**
+   * One status chunk per selected context: base:allocation (`extents`, null when not selected)
+   * first, then the other contexts in selection order; the last chunk carries DONE.
+   */
+  private replyBlockStatus(record: RequestRecord, extents: Extent[] | null, askedBytes: number, reqOne: boolean): void {
     if (this.closed) {
       this.releaseRecord(record);
       this.afterRelease();
       return;
     }
-    const lengths: number[] = [];
-    const flags: number[] = [];
-    clipExtents(extents, askedBytes, reqOne, lengths, flags);
+    const extra = this.negotiated?.extraContexts ?? [];
     this.requestsServed += 1;
-    const contextId = this.negotiated?.baseAllocationId ?? 0;
-    const count = reqOne ? 1 : lengths.length;
-    this.replies.blockStatus(record, contextId, lengths, flags, count);
+    if (extents !== null) this.writeStatusChunk(record, this.negotiated?.baseAllocationId ?? 0, extents, askedBytes, reqOne, extra.length === 0, p.kStateHole | p.kStateZero);
+    const source = this.host.metaContexts;
+    for (const [index, context] of extra.entries()) {
+      const found = mapExtents(source?.map(context.name) ?? null, record.offsetBytes, askedBytes, reqOne ? 1 : kExtentsMax);
+      this.writeStatusChunk(record, context.id, found, askedBytes, reqOne, index === extra.length - 1, kDirtyFlag);
+    }
     this.releaseRecord(record);
     this.afterRelease();
+  }
+
+  private writeStatusChunk(record: RequestRecord, contextId: number, extents: Extent[], askedBytes: number, reqOne: boolean, done: boolean, flagMask: number): void {
+    const lengths: number[] = [];
+    const flags: number[] = [];
+    clipExtents(extents, askedBytes, reqOne, lengths, flags, flagMask);
+    const count = reqOne ? 1 : lengths.length;
+    this.replies.blockStatus(record, contextId, lengths, flags, count, done);
   }
 
   // ---- teardown ---------------------------------------------------------------------------

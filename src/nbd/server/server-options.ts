@@ -32,6 +32,7 @@
 import { assert } from '../../core/assert.js';
 import * as p from '../protocol.js';
 import { optionName } from '../protocol-names.js';
+import { kExtraContextIdFirst, matchMetaContexts, type MetaContextSource } from './meta-contexts.js';
 
 /** What the server exports; encodings are precomputed once per export. */
 export interface ExportDescriptor {
@@ -50,6 +51,8 @@ export interface NegotiatedState {
   structuredReplies: boolean;
   /** Context id of base:allocation when selected for this export, else 0. */
   baseAllocationId: number;
+  /** Other selected contexts (meta-contexts.ts), each with its id, in selection order. */
+  extraContexts: Array<{ id: number; name: string }>;
   noZeroes: boolean;
 }
 
@@ -158,12 +161,15 @@ export class OptionNegotiator {
   /** Export name the current meta context selection was made for, or null when none. */
   private metaExportName: string | null = null;
   private metaSelected = false;
+  /** Contexts other than base:allocation selected by the last SET_META_CONTEXT. */
+  private extraSelected: string[] = [];
   private shuttingDown = false;
 
   constructor(
     private readonly exportDescriptor: ExportDescriptor,
     private readonly handlers: OptionHandlers,
     private readonly tlsMode: NegotiatorTlsMode = 'off',
+    private readonly metaContexts: MetaContextSource | null = null,
   ) {
     assert(tlsMode === 'off' || handlers.onStartTls !== undefined, 'TLS needs an onStartTls handler');
     assert(exportDescriptor.sizeBytes >= 0, 'export size must be non-negative');
@@ -191,6 +197,7 @@ export class OptionNegotiator {
     this.structuredReplies = false;
     this.metaExportName = null;
     this.metaSelected = false;
+    this.extraSelected = [];
     this.buffered = Buffer.alloc(0);
     this.stage = 'options';
   }
@@ -411,6 +418,7 @@ export class OptionNegotiator {
       // SET replaces the selection even when it fails.
       this.metaExportName = null;
       this.metaSelected = false;
+      this.extraSelected = [];
     }
     if (isSet && !this.structuredReplies) {
       this.replyError(option, p.kRepErrInvalid, 'SET_META_CONTEXT needs STRUCTURED_REPLY first');
@@ -440,6 +448,18 @@ export class OptionNegotiator {
         this.metaExportName = parsed.name;
       }
     }
+    const extra = this.metaContexts === null ? [] : matchMetaContexts(this.metaContexts.names(), parsed.queries, isSet);
+    for (const [index, name] of extra.entries()) {
+      const context = Buffer.from(name, 'utf8');
+      const replyData = Buffer.allocUnsafe(4 + context.length);
+      replyData.writeUInt32BE(isSet ? kExtraContextIdFirst + index : 0, 0);
+      context.copy(replyData, 4);
+      this.reply(option, p.kRepMetaContext, replyData);
+    }
+    if (isSet && extra.length > 0) {
+      this.extraSelected = extra;
+      this.metaExportName = parsed.name;
+    }
     this.reply(option, p.kRepAck);
   }
 
@@ -448,7 +468,8 @@ export class OptionNegotiator {
     const state: NegotiatedState = {
       exportDescriptor: this.exportDescriptor,
       structuredReplies: this.structuredReplies,
-      baseAllocationId: selected ? kBaseAllocationContextId : 0,
+      baseAllocationId: selected && this.metaSelected ? kBaseAllocationContextId : 0,
+      extraContexts: this.metaExportName === exportName ? this.extraSelected.map((name, index) => ({ id: kExtraContextIdFirst + index, name })) : [],
       noZeroes: this.noZeroes,
     };
     const rest = this.buffered;

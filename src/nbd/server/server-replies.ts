@@ -102,9 +102,9 @@ export class ReplyWriter {
   }
 
   /** One BLOCK_STATUS chunk (starts the turn's batch): `count` extents of `lengths`/`flags`. */
-  blockStatus(record: RequestRecord, contextId: number, lengths: number[], flags: number[], count: number): void {
+  blockStatus(record: RequestRecord, contextId: number, lengths: number[], flags: number[], count: number, done = true): void {
     this.beginBatch();
-    const at = this.chunkHeader(record, p.kReplyFlagDone, p.kReplyTypeBlockStatus, 4 + 8 * count, 4 + 8 * count);
+    const at = this.chunkHeader(record, done ? p.kReplyFlagDone : 0, p.kReplyTypeBlockStatus, 4 + 8 * count, 4 + 8 * count);
     this.out.writeUInt32BE(contextId, at);
     for (let index = 0; index < count; index += 1) {
       this.out.writeUInt32BE(lengths[index] ?? 0, at + 4 + 8 * index);

@@ -29,6 +29,7 @@ import { join } from 'node:path';
 import type { Socket } from 'node:net';
 import { TLSSocket, createSecureContext, type SecureContext } from 'node:tls';
 import { EnbdError, describeError } from '../../core/errors.js';
+import { kPskCiphers, parsePskFile } from '../tls-psk.js';
 
 export type TlsMode = 'off' | 'on' | 'require';
 
@@ -63,27 +64,6 @@ export function peerVerifyError(socket: TLSSocket): string | null {
   if (handle === null || handle === undefined || typeof handle.verifyError !== 'function') return 'cannot check the client certificate';
   const error = handle.verifyError();
   return error === null ? null : ((error as NodeJS.ErrnoException).code ?? error.message);
-}
-
-/** OpenSSL cipher list (TLS 1.2) with the PSK suites GnuTLS offers; TLS 1.3 suites are separate. */
-export const kPskCiphers = 'ECDHE-PSK-AES256-GCM-SHA384:ECDHE-PSK-CHACHA20-POLY1305:ECDHE-PSK-AES128-GCM-SHA256:DHE-PSK-AES256-GCM-SHA384:DHE-PSK-AES128-GCM-SHA256:PSK-AES256-GCM-SHA384:PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305';
-
-/** Parses a psktool key file: `username:hexkey` lines (blank lines and # comments skipped). */
-export function parsePskFile(text: string, path: string, what = '--tls-psk'): Map<string, Buffer> {
-  const keys = new Map<string, Buffer>();
-  for (const [index, raw] of text.split('\n').entries()) {
-    const line = raw.trim();
-    if (line === '' || line.startsWith('#')) continue;
-    const colon = line.indexOf(':');
-    const name = colon > 0 ? line.slice(0, colon) : '';
-    const hex = colon > 0 ? line.slice(colon + 1) : '';
-    if (name === '' || !/^([0-9a-fA-F]{2})+$/.test(hex)) {
-      throw new EnbdError('ENBD_ERR_CONFIG', `${what} ${path}:${index + 1}: expected username:hexkey (psktool format)`);
-    }
-    keys.set(name, Buffer.from(hex, 'hex'));
-  }
-  if (keys.size === 0) throw new EnbdError('ENBD_ERR_CONFIG', `${what} ${path}: no keys`);
-  return keys;
 }
 
 export function parseTlsMode(option: string, text: string): TlsMode {

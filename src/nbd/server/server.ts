@@ -20,6 +20,7 @@
  * - A client's bytes can only close that client's connection; nothing a client sends throws
  *   out of a socket callback (errors are caught per connection and logged).
  */
+import type { MetaContextSource } from './meta-contexts.js';
 import { checkUnixFree, listenOn } from '../../core/listen.js';
 import { createServer, type Server, type Socket } from 'node:net';
 import { lstatSync, unlinkSync } from 'node:fs';
@@ -62,6 +63,8 @@ export interface NbdServerOptions {
    * Direct receive is not used when TLS is configured (TLS records are decrypted by node:tls).
    */
   tls?: ServerTls | null;
+  /** Status contexts beyond base:allocation (the mirror's checkpoints and dirty maps). */
+  metaContexts?: MetaContextSource | null;
 }
 
 export const kConnectionsMaxDefault = 128;
@@ -113,6 +116,7 @@ export class NbdServer implements ConnectionHost {
   readonly fastZero: boolean;
   readonly bufferShare: BufferShare | null;
   readonly tls: ServerTls | null;
+  readonly metaContexts: MetaContextSource | null;
   private readonly logger: Logger;
   private readonly connections: (ServerConnection | null)[] = [];
   private readonly stalledConnections = new Set<ServerConnection>();
@@ -177,6 +181,7 @@ export class NbdServer implements ConnectionHost {
         ? new BufferShare(capacityBytes, device.bufferUnitBytes)
         : null;
     this.tls = options.tls ?? null;
+    this.metaContexts = options.metaContexts ?? null;
     if (options.directReceive === true && this.tls !== null) {
       this.logger.warn('--receive direct is not used with --tls on/require; WRITE payloads are streamed');
     }

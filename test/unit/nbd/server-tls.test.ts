@@ -7,7 +7,8 @@ import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
 import { scratch, type Scratch } from '../../helpers/tools.js';
-import { loadServerTls, parsePskFile, parseTlsMode } from '../../../src/nbd/server/server-tls.js';
+import { loadServerTls, parseTlsMode } from '../../../src/nbd/server/server-tls.js';
+import { parsePskFile } from '../../../src/nbd/tls-psk.js';
 import { resolveMirrorSettings } from '../../../src/cli/mirror.js';
 
 let dir: Scratch;
