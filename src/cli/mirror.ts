@@ -17,6 +17,7 @@ import { LegMeta } from '../meta/leg-meta.js';
 import { openLegDevices } from './create.js';
 import { EnbdError, describeError } from '../core/errors.js';
 import type { MirrorDevice } from '../engine/mirror.js';
+import { kReadPolicies, type ReadPolicyName } from '../engine/read-policy.js';
 import type { CopyMode, Placement } from '../engine/messages.js';
 import type { NbdServer } from '../nbd/server/server.js';
 import { openMirrorServer, type MirrorServer } from './mirror-server.js';
@@ -92,11 +93,16 @@ export interface MirrorSettings {
   verifyIntervalMs: number;
   /** --resync-verify: checksum resync (compare first, copy only what differs). */
   resyncVerify: boolean;
+  /** --read-policy, --write-mostly, --write-behind (bytes), --read-repair (src/engine/read-policy.ts). */
+  readPolicy: ReadPolicyName;
+  writeMostly: number[];
+  writeBehind: number;
+  readRepair: boolean;
   /** --checkpoint-granularity: bytes per bit of every checkpoint (changed-block tracking). */
   checkpointGranularity: number;
 }
 
-const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'legConnections', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly', 'checkpointGranularity', 'verifyThreads', 'verifyInterval', 'resyncVerify']);
+const kConfigKeys = new Set(['legs', 'socket', 'listen', 'name', 'size', 'ringSlots', 'slotBytes', 'copyMode', 'placement', 'maxPayload', 'legTimeoutMs', 'legConnections', 'idleProbeMs', 'fenceTimeoutMs', 'probeTimeoutMs', 'legMaxFailures', 'legFailureWindowMs', 'legStableMs', 'bitmapChunk', 'bitmapPool', 'reconnectMinMs', 'reconnectMaxMs', 'resyncRateMin', 'resyncRateMax', 'flushTracking', 'logLevel', 'dataDir', 'receive', 'control', 'metrics', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'metadata', 'forceSource', 'degraded', 'tls', 'tlsCertificates', 'tlsVerifyPeer', 'tlsPsk', 'readOnly', 'readPolicy', 'writeMostly', 'writeBehind', 'readRepair', 'checkpointGranularity', 'verifyThreads', 'verifyInterval', 'resyncVerify']);
 const kDefaultLegBytes = 1024 ** 3;
 /** The longest timer Node keeps (2^31 - 1 ms, about 24.8 days). */
 const kVerifyIntervalMsMax = 2_147_483_647;
@@ -135,7 +141,8 @@ const kFlagOfKey: Record<string, string> = {
   payloadTimeoutMs: '--payload-timeout', metadata: '--metadata', forceSource: '--force-source', degraded: '--degraded', tls: '--tls',
   tlsCertificates: '--tls-certificates', tlsVerifyPeer: '--tls-verify-peer', tlsPsk: '--tls-psk', readOnly: '--read-only',
   checkpointGranularity: '--checkpoint-granularity', legConnections: '--leg-connections', verifyThreads: '--verify-threads',
-  verifyInterval: '--verify-interval', resyncVerify: '--resync-verify',
+  verifyInterval: '--verify-interval', resyncVerify: '--resync-verify', readPolicy: '--read-policy', writeMostly: '--write-mostly',
+  writeBehind: '--write-behind', readRepair: '--read-repair',
 };
 
 /**
@@ -225,6 +232,19 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
   const tlsCertificates = from.text('tlsCertificates');
   const tlsPsk = from.text('tlsPsk');
   const legTimeoutText = from.text('legTimeoutMs', '5000');
+  const writeMostlyValue = (flags['writeMostly'] as string[] | undefined)?.length ? flags['writeMostly'] : config['writeMostly'];
+  const writeMostlyWhere = (flags['writeMostly'] as string[] | undefined)?.length ? '--write-mostly' : from.name('writeMostly');
+  const writeMostlyList: unknown[] = writeMostlyValue === undefined ? [] : Array.isArray(writeMostlyValue) ? writeMostlyValue : [writeMostlyValue];
+  const writeMostly = writeMostlyList.map((value) => parseInteger(writeMostlyWhere, typeof value === 'number' ? String(value) : typeof value === 'string' ? value : JSON.stringify(value), 0, 30));
+  for (const index of writeMostly) {
+    if (legs.length > 0 && index >= legs.length) throw usageError(writeMostlyWhere, `a leg index from 0 to ${legs.length - 1}`, index);
+  }
+  const writeBehindText = from.text('writeBehind', '0');
+  const writeBehindMiB = Number(writeBehindText);
+  if (writeBehindText.trim() === '' || !Number.isFinite(writeBehindMiB) || writeBehindMiB < 0 || writeBehindMiB > 1024) {
+    throw usageError(from.name('writeBehind'), 'a number of MiB from 0 to 1024', writeBehindText);
+  }
+  if (writeBehindMiB > 0 && writeMostly.length === 0) throw new EnbdError('ENBD_ERR_USAGE', `${from.name('writeBehind')} applies to write-mostly legs: name them with --write-mostly N`);
   return {
     tls: {
       mode: parseTlsMode(from.name('tls'), from.text('tls', 'off')),
@@ -239,6 +259,10 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     verifyThreads: integer('verifyThreads', String(defaultHashThreads()), 1, kHashThreadsMax),
     verifyIntervalMs: duration('verifyInterval', '0', 0, kVerifyIntervalMsMax),
     resyncVerify: from.flag('resyncVerify', false),
+    readPolicy: from.choice('readPolicy', kReadPolicies, 'least-pending'),
+    writeMostly,
+    writeBehind: Math.round(writeBehindMiB * 1024 * 1024),
+    readRepair: from.flag('readRepair', true),
     checkpointGranularity: checkGranularity(parseBytes(from.name('checkpointGranularity'), from.text('checkpointGranularity', '64K'))),
     legs,
     legNames,
@@ -379,7 +403,7 @@ async function assembleLegs(settings: MirrorSettings, createFirst: boolean, logg
     }
   }
   const devices = await openLegDevices(settings.legs);
-  const assembled = await assembleArray(settings.legs, devices, { forceSource: settings.forceSource, degraded: settings.degraded });
+  const assembled = await assembleArray(settings.legs, devices, { forceSource: settings.forceSource, degraded: settings.degraded, writeMostly: settings.writeMostly });
   return assembled;
 }
 
@@ -387,7 +411,7 @@ async function assembleLegs(settings: MirrorSettings, createFirst: boolean, logg
  * What SIGHUP changes in a running mirror, config key -> how; `legs` is reconciled against the
  * running set (reconcileLegs). Everything else in the file needs a restart.
  */
-export const kLiveSettings = ['resyncRateMin', 'resyncRateMax', 'logLevel', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'verifyIntervalMs'] as const;
+export const kLiveSettings = ['resyncRateMin', 'resyncRateMax', 'readPolicy', 'logLevel', 'maxConnections', 'handshakeTimeoutMs', 'payloadTimeoutMs', 'verifyIntervalMs'] as const;
 
 /** The settings as config keys, for comparing two loads (serverLimits flattened). */
 function comparable(settings: MirrorSettings): Record<string, unknown> {
@@ -437,6 +461,10 @@ async function reloadMirror(flags: Record<string, unknown>, loaded: MirrorSettin
     running.mirror.setResyncRates({ minBytesPerSecond: next.resyncRateMin, maxBytesPerSecond: next.resyncRateMax });
     loaded.resyncRateMin = next.resyncRateMin;
     loaded.resyncRateMax = next.resyncRateMax;
+  }
+  if (changed['readPolicy'] !== undefined) {
+    running.mirror.setReadPolicy(next.readPolicy);
+    loaded.readPolicy = next.readPolicy;
   }
   if (JSON.stringify(loaded.serverLimits) !== JSON.stringify(next.serverLimits)) {
     running.server.setLimits(next.serverLimits);
@@ -555,6 +583,10 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     flushTracking: settings.flushTracking,
     verify: { threads: settings.verifyThreads, intervalMs: settings.verifyIntervalMs, workerEntry: kHashWorkerEntry },
     resyncVerify: settings.resyncVerify,
+    readPolicy: settings.readPolicy,
+    writeMostly: settings.writeMostly,
+    readRepair: settings.readRepair,
+    ...(settings.writeBehind > 0 ? { writeBehindBytes: settings.writeBehind } : {}),
   }, (opened) => ({
     exportName: settings.name,
     logger,

@@ -99,6 +99,12 @@ export function formatLegTable(legs: readonly LegView[]): string[] {
     lines.push(line(rows[at] ?? []));
     if (leg.resync !== null) lines.push(`    ${formatResync(leg.resync)}`);
     if (leg.failureReason !== null && leg.state !== 'in-sync') lines.push(`    reason: ${leg.failureReason}`);
+    if ((leg.readRepairs ?? 0) > 0 || leg.writeMostly === true) {
+      const parts = [`reads ${leg.reads ?? 0}`];
+      if ((leg.readRepairs ?? 0) > 0) parts.push(`read errors repaired ${leg.readRepairs}`);
+      if (leg.writeMostly === true) parts.push(`write-mostly, ${formatBytes(leg.behindBytes ?? 0)} behind`);
+      lines.push(`    ${parts.join(', ')}`);
+    }
   }
   return lines;
 }

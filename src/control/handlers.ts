@@ -226,6 +226,11 @@ export class MirrorControl {
         resync: leg.resync,
         resyncedBytes: leg.resyncedBytes,
         member: leg.member ?? null,
+        reads: leg.reads ?? 0,
+        readLatencyMs: leg.readLatencyMs ?? null,
+        readRepairs: leg.readRepairs ?? 0,
+        writeMostly: leg.writeMostly ?? false,
+        behindBytes: leg.behindBytes ?? 0,
       };
     });
     const latency: Record<string, LatencyView> = {};

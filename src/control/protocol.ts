@@ -208,6 +208,13 @@ export interface LegView {
   resyncedBytes: number;
   /** Its member slot and leg UUID in the on-leg metadata (null: --metadata none). */
   member: { slotIndex: number; legUuid: string } | null;
+  /** Client reads it served, its recent read latency (EWMA, ms), read errors repaired (issue 14). */
+  reads?: number;
+  readLatencyMs?: number | null;
+  readRepairs?: number;
+  /** Serves reads only when no other leg can; with write-behind, bytes it is behind by. */
+  writeMostly?: boolean;
+  behindBytes?: number;
 }
 
 /** The on-leg metadata of the array (null: --metadata none): the keeper's own status. */

@@ -20,7 +20,8 @@
  * Invariants:
  * - A leg enters `probation` only from `reconnecting`, and `reconnecting` only from `degraded`
  *   or `faulty`/`failed` (operator): so every return was preceded by a completed fence.
- * - A leg enters `in-sync`/`resyncing` only from `probation`, or `resyncing` -> `in-sync`.
+ * - A leg enters `in-sync`/`resyncing` only from `probation`, or `resyncing` -> `in-sync`, or
+ *   `in-sync` -> `resyncing` (a range it failed to read is rewritten: src/engine/read-repair.ts).
  */
 import { assert } from '../core/assert.js';
 import type { Logger } from '../core/log.js';
@@ -54,7 +55,7 @@ export const kLegStates: readonly LegState[] = ['in-sync', 'resyncing', 'probati
 
 /** The transition table: from -> the states it may move to. */
 export const kLegTransitions: Readonly<Record<LegState, readonly LegState[]>> = {
-  'in-sync': ['fencing', 'failed', 'removed'],
+  'in-sync': ['resyncing', 'fencing', 'failed', 'removed'],
   resyncing: ['in-sync', 'fencing', 'failed', 'removed'],
   probation: ['resyncing', 'in-sync', 'fencing', 'failed', 'removed'],
   degraded: ['reconnecting', 'fencing', 'failed', 'removed'],

@@ -67,6 +67,9 @@ import type { AssembledArray } from '../meta/assemble.js';
 import { bitmapTest } from '../meta/leg-meta.js';
 import { Verifier, type VerifyHost, type VerifyOptions, type VerifyProgress, type VerifyStartOptions, type VerifyStatus } from './verify.js';
 import { assignLegNames, legNameProblem, nextAutoLegName, resolveLegRef } from './leg-names.js';
+import { ReadChooser, type ReadPolicyName } from './read-policy.js';
+import { ReadRepair } from './read-repair.js';
+import { WriteBehind, kShadowPhase } from './write-behind.js';
 import { bitmapSnapshotOf, legStatsWithin, ringCountersOf, slotsSnapshotOf, type BitmapSnapshot, type MirrorDebugHandles, type RingCounters, type SlotsSnapshot } from './snapshots.js';
 
 export interface MirrorOptions {
@@ -135,6 +138,20 @@ export interface MirrorOptions {
   verify?: VerifyOptions;
   /** Checksum resync: compare a piece on source and target first, copy only what differs. */
   resyncVerify?: boolean;
+  /** Which up-to-date leg serves a read (src/engine/read-policy.ts; default least-pending). */
+  readPolicy?: ReadPolicyName;
+  /** Leg indexes that serve reads only when no other leg can (write-mostly). */
+  writeMostly?: number[];
+  /**
+   * Rewrite a range a leg failed to read with EIO from another leg, the leg staying admitted
+   * (default true; src/engine/read-repair.ts). Off: the leg fails, as before read repair.
+   */
+  readRepair?: boolean;
+  /**
+   * Write-behind bound per write-mostly leg, in bytes (0 or absent: off): a WRITE is acknowledged
+   * once the other admitted legs hold it (src/engine/write-behind.ts).
+   */
+  writeBehindBytes?: number;
   /** Checkpoint (changed-block tracking) granularity in bytes; default 64 KiB. */
   checkpointGranularityBytes?: number;
   /**
@@ -174,6 +191,18 @@ export interface LegStatus {
   reconnects?: number;
   /** Its member slot and leg UUID in the on-leg metadata (null or absent: --metadata none). */
   member?: { slotIndex: number; legUuid: string } | null;
+  /** Client reads this leg served since start (src/engine/read-policy.ts). */
+  reads?: number;
+  /** Recent read completion time (EWMA, ms; null before its first read). */
+  readLatencyMs?: number | null;
+  /** Serves reads only when no other leg can. */
+  writeMostly?: boolean;
+  /** Read errors of this leg repaired by rewriting the range (started) since start. */
+  readRepairs?: number;
+  /** Write-behind: bytes acknowledged to clients that this leg does not hold yet. */
+  behindBytes?: number;
+  /** Write-behind: writes acknowledged before this leg had them, since start. */
+  deferredWrites?: number;
 }
 
 export interface MirrorStats {
@@ -291,7 +320,12 @@ export class MirrorDevice implements BlockDevice {
   private readonly publishBound = (): void => this.publishDispatches();
   private readonly onSlotCompleteBound = (slot: number): void => this.onSlotComplete(slot);
   private readonly pumpBound = (): void => this.pumpCompletions();
-  private readSpread = 0;
+  /** Read policy, write-mostly legs, per-leg read counters and latency. */
+  readonly reads: ReadChooser;
+  /** Read-error repair: a leg's READ EIO rewrites the range on it (src/engine/read-repair.ts). */
+  private readonly repair: ReadRepair;
+  /** Write-behind of write-mostly legs (null: off). */
+  private readonly behind: WriteBehind | null = null;
   private closed = false;
   /** Per-leg drop counters bumped by the actors (see LegActorInit.events). */
   private readonly events: Int32Array;
@@ -336,6 +370,7 @@ export class MirrorDevice implements BlockDevice {
     this.slots = new SlotTable(this.ring.slotCount);
     this.events = new Int32Array(new SharedArrayBuffer(kMaxLegs * 4));
     this.options = options;
+    this.reads = new ReadChooser(options.readPolicy ?? 'least-pending', options.writeMostly ?? []);
     this.healthPolicy = {
       maxFailures: options.legMaxFailures ?? kDefaultHealthPolicy.maxFailures,
       failureWindowMs: options.legFailureWindowMs ?? kDefaultHealthPolicy.failureWindowMs,
@@ -389,6 +424,38 @@ export class MirrorDevice implements BlockDevice {
       markUnlessSole: (leg, offsetBytes, lengthBytes) => this.markUnlessSole(leg, offsetBytes, lengthBytes),
       admit: async (leg) => this.keeper === null ? true : await this.keeper.admit(leg),
     }, options, this.healthPolicy, this.logger);
+    this.repair = new ReadRepair({
+      markUnlessSole: (leg, offsetBytes, lengthBytes) => this.markUnlessSole(leg, offsetBytes, lengthBytes),
+      move: (leg, to, reason, fields) => this.lifecycle.move(leg, to, reason, fields),
+      startResync: (leg) => this.startResync(leg),
+    }, this.logger);
+    if ((options.writeBehindBytes ?? 0) > 0 && this.reads.writeMostlyMask !== 0) {
+      this.behind = new WriteBehind({
+        ring: this.ring,
+        slots: this.slots,
+        legs: this.legs,
+        bindInternal: (slot, span) => {
+          this.bindToken(slot, this.takeInternalToken(), true);
+          this.slots.span[slot] = span;
+          this.inFlight += 1;
+        },
+        lockChunks: (slot, offsetBytes, lengthBytes) => this.lockChunks(slot, offsetBytes, lengthBytes),
+        dispatch: (slot) => this.dispatch(slot),
+        releaseAndFinish: (slot) => {
+          this.releaseRange(slot);
+          this.finishSlot(slot, 0);
+        },
+        failLeg: (leg, reason) => this.lifecycle.failLeg(leg, reason),
+        move: (leg, to, reason, fields) => this.lifecycle.move(leg, to, reason, fields),
+        startResync: (leg) => this.startResync(leg),
+        recordUnflushed: (slot, mask) => {
+          if (this.flushTracking) this.recordUnflushed(slot, mask);
+        },
+        chunkBytes: () => this.chunkBytes,
+        sizeBytes: () => this.sizeBytes,
+        anyClean: (offsetBytes, lengthBytes) => this.firstCleanLeg(this.allLegsMask, offsetBytes, lengthBytes) !== null,
+      }, options.writeBehindBytes ?? 0, this.reads.writeMostlyMask, this.logger);
+    }
     this.resyncHost = {
       copyRange: (legIndex, offsetBytes, lengthBytes) => this.copier.copyRange(this.legs[legIndex] as Leg, offsetBytes, lengthBytes),
       stillResyncing: (legIndex) => !this.closed && this.legs[legIndex]?.state === 'resyncing',
@@ -1002,6 +1069,12 @@ export class MirrorDevice implements BlockDevice {
       this.finishSlot(slot, p.kEIo);
       return false;
     }
+    if (this.behind !== null) {
+      // Write-mostly legs behind: taken out of the target, marked below like legs that missed it.
+      target &= ~this.behind.defer(slot, target, upToDate);
+      upToDate &= target;
+      inSync &= target;
+    }
     this.slots.upToDate[slot] = upToDate;
     this.slots.seq[slot] = this.lifecycle.failSeq;
     this.slots.inSync[slot] = inSync;
@@ -1019,7 +1092,8 @@ export class MirrorDevice implements BlockDevice {
     let inSync = 0;
     for (const leg of this.legs) {
       if ((target & leg.bit) === 0) continue;
-      if (leg.state === 'in-sync') inSync |= leg.bit;
+      // A leg with writes behind does not hold every acknowledged write.
+      if (leg.state === 'in-sync' && (this.behind?.behindBytes[leg.index] ?? 0) === 0) inSync |= leg.bit;
       if (leg.flushSlot !== -1) continue;
       leg.flushSlot = slot;
       leg.unflushedCurrent ^= 1;
@@ -1057,7 +1131,10 @@ export class MirrorDevice implements BlockDevice {
 
   /** True when the leg is admitted and clean in its dirty map for the whole range. */
   private upToDateFor(leg: Leg, offsetBytes: number, lengthBytes: number): boolean {
-    if (leg.state === 'in-sync') return true;
+    if (leg.state === 'in-sync') {
+      // A write-mostly leg with write-behind may be behind (its map marks what it lags on).
+      return this.behind === null || !this.behind.appliesTo(leg) || leg.dirty === null || !leg.dirty.testRange(offsetBytes, lengthBytes);
+    }
     return leg.state === 'resyncing' && leg.dirty !== null && !leg.dirty.testRange(offsetBytes, lengthBytes);
   }
 
@@ -1066,15 +1143,7 @@ export class MirrorDevice implements BlockDevice {
    * the range: in sync, or resyncing with the range clean in its dirty map.
    */
   private pickReadLeg(excludeMask: number, offsetBytes: number, lengthBytes: number): Leg | null {
-    let best: Leg | null = null;
-    const count = this.legs.length;
-    this.readSpread = (this.readSpread + 1) % count;
-    for (let step = 0; step < count; step += 1) {
-      const leg = this.legs[(this.readSpread + step) % count] as Leg;
-      if ((leg.bit & excludeMask) !== 0 || !this.upToDateFor(leg, offsetBytes, lengthBytes)) continue;
-      if (best === null || leg.inFlight < best.inFlight) best = leg;
-    }
-    return best;
+    return this.reads.pick(this.legs, (leg) => (leg.bit & excludeMask) === 0 && this.upToDateFor(leg, offsetBytes, lengthBytes));
   }
 
   private dispatch(slot: number): void {
@@ -1087,6 +1156,8 @@ export class MirrorDevice implements BlockDevice {
       }
       if (phase === 1) {
         if (!this.copier.prepareRead(slot)) return;
+      } else if (phase === kShadowPhase) {
+        if (this.behind !== null && !this.behind.prepare(slot)) return;
       } else if (phase === 0 && isDataChanging(ring.command(slot))) {
         // Checkpoints are marked before any leg gets the data (so before the ack).
         this.checkpointSet?.mark(ring.offsetBytes(slot), ring.lengthBytes(slot));
@@ -1167,6 +1238,10 @@ export class MirrorDevice implements BlockDevice {
       this.verifier.onComplete(slot, failed);
       return;
     }
+    if (phase === kShadowPhase) {
+      this.behind?.onShadowDone(slot, failed);
+      return;
+    }
     if (phase !== 0) {
       this.copier.onPhaseComplete(slot, phase, failed);
       return;
@@ -1176,6 +1251,7 @@ export class MirrorDevice implements BlockDevice {
       this.retryRead(slot, failed);
       return;
     }
+    if (command === p.kCmdRead) this.reads.onReadDone(ring.readLeg(slot), performance.now() - (this.slots.started[slot] ?? 0));
     if (command === p.kCmdFlush) this.settleFlush(slot, target, failed);
     let errno = 0;
     let lost = failed;
@@ -1191,6 +1267,9 @@ export class MirrorDevice implements BlockDevice {
     } else if (isDataChanging(command)) {
       const held = target & ~lost;
       if ((held & (this.slots.upToDate[slot] ?? 0)) === 0) errno = p.kEIo;
+      // A failed write's shadows are cancelled before any leg's marks are settled: a shadow
+      // that will never land must not count as holding the range (markUnlessSole).
+      if (errno !== 0) this.behind?.onMainDone(slot, false);
       if (lost !== 0 || errno !== 0) this.onWriteFailures(slot, command, target, lost, errno === 0);
     } else if (failed !== 0) {
       // FLUSH: durable if a leg that was in sync at dispatch (it holds every acknowledged
@@ -1201,6 +1280,7 @@ export class MirrorDevice implements BlockDevice {
     }
     if (isDataChanging(command)) {
       if (this.flushTracking && (ring.flags(slot) & p.kCmdFlagFua) === 0) this.recordUnflushed(slot, target & ~lost);
+      this.behind?.onMainDone(slot, errno === 0); // before the release grants its shadows
       this.releaseRange(slot);
       // A member-table change (a leg left) is not durable yet: the ack waits for it.
       if (errno === 0 && this.keeper !== null && this.keeper.holdCompletion(slot, errno)) return;
@@ -1285,7 +1365,7 @@ export class MirrorDevice implements BlockDevice {
     const failedLeg = this.legs[31 - Math.clz32(failed)] as Leg;
     const offsetBytes = ring.offsetBytes(slot);
     const lengthBytes = ring.lengthBytes(slot);
-    if (!kRequestLevelErrnos.has(errno)) {
+    if (!kRequestLevelErrnos.has(errno) && !(this.options.readRepair !== false && this.repair.start(failedLeg, offsetBytes, lengthBytes, ring.legErrno(slot, failedLeg.index), p.kEIo))) {
       // The leg could not read what it should hold: that range needs a copy from a good leg.
       this.markUnlessSole(failedLeg, offsetBytes, lengthBytes);
       this.lifecycle.failLeg(failedLeg, `${commandNames[ring.command(slot)] ?? 'READ'} failed with ${errnoNames[errno] ?? errno}`);
@@ -1360,8 +1440,29 @@ export class MirrorDevice implements BlockDevice {
    * the range unreadable everywhere).
    */
   private markUnlessSole(leg: Leg, offsetBytes: number, lengthBytes: number): boolean {
-    if (this.firstCleanLeg(this.allLegsMask & ~leg.bit, offsetBytes, lengthBytes) === null || leg.dirty === null) return false;
+    if (leg.dirty === null) return false;
+    if (this.firstCleanLeg(this.allLegsMask & ~leg.bit, offsetBytes, lengthBytes) === null) {
+      // With write-behind, a write-mostly leg's live shadow writes will hold what they cover:
+      // each chunk held by another leg, clean or about to be, is enough.
+      if (this.behind === null || !this.heldElsewhere(leg, offsetBytes, lengthBytes)) return false;
+      this.behind.markedOnShadows(leg, offsetBytes, offsetBytes + lengthBytes);
+    }
     leg.dirty.markRange(offsetBytes, lengthBytes);
+    return true;
+  }
+
+  /** Every dirty-map chunk of the range is clean on, or covered by a live shadow of, a leg other than `leg`. */
+  private heldElsewhere(leg: Leg, offsetBytes: number, lengthBytes: number): boolean {
+    const behind = this.behind;
+    if (behind === null) return false;
+    const chunk = this.chunkBytes;
+    const end = Math.min(this.sizeBytes, offsetBytes + lengthBytes);
+    for (let at = Math.floor(offsetBytes / chunk) * chunk; at < end; at += chunk) {
+      const piece = Math.min(chunk, this.sizeBytes - at);
+      const held = this.legs.some((other) => other !== leg && other.state !== 'removed' && other.dirty !== null
+        && (!other.dirty.testRange(at, piece) || (other.admitted && behind.shadowCovers(other, at))));
+      if (!held) return false;
+    }
     return true;
   }
 
@@ -1484,6 +1585,8 @@ export class MirrorDevice implements BlockDevice {
     if (index >= kMaxLegs) throw new EnbdError('ENBD_ERR_REFUSED', `a mirror has at most ${kMaxLegs} legs`);
     const leg = this.createLeg(index, uri);
     leg.name = legName;
+    this.reads.resetLeg(index);
+    this.repair.resetLeg(index);
     leg.state = 'reconnecting'; // not admitted while it is checked; probation next
     const info = await leg.api.open();
     let problem: string | null = null;
@@ -1586,6 +1689,11 @@ export class MirrorDevice implements BlockDevice {
     return this.legAt(index).dirty;
   }
 
+  /** Changes the read policy from the next read on (SIGHUP reload, control plane). */
+  setReadPolicy(policy: ReadPolicyName): void {
+    this.reads.policy = policy;
+  }
+
   setResyncRates(rates: Partial<ResyncRates>): ResyncRates {
     this.resyncRates = { ...this.resyncRates, ...rates };
     for (const leg of this.legs) leg.resync?.setRates(this.resyncRates);
@@ -1646,6 +1754,12 @@ export class MirrorDevice implements BlockDevice {
       resyncedBytes: leg.resyncedBytes,
       reconnects: leg.reconnects,
       member: this.keeper?.legMeta(leg.index) ?? null,
+      reads: this.reads.reads[leg.index] ?? 0,
+      readLatencyMs: (this.reads.latencyMs[leg.index] ?? 0) === 0 ? null : this.reads.latencyMs[leg.index] ?? null,
+      writeMostly: this.reads.isWriteMostly(leg.index),
+      readRepairs: this.repair.repairs[leg.index] ?? 0,
+      behindBytes: this.behind?.behindBytes[leg.index] ?? 0,
+      deferredWrites: this.behind?.deferredWrites[leg.index] ?? 0,
     }));
   }
 
@@ -1703,14 +1817,30 @@ export class MirrorDevice implements BlockDevice {
 
   /** Flushes every in-sync leg (used on shutdown); resolves with the errno (0 = ok). */
   async flushAll(): Promise<number> {
+    await this.catchUp();
     if (!this.features.flush || this.legs.every((leg) => leg.state !== 'in-sync')) return 0;
     return await this.runInternal(p.kCmdFlush, 0, 0, 0);
+  }
+
+  /**
+   * Waits (up to 30 s) for write-mostly legs to catch up with the writes they are behind on; a
+   * leg still behind then is failed, so the metadata records it as needing a resync.
+   */
+  async catchUp(timeoutMs = 30_000): Promise<void> {
+    const behind = this.behind;
+    if (behind === null) return;
+    const deadline = Date.now() + timeoutMs;
+    while (!behind.idle && !this.closed && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 5));
+    for (const leg of this.legs) {
+      if ((behind.behindBytes[leg.index] ?? 0) > 0) this.lifecycle.failLeg(leg, `still ${behind.behindBytes[leg.index]} bytes behind at shutdown`);
+    }
   }
 
   /** Stops the actors and their threads. The server must have drained first. */
   async close(): Promise<void> {
     if (this.closed) return;
     await this.verifier.close();
+    await this.catchUp();
     if (this.keeper !== null) {
       try {
         await this.keeper.stop();

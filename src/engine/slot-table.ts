@@ -19,7 +19,8 @@
  * | started  | start                           | performance.now() at arrival (latency)             |
  * | kind     | start                           | latency kind (kLatencyKinds index), -1 none        |
  * | phase    | copyRange; startKeeper (3);     | 0 client request; resync copy 1 READ, 2 WRITE;     |
- * |          | the verifier (4, 5)             | 3 the keeper's metadata run; verify 4 I/O, 5 lock  |
+ * |          | the verifier (4, 5); write-     | 3 the keeper's metadata run; verify 4 I/O, 5 lock; |
+ * |          | behind (6)                      | 6 a write-behind shadow write                      |
  * | copyLeg  | copyRange                       | resync copy: the leg it copies to                  |
  * | epoch    | copyRange                       | resync copy: the target's epoch when it started    |
  *

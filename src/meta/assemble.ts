@@ -72,6 +72,12 @@ export interface AssemblyOptions {
   pidAlive: (pid: number) => boolean;
   newUuid?: () => string;
   staleClaimMs?: number;
+  /**
+   * Write-mostly legs (indexes in the --leg list): after an unclean stop they are not chosen as
+   * the source while another freshest leg is in sync (with --write-behind a write-mostly leg may
+   * lag: its last writes are only in the bitmap, and the fast legs hold them).
+   */
+  writeMostly?: readonly number[];
 }
 
 export interface PlannedLeg {
@@ -303,6 +309,23 @@ export function planAssembly(found: FoundLeg[], options: AssemblyOptions): Assem
       }
     }
     legs.push({ uri: leg.uri, slotIndex, legUuid: legUuidOf[index] as string, role, why, fresh: !known });
+  }
+  const writeMostly = options.writeMostly ?? [];
+  if (unclean && source >= 0 && writeMostly.includes(source)) {
+    const better = legs.findIndex((planned, index) => !writeMostly.includes(index) && planned.why.startsWith('unclean stop: '));
+    if (better >= 0) {
+      const previous = source;
+      source = better;
+      for (const [index, planned] of legs.entries()) {
+        if (index === source) {
+          planned.role = 'in-sync';
+          planned.why = 'freshest';
+        } else if (index === previous || planned.why.startsWith('unclean stop: ')) {
+          planned.role = 'bitmap-resync';
+          planned.why = `unclean stop: the chunks the bitmap marks are copied from leg ${source}${index === previous ? ' (this leg is write-mostly and may have lagged)' : ''}`;
+        }
+      }
+    }
   }
   if (source < 0) {
     refuse(`no leg is known to be up to date (${legs.map((leg, index) => `leg ${index}: ${leg.why}`).join('; ')}); name the leg to trust with --force-source LEG`);

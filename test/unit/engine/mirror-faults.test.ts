@@ -250,7 +250,8 @@ describe('issue 10 findings (engine, fault legs)', () => {
   test('f5: a leg server that crashed while the mirror was disconnected from it does not serve writes it lost', async () => {
     const stores = makeStores(2, kDeviceBytes);
     const [storeA, storeB] = stores as [FaultStore, FaultStore];
-    open = await openFaultMirror(stores);
+    // Read repair off: the failed READ must fail the leg (a leg that left without a drop).
+    open = await openFaultMirror(stores, {}, { readRepair: false });
     const { mirror, driver } = open;
     const x = filled(16 * kKiB, 20);
     assert.equal(await driver.write(0, x), 0, 'X on both legs, not flushed');
