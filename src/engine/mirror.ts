@@ -1251,7 +1251,10 @@ export class MirrorDevice implements BlockDevice {
       this.retryRead(slot, failed);
       return;
     }
-    if (command === p.kCmdRead) this.reads.onReadDone(ring.readLeg(slot), performance.now() - (this.slots.started[slot] ?? 0));
+    if (command === p.kCmdRead) {
+      const readLeg = ring.readLeg(slot);
+      this.reads.onReadDone(readLeg, performance.now() - (this.slots.started[slot] ?? 0), performance.now(), this.legs[readLeg]?.inFlight ?? 0);
+    }
     if (command === p.kCmdFlush) this.settleFlush(slot, target, failed);
     let errno = 0;
     let lost = failed;

@@ -11,9 +11,12 @@
  * | least-pending   | the fewest requests in flight (ties: rotating start) — the default       |
  * | round-robin     | the next one after the last leg picked                                   |
  * | primary         | the lowest index (the first in-sync leg)                                 |
- * | latency         | the lowest EWMA (alpha 1/8) of read completion time; legs within 1.25x   |
- * |                 | of the lowest count as equal and the fewest in flight wins among them (a |
- * |                 | loaded fast leg's EWMA rises with its queue, so load still spreads); a   |
+ * | latency         | the lowest expected completion time: the EWMA (alpha 1/8) of read        |
+ * |                 | completion time scaled by the leg's queue now over its queue when the    |
+ * |                 | samples were taken (EWMA of in flight + 1 at completion), so a burst     |
+ * |                 | spreads per pick instead of all going to the leg that looked fastest     |
+ * |                 | before its estimate could rise; legs within 1.25x of the lowest count as |
+ * |                 | equal and the fewest in flight wins among them; a                        |
  * |                 | leg not sampled for 250 ms is picked once and that sample replaces its   |
  * |                 | estimate (a leg that got faster, or one measured under a burst, is seen  |
  * |                 | again); a leg without a sample yet counts as fastest; one                |
@@ -62,6 +65,8 @@ export class ReadChooser {
   /** Read completion time estimate per leg (ms); 0 = no sample yet. */
   readonly latencyMs = new Float64Array(kMaxLegs);
   private readonly sampledAt = new Float64Array(kMaxLegs);
+  /** EWMA of the leg's requests in flight + 1 when its read samples completed (latency policy). */
+  private readonly sampledQueue = new Float64Array(kMaxLegs);
   /** 1 while a probe read of a stale estimate is out: its sample replaces the estimate. */
   private readonly probing = new Uint8Array(kMaxLegs);
   private spread = 0;
@@ -112,9 +117,10 @@ export class ReadChooser {
             this.probing[leg.index] = 1;
             return leg;
           }
-          if (estimate < bestScore) {
+          const expected = this.expectedMs(leg);
+          if (expected < bestScore) {
             best = leg;
-            bestScore = estimate;
+            bestScore = expected;
           }
           break;
         }
@@ -124,14 +130,27 @@ export class ReadChooser {
     // Among the legs about as fast as the fastest, the least loaded.
     const limit = bestScore * kLatencyBand;
     for (const leg of legs) {
-      if (leg === best || ((this.writeMostlyMask & leg.bit) !== 0) !== writeMostly || (this.latencyMs[leg.index] ?? 0) > limit) continue;
+      if (leg === best || ((this.writeMostlyMask & leg.bit) !== 0) !== writeMostly || this.expectedMs(leg) > limit) continue;
       if (leg.inFlight < best.inFlight && eligible(leg)) best = leg;
     }
     return best;
   }
 
-  /** A read served by leg `index` completed after `elapsedMs`. */
-  onReadDone(index: number, elapsedMs: number, now: number = performance.now()): void {
+  /**
+   * Expected completion time of one more read on the leg (latency policy): its estimate scaled
+   * by its queue now (in flight + 1) over its queue when sampled; 0 without a sample.
+   */
+  private expectedMs(leg: ReadCandidate): number {
+    const estimate = this.latencyMs[leg.index] ?? 0;
+    if (estimate === 0) return 0;
+    return (estimate * (leg.inFlight + 1)) / Math.max(1, this.sampledQueue[leg.index] ?? 1);
+  }
+
+  /**
+   * A read served by leg `index` completed after `elapsedMs`; `inFlight` is the leg's requests
+   * still in flight then (the queue the sample saw, roughly).
+   */
+  onReadDone(index: number, elapsedMs: number, now: number = performance.now(), inFlight = 0): void {
     this.reads[index] = (this.reads[index] ?? 0) + 1;
     const previous = this.latencyMs[index] ?? 0;
     const fresh = previous === 0 || this.probing[index] === 1;
@@ -139,6 +158,9 @@ export class ReadChooser {
     const sample = fresh ? Math.max(elapsedMs, 1e-3) : Math.min(Math.max(elapsedMs, 1e-3), previous * kSampleClamp);
     // A probe's sample is a fresh look at a leg nobody read for a while: it replaces the estimate.
     this.latencyMs[index] = fresh ? sample : previous + (sample - previous) * kEwmaWeight;
+    const queue = Math.max(0, inFlight) + 1;
+    const queued = this.sampledQueue[index] ?? 0;
+    this.sampledQueue[index] = fresh || queued === 0 ? queue : queued + (queue - queued) * kEwmaWeight;
     this.sampledAt[index] = now;
   }
 
@@ -147,6 +169,7 @@ export class ReadChooser {
     this.reads[index] = 0;
     this.latencyMs[index] = 0;
     this.sampledAt[index] = 0;
+    this.sampledQueue[index] = 0;
     this.probing[index] = 0;
   }
 }

@@ -55,7 +55,12 @@ describe('ReadChooser', () => {
     chooser.onReadDone(0, 0.2, 1000);
     chooser.onReadDone(1, 5, 1000);
     for (let round = 0; round < 10; round += 1) assert.equal(chooser.pick(legs, () => true, 1001)?.index, 0);
-    assert.equal(chooser.pick(legsOf([40, 0]), () => true, 1001)?.index, 0, 'a slow leg is not picked for the fast one\'s queue');
+    // Sampled with 40 in flight, 0.2 ms is what a read takes behind such a queue.
+    const queued = new ReadChooser('latency');
+    for (let round = 0; round < 40; round += 1) queued.onReadDone(0, 0.2, 1000, 39);
+    queued.onReadDone(1, 5, 1000);
+    assert.equal(queued.pick(legsOf([40, 0]), () => true, 1001)?.index, 0, 'a slow leg is not picked for the fast one\'s usual queue');
+    assert.equal(chooser.pick(legsOf([40, 0]), () => true, 1001)?.index, 1, 'but for 40 times the queue its estimate was taken at');
     chooser.onReadDone(1, 0.22, 1000);
     chooser.onReadDone(1, 0.22, 1000);
     for (let round = 0; round < 40; round += 1) chooser.onReadDone(1, 0.22, 1000);
@@ -67,6 +72,22 @@ describe('ReadChooser', () => {
     assert.equal(stale.pick(legs, () => true, 1500)?.index, 1, 'a stale estimate gets one probe');
     assert.equal(stale.pick(legs, () => true, 1500)?.index, 0, 'then the fast leg again');
     assert.equal(stale.reads[0], 2);
+  });
+
+  test('latency weighs the queue: a burst spreads by expected completion time instead of all going to one leg', () => {
+    const chooser = new ReadChooser('latency');
+    chooser.onReadDone(0, 1, 1000); // sampled idle: 1 ms per read
+    chooser.onReadDone(1, 4, 1000); // sampled idle: 4 ms per read
+    const legs = legsOf([0, 0]) as Array<{ index: number; bit: number; inFlight: number }>;
+    for (let round = 0; round < 20; round += 1) {
+      const leg = chooser.pick(legs, () => true, 1001);
+      assert.ok(leg !== null);
+      (legs[leg.index] as { inFlight: number }).inFlight += 1;
+    }
+    const [fast, slow] = legs.map((leg) => leg.inFlight) as [number, number];
+    // Expected completion (in flight + 1) x estimate: about 4 reads on the fast leg per slow one.
+    assert.ok(slow >= 2 && slow <= 6, `the slow leg got ${slow} of 20 (fast ${fast})`);
+    assert.ok(fast > slow * 2, 'most of the burst went to the fast leg');
   });
 
   test('a write-mostly leg is picked only when no other leg is eligible', () => {
