@@ -43,6 +43,7 @@ import { tlsBlock } from './lib/tls-report.js';
 import { runVerifyBench, unavailableVerify, verifyBlock, type VerifyResults } from './lib/verify.js';
 import { cbtBlock, runCbtBench, type CbtResults } from './lib/cbt.js';
 import { legConnBlock, runLegConnBench, unavailableLegConn, type LegConnResults } from './lib/legconn.js';
+import { readPolicyBlock, runReadPolicyBench, unavailableReadPolicy, type ReadPolicyResults } from './lib/readpolicy.js';
 import { kResultsSchemaVersion, resultsStem, writeAtomic, writeResults } from './lib/results.js';
 import type { RowResult, RunResults } from './lib/results.js';
 import { runFio } from './lib/fio.js';
@@ -120,6 +121,9 @@ const kHelp = `usage: node dist/bench/run.js [options]
   --legconn            also measure several connections per leg (--leg-connections 1, 2, 4 over
                        legs serialising per connection, 1 ms per request; default off)
   --legconn-only       only that (no cases, no workloads, no metadata, no TLS, no resync)
+  --readpolicy         also measure read policies and write-behind with a slow leg (one leg
+                       behind a 5 ms delay filter vs two fast legs, 4 KiB QD32; default off)
+  --readpolicy-only    only that (no cases, no workloads, no metadata, no TLS, no resync)
   --no-save            do not write bench/results/<date>.json and .svg (nor bench/chart-latest.svg)
   --list               list cases and workloads, then exit
   --help               this text
@@ -155,6 +159,8 @@ interface Options {
   cbtOnly: boolean;
   legconn: boolean;
   legconnOnly: boolean;
+  readpolicy: boolean;
+  readpolicyOnly: boolean;
 }
 
 function parseOptions(argv: string[]): Options | null {
@@ -189,6 +195,8 @@ function parseOptions(argv: string[]): Options | null {
       'cbt-only': { type: 'boolean', default: false },
       legconn: { type: 'boolean', default: false },
       'legconn-only': { type: 'boolean', default: false },
+      readpolicy: { type: 'boolean', default: false },
+      'readpolicy-only': { type: 'boolean', default: false },
       list: { type: 'boolean', default: false },
       help: { type: 'boolean', default: false },
     },
@@ -239,7 +247,11 @@ function parseOptions(argv: string[]): Options | null {
   if (legconnOnly && (values['resync-only'] || values['metadata-only'] || values['tls-only'] || cbtOnly || verifyOnly)) {
     throw new RangeError('--legconn-only excludes the other --*-only switches');
   }
-  const only = values['resync-only'] || values['metadata-only'] || values['tls-only'] || cbtOnly || verifyOnly || legconnOnly;
+  const readpolicyOnly = values['readpolicy-only'];
+  if (readpolicyOnly && (values['resync-only'] || values['metadata-only'] || values['tls-only'] || cbtOnly || verifyOnly || legconnOnly)) {
+    throw new RangeError('--readpolicy-only excludes the other --*-only switches');
+  }
+  const only = values['resync-only'] || values['metadata-only'] || values['tls-only'] || cbtOnly || verifyOnly || legconnOnly || readpolicyOnly;
   const split = (text: string | undefined): string[] | null => {
     if (text === undefined) return null;
     return text.split(',').map((name) => name.trim()).filter((name) => name !== '');
@@ -253,22 +265,24 @@ function parseOptions(argv: string[]): Options | null {
     limits: values['no-limits'] ? false : (values.limits ?? (!quick && !only)),
     save: !values['no-save'],
     list: values.list,
-    resync: !values['no-resync'] && !values['metadata-only'] && !values['tls-only'] && !cbtOnly && !verifyOnly && !legconnOnly,
+    resync: !values['no-resync'] && !values['metadata-only'] && !values['tls-only'] && !cbtOnly && !verifyOnly && !legconnOnly && !readpolicyOnly,
     resyncOnly: values['resync-only'],
     resyncSizeBytes: resyncSizeMiB * kMiB,
     resyncRounds,
     verify: !values['no-verify'],
-    metadata: !values['no-metadata'] && !values['resync-only'] && !values['tls-only'] && !cbtOnly && !verifyOnly && !legconnOnly,
+    metadata: !values['no-metadata'] && !values['resync-only'] && !values['tls-only'] && !cbtOnly && !verifyOnly && !legconnOnly && !readpolicyOnly,
     metadataOnly: values['metadata-only'],
-    tls: !values['no-tls'] && !values['resync-only'] && !values['metadata-only'] && !cbtOnly && !verifyOnly && !legconnOnly,
+    tls: !values['no-tls'] && !values['resync-only'] && !values['metadata-only'] && !cbtOnly && !verifyOnly && !legconnOnly && !readpolicyOnly,
     tlsOnly: values['tls-only'],
-    cbt: !values['no-cbt'] && !values['resync-only'] && !values['metadata-only'] && !values['tls-only'] && !verifyOnly && !legconnOnly,
+    cbt: !values['no-cbt'] && !values['resync-only'] && !values['metadata-only'] && !values['tls-only'] && !verifyOnly && !legconnOnly && !readpolicyOnly,
     cbtOnly,
-    verifyPhase: !values['no-verify-phase'] && !values['resync-only'] && !values['metadata-only'] && !values['tls-only'] && !cbtOnly && !legconnOnly,
+    verifyPhase: !values['no-verify-phase'] && !values['resync-only'] && !values['metadata-only'] && !values['tls-only'] && !cbtOnly && !legconnOnly && !readpolicyOnly,
     verifyOnly,
     verifySizeBytes: verifySizeMiB * kMiB,
     legconn: values.legconn || legconnOnly,
     legconnOnly,
+    readpolicy: values.readpolicy || readpolicyOnly,
+    readpolicyOnly,
   };
 }
 
@@ -515,10 +529,10 @@ async function main(): Promise<number> {
     process.stdout.write(`verify    ${'verify'.padEnd(width)} enbd verify of 2 legs vs nbdcopy to null:, 1/2/4 hash threads (--no-verify-phase, --verify-only)\n`);
     return 0;
   }
-  const noCases = options.resyncOnly || options.metadataOnly || options.tlsOnly || options.cbtOnly || options.verifyOnly || options.legconnOnly;
+  const noCases = options.resyncOnly || options.metadataOnly || options.tlsOnly || options.cbtOnly || options.verifyOnly || options.legconnOnly || options.readpolicyOnly;
   const cases = noCases ? [] : select(allCases, options.caseNames, options.quick, 'case');
   const workloads = noCases ? [] : select(kWorkloads, options.workloadNames, options.quick, 'workload');
-  if ((workloads.length > 0 || options.metadata || options.tls || options.legconn) && !hasTool('fio')) throw new Error('fio is not installed (apt-get install -y fio)');
+  if ((workloads.length > 0 || options.metadata || options.tls || options.legconn || options.readpolicy) && !hasTool('fio')) throw new Error('fio is not installed (apt-get install -y fio)');
   const startedAt = new Date().toISOString();
   const machine = machineInfo();
   const runRoot = mkdtempSync(join(tmpdir(), 'enbd-bench-'));
@@ -555,6 +569,7 @@ async function main(): Promise<number> {
     const metadata = options.metadata ? await runMetadata(options, runRoot, dataRoot, sharedImage) : null;
     const tls = options.tls ? await runTls(options, runRoot, dataRoot, sharedImage) : null;
     const legconn = options.legconn ? await runLegConn(options, runRoot, dataRoot, sharedImage) : null;
+    const readpolicy = options.readpolicy ? await runReadPolicy(options, runRoot, dataRoot, sharedImage) : null;
     const resync = options.resync ? await runResync(options, runRoot) : null;
     const cbt = options.cbt ? await runCbt(options, runRoot) : null;
     const verify = options.verifyPhase ? await runVerify(options, runRoot) : null;
@@ -563,6 +578,7 @@ async function main(): Promise<number> {
     printReport(options, machine.cpuCount, limits, rows, ratios, matrix, metadata, tls, resync, verify);
     if (cbt !== null) process.stdout.write(`\n${cbtBlock(cbt)}\n`);
     if (legconn !== null) process.stdout.write(`\n${legConnBlock(legconn)}\n`);
+    if (readpolicy !== null) process.stdout.write(`\n${readPolicyBlock(readpolicy)}\n`);
     const source = sourceInfo(repoRoot);
     const chartText = matrix.cells.length === 0 ? null : renderChart(matrix, {
       title: `enbd mirror vs qemu quorum: throughput by leg count (run ${resultsStem(startedAt)})`,
@@ -587,7 +603,7 @@ async function main(): Promise<number> {
       cases: states.map((state) => ({
         name: state.benchCase.name, description: state.benchCase.description, status: state.status,
       })),
-      rows, ratios, resync, metadata, tls, verify, legconn, matrix,
+      rows, ratios, resync, metadata, tls, verify, legconn, readpolicy, matrix,
       chart: options.save && chartText !== null ? `${resultsStem(startedAt)}.svg` : null,
     };
     if (options.save) {
@@ -678,6 +694,22 @@ async function runLegConn(options: Options, runRoot: string, dataRoot: string,
   }
 }
 
+async function runReadPolicy(options: Options, runRoot: string, dataRoot: string,
+  sharedImage: () => string): Promise<ReadPolicyResults> {
+  const owned = makeContext('readpolicy', runRoot, dataRoot, options.sizeBytes, sharedImage);
+  try {
+    if (!hasTool('nbdkit')) throw new Error('tool(s) missing: nbdkit');
+    const unbuilt = enbdUnavailable(owned.context);
+    if (unbuilt !== null) throw new Error(unbuilt);
+    return await runReadPolicyBench({ context: owned.context, rounds: options.rounds, runtimeSec: options.runtimeSec, rampSec: kRampSec, log });
+  } catch (error) {
+    log(`readpolicy: ${shortError(error)}`);
+    return unavailableReadPolicy(options.sizeBytes, error instanceof Error ? error.message : String(error));
+  } finally {
+    for (const managed of [...owned.processes].reverse()) await managed.stop();
+  }
+}
+
 async function runResync(options: Options, runRoot: string): Promise<ResyncResults> {
   const missing = ['nbdkit', 'nbdcopy'].filter((tool) => !hasTool(tool));
   const runDir = join(runRoot, 'resync');
@@ -718,6 +750,7 @@ function printReport(options: Options, cpuCount: number, limits: MachineLimits |
   if (options.tlsOnly) out('(--tls-only: no cases, no workloads, no metadata, no resync)');
   if (options.verifyOnly) out('(--verify-only: no cases, no workloads, no metadata, no TLS, no resync)');
   if (options.legconnOnly) out('(--legconn-only: no cases, no workloads, no metadata, no TLS, no resync)');
+  if (options.readpolicyOnly) out('(--readpolicy-only: no cases, no workloads, no metadata, no TLS, no resync)');
   if (limits !== null) out(`machine limits: ${limitsLine(limits)}`);
   out('');
   const tableRows = rows.map((row) =>

@@ -15,6 +15,7 @@ import type { MetadataResults } from './metadata.js';
 import type { ResyncResults } from './resync.js';
 import type { VerifyResults } from './verify.js';
 import type { LegConnResults } from './legconn.js';
+import type { ReadPolicyResults } from './readpolicy.js';
 import type { TlsResults } from './tls.js';
 
 /**
@@ -99,6 +100,12 @@ export interface RunResults {
    * N / 1 ratios; null unless --legconn or --legconn-only. Absent in older files.
    */
   legconn?: LegConnResults | null;
+  /**
+   * Read policy and slow legs (lib/readpolicy.ts, issue 14): IOPS per mirror (two fast legs,
+   * fast + 5 ms leg with least-pending / latency / write-mostly / write-behind) and the ratios to
+   * two fast legs; null unless --readpolicy or --readpolicy-only. Absent in older files.
+   */
+  readpolicy?: ReadPolicyResults | null;
   /**
    * The copy-avoidance matrix (lib/matrix.ts): enbd mirror cells by legs x mode with ratios to
    * the direct leg, the pass-through and qemu quorum, reference points, copies-per-WRITE
