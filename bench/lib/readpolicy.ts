@@ -2,7 +2,7 @@
  * Read policy and slow legs (issue 14, "Read policy and slow legs"), measured side by side in
  * one run: 2-leg `enbd mirror`s over `nbdkit memory` legs, one set with two fast legs (the
  * reference) and the others with leg 1 behind nbdkit's delay filter (kReadPolicyDelayMs per
- * read and per write), on 4 KiB random reads and writes at QD32.
+ * read and per write, 64 nbdkit threads), on 4 KiB random reads and writes at QD32.
  * Threads: harness main thread; servers are child processes of the phase's CaseContext.
  *
  * Mirrors (each with fresh legs):
@@ -110,7 +110,9 @@ async function startServer(context: CaseContext, spec: MirrorSpec): Promise<Serv
     const legUris: string[] = [];
     for (let index = 0; index < 2; index += 1) {
       const socketPath = join(context.runDir, `${name}-leg${index}.sock`);
-      const delay = spec.slow && index === 1 ? ['--filter=delay'] : [];
+      // The slow leg models latency, not a throughput cap: 64 threads (nbdkit's default 16
+      // would cap a 5 ms leg at 3,200 requests/s, which no write-behind bound can hide).
+      const delay = spec.slow && index === 1 ? ['--threads', '64', '--filter=delay'] : [];
       const delayArgs = spec.slow && index === 1 ? [`delay-read=${kReadPolicyDelayMs}ms`, `delay-write=${kReadPolicyDelayMs}ms`] : [];
       await context.spawn({
         label: `${name}-leg${index}`, command: 'nbdkit', role: 'leg', socketPath,
