@@ -23,8 +23,8 @@
  *   write-behind (mirror.ts upToDateFor): it never serves a read of a range still behind, and a
  *   write's success (S1) never counts on it.
  * - Bound: a write is deferred only while the leg's outstanding bytes stay <= the bound and
- *   the shadows together hold at most half of the ring's slots (clients never starve for
- *   slots: the other half stays theirs); beyond either, the write goes to the leg synchronously (it is acknowledged only when
+ *   the shadows together hold at most a quarter of the ring's slots (clients never starve for
+ *   slots); beyond either, the write goes to the leg synchronously (it is acknowledged only when
  *   the slow leg has it too), which throttles the writers to the slow leg's pace.
  * - Ordering: a shadow takes the range lock of its client write's chunks at once (queued behind
  *   the client write), so a later overlapping write, resync copy or shadow waits for it.
@@ -100,9 +100,7 @@ export class WriteBehind {
     readonly writeMostlyMask: number,
     private readonly logger: Logger,
   ) {
-    // Half the ring (was a quarter): every shadow takes a whole slot, so with 4 KiB writes the
-    // slot share, not the byte bound, capped how far a 5 ms leg could lag (bench --readpolicy).
-    this.maxShadowSlots = Math.max(1, Math.floor(host.ring.slotCount / 2));
+    this.maxShadowSlots = Math.max(1, Math.floor(host.ring.slotCount / 4));
     this.cancelled = new Uint8Array(host.ring.slotCount);
   }
 
