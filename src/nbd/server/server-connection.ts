@@ -18,7 +18,9 @@
  * checkTimeouts): a handshake must finish within the handshake timeout; a client in the
  * middle of a request (WRITE payload, rejected payload being discarded, part of a header)
  * that sends nothing for the payload timeout is disconnected, and close() releases the
- * buffers it held. A chunk counter is all the receive path pays for it.
+ * buffers it held. A chunk counter is all the receive path pays for it. After DISC (or the
+ * client's EOF) the connection drains: every request received in full before it is answered
+ * (one still waiting for a buffer is parsed and served when one frees), within a drain limit.
  *
  * Pieces: request records and header decoding (server-records.ts), payload buffers and the
  * fair share (server-buffers.ts), replies and per-turn batching (server-replies.ts), block
@@ -61,7 +63,7 @@ import { RecordBuffers } from './server-buffers.js';
 import { ReplyWriter } from './server-replies.js';
 import { blockStatusAskedBytes, clipExtents, deviceExtents, kExtentsMax } from './server-block-status.js';
 import { adoptForDirectReceive, kDirectReceiveMinBytes, kReceiveBufferBytes } from './server-receive.js';
-import { ConnectionClock, TimeoutVerdict } from './server-timeouts.js';
+import { ConnectionClock, TimeoutVerdict, kDisconnectDrainMs } from './server-timeouts.js';
 
 const enum ParseState {
   Header = 0,
@@ -115,6 +117,8 @@ export class ServerConnection implements ShareUser, RecordOwner {
   private readonly replies: ReplyWriter;
   private closed = false;
   private disconnecting = false;
+  /** The client half-closed (EOF) while received bytes still waited to be parsed (a stall). */
+  private inputEnded = false;
   inFlight = 0;
   requestsServed = 0;
   /** ShareUser: charged device-buffer bytes held, and whether parsing waits for a buffer. */
@@ -227,16 +231,31 @@ export class ServerConnection implements ShareUser, RecordOwner {
   }
 
   private onEnd(): void {
-    if (this.payloadRecord !== null || this.awaitingBuffer !== null) {
-      this.close('client left in the middle of a request');
-    } else if (this.negotiated === null) {
+    if (this.negotiated === null) {
       this.close('client left during the handshake');
+    } else if (!this.disconnecting && (this.stalledChunk !== null || this.awaitingBuffer !== null)) {
+      // Bytes the client sent before its EOF still wait for a record or a buffer (they may
+      // hold a DISC): resume() parses them first, then ends the input.
+      this.inputEnded = true;
     } else {
-      // Replies of requests that already completed may still sit corked in this turn's
-      // batch: let them leave before the socket closes.
-      this.disconnecting = true;
-      if (this.inFlight === 0) this.closeWhenFlushed();
+      this.endOfInput();
     }
+  }
+
+  /**
+   * Every byte the client sent before its EOF is parsed. A request cut short by the EOF is
+   * never submitted or answered (the connection drops, with what is in flight); otherwise the
+   * connection drains like after DISC: requests received in full are answered, then it closes.
+   */
+  private endOfInput(): void {
+    if (this.payloadRecord !== null || this.parseState !== ParseState.Header || this.headerFilled > 0) {
+      this.close('client left in the middle of a request');
+      return;
+    }
+    // Replies of requests that already completed may still sit corked in this turn's
+    // batch: let them leave before the socket closes.
+    this.disconnecting = true;
+    if (this.inFlight === 0) this.closeWhenFlushed();
   }
 
   private onData(chunk: Buffer, end: number): void {
@@ -322,14 +341,19 @@ export class ServerConnection implements ShareUser, RecordOwner {
    * `handshakeTimeoutMs` of credited time since the accept, or when the client owes bytes of a
    * started request (WRITE payload, discarded payload, header) and sent none for
    * `payloadTimeoutMs` of credited time; closing releases the buffers it held. Time the
-   * server holds the connection paused (no record or buffer free) never counts.
+   * server holds the connection paused (no record or buffer free) never counts. A connection
+   * draining after DISC or the client's EOF (waiting for buffers, the device, or a client
+   * that does not read its replies) is closed after kDisconnectDrainMs of credited time.
    */
   checkTimeouts(nowMs: number, creditMs: number, handshakeTimeoutMs: number, payloadTimeoutMs: number): void {
     if (this.closed) return;
     const inHandshake = this.negotiated === null;
     const owes = !inHandshake && this.owesBytes();
-    const verdict = this.clock.check(nowMs, creditMs, handshakeTimeoutMs, payloadTimeoutMs, inHandshake, owes);
-    if (verdict === TimeoutVerdict.Handshake) {
+    const draining = this.disconnecting || this.inputEnded;
+    const verdict = this.clock.check(nowMs, creditMs, handshakeTimeoutMs, payloadTimeoutMs, inHandshake, owes, draining);
+    if (verdict === TimeoutVerdict.Drain) {
+      this.close(`requests and replies did not drain within ${kDisconnectDrainMs} ms of the disconnect`);
+    } else if (verdict === TimeoutVerdict.Handshake) {
       this.close(`handshake not finished within ${handshakeTimeoutMs} ms`);
     } else if (verdict === TimeoutVerdict.Silence) {
       const what =
@@ -403,12 +427,19 @@ export class ServerConnection implements ShareUser, RecordOwner {
     if (this.closed) return false;
     if (this.awaitingBuffer !== null && !this.acquireWriteBuffer(this.awaitingBuffer)) return true;
     const chunk = this.stalledChunk;
-    if (chunk === null) return false;
-    if (this.parseState === ParseState.Header && this.freeRecords.length === 0) return true;
-    this.stalledChunk = null;
-    this.parse(chunk, this.stalledPosition, this.stalledEnd);
-    if (this.stalledChunk !== null) return true;
-    if (!this.disconnecting) this.socket.resume();
+    if (chunk !== null) {
+      if (this.parseState === ParseState.Header && this.freeRecords.length === 0) return true;
+      this.stalledChunk = null;
+      this.parse(chunk, this.stalledPosition, this.stalledEnd);
+      if (this.stalledChunk !== null) return true;
+    }
+    if (this.inputEnded) {
+      // The client's EOF came while these bytes waited; a DISC among them already drains.
+      this.inputEnded = false;
+      if (!this.disconnecting && !this.closed) this.endOfInput();
+    } else if (!this.disconnecting && !this.closed && chunk !== null) {
+      this.socket.resume();
+    }
     return false;
   }
 
