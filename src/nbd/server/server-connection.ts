@@ -12,7 +12,9 @@
  * buffer). When no request record or device buffer is free, or the connection is over its fair
  * share of the device's buffers (buffer-share.ts), parsing stalls: the connection remembers
  * (chunk, position), pauses the socket, and resumes when a record or buffer frees. Direct
- * receive (server-receive.ts) reads a large payload's rest straight into its buffer.
+ * receive (server-receive.ts) reads a large payload's rest straight into its buffer; after
+ * such a payload the next read asks for one header only, so a large WRITE behind it lands
+ * in its own buffer whole instead of partly in the receive buffer and then copied.
  *
  * Timeouts (server-timeouts.ts; no timer per connection or request, the server's sweep calls
  * checkTimeouts): a handshake must finish within the handshake timeout; a client in the
@@ -108,6 +110,8 @@ export class ServerConnection implements ShareUser, RecordOwner {
   private plainSocket: Socket | null = null;
   /** Direct receive mode: reads land in `receiveBuffer`, or straight in a payload's buffer. */
   private readonly receiveBuffer: Buffer | null = null;
+  /** The receive buffer's first 28 bytes: the read after a large WRITE asks for one header. */
+  private readonly headerTarget: Buffer | null = null;
   private directTarget: Uint8Array | null = null;
   private readonly buffers: RecordBuffers;
   payloadBytesCopied = 0;
@@ -136,6 +140,7 @@ export class ServerConnection implements ShareUser, RecordOwner {
   ) {
     if (directReceive) {
       this.receiveBuffer = Buffer.allocUnsafeSlow(kReceiveBufferBytes);
+      this.headerTarget = this.receiveBuffer.subarray(0, p.kRequestHeaderBytes);
       this.socket = this.adoptForDirectReceive(acceptedSocket);
     } else {
       this.socket = acceptedSocket;
@@ -288,6 +293,13 @@ export class ServerConnection implements ShareUser, RecordOwner {
       this.onData(this.receiveBuffer, bytes);
       return true;
     }
+    if (buffer === this.headerTarget) {
+      // The header-sized read after a large WRITE (the same memory as the receive buffer):
+      // a large WRITE behind it gets its whole payload read into its own buffer.
+      this.directTarget = null;
+      this.onData(this.receiveBuffer as Buffer, bytes);
+      return true;
+    }
     // The bytes went straight into the payload record's buffer.
     const record = this.payloadRecord;
     if (record === null || this.closed) return true;
@@ -299,7 +311,9 @@ export class ServerConnection implements ShareUser, RecordOwner {
       this.directTarget = (record.data as Uint8Array).subarray(record.filledBytes);
       return true;
     }
-    this.directTarget = null;
+    // The next request's header is read alone, so a large payload behind it is not read into
+    // the receive buffer and copied (a stream of large WRITEs costs one more read each).
+    this.directTarget = this.headerTarget;
     this.payloadRecord = null;
     this.parseState = ParseState.Header;
     this.submit(record);
@@ -412,6 +426,16 @@ export class ServerConnection implements ShareUser, RecordOwner {
         }
       }
     }
+    this.directPayloadRest();
+  }
+
+  /** Direct receive: a payload whose rest is large is read straight into its buffer. */
+  private directPayloadRest(): void {
+    const record = this.payloadRecord;
+    if (this.receiveBuffer === null || record === null || this.parseState !== ParseState.Payload) return;
+    if (this.directTarget !== null && this.directTarget !== this.headerTarget) return;
+    if (record.lengthBytes - record.filledBytes < kDirectReceiveMinBytes || this.closed) return;
+    this.directTarget = (record.data as Uint8Array).subarray(record.filledBytes);
   }
 
   private stall(chunk: Buffer, position: number, end: number): void {
@@ -552,10 +576,8 @@ export class ServerConnection implements ShareUser, RecordOwner {
       this.payloadRecord = null;
       this.parseState = ParseState.Header;
       this.submit(record);
-    } else if (this.receiveBuffer !== null && remaining >= kDirectReceiveMinBytes) {
-      // The chunk is used up (take < remaining): read the rest straight into the payload buffer.
-      this.directTarget = record.data.subarray(record.filledBytes);
     }
+    // With bytes left (the chunk is used up), parse() ends in directPayloadRest().
     return position + take;
   }
 
