@@ -208,7 +208,7 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
   const placement = from.choice('placement', ['workers', 'inline'] as const, 'workers');
   const logLevel = from.text('logLevel', 'info');
   if (!isLogLevel(logLevel)) throw usageError(from.name('logLevel'), 'fatal, error, warn, info, debug, trace or silent', logLevel);
-  const receive = from.choice('receive', ['stream', 'direct'] as const, 'stream');
+  const receive = from.choice('receive', ['stream', 'direct'] as const, 'direct');
   const duration = (key: string, fallback: string, minimumMs: number, maximumMs: number): number => parseDurationMs(from.name(key), from.text(key, fallback), minimumMs, maximumMs);
   const bytes = (key: string, fallback: string): number => parseBytes(from.name(key), from.text(key, fallback));
   const integer = (key: string, fallback: string, minimum: number, maximum: number): number => parseInteger(from.name(key), from.text(key, fallback), minimum, maximum);

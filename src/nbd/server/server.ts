@@ -184,7 +184,7 @@ export class NbdServer implements ConnectionHost {
     this.tls = options.tls ?? null;
     this.metaContexts = options.metaContexts ?? null;
     if (options.directReceive === true && this.tls !== null) {
-      this.logger.warn('--receive direct is not used with --tls on/require; WRITE payloads are streamed');
+      this.logger.info('direct receive is not used with TLS (--tls on/require): WRITE payloads are streamed (--receive stream)');
     }
     this.directReceive = options.directReceive === true && this.tls === null;
     this.fastZero = device.features.fastZero;
