@@ -16,13 +16,16 @@
  *   outstanding work when the client closes without DISC, but must not ack what it did not
  *   do): enbd serves what it received in full and answers it, like after DISC.
  * - EOF in the middle of a WRITE payload: no reply, nothing written, the buffer comes back.
+ * - A client that sends DISC and then never reads its replies cannot hold the connection: the
+ *   server closes it after the drain limit (kDisconnectDrainMs of credited sweep time).
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { connect } from 'node:net';
 import { createNbdServer, type NbdServer } from '../../../src/nbd/server/server.js';
 import { createLogger } from '../../../src/core/log.js';
 import * as p from '../../../src/nbd/protocol.js';
-import { PooledMemoryDevice } from '../../helpers/memory-device.js';
+import { MemoryDevice, PooledMemoryDevice } from '../../helpers/memory-device.js';
 import { NbdProbe, ProbeClosedError, ProbeTimeoutError } from '../../helpers/nbd-probe.js';
 import { scratch, waitFor, type Scratch } from '../../helpers/tools.js';
 
@@ -181,4 +184,44 @@ for (const directReceive of [false, true]) describe(`NBD server drains requests 
       probe.destroy();
     }
   });
+});
+
+test('a client that sends DISC and never reads its replies is closed after the drain limit', async () => {
+  const dir = scratch('enbd-disc-stuck-');
+  const device = new MemoryDevice({ sizeBytes: 64 * 1024 * 1024 });
+  const server = createNbdServer({
+    device,
+    exportName: kExportName,
+    description: 'drain limit test',
+    logger: createLogger({ level: 'silent', pretty: false }),
+  });
+  const socketPath = dir.path('stuck.sock');
+  await server.listenUnix(socketPath);
+  const socket = connect(socketPath);
+  try {
+    await new Promise<void>((resolveConnect, rejectConnect) => {
+      socket.once('connect', resolveConnect);
+      socket.once('error', rejectConnect);
+    });
+    // fixed newstyle, no zeroes, EXPORT_NAME: no option reply to wait for
+    const flags = Buffer.alloc(4);
+    flags.writeUInt32BE(p.kClientFlagFixedNewstyle | p.kClientFlagNoZeroes, 0);
+    const option = Buffer.alloc(16);
+    option.writeUInt32BE(p.kIHaveOptHigh, 0);
+    option.writeUInt32BE(p.kIHaveOptLow, 4);
+    option.writeUInt32BE(p.kOptExportName, 8);
+    option.writeUInt32BE(kExportName.length, 12);
+    const reads = Array.from({ length: 12 }, (_unused, index) =>
+      NbdProbe.request({ type: p.kCmdRead, cookie: BigInt(index + 1), offset: index * 4 * 1024 * 1024, length: 4 * 1024 * 1024 }));
+    socket.write(Buffer.concat([flags, option, Buffer.from(kExportName), ...reads, kDisc]));
+    // never read: 48 MiB of READ replies back up in the socket
+    socket.pause();
+    await waitFor('the server to take the connection', () => server.connectionCount === 1);
+    await waitFor('the server to close the stuck connection', () => server.connectionCount === 0, 45_000);
+  } finally {
+    socket.destroy();
+    await server.close();
+    await device.close();
+    dir.cleanup();
+  }
 });
