@@ -44,6 +44,8 @@ export interface MirrorSettings {
   legs: string[];
   /** Each leg's name from `NAME=URI` or `{ name, uri }` (null: automatic), by position in legs. */
   legNames: Array<string | null>;
+  /** How the listener settings are named in errors: the flag, or `KEY in FILE` when the config file set them. */
+  where: { socket: string; listen: string; control: string; metrics: string };
   socket: string | null;
   listen: string | null;
   name: string;
@@ -203,7 +205,7 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
   const specs = (legsValue ?? []).map((leg: unknown) => legSpecOf(leg, legsWhere));
   const legs = specs.map((spec) => spec.uri);
   const legNames = specs.map((spec) => spec.name);
-  assignLegNames(legNames); // a name given twice is refused here, before anything opens
+  assignLegNames(legNames, legsWhere); // a name given twice is refused here, before anything opens
   const copyMode = from.choice('copyMode', ['shared', 'per-leg'] as const, 'shared');
   const placement = from.choice('placement', ['workers', 'inline'] as const, 'workers');
   const logLevel = from.text('logLevel', 'info');
@@ -266,8 +268,9 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     checkpointGranularity: checkGranularity(parseBytes(from.name('checkpointGranularity'), from.text('checkpointGranularity', '64K'))),
     legs,
     legNames,
+    where: { socket: from.name('socket'), listen: from.name('listen'), control: from.name('control'), metrics: from.name('metrics') },
     socket: from.text('socket') ?? null,
-    listen: from.text('listen') ?? null,
+    listen: checkedListen(from, 'listen'),
     name: from.text('name', ''),
     size: size === undefined ? undefined : parseBytes(from.name('size'), size),
     ringSlots: ringSlots === undefined ? undefined : parseRingSlots(from.name('ringSlots'), ringSlots),
@@ -294,7 +297,7 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     dataDir: resolve(from.text('dataDir', 'enbd-data')),
     receive,
     control: from.text('control') ?? null,
-    metrics: from.text('metrics') ?? null,
+    metrics: checkedListen(from, 'metrics'),
     serverLimits: parseServerLimits(
       from.text('maxConnections', kServerLimitDefaults.maxConnections),
       from.text('handshakeTimeoutMs', kServerLimitDefaults.handshakeTimeoutMs),
@@ -302,6 +305,14 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
       { maxConnections: from.name('maxConnections'), handshakeTimeoutMs: from.name('handshakeTimeoutMs'), payloadTimeoutMs: from.name('payloadTimeoutMs') },
     ),
   };
+}
+
+/** --listen/--metrics as given (parsed again when the daemon binds), checked now so an error names it as written. */
+function checkedListen(from: SettingSource, key: 'listen' | 'metrics'): string | null {
+  const text = from.text(key);
+  if (text === undefined) return null;
+  parseListen(from.name(key), text);
+  return text;
 }
 
 /** --leg-connections: 1..kMaxLegConnections. */
@@ -415,7 +426,7 @@ export const kLiveSettings = ['resyncRateMin', 'resyncRateMax', 'readPolicy', 'l
 
 /** The settings as config keys, for comparing two loads (serverLimits flattened). */
 function comparable(settings: MirrorSettings): Record<string, unknown> {
-  const { serverLimits, ...rest } = settings;
+  const { serverLimits, where: _where, ...rest } = settings;
   return {
     ...rest,
     maxConnections: serverLimits.connectionsMax,
@@ -541,13 +552,13 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
   const activated = takeListenFds(); // systemd socket activation: replaces the default TCP address
   const createdNow = embedded ? embeddedDefault(settings, activated.length > 0) : false;
   if (settings.socket === null && settings.listen === null && activated.length === 0) settings.listen = '127.0.0.1:10809';
-  const listen = settings.listen === null ? null : parseListen('--listen', settings.listen);
+  const listen = settings.listen === null ? null : parseListen(settings.where.listen, settings.listen);
   const logger = createLogger({ level: settings.logLevel });
   // Certificates are checked before any leg is opened: a bad path fails fast.
   const serverTls = loadServerTls(settings.tls);
   const hangup = installHangup(logger, 'enbd mirror is still starting');
   const notifier = ServiceNotifier.fromEnvironment(logger); // before any worker starts
-  const metricsAddress = settings.metrics === null ? null : parseListen('--metrics', settings.metrics);
+  const metricsAddress = settings.metrics === null ? null : parseListen(settings.where.metrics, settings.metrics);
   // every listener is checked before any leg is opened or any socket bound (a second daemon
   // on the same socket, port or control socket refuses here and touches nothing)
   await checkMirrorListeners(settings, listen, metricsAddress, embedded);
@@ -608,7 +619,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     for (const fd of activated) await server.listenFd(fd);
     if (settings.socket !== null) {
       const socketPath = resolve(settings.socket);
-      await server.listenUnix(socketPath, '--socket');
+      await server.listenUnix(socketPath, settings.where.socket);
       uris.push(`${tlsScheme}+unix:///${encodeURIComponent(settings.name)}?socket=${socketPath}`);
     }
     if (listen !== null) {
@@ -684,11 +695,11 @@ async function stopMirror(control: ControlPlane | null, metrics: MetricsServer |
 
 /** Throws, naming the flag and the address, if any listener of this mirror is taken. */
 async function checkMirrorListeners(settings: MirrorSettings, listen: ListenAddress | null, metrics: ListenAddress | null, embedded: boolean): Promise<void> {
-  if (settings.socket !== null) await checkUnixFree(resolve(settings.socket), '--socket');
-  if (listen !== null) await checkTcpFree(listen.host, listen.port, '--listen');
+  if (settings.socket !== null) await checkUnixFree(resolve(settings.socket), settings.where.socket);
+  if (listen !== null) await checkTcpFree(listen.host, listen.port, settings.where.listen);
   const controlPath = controlPathFor({ control: settings.control, socket: settings.socket, dataDir: settings.dataDir, embedded });
-  if (controlPath !== null) await checkUnixFree(controlPath, '--control');
-  if (metrics !== null) await checkTcpFree(metrics.host, metrics.port, '--metrics');
+  if (controlPath !== null) await checkUnixFree(controlPath, settings.where.control);
+  if (metrics !== null) await checkTcpFree(metrics.host, metrics.port, settings.where.metrics);
 }
 
 function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: string[], embedded: boolean, controlPath: string | null, stream: NodeJS.WriteStream, activated: readonly number[]): void {
