@@ -31,7 +31,7 @@ import { assignLegNames, legNameProblem, splitLegSpec, type LegSpec } from '../e
 import { installHangup } from './hangup.js';
 import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits, type HostHabits } from './host.js';
 import { controlPathFor, startControlPlane, type ControlPlane } from '../control/plane.js';
-import { parseConnectionCount } from '../stubs/open-leg.js';
+import { legUriWriteMostly, parseConnectionCount } from '../stubs/open-leg.js';
 import { kMaxLegConnections } from '../stubs/leg-connections.js';
 import { checkTcpFree, checkUnixFree } from '../core/listen.js';
 import { checkGranularity } from '../engine/checkpoints.js';
@@ -237,16 +237,13 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
   const writeMostlyValue = (flags['writeMostly'] as string[] | undefined)?.length ? flags['writeMostly'] : config['writeMostly'];
   const writeMostlyWhere = (flags['writeMostly'] as string[] | undefined)?.length ? '--write-mostly' : from.name('writeMostly');
   const writeMostlyList: unknown[] = writeMostlyValue === undefined ? [] : Array.isArray(writeMostlyValue) ? writeMostlyValue : [writeMostlyValue];
-  const writeMostly = writeMostlyList.map((value) => parseInteger(writeMostlyWhere, typeof value === 'number' ? String(value) : typeof value === 'string' ? value : JSON.stringify(value), 0, 30));
-  for (const index of writeMostly) {
-    if (legs.length > 0 && index >= legs.length) throw usageError(writeMostlyWhere, `a leg index from 0 to ${legs.length - 1}`, index);
-  }
+  const writeMostly = writeMostlyLegs(writeMostlyWhere, writeMostlyList, legs, legNames, legsWhere);
   const writeBehindText = from.text('writeBehind', '0');
   const writeBehindMiB = Number(writeBehindText);
   if (writeBehindText.trim() === '' || !Number.isFinite(writeBehindMiB) || writeBehindMiB < 0 || writeBehindMiB > 1024) {
     throw usageError(from.name('writeBehind'), 'a number of MiB from 0 to 1024', writeBehindText);
   }
-  if (writeBehindMiB > 0 && writeMostly.length === 0) throw new EnbdError('ENBD_ERR_USAGE', `${from.name('writeBehind')} applies to write-mostly legs: name them with --write-mostly N`);
+  if (writeBehindMiB > 0 && writeMostly.length === 0) throw new EnbdError('ENBD_ERR_USAGE', `${from.name('writeBehind')} applies to write-mostly legs: name them with --write-mostly LEG (a name or an index) or write-mostly=1 in the leg's URI`);
   return {
     tls: {
       mode: parseTlsMode(from.name('tls'), from.text('tls', 'off')),
@@ -305,6 +302,36 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
       { maxConnections: from.name('maxConnections'), handshakeTimeoutMs: from.name('handshakeTimeoutMs'), payloadTimeoutMs: from.name('payloadTimeoutMs') },
     ),
   };
+}
+
+/**
+ * --write-mostly (or writeMostly in the file): each a leg name (given or automatic), an index or
+ * a leg's URI, plus the legs whose URI says write-mostly=1; sorted leg indexes, each once.
+ * Without legs (the embedded default) only an index is accepted.
+ */
+function writeMostlyLegs(where: string, refs: readonly unknown[], legs: readonly string[], given: ReadonlyArray<string | null>, legsWhere: string): number[] {
+  const names = legs.length > 0 ? assignLegNames(given, legsWhere) : [];
+  const chosen = new Set<number>();
+  for (const value of refs) {
+    const text = typeof value === 'number' ? String(value) : typeof value === 'string' ? value.trim() : JSON.stringify(value);
+    if (legs.length === 0) {
+      chosen.add(parseInteger(where, text, 0, 30));
+      continue;
+    }
+    const byName = names.indexOf(text);
+    const byUri = legs.indexOf(text);
+    const index = byName >= 0 ? byName : /^\d+$/.test(text) && Number(text) < legs.length ? Number(text) : byUri;
+    if (index < 0) throw usageError(where, `a leg name (${names.join(', ')}), an index from 0 to ${legs.length - 1} or a leg's URI`, text);
+    chosen.add(index);
+  }
+  for (const [index, uri] of legs.entries()) {
+    try {
+      if (legUriWriteMostly(uri) === true) chosen.add(index);
+    } catch {
+      throw usageError(legsWhere, 'URIs with write-mostly=0 or write-mostly=1', uri);
+    }
+  }
+  return [...chosen].sort((a, b) => a - b);
 }
 
 /** --listen/--metrics as given (parsed again when the daemon binds), checked now so an error names it as written. */

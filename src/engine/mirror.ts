@@ -1573,7 +1573,7 @@ export class MirrorDevice implements BlockDevice {
    */
   async addLeg(uri: string, name: string | null = null): Promise<number> {
     if (this.closed) throw new EnbdError('ENBD_ERR_REFUSED', 'the mirror is shutting down');
-    parseLegUri(uri);
+    if (parseLegUri(uri).writeMostly === true) throw new EnbdError('ENBD_ERR_REFUSED', `${uri}: write-mostly applies to legs given at start (--leg or legs in the config), not to a leg added later`);
     if (this.legs.some((leg) => leg.state !== 'removed' && leg.uri === uri)) throw new EnbdError('ENBD_ERR_REFUSED', `${uri} is already a leg`);
     const live = new Set(this.legs.filter((leg) => leg.state !== 'removed').map((leg) => leg.name));
     const nameProblem = name === null ? null : legNameProblem(name);

@@ -82,3 +82,17 @@ test('legs: NAME=URI and { name, uri } errors, a name given twice, an unknown ke
   const named = resolveMirrorSettings({ leg: ['fast=nbd+unix:///?socket=/run/a.sock', 'nbd+unix:///x?socket=/run/b=c.sock'], metadata: 'none' });
   assert.deepEqual([named.legs, named.legNames], [['nbd+unix:///?socket=/run/a.sock', 'nbd+unix:///x?socket=/run/b=c.sock'], ['fast', null]]);
 });
+
+test('--write-mostly: a leg name (given or automatic), an index, a URI, or write-mostly=1 in the URI', () => {
+  const legs = ['fast=/tmp/a.img', 'slow=/tmp/b.img', '/tmp/c.img', 'file:///tmp/d.img?write-mostly=1'];
+  assert.deepEqual(resolveMirrorSettings({ leg: legs, writeMostly: ['slow'], metadata: 'none' }).writeMostly, [1, 3]);
+  assert.deepEqual(resolveMirrorSettings({ leg: legs, writeMostly: ['a', '0', '/tmp/c.img'], metadata: 'none' }).writeMostly, [0, 2, 3]);
+  writeFileSync(join(dir, 'wm.yaml'), JSON.stringify({ legs, writeMostly: ['slow', 2] }));
+  assert.deepEqual(resolveMirrorSettings({ config: join(dir, 'wm.yaml'), leg: [], metadata: 'none' }).writeMostly, [1, 2, 3]);
+  refused(() => resolveMirrorSettings({ leg: legs, writeMostly: ['nope'] }), '--write-mostly', 'nope', 'unknown name');
+  assert.throws(() => resolveMirrorSettings({ leg: legs, writeMostly: ['9'] }), /^EnbdError: --write-mostly must be a leg name \(fast, slow, a, b\), an index from 0 to 3 or a leg's URI, got 9$/);
+  writeFileSync(join(dir, 'wm.yaml'), JSON.stringify({ legs, writeMostly: ['nope'] }));
+  refused(() => resolveMirrorSettings({ config: join(dir, 'wm.yaml'), leg: [] }), 'writeMostly in wm.yaml', 'nope', 'unknown name in the file');
+  refused(() => resolveMirrorSettings({ leg: ['nbd+unix:///?socket=/run/a.sock&write-mostly=yes'] }), '--leg', 'nbd+unix:///?socket=/run/a.sock&write-mostly=yes', 'bad URI parameter');
+  assert.deepEqual(resolveMirrorSettings({ leg: ['nbd+unix:///?socket=/run/a.sock&write-mostly=0', '/tmp/b.img'], metadata: 'none' }).writeMostly, []);
+});
