@@ -441,8 +441,16 @@ async function assembleLegs(settings: MirrorSettings, createFirst: boolean, logg
     }
   }
   const devices = await openLegDevices(settings.legs);
-  const assembled = await assembleArray(settings.legs, devices, { forceSource: settings.forceSource, degraded: settings.degraded, writeMostly: settings.writeMostly });
+  const assembled = await assembleArray(settings.legs, devices, { forceSource: settings.forceSource, degraded: settings.degraded, writeMostly: settings.writeMostly, legNames: settings.legNames });
   return assembled;
+}
+
+/** The legs' names after assembly: given ones, else the names their members recorded (assembly resolved clashes). */
+function recordedLegNames(assembled: AssembledArray, given: ReadonlyArray<string | null>): Array<string | null> {
+  return given.map((name, index) => {
+    const leg = assembled.legs[index];
+    return name ?? (leg === undefined ? null : assembled.plan.members[leg.slotIndex]?.name ?? null);
+  });
 }
 
 /**
@@ -593,7 +601,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
   const served = await openMirrorServer({
     ...(assembled !== undefined ? { metadata: assembled } : {}),
     legs: settings.legs,
-    legNames: settings.legNames,
+    legNames: assembled === undefined ? settings.legNames : recordedLegNames(assembled, settings.legNames),
     checkpointGranularityBytes: settings.checkpointGranularity,
     ...(settings.size !== undefined ? { sizeBytes: settings.size } : {}),
     ring: {
