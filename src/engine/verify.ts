@@ -40,7 +40,7 @@
 import type { Extent } from '../core/block-device.js';
 import type { Logger } from '../core/log.js';
 import { assert } from '../core/assert.js';
-import { EnbdError } from '../core/errors.js';
+import { EnbdError, OptionError } from '../core/errors.js';
 import { RateWindow } from './rate-window.js';
 import { HashPool, defaultHashThreads, type HashAlgorithm } from './hash-pool.js';
 import type { LegState } from './leg-health.js';
@@ -203,10 +203,10 @@ export class Verifier {
   constructor(private readonly host: VerifyHost, private readonly logger: Logger, options: VerifyOptions = {}) {
     const chunkBytes = options.chunkBytes ?? kDefaultChunkBytes;
     if (!Number.isInteger(chunkBytes) || chunkBytes < 4096 || chunkBytes % 4096 !== 0 || chunkBytes > kUnitBytes || kUnitBytes % chunkBytes !== 0) {
-      throw new RangeError('options.chunkBytes must be a multiple of 4 KiB that divides 1 MiB');
+      throw new OptionError('ENBD_ERR_OPTION', 'options.chunkBytes must be a multiple of 4 KiB that divides 1 MiB');
     }
     const lanes = options.lanes ?? kDefaultLanes;
-    if (!Number.isInteger(lanes) || lanes < 1 || lanes > 64) throw new RangeError('options.lanes must be an integer from 1 to 64');
+    if (!Number.isInteger(lanes) || lanes < 1 || lanes > 64) throw new OptionError('ENBD_ERR_OPTION', 'options.lanes must be an integer from 1 to 64');
     this.chunkBytes = chunkBytes;
     this.lanes = lanes;
     this.pool = new HashPool({
