@@ -651,7 +651,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
 
 const kStatusDebounceMs = 1000;
 
-/** "2/2 legs in sync" or "1/2 legs in sync; leg 1 resyncing 40.0%" (systemd STATUS=). */
+/** "2/2 legs in sync" or "1/2 legs in sync; leg b resyncing 40.0%" (systemd STATUS=; legs by name). */
 export function legSummary(mirror: MirrorDevice): string {
   const legs = mirror.legStatus().filter((leg) => leg.state !== 'removed');
   const inSync = legs.filter((leg) => leg.state === 'in-sync').length;

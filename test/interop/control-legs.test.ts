@@ -297,7 +297,7 @@ describe('enbd control: status and leg/resync commands against a running mirror'
     assert.equal(await cliOk(control, ['log-level', 'warn']), 'log level: warn (was debug)\n');
     const loud = await cli(control, ['log-level', 'loud']);
     assert.equal(loud.status, 2, 'an unknown level is a usage error');
-    assert.match(loud.stderr, /invalid/i);
+    assert.match(loud.stderr, /^enbd: error: <level> must be fatal, error, warn, info, debug, trace or silent, got loud$/m);
     assert.ok(mirror.alive());
     assert.equal(await mirror.stop(), 0, `mirror exits 0:\n${mirror.stderr()}`);
   });

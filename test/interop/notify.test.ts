@@ -96,7 +96,7 @@ describe('Type=notify readiness via NOTIFY_SOCKET', { skip: skipUnlessTools('pyt
     assert.equal(fake.messages().find((message) => message['READY'] === '1')?.['STATUS'], '2/2 legs in sync');
     const failed = await run(process.execPath, [enbdCli, 'leg', 'fail', '1', '--control', control]);
     assert.equal(failed.status, 0, failed.stderr);
-    await waitFor('a STATUS naming the failed leg', () => fake.messages().some((message) => message['STATUS'] === '1/2 legs in sync; leg 1 failed'), 10_000);
+    await waitFor('a STATUS naming the failed leg', () => fake.messages().some((message) => message['STATUS'] === '1/2 legs in sync; leg b failed'), 10_000);
     assert.equal(await daemon.stop('SIGTERM'), 0);
     await waitFor('STOPPING=1', () => fake.messages().some((message) => message['STOPPING'] === '1'), 10_000);
   });

@@ -168,7 +168,7 @@ describe('enbd serve: idle, surplus and stalled clients', { skip: skipUnlessTool
   test('bad limit values are refused with the option named', async () => {
     for (const [flag, value] of [['--max-connections', '0'], ['--handshake-timeout', '-1'], ['--payload-timeout', 'soon']]) {
       const result = await run(process.execPath, [enbdCli, 'serve', server.file, '--socket', dir.path('bad.sock'), flag as string, value as string]);
-      assert.equal(result.status, 1, `${flag} ${value}: exit 1\n${result.stderr}`);
+      assert.equal(result.status, 2, `${flag} ${value}: exit 2 (usage)\n${result.stderr}`);
       assert.match(result.stderr, new RegExp(flag as string));
     }
   });

@@ -73,7 +73,7 @@ describe('enbd verify: under write load; checksum resync', { skip: skipUnlessToo
     const { mirror, control } = await rig.mirrorOf([source.uri], ['--resync-verify']);
     try {
       const out = await control.cliOk(['leg', 'add', added.uri]);
-      assert.match(out, /leg b added/); // legs are named (a, b, ...) since leg names landed
+      assert.match(out, /leg b added/);
       const leg = await control.waitLeg(1, 'in-sync', (view) => view.state === 'in-sync', 40_000);
       assert.equal(leg.resyncedBytes, differing.length * kChunkBytes, 'only the differing chunks were copied');
       const status = await control.status();

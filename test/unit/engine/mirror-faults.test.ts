@@ -203,7 +203,9 @@ describe('issue 10 findings (engine, fault legs)', () => {
       const [storeA, storeB] = stores as [FaultStore, FaultStore];
       const maxFailures = 3;
       open = await openFaultMirror(stores, {
-        legTimeoutMs: 60, probeTimeoutMs: 60, fenceTimeoutMs: 60, legMaxFailures: maxFailures, legFailureWindowMs: 60_000,
+        // 250 ms, not less: under load the healthy leg B must not time out too (then a client
+        // write fails with EIO, rightly, and the test would fail for the wrong reason).
+        legTimeoutMs: 250, probeTimeoutMs: 250, fenceTimeoutMs: 250, legMaxFailures: maxFailures, legFailureWindowMs: 60_000,
       });
       const { mirror, driver } = open;
       if (fault === 'eio') storeA.eio = 'writes';
