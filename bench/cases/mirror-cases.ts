@@ -8,9 +8,13 @@
  * | mode    | flags                   | WRITE payload path                                       |
  * |---------|-------------------------|----------------------------------------------------------|
  * | per-leg | --copy-mode per-leg     | socket chunk -> ring slot, then one copy per leg (N + 1)   |
- * | shared  | (defaults)              | socket chunk -> ring slot, legs send from the slot (1)     |
+ * | shared  | --receive stream        | socket chunk -> ring slot, legs send from the slot (1)     |
  * | direct  | --receive direct        | shared, payloads >= 64 KiB read straight into the slot (~0) |
  * | inline  | --placement inline      | shared, leg actors on the main thread instead of workers  |
+ *
+ * `--receive direct` is the default since the receive-into-the-ring work (issue 15); the
+ * other modes pass `--receive stream` so each keeps measuring the path its name says (and
+ * the copies-per-WRITE expectations stay: shared 1, per-leg N + 1).
  *
  * The harness reads every enbd case's counters on its control socket (`<socket>.ctl`) before
  * and after each fio run, for copies per WRITE (lib/counters.ts). `--metrics` stays off: the
@@ -54,10 +58,10 @@ import type { ManagedProcess } from '../lib/proc.js';
 import type { Workload } from '../lib/workloads.js';
 
 const kModeFlags: Readonly<Record<MirrorMode, readonly string[]>> = {
-  'per-leg': ['--copy-mode', 'per-leg'],
-  shared: [],
+  'per-leg': ['--copy-mode', 'per-leg', '--receive', 'stream'],
+  shared: ['--receive', 'stream'],
   direct: ['--receive', 'direct'],
-  inline: ['--placement', 'inline'],
+  inline: ['--placement', 'inline', '--receive', 'stream'],
 };
 
 const kModeDescriptions: Readonly<Record<MirrorMode, string>> = {

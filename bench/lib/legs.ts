@@ -10,12 +10,23 @@
 import { join } from 'node:path';
 import { assert } from '../../src/core/assert.js';
 import { unixUri, type CaseContext } from './case.js';
-import type { ManagedProcess } from './proc.js';
+import { startProcess, type ManagedProcess } from './proc.js';
 
 export interface StartedLegs {
   uris: string[];
   socketPaths: string[];
   processes: ManagedProcess[];
+}
+
+/**
+ * `nbdkit -f --unix SOCKET ARGS...` as a leg (role 'leg'), outside a case context (the resync
+ * and verify benches run their own legs), its log at `runDir/LABEL.log`.
+ */
+export async function startNbdkitLeg(runDir: string, label: string, socketPath: string, args: readonly string[]): Promise<ManagedProcess> {
+  return await startProcess({
+    label, command: 'nbdkit', args: ['-f', '--unix', socketPath, ...args], socketPath, role: 'leg',
+    logPath: join(runDir, `${label}.log`),
+  });
 }
 
 export async function startMemoryLegs(context: CaseContext, prefix: string, count: number): Promise<StartedLegs> {

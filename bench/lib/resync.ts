@@ -47,7 +47,8 @@ import { openMirrorServer, type MirrorServer } from '../../src/cli/mirror-server
 import { kConnectionActorEntry } from '../../src/cli/actor-entry.js';
 import { unixUri } from './case.js';
 import { runFio } from './fio.js';
-import { runTool, startProcess, type ManagedProcess } from './proc.js';
+import { runTool, type ManagedProcess } from './proc.js';
+import { startNbdkitLeg } from './legs.js';
 import { kWorkloads } from './workloads.js';
 
 const kBlockBytes = 4096;
@@ -362,10 +363,7 @@ class ResyncScenario {
   }
 
   private async spawn(label: string, socketPath: string, args: readonly string[]): Promise<ManagedProcess> {
-    const managed = await startProcess({
-      label, command: 'nbdkit', args: ['-f', '--unix', socketPath, ...args], socketPath, role: 'leg',
-      logPath: join(this.options.runDir, `${label}.log`),
-    });
+    const managed = await startNbdkitLeg(this.options.runDir, label, socketPath, args);
     this.processes.push(managed);
     return managed;
   }

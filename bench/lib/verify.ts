@@ -29,7 +29,8 @@ import { kConnectionActorEntry, kHashWorkerEntry } from '../../src/cli/actor-ent
 import type { HashAlgorithm } from '../../src/engine/hash-pool.js';
 import { unixUri } from './case.js';
 import { treeCpuSeconds } from './cpu.js';
-import { runTool, startProcess, type ManagedProcess } from './proc.js';
+import { runTool, type ManagedProcess } from './proc.js';
+import { startNbdkitLeg } from './legs.js';
 
 const kToolTimeoutMs = 600_000;
 const kWarmupBytes = 64 * 1024 * 1024;
@@ -106,10 +107,7 @@ class VerifyScenario {
   }
 
   private async spawn(label: string, socketPath: string, args: readonly string[]): Promise<ManagedProcess> {
-    const managed = await startProcess({
-      label, command: 'nbdkit', args: ['-f', '--unix', socketPath, ...args], socketPath, role: 'leg',
-      logPath: join(this.options.runDir, `${label}.log`),
-    });
+    const managed = await startNbdkitLeg(this.options.runDir, label, socketPath, args);
     this.processes.push(managed);
     return managed;
   }

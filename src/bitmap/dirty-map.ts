@@ -658,26 +658,23 @@ export class DirtyMap {
   }
 
   private markSpan(firstChunk: number, endChunk: number): void {
-    let chunk = firstChunk;
-    let page = Math.floor(firstChunk / this.pageChunks);
-    while (chunk < endChunk) {
-      const pageFirst = page * this.pageChunks;
-      const pageEnd = pageFirst + this.chunksInPage(page);
-      const spanEnd = Math.min(endChunk, pageEnd);
-      this.markInPage(page, chunk - pageFirst, spanEnd - pageFirst, pageEnd - pageFirst);
-      chunk = spanEnd;
-      page += 1;
-    }
+    this.eachPageSpan(firstChunk, endChunk, true);
   }
 
   private clearSpan(firstChunk: number, endChunk: number): void {
+    this.eachPageSpan(firstChunk, endChunk, false);
+  }
+
+  /** Splits [firstChunk, endChunk) at page borders and marks (or clears) each piece: no closure, nothing allocated. */
+  private eachPageSpan(firstChunk: number, endChunk: number, mark: boolean): void {
     let chunk = firstChunk;
     let page = Math.floor(firstChunk / this.pageChunks);
     while (chunk < endChunk) {
       const pageFirst = page * this.pageChunks;
       const pageEnd = pageFirst + this.chunksInPage(page);
       const spanEnd = Math.min(endChunk, pageEnd);
-      this.clearInPage(page, chunk - pageFirst, spanEnd - pageFirst, pageEnd - pageFirst);
+      if (mark) this.markInPage(page, chunk - pageFirst, spanEnd - pageFirst, pageEnd - pageFirst);
+      else this.clearInPage(page, chunk - pageFirst, spanEnd - pageFirst, pageEnd - pageFirst);
       chunk = spanEnd;
       page += 1;
     }

@@ -77,7 +77,7 @@ function buildProgram(): Command {
     .option('--tls-verify-peer', 'require a client certificate signed by ca-cert.pem')
     .option('--tls-psk <file>', 'TLS with pre-shared keys instead of certificates: psktool file of username:hexkey lines')
     .addOption(new Option('--io <mode>', 'file I/O: async (libuv thread pool), sync (on the serving thread), or auto: sync on tmpfs/ramfs, async elsewhere').choices(['auto', 'async', 'sync']).default('auto'))
-    .addOption(new Option('--receive <mode>', 'WRITE payloads: stream (copied from Node read chunks) or direct (read straight into the request buffer)').choices(['stream', 'direct']).default('stream'))
+    .addOption(new Option('--receive <mode>', 'WRITE payloads: stream (copied from Node read chunks) or direct (large payloads read straight into the request buffer; default; not with TLS)').choices(['stream', 'direct']).default('direct'))
     .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'));
   addHostOptions(serve).action(async (file: string, options: Record<string, unknown>) => {
     applyAliases(options);
@@ -132,7 +132,7 @@ function buildProgram(): Command {
     .option('--resync-verify', 'checksum resync: compare each piece on source and target first and copy only what differs (saves the link, costs reads)')
     .option('--verify-threads <n>', 'threads of the verify hash pool (default min(2, cores))')
     .option('--verify-interval <duration>', 'start a verify (check, no repair) this often, e.g. 24h (default 0 = never)')
-    .option('--receive <mode>', 'WRITE payloads: stream (copied from Node read chunks) or direct (straight into the ring slot)')
+    .option('--receive <mode>', 'WRITE payloads: stream (copied from Node read chunks) or direct (large payloads straight into the ring slot; default; not with TLS)')
     .option('--metrics <[host:]port>', 'serve Prometheus metrics over HTTP at /metrics (host defaults to 127.0.0.1)')
     .option('--data-dir <dir>', 'where the embedded default keeps its legs and socket (default ./enbd-data)')
     .option('--control <path>', 'control socket, mode 0600 (default: <socket>.ctl, DATA_DIR/enbd.ctl for the embedded default, ./enbd.ctl for TCP only; "none" disables it)')

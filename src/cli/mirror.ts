@@ -31,7 +31,7 @@ import { assignLegNames, legNameProblem, splitLegSpec, type LegSpec } from '../e
 import { installHangup } from './hangup.js';
 import { bannerStream, hostCleanup, hostReady, kPrivateSocket, makePrivateSocket, parseHostHabits, type HostHabits } from './host.js';
 import { controlPathFor, startControlPlane, type ControlPlane } from '../control/plane.js';
-import { parseConnectionCount } from '../stubs/open-leg.js';
+import { legUriWriteMostly, parseConnectionCount } from '../stubs/open-leg.js';
 import { kMaxLegConnections } from '../stubs/leg-connections.js';
 import { checkTcpFree, checkUnixFree } from '../core/listen.js';
 import { checkGranularity } from '../engine/checkpoints.js';
@@ -44,6 +44,8 @@ export interface MirrorSettings {
   legs: string[];
   /** Each leg's name from `NAME=URI` or `{ name, uri }` (null: automatic), by position in legs. */
   legNames: Array<string | null>;
+  /** How the listener settings are named in errors: the flag, or `KEY in FILE` when the config file set them. */
+  where: { socket: string; listen: string; control: string; metrics: string };
   socket: string | null;
   listen: string | null;
   name: string;
@@ -203,12 +205,12 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
   const specs = (legsValue ?? []).map((leg: unknown) => legSpecOf(leg, legsWhere));
   const legs = specs.map((spec) => spec.uri);
   const legNames = specs.map((spec) => spec.name);
-  assignLegNames(legNames); // a name given twice is refused here, before anything opens
+  assignLegNames(legNames, legsWhere); // a name given twice is refused here, before anything opens
   const copyMode = from.choice('copyMode', ['shared', 'per-leg'] as const, 'shared');
   const placement = from.choice('placement', ['workers', 'inline'] as const, 'workers');
   const logLevel = from.text('logLevel', 'info');
   if (!isLogLevel(logLevel)) throw usageError(from.name('logLevel'), 'fatal, error, warn, info, debug, trace or silent', logLevel);
-  const receive = from.choice('receive', ['stream', 'direct'] as const, 'stream');
+  const receive = from.choice('receive', ['stream', 'direct'] as const, 'direct');
   const duration = (key: string, fallback: string, minimumMs: number, maximumMs: number): number => parseDurationMs(from.name(key), from.text(key, fallback), minimumMs, maximumMs);
   const bytes = (key: string, fallback: string): number => parseBytes(from.name(key), from.text(key, fallback));
   const integer = (key: string, fallback: string, minimum: number, maximum: number): number => parseInteger(from.name(key), from.text(key, fallback), minimum, maximum);
@@ -235,16 +237,13 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
   const writeMostlyValue = (flags['writeMostly'] as string[] | undefined)?.length ? flags['writeMostly'] : config['writeMostly'];
   const writeMostlyWhere = (flags['writeMostly'] as string[] | undefined)?.length ? '--write-mostly' : from.name('writeMostly');
   const writeMostlyList: unknown[] = writeMostlyValue === undefined ? [] : Array.isArray(writeMostlyValue) ? writeMostlyValue : [writeMostlyValue];
-  const writeMostly = writeMostlyList.map((value) => parseInteger(writeMostlyWhere, typeof value === 'number' ? String(value) : typeof value === 'string' ? value : JSON.stringify(value), 0, 30));
-  for (const index of writeMostly) {
-    if (legs.length > 0 && index >= legs.length) throw usageError(writeMostlyWhere, `a leg index from 0 to ${legs.length - 1}`, index);
-  }
+  const writeMostly = writeMostlyLegs(writeMostlyWhere, writeMostlyList, legs, legNames, legsWhere);
   const writeBehindText = from.text('writeBehind', '0');
   const writeBehindMiB = Number(writeBehindText);
   if (writeBehindText.trim() === '' || !Number.isFinite(writeBehindMiB) || writeBehindMiB < 0 || writeBehindMiB > 1024) {
     throw usageError(from.name('writeBehind'), 'a number of MiB from 0 to 1024', writeBehindText);
   }
-  if (writeBehindMiB > 0 && writeMostly.length === 0) throw new EnbdError('ENBD_ERR_USAGE', `${from.name('writeBehind')} applies to write-mostly legs: name them with --write-mostly N`);
+  if (writeBehindMiB > 0 && writeMostly.length === 0) throw new EnbdError('ENBD_ERR_USAGE', `${from.name('writeBehind')} applies to write-mostly legs: name them with --write-mostly LEG (a name or an index) or write-mostly=1 in the leg's URI`);
   return {
     tls: {
       mode: parseTlsMode(from.name('tls'), from.text('tls', 'off')),
@@ -266,8 +265,9 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     checkpointGranularity: checkGranularity(parseBytes(from.name('checkpointGranularity'), from.text('checkpointGranularity', '64K'))),
     legs,
     legNames,
+    where: { socket: from.name('socket'), listen: from.name('listen'), control: from.name('control'), metrics: from.name('metrics') },
     socket: from.text('socket') ?? null,
-    listen: from.text('listen') ?? null,
+    listen: checkedListen(from, 'listen'),
     name: from.text('name', ''),
     size: size === undefined ? undefined : parseBytes(from.name('size'), size),
     ringSlots: ringSlots === undefined ? undefined : parseRingSlots(from.name('ringSlots'), ringSlots),
@@ -294,7 +294,7 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
     dataDir: resolve(from.text('dataDir', 'enbd-data')),
     receive,
     control: from.text('control') ?? null,
-    metrics: from.text('metrics') ?? null,
+    metrics: checkedListen(from, 'metrics'),
     serverLimits: parseServerLimits(
       from.text('maxConnections', kServerLimitDefaults.maxConnections),
       from.text('handshakeTimeoutMs', kServerLimitDefaults.handshakeTimeoutMs),
@@ -302,6 +302,44 @@ export function resolveMirrorSettings(flags: Record<string, unknown>): MirrorSet
       { maxConnections: from.name('maxConnections'), handshakeTimeoutMs: from.name('handshakeTimeoutMs'), payloadTimeoutMs: from.name('payloadTimeoutMs') },
     ),
   };
+}
+
+/**
+ * --write-mostly (or writeMostly in the file): each a leg name (given or automatic), an index or
+ * a leg's URI, plus the legs whose URI says write-mostly=1; sorted leg indexes, each once.
+ * Without legs (the embedded default) only an index is accepted.
+ */
+function writeMostlyLegs(where: string, refs: readonly unknown[], legs: readonly string[], given: ReadonlyArray<string | null>, legsWhere: string): number[] {
+  const names = legs.length > 0 ? assignLegNames(given, legsWhere) : [];
+  const chosen = new Set<number>();
+  for (const value of refs) {
+    const text = typeof value === 'number' ? String(value) : typeof value === 'string' ? value.trim() : JSON.stringify(value);
+    if (legs.length === 0) {
+      chosen.add(parseInteger(where, text, 0, 30));
+      continue;
+    }
+    const byName = names.indexOf(text);
+    const byUri = legs.indexOf(text);
+    const index = byName >= 0 ? byName : /^\d+$/.test(text) && Number(text) < legs.length ? Number(text) : byUri;
+    if (index < 0) throw usageError(where, `a leg name (${names.join(', ')}), an index from 0 to ${legs.length - 1} or a leg's URI`, text);
+    chosen.add(index);
+  }
+  for (const [index, uri] of legs.entries()) {
+    try {
+      if (legUriWriteMostly(uri) === true) chosen.add(index);
+    } catch {
+      throw usageError(legsWhere, 'URIs with write-mostly=0 or write-mostly=1', uri);
+    }
+  }
+  return [...chosen].sort((a, b) => a - b);
+}
+
+/** --listen/--metrics as given (parsed again when the daemon binds), checked now so an error names it as written. */
+function checkedListen(from: SettingSource, key: 'listen' | 'metrics'): string | null {
+  const text = from.text(key);
+  if (text === undefined) return null;
+  parseListen(from.name(key), text);
+  return text;
 }
 
 /** --leg-connections: 1..kMaxLegConnections. */
@@ -403,8 +441,16 @@ async function assembleLegs(settings: MirrorSettings, createFirst: boolean, logg
     }
   }
   const devices = await openLegDevices(settings.legs);
-  const assembled = await assembleArray(settings.legs, devices, { forceSource: settings.forceSource, degraded: settings.degraded, writeMostly: settings.writeMostly });
+  const assembled = await assembleArray(settings.legs, devices, { forceSource: settings.forceSource, degraded: settings.degraded, writeMostly: settings.writeMostly, legNames: settings.legNames });
   return assembled;
+}
+
+/** The legs' names after assembly: given ones, else the names their members recorded (assembly resolved clashes). */
+function recordedLegNames(assembled: AssembledArray, given: ReadonlyArray<string | null>): Array<string | null> {
+  return given.map((name, index) => {
+    const leg = assembled.legs[index];
+    return name ?? (leg === undefined ? null : assembled.plan.members[leg.slotIndex]?.name ?? null);
+  });
 }
 
 /**
@@ -415,7 +461,7 @@ export const kLiveSettings = ['resyncRateMin', 'resyncRateMax', 'readPolicy', 'l
 
 /** The settings as config keys, for comparing two loads (serverLimits flattened). */
 function comparable(settings: MirrorSettings): Record<string, unknown> {
-  const { serverLimits, ...rest } = settings;
+  const { serverLimits, where: _where, ...rest } = settings;
   return {
     ...rest,
     maxConnections: serverLimits.connectionsMax,
@@ -541,13 +587,13 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
   const activated = takeListenFds(); // systemd socket activation: replaces the default TCP address
   const createdNow = embedded ? embeddedDefault(settings, activated.length > 0) : false;
   if (settings.socket === null && settings.listen === null && activated.length === 0) settings.listen = '127.0.0.1:10809';
-  const listen = settings.listen === null ? null : parseListen('--listen', settings.listen);
+  const listen = settings.listen === null ? null : parseListen(settings.where.listen, settings.listen);
   const logger = createLogger({ level: settings.logLevel });
   // Certificates are checked before any leg is opened: a bad path fails fast.
   const serverTls = loadServerTls(settings.tls);
   const hangup = installHangup(logger, 'enbd mirror is still starting');
   const notifier = ServiceNotifier.fromEnvironment(logger); // before any worker starts
-  const metricsAddress = settings.metrics === null ? null : parseListen('--metrics', settings.metrics);
+  const metricsAddress = settings.metrics === null ? null : parseListen(settings.where.metrics, settings.metrics);
   // every listener is checked before any leg is opened or any socket bound (a second daemon
   // on the same socket, port or control socket refuses here and touches nothing)
   await checkMirrorListeners(settings, listen, metricsAddress, embedded);
@@ -555,7 +601,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
   const served = await openMirrorServer({
     ...(assembled !== undefined ? { metadata: assembled } : {}),
     legs: settings.legs,
-    legNames: settings.legNames,
+    legNames: assembled === undefined ? settings.legNames : recordedLegNames(assembled, settings.legNames),
     checkpointGranularityBytes: settings.checkpointGranularity,
     ...(settings.size !== undefined ? { sizeBytes: settings.size } : {}),
     ring: {
@@ -608,7 +654,7 @@ async function runMirrorWith(flags: Record<string, unknown>, habits: HostHabits)
     for (const fd of activated) await server.listenFd(fd);
     if (settings.socket !== null) {
       const socketPath = resolve(settings.socket);
-      await server.listenUnix(socketPath, '--socket');
+      await server.listenUnix(socketPath, settings.where.socket);
       uris.push(`${tlsScheme}+unix:///${encodeURIComponent(settings.name)}?socket=${socketPath}`);
     }
     if (listen !== null) {
@@ -684,11 +730,11 @@ async function stopMirror(control: ControlPlane | null, metrics: MetricsServer |
 
 /** Throws, naming the flag and the address, if any listener of this mirror is taken. */
 async function checkMirrorListeners(settings: MirrorSettings, listen: ListenAddress | null, metrics: ListenAddress | null, embedded: boolean): Promise<void> {
-  if (settings.socket !== null) await checkUnixFree(resolve(settings.socket), '--socket');
-  if (listen !== null) await checkTcpFree(listen.host, listen.port, '--listen');
+  if (settings.socket !== null) await checkUnixFree(resolve(settings.socket), settings.where.socket);
+  if (listen !== null) await checkTcpFree(listen.host, listen.port, settings.where.listen);
   const controlPath = controlPathFor({ control: settings.control, socket: settings.socket, dataDir: settings.dataDir, embedded });
-  if (controlPath !== null) await checkUnixFree(controlPath, '--control');
-  if (metrics !== null) await checkTcpFree(metrics.host, metrics.port, '--metrics');
+  if (controlPath !== null) await checkUnixFree(controlPath, settings.where.control);
+  if (metrics !== null) await checkTcpFree(metrics.host, metrics.port, settings.where.metrics);
 }
 
 function printBanner(settings: MirrorSettings, mirror: MirrorDevice, uris: string[], embedded: boolean, controlPath: string | null, stream: NodeJS.WriteStream, activated: readonly number[]): void {

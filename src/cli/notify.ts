@@ -1,6 +1,7 @@
 /**
  * systemd readiness (`Type=notify`): READY=1 once every listener accepts, STATUS=... lines (the
- * leg summary for a mirror), STOPPING=1 when a graceful stop begins.
+ * leg summary for a mirror), STOPPING=1 when a graceful stop begins, and WATCHDOG=1 keep-alives
+ * when the unit sets WatchdogSec=.
  *
  * Thread: main thread.
  *
@@ -16,6 +17,12 @@
  *   unset_environment), so leg workers and the `--run` command do not inherit it.
  * - Without NOTIFY_SOCKET nothing is done; with it but no systemd-notify on PATH, one warning
  *   says readiness cannot be reported.
+ * - Watchdog (sd_watchdog_enabled's rules): WATCHDOG_USEC set (and WATCHDOG_PID absent or our
+ *   pid) starts an unref'd interval timer on the main event loop at half the interval; each tick
+ *   queues WATCHDOG=1. The ping comes from the loop itself, so a stalled loop stops pinging and
+ *   systemd restarts the service. A tick is skipped while the previous ping is still queued or
+ *   in flight (a slow systemd-notify must not grow the queue). Both variables are removed from
+ *   process.env like NOTIFY_SOCKET.
  *
  * Invariants: messages are sent one at a time, in order (a queue; at most kQueueMax waiting,
  * STATUS updates beyond it dropped); a failed send is logged at debug and never stops the daemon.
@@ -54,6 +61,8 @@ export class ServiceNotifier {
   private readonly logger: Logger;
   private readonly queue: string[][] = [];
   private sending = false;
+  private pinging = false;
+  private watchdog: NodeJS.Timeout | null = null;
 
   private constructor(tool: string, socket: string, logger: Logger) {
     this.tool = tool;
@@ -61,17 +70,41 @@ export class ServiceNotifier {
     this.logger = logger;
   }
 
+  /** The keep-alive period in ms (half of WATCHDOG_USEC), or null when systemd wants no watchdog for us. */
+  static watchdogPeriodMs(usecText: string | undefined, pidText: string | undefined, pid: number): number | null {
+    if (usecText === undefined || !/^\d+$/.test(usecText)) return null;
+    if (pidText !== undefined && pidText !== '' && pidText !== String(pid)) return null;
+    const usec = Number(usecText);
+    if (usec <= 0) return null;
+    return Math.max(1, Math.floor(usec / 2000));
+  }
+
   /** Null when not run by systemd with Type=notify (or when it cannot be reported). */
   static fromEnvironment(logger: Logger): ServiceNotifier | null {
     const socket = process.env['NOTIFY_SOCKET'];
+    const periodMs = ServiceNotifier.watchdogPeriodMs(process.env['WATCHDOG_USEC'], process.env['WATCHDOG_PID'], process.pid);
     delete process.env['NOTIFY_SOCKET'];
+    delete process.env['WATCHDOG_USEC'];
+    delete process.env['WATCHDOG_PID'];
     if (socket === undefined || socket === '') return null;
     const tool = findTool('systemd-notify');
     if (tool === null) {
       logger.warn({ notifySocket: socket }, 'NOTIFY_SOCKET is set but systemd-notify is not installed: readiness cannot be reported (node:dgram has no Unix datagram sockets)');
       return null;
     }
-    return new ServiceNotifier(tool, socket, logger);
+    const notifier = new ServiceNotifier(tool, socket, logger);
+    if (periodMs !== null) notifier.startWatchdog(periodMs);
+    return notifier;
+  }
+
+  private startWatchdog(periodMs: number): void {
+    this.logger.debug({ periodMs }, 'systemd watchdog: sending WATCHDOG=1 at half of WatchdogSec');
+    this.watchdog = setInterval(() => {
+      if (this.pinging) return;
+      this.pinging = true;
+      this.send(['WATCHDOG=1']);
+    }, periodMs);
+    this.watchdog.unref();
   }
 
   ready(status: string): void {
@@ -84,6 +117,9 @@ export class ServiceNotifier {
   }
 
   stopping(): void {
+    // systemd stops watching once the stop begins; no more pings, so drained() can finish
+    if (this.watchdog !== null) clearInterval(this.watchdog);
+    this.watchdog = null;
     this.send(['STOPPING=1', 'STATUS=stopping']);
   }
 
@@ -109,6 +145,7 @@ export class ServiceNotifier {
     const env = { ...process.env, NOTIFY_SOCKET: this.socket };
     execFile(this.tool, [`--pid=${process.pid}`, ...fields], { env, timeout: kSendTimeoutMs }, (error, _stdout, stderr) => {
       if (error !== null) this.logger.debug({ err: error, stderr, fields }, 'systemd-notify failed');
+      if (fields[0] === 'WATCHDOG=1') this.pinging = false;
       this.sending = false;
       this.pump();
     });

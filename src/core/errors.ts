@@ -12,9 +12,10 @@
  *   `describeError` adds a host errno code such as ENOENT, never ours).
  * - ENBD_ERR_CONFIG is for what the operator configured (flags, files, sizes at open);
  *   ENBD_ERR_REFUSED for an operator command the running mirror turns down (the last in-sync
- *   leg, a leg already removed). Option errors of the ring and the dirty map carry the option
- *   path in the message ('ring.slotCount must be ...'), as the TypeError/RangeError they
- *   replace did.
+ *   leg, a leg already removed). Option errors (OptionError: the ring, the dirty map, and
+ *   ENBD_ERR_OPTION for every other API's options) carry the option path in the message
+ *   ('ring.slotCount must be ...', 'options.port must be ...'), as the TypeError/RangeError
+ *   they replace did.
  * - ENBD_ERR_ASSERT (AssertionError) is a programmer error: code that handles operating
  *   errors by catching EnbdError must rethrow it (`isOperatingError`).
  */
@@ -40,6 +41,11 @@ export type EnbdErrorCode =
   | 'ENBD_ERR_RING_OPTION'
   /** Dirty map options and attach checks (src/bitmap). */
   | 'ENBD_ERR_BITMAP_OPTION'
+  /**
+   * A bad option or argument of a library API: the NBD server's and client's options, the
+   * metrics server, the log level, the buffer share, the hash pool, verify (OptionError).
+   */
+  | 'ENBD_ERR_OPTION'
   /** A failed assertion: a bug (src/core/assert.ts). */
   | 'ENBD_ERR_ASSERT'
   /** The CLI could not get an answer from the daemon's control socket (ControlError). */
@@ -70,9 +76,9 @@ export class EnbdError extends Error {
   }
 }
 
-/** A bad option value of the ring or the dirty map (the message names the option path). */
+/** A bad option value of an API: the ring, the dirty map, or any other (the message names the option path). */
 export class OptionError extends EnbdError {
-  constructor(code: 'ENBD_ERR_RING_OPTION' | 'ENBD_ERR_BITMAP_OPTION', message: string) {
+  constructor(code: 'ENBD_ERR_RING_OPTION' | 'ENBD_ERR_BITMAP_OPTION' | 'ENBD_ERR_OPTION', message: string) {
     super(code, message);
     this.name = 'OptionError';
   }

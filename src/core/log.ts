@@ -9,6 +9,7 @@
  */
 import { fstatSync, writeSync } from 'node:fs';
 import { pino, type DestinationStream, type Logger, type LevelWithSilent } from 'pino';
+import { OptionError } from './errors.js';
 
 export type { Logger };
 
@@ -53,7 +54,7 @@ function journalDestination(): DestinationStream {
 
 export function createLogger(options: { level?: string; name?: string; pretty?: boolean } = {}): Logger {
   const level = options.level ?? process.env['ENBD_LOG_LEVEL'] ?? 'info';
-  if (!isLogLevel(level)) throw new RangeError(`log level must be one of ${kLevels.join(', ')}`);
+  if (!isLogLevel(level)) throw new OptionError('ENBD_ERR_OPTION', `log level must be one of ${kLevels.join(', ')}`);
   const pretty = options.pretty ?? (process.stderr.isTTY === true && process.env['ENBD_LOG_JSON'] !== '1');
   const base = { name: options.name ?? 'enbd' };
   if (pretty) {

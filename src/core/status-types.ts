@@ -31,6 +31,12 @@ export interface MemberRecord {
   events: number;
   /** Full-sync progress of the member: bytes from offset 0 known copied (0 when none). */
   recoveryOffsetBytes: number;
+  /**
+   * The leg's name (src/engine/leg-names.ts) as last recorded; absent in metadata written before
+   * names were recorded (and for a member never named). At start a name given on the command
+   * line wins over it.
+   */
+  name?: string;
 }
 
 /** A resync's progress (src/engine/resync.ts). */

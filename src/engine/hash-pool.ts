@@ -17,10 +17,11 @@
  *
  * Invariants:
  * - The caller keeps the range's slots allocated until the task's promise settled.
- * - Options are validated up front (RangeError naming the option).
+ * - Options are validated up front (OptionError ENBD_ERR_OPTION naming the option).
  */
 import { availableParallelism } from 'node:os';
 import { Piscina } from 'piscina';
+import { OptionError } from '../core/errors.js';
 
 export const kHashAlgorithms = ['xxh64', 'sha256', 'blake2b512'] as const;
 export type HashAlgorithm = (typeof kHashAlgorithms)[number];
@@ -59,11 +60,11 @@ export class HashPool {
   constructor(options: HashPoolOptions = {}) {
     const threads = options.threads ?? defaultHashThreads();
     if (!Number.isInteger(threads) || threads < 1 || threads > kHashThreadsMax) {
-      throw new RangeError(`options.threads must be an integer from 1 to ${kHashThreadsMax}`);
+      throw new OptionError('ENBD_ERR_OPTION', `options.threads must be an integer from 1 to ${kHashThreadsMax}`);
     }
     const algorithm = options.algorithm ?? 'xxh64';
     if (!(kHashAlgorithms as readonly string[]).includes(algorithm)) {
-      throw new RangeError(`options.algorithm must be one of ${kHashAlgorithms.join(', ')}`);
+      throw new OptionError('ENBD_ERR_OPTION', `options.algorithm must be one of ${kHashAlgorithms.join(', ')}`);
     }
     this.threads = threads;
     this.algorithm = algorithm;
@@ -73,7 +74,7 @@ export class HashPool {
   /** One digest per piece of the range (pieces of `pieceBytes`, the last may be shorter). */
   async hash(buffer: SharedArrayBuffer, offsetBytes: number, lengthBytes: number, pieceBytes: number): Promise<string[]> {
     if (this.closed) throw new Error('the hash pool is closed');
-    if (lengthBytes <= 0 || pieceBytes <= 0) throw new RangeError('hash a non-empty range in pieces of at least one byte');
+    if (lengthBytes <= 0 || pieceBytes <= 0) throw new OptionError('ENBD_ERR_OPTION', 'hash a non-empty range in pieces of at least one byte');
     if (this.workerEntry === null) throw new Error('the hash pool was given no worker entry (options.workerEntry)');
     this.pool ??= new Piscina({
       filename: this.workerEntry.href,

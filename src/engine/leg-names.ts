@@ -72,13 +72,14 @@ export function nextAutoLegName(live: ReadonlySet<string>, retired: ReadonlySet<
 
 /**
  * Names for the legs given at start: the given ones, then automatic ones for the rest (in
- * order, skipping given names). Throws for a name given twice.
+ * order, skipping given names). Throws for a name given twice, naming the source as `what`
+ * ("--leg", "legs in mirror.yaml").
  */
-export function assignLegNames(given: ReadonlyArray<string | null | undefined>): string[] {
+export function assignLegNames(given: ReadonlyArray<string | null | undefined>, what = '--leg'): string[] {
   const taken = new Set<string>();
   for (const name of given) {
     if (name === null || name === undefined) continue;
-    if (taken.has(name)) throw new EnbdError('ENBD_ERR_USAGE', `--leg must give each leg name once, got ${name} twice`);
+    if (taken.has(name)) throw new EnbdError('ENBD_ERR_USAGE', `${what} must give each leg name once, got ${name} twice`);
     taken.add(name);
   }
   const none = new Set<string>();

@@ -275,13 +275,14 @@ export class MetaKeeper {
       const record = table[state.slotIndex] ?? { legUuid: state.legUuid, state: 'removed' as MemberState, events: 0, recoveryOffsetBytes: 0 };
       record.legUuid = state.legUuid;
       record.state = memberStateOf(leg, state);
+      if (leg.name !== '') record.name = leg.name; // recorded so a later start without names keeps them
       table[state.slotIndex] = record;
     }
     return table;
   }
 
   private tableKey(table: MemberRecord[]): string {
-    return table.map((member) => `${member.legUuid}:${member.state}`).join(',');
+    return table.map((member) => `${member.legUuid}:${member.state}:${member.name ?? ''}`).join(',');
   }
 
   /** Sets the bits of every chunk some leg out of sync has marked; true when that added bits. */

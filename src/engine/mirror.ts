@@ -65,7 +65,7 @@ import { MetaKeeper, type KeeperStatus } from './meta-keeper.js';
 import { CheckpointSet, checkpointOperations, type CheckpointOperations } from './checkpoints.js';
 import type { AssembledArray } from '../meta/assemble.js';
 import { bitmapTest } from '../meta/leg-meta.js';
-import { Verifier, type VerifyHost, type VerifyOptions, type VerifyProgress, type VerifyStartOptions, type VerifyStatus } from './verify.js';
+import { Verifier, intersectRanges, type VerifyHost, type VerifyOptions, type VerifyProgress, type VerifyStartOptions, type VerifyStatus } from './verify.js';
 import { assignLegNames, legNameProblem, nextAutoLegName, resolveLegRef } from './leg-names.js';
 import { ReadChooser, type ReadPolicyName } from './read-policy.js';
 import { ReadRepair } from './read-repair.js';
@@ -265,23 +265,6 @@ const kLegFlags: readonly number[] = (() => {
 
 function isDataChanging(command: number): boolean {
   return command === p.kCmdWrite || command === p.kCmdTrim || command === p.kCmdWriteZeroes;
-}
-
-/** The ranges in both sorted, disjoint lists of [start, end). */
-function intersectRuns(a: Array<[number, number]>, b: Array<[number, number]>): Array<[number, number]> {
-  const out: Array<[number, number]> = [];
-  let i = 0;
-  let j = 0;
-  while (i < a.length && j < b.length) {
-    const [aStart, aEnd] = a[i] as [number, number];
-    const [bStart, bEnd] = b[j] as [number, number];
-    const start = Math.max(aStart, bStart);
-    const end = Math.min(aEnd, bEnd);
-    if (start < end) out.push([start, end]);
-    if (aEnd < bEnd) i += 1;
-    else j += 1;
-  }
-  return out;
 }
 
 export class MirrorDevice implements BlockDevice {
@@ -677,7 +660,7 @@ export class MirrorDevice implements BlockDevice {
     try {
       for (const leg of this.legs) {
         const runs = await zeroRuns(leg);
-        common = common === null ? runs : intersectRuns(common, runs);
+        common = common === null ? runs : intersectRanges(common, runs);
         if (common.length === 0) return;
       }
     } catch (error) {
@@ -1576,7 +1559,7 @@ export class MirrorDevice implements BlockDevice {
    */
   async addLeg(uri: string, name: string | null = null): Promise<number> {
     if (this.closed) throw new EnbdError('ENBD_ERR_REFUSED', 'the mirror is shutting down');
-    parseLegUri(uri);
+    if (parseLegUri(uri).writeMostly === true) throw new EnbdError('ENBD_ERR_REFUSED', `${uri}: write-mostly applies to legs given at start (--leg or legs in the config), not to a leg added later`);
     if (this.legs.some((leg) => leg.state !== 'removed' && leg.uri === uri)) throw new EnbdError('ENBD_ERR_REFUSED', `${uri} is already a leg`);
     const live = new Set(this.legs.filter((leg) => leg.state !== 'removed').map((leg) => leg.name));
     const nameProblem = name === null ? null : legNameProblem(name);

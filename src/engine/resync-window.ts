@@ -24,7 +24,6 @@
  * - maxCopyBytes <= the ring's largest request; maxFootprintBytes = half the ring's bytes.
  * - gapBytes = 0 with on-leg metadata.
  */
-import type { MirrorOptions } from './mirror.js';
 import type { RequestRing } from '../ring/request-ring.js';
 import type { ResyncWindow } from './resync.js';
 
@@ -32,7 +31,19 @@ export const kDefaultResyncCopies = 128;
 export const kDefaultResyncCopyBytes = 1024 * 1024;
 export const kDefaultResyncGapBytes = 64 * 1024;
 
-export function resyncWindow(options: Pick<MirrorOptions, 'resyncLanes' | 'resyncCopyBytes' | 'resyncGapBytes' | 'metadata'>, ring: RequestRing): ResyncWindow {
+/**
+ * The MirrorOptions fields the window reads (declared here, not picked from mirror.ts, so this
+ * module does not import its importer: no cycle, not even a type-only one).
+ */
+export interface ResyncWindowOptions {
+  resyncLanes?: number | undefined;
+  resyncCopyBytes?: number | undefined;
+  resyncGapBytes?: number | undefined;
+  /** Set when the legs carry on-leg metadata (only its presence is read). */
+  metadata?: unknown;
+}
+
+export function resyncWindow(options: ResyncWindowOptions, ring: RequestRing): ResyncWindow {
   return {
     maxCopies: Math.max(1, options.resyncLanes ?? kDefaultResyncCopies),
     maxCopyBytes: Math.min(options.resyncCopyBytes ?? kDefaultResyncCopyBytes, ring.maxRequestBytes),

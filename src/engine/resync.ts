@@ -39,6 +39,7 @@
  *   since the start (the rate is the one in force; it changes only through setRates).
  */
 import { RateWindow } from './rate-window.js';
+import { TokenBucket } from './token-bucket.js';
 import type { Logger } from '../core/log.js';
 import type { DirtyMap, DirtyRun } from '../bitmap/dirty-map.js';
 import type { ResyncProgress } from '../core/status-types.js';
@@ -104,8 +105,7 @@ export class Resync {
   private startedAt = 0;
   private running = false;
   private paused = false;
-  private tokens = 0;
-  private lastRefill = 0;
+  private readonly bucket = new TokenBucket();
   /** Copy rate over the last 10 s (0 while paused; no early spike). */
   private readonly rateWindow = new RateWindow();
   private lastLog = 0;
@@ -186,7 +186,7 @@ export class Resync {
     if (this.running) return;
     this.running = true;
     this.startedAt = Date.now();
-    this.lastRefill = this.startedAt;
+    this.bucket.refillFrom(this.startedAt);
     this.rateWindow.reset(this.startedAt);
     this.lastLog = this.startedAt;
     this.bytesDone = 0;
@@ -357,18 +357,11 @@ export class Resync {
     const rate = this.currentRate();
     const now = Date.now();
     if (rate <= 0) {
-      this.lastRefill = now;
+      this.bucket.refillFrom(now);
       return 0;
     }
     // Burst of at most 100 ms of rate (or one copy), so a pause does not bank a flood.
-    const burst = Math.max(bytes, rate / 10);
-    this.tokens = Math.min(burst, this.tokens + ((now - this.lastRefill) * rate) / 1000);
-    this.lastRefill = now;
-    if (this.tokens >= bytes) {
-      this.tokens -= bytes;
-      return 0;
-    }
-    return Math.max(1, Math.ceil(((bytes - this.tokens) * 1000) / rate));
+    return this.bucket.take(bytes, rate, now);
   }
 
   private async sleep(ms: number): Promise<void> {

@@ -49,8 +49,9 @@
 import type { Extent } from '../core/block-device.js';
 import type { Logger } from '../core/log.js';
 import { assert } from '../core/assert.js';
-import { EnbdError } from '../core/errors.js';
+import { EnbdError, OptionError } from '../core/errors.js';
 import { RateWindow } from './rate-window.js';
+import { TokenBucket } from './token-bucket.js';
 import { HashPool, defaultHashThreads, type HashAlgorithm } from './hash-pool.js';
 import type { LegState } from './leg-health.js';
 import type { VerifyProgress, VerifyStatus } from '../core/status-types.js';
@@ -199,8 +200,7 @@ export class Verifier {
   private cursor = 0;
   private endBytes = 0;
   private rate = 0;
-  private tokens = 0;
-  private lastRefill = 0;
+  private readonly bucket = new TokenBucket();
   private lastLog = 0;
   private readonly rateWindow = new RateWindow();
   private readonly zeroWindows = new Map<number, Promise<Array<[number, number]>>>();
@@ -214,10 +214,10 @@ export class Verifier {
   constructor(private readonly host: VerifyHost, private readonly logger: Logger, options: VerifyOptions = {}) {
     const chunkBytes = options.chunkBytes ?? kDefaultChunkBytes;
     if (!Number.isInteger(chunkBytes) || chunkBytes < 4096 || chunkBytes % 4096 !== 0 || chunkBytes > kUnitBytes || kUnitBytes % chunkBytes !== 0) {
-      throw new RangeError('options.chunkBytes must be a multiple of 4 KiB that divides 1 MiB');
+      throw new OptionError('ENBD_ERR_OPTION', 'options.chunkBytes must be a multiple of 4 KiB that divides 1 MiB');
     }
     const lanes = options.lanes ?? kDefaultLanes;
-    if (!Number.isInteger(lanes) || lanes < 1 || lanes > 64) throw new RangeError('options.lanes must be an integer from 1 to 64');
+    if (!Number.isInteger(lanes) || lanes < 1 || lanes > 64) throw new OptionError('ENBD_ERR_OPTION', 'options.lanes must be an integer from 1 to 64');
     this.chunkBytes = chunkBytes;
     this.lanes = lanes;
     this.pool = new HashPool({
@@ -274,8 +274,7 @@ export class Verifier {
     this.cursor = start;
     this.endBytes = end;
     this.rate = rate;
-    this.tokens = 0;
-    this.lastRefill = now;
+    this.bucket.reset(now);
     this.lastLog = now;
     this.stopWanted = false;
     this.zeroWindows.clear();
@@ -413,15 +412,8 @@ export class Verifier {
   /** Token bucket at `rate` bytes/s (0 = unlimited), bursts of at most 100 ms or one unit. */
   private async takeTokens(bytes: number): Promise<void> {
     while (this.rate > 0 && this.keepGoing()) {
-      const now = Date.now();
-      const burst = Math.max(bytes, this.rate / 10);
-      this.tokens = Math.min(burst, this.tokens + ((now - this.lastRefill) * this.rate) / 1000);
-      this.lastRefill = now;
-      if (this.tokens >= bytes) {
-        this.tokens -= bytes;
-        return;
-      }
-      const waitMs = Math.max(1, Math.ceil(((bytes - this.tokens) * 1000) / this.rate));
+      const waitMs = this.bucket.take(bytes, this.rate, Date.now());
+      if (waitMs === 0) return;
       await new Promise((resolve) => setTimeout(resolve, Math.min(waitMs, 200)));
     }
   }

@@ -8,7 +8,7 @@
  * Request path
  *   settleWriteTarget (the client WRITE holds the range lock of its chunks, its bits are durable
  *   in the write-intent bitmap): `defer` takes each write-mostly leg out of the target, copies
- *   the payload into a shadow run of ring slots (phase 4) and queues the shadow on the range
+ *   the payload into a shadow run of ring slots (phase 6) and queues the shadow on the range
  *   lock behind the client write; the master then marks the range in the leg's dirty map (it is
  *   not targeted), before any leg can answer: exactly like a leg that missed the write.
  *   client WRITE completes -> `onMainDone` (before its range lock is released): failed (EIO to

@@ -78,6 +78,12 @@ export interface AssemblyOptions {
    * lag: its last writes are only in the bitmap, and the fast legs hold them).
    */
   writeMostly?: readonly number[];
+  /**
+   * Names given on the command line (by position; null: none). A given name is recorded in the
+   * leg's member; otherwise the member's recorded name is kept (unless a given name or an
+   * earlier leg took it, or the leg is new to the array).
+   */
+  legNames?: ReadonlyArray<string | null>;
 }
 
 export interface PlannedLeg {
@@ -340,6 +346,7 @@ export function planAssembly(found: FoundLeg[], options: AssemblyOptions): Assem
     } else if (planned.role === 'bitmap-resync') record.state = 'needs-resync';
     else record.state = 'needs-full-sync';
   }
+  applyLegNames(table, legs, options.legNames ?? []);
   const bitmap = new Uint8Array(layout.bitmapBytes);
   for (const { leg, sb } of valid) {
     if (sb.arrayUuid !== reference.sb.arrayUuid || leg.bitmap === null) continue;
@@ -360,6 +367,22 @@ export function planAssembly(found: FoundLeg[], options: AssemblyOptions): Assem
     takenOver,
     notes,
   };
+}
+
+/** Given names win; a recorded name is kept when free (a new leg does not inherit its slot's old name). */
+function applyLegNames(table: MemberRecord[], legs: readonly PlannedLeg[], given: ReadonlyArray<string | null>): void {
+  const taken = new Set(given.filter((name): name is string => name !== null));
+  for (const [index, planned] of legs.entries()) {
+    const record = table[planned.slotIndex] as MemberRecord;
+    const name = given[index] ?? null;
+    if (name !== null) {
+      record.name = name;
+      continue;
+    }
+    const recorded = planned.fresh ? undefined : record.name;
+    if (recorded !== undefined && !taken.has(recorded)) taken.add(recorded);
+    else delete record.name;
+  }
 }
 
 /** A leg as the engine gets it after assembly: its slot, UUID and where its superblock writes go. */

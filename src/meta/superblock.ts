@@ -161,14 +161,18 @@ export function encodeSuperblock(superblock: Superblock, copyIndex: number, sequ
   return block;
 }
 
-/** The wire form: members as compact tuples [legUuid, stateIndex, events, recoveryOffset]. */
+/**
+ * The wire form: members as compact tuples [legUuid, stateIndex, events, recoveryOffset] plus
+ * the leg's name as a fifth element when it has one (older metadata has four; a reader takes
+ * tuples of four or more, so older readers skip the name).
+ */
 function toWire(superblock: Superblock): Record<string, unknown> {
   return {
     arrayUuid: superblock.arrayUuid,
     arrayName: superblock.arrayName,
     legUuid: superblock.legUuid,
     slotIndex: superblock.slotIndex,
-    members: superblock.members.map((member) => [member.legUuid, kMemberStates.indexOf(member.state), member.events, member.recoveryOffsetBytes]),
+    members: superblock.members.map((member) => [member.legUuid, kMemberStates.indexOf(member.state), member.events, member.recoveryOffsetBytes, ...(member.name !== undefined ? [member.name] : [])]),
     legSizeBytes: superblock.legSizeBytes,
     dataSizeBytes: superblock.dataSizeBytes,
     bitmapChunkBytes: superblock.bitmapChunkBytes,
@@ -276,17 +280,21 @@ function fromWire(wire: unknown): Superblock {
   return superblock;
 }
 
+/** A recorded leg name: what src/engine/leg-names.ts accepts (1 to 32 of [a-zA-Z0-9_-]). */
+const kMemberNamePattern = /^[a-zA-Z0-9_-]{1,32}$/;
+
 function membersFromWire(value: unknown): MemberRecord[] {
   if (!Array.isArray(value)) fail('payload field members is missing or not an array');
   if (value.length === 0 || value.length > kMembersMax) fail(`members has ${value.length} entries (1 to ${kMembersMax})`);
   return value.map((entry: unknown, slot) => {
     if (!Array.isArray(entry) || entry.length < 4) fail(`member ${slot} is not [legUuid, state, events, recoveryOffset]`);
-    const [legUuid, stateIndex, events, recoveryOffsetBytes] = entry as unknown[];
+    const [legUuid, stateIndex, events, recoveryOffsetBytes, name] = entry as unknown[];
     const state = typeof stateIndex === 'number' ? kMemberStates[stateIndex] : undefined;
     if (!isString(legUuid) || state === undefined || !isCount(events) || !isCount(recoveryOffsetBytes)) {
       fail(`member ${slot} has a bad field`);
     }
-    return { legUuid, state, events, recoveryOffsetBytes };
+    if (name !== undefined && name !== null && !(isString(name) && kMemberNamePattern.test(name))) fail(`member ${slot} has a bad name`);
+    return { legUuid, state, events, recoveryOffsetBytes, ...(isString(name) ? { name } : {}) };
   });
 }
 

@@ -23,7 +23,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import { Registry, collectDefaultMetrics } from 'prom-client';
 import type { Logger } from '../core/log.js';
 import { assert } from '../core/assert.js';
-import { describeError } from '../core/errors.js';
+import { OptionError, describeError } from '../core/errors.js';
 import {
   Sampler,
   kLegStatsTimeoutMsDefault,
@@ -130,11 +130,11 @@ async function listen(server: Server, host: string, port: number): Promise<numbe
 export async function startMetricsServer(options: MetricsServerOptions): Promise<MetricsServer> {
   const { host, port, logger } = options;
   if (!Number.isInteger(port) || port < 0 || port > 65535) {
-    throw new RangeError('options.port must be an integer from 0 to 65535');
+    throw new OptionError('ENBD_ERR_OPTION', 'options.port must be an integer from 0 to 65535');
   }
   const timeoutMs = options.legStatsTimeoutMs ?? kLegStatsTimeoutMsDefault;
   if (!Number.isInteger(timeoutMs) || timeoutMs < 1) {
-    throw new RangeError('options.legStatsTimeoutMs must be a positive integer');
+    throw new OptionError('ENBD_ERR_OPTION', 'options.legStatsTimeoutMs must be a positive integer');
   }
   const sampler = new Sampler(options.mirror, options.server, timeoutMs, logger);
   const registry = createMetricsRegistry(sampler, options.defaultMetrics ?? true);

@@ -10,6 +10,10 @@
  *   OpenLegOptions.connections (`--leg-connections N`), else 1. More than one is used only when
  *   the server advertises multi-conn (the first connection's handshake tells); otherwise the
  *   leg keeps its one connection and an info line says why.
+ * - `write-mostly=1` (enbd's own too) marks a leg given at start as write-mostly (the engine's
+ *   ReadChooser reads from it only when no other leg can serve): the CLI reads it with
+ *   legUriWriteMostly; it is taken off an NBD URI like `connections` (a file: URI's query is
+ *   ignored by the path anyway). A plain path has no query: use file:///path?write-mostly=1.
  */
 import { isAbsolute, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -25,8 +29,8 @@ import { ConnectionGroup, kMaxLegConnections } from './leg-connections.js';
 export type { LegKind };
 
 export type LegAddress =
-  | { kind: 'nbd'; address: NbdAddress; uri: string; connections?: number }
-  | { kind: 'file'; path: string; uri: string };
+  | { kind: 'nbd'; address: NbdAddress; uri: string; connections?: number; writeMostly?: boolean }
+  | { kind: 'file'; path: string; uri: string; writeMostly?: boolean };
 
 /** A connection count (flag or URI parameter): an integer in 1..kMaxLegConnections, else null. */
 export function parseConnectionCount(text: string): number | null {
@@ -35,13 +39,37 @@ export function parseConnectionCount(text: string): number | null {
   return count >= 1 && count <= kMaxLegConnections ? count : null;
 }
 
-/** Takes enbd's `connections=N` off an NBD URI's query: [the URI without it, N or undefined]. */
+/** A `write-mostly=` value: 1 (or empty) is true, 0 false; anything else throws naming the URI. */
+function writeMostlyValue(text: string, uri: string): boolean {
+  if (text === '1' || text === '') return true;
+  if (text === '0') return false;
+  throw new EnbdError('ENBD_ERR_URI', `invalid leg URI '${uri}': write-mostly must be 0 or 1`);
+}
+
+/**
+ * The leg URI's `write-mostly=` parameter (undefined when absent), for URIs with a scheme
+ * (nbd*, file:); a plain path has no query. Throws ENBD_ERR_URI for a value other than 0 or 1.
+ */
+export function legUriWriteMostly(text: string): boolean | undefined {
+  const trimmed = text.trim();
+  if (!/^[a-z][a-z0-9+.-]*:/i.test(trimmed)) return undefined;
+  const queryStart = trimmed.indexOf('?');
+  if (queryStart < 0) return undefined;
+  let writeMostly: boolean | undefined;
+  for (const part of trimmed.slice(queryStart + 1).split('#')[0]?.split('&') ?? []) {
+    if (part === 'write-mostly' || part.startsWith('write-mostly=')) writeMostly = writeMostlyValue(part.slice('write-mostly='.length), trimmed);
+  }
+  return writeMostly;
+}
+
+/** Takes enbd's `connections=N` and `write-mostly=` off an NBD URI's query: [the URI without them, N or undefined]. */
 function takeConnections(text: string): [string, number | undefined] {
   const queryStart = text.indexOf('?');
   if (queryStart < 0) return [text, undefined];
   const kept: string[] = [];
   let connections: number | undefined;
   for (const part of text.slice(queryStart + 1).split('&')) {
+    if (part === 'write-mostly' || part.startsWith('write-mostly=')) continue; // read by legUriWriteMostly
     if (!part.startsWith('connections=')) {
       kept.push(part);
       continue;
@@ -67,11 +95,13 @@ export function parseLegUri(text: string): LegAddress {
     } catch (error) {
       throw new EnbdError('ENBD_ERR_URI', `invalid file URI '${text}': ${describeError(error)}`);
     }
-    return { kind: 'file', path, uri: trimmed };
+    const writeMostly = legUriWriteMostly(trimmed);
+    return { kind: 'file', path, uri: trimmed, ...(writeMostly !== undefined ? { writeMostly } : {}) };
   }
   if (/^[a-z][a-z0-9+.-]*:\/\//i.test(trimmed)) {
+    const writeMostly = legUriWriteMostly(trimmed);
     const [nbdUri, connections] = takeConnections(trimmed);
-    return { kind: 'nbd', address: parseNbdUri(nbdUri), uri: trimmed, ...(connections !== undefined ? { connections } : {}) };
+    return { kind: 'nbd', address: parseNbdUri(nbdUri), uri: trimmed, ...(connections !== undefined ? { connections } : {}), ...(writeMostly !== undefined ? { writeMostly } : {}) };
   }
   const path = isAbsolute(trimmed) ? trimmed : resolve(trimmed);
   return { kind: 'file', path, uri: `file://${path}` };

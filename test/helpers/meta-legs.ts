@@ -13,7 +13,7 @@
 import { truncateSync, writeFileSync } from 'node:fs';
 import assert from 'node:assert/strict';
 import { enbdCli, run } from './serve.js';
-import { readRange, startNbdkit, unixUri, type Child, type Scratch } from './tools.js';
+import { logLines, readRange, startNbdkit, unixUri, type Child, type Scratch } from './tools.js';
 import { assertSameBytes, startMirror, type MirrorProcess } from './mirror.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
 import { MirrorControl } from './fault-legs.js';
@@ -222,17 +222,7 @@ export interface LogRecord {
 
 /** The daemon's pino JSON records (stderr), optionally only those with message `msg`. */
 export function logRecords(stderr: string, msg?: string): LogRecord[] {
-  const out: LogRecord[] = [];
-  for (const line of stderr.split('\n')) {
-    if (!line.startsWith('{')) continue;
-    try {
-      const record = JSON.parse(line) as LogRecord;
-      if (msg === undefined || record.msg === msg) out.push(record);
-    } catch {
-      // a partial last line
-    }
-  }
-  return out;
+  return logLines(stderr).filter((record) => msg === undefined || record.msg === msg);
 }
 
 /** The 'leg assembled' record of leg `index` (role, why, dirtyBytes). */

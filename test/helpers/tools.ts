@@ -5,7 +5,7 @@
  * Threads: test process main thread.
  */
 import { spawnSync, type ChildProcess } from 'node:child_process';
-import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync } from 'node:fs';
+import { closeSync, ftruncateSync, mkdtempSync, openSync, readFileSync, readSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -79,6 +79,38 @@ export function scratch(prefix = 'enbd-test-'): Scratch {
     path: (name: string) => join(dir, name),
     cleanup: () => rmSync(dir, { recursive: true, force: true }),
   };
+}
+
+/** Creates (or truncates) `path` as a sparse file of `sizeBytes` zeros; returns the path. */
+export function sparseFile(path: string, sizeBytes: number): string {
+  const fd = openSync(path, 'w');
+  try {
+    ftruncateSync(fd, sizeBytes);
+  } finally {
+    closeSync(fd);
+  }
+  return path;
+}
+
+/** One pino JSON record of a daemon's stderr. */
+export interface LogLine {
+  msg: string;
+  [key: string]: unknown;
+}
+
+/** The daemon's pino JSON records: the stderr lines that parse as JSON and carry a string msg. */
+export function logLines(stderr: string): LogLine[] {
+  const lines: LogLine[] = [];
+  for (const text of stderr.split('\n')) {
+    if (!text.startsWith('{')) continue;
+    try {
+      const parsed = JSON.parse(text) as LogLine;
+      if (typeof parsed.msg === 'string') lines.push(parsed);
+    } catch {
+      // a partial last line
+    }
+  }
+  return lines;
 }
 
 export async function freePort(): Promise<number> {

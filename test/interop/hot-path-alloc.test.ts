@@ -1,5 +1,5 @@
 /**
- * Allocation budget of the hot path (ARCHITECTURE.md invariant 6: nothing allocated per request
+ * Allocation budget of the hot path (ARCHITECTURE.md invariant 8: nothing allocated per request
  * but one exact-length view of a ring slot per READ/WRITE). A child node (test/helpers/alloc-server.ts,
  * --expose-gc, a young generation large enough that no GC runs inside the window) serves a
  * mirror over two file legs with direct receive; this process streams 4 KiB WRITEs at it with

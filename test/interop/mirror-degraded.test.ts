@@ -9,14 +9,14 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { EnbdError } from '../../src/core/errors.js';
 import type { LegState, MirrorDevice } from '../../src/engine/mirror.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
 import * as p from '../../src/nbd/protocol.js';
-import { run, scratch, startNbdkit, unixUri, waitFor, type Child, type Scratch } from '../helpers/tools.js';
+import { run, scratch, sparseFile, startNbdkit, unixUri, waitFor, type Child, type Scratch } from '../helpers/tools.js';
 import { skipUnlessTools } from '../helpers/serve.js';
 import { assertSameBytes, startInProcessMirror, stopAllMirrors, type InProcessMirror } from '../helpers/mirror.js';
 
@@ -54,10 +54,7 @@ describe('enbd mirror: degraded mode, reconnect and resync with real faults', { 
   }
 
   function image(name: string, sizeBytes = kLegBytes): string {
-    const path = dir.path(name);
-    writeFileSync(path, '');
-    truncateSync(path, sizeBytes);
-    return path;
+    return sparseFile(dir.path(name), sizeBytes);
   }
 
   /** `nbdkit [--filter=F ...] file FILE [filter params]` on a fresh socket. */

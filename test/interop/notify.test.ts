@@ -4,7 +4,8 @@
  * descriptors systemd-notify's BARRIER=1 passes (as systemd does). Checks: READY=1 arrives only
  * once the export socket accepts, with MAINPID = the daemon and a STATUS (the mirror's leg
  * summary, updated after `enbd leg fail`); STOPPING=1 when the stop begins; NOTIFY_SOCKET is
- * not passed on to the --run command.
+ * not passed on to the --run command; WATCHDOG=1 keep-alives with WATCHDOG_USEC (serve and
+ * mirror), none without it or when WATCHDOG_PID names another process.
  * Threads: test process main thread; the receiver, the daemons and the CLI are child processes.
  */
 import { after, before, describe, test } from 'node:test';
@@ -99,6 +100,32 @@ describe('Type=notify readiness via NOTIFY_SOCKET', { skip: skipUnlessTools('pyt
     await waitFor('a STATUS naming the failed leg', () => fake.messages().some((message) => message['STATUS'] === '1/2 legs in sync; leg b failed'), 10_000);
     assert.equal(await daemon.stop('SIGTERM'), 0);
     await waitFor('STOPPING=1', () => fake.messages().some((message) => message['STOPPING'] === '1'), 10_000);
+  });
+
+  test('watchdog: WATCHDOG=1 keeps arriving with WATCHDOG_USEC (serve and mirror); none without it or for another WATCHDOG_PID', async () => {
+    const start = async (name: string, command: 'serve' | 'mirror', watchdog: Record<string, string>): Promise<{ fake: Receiver; daemon: Child }> => {
+      const notifySocket = dir.path(`watchdog-${name}`);
+      const fake = await receiver(notifySocket);
+      const args = command === 'serve'
+        ? ['serve', file(), '-U', dir.path(`${name}.sock`), '--log-level', 'warn']
+        : ['mirror', '--leg', file(), '--leg', file(), '--metadata', 'none', '-U', dir.path(`${name}.sock`), '--control', dir.path(`${name}.ctl`), '--log-level', 'warn'];
+      const daemon = startChild(process.execPath, [enbdCli, ...args], { env: { ...toolEnv, NOTIFY_SOCKET: notifySocket, ...watchdog } });
+      children.push(daemon);
+      await waitFor(`READY=1 from ${name}`, () => fake.messages().some((message) => message['READY'] === '1'), 45_000);
+      return { fake, daemon };
+    };
+    const pings = (fake: Receiver): number => fake.messages().filter((message) => message['WATCHDOG'] === '1').length;
+    const serve = await start('serve', 'serve', { WATCHDOG_USEC: '400000' });
+    const mirror = await start('mirror', 'mirror', { WATCHDOG_USEC: '400000', WATCHDOG_PID: '' });
+    const none = await start('none', 'serve', {});
+    const other = await start('other', 'mirror', { WATCHDOG_USEC: '400000', WATCHDOG_PID: '1' });
+    await waitFor('several WATCHDOG=1 from serve and mirror', () => pings(serve.fake) >= 4 && pings(mirror.fake) >= 4, 30_000);
+    const pinged = serve.fake.messages().find((message) => message['WATCHDOG'] === '1') ?? {};
+    assert.equal(pinged['MAINPID'], String(serve.daemon.process.pid), 'the ping is attributed to the daemon');
+    assert.equal(pings(none.fake), 0, 'no WATCHDOG_USEC: no pings');
+    assert.equal(pings(other.fake), 0, 'WATCHDOG_PID of another process: no pings');
+    for (const { daemon } of [serve, mirror, none, other]) assert.equal(await daemon.stop('SIGTERM'), 0);
+    await waitFor('STOPPING=1 despite the pings', () => serve.fake.messages().some((message) => message['STOPPING'] === '1'), 10_000);
   });
 
   test('the --run command does not inherit NOTIFY_SOCKET', async () => {

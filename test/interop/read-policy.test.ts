@@ -11,10 +11,10 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { closeSync, openSync, readFileSync, rmSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import type { MirrorDevice, MirrorOptions } from '../../src/engine/mirror.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
-import { scratch, startNbdkit, unixUri, waitFor, type Child, type Scratch } from '../helpers/tools.js';
+import { scratch, sparseFile, startNbdkit, unixUri, waitFor, type Child, type Scratch } from '../helpers/tools.js';
 import { skipUnlessTools } from '../helpers/serve.js';
 import { assertSameBytes, startInProcessMirror, stopAllMirrors, type InProcessMirror } from '../helpers/mirror.js';
 
@@ -46,10 +46,7 @@ describe('enbd mirror: read repair, read policy and write-behind over nbdkit leg
   }
 
   function image(name: string): string {
-    const path = dir.path(name);
-    writeFileSync(path, '');
-    truncateSync(path, kLegBytes);
-    return path;
+    return sparseFile(dir.path(name), kLegBytes);
   }
 
   async function startLeg(file: string, filters: string[] = [], params: string[] = []): Promise<Leg> {

@@ -9,8 +9,8 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { closeSync, existsSync, ftruncateSync, lstatSync, openSync } from 'node:fs';
-import { freePort, scratch, toolEnv, unixUri, type Scratch } from '../helpers/tools.js';
+import { existsSync, lstatSync } from 'node:fs';
+import { freePort, scratch, sparseFile, toolEnv, unixUri, type Scratch } from '../helpers/tools.js';
 import { run, runOk, skipUnlessTools, startServerUnderTest } from '../helpers/serve.js';
 import { enbdCli, runMirrorCli, startMirrorArgs, stopAllMirrors } from '../helpers/mirror.js';
 
@@ -32,11 +32,7 @@ describe('a second daemon does not break the first', { skip: skipUnlessTools('nb
 
   function legFile(): string {
     seq += 1;
-    const path = dir.path(`leg${seq}.img`);
-    const fd = openSync(path, 'w');
-    ftruncateSync(fd, kLegBytes);
-    closeSync(fd);
-    return path;
+    return sparseFile(dir.path(`leg${seq}.img`), kLegBytes);
   }
 
   function legArgs(): string[] {

@@ -9,32 +9,14 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, ftruncateSync, openSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import type { StatusResult } from '../../src/control/protocol.js';
-import { scratch, unixUri, waitFor, type Scratch } from '../helpers/tools.js';
+import { logLines, scratch, sparseFile, unixUri, waitFor, type LogLine, type Scratch } from '../helpers/tools.js';
 import { run, skipUnlessTools } from '../helpers/serve.js';
 import { enbdCli, startMirrorArgs, stopAllMirrors, type MirrorProcess } from '../helpers/mirror.js';
 
 const kMiB = 1024 * 1024;
 const kLegBytes = 32 * kMiB;
-
-interface LogLine {
-  msg: string;
-  [key: string]: unknown;
-}
-
-function logLines(stderr: string): LogLine[] {
-  const lines: LogLine[] = [];
-  for (const text of stderr.split('\n')) {
-    try {
-      const parsed = JSON.parse(text) as LogLine;
-      if (typeof parsed.msg === 'string') lines.push(parsed);
-    } catch {
-      // not a log line
-    }
-  }
-  return lines;
-}
 
 describe('SIGHUP: legs added and removed in the config file', { skip: skipUnlessTools('fio') }, () => {
   let dir: Scratch;
@@ -51,11 +33,7 @@ describe('SIGHUP: legs added and removed in the config file', { skip: skipUnless
 
   function legFile(): string {
     seq += 1;
-    const path = dir.path(`leg${seq}.img`);
-    const fd = openSync(path, 'w');
-    ftruncateSync(fd, kLegBytes);
-    closeSync(fd);
-    return path;
+    return sparseFile(dir.path(`leg${seq}.img`), kLegBytes);
   }
 
   async function statusOf(control: string): Promise<StatusResult> {

@@ -10,33 +10,15 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, ftruncateSync, openSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { StatusResult } from '../../src/control/protocol.js';
-import { scratch, unixUri, waitFor, type Scratch } from '../helpers/tools.js';
+import { logLines, scratch, sparseFile, unixUri, waitFor, type LogLine, type Scratch } from '../helpers/tools.js';
 import { run, runOk, skipUnlessTools, startServerUnderTest } from '../helpers/serve.js';
 import { enbdCli, startMirrorArgs, stopAllMirrors, type MirrorProcess } from '../helpers/mirror.js';
 
 const kMiB = 1024 * 1024;
 const kLegBytes = 64 * kMiB;
-
-interface LogLine {
-  msg: string;
-  [key: string]: unknown;
-}
-
-function logLines(stderr: string): LogLine[] {
-  const lines: LogLine[] = [];
-  for (const text of stderr.split('\n')) {
-    if (!text.startsWith('{')) continue;
-    try {
-      lines.push(JSON.parse(text) as LogLine);
-    } catch {
-      // a partial last line
-    }
-  }
-  return lines;
-}
 
 describe('SIGHUP', { skip: skipUnlessTools('fio', 'nbdsh', 'nbdinfo') }, () => {
   let dir: Scratch;
@@ -53,11 +35,7 @@ describe('SIGHUP', { skip: skipUnlessTools('fio', 'nbdsh', 'nbdinfo') }, () => {
 
   function legFile(): string {
     seq += 1;
-    const path = dir.path(`leg${seq}.img`);
-    const fd = openSync(path, 'w');
-    ftruncateSync(fd, kLegBytes);
-    closeSync(fd);
-    return path;
+    return sparseFile(dir.path(`leg${seq}.img`), kLegBytes);
   }
 
   async function statusOf(control: string): Promise<StatusResult> {

@@ -241,6 +241,30 @@ describe('enbd serve --tls on and --tls-verify-peer', { skip }, () => {
     }
   });
 
+  test('--receive direct (the default) with --tls on: TLS and plain connections stream WRITE payloads, with a log line; bytes equal', async () => {
+    const socketPath = dir.path('direct.sock');
+    const server = await startServerUnderTest({
+      kind: 'enbd', file: dir.path('disk.img'), socketPath, args: ['--tls', 'on', '--tls-certificates', pki, '--receive', 'direct', '--log-level', 'info'],
+    });
+    try {
+      const data = randomBytes(6 * 1024 * 1024);
+      writeFileSync(dir.path('direct-src.img'), data);
+      // 1 MiB requests over TLS: large payloads, the path direct receive would take
+      await runOk('nbdcopy', ['--request-size=1048576', dir.path('direct-src.img'), tlsUri(socketPath, pki)]);
+      await runOk('nbdcopy', [`nbd+unix:///?socket=${socketPath}`, dir.path('direct-out.img')]);
+      const out = readFileSync(dir.path('direct-out.img'));
+      assert.ok(out.subarray(0, data.length).equals(data), 'bytes written over TLS read back over plain');
+      const plain = randomBytes(2 * 1024 * 1024);
+      writeFileSync(dir.path('direct-plain.img'), plain);
+      await runOk('nbdcopy', ['--request-size=1048576', dir.path('direct-plain.img'), `nbd+unix:///?socket=${socketPath}`]);
+      await runOk('nbdcopy', [tlsUri(socketPath, pki), dir.path('direct-out2.img')]);
+      assert.ok(readFileSync(dir.path('direct-out2.img')).subarray(0, plain.length).equals(plain), 'bytes written plain read back over TLS');
+      assert.match(server.output(), /direct receive is not used with TLS/);
+    } finally {
+      await server.stop();
+    }
+  });
+
   test('--tls-verify-peer: no client certificate fails, a CA-signed one works', async () => {
     const socketPath = dir.path('verify.sock');
     const server = await startServerUnderTest({

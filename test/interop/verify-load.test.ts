@@ -11,94 +11,32 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, openSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
-import type { StatusResult, VerifyProgressView } from '../../src/control/protocol.js';
-import { scratch, type Scratch } from '../helpers/tools.js';
+import type { VerifyProgressView } from '../../src/control/protocol.js';
 import { run, skipUnlessTools } from '../helpers/serve.js';
-import { startMirror, stopAllMirrors, type MirrorProcess } from '../helpers/mirror.js';
 import { FileLeg, assertLegsIdentical } from '../helpers/meta-legs.js';
-import { MirrorControl } from '../helpers/fault-legs.js';
-import { ControlClient } from '../../src/control/client.js';
+import { VerifyRig, scribble } from '../helpers/verify-rig.js';
 
 const kMiB = 1024 * 1024;
 const kLegBytes = 32 * kMiB;
 const kChunkBytes = 64 * 1024;
 
 describe('enbd verify: under write load; checksum resync', { skip: skipUnlessTools('nbdkit', 'fio') }, () => {
-  let dir: Scratch;
-  const legs: FileLeg[] = [];
-  let seq = 0;
-  /** A second control connection per mirror, for direct calls (the CLI costs a process each). */
-  const clients = new Map<MirrorControl, ControlClient>();
+  let rig: VerifyRig;
 
   before(() => {
-    dir = scratch('enbd-verify-');
+    rig = new VerifyRig('enbd-verify-');
   });
 
   after(async () => {
-    for (const client of clients.values()) client.close();
-    await stopAllMirrors();
-    await Promise.all(legs.map(async (leg) => await leg.stop()));
-    dir?.cleanup();
+    await rig?.close();
   });
 
-  /** nbdkit file legs whose files all start as `contents`. */
-  async function fileLegs(count: number, contents: Buffer): Promise<FileLeg[]> {
-    const made: FileLeg[] = [];
-    for (let index = 0; index < count; index += 1) {
-      seq += 1;
-      const leg = new FileLeg(dir.path(`leg${seq}.img`), dir.path(`leg${seq}.sock`));
-      writeFileSync(leg.file, contents);
-      await leg.start();
-      legs.push(leg);
-      made.push(leg);
-    }
-    return made;
-  }
-
-  async function mirrorOf(uris: string[], extra: string[] = []): Promise<{ mirror: MirrorProcess; control: MirrorControl }> {
-    seq += 1;
-    const controlPath = dir.path(`m${seq}.ctl`);
-    const mirror = await startMirror({ legs: uris, socketPath: dir.path(`m${seq}.sock`), args: ['--control', controlPath, ...extra] });
-    const control = await MirrorControl.connect(controlPath);
-    clients.set(control, await ControlClient.connect(controlPath));
-    return { mirror, control };
-  }
-
-  /** Writes `bytes` into a leg's file directly (the mirror does not see it). */
-  function scribble(leg: FileLeg, offsetBytes: number, bytes: Buffer): void {
-    const fd = openSync(leg.file, 'r+');
-    try {
-      writeSync(fd, bytes, 0, bytes.length, offsetBytes);
-    } finally {
-      closeSync(fd);
-    }
-  }
-
-  async function waitVerifyDone(control: MirrorControl, timeoutMs = 40_000): Promise<VerifyProgressView> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const status: StatusResult = await control.status();
-      const current = status.verify?.current ?? null;
-      if (current !== null && !current.running) return current;
-      if (Date.now() > deadline) assert.fail(`verify did not finish within ${timeoutMs} ms: ${JSON.stringify(current)}`);
-      await sleep(50);
-    }
-  }
-
-  /** verify.start over the control socket (what the CLI sends), then waits for it to end. */
-  async function verify(control: MirrorControl, params: Record<string, number | boolean> = {}): Promise<VerifyProgressView> {
-    const client = clients.get(control) as ControlClient;
-    const started = await client.call('verify.start', params);
-    assert.equal(started.running, true);
-    return await waitVerifyDone(control);
-  }
-
   test('verify under a fio write load reports zero mismatches', async () => {
-    const [left, right] = await fileLegs(2, randomBytes(kLegBytes)) as [FileLeg, FileLeg];
-    const { mirror, control } = await mirrorOf([left.uri, right.uri]);
+    const [left, right] = await rig.fileLegs(2, randomBytes(kLegBytes)) as [FileLeg, FileLeg];
+    const { mirror, control } = await rig.mirrorOf([left.uri, right.uri]);
     try {
       const fio = run('fio', [
         '--name=load', '--ioengine=nbd', `--uri=${mirror.uri}`, '--rw=randwrite', '--bs=4k,64k',
@@ -109,7 +47,7 @@ describe('enbd verify: under write load; checksum resync', { skip: skipUnlessToo
       let fioDone = false;
       void fio.then(() => (fioDone = true));
       while (!fioDone || rounds === 0) {
-        const result = await verify(control);
+        const result = await rig.verify(control);
         assert.equal(result.mismatchChunks, 0, `round ${rounds}: ${JSON.stringify(result)}`);
         checked += result.bytesChecked;
         rounds += 1;
@@ -129,10 +67,10 @@ describe('enbd verify: under write load; checksum resync', { skip: skipUnlessToo
 
   test('--resync-verify: a full resync copies only the chunks that differ', async () => {
     const original = randomBytes(kLegBytes);
-    const [source, added] = await fileLegs(2, original) as [FileLeg, FileLeg];
+    const [source, added] = await rig.fileLegs(2, original) as [FileLeg, FileLeg];
     const differing = [2, 50, 51, 400];
     for (const chunk of differing) scribble(added, chunk * kChunkBytes + 777, Buffer.alloc(64, 0x5a));
-    const { mirror, control } = await mirrorOf([source.uri], ['--resync-verify']);
+    const { mirror, control } = await rig.mirrorOf([source.uri], ['--resync-verify']);
     try {
       const out = await control.cliOk(['leg', 'add', added.uri]);
       assert.match(out, /leg b added/);
@@ -149,8 +87,8 @@ describe('enbd verify: under write load; checksum resync', { skip: skipUnlessToo
     assert.ok(readFileSync(added.file).equals(original));
   });
   test('--verify-interval starts a check on its own', async () => {
-    const [left, right] = await fileLegs(2, randomBytes(kLegBytes)) as [FileLeg, FileLeg];
-    const { mirror, control } = await mirrorOf([left.uri, right.uri], ['--verify-interval', '300ms', '--verify-threads', '1']);
+    const [left, right] = await rig.fileLegs(2, randomBytes(kLegBytes)) as [FileLeg, FileLeg];
+    const { mirror, control } = await rig.mirrorOf([left.uri, right.uri], ['--verify-interval', '300ms', '--verify-threads', '1']);
     try {
       const deadline = Date.now() + 30_000;
       let current: VerifyProgressView | null = null;
@@ -172,17 +110,17 @@ describe('enbd verify: under write load; checksum resync', { skip: skipUnlessToo
     }
   });
   test('verify stop ends a slow verify early; a second start while one runs is refused', async () => {
-    const [left, right] = await fileLegs(2, randomBytes(kLegBytes)) as [FileLeg, FileLeg];
-    const { mirror, control } = await mirrorOf([left.uri, right.uri]);
+    const [left, right] = await rig.fileLegs(2, randomBytes(kLegBytes)) as [FileLeg, FileLeg];
+    const { mirror, control } = await rig.mirrorOf([left.uri, right.uri]);
     try {
-      const client = clients.get(control) as ControlClient;
+      const client = rig.client(control);
       await client.call('verify.start', { rate: 1024 * 1024 });
       await assert.rejects(client.call('verify.start', {}), /already running/);
       const refused = await control.cli(['verify', 'start', '--range', '5:abc']);
       assert.notEqual(refused.status, 0, 'a bad --range is refused');
       const out = await control.cliOk(['verify', 'stop']);
       assert.match(out, /verify stopped: /);
-      const stopped = await waitVerifyDone(control);
+      const stopped = await rig.waitVerifyDone(control);
       assert.equal(stopped.stopped, true);
       assert.ok(stopped.bytesDone < kLegBytes, `stopped early (${stopped.bytesDone} bytes done)`);
       assert.deepEqual((await client.call('verify.stop', {})).stopped, false, 'nothing left to stop');

@@ -10,97 +10,36 @@
  */
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, openSync, writeFileSync, writeSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
-import { setTimeout as sleep } from 'node:timers/promises';
-import type { StatusResult, VerifyProgressView } from '../../src/control/protocol.js';
-import { freePort, scratch, type Scratch } from '../helpers/tools.js';
+import type { VerifyProgressView } from '../../src/control/protocol.js';
+import { freePort } from '../helpers/tools.js';
 import { parseExposition, valueOf } from '../unit/metrics/exposition.js';
 import { skipUnlessTools } from '../helpers/serve.js';
-import { startMirror, stopAllMirrors, type MirrorProcess } from '../helpers/mirror.js';
+import type { MirrorProcess } from '../helpers/mirror.js';
 import { FileLeg, assertLegsIdentical, logRecords } from '../helpers/meta-legs.js';
-import { MirrorControl } from '../helpers/fault-legs.js';
-import { ControlClient } from '../../src/control/client.js';
+import type { MirrorControl } from '../helpers/fault-legs.js';
+import { VerifyRig, scribble } from '../helpers/verify-rig.js';
 
 const kMiB = 1024 * 1024;
 const kLegBytes = 32 * kMiB;
 const kChunkBytes = 64 * 1024;
 
 describe('enbd verify: online check and repair', { skip: skipUnlessTools('nbdkit') }, () => {
-  let dir: Scratch;
-  const legs: FileLeg[] = [];
-  let seq = 0;
-  /** A second control connection per mirror, for direct calls (the CLI costs a process each). */
-  const clients = new Map<MirrorControl, ControlClient>();
+  let rig: VerifyRig;
 
   before(() => {
-    dir = scratch('enbd-verify-');
+    rig = new VerifyRig('enbd-verify-');
   });
 
   after(async () => {
-    for (const client of clients.values()) client.close();
-    await stopAllMirrors();
-    await Promise.all(legs.map(async (leg) => await leg.stop()));
-    dir?.cleanup();
+    await rig?.close();
   });
-
-  /** nbdkit file legs whose files all start as `contents`. */
-  async function fileLegs(count: number, contents: Buffer): Promise<FileLeg[]> {
-    const made: FileLeg[] = [];
-    for (let index = 0; index < count; index += 1) {
-      seq += 1;
-      const leg = new FileLeg(dir.path(`leg${seq}.img`), dir.path(`leg${seq}.sock`));
-      writeFileSync(leg.file, contents);
-      await leg.start();
-      legs.push(leg);
-      made.push(leg);
-    }
-    return made;
-  }
-
-  async function mirrorOf(uris: string[], extra: string[] = []): Promise<{ mirror: MirrorProcess; control: MirrorControl }> {
-    seq += 1;
-    const controlPath = dir.path(`m${seq}.ctl`);
-    const mirror = await startMirror({ legs: uris, socketPath: dir.path(`m${seq}.sock`), args: ['--control', controlPath, ...extra] });
-    const control = await MirrorControl.connect(controlPath);
-    clients.set(control, await ControlClient.connect(controlPath));
-    return { mirror, control };
-  }
-
-  /** Writes `bytes` into a leg's file directly (the mirror does not see it). */
-  function scribble(leg: FileLeg, offsetBytes: number, bytes: Buffer): void {
-    const fd = openSync(leg.file, 'r+');
-    try {
-      writeSync(fd, bytes, 0, bytes.length, offsetBytes);
-    } finally {
-      closeSync(fd);
-    }
-  }
-
-  async function waitVerifyDone(control: MirrorControl, timeoutMs = 40_000): Promise<VerifyProgressView> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      const status: StatusResult = await control.status();
-      const current = status.verify?.current ?? null;
-      if (current !== null && !current.running) return current;
-      if (Date.now() > deadline) assert.fail(`verify did not finish within ${timeoutMs} ms: ${JSON.stringify(current)}`);
-      await sleep(50);
-    }
-  }
 
   /** `enbd verify start ARGS` with the real CLI, then waits for it to end. */
   async function verifyCli(control: MirrorControl, args: string[] = []): Promise<VerifyProgressView> {
     const out = await control.cliOk(['verify', 'start', ...args]);
     assert.match(out, /verify .*started/);
-    return await waitVerifyDone(control);
-  }
-
-  /** verify.start over the control socket (what the CLI sends), then waits for it to end. */
-  async function verify(control: MirrorControl, params: Record<string, number | boolean> = {}): Promise<VerifyProgressView> {
-    const client = clients.get(control) as ControlClient;
-    const started = await client.call('verify.start', params);
-    assert.equal(started.running, true);
-    return await waitVerifyDone(control);
+    return await rig.waitVerifyDone(control);
   }
 
   function mismatchOffsets(mirror: MirrorProcess, since: number): number[] {
@@ -109,9 +48,9 @@ describe('enbd verify: online check and repair', { skip: skipUnlessTools('nbdkit
 
   test('scribbled chunks are reported exactly; --repair makes the legs identical from leg 0', async () => {
     const original = randomBytes(kLegBytes);
-    const [left, right] = await fileLegs(2, original) as [FileLeg, FileLeg];
+    const [left, right] = await rig.fileLegs(2, original) as [FileLeg, FileLeg];
     const port = await freePort();
-    const { mirror, control } = await mirrorOf([left.uri, right.uri], ['--metrics', `127.0.0.1:${port}`]);
+    const { mirror, control } = await rig.mirrorOf([left.uri, right.uri], ['--metrics', `127.0.0.1:${port}`]);
     try {
       // Chunks 3, 4 (one scribble across their border), 100 and the last one, on leg 1 only.
       scribble(right, 4 * kChunkBytes - 10, Buffer.alloc(20, 0xa5));
@@ -136,7 +75,7 @@ describe('enbd verify: online check and repair', { skip: skipUnlessTools('nbdkit
       assert.equal(valueOf(scraped, 'enbd_verify_done_ratio'), 1);
 
       logged = mirror.stderr().length;
-      const repaired = await verify(control, { repair: true });
+      const repaired = await rig.verify(control, { repair: true });
       assert.equal(repaired.mismatchChunks, 4);
       assert.equal(repaired.repairedChunks, 4);
       const choices = logRecords(mirror.stderr().slice(logged), 'verify: repairing from the reference leg');
@@ -147,7 +86,7 @@ describe('enbd verify: online check and repair', { skip: skipUnlessTools('nbdkit
       }
       const data = assertLegsIdentical([left, right], kLegBytes, 'after verify --repair');
       assert.ok(data.equals(original), 'both legs hold leg 0\'s (the original) bytes');
-      const again = await verify(control);
+      const again = await rig.verify(control);
       assert.equal(again.mismatchChunks, 0);
     } finally {
       control.close();
@@ -157,9 +96,9 @@ describe('enbd verify: online check and repair', { skip: skipUnlessTools('nbdkit
 
   test('three legs: the majority is the reference; --range limits the check', async () => {
     const original = randomBytes(kLegBytes);
-    const three = await fileLegs(3, original);
+    const three = await rig.fileLegs(3, original);
     const [first] = three as [FileLeg];
-    const { mirror, control } = await mirrorOf(three.map((leg) => leg.uri));
+    const { mirror, control } = await rig.mirrorOf(three.map((leg) => leg.uri));
     try {
       scribble(first, 7 * kChunkBytes + 99, Buffer.alloc(300, 0x11)); // leg 0 is the odd one out
       scribble(first, 300 * kChunkBytes, Buffer.alloc(10, 0x22)); // outside the range below
@@ -168,7 +107,7 @@ describe('enbd verify: online check and repair', { skip: skipUnlessTools('nbdkit
       assert.equal(ranged.mismatchChunks, 1);
       assert.equal(ranged.repairedChunks, 1);
       const logged = mirror.stderr().length;
-      const repaired = await verify(control, { repair: true });
+      const repaired = await rig.verify(control, { repair: true });
       assert.equal(repaired.mismatchChunks, 1, 'the chunk outside the first range');
       const choices = logRecords(mirror.stderr().slice(logged), 'verify: repairing from the reference leg');
       assert.equal(choices.length, 1);

@@ -12,6 +12,7 @@
  *   from whether base:allocation was negotiated).
  */
 import type { Logger } from '../../core/log.js';
+import { OptionError } from '../../core/errors.js';
 import type { BlockSizes, DeviceFeatures } from '../../core/block-device.js';
 import {
   kDefaultPayloadBytesMax,
@@ -51,14 +52,14 @@ export function validateOptions(options: NbdClientOptions): void {
   const { connectTimeoutMs, requestTimeoutMs, exportName } = options;
   const badConnect = !Number.isInteger(connectTimeoutMs) || (connectTimeoutMs as number) <= 0;
   if (connectTimeoutMs !== undefined && badConnect) {
-    throw new RangeError('options.connectTimeoutMs must be a positive integer');
+    throw new OptionError('ENBD_ERR_OPTION', 'options.connectTimeoutMs must be a positive integer');
   }
   const badRequest = !Number.isInteger(requestTimeoutMs) || (requestTimeoutMs as number) < 0;
   if (requestTimeoutMs !== undefined && badRequest) {
-    throw new RangeError('options.requestTimeoutMs must be a non-negative integer');
+    throw new OptionError('ENBD_ERR_OPTION', 'options.requestTimeoutMs must be a non-negative integer');
   }
   if (exportName !== undefined && typeof exportName !== 'string') {
-    throw new TypeError('options.exportName must be a string');
+    throw new OptionError('ENBD_ERR_OPTION', 'options.exportName must be a string');
   }
 }
 

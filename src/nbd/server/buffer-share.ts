@@ -38,6 +38,7 @@
  * - Charges are whole units and at least one unit; released exactly as acquired.
  */
 import { assert } from '../../core/assert.js';
+import { OptionError } from '../../core/errors.js';
 
 /** Capacity split into this many units when the device does not say its unit size. */
 export const kDefaultUnitsPerCapacity = 256;
@@ -87,12 +88,12 @@ export class BufferShare {
     unitBytes: number | undefined,
   ) {
     if (!Number.isSafeInteger(capacityBytes) || capacityBytes <= 0) {
-      throw new RangeError('device.bufferCapacityBytes must be a positive integer');
+      throw new OptionError('ENBD_ERR_OPTION', 'device.bufferCapacityBytes must be a positive integer');
     }
     const unit =
       unitBytes ?? Math.max(kUnitBytesMin, Math.floor(capacityBytes / kDefaultUnitsPerCapacity));
     if (!Number.isSafeInteger(unit) || unit <= 0 || unit > capacityBytes) {
-      throw new RangeError('device.bufferUnitBytes must be a positive integer up to the capacity');
+      throw new OptionError('ENBD_ERR_OPTION', 'device.bufferUnitBytes must be a positive integer up to the capacity');
     }
     this.unitBytes = unit;
   }

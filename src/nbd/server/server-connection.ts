@@ -12,13 +12,17 @@
  * buffer). When no request record or device buffer is free, or the connection is over its fair
  * share of the device's buffers (buffer-share.ts), parsing stalls: the connection remembers
  * (chunk, position), pauses the socket, and resumes when a record or buffer frees. Direct
- * receive (server-receive.ts) reads a large payload's rest straight into its buffer.
+ * receive (server-receive.ts) reads a large payload's rest straight into its buffer; after
+ * such a payload the next read asks for one header only, so a large WRITE behind it lands
+ * in its own buffer whole instead of partly in the receive buffer and then copied.
  *
  * Timeouts (server-timeouts.ts; no timer per connection or request, the server's sweep calls
  * checkTimeouts): a handshake must finish within the handshake timeout; a client in the
  * middle of a request (WRITE payload, rejected payload being discarded, part of a header)
  * that sends nothing for the payload timeout is disconnected, and close() releases the
- * buffers it held. A chunk counter is all the receive path pays for it.
+ * buffers it held. A chunk counter is all the receive path pays for it. After DISC (or the
+ * client's EOF) the connection drains: every request received in full before it is answered
+ * (one still waiting for a buffer is parsed and served when one frees), within a drain limit.
  *
  * Pieces: request records and header decoding (server-records.ts), payload buffers and the
  * fair share (server-buffers.ts), replies and per-turn batching (server-replies.ts), block
@@ -61,7 +65,7 @@ import { RecordBuffers } from './server-buffers.js';
 import { ReplyWriter } from './server-replies.js';
 import { blockStatusAskedBytes, clipExtents, deviceExtents, kExtentsMax } from './server-block-status.js';
 import { adoptForDirectReceive, kDirectReceiveMinBytes, kReceiveBufferBytes } from './server-receive.js';
-import { ConnectionClock, TimeoutVerdict } from './server-timeouts.js';
+import { ConnectionClock, TimeoutVerdict, kDisconnectDrainMs } from './server-timeouts.js';
 
 const enum ParseState {
   Header = 0,
@@ -106,6 +110,8 @@ export class ServerConnection implements ShareUser, RecordOwner {
   private plainSocket: Socket | null = null;
   /** Direct receive mode: reads land in `receiveBuffer`, or straight in a payload's buffer. */
   private readonly receiveBuffer: Buffer | null = null;
+  /** The receive buffer's first 28 bytes: the read after a large WRITE asks for one header. */
+  private readonly headerTarget: Buffer | null = null;
   private directTarget: Uint8Array | null = null;
   private readonly buffers: RecordBuffers;
   payloadBytesCopied = 0;
@@ -115,6 +121,8 @@ export class ServerConnection implements ShareUser, RecordOwner {
   private readonly replies: ReplyWriter;
   private closed = false;
   private disconnecting = false;
+  /** The client half-closed (EOF) while received bytes still waited to be parsed (a stall). */
+  private inputEnded = false;
   inFlight = 0;
   requestsServed = 0;
   /** ShareUser: charged device-buffer bytes held, and whether parsing waits for a buffer. */
@@ -132,6 +140,7 @@ export class ServerConnection implements ShareUser, RecordOwner {
   ) {
     if (directReceive) {
       this.receiveBuffer = Buffer.allocUnsafeSlow(kReceiveBufferBytes);
+      this.headerTarget = this.receiveBuffer.subarray(0, p.kRequestHeaderBytes);
       this.socket = this.adoptForDirectReceive(acceptedSocket);
     } else {
       this.socket = acceptedSocket;
@@ -227,16 +236,31 @@ export class ServerConnection implements ShareUser, RecordOwner {
   }
 
   private onEnd(): void {
-    if (this.payloadRecord !== null || this.awaitingBuffer !== null) {
-      this.close('client left in the middle of a request');
-    } else if (this.negotiated === null) {
+    if (this.negotiated === null) {
       this.close('client left during the handshake');
+    } else if (!this.disconnecting && (this.stalledChunk !== null || this.awaitingBuffer !== null)) {
+      // Bytes the client sent before its EOF still wait for a record or a buffer (they may
+      // hold a DISC): resume() parses them first, then ends the input.
+      this.inputEnded = true;
     } else {
-      // Replies of requests that already completed may still sit corked in this turn's
-      // batch: let them leave before the socket closes.
-      this.disconnecting = true;
-      if (this.inFlight === 0) this.closeWhenFlushed();
+      this.endOfInput();
     }
+  }
+
+  /**
+   * Every byte the client sent before its EOF is parsed. A request cut short by the EOF is
+   * never submitted or answered (the connection drops, with what is in flight); otherwise the
+   * connection drains like after DISC: requests received in full are answered, then it closes.
+   */
+  private endOfInput(): void {
+    if (this.payloadRecord !== null || this.parseState !== ParseState.Header || this.headerFilled > 0) {
+      this.close('client left in the middle of a request');
+      return;
+    }
+    // Replies of requests that already completed may still sit corked in this turn's
+    // batch: let them leave before the socket closes.
+    this.disconnecting = true;
+    if (this.inFlight === 0) this.closeWhenFlushed();
   }
 
   private onData(chunk: Buffer, end: number): void {
@@ -269,6 +293,13 @@ export class ServerConnection implements ShareUser, RecordOwner {
       this.onData(this.receiveBuffer, bytes);
       return true;
     }
+    if (buffer === this.headerTarget) {
+      // The header-sized read after a large WRITE (the same memory as the receive buffer):
+      // a large WRITE behind it gets its whole payload read into its own buffer.
+      this.directTarget = null;
+      this.onData(this.receiveBuffer as Buffer, bytes);
+      return true;
+    }
     // The bytes went straight into the payload record's buffer.
     const record = this.payloadRecord;
     if (record === null || this.closed) return true;
@@ -280,7 +311,9 @@ export class ServerConnection implements ShareUser, RecordOwner {
       this.directTarget = (record.data as Uint8Array).subarray(record.filledBytes);
       return true;
     }
-    this.directTarget = null;
+    // The next request's header is read alone, so a large payload behind it is not read into
+    // the receive buffer and copied (a stream of large WRITEs costs one more read each).
+    this.directTarget = this.headerTarget;
     this.payloadRecord = null;
     this.parseState = ParseState.Header;
     this.submit(record);
@@ -322,14 +355,19 @@ export class ServerConnection implements ShareUser, RecordOwner {
    * `handshakeTimeoutMs` of credited time since the accept, or when the client owes bytes of a
    * started request (WRITE payload, discarded payload, header) and sent none for
    * `payloadTimeoutMs` of credited time; closing releases the buffers it held. Time the
-   * server holds the connection paused (no record or buffer free) never counts.
+   * server holds the connection paused (no record or buffer free) never counts. A connection
+   * draining after DISC or the client's EOF (waiting for buffers, the device, or a client
+   * that does not read its replies) is closed after kDisconnectDrainMs of credited time.
    */
   checkTimeouts(nowMs: number, creditMs: number, handshakeTimeoutMs: number, payloadTimeoutMs: number): void {
     if (this.closed) return;
     const inHandshake = this.negotiated === null;
     const owes = !inHandshake && this.owesBytes();
-    const verdict = this.clock.check(nowMs, creditMs, handshakeTimeoutMs, payloadTimeoutMs, inHandshake, owes);
-    if (verdict === TimeoutVerdict.Handshake) {
+    const draining = this.disconnecting || this.inputEnded;
+    const verdict = this.clock.check(nowMs, creditMs, handshakeTimeoutMs, payloadTimeoutMs, inHandshake, owes, draining);
+    if (verdict === TimeoutVerdict.Drain) {
+      this.close(`requests and replies did not drain within ${kDisconnectDrainMs} ms of the disconnect`);
+    } else if (verdict === TimeoutVerdict.Handshake) {
       this.close(`handshake not finished within ${handshakeTimeoutMs} ms`);
     } else if (verdict === TimeoutVerdict.Silence) {
       const what =
@@ -388,6 +426,16 @@ export class ServerConnection implements ShareUser, RecordOwner {
         }
       }
     }
+    this.directPayloadRest();
+  }
+
+  /** Direct receive: a payload whose rest is large is read straight into its buffer. */
+  private directPayloadRest(): void {
+    const record = this.payloadRecord;
+    if (this.receiveBuffer === null || record === null || this.parseState !== ParseState.Payload) return;
+    if (this.directTarget !== null && this.directTarget !== this.headerTarget) return;
+    if (record.lengthBytes - record.filledBytes < kDirectReceiveMinBytes || this.closed) return;
+    this.directTarget = (record.data as Uint8Array).subarray(record.filledBytes);
   }
 
   private stall(chunk: Buffer, position: number, end: number): void {
@@ -403,12 +451,19 @@ export class ServerConnection implements ShareUser, RecordOwner {
     if (this.closed) return false;
     if (this.awaitingBuffer !== null && !this.acquireWriteBuffer(this.awaitingBuffer)) return true;
     const chunk = this.stalledChunk;
-    if (chunk === null) return false;
-    if (this.parseState === ParseState.Header && this.freeRecords.length === 0) return true;
-    this.stalledChunk = null;
-    this.parse(chunk, this.stalledPosition, this.stalledEnd);
-    if (this.stalledChunk !== null) return true;
-    if (!this.disconnecting) this.socket.resume();
+    if (chunk !== null) {
+      if (this.parseState === ParseState.Header && this.freeRecords.length === 0) return true;
+      this.stalledChunk = null;
+      this.parse(chunk, this.stalledPosition, this.stalledEnd);
+      if (this.stalledChunk !== null) return true;
+    }
+    if (this.inputEnded) {
+      // The client's EOF came while these bytes waited; a DISC among them already drains.
+      this.inputEnded = false;
+      if (!this.disconnecting && !this.closed) this.endOfInput();
+    } else if (!this.disconnecting && !this.closed && chunk !== null) {
+      this.socket.resume();
+    }
     return false;
   }
 
@@ -521,10 +576,8 @@ export class ServerConnection implements ShareUser, RecordOwner {
       this.payloadRecord = null;
       this.parseState = ParseState.Header;
       this.submit(record);
-    } else if (this.receiveBuffer !== null && remaining >= kDirectReceiveMinBytes) {
-      // The chunk is used up (take < remaining): read the rest straight into the payload buffer.
-      this.directTarget = record.data.subarray(record.filledBytes);
     }
+    // With bytes left (the chunk is used up), parse() ends in directPayloadRest().
     return position + take;
   }
 

@@ -24,11 +24,11 @@
  * - A record is on the free stack exactly when its state is free.
  * - `data` is null for a free record; `fromDevice`/`chargeBytes` say who must get it back.
  */
+import { kTwoPow32 } from '../../core/u64.js';
+
 export const kRequestsPerConnection = 256;
 export const kRequestIndexBits = 8;
 /** 2^32: splits a u64 wire field into u32 halves (also used by the reply path). */
-import { kTwoPow32 } from '../../core/u64.js';
-
 export { kTwoPow32 };
 
 export const enum RecordState {

@@ -12,6 +12,10 @@
  * credited only its own age. The receive path pays one counter increment per chunk
  * (`receivedChunks`); silence is "no new chunk since the previous sweep".
  *
+ * A connection draining after DISC or the client's EOF is closed after kDisconnectDrainMs
+ * of credited time (the same bound a graceful server close gives its clients), so a client
+ * that stops reading its replies, or a device that keeps buffers, cannot hold it forever.
+ *
  * Invariants:
  * - Credited time only grows while the client owes bytes (silence) or is in the handshake;
  *   time the server holds the connection paused never counts (the caller says `owesBytes`).
@@ -21,7 +25,11 @@ export const enum TimeoutVerdict {
   None = 0,
   Handshake = 1,
   Silence = 2,
+  Drain = 3,
 }
+
+/** How long a connection may drain (answer what it received) after DISC or the client's EOF. */
+export const kDisconnectDrainMs = 10_000;
 
 export class ConnectionClock {
   private lastCheckedMs = performance.now();
@@ -30,11 +38,13 @@ export class ConnectionClock {
   receivedChunks = 0;
   private seenChunks = 0;
   private silentMs = 0;
+  private drainedMs = 0;
 
   /**
    * One sweep (0 disables a timeout): Handshake when the handshake has not finished after
    * `handshakeTimeoutMs` of credited time, Silence when the client owed bytes and sent none
-   * for `payloadTimeoutMs` of credited time.
+   * for `payloadTimeoutMs` of credited time, Drain when it has been `draining` (after DISC or
+   * EOF) for kDisconnectDrainMs of credited time.
    */
   check(
     nowMs: number,
@@ -43,10 +53,15 @@ export class ConnectionClock {
     payloadTimeoutMs: number,
     inHandshake: boolean,
     owesBytes: boolean,
+    draining = false,
   ): TimeoutVerdict {
     // A connection accepted since the previous sweep is credited only its own age.
     const credit = Math.min(creditMs, nowMs - this.lastCheckedMs);
     this.lastCheckedMs = nowMs;
+    if (draining) {
+      this.drainedMs += credit;
+      if (this.drainedMs >= kDisconnectDrainMs) return TimeoutVerdict.Drain;
+    }
     if (inHandshake) {
       this.handshakeWaitedMs += credit;
       if (handshakeTimeoutMs > 0 && this.handshakeWaitedMs >= handshakeTimeoutMs) return TimeoutVerdict.Handshake;

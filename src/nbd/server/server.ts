@@ -28,6 +28,7 @@ import { createLogger, type Logger } from '../../core/log.js';
 import type { BlockDevice } from '../../core/block-device.js';
 import { assert, isPowerOfTwo } from '../../core/assert.js';
 import { withTimeout } from '../../core/timeout.js';
+import { OptionError } from '../../core/errors.js';
 import * as p from '../protocol.js';
 import type { ExportDescriptor } from './server-options.js';
 import { ServerConnection, type ConnectionHost } from './server-connection.js';
@@ -83,7 +84,7 @@ const kSweepIntervalMsMax = 1000;
 
 function checkTimeout(value: number, what: string): number {
   if (!Number.isInteger(value) || value < 0 || value > kTimeoutMsMax) {
-    throw new RangeError(`options.${what} must be an integer from 0 to ${kTimeoutMsMax}`);
+    throw new OptionError('ENBD_ERR_OPTION', `options.${what} must be an integer from 0 to ${kTimeoutMsMax}`);
   }
   return value;
 }
@@ -152,11 +153,11 @@ export class NbdServer implements ConnectionHost {
     const device = options.device;
     const maximumPayloadBytes = options.maximumPayloadBytes ?? p.kDefaultPayloadBytesMax;
     if (!Number.isInteger(maximumPayloadBytes) || maximumPayloadBytes < 4096 || maximumPayloadBytes > 0x7fff_ffff) {
-      throw new RangeError('options.maximumPayloadBytes must be an integer from 4096 to 2^31-1');
+      throw new OptionError('ENBD_ERR_OPTION', 'options.maximumPayloadBytes must be an integer from 4096 to 2^31-1');
     }
     const connectionsMax = options.connectionsMax ?? kConnectionsMaxDefault;
     if (!Number.isInteger(connectionsMax) || connectionsMax < 1 || connectionsMax > kConnectionsMaxLimit) {
-      throw new RangeError(`options.connectionsMax must be an integer from 1 to ${kConnectionsMaxLimit}`);
+      throw new OptionError('ENBD_ERR_OPTION', `options.connectionsMax must be an integer from 1 to ${kConnectionsMaxLimit}`);
     }
     const handshakeTimeoutMs = checkTimeout(
       options.handshakeTimeoutMs ?? kHandshakeTimeoutMsDefault,
@@ -167,7 +168,7 @@ export class NbdServer implements ConnectionHost {
       'payloadTimeoutMs',
     );
     const name = options.exportName ?? '';
-    if (Buffer.byteLength(name) > p.kStringBytesMax) throw new RangeError('options.exportName is longer than 4096 bytes');
+    if (Buffer.byteLength(name) > p.kStringBytesMax) throw new OptionError('ENBD_ERR_OPTION', 'options.exportName is longer than 4096 bytes');
     const blockSizes = device.blockSizes;
     assert(isPowerOfTwo(blockSizes.minimumBytes), 'device minimum block size is a power of two');
     this.device = device;
@@ -184,7 +185,7 @@ export class NbdServer implements ConnectionHost {
     this.tls = options.tls ?? null;
     this.metaContexts = options.metaContexts ?? null;
     if (options.directReceive === true && this.tls !== null) {
-      this.logger.warn('--receive direct is not used with --tls on/require; WRITE payloads are streamed');
+      this.logger.info('direct receive is not used with TLS (--tls on/require): WRITE payloads are streamed (--receive stream)');
     }
     this.directReceive = options.directReceive === true && this.tls === null;
     this.fastZero = device.features.fastZero;
@@ -225,7 +226,7 @@ export class NbdServer implements ConnectionHost {
    */
   setLimits(limits: { connectionsMax: number; handshakeTimeoutMs: number; payloadTimeoutMs: number }): void {
     if (!Number.isInteger(limits.connectionsMax) || limits.connectionsMax < 1 || limits.connectionsMax > kConnectionsMaxLimit) {
-      throw new RangeError(`limits.connectionsMax must be an integer from 1 to ${kConnectionsMaxLimit}`);
+      throw new OptionError('ENBD_ERR_OPTION', `limits.connectionsMax must be an integer from 1 to ${kConnectionsMaxLimit}`);
     }
     this.handshakeTimeoutMs = checkTimeout(limits.handshakeTimeoutMs, 'handshakeTimeoutMs');
     this.payloadTimeoutMs = checkTimeout(limits.payloadTimeoutMs, 'payloadTimeoutMs');

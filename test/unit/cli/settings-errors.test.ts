@@ -35,6 +35,7 @@ const kRows: Array<[string, string, unknown, string, Record<string, unknown>?]> 
   ['logLevel', '--log-level', 'loud', 'loud'], ['tlsVerifyPeer', '--tls-verify-peer', 'perhaps', 'perhaps'],
   ['degraded', '--degraded', 'sometimes', 'sometimes'], ['readOnly', '--read-only', 'yes please', '"yes please"'],
   ['socket', '--socket', ['a'], '["a"]'], ['listen', '--listen', '99999', '99999'], ['metrics', '--metrics', 'host:port', 'host:port'],
+  ['listen', '--listen', ':80', ':80'], ['metrics', '--metrics', '127.0.0.1:70000', '127.0.0.1:70000'],
 ];
 
 function escaped(text: string): string {
@@ -53,14 +54,12 @@ function refused(run: () => unknown, name: string, shown: string, what: string):
 
 test('every mirror flag with a bad value: named as the flag', () => {
   for (const [key, flag, value, shown, extra] of kRows) {
-    if (key === 'listen' || key === 'metrics') continue; // parsed when the daemon starts (checked through the CLI)
     refused(() => resolveMirrorSettings({ leg: ['/tmp/leg.img'], metadata: key === 'forceSource' ? 'leg' : undefined, ...extra, [key]: value }), flag, shown, `${flag} ${String(value)}`);
   }
 });
 
 test('every config key with a bad value: named as written in the file', () => {
   for (const [at, [key, , value, shown, extra]] of kRows.entries()) {
-    if (key === 'listen' || key === 'metrics') continue;
     writeFileSync(join(dir, `bad${at}.yaml`), JSON.stringify({ legs: ['/tmp/leg.img'], ...extra, [key]: value }));
     refused(() => resolveMirrorSettings({ config: join(dir, `bad${at}.yaml`), leg: [] }), `${key} in bad${at}.yaml`, shown, `${key}: ${JSON.stringify(value)}`);
   }
@@ -70,6 +69,8 @@ test('legs: NAME=URI and { name, uri } errors, a name given twice, an unknown ke
   refused(() => resolveMirrorSettings({ leg: ['x.y=/tmp/a.img'] }), '--leg', '"x.y=/tmp/a.img"', 'bad name');
   refused(() => resolveMirrorSettings({ leg: ['b='] }), '--leg', '"b="', 'no URI');
   assert.throws(() => resolveMirrorSettings({ leg: ['x=/tmp/a.img', 'x=/tmp/b.img'] }), /^EnbdError: --leg must give each leg name once, got x twice$/);
+  writeFileSync(join(dir, 'twice.yaml'), JSON.stringify({ legs: ['x=/tmp/a.img', { name: 'x', uri: '/tmp/b.img' }] }));
+  assert.throws(() => resolveMirrorSettings({ config: join(dir, 'twice.yaml'), leg: [] }), /^EnbdError: legs in twice\.yaml must give each leg name once, got x twice$/);
   writeFileSync(join(dir, 'legs.yaml'), JSON.stringify({ legs: [{ name: 'a b', uri: '/tmp/a.img' }] }));
   refused(() => resolveMirrorSettings({ config: join(dir, 'legs.yaml'), leg: [] }), 'the leg name in legs in legs.yaml', '"a b"', 'mapping name');
   writeFileSync(join(dir, 'legs.yaml'), JSON.stringify({ legs: '/tmp/a.img' }));
@@ -80,4 +81,18 @@ test('legs: NAME=URI and { name, uri } errors, a name given twice, an unknown ke
   assert.throws(() => resolveMirrorSettings({ config: join(dir, 'legs.yaml'), leg: [] }), /^EnbdError: bogusKey in legs\.yaml is not a setting \(settings: legs, /);
   const named = resolveMirrorSettings({ leg: ['fast=nbd+unix:///?socket=/run/a.sock', 'nbd+unix:///x?socket=/run/b=c.sock'], metadata: 'none' });
   assert.deepEqual([named.legs, named.legNames], [['nbd+unix:///?socket=/run/a.sock', 'nbd+unix:///x?socket=/run/b=c.sock'], ['fast', null]]);
+});
+
+test('--write-mostly: a leg name (given or automatic), an index, a URI, or write-mostly=1 in the URI', () => {
+  const legs = ['fast=/tmp/a.img', 'slow=/tmp/b.img', '/tmp/c.img', 'file:///tmp/d.img?write-mostly=1'];
+  assert.deepEqual(resolveMirrorSettings({ leg: legs, writeMostly: ['slow'], metadata: 'none' }).writeMostly, [1, 3]);
+  assert.deepEqual(resolveMirrorSettings({ leg: legs, writeMostly: ['a', '0', '/tmp/c.img'], metadata: 'none' }).writeMostly, [0, 2, 3]);
+  writeFileSync(join(dir, 'wm.yaml'), JSON.stringify({ legs, writeMostly: ['slow', 2] }));
+  assert.deepEqual(resolveMirrorSettings({ config: join(dir, 'wm.yaml'), leg: [], metadata: 'none' }).writeMostly, [1, 2, 3]);
+  refused(() => resolveMirrorSettings({ leg: legs, writeMostly: ['nope'] }), '--write-mostly', 'nope', 'unknown name');
+  assert.throws(() => resolveMirrorSettings({ leg: legs, writeMostly: ['9'] }), /^EnbdError: --write-mostly must be a leg name \(fast, slow, a, b\), an index from 0 to 3 or a leg's URI, got 9$/);
+  writeFileSync(join(dir, 'wm.yaml'), JSON.stringify({ legs, writeMostly: ['nope'] }));
+  refused(() => resolveMirrorSettings({ config: join(dir, 'wm.yaml'), leg: [] }), 'writeMostly in wm.yaml', 'nope', 'unknown name in the file');
+  refused(() => resolveMirrorSettings({ leg: ['nbd+unix:///?socket=/run/a.sock&write-mostly=yes'] }), '--leg', 'nbd+unix:///?socket=/run/a.sock&write-mostly=yes', 'bad URI parameter');
+  assert.deepEqual(resolveMirrorSettings({ leg: ['nbd+unix:///?socket=/run/a.sock&write-mostly=0', '/tmp/b.img'], metadata: 'none' }).writeMostly, []);
 });

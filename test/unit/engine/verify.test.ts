@@ -10,6 +10,7 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { chooseReference, intersectRanges } from '../../../src/engine/verify.js';
 import { HashPool, kHashAlgorithms } from '../../../src/engine/hash-pool.js';
+import { OptionError } from '../../../src/core/errors.js';
 import { kHashWorkerEntry } from '../../../src/cli/actor-entry.js';
 
 const pools: HashPool[] = [];
@@ -103,15 +104,17 @@ test('hash pool: every algorithm agrees with itself and tells copies apart', asy
 });
 
 test('hash pool: options and ranges are validated', async () => {
-  assert.throws(() => new HashPool({ threads: 0 }), RangeError);
-  assert.throws(() => new HashPool({ threads: 1.5 }), RangeError);
-  assert.throws(() => new HashPool({ algorithm: 'md5' as never }), RangeError);
+  assert.throws(() => new HashPool({ threads: 0 }), OptionError);
+  assert.throws(() => new HashPool({ threads: 1.5 }), OptionError);
+  assert.throws(() => new HashPool({ algorithm: 'md5' as never }), OptionError);
   const blind = new HashPool({ threads: 1 });
   await assert.rejects(blind.hash(new SharedArrayBuffer(4096), 0, 4096, 4096), /no worker entry/);
   const pool = new HashPool({ threads: 1, workerEntry: kHashWorkerEntry });
   pools.push(pool);
   const view = filledSab(4096);
-  await assert.rejects(pool.hash(view.buffer as SharedArrayBuffer, 0, 0, 4096), RangeError);
+  await assert.rejects(pool.hash(view.buffer as SharedArrayBuffer, 0, 0, 4096), OptionError);
+  // Checked in the hash worker (actors/hash-worker.ts): a native RangeError, whose class survives
+  // the structured clone back from the worker thread (an EnbdError subclass would not).
   await assert.rejects(pool.hash(view.buffer as SharedArrayBuffer, 2048, 4096, 4096), RangeError);
   await pool.close();
   await assert.rejects(pool.hash(view.buffer as SharedArrayBuffer, 0, 4096, 4096));

@@ -10,6 +10,7 @@ import { after, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createServer } from 'node:net';
 import { LatencyHistograms } from '../../../src/core/latency.js';
+import { OptionError } from '../../../src/core/errors.js';
 import { createLogger } from '../../../src/core/log.js';
 import { kLatencyKinds, type LegStatus, type MirrorStats } from '../../../src/engine/mirror.js';
 import type { LegStats } from '../../../src/engine/messages.js';
@@ -193,7 +194,7 @@ test('a busy port is a configuration error; close is idempotent', async () => {
   } finally {
     blocker.close();
   }
-  await assert.rejects(startMetricsServer({ host: '127.0.0.1', port: 70000, mirror: fake().mirror, server: fake().server, logger }), RangeError);
+  await assert.rejects(startMetricsServer({ host: '127.0.0.1', port: 70000, mirror: fake().mirror, server: fake().server, logger }), OptionError);
   const server = await start(fake());
   await server.close();
   await server.close();

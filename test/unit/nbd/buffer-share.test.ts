@@ -58,11 +58,11 @@ test('charges are whole units, at least one', () => {
   assert.equal(new BufferShare(64 * 1024, undefined).unitBytes, 4096);
 });
 
-test('bad capacity or unit: RangeError naming the device field', () => {
-  assert.throws(() => new BufferShare(0, undefined), /bufferCapacityBytes/);
-  assert.throws(() => new BufferShare(1.5, undefined), /bufferCapacityBytes/);
-  assert.throws(() => new BufferShare(kRingBytes, 0), /bufferUnitBytes/);
-  assert.throws(() => new BufferShare(kRingBytes, kRingBytes * 2), /bufferUnitBytes/);
+test('bad capacity or unit: OptionError (ENBD_ERR_OPTION) naming the device field', () => {
+  assert.throws(() => new BufferShare(0, undefined), { name: 'OptionError', code: 'ENBD_ERR_OPTION', message: /bufferCapacityBytes/ });
+  assert.throws(() => new BufferShare(1.5, undefined), { name: 'OptionError', code: 'ENBD_ERR_OPTION', message: /bufferCapacityBytes/ });
+  assert.throws(() => new BufferShare(kRingBytes, 0), { name: 'OptionError', code: 'ENBD_ERR_OPTION', message: /bufferUnitBytes/ });
+  assert.throws(() => new BufferShare(kRingBytes, kRingBytes * 2), { name: 'OptionError', code: 'ENBD_ERR_OPTION', message: /bufferUnitBytes/ });
 });
 
 test('issue 10: three stalled 32 MiB WRITEs on a 64 MiB ring leave room for a 4 KiB request', () => {

@@ -159,3 +159,19 @@ describe('leg URI connections=N', () => {
     }
   });
 });
+
+describe('leg URI write-mostly=1', () => {
+  test('taken off the NBD URI (nbd:// takes no other query), kept in the address; file: URIs too', () => {
+    const tcp = parseLegUri('nbd://host:10810/export?write-mostly=1&connections=2');
+    assert.ok(tcp.kind === 'nbd' && tcp.writeMostly === true && tcp.connections === 2 && tcp.address.kind === 'tcp' && tcp.address.exportName === 'export');
+    const unix = parseLegUri('nbd+unix:///disk?socket=/run/leg.sock&write-mostly=0');
+    assert.ok(unix.kind === 'nbd' && unix.writeMostly === false);
+    assert.deepEqual(unix.address, { kind: 'unix', socketPath: '/run/leg.sock', exportName: 'disk' });
+    const file = parseLegUri('file:///tmp/leg.img?write-mostly=1');
+    assert.ok(file.kind === 'file' && file.path === '/tmp/leg.img' && file.writeMostly === true);
+    assert.equal(parseLegUri('nbd://host/export').writeMostly, undefined);
+    assert.equal(parseLegUri('/tmp/plain?write-mostly=1').writeMostly, undefined, 'a plain path has no query');
+    assert.throws(() => parseLegUri('nbd://host/export?write-mostly=2'), (error: unknown) =>
+      error instanceof EnbdError && error.code === 'ENBD_ERR_URI' && error.message.includes('write-mostly=2') && /0 or 1/.test(error.message));
+  });
+});
