@@ -1257,6 +1257,7 @@ export class MirrorDevice implements BlockDevice {
       // that will never land must not count as holding the range (markUnlessSole).
       if (errno !== 0) this.behind?.onMainDone(slot, false);
       if (lost !== 0 || errno !== 0) this.onWriteFailures(slot, command, target, lost, errno === 0);
+      if (errno !== 0) this.behind?.settleFailed(ring.offsetBytes(slot), ring.lengthBytes(slot));
     } else if (failed !== 0) {
       // FLUSH: durable if a leg that was in sync at dispatch (it holds every acknowledged
       // write) flushed; with none in sync, only if every targeted leg flushed.

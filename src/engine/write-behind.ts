@@ -35,8 +35,9 @@
  *   and cleared only by its own shadow's success within the leg's epoch, under the shadow's
  *   range lock (S3's rule for resync copies); with on-leg metadata the chunk's write-intent bit
  *   stays set while any dirty map marks it (the keeper's W2), so a crash never loses the range.
- * - A shadow of a client write that failed is never sent: the range then keeps its marks and the
- *   leg resyncs it from the reference leg.
+ * - A shadow of a client write that failed is never sent; its marks on a leg still in its epoch
+ *   are taken back before the failure's marks are settled (the leg holds the version from before
+ *   the write, a valid answer for a failed write, and may be the best copy left).
  * - `behindBytes[i]` is the sum of the lengths of leg i's live shadows.
  */
 import { assert } from '../core/assert.js';
@@ -86,6 +87,8 @@ export class WriteBehind {
   private readonly shadowsOf = new Map<number, number[]>();
   /** Shadow slot -> 1 while cancelled (its client write failed). */
   private readonly cancelled: Uint8Array;
+  /** Legs whose cancelled shadows' marks were taken back, for settleFailed (a bit mask). */
+  private recheck = 0;
   /** Every live shadow slot. */
   private readonly live = new Set<number>();
   /**
@@ -168,12 +171,43 @@ export class WriteBehind {
     for (const shadow of list) {
       this.cancelled[shadow] = 1;
       const leg = this.legOf(shadow);
-      // The range keeps its marks (the failed write marked it everywhere but the reference):
-      // the leg resyncs it.
-      if (leg !== null && leg.state === 'in-sync') {
+      if (leg === null) continue;
+      if (leg.admitted && leg.epoch === this.host.slots.epoch[shadow]) {
+        // The client write failed, so either version of its range is a valid answer, and the
+        // leg still holds the one from before it: its marks for this shadow (it was in sync
+        // when the write was deferred) are taken back, except where a live shadow of the leg
+        // still covers a chunk. The failure's marks are settled next (onWriteFailures), with
+        // this leg clean and so eligible as the reference: the other legs, which may have lost
+        // their unflushed writes with a server crash, are copied from it, never the reverse
+        // (the model test found the reverse losing acknowledged writes).
+        const [start, end] = this.chunkExtent(shadow);
+        const chunk = this.host.chunkBytes();
+        for (let at = start; at < end; at += chunk) {
+          if (!this.otherShadowCovers(shadow, leg.bit, at, true)) leg.dirty?.clearRange(at, Math.min(chunk, end - at));
+        }
+        this.recheck |= leg.bit;
+      } else if (leg.state === 'in-sync') {
+        // Out of its epoch: the marks stay (never cleared while a leg is out); it resyncs them.
         this.host.move(leg, 'resyncing', null, { why: 'a write it was behind on failed on the other legs: the range is copied from the reference' });
         this.host.startResync(leg);
       }
+    }
+  }
+
+  /**
+   * After a failed write's marks were settled (onWriteFailures): a leg whose shadow marks were
+   * taken back but which was not picked as the reference is marked again there; it resyncs
+   * the range from the reference.
+   */
+  settleFailed(offsetBytes: number, lengthBytes: number): void {
+    const mask = this.recheck;
+    this.recheck = 0;
+    if (mask === 0) return;
+    for (const leg of this.host.legs) {
+      if ((mask & leg.bit) === 0 || leg.state !== 'in-sync') continue;
+      if (leg.dirty?.testRange(offsetBytes, lengthBytes) !== true) continue;
+      this.host.move(leg, 'resyncing', null, { why: 'a write it was behind on failed on the other legs: the range is copied from the reference' });
+      this.host.startResync(leg);
     }
   }
 
@@ -243,9 +277,10 @@ export class WriteBehind {
     return false;
   }
 
-  private otherShadowCovers(shadow: number, bit: number, chunkAt: number): boolean {
+  private otherShadowCovers(shadow: number, bit: number, chunkAt: number, skipCancelled = false): boolean {
     for (const other of this.live) {
       if (other === shadow || this.host.ring.targetMask(other) !== bit) continue;
+      if (skipCancelled && this.cancelled[other] === 1) continue;
       const [start, end] = this.chunkExtent(other);
       if (chunkAt >= start && chunkAt < end) return true;
     }

@@ -62,6 +62,13 @@ const kBlankInPlainRuns = process.env['ENBD_MODEL_BLANK'] === '1';
 const kMetaRuns = Number(process.env['ENBD_MODEL_META_RUNS'] ?? 25);
 /** Runs with a write-mostly last leg and write-behind (issue 14): ENBD_MODEL_WB_RUNS. */
 const kWriteBehindRuns = Number(process.env['ENBD_MODEL_WB_RUNS'] ?? 25);
+/**
+ * Write-behind regressions, [seed, runs]: 303407100 (a fast leg's server crash losing unflushed
+ * writes while a failed write's shadow was cancelled: the write-mostly leg kept its marks and was
+ * copied over from the crashed leg); 1044934363 (the first fix left the write-mostly leg marked
+ * but in sync when another leg became the failed write's reference: it never resynced).
+ */
+const kWriteBehindRegressions: ReadonlyArray<readonly [number, number]> = [[303407100, 1], [1044934363, 3]];
 /** With metadata each store holds the data area plus 12 KiB of metadata (4 KiB bitmap, 2 superblocks). */
 const kMetaLegBytes = kDeviceBytes + 12 * 1024;
 
@@ -527,6 +534,10 @@ test(`mirror model${withMetadata ? ' with on-leg metadata' : ''}${writeBehind ? 
       endOnFailure: !kShrink,
       verbose: 1,
     });
+    // Seeds that once found a write-behind bug, replayed every time (the runs to reach it).
+    for (const [seed, numRuns] of writeBehind ? kWriteBehindRegressions : []) {
+      await fc.assert(property, { seed, numRuns, endOnFailure: true, verbose: 1 });
+    }
   } catch (error) {
     // fast-check's report names the seed and the counterexample; add what the run saw.
     const report = error instanceof Error ? error.message : String(error);
