@@ -17,11 +17,12 @@
  * - The caller stops every process the phase started (they are in its CaseContext).
  */
 import { join } from 'node:path';
-import { unixUri, type CaseContext } from './case.js';
-import { enbdArgs } from './enbd.js';
+import type { CaseContext } from './case.js';
+import { startTwoLegMirror } from './legs.js';
 import { measure } from './measure.js';
 import type { ManagedProcess } from './proc.js';
 import { kWorkloads, type Workload } from './workloads.js';
+import { describeError, median } from './numbers.js';
 
 export const kLegConnDelayMs = 1;
 /** N connections per leg measured; the first is the reference. */
@@ -70,39 +71,17 @@ interface Server {
   error: string | null;
 }
 
-function median(values: readonly number[]): number | null {
-  if (values.length === 0) return null;
-  const sorted = [...values].sort((left, right) => left - right);
-  const middle = Math.floor(sorted.length / 2);
-  return sorted.length % 2 === 1 ? sorted[middle] as number : ((sorted[middle - 1] as number) + (sorted[middle] as number)) / 2;
-}
 
-function describe(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
-}
 
 async function startServer(context: CaseContext, connections: number): Promise<Server> {
-  const name = `legconn${connections}`;
   try {
-    const legUris: string[] = [];
-    for (let index = 0; index < 2; index += 1) {
-      const socketPath = join(context.runDir, `${name}-leg${index}.sock`);
-      await context.spawn({
-        label: `${name}-leg${index}`, command: 'nbdkit', role: 'leg', socketPath,
-        args: ['-f', '--unix', socketPath, '--filter=noparallel', '--filter=delay', 'memory', String(context.sizeBytes),
-          'serialize=requests', `delay-write=${kLegConnDelayMs}ms`, `delay-read=${kLegConnDelayMs}ms`],
-      });
-      legUris.push(unixUri(socketPath));
-    }
-    const socketPath = join(context.runDir, `${name}.sock`);
-    const server = await context.spawn({
-      label: name, command: process.execPath, role: 'server', socketPath,
-      args: enbdArgs(context, ['mirror', ...legUris.flatMap((uri) => ['--leg', uri]), '--socket', socketPath,
-        '--metadata', 'none', '--log-level', 'warn', '--leg-connections', String(connections)]),
-    });
-    return { connections, uri: unixUri(socketPath), pids: [server.pid], process: server, error: null };
+    const started = await startTwoLegMirror(context, `legconn${connections}`,
+      () => ['--filter=noparallel', '--filter=delay', 'memory', String(context.sizeBytes),
+        'serialize=requests', `delay-write=${kLegConnDelayMs}ms`, `delay-read=${kLegConnDelayMs}ms`],
+      ['--leg-connections', String(connections)]);
+    return { connections, uri: started.uri, pids: [started.process.pid], process: started.process, error: null };
   } catch (error) {
-    return { connections, uri: '', pids: [], process: null, error: describe(error) };
+    return { connections, uri: '', pids: [], process: null, error: describeError(error) };
   }
 }
 
@@ -137,7 +116,7 @@ export async function runLegConnBench(options: LegConnOptions): Promise<LegConnR
           row.iops = measured.iops;
           row.clatMeanUs = measured.clatMeanUs;
         } catch (error) {
-          row.error = describe(error);
+          row.error = describeError(error);
         }
       }
     }

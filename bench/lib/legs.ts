@@ -10,6 +10,7 @@
 import { join } from 'node:path';
 import { assert } from '../../src/core/assert.js';
 import { unixUri, type CaseContext } from './case.js';
+import { enbdArgs } from './enbd.js';
 import { startProcess, type ManagedProcess } from './proc.js';
 
 export interface StartedLegs {
@@ -45,4 +46,35 @@ export async function startMemoryLegs(context: CaseContext, prefix: string, coun
     started.uris.push(unixUri(socketPath));
   }
   return started;
+}
+
+/** A 2-leg enbd mirror (no metadata) over two nbdkit legs, as started by startTwoLegMirror. */
+export interface TwoLegMirror {
+  uri: string;
+  process: ManagedProcess;
+}
+
+/**
+ * Starts two nbdkit legs (`legArgs(index)`: the nbdkit arguments after `-f --unix SOCKET`)
+ * and an enbd mirror over them with `--metadata none --log-level warn` plus `flags`. Every
+ * process is spawned through the case context, which stops them.
+ */
+export async function startTwoLegMirror(context: CaseContext, name: string,
+  legArgs: (index: number) => readonly string[], flags: readonly string[]): Promise<TwoLegMirror> {
+  const legUris: string[] = [];
+  for (let index = 0; index < 2; index += 1) {
+    const socketPath = join(context.runDir, `${name}-leg${index}.sock`);
+    await context.spawn({
+      label: `${name}-leg${index}`, command: 'nbdkit', role: 'leg', socketPath,
+      args: ['-f', '--unix', socketPath, ...legArgs(index)],
+    });
+    legUris.push(unixUri(socketPath));
+  }
+  const socketPath = join(context.runDir, `${name}.sock`);
+  const server = await context.spawn({
+    label: name, command: process.execPath, role: 'server', socketPath,
+    args: enbdArgs(context, ['mirror', ...legUris.flatMap((uri) => ['--leg', uri]), '--socket', socketPath,
+      '--metadata', 'none', '--log-level', 'warn', ...flags]),
+  });
+  return { uri: unixUri(socketPath), process: server };
 }

@@ -67,6 +67,7 @@ import { pairedRatio } from './report.js';
 import type { RatioResult, RowResult } from './results.js';
 import { compareLegs, type LegComparison } from './resync.js';
 import { kWorkloads, type Workload } from './workloads.js';
+import { describeError } from './numbers.js';
 
 const kMiB = 1024 * 1024;
 export const kMetaCase = 'enbd-mirror2-meta';
@@ -205,9 +206,6 @@ export interface MetadataResults {
   error: string | null;
 }
 
-function describe(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
-}
 
 /** The smallest leg size whose data area, at the leg's default chunk, holds `dataBytes`. */
 export function legBytesFor(dataBytes: number, chunkBytes?: number): number {
@@ -474,7 +472,7 @@ class MetadataScenario {
         try {
           measured.get(mirror)?.push(await this.measureOne(mirror, step, round));
         } catch (caught) {
-          error = `${mirror.label}: ${describe(caught)}`;
+          error = `${mirror.label}: ${describeError(caught)}`;
           this.options.log(`metadata: ${step.name} failed: ${error}`);
           break;
         }
@@ -514,7 +512,7 @@ class MetadataScenario {
       // The load runs until the mirror dies under it (fio then exits with an I/O error).
       const load = runFio(kRandWrite, this.fioOptions('enbd-crash-load', {
         uri: mirror.uri, runtimeSec: kCrashFioRuntimeSec, rampSec: 0, sizeBytes: workingSetBytes,
-      })).then(() => 'fio finished before the kill', (error: unknown) => describe(error));
+      })).then(() => 'fio finished before the kill', (error: unknown) => describeError(error));
       await sleep(options.crashLoadMs);
       mirror.running();
       await mirror.stop('SIGKILL');
@@ -551,7 +549,7 @@ class MetadataScenario {
       if (options.verify) result.afterResync = await compareLegs([leg0, leg1], result.deviceBytes, kCompareDeadlineMs);
       for (const leg of legs.processes) await leg.stop();
     } catch (error) {
-      result.error = describe(error);
+      result.error = describeError(error);
       const tail = mirror?.logText().slice(-kLogTailChars).trim() ?? '';
       if (tail !== '') result.error += `\n${tail}`;
       options.log(`metadata: crash failed: ${result.error}`);
@@ -589,11 +587,11 @@ export async function runMetadataBench(options: MetadataBenchOptions): Promise<M
       });
     }
   } catch (error) {
-    results.error = describe(error);
+    results.error = describeError(error);
     options.log(`metadata failed: ${results.error}`);
   }
   results.keeper = scenario.keeper;
-  await scenario.stopPair().catch((error: unknown) => options.log(`metadata cleanup: ${describe(error)}`));
+  await scenario.stopPair().catch((error: unknown) => options.log(`metadata cleanup: ${describeError(error)}`));
   results.crash = await scenario.crash();
   return results;
 }

@@ -22,11 +22,12 @@
  * - The caller stops every process the phase started (they are in its CaseContext).
  */
 import { join } from 'node:path';
-import { unixUri, type CaseContext } from './case.js';
-import { enbdArgs } from './enbd.js';
+import type { CaseContext } from './case.js';
+import { startTwoLegMirror } from './legs.js';
 import { measure } from './measure.js';
 import type { ManagedProcess } from './proc.js';
 import { kWorkloads, type Workload } from './workloads.js';
+import { describeError, median } from './numbers.js';
 
 export const kReadPolicyDelayMs = 5;
 export const kWriteBehindMiB = 64;
@@ -93,42 +94,18 @@ interface Server {
   error: string | null;
 }
 
-function median(values: readonly number[]): number | null {
-  if (values.length === 0) return null;
-  const sorted = [...values].sort((left, right) => left - right);
-  const middle = Math.floor(sorted.length / 2);
-  return sorted.length % 2 === 1 ? sorted[middle] as number : ((sorted[middle - 1] as number) + (sorted[middle] as number)) / 2;
-}
 
-function describe(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
-}
 
 async function startServer(context: CaseContext, spec: MirrorSpec): Promise<Server> {
-  const name = `rp-${spec.name}`;
   try {
-    const legUris: string[] = [];
-    for (let index = 0; index < 2; index += 1) {
-      const socketPath = join(context.runDir, `${name}-leg${index}.sock`);
-      // The slow leg models latency, not a throughput cap: 64 threads (nbdkit's default 16
-      // would cap a 5 ms leg at 3,200 requests/s, which no write-behind bound can hide).
-      const delay = spec.slow && index === 1 ? ['--threads', '64', '--filter=delay'] : [];
-      const delayArgs = spec.slow && index === 1 ? [`delay-read=${kReadPolicyDelayMs}ms`, `delay-write=${kReadPolicyDelayMs}ms`] : [];
-      await context.spawn({
-        label: `${name}-leg${index}`, command: 'nbdkit', role: 'leg', socketPath,
-        args: ['-f', '--unix', socketPath, ...delay, 'memory', String(context.sizeBytes), ...delayArgs],
-      });
-      legUris.push(unixUri(socketPath));
-    }
-    const socketPath = join(context.runDir, `${name}.sock`);
-    const server = await context.spawn({
-      label: name, command: process.execPath, role: 'server', socketPath,
-      args: enbdArgs(context, ['mirror', ...legUris.flatMap((uri) => ['--leg', uri]), '--socket', socketPath,
-        '--metadata', 'none', '--log-level', 'warn', ...spec.flags]),
-    });
-    return { spec, uri: unixUri(socketPath), pids: [server.pid], process: server, error: null };
+    // The slow leg models latency, not a throughput cap: 64 threads (nbdkit's default 16
+    // would cap a 5 ms leg at 3,200 requests/s, which no write-behind bound can hide).
+    const started = await startTwoLegMirror(context, `rp-${spec.name}`, (index) => spec.slow && index === 1
+      ? ['--threads', '64', '--filter=delay', 'memory', String(context.sizeBytes), `delay-read=${kReadPolicyDelayMs}ms`, `delay-write=${kReadPolicyDelayMs}ms`]
+      : ['memory', String(context.sizeBytes)], spec.flags);
+    return { spec, uri: started.uri, pids: [started.process.pid], process: started.process, error: null };
   } catch (error) {
-    return { spec, uri: '', pids: [], process: null, error: describe(error) };
+    return { spec, uri: '', pids: [], process: null, error: describeError(error) };
   }
 }
 
@@ -170,7 +147,7 @@ export async function runReadPolicyBench(options: ReadPolicyOptions): Promise<Re
           row.iops = measured.iops;
           row.clatMeanUs = measured.clatMeanUs;
         } catch (error) {
-          row.error = describe(error);
+          row.error = describeError(error);
         }
       }
     }

@@ -50,6 +50,7 @@ import { runFio } from './fio.js';
 import { runTool, type ManagedProcess } from './proc.js';
 import { startNbdkitLeg } from './legs.js';
 import { kWorkloads } from './workloads.js';
+import { describeError, median } from './numbers.js';
 
 const kBlockBytes = 4096;
 /** Write sizes of the partial resyncs; the first is the headline (the issue's scattered 1 %). */
@@ -242,18 +243,7 @@ async function forEachLimit(count: number, limit: number, body: (index: number) 
   await Promise.all(Array.from({ length: Math.min(limit, count) }, worker));
 }
 
-function median(values: readonly number[]): number | null {
-  if (values.length === 0) return null;
-  const sorted = [...values].sort((left, right) => left - right);
-  const middle = Math.floor(sorted.length / 2);
-  return sorted.length % 2 === 1
-    ? sorted[middle] as number
-    : ((sorted[middle - 1] as number) + (sorted[middle] as number)) / 2;
-}
 
-function describe(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
-}
 
 /** Byte-compares two legs straight from their servers, stopping at the deadline. */
 export async function compareLegs(uris: readonly [string, string], sizeBytes: number,
@@ -302,7 +292,7 @@ export async function compareLegs(uris: readonly [string, string], sizeBytes: nu
     }
   } catch (error) {
     result.status = 'error';
-    result.detail = describe(error);
+    result.detail = describeError(error);
   } finally {
     await left?.close().catch(() => undefined);
     await right?.close().catch(() => undefined);
@@ -638,7 +628,7 @@ export async function runResyncBench(options: ResyncBenchOptions): Promise<Resyn
         try {
           entry.directIops = await scenario.directIops(round);
         } catch (error) {
-          entry.directError = describe(error);
+          entry.directError = describeError(error);
           options.log(`resync round ${round + 1}: direct IOPS not measured: ${entry.directError}`);
         }
         for (const [index, writeBlockBytes] of kPartialWriteBytes.entries()) {
@@ -658,16 +648,16 @@ export async function runResyncBench(options: ResyncBenchOptions): Promise<Resyn
         entry.full = await scenario.full();
         entry.fullThroughputRatio = entry.full.bytesPerSec / entry.anchor.bytesPerSec;
       } catch (error) {
-        entry.error = describe(error);
+        entry.error = describeError(error);
         options.log(`resync round ${round + 1} failed: ${entry.error}`);
         break; // the mirror's state is unknown now; later rounds would measure a mess
       }
     }
   } catch (error) {
-    results.error = describe(error);
+    results.error = describeError(error);
     options.log(`resync failed: ${results.error}`);
   } finally {
-    await scenario.stop().catch((error: unknown) => options.log(`resync cleanup: ${describe(error)}`));
+    await scenario.stop().catch((error: unknown) => options.log(`resync cleanup: ${describeError(error)}`));
     results.logTail = scenario.logTail();
   }
   results.partialSpeedups = kPartialWriteBytes.map((writeBlockBytes) => ({

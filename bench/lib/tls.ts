@@ -46,6 +46,7 @@ import type { ManagedProcess } from './proc.js';
 import { pairedRatio } from './report.js';
 import type { RatioResult, RowResult } from './results.js';
 import { kWorkloads, type Workload } from './workloads.js';
+import { describeError } from './numbers.js';
 
 const kSource = 'issue 13: TLS (Performance)';
 const kDeathNoticeMs = 200;
@@ -158,9 +159,6 @@ export interface TlsResults {
   error: string | null;
 }
 
-function describe(error: unknown): string {
-  return error instanceof Error ? error.message : String(error);
-}
 
 function openssl(args: string[], cwd: string): void {
   const run = spawnSync('openssl', args, { cwd, encoding: 'utf8' });
@@ -263,7 +261,7 @@ class TlsScenario {
       started.status = 'ok';
       this.options.log(`tls: ${server.name}: started (${exportUri})`);
     } catch (error) {
-      started.status = `failed to start: ${describe(error)}`;
+      started.status = `failed to start: ${describeError(error)}`;
       this.options.log(`tls: ${server.name}: ${started.status}`);
       for (const managed of [started.front, ...started.legs]) await managed?.stop();
     }
@@ -284,7 +282,7 @@ class TlsScenario {
         await runFio(workload, this.fioOptions(`${started.server.name}-warmup-${workload.name}`, started.uri,
           { runtimeSec: this.options.warmupSec, rampSec: 0 }));
       } catch (error) {
-        this.options.log(`tls: ${started.server.name}: warm-up ${workload.name} failed: ${describe(error)}`);
+        this.options.log(`tls: ${started.server.name}: warm-up ${workload.name} failed: ${describeError(error)}`);
       }
     }
   }
@@ -298,7 +296,7 @@ class TlsScenario {
       outcome = await measure(workload, this.fioOptions(`${started.server.name}-${workload.name}-${round}`, started.uri),
         [started.front.pid], started.counters, started.legs.map((leg) => leg.pid));
     } catch (error) {
-      outcome = describe(error);
+      outcome = describeError(error);
       await sleep(kDeathNoticeMs);
     }
     const dead = [started.front, ...started.legs].find((managed) => managed !== null && !managed.running);
@@ -375,7 +373,7 @@ export async function runTlsBench(options: TlsBenchOptions): Promise<TlsResults>
   try {
     scenario.preparePki();
   } catch (error) {
-    results.error = describe(error);
+    results.error = describeError(error);
     options.log(`tls: ${results.error}`);
     return results;
   }
