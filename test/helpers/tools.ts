@@ -66,6 +66,28 @@ export function requires(t: TestContext | null, ...tools: string[]): boolean {
   return false;
 }
 
+/**
+ * nbdkit memory legs for a suite: each gets a fresh socket in the scratch folder; `stopAll`
+ * (in the suite's `after`) kills every one started.
+ */
+export class MemoryLegs {
+  private seq = 0;
+  readonly children: Child[] = [];
+  constructor(private readonly dir: () => Scratch, private readonly sizeBytes: number) {}
+
+  async start(sizeBytes = this.sizeBytes): Promise<{ socket: string; uri: string; child: Child }> {
+    this.seq += 1;
+    const socket = this.dir().path(`leg${this.seq}.sock`);
+    const child = await startNbdkit(socket, ['memory', String(sizeBytes)]);
+    this.children.push(child);
+    return { socket, uri: unixUri(socket), child };
+  }
+
+  async stopAll(): Promise<void> {
+    await Promise.all(this.children.map(async (child) => await child.stop('SIGKILL')));
+  }
+}
+
 export interface Scratch {
   dir: string;
   path(name: string): string;

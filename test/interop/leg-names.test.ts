@@ -11,7 +11,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import type { StatusResult } from '../../src/control/protocol.js';
-import { scratch, startNbdkit, unixUri, type Child, type Scratch } from '../helpers/tools.js';
+import { MemoryLegs, scratch, type Scratch } from '../helpers/tools.js';
 import { run, skipUnlessTools } from '../helpers/serve.js';
 import { enbdCli, startMirror, stopAllMirrors } from '../helpers/mirror.js';
 
@@ -19,8 +19,7 @@ const kLegBytes = 8 * 1024 * 1024;
 
 describe('leg names', { skip: skipUnlessTools('nbdkit') }, () => {
   let dir: Scratch;
-  const children: Child[] = [];
-  let seq = 0;
+  const legs = new MemoryLegs(() => dir, kLegBytes);
 
   before(() => {
     dir = scratch('enbd-leg-names-');
@@ -28,15 +27,12 @@ describe('leg names', { skip: skipUnlessTools('nbdkit') }, () => {
 
   after(async () => {
     await stopAllMirrors();
-    await Promise.all(children.map(async (child) => await child.stop('SIGKILL')));
+    await legs.stopAll();
     dir?.cleanup();
   });
 
   async function memoryLeg(): Promise<string> {
-    seq += 1;
-    const socket = dir.path(`leg${seq}.sock`);
-    children.push(await startNbdkit(socket, ['memory', String(kLegBytes)]));
-    return unixUri(socket);
+    return (await legs.start()).uri;
   }
 
   async function cli(control: string, args: string[]): Promise<{ status: number | null; stdout: string; stderr: string }> {

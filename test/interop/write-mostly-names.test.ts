@@ -12,7 +12,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import type { StatusResult } from '../../src/control/protocol.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
-import { scratch, startNbdkit, unixUri, type Child, type Scratch } from '../helpers/tools.js';
+import { MemoryLegs, scratch, type Scratch } from '../helpers/tools.js';
 import { run, skipUnlessTools } from '../helpers/serve.js';
 import { assertSameBytes, enbdCli, startMirror, stopAllMirrors } from '../helpers/mirror.js';
 
@@ -20,8 +20,7 @@ const kLegBytes = 8 * 1024 * 1024;
 
 describe('write-mostly legs by name and by URI parameter', { skip: skipUnlessTools('nbdkit') }, () => {
   let dir: Scratch;
-  const children: Child[] = [];
-  let seq = 0;
+  const legs = new MemoryLegs(() => dir, kLegBytes);
 
   before(() => {
     dir = scratch('enbd-write-mostly-');
@@ -29,15 +28,12 @@ describe('write-mostly legs by name and by URI parameter', { skip: skipUnlessToo
 
   after(async () => {
     await stopAllMirrors();
-    await Promise.all(children.map(async (child) => await child.stop('SIGKILL')));
+    await legs.stopAll();
     dir?.cleanup();
   });
 
   async function memoryLeg(): Promise<string> {
-    seq += 1;
-    const socket = dir.path(`leg${seq}.sock`);
-    children.push(await startNbdkit(socket, ['memory', String(kLegBytes)]));
-    return unixUri(socket);
+    return (await legs.start()).uri;
   }
 
   async function status(control: string): Promise<StatusResult> {
