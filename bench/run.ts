@@ -118,6 +118,7 @@ const kHelp = `usage: node dist/bench/run.js [options]
   --no-cbt             skip the changed-block tracking measurements (default: run them after TLS)
   --cbt-only           only the changed-block tracking measurements: 4K randwrite with 0/1/4
                        checkpoints, backup of 1 % changed of a ${kCbtBackupGiB} GiB device vs nbdcopy
+  --no-cbt-writes      changed-block tracking without the randwrite part (the backup only)
   --legconn            also measure several connections per leg (--leg-connections 1, 2, 4 over
                        legs serialising per connection, 1 ms per request; default off)
   --legconn-only       only that (no cases, no workloads, no metadata, no TLS, no resync)
@@ -157,6 +158,7 @@ interface Options {
   verifySizeBytes: number;
   cbt: boolean;
   cbtOnly: boolean;
+  cbtWrites: boolean;
   legconn: boolean;
   legconnOnly: boolean;
   readpolicy: boolean;
@@ -193,6 +195,7 @@ function parseOptions(argv: string[]): Options | null {
       'verify-size-mib': { type: 'string' },
       'no-cbt': { type: 'boolean', default: false },
       'cbt-only': { type: 'boolean', default: false },
+      'no-cbt-writes': { type: 'boolean', default: false },
       legconn: { type: 'boolean', default: false },
       'legconn-only': { type: 'boolean', default: false },
       readpolicy: { type: 'boolean', default: false },
@@ -276,6 +279,7 @@ function parseOptions(argv: string[]): Options | null {
     tlsOnly: values['tls-only'],
     cbt: !values['no-cbt'] && !values['resync-only'] && !values['metadata-only'] && !values['tls-only'] && !verifyOnly && !legconnOnly && !readpolicyOnly,
     cbtOnly,
+    cbtWrites: !values['no-cbt-writes'],
     verifyPhase: !values['no-verify-phase'] && !values['resync-only'] && !values['metadata-only'] && !values['tls-only'] && !cbtOnly && !legconnOnly && !readpolicyOnly,
     verifyOnly,
     verifySizeBytes: verifySizeMiB * kMiB,
@@ -673,7 +677,7 @@ async function runCbt(options: Options, runRoot: string): Promise<CbtResults> {
   if (missing.length > 0) return { source: 'issue 17', writePath: [], backup: null, error: `tool(s) missing: ${missing.join(', ')}` };
   return await runCbtBench({
     runDir: runRoot, distRoot, rounds: Math.max(options.rounds, 3),
-    runtimeSec: options.runtimeSec, rampSec: kRampSec, sizeBytes: options.sizeBytes,
+    runtimeSec: options.runtimeSec, rampSec: kRampSec, sizeBytes: options.sizeBytes, writePath: options.cbtWrites,
     backupDeviceBytes: (options.quick ? 1 : kCbtBackupGiB) * 1024 * kMiB, log,
   });
 }

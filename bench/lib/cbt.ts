@@ -20,7 +20,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { join } from 'node:path';
 import { ControlClient } from '../../src/control/client.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
-import { runBackup } from '../../src/cli/checkpoint.js';
+import { runBackup } from '../../src/cli/backup.js';
 import { runFio } from './fio.js';
 import { runTool, startProcess, type ManagedProcess } from './proc.js';
 import { kWorkloads } from './workloads.js';
@@ -58,6 +58,8 @@ export interface CbtBenchOptions {
   rampSec: number;
   sizeBytes: number;
   backupDeviceBytes: number;
+  /** false: skip the randwrite part (--no-cbt-writes), only the backup. */
+  writePath?: boolean;
   log: (line: string) => void;
 }
 
@@ -176,7 +178,7 @@ export async function runCbtBench(options: CbtBenchOptions): Promise<CbtResults>
   const started: ManagedProcess[] = [];
   const results: CbtResults = { source: 'issue 17: changed-block tracking (Performance)', writePath: [], backup: null, error: null };
   try {
-    results.writePath = await writePath(options, dir, started);
+    if (options.writePath !== false) results.writePath = await writePath(options, dir, started);
     for (const process of started.splice(0).reverse()) await process.stop();
     results.backup = await backup(options, dir, started);
   } catch (error) {

@@ -12,8 +12,6 @@
  * cannot be reached), like `mdadm --detail --test`.
  * Thread: main thread. Output goes to stdout (this is the client, not the daemon).
  */
-import { existsSync } from 'node:fs';
-import { resolve } from 'node:path';
 import { Argument, type Command } from 'commander';
 import { ControlClient, ControlError } from '../control/client.js';
 import { describeLagging, healthCode, kExitDegraded, kExitInSync, kExitUnreachable, parseSeconds } from '../control/health.js';
@@ -23,45 +21,20 @@ import type { ControlEvent } from '../control/protocol.js';
 import { runRepl } from '../control/repl-client.js';
 import { parseBytes, parseInteger, usageError } from './parse.js';
 import { splitLegSpec } from '../engine/leg-names.js';
+import { addControlOption, resolveControlPath, say, withClient, type ControlOption } from './control-option.js';
+
+// The --control option and the client helpers live in control-option.ts (light: the lean
+// `enbd backup` entry uses them without this file's commands); re-exported for the others.
+export { addControlOption, resolveControlPath, say, withClient, type ControlOption };
 
 const kLogLevels = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
-const kControlCandidates = ['enbd-data/enbd.ctl', 'enbd.ctl'];
 const kMaxLegIndex = 30;
-
-export interface ControlOption {
-  control?: string;
-}
-
-/** The control socket to use: --control, $ENBD_CONTROL, or the first default that exists. */
-export function resolveControlPath(given: string | undefined): string {
-  if (given !== undefined && given !== '') return resolve(given);
-  const fromEnvironment = process.env['ENBD_CONTROL'];
-  if (fromEnvironment !== undefined && fromEnvironment !== '') return resolve(fromEnvironment);
-  for (const candidate of kControlCandidates) if (existsSync(candidate)) return resolve(candidate);
-  throw new ControlError('connect', `no control socket found (tried ./${kControlCandidates.join(' and ./')}); pass --control PATH or set ENBD_CONTROL (the daemon's default is <socket>.ctl)`);
-}
-
-export async function withClient<T>(options: ControlOption, run: (client: ControlClient) => Promise<T>): Promise<T> {
-  const client = await ControlClient.connect(resolveControlPath(options.control));
-  try {
-    return await run(client);
-  } finally {
-    client.close();
-  }
-}
-
-export function say(line: string): void {
-  process.stdout.write(line + '\n');
-}
 
 /** A leg reference as given: a name, an index or a URI (the daemon resolves it). */
 function legRef(text: string): string | number {
   return /^\d+$/.test(text) ? parseInteger('<leg>', text, 0, kMaxLegIndex) : text;
 }
 
-export function addControlOption(command: Command): Command {
-  return command.option('--control <path>', 'the daemon\'s control socket (default: $ENBD_CONTROL, ./enbd-data/enbd.ctl or ./enbd.ctl)');
-}
 
 // ---- status --watch ---------------------------------------------------------------------------
 

@@ -3,17 +3,15 @@
  * `enbd` command line: parses arguments with commander and dispatches to the subcommands.
  * Usage errors exit 2, runtime errors exit 1, a clean shutdown exits 0.
  * Thread: main thread. User-facing output goes to stdout; logs (pino) go to stderr.
+ * Loading: only what every command needs is imported statically; a command's modules are
+ * imported when it runs (serve and mirror: the engine, pino) or when the tree is built (the
+ * client commands), and `backup`/`backup-apply` get a lean tree of their own
+ * (src/cli/backup-command.ts), so a short command does not pay for the daemon's modules.
  */
 import { kVersion } from '../core/version.js';
 import { Command, CommanderError, Option } from 'commander';
 import { EnbdError, describeError } from '../core/errors.js';
-import { runServe } from './serve.js';
-import { runMirror } from './mirror.js';
-import { registerControlCommands } from './control.js';
-import { registerCheckpointCommands } from './checkpoint.js';
-import { registerCreateCommand } from './create.js';
-import { registerExamineCommand } from './examine.js';
-import { applyAliases } from './host.js';
+import { kBackupCommands, registerBackupCommands } from './backup-command.js';
 import { shownValue } from './parse.js';
 
 const kUsageExit = 2;
@@ -49,15 +47,29 @@ function addHostOptions(command: Command): Command {
     .option('--unix <path>', 'alias of --socket');
 }
 
-function buildProgram(): Command {
-  const program = new Command();
-  program
+/** The program's name, version and error output: the same for the full and the lean tree. */
+function newProgram(): Command {
+  return new Command()
     .name('enbd')
     .description('Mirroring network block device daemon: one NBD export mirrored across N legs (RAID1)')
     .version(kVersion)
     .exitOverride()
     .configureOutput({ outputError: (text, write) => write(commanderMessage(text)) })
     .showHelpAfterError('(run with --help for usage)');
+}
+
+/** `enbd backup` / `enbd backup-apply`: only those two commands (see backup-command.ts). */
+function buildBackupProgram(): Command {
+  const program = newProgram();
+  registerBackupCommands(program);
+  return program;
+}
+
+async function buildProgram(): Promise<Command> {
+  const [{ registerControlCommands }, { registerCheckpointCommands }, { registerCreateCommand }, { registerExamineCommand }] = await Promise.all([
+    import('./control.js'), import('./checkpoint.js'), import('./create.js'), import('./examine.js'),
+  ]);
+  const program = newProgram();
 
   const serve = program
     .command('serve')
@@ -80,6 +92,7 @@ function buildProgram(): Command {
     .addOption(new Option('--receive <mode>', 'WRITE payloads: stream (copied from Node read chunks) or direct (large payloads read straight into the request buffer; default; not with TLS)').choices(['stream', 'direct']).default('direct'))
     .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'));
   addHostOptions(serve).action(async (file: string, options: Record<string, unknown>) => {
+    const [{ applyAliases }, { runServe }] = await Promise.all([import('./host.js'), import('./serve.js')]);
     applyAliases(options);
     await runServe(file, options);
   });
@@ -138,6 +151,7 @@ function buildProgram(): Command {
     .option('--control <path>', 'control socket, mode 0600 (default: <socket>.ctl, DATA_DIR/enbd.ctl for the embedded default, ./enbd.ctl for TCP only; "none" disables it)')
     .addOption(new Option('--log-level <level>', 'log level').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']));
   addHostOptions(mirror).action(async (options: Record<string, unknown>) => {
+      const [{ applyAliases }, { runMirror }] = await Promise.all([import('./host.js'), import('./mirror.js')]);
       applyAliases(options);
       const renamed: Record<string, unknown> = {
         ...options,
@@ -163,8 +177,8 @@ function buildProgram(): Command {
 }
 
 async function main(argv: string[]): Promise<void> {
-  const program = buildProgram();
   try {
+    const program = kBackupCommands.includes(argv[2] ?? '') ? buildBackupProgram() : await buildProgram();
     await program.parseAsync(argv);
   } catch (error) {
     if (error instanceof CommanderError) {
