@@ -2,7 +2,10 @@
  * `enbd examine URI [--json]`: prints one leg's enbd metadata, like `mdadm --examine`, with no
  * daemon running: both superblock copies (valid, blank, or torn/invalid with the reason), which
  * copy is used, the array and leg identity, generation (events), members, owner record, the
- * layout cross-checked against the leg size, and the number of dirty bitmap chunks.
+ * layout cross-checked against the leg size, the number of dirty bitmap chunks, and the
+ * checkpoints (changed-block tracking) the superblock stores: name, state, granularity, the
+ * unit they are stored at (coarser than the granularity when the runs did not fit) and the
+ * bytes they list as changed.
  * Exit 0 when a valid copy was found; otherwise the report is still printed and the command
  * fails with `enbd: error: ...` (exit 1) saying there is no (valid) metadata.
  * Thread: main thread. Output goes to stdout.
@@ -12,7 +15,8 @@ import { EnbdError } from '../core/errors.js';
 import { formatBytes } from '../control/format.js';
 import { computeLayout, type LegLayout } from '../meta/layout.js';
 import { LegMeta, bitmapCount, type CopyReport, type LegMetaRead } from '../meta/leg-meta.js';
-import type { Superblock } from '../meta/superblock.js';
+import type { CheckpointRecord, Superblock } from '../meta/superblock.js';
+import { decodeRuns } from '../engine/checkpoints.js';
 import { openLegDevices } from './create.js';
 
 interface ExamineOptions {
@@ -29,6 +33,30 @@ export interface ExamineReport {
   layoutProblems: string[];
   dirtyChunks: number | null;
   chunkCount: number | null;
+  /** The checkpoints in the used superblock (empty: none, or older metadata). */
+  checkpoints: ExamineCheckpoint[];
+}
+
+export interface ExamineCheckpoint {
+  name: string;
+  createdMs: number;
+  state: 'active' | 'frozen';
+  granularityBytes: number;
+  /** The unit the map is stored at (> granularityBytes: coarsened to fit the superblock). */
+  unitBytes: number;
+  /** Bytes the stored map lists as changed (within the data size); null: the runs are unreadable. */
+  changedBytes: number | null;
+}
+
+function describeCheckpoint(record: CheckpointRecord, dataSizeBytes: number): ExamineCheckpoint {
+  let changedBytes = 0;
+  const whole = decodeRuns(record.runs, record.unitBytes, (offsetBytes, lengthBytes) => {
+    changedBytes += Math.max(0, Math.min(dataSizeBytes, offsetBytes + lengthBytes) - offsetBytes);
+  });
+  return {
+    name: record.name, createdMs: record.createdMs, state: record.frozen ? 'frozen' : 'active',
+    granularityBytes: record.granularityBytes, unitBytes: record.unitBytes, changedBytes: whole ? changedBytes : null,
+  };
 }
 
 function layoutProblems(superblock: Superblock, legSizeBytes: number): { layout: LegLayout | null; problems: string[] } {
@@ -59,6 +87,7 @@ export async function examineLeg(uri: string, meta: LegMeta): Promise<ExamineRep
     layoutProblems: [],
     dirtyChunks: null,
     chunkCount: null,
+    checkpoints: (found.superblock?.checkpoints ?? []).map((record) => describeCheckpoint(record, found.superblock?.dataSizeBytes ?? 0)),
   };
   if (found.superblock !== null) {
     const { layout, problems } = layoutProblems(found.superblock, found.legSizeBytes);
@@ -110,6 +139,12 @@ export function formatExamine(report: ExamineReport, nowMs = Date.now()): string
   for (const [slot, member] of sb.members.entries()) {
     const self = slot === sb.slotIndex ? '  (this leg)' : '';
     lines.push(`                   ${String(slot).padEnd(4)} ${member.legUuid.padEnd(36)} ${member.state.padEnd(15)} ${member.events}${self}`);
+  }
+  if (report.checkpoints.length > 0) lines.push('     Checkpoints : name             state   granularity  stored at    changed (as stored)   created');
+  for (const view of report.checkpoints) {
+    const changed = view.changedBytes === null ? 'unreadable runs' : formatBytes(view.changedBytes);
+    const coarse = view.unitBytes > view.granularityBytes ? '  (stored coarser: lists more than changed)' : '';
+    lines.push(`                   ${view.name.padEnd(16)} ${view.state.padEnd(7)} ${formatBytes(view.granularityBytes).padEnd(12)} ${formatBytes(view.unitBytes).padEnd(12)} ${changed.padEnd(21)} ${time(view.createdMs)}${coarse}`);
   }
   for (const problem of report.layoutProblems) lines.push(`         WARNING : ${problem}`);
   return lines;

@@ -3,7 +3,9 @@
  * survives a clean restart with its exact map, and a SIGKILL of the daemon with every changed
  * block still listed (a superset is allowed, a missing block fails): writes whose write-intent
  * bits were already cleared must be in the stored map, writes just before the kill are
- * recovered from the write-intent bitmap. With --metadata none, create says memory only.
+ * recovered from the write-intent bitmap. `enbd examine` of a stopped leg shows the stored
+ * checkpoint (exact after a clean stop) and no section once it is removed. With --metadata
+ * none, create says memory only.
  * Real daemon (the CLI), nbdkit file legs, the real `enbd checkpoint` commands.
  * Threads: test process main thread; nbdkit and the daemon are child processes.
  */
@@ -97,6 +99,12 @@ test('a checkpoint survives a clean restart exactly and a SIGKILL with every cha
   await writeFlush(mirror.mirror.uri, more[0], randomBytes(more[1] - more[0]));
   const beforeClean = await changedRuns(control, 'cp1');
   assert.equal(await mirror.stop('SIGTERM'), 0);
+  // enbd examine shows the stored checkpoint (name, state, granularity, unit, changed bytes)
+  const examined = JSON.parse(await enbdOk('examine', '--json', a.uri)) as { checkpoints: Array<{ name: string; createdMs: number; state: string; granularityBytes: number; unitBytes: number; changedBytes: number | null }> };
+  const listedBytes = beforeClean.reduce((sum, [start, end]) => sum + end - start, 0);
+  assert.deepEqual(examined.checkpoints.map(({ createdMs: _created, ...view }) => view), [{ name: 'cp1', state: 'active', granularityBytes: 65536, unitBytes: 65536, changedBytes: listedBytes }], 'examine --json: the stored checkpoint, exact after a clean stop');
+  assert.ok((examined.checkpoints[0]?.createdMs ?? 0) > Date.now() - 600_000, 'examine --json: its creation time');
+  assert.match(await enbdOk('examine', a.uri), /\n {5}Checkpoints : name .*\n {19}cp1 +active +64\.0 KiB +64\.0 KiB +/, 'examine: the checkpoint section');
   mirror = await startMetaMirror(dir, pair, 'm1');
   const afterClean = await changedRuns(control, 'cp1');
   assert.deepEqual(afterClean, beforeClean, 'a clean restart keeps the map exactly');
@@ -106,6 +114,7 @@ test('a checkpoint survives a clean restart exactly and a SIGKILL with every cha
   mirror = await startMetaMirror(dir, pair, 'm1');
   assert.deepEqual((await list(control)).checkpoints, [], 'a removed checkpoint stays removed');
   assert.equal(await mirror.stop('SIGTERM'), 0);
+  assert.doesNotMatch(await enbdOk('examine', a.uri), /Checkpoints/, 'examine: no checkpoint section without checkpoints');
 });
 
 test('--metadata none: checkpoints live in memory and create says so', async (t) => {
