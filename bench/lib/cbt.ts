@@ -46,6 +46,8 @@ export interface CbtResults {
     fullCopyMs: number;
     ratio: number;
     cliRatio: number;
+    /** `enbd backup --timings`'s line: the CLI's phases (ms since its start) and counts. */
+    cliTimings: string | null;
   } | null;
   error: string | null;
 }
@@ -154,9 +156,11 @@ async function backup(options: CbtBenchOptions, dir: string, started: ManagedPro
       await again.disconnect();
     }
     startedAt = performance.now();
-    const cli = await runTool(process.execPath, [join(options.distRoot, 'src/cli/main.js'), 'backup', '--since', 'b2', '--to', join(dir, 'inc2.img'), '--new-checkpoint', 'b3', '--control', mirror.control], 300_000);
+    const cli = await runTool(process.execPath, [join(options.distRoot, 'src/cli/main.js'), 'backup', '--since', 'b2', '--to', join(dir, 'inc2.img'), '--new-checkpoint', 'b3', '--control', mirror.control, '--timings'], 300_000);
     const backupCliMs = performance.now() - startedAt;
     if (cli.status !== 0) throw new Error(`enbd backup failed: ${cli.output}`);
+    const cliTimings = /timings \(ms since the process started\): (.*)$/m.exec(cli.output)?.[1] ?? null;
+    options.log(`cbt: enbd backup --timings: ${cliTimings ?? '(none printed)'}`);
     const fullPath = join(dir, 'full.img');
     startedAt = performance.now();
     // --flush: the full copy is made durable too, as enbd backup syncs its file.
@@ -166,7 +170,7 @@ async function backup(options: CbtBenchOptions, dir: string, started: ManagedPro
     if (statSync(fullPath).size !== deviceBytes) throw new Error('nbdcopy wrote a short file');
     rmSync(fullPath, { force: true });
     options.log(`cbt: backup of ${manifest.changedBytes} changed bytes: ${backupMs.toFixed(0)} ms (CLI ${backupCliMs.toFixed(0)} ms); full nbdcopy ${fullCopyMs.toFixed(0)} ms`);
-    return { deviceBytes, changedBytes: manifest.changedBytes, backupMs, backupCliMs, fullCopyMs, ratio: fullCopyMs / backupMs, cliRatio: fullCopyMs / backupCliMs };
+    return { deviceBytes, changedBytes: manifest.changedBytes, backupMs, backupCliMs, fullCopyMs, ratio: fullCopyMs / backupMs, cliRatio: fullCopyMs / backupCliMs, cliTimings };
   } finally {
     control.close();
   }
@@ -200,6 +204,7 @@ export function cbtBlock(results: CbtResults): string {
   if (b !== null) {
     lines.push(`  backup of ${(b.changedBytes / kMiB).toFixed(1)} MiB changed of ${(b.deviceBytes / kMiB / 1024).toFixed(1)} GiB: ${b.backupMs.toFixed(0)} ms in process, ${b.backupCliMs.toFixed(0)} ms as enbd backup (Node start included); full nbdcopy ${b.fullCopyMs.toFixed(0)} ms`);
     lines.push(`  backup vs full copy: ${b.ratio.toFixed(1)}x in process, ${b.cliRatio.toFixed(1)}x with the CLI's start (target >= 20x)`);
+    if (b.cliTimings !== null) lines.push(`  enbd backup phases (ms since its start): ${b.cliTimings}`);
   }
   if (results.error !== null) lines.push(`  error: ${results.error}`);
   return lines.join('\n');
