@@ -19,7 +19,8 @@
  * | control connection                 | NBD connection / output file                          |
  * |------------------------------------|-------------------------------------------------------|
  * | status and freeze sent together    |                                                       |
- * | runs (after freeze: all of CP)     | connect + handshake, open + truncate FILE (meanwhile) |
+ * | runs (after freeze: all of CP)     | connect + handshake (meanwhile); then FILE opened and |
+ * |                                    | truncated to the device size                          |
  * |                                    | reads: up to kBytesInFlight in flight (at most        |
  * |                                    | kLanesMax requests of <= kPieceBytes), each written   |
  * |                                    | with one pwrite at its offset as it arrives           |
@@ -34,7 +35,8 @@
  *
  * Invariants:
  * - No read is sent before the daemon answered checkpoint.create / checkpoint.freeze: every
- *   write the copy might miss is in the new checkpoint.
+ *   write the copy might miss is in the new checkpoint. FILE is not touched before that answer
+ *   either (a refused backup leaves an earlier FILE of the same name as it was).
  * - The frozen checkpoint is removed only after FILE and FILE.json are complete and synced (and
  *   the rename of FILE.json is synced in its directory); a failed backup leaves it frozen (run
  *   the same `--since` again, without --new-checkpoint).
@@ -134,13 +136,16 @@ export async function runBackupReport(client: ControlClient, options: BackupOpti
   const connecting = NbdClient.connect(exportUri(options, status.export.name), { blockStatus: false });
   connecting.catch(() => undefined);
   let nbd: NbdClient | null = null;
-  const fd = openSync(options.to, 'w');
+  // FILE is opened (truncated) only once the daemon accepted the step: a refused backup
+  // (an unknown --since, a duplicate name) leaves an existing FILE as it was.
+  let fd = -1;
   try {
-    ftruncateSync(fd, sizeBytes);
     await step;
     mark(options.since === undefined ? 'create' : 'freeze');
     const extents = options.since === undefined ? [{ offsetBytes: 0, lengthBytes: sizeBytes }] : await changedExtents(client, options.since);
     mark('runs');
+    fd = openSync(options.to, 'w');
+    ftruncateSync(fd, sizeBytes);
     const manifest: BackupManifest = {
       format: kBackupFormat,
       since: options.since ?? null,
@@ -162,7 +167,7 @@ export async function runBackupReport(client: ControlClient, options: BackupOpti
     mark('remove');
     return { manifest, phases, ...counts };
   } finally {
-    closeSync(fd);
+    if (fd >= 0) closeSync(fd);
     // a failed step or copy: the connection may still be coming up, or be open (disconnect
     // is idempotent)
     nbd ??= await connecting.catch(() => null);

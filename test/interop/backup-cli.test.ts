@@ -9,7 +9,8 @@
  *   checkpoint (WRITE, WRITE_ZEROES, TRIM, an unaligned write across two chunks), FILE holds
  *   the device's bytes there and zeros (holes) elsewhere, `--timings` reports one read per
  *   extent and the changed bytes, the frozen checkpoint is gone and the new one listed; a full
- *   backup without --new-checkpoint is refused (exit 1) before anything changes.
+ *   backup without --new-checkpoint, and one with an unknown --since, are refused (exit 1)
+ *   before anything changes (an earlier FILE of the same name stays as it was).
  * Threads: test process main thread; the daemon and the CLI are child processes.
  */
 import { test, after } from 'node:test';
@@ -142,6 +143,14 @@ test('an incremental backup holds exactly the changed chunks, byte for byte, and
     assert.equal(Number(timings[1]), expected.length, 'one read per extent (all shorter than a piece)');
     assert.ok(Number(timings[2]) >= expected.length, 'at least one write per extent');
     assert.equal(Number(timings[3]), manifest.changedBytes, 'every changed byte copied once');
+
+    // a refused step (an unknown --since) leaves an earlier FILE of the same name as it was
+    const before = readFileSync(inc);
+    const unknown = await enbd('backup', '--since', 'nosuch', '--to', inc, '--new-checkpoint', 'b9', '--control', control);
+    assert.equal(unknown.status, 1, unknown.stderr);
+    assert.match(unknown.stderr, /^enbd: error: .*nosuch/);
+    assertSameBytes(readFileSync(inc), before, 'FILE untouched by a refused backup');
+    assert.deepEqual(JSON.parse(readFileSync(`${inc}.json`, 'utf8')), manifest, 'FILE.json untouched');
 
     const listed = await enbdOk('checkpoint', 'list', '--json', '--control', control);
     assert.deepEqual((JSON.parse(listed) as { checkpoints: Array<{ name: string; state: string }> }).checkpoints.map((view) => [view.name, view.state]), [['b2', 'active']], 'b1 removed after the backup, b2 active');
