@@ -499,10 +499,10 @@ export class Verifier {
   }
 
   /**
-   * Reads `legs` into their runs (under the lock, if the caller holds it) and hashes the copies that
-   * read; a leg whose READ failed is failed. Returns the copies that read.
+   * Reads `legs` into their runs (under the lock, if the caller holds it); a leg whose READ
+   * failed is failed. Returns the copies that read (no digests yet).
    */
-  private async readAndHash(legs: readonly VerifyLeg[], slots: readonly number[], offsetBytes: number, lengthBytes: number): Promise<UnitCopy[]> {
+  private async readCopies(legs: readonly VerifyLeg[], slots: readonly number[], offsetBytes: number, lengthBytes: number): Promise<UnitCopy[]> {
     const failed = await Promise.all(legs.map(async (leg, at) => {
       const slot = slots[at] as number;
       return await this.request(slot, () => this.host.read(slot, leg.index, offsetBytes, lengthBytes));
@@ -518,11 +518,35 @@ export class Verifier {
       }
       copies.push({ leg, slot, digests: [] });
     }
+    return copies;
+  }
+
+  /** One digest per piece of every copy, on the hash pool (for reports and the reference). */
+  private async hashCopies(copies: readonly UnitCopy[], lengthBytes: number): Promise<void> {
     await Promise.all(copies.map(async (copy) => {
       const view = this.host.dataView(copy.slot, lengthBytes);
       copy.digests = await this.pool.hash(view.buffer as SharedArrayBuffer, view.byteOffset, lengthBytes, this.chunkBytes);
     }));
-    return copies;
+  }
+
+  /**
+   * Pieces where some copy's bytes differ from the first copy's: memcmp over the runs (Buffer
+   * views of the ring's SAB, no copy), the whole unit at once first, piece by piece only when
+   * that differs.
+   */
+  private differingPieces(copies: readonly UnitCopy[], lengthBytes: number): number[] {
+    const views = copies.map((copy) => {
+      const view = this.host.dataView(copy.slot, lengthBytes);
+      return Buffer.from(view.buffer, view.byteOffset, lengthBytes);
+    });
+    const first = views[0] as Buffer;
+    if (views.every((view) => view === first || first.equals(view))) return [];
+    const pieces: number[] = [];
+    for (let from = 0, piece = 0; from < lengthBytes; from += this.chunkBytes, piece += 1) {
+      const to = Math.min(lengthBytes, from + this.chunkBytes);
+      if (views.some((view) => view !== first && first.compare(view, from, to, from, to) !== 0)) pieces.push(piece);
+    }
+    return pieces;
   }
 
   /** Verifies one unit; false when it could not be compared. */
@@ -554,11 +578,13 @@ export class Verifier {
       const used = slots.filter((_, at) => still.has((legs[at] as VerifyLeg).index));
       legs = legs.filter((leg) => still.has(leg.index));
       if (legs.length < 2 || this.host.isClosed()) return 'unchecked';
-      const copies = await this.readAndHash(legs, used, offsetBytes, lengthBytes);
+      const copies = await this.readCopies(legs, used, offsetBytes, lengthBytes);
       if (copies.length < 2) return 'unchecked';
-      const mismatched = this.mismatchedPieces(copies);
+      const mismatched = this.differingPieces(copies, lengthBytes);
       if (mismatched.length === 0) return 'equal';
       if (state === null) return 'differs';
+      // Under the lock and different: digests name the copies in the log and pick the reference.
+      await this.hashCopies(copies, lengthBytes);
       state.mismatchChunks += mismatched.length;
       this.totals.mismatchChunks += mismatched.length;
       for (const piece of mismatched) {
@@ -571,16 +597,6 @@ export class Verifier {
       this.host.finish(lockSlot, locked);
       for (const slot of slots) if (slot !== lockSlot) this.host.finish(slot, false);
     }
-  }
-
-  private mismatchedPieces(copies: readonly UnitCopy[]): number[] {
-    const first = copies[0] as UnitCopy;
-    const pieces: number[] = [];
-    for (let piece = 0; piece < first.digests.length; piece += 1) {
-      const digest = first.digests[piece];
-      if (copies.some((copy) => copy.digests[piece] !== digest)) pieces.push(piece);
-    }
-    return pieces;
   }
 
   /** Patches every differing copy's run with its pieces' references, then writes it back. */
@@ -637,15 +653,15 @@ export class Verifier {
       if (target === undefined || target.state !== 'resyncing' || target.epoch !== epoch) return whole;
       const source = legs.find((leg) => leg.index !== targetIndex && this.host.upToDateFor(leg.index, offsetBytes, lengthBytes));
       if (source === undefined) return whole;
-      const copies = await this.readAndHash([source, target], [lockSlot, targetSlot], offsetBytes, lengthBytes);
+      const copies = await this.readCopies([source, target], [lockSlot, targetSlot], offsetBytes, lengthBytes);
       if (copies.length < 2) return whole;
-      const [sourceCopy, targetCopy] = copies as [UnitCopy, UnitCopy];
+      const differing = new Set(this.differingPieces(copies, lengthBytes));
       const differ: Array<[number, number]> = [];
       let matchedBytes = 0;
-      for (let piece = 0; piece < sourceCopy.digests.length; piece += 1) {
+      for (let piece = 0; piece * this.chunkBytes < lengthBytes; piece += 1) {
         const from = offsetBytes + piece * this.chunkBytes;
         const length = Math.min(this.chunkBytes, offsetBytes + lengthBytes - from);
-        if (sourceCopy.digests[piece] === targetCopy.digests[piece] && this.host.clearMatched(targetIndex, epoch, from, length)) {
+        if (!differing.has(piece) && this.host.clearMatched(targetIndex, epoch, from, length)) {
           matchedBytes += length;
           continue;
         }
