@@ -1,21 +1,23 @@
 /**
  * Online verify (md's check/repair, DRBD's verify) and checksum resync (DRBD's csums-alg): the
- * verify actor reads each unit of the device from every in-sync leg into ring slots, hashes the
- * copies on the hash pool (hash-pool.ts) and compares them piece by piece; with `repair` it
- * rewrites the legs that differ from a reference leg.
+ * verify actor reads each unit of the device from every in-sync leg into ring slots and compares
+ * the copies' bytes piece by piece; a unit that differs is hashed on the hash pool
+ * (hash-pool.ts) for the log and the repair reference; with `repair` it rewrites the legs that
+ * differ from a reference leg.
  *
  * Thread: main thread (scheduling, like resync.ts). The bytes move leg -> ring slot on the
- * connection actors and are hashed in place on the pool's workers (the ring's data SAB is
- * shared with them); the main thread touches bytes only to patch a slot for a repair.
+ * connection actors; the main thread memcmp's the runs (Buffer views of the ring's data SAB)
+ * and touches bytes otherwise only to patch a slot for a repair; digests are computed in place
+ * on the pool's workers (the SAB is shared with them).
  *
  * Path of one unit (kUnitBytes, 1 MiB; compared in pieces of `chunkBytes`, 64 KiB):
  *   skip it if every in-sync leg reports it as reading zero (base:allocation, 64 MiB windows)
  *   -> allocate one slot run per in-sync leg (waits behind client requests; no lock held)
- *   -> optimistic pass, no range lock: READ from every in-sync leg (phase 4), hash each copy
- *      on the pool, compare; free the runs. Equal everywhere: done (the common case).
+ *   -> optimistic pass, no range lock: READ from every in-sync leg (phase 4), compare the
+ *      copies' bytes; free the runs. Equal everywhere: done (the common case, no hash).
  *   -> some piece differs: re-check under the lock. Fresh runs, range lock of the unit held by
- *      the first run (phase 5 until granted), READ again from every leg still in sync, hash,
- *      compare; only what differs now is a mismatch
+ *      the first run (phase 5 until granted), READ again from every leg still in sync, compare;
+ *      only what differs now is a mismatch, and only then the copies are hashed on the pool
  *   -> mismatched pieces: counted and logged; with repair, each piece's reference is chosen
  *      (chooseReference), the differing legs' slots are patched with the reference's bytes and
  *      written back (FUA) to those legs
@@ -27,9 +29,11 @@
  *   flight there on any leg; every leg read under it answers the same acknowledged state. The
  *   optimistic pass reads without the lock (a write racing it may land on one leg before the
  *   other), so it only decides whether to look again: nothing is counted or repaired from it.
- * - Throughput (bench: verify vs nbdcopy to null:): the verify is latency-bound, so `lanes`
- *   units (default 8) are in flight at once and the optimistic pass holds no lock (no wait
- *   behind client writes, no client write waits behind a verify's reads and hashing).
+ * - Throughput (bench: verify vs nbdcopy to null:): `lanes` units (default 8) are in flight at
+ *   once and the optimistic pass holds no lock (no wait behind client writes, no client write
+ *   waits behind a verify's reads). CPU: byte compare, not hashes (issue 14, measured: hashing
+ *   both copies with xxh64 cost ~0.8 s per GiB of device, the memcmp ~0.05-0.1 s; digests of
+ *   equal copies tell nothing a memcmp does not, as both copies are local).
  * - A leg whose READ fails is failed (as a resync source would be); the unit then is not
  *   counted (fewer than two copies are no comparison).
  * - Reference for a repair, per piece: the majority digest when three or more legs were read
@@ -38,7 +42,7 @@
  * - A repair write does not wait for write intent (the metadata keeper): the legs differ there
  *   already, so a crash mid-repair leaves them no more different than before.
  * - Checksum resync (`compareForResync`): a resync piece is read from its source and from the
- *   target under the range lock and hashed; identical sub-pieces get their bits cleared (by the
+ *   target under the range lock and compared; identical sub-pieces get their bits cleared (by the
  *   copier, within the target's epoch, still under the lock); only the rest is copied.
  *
  * Invariants:
