@@ -14,6 +14,9 @@
  *            and the legs' nbdkit CPU, per GiB of device verified
  * Ratio: device bytes verified per second / device bytes nbdcopy read per second (verify
  * reads every byte twice, once per leg). Target >= 0.8 at the default pool size.
+ * Since the verifier compares equal copies by memcmp (issue 14), the pool hashes nothing on
+ * these equal legs: the thread and hash rows run the same path and differ only by noise (they
+ * stay to show that, and would show the pool's cost if the legs differed).
  *
  * Invariants:
  * - The verify finds zero mismatches (the legs are equal); a mismatch is reported as an error.

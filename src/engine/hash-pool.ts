@@ -1,7 +1,8 @@
 /**
  * The verify hash pool: a piscina pool of worker threads (actors/hash-worker.ts) that hash
  * byte ranges of a SharedArrayBuffer in place (the request ring's data SAB, where the leg actors
- * READ into), one digest per piece.
+ * READ into), one digest per piece. The verifier compares equal copies by memcmp and asks for
+ * digests only for a unit whose copies differ (the log names them, the repair picks by them).
  *
  * Thread: created and called on the main thread; the hashing runs on the pool's workers.
  *

@@ -1,21 +1,23 @@
 /**
  * Online verify (md's check/repair, DRBD's verify) and checksum resync (DRBD's csums-alg): the
- * verify actor reads each unit of the device from every in-sync leg into ring slots, hashes the
- * copies on the hash pool (hash-pool.ts) and compares them piece by piece; with `repair` it
- * rewrites the legs that differ from a reference leg.
+ * verify actor reads each unit of the device from every in-sync leg into ring slots and compares
+ * the copies' bytes piece by piece; a unit that differs is hashed on the hash pool
+ * (hash-pool.ts) for the log and the repair reference; with `repair` it rewrites the legs that
+ * differ from a reference leg.
  *
  * Thread: main thread (scheduling, like resync.ts). The bytes move leg -> ring slot on the
- * connection actors and are hashed in place on the pool's workers (the ring's data SAB is
- * shared with them); the main thread touches bytes only to patch a slot for a repair.
+ * connection actors; the main thread memcmp's the runs (Buffer views of the ring's data SAB)
+ * and touches bytes otherwise only to patch a slot for a repair; digests are computed in place
+ * on the pool's workers (the SAB is shared with them).
  *
  * Path of one unit (kUnitBytes, 1 MiB; compared in pieces of `chunkBytes`, 64 KiB):
  *   skip it if every in-sync leg reports it as reading zero (base:allocation, 64 MiB windows)
  *   -> allocate one slot run per in-sync leg (waits behind client requests; no lock held)
- *   -> optimistic pass, no range lock: READ from every in-sync leg (phase 4), hash each copy
- *      on the pool, compare; free the runs. Equal everywhere: done (the common case).
+ *   -> optimistic pass, no range lock: READ from every in-sync leg (phase 4), compare the
+ *      copies' bytes; free the runs. Equal everywhere: done (the common case, no hash).
  *   -> some piece differs: re-check under the lock. Fresh runs, range lock of the unit held by
- *      the first run (phase 5 until granted), READ again from every leg still in sync, hash,
- *      compare; only what differs now is a mismatch
+ *      the first run (phase 5 until granted), READ again from every leg still in sync, compare;
+ *      only what differs now is a mismatch, and only then the copies are hashed on the pool
  *   -> mismatched pieces: counted and logged; with repair, each piece's reference is chosen
  *      (chooseReference), the differing legs' slots are patched with the reference's bytes and
  *      written back (FUA) to those legs
@@ -27,9 +29,11 @@
  *   flight there on any leg; every leg read under it answers the same acknowledged state. The
  *   optimistic pass reads without the lock (a write racing it may land on one leg before the
  *   other), so it only decides whether to look again: nothing is counted or repaired from it.
- * - Throughput (bench: verify vs nbdcopy to null:): the verify is latency-bound, so `lanes`
- *   units (default 8) are in flight at once and the optimistic pass holds no lock (no wait
- *   behind client writes, no client write waits behind a verify's reads and hashing).
+ * - Throughput (bench: verify vs nbdcopy to null:): `lanes` units (default 8) are in flight at
+ *   once and the optimistic pass holds no lock (no wait behind client writes, no client write
+ *   waits behind a verify's reads). CPU: byte compare, not hashes (issue 14, measured: hashing
+ *   both copies with xxh64 cost ~0.8 s per GiB of device, the memcmp ~0.05-0.1 s; digests of
+ *   equal copies tell nothing a memcmp does not, as both copies are local).
  * - A leg whose READ fails is failed (as a resync source would be); the unit then is not
  *   counted (fewer than two copies are no comparison).
  * - Reference for a repair, per piece: the majority digest when three or more legs were read
@@ -38,7 +42,7 @@
  * - A repair write does not wait for write intent (the metadata keeper): the legs differ there
  *   already, so a crash mid-repair leaves them no more different than before.
  * - Checksum resync (`compareForResync`): a resync piece is read from its source and from the
- *   target under the range lock and hashed; identical sub-pieces get their bits cleared (by the
+ *   target under the range lock and compared; identical sub-pieces get their bits cleared (by the
  *   copier, within the target's epoch, still under the lock); only the rest is copied.
  *
  * Invariants:
@@ -499,10 +503,10 @@ export class Verifier {
   }
 
   /**
-   * Reads `legs` into their runs (under the lock, if the caller holds it) and hashes the copies that
-   * read; a leg whose READ failed is failed. Returns the copies that read.
+   * Reads `legs` into their runs (under the lock, if the caller holds it); a leg whose READ
+   * failed is failed. Returns the copies that read (no digests yet).
    */
-  private async readAndHash(legs: readonly VerifyLeg[], slots: readonly number[], offsetBytes: number, lengthBytes: number): Promise<UnitCopy[]> {
+  private async readCopies(legs: readonly VerifyLeg[], slots: readonly number[], offsetBytes: number, lengthBytes: number): Promise<UnitCopy[]> {
     const failed = await Promise.all(legs.map(async (leg, at) => {
       const slot = slots[at] as number;
       return await this.request(slot, () => this.host.read(slot, leg.index, offsetBytes, lengthBytes));
@@ -518,11 +522,35 @@ export class Verifier {
       }
       copies.push({ leg, slot, digests: [] });
     }
+    return copies;
+  }
+
+  /** One digest per piece of every copy, on the hash pool (for reports and the reference). */
+  private async hashCopies(copies: readonly UnitCopy[], lengthBytes: number): Promise<void> {
     await Promise.all(copies.map(async (copy) => {
       const view = this.host.dataView(copy.slot, lengthBytes);
       copy.digests = await this.pool.hash(view.buffer as SharedArrayBuffer, view.byteOffset, lengthBytes, this.chunkBytes);
     }));
-    return copies;
+  }
+
+  /**
+   * Pieces where some copy's bytes differ from the first copy's: memcmp over the runs (Buffer
+   * views of the ring's SAB, no copy), the whole unit at once first, piece by piece only when
+   * that differs.
+   */
+  private differingPieces(copies: readonly UnitCopy[], lengthBytes: number): number[] {
+    const views = copies.map((copy) => {
+      const view = this.host.dataView(copy.slot, lengthBytes);
+      return Buffer.from(view.buffer, view.byteOffset, lengthBytes);
+    });
+    const first = views[0] as Buffer;
+    if (views.every((view) => view === first || first.equals(view))) return [];
+    const pieces: number[] = [];
+    for (let from = 0, piece = 0; from < lengthBytes; from += this.chunkBytes, piece += 1) {
+      const to = Math.min(lengthBytes, from + this.chunkBytes);
+      if (views.some((view) => view !== first && first.compare(view, from, to, from, to) !== 0)) pieces.push(piece);
+    }
+    return pieces;
   }
 
   /** Verifies one unit; false when it could not be compared. */
@@ -554,11 +582,13 @@ export class Verifier {
       const used = slots.filter((_, at) => still.has((legs[at] as VerifyLeg).index));
       legs = legs.filter((leg) => still.has(leg.index));
       if (legs.length < 2 || this.host.isClosed()) return 'unchecked';
-      const copies = await this.readAndHash(legs, used, offsetBytes, lengthBytes);
+      const copies = await this.readCopies(legs, used, offsetBytes, lengthBytes);
       if (copies.length < 2) return 'unchecked';
-      const mismatched = this.mismatchedPieces(copies);
+      const mismatched = this.differingPieces(copies, lengthBytes);
       if (mismatched.length === 0) return 'equal';
       if (state === null) return 'differs';
+      // Under the lock and different: digests name the copies in the log and pick the reference.
+      await this.hashCopies(copies, lengthBytes);
       state.mismatchChunks += mismatched.length;
       this.totals.mismatchChunks += mismatched.length;
       for (const piece of mismatched) {
@@ -571,16 +601,6 @@ export class Verifier {
       this.host.finish(lockSlot, locked);
       for (const slot of slots) if (slot !== lockSlot) this.host.finish(slot, false);
     }
-  }
-
-  private mismatchedPieces(copies: readonly UnitCopy[]): number[] {
-    const first = copies[0] as UnitCopy;
-    const pieces: number[] = [];
-    for (let piece = 0; piece < first.digests.length; piece += 1) {
-      const digest = first.digests[piece];
-      if (copies.some((copy) => copy.digests[piece] !== digest)) pieces.push(piece);
-    }
-    return pieces;
   }
 
   /** Patches every differing copy's run with its pieces' references, then writes it back. */
@@ -637,15 +657,15 @@ export class Verifier {
       if (target === undefined || target.state !== 'resyncing' || target.epoch !== epoch) return whole;
       const source = legs.find((leg) => leg.index !== targetIndex && this.host.upToDateFor(leg.index, offsetBytes, lengthBytes));
       if (source === undefined) return whole;
-      const copies = await this.readAndHash([source, target], [lockSlot, targetSlot], offsetBytes, lengthBytes);
+      const copies = await this.readCopies([source, target], [lockSlot, targetSlot], offsetBytes, lengthBytes);
       if (copies.length < 2) return whole;
-      const [sourceCopy, targetCopy] = copies as [UnitCopy, UnitCopy];
+      const differing = new Set(this.differingPieces(copies, lengthBytes));
       const differ: Array<[number, number]> = [];
       let matchedBytes = 0;
-      for (let piece = 0; piece < sourceCopy.digests.length; piece += 1) {
+      for (let piece = 0; piece * this.chunkBytes < lengthBytes; piece += 1) {
         const from = offsetBytes + piece * this.chunkBytes;
         const length = Math.min(this.chunkBytes, offsetBytes + lengthBytes - from);
-        if (sourceCopy.digests[piece] === targetCopy.digests[piece] && this.host.clearMatched(targetIndex, epoch, from, length)) {
+        if (!differing.has(piece) && this.host.clearMatched(targetIndex, epoch, from, length)) {
           matchedBytes += length;
           continue;
         }

@@ -8,7 +8,13 @@
  * Design notes
  * - The socket reads with `onread` into one reusable kReceiveBufferBytes buffer from the
  *   start; during the handshake the bytes are copied out (handshake reads are few and small),
- *   afterwards they go to the attached client's `onReceive` as they are (no copy).
+ *   afterwards the attached client picks the buffer of every next read (`nextReceiveBuffer`:
+ *   the receive buffer, a header-sized part of it, or a READ's destination for direct receive)
+ *   and is told how many bytes landed there (`onRead`).
+ * - `directHandle()`: the plain socket's handle, whose `useUserBuffer` (the call Node's net
+ *   makes for `onread` itself) re-points the next read at once; the client needs it to stop
+ *   reading into a destination it gives back early (a failure). Null under TLS or when the
+ *   handle lacks it: then the client never reads into destinations.
  * - After STARTTLS reads arrive as 'data' chunks of the TLSSocket instead (the plain socket's
  *   `onread` path serves plain connections only).
  * - Socket errors and the close are failures of the connect (ENBD_ERR_CONNECT) before the
@@ -33,10 +39,19 @@ const kKeepAliveDelayMs = 10_000;
 
 /** The client that takes the connection over after the handshake. */
 export interface ConnectionSink {
-  /** Receive path (onread or TLS 'data'): `count` new bytes at the start of `buffer`. */
+  /** Receive path (TLS 'data', handshake leftovers): `count` new bytes at the start of `buffer`. */
   onReceive(buffer: Buffer, count: number): void;
+  /** Plain socket (onread): `count` bytes landed in the buffer `nextReceiveBuffer` gave last. */
+  onRead(count: number): void;
+  /** Plain socket: the buffer of the next read (called after every read). */
+  nextReceiveBuffer(): Uint8Array;
   handleSocketClose(): void;
   handleSocketError(error: Error): void;
+}
+
+/** The part of a libuv stream handle direct receive needs (see the design notes). */
+export interface DirectHandle {
+  useUserBuffer(buffer: Uint8Array): void;
 }
 
 interface PendingRead {
@@ -54,7 +69,7 @@ export class PendingConnection implements HandshakeIo {
   socket: Socket;
   private plainSocket: Socket | null = null;
   readonly serverName: string;
-  private readonly receiveBuffer = Buffer.allocUnsafe(kReceiveBufferBytes);
+  readonly receiveBuffer = Buffer.allocUnsafeSlow(kReceiveBufferBytes);
   private received: Buffer[] = [];
   private receivedBytes = 0;
   private client: ConnectionSink | null = null;
@@ -70,9 +85,9 @@ export class PendingConnection implements HandshakeIo {
   ) {
     this.serverName = describeNbdAddress(address);
     const onread = {
-      buffer: this.receiveBuffer,
+      buffer: (): Uint8Array => (this.client !== null ? this.client.nextReceiveBuffer() : this.receiveBuffer),
       callback: (count: number): boolean => {
-        if (this.client !== null) this.client.onReceive(this.receiveBuffer, count);
+        if (this.client !== null) this.client.onRead(count);
         else this.onHandshakeBytes(count);
         return true;
       },
@@ -123,6 +138,14 @@ export class PendingConnection implements HandshakeIo {
     this.received = [];
     this.receivedBytes = 0;
     return leftover;
+  }
+
+  /** The plain socket's handle for direct receive, or null (TLS, or no `useUserBuffer`). */
+  directHandle(): DirectHandle | null {
+    if (this.plainSocket !== null) return null;
+    const handle = (this.socket as unknown as { _handle?: { useUserBuffer?: unknown } | null })._handle;
+    if (handle === null || handle === undefined || typeof handle.useUserBuffer !== 'function') return null;
+    return handle as DirectHandle;
   }
 
   attach(client: ConnectionSink): void {

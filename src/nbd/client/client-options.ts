@@ -39,6 +39,12 @@ export interface NbdClientOptions {
   logger?: Logger;
   /** A request older than this fails the connection (0 = no limit, the default). */
   requestTimeoutMs?: number;
+  /**
+   * Direct receive (default true; plain sockets only, never under TLS): READ data of
+   * kDirectReceiveMinBytes or more is read by the socket straight into the destination
+   * instead of being copied from the receive buffer. false: always copy (A/B, diagnostics).
+   */
+  directReceive?: boolean;
 }
 
 export const kConnectTimeoutMsDefault = 10_000;
@@ -57,6 +63,9 @@ export function validateOptions(options: NbdClientOptions): void {
   const badRequest = !Number.isInteger(requestTimeoutMs) || (requestTimeoutMs as number) < 0;
   if (requestTimeoutMs !== undefined && badRequest) {
     throw new OptionError('ENBD_ERR_OPTION', 'options.requestTimeoutMs must be a non-negative integer');
+  }
+  if (options.directReceive !== undefined && typeof options.directReceive !== 'boolean') {
+    throw new OptionError('ENBD_ERR_OPTION', 'options.directReceive must be a boolean');
   }
   if (exportName !== undefined && typeof exportName !== 'string') {
     throw new OptionError('ENBD_ERR_OPTION', 'options.exportName must be a string');

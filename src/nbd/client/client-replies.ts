@@ -2,9 +2,18 @@
  * Incremental parser for NBD transmission replies on the client side: simple replies and
  * structured reply chunks, fed with whatever byte ranges the socket delivers (split or merged
  * at any boundary). READ data is copied straight from the receive buffer into the request's
- * destination (one copy); OFFSET_HOLE zero-fills it. Other chunk payloads are handed out as
- * views of the receive buffer, or of a grow-only scratch buffer when a payload straddles reads.
+ * destination (one copy), or, with direct receive, read by the socket straight into it (no
+ * copy: `directTarget` / `directReceived`, driven by NbdClient); OFFSET_HOLE zero-fills it.
+ * Other chunk payloads are handed out as views of the receive buffer, or of a grow-only scratch
+ * buffer when a payload straddles reads.
  * Threads: the NbdClient's thread only.
+ *
+ * Direct receive: in DATA the rest of the destination is offered as the next read's buffer
+ * (`directTarget`, from kDirectReceiveMinBytes left); `wantBytes` is the exact count that
+ * finishes the current header or small payload (a structured header at a reply boundary asks
+ * for 28: the chunk header and an OFFSET_DATA offset), so the client can read only up to the
+ * next READ data and let it land in place. Both paths count their bytes (dataBytesCopied,
+ * dataBytesDirect).
  *
  * States:
  *   HEADER   collecting a 16-byte simple or 20-byte structured header (magic decides)
@@ -86,6 +95,14 @@ export class ReplyParser {
   private simpleData = false;
   private dataTargetBytes = 0;
   private dataRemainingBytes = 0;
+  /** Some of the current reply's data was received directly (reset at each reply's end). */
+  private replyDirect = false;
+  /** READ data bytes copied from pushed buffers into destinations. */
+  dataBytesCopied = 0;
+  /** READ data bytes the socket read straight into destinations (directReceived). */
+  dataBytesDirect = 0;
+  /** onReplyDone's reply had data received directly (valid inside onReplyDone). */
+  lastReplyDirect = false;
 
   constructor(
     private readonly table: RequestTable,
@@ -99,6 +116,58 @@ export class ReplyParser {
   /** True between replies (no partial header or payload buffered). */
   get isIdle(): boolean {
     return this.state === kStateHeader && this.headerHaveBytes === 0;
+  }
+
+  /**
+   * Direct receive: the rest of the current READ data's destination when `minBytes` or more
+   * of it are left, or any of it once this reply's data went direct (so a large READ's tail is
+   * not copied); the destination itself when all of it is left, else a view. Else null.
+   */
+  directTarget(minBytes: number): Uint8Array | null {
+    if (this.state !== kStateData) return null;
+    if (this.dataRemainingBytes < minBytes && !this.replyDirect) return null;
+    const target = this.table.data[this.slot];
+    assert(target !== null && target !== undefined, 'READ has a destination');
+    const from = this.dataTargetBytes;
+    const to = from + this.dataRemainingBytes;
+    return from === 0 && to === target.length ? target : target.subarray(from, to);
+  }
+
+  /** `count` bytes were read straight into the last `directTarget()` (in order, nothing skipped). */
+  directReceived(count: number): void {
+    assert(!this.parsing, 'ReplyParser.directReceived is not re-entrant');
+    assert(this.state === kStateData, 'direct bytes belong to READ data');
+    assert(count > 0 && count <= this.dataRemainingBytes, 'direct bytes fit the data left');
+    this.parsing = true;
+    try {
+      this.dataTargetBytes += count;
+      this.dataRemainingBytes -= count;
+      this.dataBytesDirect += count;
+      this.replyDirect = true;
+      if (this.dataRemainingBytes === 0) this.dataEnd();
+    } finally {
+      this.parsing = false;
+    }
+  }
+
+  /**
+   * Bytes that finish the current header or small payload and no more (0 when DEAD). At a
+   * reply boundary: a simple header, or with `structured` a chunk header plus the 8-byte
+   * offset of an OFFSET_DATA chunk. In DATA: the data left.
+   */
+  wantBytes(structured: boolean): number {
+    switch (this.state) {
+      case kStateHeader:
+        if (this.headerHaveBytes === 0) return structured ? kStructuredReplyHeaderBytes + 8 : kSimpleReplyHeaderBytes;
+        if (this.headerHaveBytes < 4) return (structured ? kStructuredReplyHeaderBytes : kSimpleReplyHeaderBytes) - this.headerHaveBytes;
+        return this.headerNeedBytes - this.headerHaveBytes;
+      case kStatePayload:
+        return this.payloadNeedBytes - this.payloadHaveBytes;
+      case kStateData:
+        return this.dataRemainingBytes;
+      default:
+        return 0;
+    }
   }
 
   /** Stop parsing for good (the connection is gone). */
@@ -358,12 +427,15 @@ export class ReplyParser {
     buffer.copy(target, this.dataTargetBytes, position, position + countBytes);
     this.dataTargetBytes += countBytes;
     this.dataRemainingBytes -= countBytes;
-    if (this.dataRemainingBytes === 0) {
-      this.state = kStateHeader;
-      if (this.simpleData) this.finish(slot, 0);
-      else this.chunkEnd();
-    }
+    this.dataBytesCopied += countBytes;
+    if (this.dataRemainingBytes === 0) this.dataEnd();
     return position + countBytes;
+  }
+
+  private dataEnd(): void {
+    this.state = kStateHeader;
+    if (this.simpleData) this.finish(this.slot, 0);
+    else this.chunkEnd();
   }
 
   private chunkEnd(): void {
@@ -384,6 +456,8 @@ export class ReplyParser {
   private finish(slot: number, errno: number): void {
     this.state = kStateHeader;
     this.slot = -1;
+    this.lastReplyDirect = this.replyDirect;
+    this.replyDirect = false;
     this.events.onReplyDone(slot, errno);
   }
 }

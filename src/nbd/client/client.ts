@@ -18,6 +18,22 @@
  *   are batched by nextTick already, without waiting for the poll phase to end.
  * - Receive: `onread` with one reusable 256 KiB buffer; ReplyParser copies READ data from it into
  *   the destination (the only copy) and completes requests.
+ * - Direct receive (plain sockets, `directReceive`, default on): `onread` asks for the next
+ *   read's buffer after every read (nextReceiveBuffer). While READ data with
+ *   kDirectReceiveMinBytes or more left is being received, the next read goes straight into
+ *   the rest of its destination (a ring slot: no copy, and the kernel copies into shared memory
+ *   at memcpy speed, where a copy from JS into a SharedArrayBuffer runs byte by byte when the
+ *   two addresses are not 8-byte congruent - the measured cost of the copy path). After such a
+ *   reply the reads take only the bytes that finish the next header (lookahead: exact header
+ *   sizes, 28 for a structured header + OFFSET_DATA offset), so the next large READ's data is
+ *   not partly copied; the first reply that had no direct data ends the lookahead. Structured
+ *   OFFSET_DATA chunks and simple replies both qualify; holes, errors and small data take the
+ *   copy path. Cost: one view per read after the first of a large READ (as on the server), one
+ *   more read per reply in lookahead.
+ *   Safety: a failure gives the destinations back at once (EIO; the leg actor may reuse the
+ *   slot), so fail() re-points the pending read at the receive buffer before anything else
+ *   (handle.useUserBuffer, synchronous): no byte lands in a destination after its request
+ *   completed. Under TLS the 'data' chunks take the copy path.
  * - Completion: `handler(token, errno)` for caller requests; requests of the Promise API carry
  *   an internal id and the `internal` mark in their slot, so they never reach the handler and
  *   cannot clash with caller tokens.
@@ -88,7 +104,7 @@ import { negotiateClient, type HandshakeResult } from './client-handshake.js';
 import { RequestTable } from './client-requests.js';
 import { ReplyParser, type ReplyEvents } from './client-replies.js';
 import { HeaderArena, type RunSink } from './client-arena.js';
-import { PendingConnection } from './client-connect.js';
+import { PendingConnection, type DirectHandle } from './client-connect.js';
 import {
   featuresFromFlags,
   kConnectTimeoutMsDefault,
@@ -101,6 +117,10 @@ import { PromiseRequests } from './client-promise.js';
 export type { NbdClientOptions } from './client-options.js';
 
 export const kHeaderArenaBytes = 64 * 1024;
+/** Direct receive: the least READ data left that is read straight into its destination. */
+export const kDirectReceiveMinBytes = 64 * 1024;
+/** Lookahead reads take at most this many bytes (a structured header + OFFSET_DATA offset). */
+const kLookaheadBytesMax = 32;
 const kDisconnectTimeoutMs = 5000;
 /**
  * Socket errors that end the connection without the server's end being known gone (unlike a
@@ -162,6 +182,14 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
   private handler: CompletionHandler = noHandler;
   private readonly table = new RequestTable();
   private readonly parser: ReplyParser;
+  // Receive side: the connection's receive buffer, its first 0..kLookaheadBytesMax bytes as
+  // views (lookahead reads), and the handle that re-points a pending read (null: copy only).
+  private readonly receiveBuffer: Buffer;
+  private readonly receiveHeads: Buffer[] = [];
+  private readonly directHandle: DirectHandle | null;
+  /** The pending read goes into a READ's destination (directTarget), not the receive buffer. */
+  private armedDirect = false;
+  private lookahead = false;
   // Send side (see design notes).
   private readonly arena: HeaderArena;
   private turnScheduled = false;
@@ -212,7 +240,8 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
         tls: address.tls !== undefined,
       });
       const leftover = connection.finishHandshake();
-      const client = new NbdClient(connection.socket, address, exportName, result, options);
+      const directHandle = options.directReceive === false ? null : connection.directHandle();
+      const client = new NbdClient(connection.socket, address, exportName, result, options, connection.receiveBuffer, directHandle);
       connection.attach(client);
       if (leftover.length > 0) client.onReceive(leftover, leftover.length);
       return client;
@@ -228,8 +257,13 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
     exportName: string,
     result: HandshakeResult,
     options: NbdClientOptions,
+    receiveBuffer: Buffer,
+    directHandle: DirectHandle | null,
   ) {
     this.socket = socket;
+    this.receiveBuffer = receiveBuffer;
+    this.directHandle = directHandle;
+    for (let bytes = 0; bytes <= kLookaheadBytesMax; bytes += 1) this.receiveHeads.push(receiveBuffer.subarray(0, bytes));
     this.address = address;
     this.exportName = exportName;
     this.serverName = describeNbdAddress(address);
@@ -415,6 +449,7 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
 
   /** @internal ReplyEvents: the parser finished a request. */
   onReplyDone(slot: number, errno: number): void {
+    if (!this.parser.lastReplyDirect) this.lookahead = false;
     const table = this.table;
     const token = table.token[slot] as number;
     const internal = table.internal[slot] === 1;
@@ -451,11 +486,61 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
     this.fail(new EnbdError('ENBD_ERR_PROTOCOL', text));
   }
 
-  /** @internal Receive path (onread): `count` new bytes at the start of `buffer`. */
+  /** @internal Receive path (TLS 'data', handshake leftovers): `count` new bytes at the start of `buffer`. */
   onReceive(buffer: Buffer, count: number): void {
     // FENCING: the server is finishing what it holds; its replies are ignored.
     if (this.state === kStateClosed || this.state === kStateFencing) return;
     this.parser.push(buffer, 0, count);
+  }
+
+  /** @internal Receive path (onread): `count` bytes landed in the last nextReceiveBuffer(). */
+  onRead(count: number): void {
+    if (this.armedDirect) {
+      this.armedDirect = false;
+      if (this.state === kStateClosed || this.state === kStateFencing) return;
+      this.parser.directReceived(count);
+      return;
+    }
+    this.onReceive(this.receiveBuffer, count);
+  }
+
+  /** @internal onread: the buffer of the next read (see "Direct receive" in the notes). */
+  nextReceiveBuffer(): Uint8Array {
+    this.armedDirect = false;
+    const parser = this.parser;
+    if (this.directHandle === null || this.state === kStateClosed || this.state === kStateFencing || parser.isDead) {
+      return this.receiveBuffer;
+    }
+    const target = parser.directTarget(kDirectReceiveMinBytes);
+    if (target !== null) {
+      this.armedDirect = true;
+      this.lookahead = true;
+      return target;
+    }
+    if (!this.lookahead) return this.receiveBuffer;
+    const wantBytes = parser.wantBytes(this.structuredReplies);
+    if (wantBytes <= 0 || wantBytes > kLookaheadBytesMax) {
+      this.lookahead = false; // small READ data left: copy it with whatever follows
+      return this.receiveBuffer;
+    }
+    return this.receiveHeads[wantBytes] as Buffer;
+  }
+
+  /** READ data bytes copied from the receive buffer / read straight into destinations. */
+  get readBytesCopied(): number {
+    return this.parser.dataBytesCopied;
+  }
+
+  get readBytesDirect(): number {
+    return this.parser.dataBytesDirect;
+  }
+
+  /** A pending read into a destination is re-pointed at the receive buffer (synchronous). */
+  private disarmDirect(): void {
+    this.lookahead = false;
+    if (!this.armedDirect) return;
+    this.armedDirect = false;
+    if (!this.socket.destroyed) this.directHandle?.useUserBuffer(this.receiveBuffer);
   }
 
   // ---- failure, timeout and close ----------------------------------------------------------
@@ -470,6 +555,7 @@ export class NbdClient implements BlockDevice, ReplyEvents, RunSink {
     const wasClosing = this.state === kStateClosing;
     this.reason = wasClosing ? null : reason;
     this.parser.kill();
+    this.disarmDirect();
     if (this.timeoutTimer !== null) clearInterval(this.timeoutTimer);
     this.timeoutTimer = null;
     this.arena.reset();

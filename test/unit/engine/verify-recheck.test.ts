@@ -168,3 +168,14 @@ test('verify: equal legs take no lock at all (the optimistic pass suffices)', as
   assert.equal(result.mismatches, 0);
   assert.equal(result.checked, kDeviceBytes);
 });
+
+test('verify: the byte compare finds differences at piece edges (first and last byte of a unit, two pieces)', async () => {
+  const unit = 2 * 1024 * 1024;
+  const result = await runVerify({}, (mirror) => {
+    const leg = mirror.legData[1] as Uint8Array;
+    leg[unit] = (leg[unit] ?? 0) ^ 0x01; // first byte of piece 0
+    leg[unit + 1024 * 1024 - 1] = (leg[unit + 1024 * 1024 - 1] ?? 0) ^ 0x80; // last byte of the last piece
+  });
+  assert.equal(result.rechecked, 1, 'one unit differs');
+  assert.equal(result.mismatches, 2, 'exactly the two pieces holding the changed bytes');
+});

@@ -379,6 +379,113 @@ test('property: any split of a reply stream gives the same results as the whole 
   );
 });
 
+test('property: direct receive (directTarget/directReceived, wantBytes lookahead) gives the same bytes as push, and counts each data byte once', () => {
+  const requestArbitrary = fc.record({
+    kind: fc.constantFrom('simple-read', 'chunked-read', 'write'),
+    lengthBytes: fc.integer({ min: 1, max: 400 }),
+    pieces: fc.integer({ min: 1, max: 4 }),
+    seed: fc.integer({ min: 0, max: 255 }),
+  });
+  fc.assert(
+    fc.property(fc.array(requestArbitrary, { minLength: 1, maxLength: 10 }), fc.array(fc.integer({ min: 1, max: 97 }), { minLength: 1, maxLength: 40 }), fc.integer({ min: 1, max: 64 }), fc.boolean(), (requests, reads, minBytes, structuredHint) => {
+      const { table, parser, recorded } = harness();
+      const frames: Buffer[] = [];
+      const expectations: { target: Uint8Array | null; content: Buffer | null }[] = [];
+      let dataBytes = 0;
+      requests.forEach((request, token) => {
+        const content = Buffer.alloc(request.lengthBytes);
+        for (let index = 0; index < content.length; index++) content[index] = (request.seed + index * 29) & 0xff;
+        const offsetBytes = 4096 * token;
+        if (request.kind === 'write') {
+          frames.push(simple(start(table, kCmdWrite, offsetBytes, null, token, request.lengthBytes), 0));
+          expectations.push({ target: null, content: null });
+          return;
+        }
+        const target = new Uint8Array(new SharedArrayBuffer(request.lengthBytes)).fill(0x5a);
+        const cookie = start(table, kCmdRead, offsetBytes, target, token);
+        expectations.push({ target, content });
+        dataBytes += request.lengthBytes;
+        if (request.kind === 'simple-read') {
+          frames.push(simple(cookie, 0, content));
+          return;
+        }
+        const step = Math.max(1, Math.ceil(request.lengthBytes / request.pieces));
+        const parts: Buffer[] = [];
+        for (let at = 0; at < request.lengthBytes; at += step) {
+          const piece = content.subarray(at, Math.min(at + step, request.lengthBytes));
+          parts.push(dataChunk(cookie, 0, offsetBytes + at, piece));
+        }
+        frames.push(...parts.reverse(), chunk(cookie, kReplyFlagDone, kReplyTypeNone));
+      });
+      // Drive the parser like NbdClient's onread: a direct target when offered, else a
+      // lookahead read of wantBytes (every other time) or a read of the next size in `reads`.
+      const stream = Buffer.concat(frames);
+      let position = 0;
+      let step = 0;
+      while (position < stream.length) {
+        const size = reads[step % reads.length] as number;
+        step += 1;
+        const target = parser.directTarget(minBytes);
+        if (target !== null) {
+          const count = Math.min(size, target.length, stream.length - position);
+          target.set(stream.subarray(position, position + count));
+          parser.directReceived(count);
+          position += count;
+          continue;
+        }
+        const want = step % 2 === 0 ? parser.wantBytes(structuredHint) : size;
+        assert.ok(want > 0, 'a live parser always wants bytes');
+        const count = Math.min(want, stream.length - position);
+        const delivery = Buffer.alloc(count);
+        stream.copy(delivery, 0, position, position + count);
+        parser.push(delivery, 0, count);
+        delivery.fill(0xdd);
+        position += count;
+      }
+      assert.deepEqual(recorded.protocolErrors, []);
+      assert.equal(recorded.done.length, requests.length);
+      for (const [token, errno] of recorded.done) {
+        assert.equal(errno, 0);
+        const { target, content } = expectations[token] ?? { target: null, content: null };
+        if (target !== null && content !== null) assert.ok(Buffer.from(target.buffer as SharedArrayBuffer).equals(content));
+      }
+      assert.equal(parser.dataBytesCopied + parser.dataBytesDirect, dataBytes);
+      assert.equal(table.inUseCount, 0);
+      assert.ok(parser.isIdle);
+    }),
+    { numRuns: 300 },
+  );
+});
+
+test('wantBytes: exact header sizes at a reply boundary, then what finishes the header or payload', () => {
+  const { table, parser } = harness();
+  assert.equal(parser.wantBytes(false), 16);
+  assert.equal(parser.wantBytes(true), 28, 'a structured chunk header and an OFFSET_DATA offset');
+  const target = new Uint8Array(100_000);
+  const cookie = start(table, kCmdRead, 0, target, 1);
+  const frame = dataChunk(cookie, kReplyFlagDone, 0, Buffer.alloc(100_000, 7));
+  parser.push(frame, 0, 3);
+  assert.equal(parser.wantBytes(true), 17, 'the rest of a 20-byte header');
+  parser.push(frame, 3, 20);
+  assert.equal(parser.wantBytes(true), 8, 'the data chunk offset');
+  assert.equal(parser.directTarget(1), null, 'no data state yet');
+  parser.push(frame, 20, 28);
+  assert.equal(parser.wantBytes(true), 100_000);
+  assert.equal(parser.directTarget(100_001), null, 'below the minimum before any direct byte');
+  const whole = parser.directTarget(65_536);
+  assert.equal(whole, target, 'all of it left: the destination itself, no view');
+  frame.copy(target, 0, 28, 28 + 40_000);
+  parser.directReceived(40_000);
+  const rest = parser.directTarget(65_536);
+  assert.ok(rest !== null && rest.length === 60_000 && rest.byteOffset === 40_000, 'once direct, the tail stays direct below the minimum');
+  frame.copy(rest, 0, 28 + 40_000);
+  parser.directReceived(60_000);
+  assert.ok(parser.isIdle);
+  assert.equal(parser.dataBytesDirect, 100_000);
+  assert.equal(parser.dataBytesCopied, 0);
+  assert.ok(target.every((byte) => byte === 7));
+});
+
 test('property: random bytes never crash the parser (protocol error or nothing)', () => {
   fc.assert(
     fc.property(fc.uint8Array({ maxLength: 200 }), fc.array(fc.nat(), { maxLength: 10 }), (bytes, cuts) => {
