@@ -14,9 +14,17 @@
  *   granted ids into a caller-owned Int32Array (no allocation).
  * Cost: O(holders + waiters) per call; both are bounded by the ring's slot count.
  *
+ * - `acquireNext` queues a request at the head of the waiters: one that must run right after
+ *   the holder of its range, ahead of every request already waiting (a write-behind shadow
+ *   behind its client write: it comes from that write, so it is ordered before anything that
+ *   arrived after the write, even what queued while the write waited or held the lock).
+ *
  * Invariants:
  * - No two holders overlap.
- * - For any two overlapping requests, the one that called acquire first is granted first.
+ * - For any two overlapping requests, the one that called acquire first is granted first;
+ *   a request queued by acquireNext counts as having called acquire just after the holder
+ *   it overlaps (every waiter overlapping it arrived after that holder was granted: an
+ *   earlier one would have been granted first).
  */
 import { assert } from '../core/assert.js';
 
@@ -82,6 +90,22 @@ export class RangeLock {
     this.holders[this.holderCount] = id;
     this.holderCount += 1;
     return true;
+  }
+
+  /**
+   * Queues `id` at the head of the waiters, behind the holder its range overlaps (asserted:
+   * it is never granted at once). For a request that must follow that holder directly.
+   */
+  acquireNext(id: number, offsetBytes: number, lengthBytes: number): void {
+    assert(id >= 0 && id < this.capacity && this.state[id] === 0, 'range lock id is free');
+    assert(offsetBytes >= 0 && lengthBytes > 0, 'range is non-empty');
+    this.startBytes[id] = offsetBytes;
+    this.endBytes[id] = offsetBytes + lengthBytes;
+    assert(this.overlapsHolder(id), 'acquireNext follows a holder of its range');
+    this.waiters.copyWithin(1, 0, this.waiterCount);
+    this.waiters[0] = id;
+    this.waiterCount += 1;
+    this.state[id] = 2;
   }
 
   /** Releases a holder; writes newly granted ids into `granted` and returns how many. */
