@@ -135,6 +135,9 @@ export class WriteBehind {
    * left): if that shadow does not land, and no leg is clean there, their copy counts again.
    */
   private provisional: Array<{ leg: Leg; start: number; end: number }> = [];
+  /** Scratch of `extent` (no array per call on the hot path). */
+  private extentStart = 0;
+  private extentEnd = 0;
 
   constructor(
     private readonly host: WriteBehindHost,
@@ -276,7 +279,9 @@ export class WriteBehind {
         if ((ring.flags(shadow) & p.kCmdFlagFua) === 0) this.host.recordUnflushed(shadow, leg.bit);
         // The chunks it covers, except those a later shadow of this leg still covers (a write
         // to other bytes of the chunk, queued behind this one, marked them again).
-        const [start, end] = this.chunkExtent(shadow);
+        this.extent(shadow);
+        const start = this.extentStart;
+        const end = this.extentEnd;
         const chunk = this.host.chunkBytes();
         const counts = this.covering[leg.index] as Map<number, number>;
         for (let at = start; at < end; at += chunk) {
@@ -303,7 +308,9 @@ export class WriteBehind {
   /** Adds `delta` to leg `legIndex`'s count of live shadows over each chunk the shadow covers. */
   private count(shadow: number, legIndex: number, delta: number): void {
     const counts = this.covering[legIndex] as Map<number, number>;
-    const [start, end] = this.chunkExtent(shadow);
+    this.extent(shadow);
+    const start = this.extentStart;
+    const end = this.extentEnd;
     const chunk = this.host.chunkBytes();
     for (let at = start; at < end; at += chunk) {
       const key = at / chunk;
@@ -319,6 +326,15 @@ export class WriteBehind {
     let total = 0;
     for (const bytes of this.behindBytes) total += bytes;
     return total;
+  }
+
+  /** Hot-path chunkExtent without an array: sets extentStart / extentEnd. */
+  private extent(shadow: number): void {
+    const ring = this.host.ring;
+    const chunk = this.host.chunkBytes();
+    const offsetBytes = ring.offsetBytes(shadow);
+    this.extentStart = Math.floor(offsetBytes / chunk) * chunk;
+    this.extentEnd = Math.min(this.host.sizeBytes(), Math.ceil((offsetBytes + ring.lengthBytes(shadow)) / chunk) * chunk);
   }
 
   /** The whole dirty-map chunks the shadow's range touches, [start, end) in bytes. */

@@ -33,8 +33,10 @@
  *
  * Shadow descriptors (write-behind; layout.ts "Shadow descriptors and the shadow arena"):
  * `allocateShadow(lengthBytes)` takes a free descriptor from [slotCount, descriptorCount) and a
- * run of whole granules of the arena (first fit from a rotating cursor over a bit map, 32
- * granules a word, so full words are skipped), writes the run's byte offset into the
+ * run of whole granules of the arena (first fit from the arena's start over a bit map, 32
+ * granules a word, so full words are skipped: the live shadows stay packed at the low end, so
+ * their bytes stay in cache and the arena's untouched pages are never faulted in; a rotating
+ * cursor walked the whole arena, a page fault and a cache miss per 4 KiB shadow), writes the run's byte offset into the
  * descriptor's kSlotDataOffset word and returns the descriptor index; `free` gives both back.
  * A shadow descriptor is a one-slot run in every other respect (state, generation, setRequest,
  * masks, dispatch queues), so actors need nothing new: `dataOffset`/`dataView` read the word.
@@ -127,7 +129,6 @@ export class RequestRing {
   private readonly granuleCount: number;
   private readonly shadowFirstGranule: Int32Array;
   private readonly shadowGranules: Int32Array;
-  private granuleCursor = 0;
   private freeGranuleCount: number;
 
   private constructor(layout: RingLayout, buffers: RingBuffers, isMaster: boolean) {
@@ -153,7 +154,8 @@ export class RequestRing {
     const shadows = isMaster ? layout.shadowSlots : 0;
     this.granuleCount = layout.shadowArenaBytes / kShadowGranuleBytes;
     this.shadowFree = new Int32Array(shadows);
-    // Pushed in reverse, so the first shadow taken is the lowest descriptor.
+    // Pushed in reverse, so the first shadow taken is the lowest descriptor (a stack: the most
+    // recently freed descriptor is reused first, its words still in cache).
     for (let index = 0; index < shadows; index++) this.shadowFree[index] = layout.descriptorCount - 1 - index;
     this.shadowFreeTop = shadows;
     this.granuleBits = new Int32Array(isMaster ? Math.ceil(this.granuleCount / 32) : 0);
@@ -492,13 +494,11 @@ export class RequestRing {
     assert(this.isMaster, 'allocateShadow is master-only');
     const need = lengthBytes <= kShadowGranuleBytes ? 1 : Math.ceil(lengthBytes / kShadowGranuleBytes);
     if (this.shadowFreeTop === 0 || need > this.freeGranuleCount) return -1;
-    let first = this.findGranules(this.granuleCursor, need);
-    if (first < 0 && this.granuleCursor > 0) first = this.findGranules(0, need);
+    const first = this.findGranules(0, need);
     if (first < 0) return -1;
     const bits = this.granuleBits;
     for (let granule = first; granule < first + need; granule++) bits[granule >>> 5] = (bits[granule >>> 5] as number) | (1 << (granule & 31));
     this.freeGranuleCount -= need;
-    this.granuleCursor = first + need >= this.granuleCount ? 0 : first + need;
     this.shadowFreeTop -= 1;
     const slot = this.shadowFree[this.shadowFreeTop] as number;
     const index = slot - this.slotCount;
