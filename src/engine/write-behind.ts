@@ -51,6 +51,10 @@
  *   are taken back before the failure's marks are settled (the leg holds the version from before
  *   the write, a valid answer for a failed write, and may be the best copy left).
  * - `behindBytes[i]` is the sum of the lengths of leg i's live shadows.
+ * - A shadow holds a shadow descriptor and its granules of the ring's arena, never a ring slot;
+ *   `covering[i]` counts, per chunk, leg i's live shadows over it (0 entries are deleted).
+ * - A shadow is queued at the head of the range lock's waiters while its client write holds
+ *   the range, so no later overlapping request reaches any leg before the shadow's leg has it.
  */
 import { assert } from '../core/assert.js';
 import type { Logger } from '../core/log.js';
