@@ -2,7 +2,7 @@
  * Read policy and slow legs (issue 14, "Read policy and slow legs"), measured side by side in
  * one run: 2-leg `enbd mirror`s over `nbdkit memory` legs, one set with two fast legs (the
  * reference) and the others with leg 1 behind nbdkit's delay filter (kReadPolicyDelayMs per
- * read and per write, 64 nbdkit threads), on 4 KiB random reads and writes at QD32.
+ * read and per write, kSlowLegThreads nbdkit threads), on 4 KiB random reads and writes at QD32.
  * Threads: harness main thread; servers are child processes of the phase's CaseContext.
  *
  * Mirrors (each with fresh legs):
@@ -30,6 +30,13 @@ import { kWorkloads, type Workload } from './workloads.js';
 import { describeError, median } from './numbers.js';
 
 export const kReadPolicyDelayMs = 5;
+/**
+ * nbdkit threads of the slow leg. The leg models latency, not a throughput cap: with T threads
+ * a leg of D ms serves at most T / D requests per second (16, nbdkit's default, caps a 5 ms leg
+ * at 3,200/s; 64 at 12,800/s, under what two fast legs do here, so no write-behind could reach
+ * 0.8x of them). 256 threads: 51,200/s, above the fast legs.
+ */
+export const kSlowLegThreads = 256;
 export const kWriteBehindMiB = 64;
 export const kReadPolicyTargets = { read: 0.9, writeBehind: 0.8 } as const;
 
@@ -98,10 +105,9 @@ interface Server {
 
 async function startServer(context: CaseContext, spec: MirrorSpec): Promise<Server> {
   try {
-    // The slow leg models latency, not a throughput cap: 64 threads (nbdkit's default 16
-    // would cap a 5 ms leg at 3,200 requests/s, which no write-behind bound can hide).
+    // The slow leg models latency, not a throughput cap (kSlowLegThreads).
     const started = await startTwoLegMirror(context, `rp-${spec.name}`, (index) => spec.slow && index === 1
-      ? ['--threads', '64', '--filter=delay', 'memory', String(context.sizeBytes), `delay-read=${kReadPolicyDelayMs}ms`, `delay-write=${kReadPolicyDelayMs}ms`]
+      ? ['--threads', String(kSlowLegThreads), '--filter=delay', 'memory', String(context.sizeBytes), `delay-read=${kReadPolicyDelayMs}ms`, `delay-write=${kReadPolicyDelayMs}ms`]
       : ['memory', String(context.sizeBytes)], spec.flags);
     return { spec, uri: started.uri, pids: [started.process.pid], process: started.process, error: null };
   } catch (error) {

@@ -231,6 +231,8 @@ export class MirrorControl {
         readRepairs: leg.readRepairs ?? 0,
         writeMostly: leg.writeMostly ?? false,
         behindBytes: leg.behindBytes ?? 0,
+        deferredWrites: leg.deferredWrites ?? 0,
+        boundHits: leg.boundHits ?? 0,
       };
     });
     const latency: Record<string, LatencyView> = {};

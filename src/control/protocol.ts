@@ -215,6 +215,9 @@ export interface LegView {
   /** Serves reads only when no other leg can; with write-behind, bytes it is behind by. */
   writeMostly?: boolean;
   behindBytes?: number;
+  /** With write-behind: writes acknowledged before it had them, and writes sent to it synchronously at the bound. */
+  deferredWrites?: number;
+  boundHits?: number;
 }
 
 /** The on-leg metadata of the array (null: --metadata none): the keeper's own status. */

@@ -26,7 +26,7 @@
  *   DISC and wait for the server's close; file: pending I/O) or close() proves the old
  *   connection can apply nothing more. A fence that times out keeps the device in `fencing`
  *   for the next fence() (or disconnect/shutdown, which close it for good).
- * - Probes run outside the ring: tokens >= slotCount (never a slot index), private buffers.
+ * - Probes run outside the ring: tokens >= descriptorCount (never a slot index), private buffers.
  *   Idle probe (init.idleProbeMs > 0): one interval timer per actor compares the time of the
  *   last issue (a timestamp taken on the hot path anyway) with now; after idleProbeMs without
  *   a request it READs one minimum block at offset 0; a failure, or no answer within the
@@ -64,7 +64,7 @@ const kCloseBoundMs = 12_000;
 const kIdleTickMsMin = 20;
 /** Probation probe block (at least the leg's minimum block). */
 const kProbeBlockBytes = 4096;
-/** Probe tokens cycle through [slotCount, slotCount + kProbeTokenSpan). */
+/** Probe tokens cycle through [descriptorCount, descriptorCount + kProbeTokenSpan). */
 const kProbeTokenSpan = 1 << 30;
 
 function ignoreCompletion(): void {}
@@ -130,10 +130,10 @@ export class LegActor implements LegActorApi {
     this.completion = SpscQueue.attach(init.completion);
     this.doorbell = Doorbell.attach(init.doorbell);
     this.leg = parseLegUri(init.uri);
-    this.copies = new Array<Uint8Array | null>(this.ring.slotCount).fill(null);
+    this.copies = new Array<Uint8Array | null>(this.ring.descriptorCount).fill(null);
     this.events = new Int32Array(init.events);
-    this.issuedAt = new Float64Array(this.ring.slotCount);
-    this.slotOwner = new Array<BlockDevice | null>(this.ring.slotCount).fill(null);
+    this.issuedAt = new Float64Array(this.ring.descriptorCount);
+    this.slotOwner = new Array<BlockDevice | null>(this.ring.descriptorCount).fill(null);
     const idleProbeMs = init.idleProbeMs ?? 0;
     assert(Number.isFinite(idleProbeMs) && idleProbeMs >= 0, 'idleProbeMs is a number >= 0');
     this.idleProbeMs = idleProbeMs;

@@ -69,7 +69,7 @@ import { Verifier, intersectRanges, type VerifyHost, type VerifyOptions, type Ve
 import { assignLegNames, legNameProblem, nextAutoLegName, resolveLegRef } from './leg-names.js';
 import { ReadChooser, type ReadPolicyName } from './read-policy.js';
 import { ReadRepair } from './read-repair.js';
-import { WriteBehind, kShadowPhase } from './write-behind.js';
+import { WriteBehind, kShadowPhase, shadowRingOptions } from './write-behind.js';
 import { bitmapSnapshotOf, legStatsWithin, ringCountersOf, slotsSnapshotOf, type BitmapSnapshot, type MirrorDebugHandles, type RingCounters, type SlotsSnapshot } from './snapshots.js';
 
 export interface MirrorOptions {
@@ -203,6 +203,8 @@ export interface LegStatus {
   behindBytes?: number;
   /** Write-behind: writes acknowledged before this leg had them, since start. */
   deferredWrites?: number;
+  /** Write-behind: writes sent to this leg synchronously because the bound was reached. */
+  boundHits?: number;
 }
 
 export interface MirrorStats {
@@ -346,11 +348,11 @@ export class MirrorDevice implements BlockDevice {
     this.logger = options.logger;
     this.copyMode = options.copyMode ?? 'shared';
     this.placement = options.placement ?? 'workers';
-    this.ring = RequestRing.create(options.ring ?? {});
+    this.ring = RequestRing.create({ ...options.ring, ...shadowRingOptions(options) });
     this.doorbell = Doorbell.create();
-    this.rangeLock = new RangeLock(this.ring.slotCount);
-    this.granted = new Int32Array(this.ring.slotCount);
-    this.slots = new SlotTable(this.ring.slotCount);
+    this.rangeLock = new RangeLock(this.ring.descriptorCount);
+    this.granted = new Int32Array(this.ring.descriptorCount);
+    this.slots = new SlotTable(this.ring.descriptorCount);
     this.events = new Int32Array(new SharedArrayBuffer(kMaxLegs * 4));
     this.options = options;
     this.reads = new ReadChooser(options.readPolicy ?? 'least-pending', options.writeMostly ?? []);
@@ -422,7 +424,9 @@ export class MirrorDevice implements BlockDevice {
           this.slots.span[slot] = span;
           this.inFlight += 1;
         },
-        lockChunks: (slot, offsetBytes, lengthBytes) => this.lockChunks(slot, offsetBytes, lengthBytes),
+        queueNext: (slot, offsetBytes, lengthBytes) => {
+          this.lockChunks(slot, offsetBytes, lengthBytes, true);
+        },
         dispatch: (slot) => this.dispatch(slot),
         releaseAndFinish: (slot) => {
           this.releaseRange(slot);
@@ -524,7 +528,7 @@ export class MirrorDevice implements BlockDevice {
 
   /** A new leg object with its queues and actor (not opened yet). */
   private createLeg(index: number, uri: string): Leg {
-    const capacity = nextPowerOfTwo(this.ring.slotCount);
+    const capacity = nextPowerOfTwo(this.ring.descriptorCount);
     const dispatch = SpscQueue.create(capacity);
     const completion = SpscQueue.create(capacity);
     const init: LegActorInit = {
@@ -995,10 +999,14 @@ export class MirrorDevice implements BlockDevice {
    * at dispatch cannot be voided by the other's marks before it completes (the model test
    * found two such writes leaving a chunk dirty on every leg).
    */
-  private lockChunks(slot: number, offsetBytes: number, lengthBytes: number): boolean {
+  private lockChunks(slot: number, offsetBytes: number, lengthBytes: number, next = false): boolean {
     const chunk = this.chunkBytes;
     const start = Math.floor(offsetBytes / chunk) * chunk;
     const end = Math.min(this.sizeBytes, Math.ceil((offsetBytes + lengthBytes) / chunk) * chunk);
+    if (next) {
+      this.rangeLock.acquireNext(slot, start, Math.max(end - start, lengthBytes));
+      return false;
+    }
     return this.rangeLock.acquire(slot, start, Math.max(end - start, lengthBytes));
   }
 
@@ -1194,7 +1202,7 @@ export class MirrorDevice implements BlockDevice {
   private pumpCompletions(): void {
     if (this.closed) return;
     const snapshot = this.doorbell.snapshot();
-    for (const leg of this.legs) leg.completion.drain(this.onSlotCompleteBound, this.ring.slotCount);
+    for (const leg of this.legs) leg.completion.drain(this.onSlotCompleteBound, this.ring.descriptorCount);
     for (const leg of this.legs) {
       const drops = Atomics.load(this.events, leg.index);
       if (drops !== leg.dropsSeen) {
@@ -1466,7 +1474,7 @@ export class MirrorDevice implements BlockDevice {
   /** The actor's thread is gone: ack on its behalf every slot it had not acked. */
   private onActorGone(leg: Leg, reason: string): void {
     this.lifecycle.failLeg(leg, reason, true);
-    for (let slot = 0; slot < this.ring.slotCount; slot += 1) {
+    for (let slot = 0; slot < this.ring.descriptorCount; slot += 1) {
       if (this.ring.state(slot) !== 2) continue;
       if (abandonLeg(this.ring, slot, leg.index, p.kEIo)) this.onSlotComplete(slot);
     }
@@ -1747,6 +1755,7 @@ export class MirrorDevice implements BlockDevice {
       readRepairs: this.repair.repairs[leg.index] ?? 0,
       behindBytes: this.behind?.behindBytes[leg.index] ?? 0,
       deferredWrites: this.behind?.deferredWrites[leg.index] ?? 0,
+      boundHits: this.behind?.boundHits[leg.index] ?? 0,
     }));
   }
 

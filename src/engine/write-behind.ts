@@ -8,8 +8,9 @@
  * Request path
  *   settleWriteTarget (the client WRITE holds the range lock of its chunks, its bits are durable
  *   in the write-intent bitmap): `defer` takes each write-mostly leg out of the target, copies
- *   the payload into a shadow run of ring slots (phase 6) and queues the shadow on the range
- *   lock behind the client write; the master then marks the range in the leg's dirty map (it is
+ *   the payload into a shadow (phase 6: a shadow descriptor of the ring whose data is a run of
+ *   4 KiB granules of the ring's shadow arena, src/ring/layout.ts) and queues the shadow on
+ *   the range lock behind the client write; the master then marks the range in the leg's dirty map (it is
  *   not targeted), before any leg can answer: exactly like a leg that missed the write.
  *   client WRITE completes -> `onMainDone` (before its range lock is released): failed (EIO to
  *   the client) cancels its shadows; then the release grants the shadow -> `prepare` (leg still
@@ -22,12 +23,23 @@
  * - The leg counts as up to date for a range only where its dirty map is clean while it has
  *   write-behind (mirror.ts upToDateFor): it never serves a read of a range still behind, and a
  *   write's success (S1) never counts on it.
+ * - Storage: shadows never take ring slots. The ring is made with shadow descriptors and an
+ *   arena (`shadowRingOptions`: arena = the bound times the write-mostly legs, rounded to
+ *   granules; descriptors = one per granule up to kShadowSlotsMax), so a 4 KiB shadow takes
+ *   4 KiB, and clients never starve for slots whatever the shadows hold.
  * - Bound: a write is deferred only while the leg's outstanding bytes stay <= the bound and
- *   the shadows together hold at most a quarter of the ring's slots (clients never starve for
- *   slots); beyond either, the write goes to the leg synchronously (it is acknowledged only when
- *   the slow leg has it too), which throttles the writers to the slow leg's pace.
- * - Ordering: a shadow takes the range lock of its client write's chunks at once (queued behind
- *   the client write), so a later overlapping write, resync copy or shadow waits for it.
+ *   the ring has a free shadow descriptor and a granule run for it; beyond either, the write
+ *   goes to the leg synchronously (it is acknowledged only when the slow leg has it too),
+ *   which throttles the writers to the slow leg's pace.
+ * - Hot path without allocation: the payload is copied with `copyWithin` inside the data SAB;
+ *   a client write's shadows are a linked list in typed arrays (`firstShadow`, `nextShadow`);
+ *   "does another live shadow of this leg cover the chunk" (every shadow's completion) is a
+ *   per-leg count of live shadows per chunk (`covering`, a Map of chunk index -> count whose
+ *   entries are numbers: no object per entry). The rare failure paths scan the live set.
+ * - Ordering: a shadow takes the range lock of its client write's chunks at once, queued at the
+ *   head of the waiters (RangeLock.acquireNext) right behind the client write, so every later
+ *   overlapping write, resync copy or shadow waits for it, even one that queued before the
+ *   client write was dispatched.
  * - Only WRITE is deferred (it has a payload to copy); TRIM/WRITE_ZEROES go synchronously.
  *
  * Invariants:
@@ -39,12 +51,16 @@
  *   are taken back before the failure's marks are settled (the leg holds the version from before
  *   the write, a valid answer for a failed write, and may be the best copy left).
  * - `behindBytes[i]` is the sum of the lengths of leg i's live shadows.
+ * - A shadow holds a shadow descriptor and its granules of the ring's arena, never a ring slot;
+ *   `covering[i]` counts, per chunk, leg i's live shadows over it (0 entries are deleted).
+ * - A shadow is queued at the head of the range lock's waiters while its client write holds
+ *   the range, so no later overlapping request reaches any leg before the shadow's leg has it.
  */
 import { assert } from '../core/assert.js';
 import type { Logger } from '../core/log.js';
 import * as p from '../nbd/protocol.js';
 import { errnoNames } from '../nbd/protocol-names.js';
-import { kMaxLegs } from '../ring/layout.js';
+import { kMaxLegs, kShadowGranuleBytes, kShadowSlotsMax, kDataBytesMax, kSlotBytesDefault, kSlotCountDefault, type RingOptions } from '../ring/layout.js';
 import type { RequestRing } from '../ring/request-ring.js';
 import type { Leg } from './leg.js';
 import type { LegState } from './leg-health.js';
@@ -53,14 +69,37 @@ import type { SlotTable } from './slot-table.js';
 /** The slot phase of a shadow write (0 client, 1/2 resync copy, 3 metadata, 4/5 verify; src/engine/slot-table.ts). */
 export const kShadowPhase = 6;
 
+/** Largest shadow arena (bytes): a bigger bound is still counted, the arena then bounds first. */
+export const kShadowArenaMaxBytes = 1024 * 1024 * 1024;
+
+/**
+ * The ring's shadow descriptors and arena for a mirror's options: none without write-behind;
+ * otherwise an arena of bound x write-mostly legs (rounded up to granules, at most
+ * kShadowArenaMaxBytes and what the data SAB has room for) and one descriptor per granule, at
+ * most kShadowSlotsMax.
+ */
+export function shadowRingOptions(options: { writeBehindBytes?: number; writeMostly?: readonly number[]; ring?: Partial<RingOptions> }): Partial<RingOptions> {
+  const bound = options.writeBehindBytes ?? 0;
+  const legs = options.writeMostly?.length ?? 0;
+  if (bound <= 0 || legs === 0) return {};
+  const slotData = (options.ring?.slotCount ?? kSlotCountDefault) * (options.ring?.slotBytes ?? kSlotBytesDefault);
+  const room = Math.max(0, Math.min(kShadowArenaMaxBytes, kDataBytesMax - slotData));
+  const granules = Math.floor(Math.min(room, Math.ceil((bound * legs) / kShadowGranuleBytes) * kShadowGranuleBytes) / kShadowGranuleBytes);
+  if (granules === 0) return {};
+  return { shadowArenaBytes: granules * kShadowGranuleBytes, shadowSlots: Math.min(kShadowSlotsMax, granules) };
+}
+
 export interface WriteBehindHost {
   readonly ring: RequestRing;
   readonly slots: SlotTable;
   readonly legs: readonly Leg[];
   /** Binds an internal token to the run (the engine's request count goes up). */
   bindInternal(slot: number, span: number): void;
-  /** Takes the range lock of the whole chunks of the range; true = granted now. */
-  lockChunks(slot: number, offsetBytes: number, lengthBytes: number): boolean;
+  /**
+   * Queues the shadow on the range lock of the whole chunks of the range at the head of the
+   * waiters, right behind its client write (RangeLock.acquireNext): never granted at once.
+   */
+  queueNext(slot: number, offsetBytes: number, lengthBytes: number): void;
   dispatch(slot: number): void;
   /** Releases the slot's range lock and finishes it (frees the run). */
   releaseAndFinish(slot: number): void;
@@ -79,12 +118,16 @@ export class WriteBehind {
   readonly behindBytes = new Float64Array(kMaxLegs);
   /** Writes acknowledged before the write-mostly leg had them, per leg, since start. */
   readonly deferredWrites = new Float64Array(kMaxLegs);
-  /** Writes sent to the leg synchronously because the bound (or the slot share) was reached. */
+  /** Writes sent to the leg synchronously because the bound (or the shadow storage) was reached. */
   readonly boundHits = new Float64Array(kMaxLegs);
-  private shadowSlots = 0;
-  private readonly maxShadowSlots: number;
-  /** Client write slot -> its shadow slots (until the client write completes). */
-  private readonly shadowsOf = new Map<number, number[]>();
+  /** Live shadows. */
+  private liveCount = 0;
+  /** Client write slot -> its first shadow (-1: none) until the client write completes. */
+  private readonly firstShadow: Int32Array;
+  /** Shadow -> the next shadow of the same client write (-1: last). */
+  private readonly nextShadow: Int32Array;
+  /** Per leg index: dirty-map chunk index -> live shadows of the leg covering it. */
+  private readonly covering: Array<Map<number, number>> = [];
   /** Shadow slot -> 1 while cancelled (its client write failed). */
   private readonly cancelled: Uint8Array;
   /** Legs whose cancelled shadows' marks were taken back, for settleFailed (a bit mask). */
@@ -96,6 +139,9 @@ export class WriteBehind {
    * left): if that shadow does not land, and no leg is clean there, their copy counts again.
    */
   private provisional: Array<{ leg: Leg; start: number; end: number }> = [];
+  /** Scratch of `extent` (no array per call on the hot path). */
+  private extentStart = 0;
+  private extentEnd = 0;
 
   constructor(
     private readonly host: WriteBehindHost,
@@ -103,8 +149,11 @@ export class WriteBehind {
     readonly writeMostlyMask: number,
     private readonly logger: Logger,
   ) {
-    this.maxShadowSlots = Math.max(1, Math.floor(host.ring.slotCount / 4));
-    this.cancelled = new Uint8Array(host.ring.slotCount);
+    const descriptors = host.ring.descriptorCount;
+    this.cancelled = new Uint8Array(descriptors);
+    this.firstShadow = new Int32Array(descriptors).fill(-1);
+    this.nextShadow = new Int32Array(descriptors).fill(-1);
+    for (let index = 0; index < kMaxLegs; index += 1) this.covering.push(new Map());
   }
 
   /** True when the leg's reads and up-to-date status must consult its dirty map while in sync. */
@@ -126,49 +175,50 @@ export class WriteBehind {
     let deferred = 0;
     for (const leg of this.host.legs) {
       if ((target & leg.bit & this.writeMostlyMask) === 0 || leg.state !== 'in-sync') continue;
-      const span = ring.slotsFor(lengthBytes);
-      if ((this.behindBytes[leg.index] ?? 0) + lengthBytes > this.boundBytes || this.shadowSlots + span > this.maxShadowSlots) {
+      if ((this.behindBytes[leg.index] ?? 0) + lengthBytes > this.boundBytes) {
         this.boundHits[leg.index] = (this.boundHits[leg.index] ?? 0) + 1;
         continue;
       }
-      const shadow = ring.allocate(span);
+      // A shadow descriptor and granules of the arena, never a ring slot (clients keep them all).
+      const shadow = ring.shadowSlots > 0 ? ring.allocateShadow(lengthBytes) : -1;
       if (shadow < 0) {
         this.boundHits[leg.index] = (this.boundHits[leg.index] ?? 0) + 1;
         continue;
       }
-      ring.dataView(shadow, lengthBytes).set(ring.dataView(slot, lengthBytes));
-      this.host.bindInternal(shadow, span);
+      const from = ring.dataOffset(slot);
+      ring.data.copyWithin(ring.dataOffset(shadow), from, from + lengthBytes);
+      this.host.bindInternal(shadow, 1);
       const slots = this.host.slots;
       slots.phase[shadow] = kShadowPhase;
       slots.kind[shadow] = -1;
       slots.epoch[shadow] = leg.epoch;
       this.cancelled[shadow] = 0;
-      ring.setRequest(shadow, p.kCmdWrite, ring.flags(slot), offsetBytes, lengthBytes, span, leg.bit);
-      this.shadowSlots += span;
+      ring.setRequest(shadow, p.kCmdWrite, ring.flags(slot), offsetBytes, lengthBytes, 1, leg.bit);
+      this.liveCount += 1;
       this.behindBytes[leg.index] = (this.behindBytes[leg.index] ?? 0) + lengthBytes;
       this.deferredWrites[leg.index] = (this.deferredWrites[leg.index] ?? 0) + 1;
-      let list = this.shadowsOf.get(slot);
-      if (list === undefined) {
-        list = [];
-        this.shadowsOf.set(slot, list);
-      }
-      list.push(shadow);
+      this.nextShadow[shadow] = this.firstShadow[slot] ?? -1;
+      this.firstShadow[slot] = shadow;
       this.live.add(shadow);
+      this.count(shadow, leg.index, 1);
       deferred |= leg.bit;
-      // Queued behind the client write (it holds these chunks), ahead of any later request.
-      const granted = this.host.lockChunks(shadow, offsetBytes, lengthBytes);
-      assert(!granted, 'a shadow queues behind its client write');
+      // Queued right behind the client write (it holds these chunks), ahead of every request
+      // already waiting: those arrived after the client write (they may have queued while it
+      // waited, or while the keeper parked it), so they must see the shadow's leg hold it
+      // first. A plain acquire put them ahead, and a later write sent synchronously to the leg
+      // (bound reached) overtook the shadow: the legs diverged (the model test found it).
+      this.host.queueNext(shadow, offsetBytes, lengthBytes);
     }
     return deferred;
   }
 
   /** The client write completed (before its range lock is released); `ok`: acknowledged. */
   onMainDone(slot: number, ok: boolean): void {
-    const list = this.shadowsOf.get(slot);
-    if (list === undefined) return;
-    this.shadowsOf.delete(slot);
-    if (ok) return;
-    for (const shadow of list) {
+    let shadow = this.firstShadow[slot] ?? -1;
+    if (shadow < 0) return;
+    this.firstShadow[slot] = -1;
+    for (; shadow >= 0; shadow = this.nextShadow[shadow] ?? -1) {
+      if (ok) continue;
       this.cancelled[shadow] = 1;
       const leg = this.legOf(shadow);
       if (leg === null) continue;
@@ -233,10 +283,14 @@ export class WriteBehind {
         if ((ring.flags(shadow) & p.kCmdFlagFua) === 0) this.host.recordUnflushed(shadow, leg.bit);
         // The chunks it covers, except those a later shadow of this leg still covers (a write
         // to other bytes of the chunk, queued behind this one, marked them again).
-        const [start, end] = this.chunkExtent(shadow);
+        this.extent(shadow);
+        const start = this.extentStart;
+        const end = this.extentEnd;
         const chunk = this.host.chunkBytes();
+        const counts = this.covering[leg.index] as Map<number, number>;
         for (let at = start; at < end; at += chunk) {
-          if (!this.otherShadowCovers(shadow, leg.bit, at)) leg.dirty?.clearRange(at, Math.min(chunk, end - at));
+          // This shadow counts itself: more than one = a later shadow still covers the chunk.
+          if ((counts.get(at / chunk) ?? 0) <= 1) leg.dirty?.clearRange(at, Math.min(chunk, end - at));
         }
         this.finish(shadow, leg, true);
         return;
@@ -245,9 +299,30 @@ export class WriteBehind {
     this.finish(shadow, leg);
   }
 
-  /** True while any shadow is live. */
+  /** True while no shadow is live. */
   get idle(): boolean {
-    return this.shadowSlots === 0;
+    return this.liveCount === 0;
+  }
+
+  /** Live shadows (all legs). */
+  get liveShadows(): number {
+    return this.liveCount;
+  }
+
+  /** Adds `delta` to leg `legIndex`'s count of live shadows over each chunk the shadow covers. */
+  private count(shadow: number, legIndex: number, delta: number): void {
+    const counts = this.covering[legIndex] as Map<number, number>;
+    this.extent(shadow);
+    const start = this.extentStart;
+    const end = this.extentEnd;
+    const chunk = this.host.chunkBytes();
+    for (let at = start; at < end; at += chunk) {
+      const key = at / chunk;
+      const next = (counts.get(key) ?? 0) + delta;
+      assert(next >= 0, 'shadow cover counts stay non-negative');
+      if (next === 0) counts.delete(key);
+      else counts.set(key, next);
+    }
   }
 
   /** Total bytes behind over all legs. */
@@ -255,6 +330,15 @@ export class WriteBehind {
     let total = 0;
     for (const bytes of this.behindBytes) total += bytes;
     return total;
+  }
+
+  /** Hot-path chunkExtent without an array: sets extentStart / extentEnd. */
+  private extent(shadow: number): void {
+    const ring = this.host.ring;
+    const chunk = this.host.chunkBytes();
+    const offsetBytes = ring.offsetBytes(shadow);
+    this.extentStart = Math.floor(offsetBytes / chunk) * chunk;
+    this.extentEnd = Math.min(this.host.sizeBytes(), Math.ceil((offsetBytes + ring.lengthBytes(shadow)) / chunk) * chunk);
   }
 
   /** The whole dirty-map chunks the shadow's range touches, [start, end) in bytes. */
@@ -331,15 +415,16 @@ export class WriteBehind {
 
   private finish(shadow: number, leg: Leg | null, landed = false): void {
     this.live.delete(shadow);
+    const target = this.host.ring.targetMask(shadow);
+    if (target !== 0) this.count(shadow, 31 - Math.clz32(target), -1);
     if (!landed) this.unmarkProvisional(shadow);
     if (this.live.size === 0) this.provisional = [];
-    const span = this.host.slots.span[shadow] ?? 1;
-    this.shadowSlots -= span;
+    this.liveCount -= 1;
     if (leg !== null) this.behindBytes[leg.index] = Math.max(0, (this.behindBytes[leg.index] ?? 0) - this.host.ring.lengthBytes(shadow));
     this.cancelled[shadow] = 0;
     this.live.delete(shadow);
     this.host.slots.phase[shadow] = 0;
     this.host.releaseAndFinish(shadow);
-    if (this.shadowSlots === 0) this.logger.trace('write-behind: every write-mostly leg caught up');
+    if (this.liveCount === 0) this.logger.trace('write-behind: every write-mostly leg caught up');
   }
 }

@@ -24,6 +24,18 @@
  *   kHeaderSlotCount  slotCount
  *   kHeaderSlotBytes  slotBytes
  *   kHeaderSlotWords  kSlotWords (descriptor stride)
+ *   kHeaderShadowSlots    shadowSlots (descriptors after the slotCount slot descriptors)
+ *   kHeaderShadowGranules shadowArenaBytes / kShadowGranuleBytes
+ *
+ * Shadow descriptors and the shadow arena (write-behind, src/engine/write-behind.ts): when
+ * shadowSlots > 0 the control SAB holds shadowSlots more descriptors (indices slotCount ..
+ * slotCount + shadowSlots - 1, `descriptorCount` in all) and the data SAB ends with a shadow
+ * arena of shadowArenaBytes, cut into kShadowGranuleBytes granules. A shadow descriptor owns
+ * no slot of the data area: its data is a run of granules of the arena, at the byte offset in
+ * its kSlotDataOffset word. So a 4 KiB shadow write takes 4 KiB and one descriptor, never a
+ * 256 KiB slot, and shadows never take slots from clients.
+ *
+ *   data SAB: | slot 0 | slot 1 | ... | slot N-1 | shadow arena: granule 0 | granule 1 | ... |
  *
  * Slot descriptor words (word offset inside a descriptor; W = writer, op = how it is written):
  *   kSlotState        W master. Atomics.store. kSlotStateFree / Allocated / Dispatched /
@@ -46,6 +58,10 @@
  *   kSlotErrno        W actors: Atomics.compareExchange(0 -> errno): the first failure's NBD
  *                     errno (aggregate). Master: Atomics.store(0) before dispatch.
  *   kSlotReadLeg      W master (setReadLeg) before dispatch: which leg serves a READ (-1: none).
+ *   kSlotDataOffset   Shadow descriptors only. W master (allocateShadow), plain, published by
+ *                     the dispatch queue tail store: byte offset of the shadow's data in the
+ *                     data SAB (inside the arena). Slot descriptors: unused (data at slot *
+ *                     slotBytes).
  *   kSlotLegErrnoBase + i  (i in 0..kMaxLegs-1)
  *                     W actor of leg i: Atomics.store(errno) BEFORE its failed/visited ors.
  *                     Master: Atomics.store(0) before dispatch for every leg of the previous
@@ -58,15 +74,18 @@
  * Invariants (checked by computeRingLayout and at module load):
  * - slotCount is a power of two in [kSlotCountMin, kSlotCountMax].
  * - slotBytes is a multiple of kPageBytes in [kSlotBytesMin, kSlotBytesMax].
- * - dataBytes = slotCount * slotBytes <= kDataBytesMax (2 GiB), so every data offset and every
- *   request length fits a u32 and maxRequestBytes fits the NBD 32-bit length field.
+ * - dataBytes = slotCount * slotBytes + shadowArenaBytes <= kDataBytesMax (2 GiB), so every
+ *   data offset and every request length fits a u32 and maxRequestBytes fits the NBD 32-bit
+ *   length field.
+ * - shadowSlots in [0, kShadowSlotsMax]; shadowArenaBytes a multiple of kShadowGranuleBytes,
+ *   0 exactly when shadowSlots is 0.
  */
 
 import { assert, isPowerOfTwo } from '../core/assert.js';
 import { OptionError } from '../core/errors.js';
 
 export const kLayoutMagic = 0x45524e47; // 'ERNG'
-export const kLayoutVersion = 1;
+export const kLayoutVersion = 2;
 
 export const kPageBytes = 4096;
 export const kSlotCountMin = 2;
@@ -78,6 +97,11 @@ export const kSlotBytesDefault = 256 * 1024;
 /** Cap on the data SAB: keeps offsets and lengths within u32 and allocations sane. */
 export const kDataBytesMax = 2 * 1024 * 1024 * 1024;
 
+/** Shadow arena granule: the unit a shadow's data is allocated in. */
+export const kShadowGranuleBytes = 4096;
+/** Most shadow descriptors a ring can have. */
+export const kShadowSlotsMax = 8192;
+
 /** Legs are bits 0..30 of an Int32 mask. */
 export const kMaxLegs = 31;
 export const kAllLegsMask = 0x7fffffff;
@@ -88,6 +112,8 @@ export const kHeaderVersion = 1;
 export const kHeaderSlotCount = 2;
 export const kHeaderSlotBytes = 3;
 export const kHeaderSlotWords = 4;
+export const kHeaderShadowSlots = 5;
+export const kHeaderShadowGranules = 6;
 /** Header is padded to one 64-byte cache line. */
 export const kHeaderWords = 16;
 
@@ -105,7 +131,8 @@ export const kSlotVisitedMask = 9;
 export const kSlotFailedMask = 10;
 export const kSlotErrno = 11;
 export const kSlotReadLeg = 12;
-// Words 13..15 spare.
+export const kSlotDataOffset = 13;
+// Words 14..15 spare.
 export const kSlotLegErrnoBase = 16;
 // Words 47..63 spare.
 /** Descriptor stride: 64 words = 256 bytes (four cache lines). */
@@ -125,23 +152,34 @@ assert(kSlotReadLeg < kSlotLegErrnoBase, 'fixed fields precede the per-leg errno
 assert(isPowerOfTwo(kSlotCountMin) && isPowerOfTwo(kSlotCountMax), 'slot count bounds');
 assert(kSlotBytesMin % kPageBytes === 0 && kSlotBytesMax % kPageBytes === 0, 'slot bytes bounds');
 assert(kSlotCountDefault * kSlotBytesDefault <= kDataBytesMax, 'default ring fits the cap');
-assert(kHeaderSlotWords < kHeaderWords, 'header fields fit the header');
+assert(kHeaderShadowGranules < kHeaderWords, 'header fields fit the header');
+assert(kSlotDataOffset < kSlotLegErrnoBase, 'fixed fields precede the per-leg errno words');
 
 export interface RingOptions {
   /** Number of request slots: a power of two in 2..4096. Default 256. */
   slotCount: number;
   /** Bytes of data area per slot: a multiple of 4096 in 4 KiB..32 MiB. Default 256 KiB. */
   slotBytes: number;
+  /** Shadow descriptors (write-behind), 0..kShadowSlotsMax. Default 0. */
+  shadowSlots: number;
+  /** Bytes of the shadow arena, a multiple of kShadowGranuleBytes; 0 without shadows. Default 0. */
+  shadowArenaBytes: number;
 }
 
 export interface RingLayout {
   readonly slotCount: number;
   readonly slotBytes: number;
   readonly slotWords: number;
+  readonly shadowSlots: number;
+  readonly shadowArenaBytes: number;
+  /** slotCount + shadowSlots: every descriptor index is below it. */
+  readonly descriptorCount: number;
+  /** Byte offset of the shadow arena in the data SAB (= slotCount * slotBytes). */
+  readonly shadowArenaOffset: number;
   /** Int32 words in the control SAB (header + descriptors). */
   readonly controlWords: number;
   readonly controlBytes: number;
-  /** Bytes in the data SAB (= slotCount * slotBytes). */
+  /** Bytes in the data SAB (= slotCount * slotBytes + shadowArenaBytes). */
   readonly dataBytes: number;
   /** Largest request one allocation can hold (all slots); bigger requests must be split. */
   readonly maxRequestBytes: number;
@@ -185,22 +223,36 @@ export function computeRingLayout(options: Partial<RingOptions> = {}): RingLayou
         `${kSlotBytesMax}, got ${slotBytes}`,
     );
   }
-  const dataBytes = slotCount * slotBytes;
+  const shadowSlots = checkNumber('shadowSlots', options.shadowSlots ?? 0);
+  const shadowArenaBytes = checkNumber('shadowArenaBytes', options.shadowArenaBytes ?? 0);
+  if (!Number.isInteger(shadowSlots) || shadowSlots < 0 || shadowSlots > kShadowSlotsMax) {
+    throw new OptionError('ENBD_ERR_RING_OPTION', `ring.shadowSlots must be an integer between 0 and ${kShadowSlotsMax}, got ${shadowSlots}`);
+  }
+  if (!Number.isInteger(shadowArenaBytes) || shadowArenaBytes < 0 || shadowArenaBytes % kShadowGranuleBytes !== 0 || (shadowArenaBytes === 0) !== (shadowSlots === 0)) {
+    throw new OptionError('ENBD_ERR_RING_OPTION', `ring.shadowArenaBytes must be a multiple of ${kShadowGranuleBytes}, non-zero exactly when ring.shadowSlots is, got ${shadowArenaBytes}`);
+  }
+  const slotDataBytes = slotCount * slotBytes;
+  const dataBytes = slotDataBytes + shadowArenaBytes;
   if (dataBytes > kDataBytesMax) {
     throw new OptionError('ENBD_ERR_RING_OPTION', 
-      `ring.slotCount * ring.slotBytes must be at most ${kDataBytesMax} bytes, ` +
-        `got ${slotCount} * ${slotBytes} = ${dataBytes}`,
+      `ring.slotCount * ring.slotBytes (+ ring.shadowArenaBytes) must be at most ${kDataBytesMax} bytes, ` +
+        `got ${slotCount} * ${slotBytes} + ${shadowArenaBytes} = ${dataBytes}`,
     );
   }
-  const controlWords = kHeaderWords + slotCount * kSlotWords;
+  const descriptorCount = slotCount + shadowSlots;
+  const controlWords = kHeaderWords + descriptorCount * kSlotWords;
   const layout: RingLayout = {
     slotCount,
     slotBytes,
     slotWords: kSlotWords,
+    shadowSlots,
+    shadowArenaBytes,
+    descriptorCount,
+    shadowArenaOffset: slotDataBytes,
     controlWords,
     controlBytes: controlWords * 4,
     dataBytes,
-    maxRequestBytes: dataBytes,
+    maxRequestBytes: slotDataBytes,
   };
   assert(layout.maxRequestBytes <= 0x100000000, 'max request fits the NBD u32 length');
   assert(layout.dataBytes % kPageBytes === 0, 'data area is whole pages');

@@ -31,10 +31,24 @@
  * address a multi-slot run without new views. `dataView(slot, lengthBytes)` makes a subarray
  * (one small allocation): use it only where an API needs an exact-length view.
  *
+ * Shadow descriptors (write-behind; layout.ts "Shadow descriptors and the shadow arena"):
+ * `allocateShadow(lengthBytes)` takes a free descriptor from [slotCount, descriptorCount) and a
+ * run of whole granules of the arena (first fit from the arena's start over a bit map, 32
+ * granules a word, so full words are skipped: the live shadows stay packed at the low end, so
+ * their bytes stay in cache and the arena's untouched pages are never faulted in; a rotating
+ * cursor walked the whole arena, a page fault and a cache miss per 4 KiB shadow), writes the run's byte offset into the
+ * descriptor's kSlotDataOffset word and returns the descriptor index; `free` gives both back.
+ * A shadow descriptor is a one-slot run in every other respect (state, generation, setRequest,
+ * masks, dispatch queues), so actors need nothing new: `dataOffset`/`dataView` read the word.
+ * No allocation: the free descriptors are a stack in an Int32Array.
+ *
  * Invariants:
  * - A slot is in exactly one state; a run of span slots is [first: Allocated|Dispatched,
  *   first+1 .. first+span-1: Continuation]; runs never wrap past the last slot (data contiguity).
- * - freeCount = number of slots in state Free; inUse = number of live runs (requests).
+ * - freeCount = number of slots (not shadow descriptors) in state Free; inUse = number of live
+ *   runs (requests) in slots; shadowsInUse = live shadow descriptors.
+ * - A granule bit is set iff the granule belongs to a live shadow's run; runs never wrap past
+ *   the arena's end; freeGranules = clear bits.
  * - generation of every slot of a run is bumped on allocate.
  */
 
@@ -46,13 +60,17 @@ import {
   kHeaderMagic,
   kHeaderSlotBytes,
   kHeaderSlotCount,
+  kHeaderShadowGranules,
+  kHeaderShadowSlots,
   kHeaderSlotWords,
   kHeaderVersion,
   kHeaderWords,
   kLayoutMagic,
   kLayoutVersion,
   kMaxLegs,
+  kShadowGranuleBytes,
   kSlotCommand,
+  kSlotDataOffset,
   kSlotErrno,
   kSlotFailedMask,
   kSlotFlags,
@@ -91,6 +109,10 @@ export class RequestRing {
   readonly slotCount: number;
   readonly slotBytes: number;
   readonly maxRequestBytes: number;
+  /** slotCount + shadow descriptors: every descriptor (slot) index is below it. */
+  readonly descriptorCount: number;
+  /** Shadow descriptors (0: no shadow arena). */
+  readonly shadowSlots: number;
   /** True only in the instance returned by `create` (the master's). */
   readonly isMaster: boolean;
 
@@ -100,6 +122,14 @@ export class RequestRing {
   private cursor = 0;
   private freeSlots: number;
   private liveRuns = 0;
+  // Master-only shadow allocator (see the header).
+  private readonly shadowFree: Int32Array;
+  private shadowFreeTop = 0;
+  private readonly granuleBits: Int32Array;
+  private readonly granuleCount: number;
+  private readonly shadowFirstGranule: Int32Array;
+  private readonly shadowGranules: Int32Array;
+  private freeGranuleCount: number;
 
   private constructor(layout: RingLayout, buffers: RingBuffers, isMaster: boolean) {
     this.layout = layout;
@@ -109,6 +139,8 @@ export class RequestRing {
     this.slotCount = layout.slotCount;
     this.slotBytes = layout.slotBytes;
     this.maxRequestBytes = layout.maxRequestBytes;
+    this.descriptorCount = layout.descriptorCount;
+    this.shadowSlots = layout.shadowSlots;
     this.isMaster = isMaster;
     assert(this.control.length === layout.controlWords, 'control SAB size matches layout');
     assert(this.data.length === layout.dataBytes, 'data SAB size matches layout');
@@ -117,8 +149,19 @@ export class RequestRing {
       const startByte = slot * layout.slotBytes;
       this.slotViews.push(this.data.subarray(startByte, startByte + layout.slotBytes));
     }
-    this.runSpans = new Int32Array(isMaster ? layout.slotCount : 0);
+    this.runSpans = new Int32Array(isMaster ? layout.descriptorCount : 0);
     this.freeSlots = layout.slotCount;
+    const shadows = isMaster ? layout.shadowSlots : 0;
+    this.granuleCount = layout.shadowArenaBytes / kShadowGranuleBytes;
+    this.shadowFree = new Int32Array(shadows);
+    // Pushed in reverse, so the first shadow taken is the lowest descriptor (a stack: the most
+    // recently freed descriptor is reused first, its words still in cache).
+    for (let index = 0; index < shadows; index++) this.shadowFree[index] = layout.descriptorCount - 1 - index;
+    this.shadowFreeTop = shadows;
+    this.granuleBits = new Int32Array(isMaster ? Math.ceil(this.granuleCount / 32) : 0);
+    this.shadowFirstGranule = new Int32Array(shadows);
+    this.shadowGranules = new Int32Array(shadows);
+    this.freeGranuleCount = isMaster ? this.granuleCount : 0;
   }
 
   /** Master: validates options, creates both SABs, writes the header. */
@@ -133,7 +176,9 @@ export class RequestRing {
     control[kHeaderSlotCount] = layout.slotCount;
     control[kHeaderSlotBytes] = layout.slotBytes;
     control[kHeaderSlotWords] = kSlotWords;
-    for (let slot = 0; slot < layout.slotCount; slot++) {
+    control[kHeaderShadowSlots] = layout.shadowSlots;
+    control[kHeaderShadowGranules] = layout.shadowArenaBytes / kShadowGranuleBytes;
+    for (let slot = 0; slot < layout.descriptorCount; slot++) {
       control[kHeaderWords + slot * kSlotWords + kSlotReadLeg] = -1;
     }
     // Magic last: an attacher that sees it sees a fully written header.
@@ -153,23 +198,25 @@ export class RequestRing {
     const layout = computeRingLayout({
       slotCount: control[kHeaderSlotCount] ?? 0,
       slotBytes: control[kHeaderSlotBytes] ?? 0,
+      shadowSlots: control[kHeaderShadowSlots] ?? 0,
+      shadowArenaBytes: (control[kHeaderShadowGranules] ?? 0) * kShadowGranuleBytes,
     });
     return new RequestRing(layout, buffers, false);
   }
 
   /** Word index of `field` of `slot` in `control` (asserts the slot index). */
   word(slot: number, field: number): number {
-    assert(slot >= 0 && slot < this.slotCount, 'slot index in range');
+    assert(slot >= 0 && slot < this.descriptorCount, 'slot index in range');
     return kHeaderWords + slot * kSlotWords + field;
   }
 
   private checkSlot(slot: number): void {
-    assert(Number.isInteger(slot) && slot >= 0 && slot < this.slotCount, 'slot index in range');
+    assert(Number.isInteger(slot) && slot >= 0 && slot < this.descriptorCount, 'slot index in range');
   }
 
   private field(slot: number, field: number): number {
     const value = this.control[kHeaderWords + slot * kSlotWords + field];
-    assert(value !== undefined && slot < this.slotCount, 'slot index in range');
+    assert(value !== undefined && slot < this.descriptorCount, 'slot index in range');
     return value;
   }
 
@@ -338,9 +385,17 @@ export class RequestRing {
 
   // ---- Data area --------------------------------------------------------------------------
 
-  /** Byte offset of slot `slot` in `data`. A run's bytes are contiguous from its first slot. */
+  /**
+   * Byte offset of slot `slot` in `data`. A run's bytes are contiguous from its first slot; a
+   * shadow descriptor's bytes are its granule run in the arena (kSlotDataOffset).
+   */
   dataOffset(slot: number): number {
-    return slot * this.slotBytes;
+    if (slot < this.slotCount) return slot * this.slotBytes;
+    return this.field(slot, kSlotDataOffset);
+  }
+  /** True for a shadow descriptor (index slotCount and up). */
+  isShadow(slot: number): boolean {
+    return slot >= this.slotCount;
   }
   /** Cached view of exactly one slot's bytes (no allocation). */
   slotData(slot: number): Uint8Array {
@@ -354,7 +409,7 @@ export class RequestRing {
    */
   dataView(slot: number, lengthBytes: number): Uint8Array {
     this.checkSlot(slot);
-    const start = slot * this.slotBytes;
+    const start = this.dataOffset(slot);
     assert(lengthBytes >= 0, 'view length is non-negative');
     assert(start + lengthBytes <= this.data.length, 'view inside the data area');
     return this.data.subarray(start, start + lengthBytes);
@@ -369,6 +424,18 @@ export class RequestRing {
   /** Live allocations (requests), each a run of one or more slots. */
   get inUse(): number {
     return this.liveRuns;
+  }
+  /** Live shadow descriptors. */
+  get shadowsInUse(): number {
+    return this.shadowSlots - this.shadowFreeTop;
+  }
+  /** Free granules of the shadow arena. */
+  get freeGranules(): number {
+    return this.freeGranuleCount;
+  }
+  /** Granules of the shadow arena. */
+  get granules(): number {
+    return this.granuleCount;
   }
   /** Slots needed to hold `lengthBytes` of data (at least 1). */
   slotsFor(lengthBytes: number): number {
@@ -418,10 +485,96 @@ export class RequestRing {
     return -1;
   }
 
+  /**
+   * Master: a shadow descriptor whose data is a run of ceil(lengthBytes / granule) (at least
+   * one) granules of the arena; -1 when no descriptor is free or no run fits. The descriptor
+   * is Allocated (a one-slot run: setRequest with spanSlots 1); `free` gives everything back.
+   */
+  allocateShadow(lengthBytes: number): number {
+    assert(this.isMaster, 'allocateShadow is master-only');
+    const need = lengthBytes <= kShadowGranuleBytes ? 1 : Math.ceil(lengthBytes / kShadowGranuleBytes);
+    if (this.shadowFreeTop === 0 || need > this.freeGranuleCount) return -1;
+    const first = this.findGranules(0, need);
+    if (first < 0) return -1;
+    const bits = this.granuleBits;
+    for (let granule = first; granule < first + need; granule++) bits[granule >>> 5] = (bits[granule >>> 5] as number) | (1 << (granule & 31));
+    this.freeGranuleCount -= need;
+    this.shadowFreeTop -= 1;
+    const slot = this.shadowFree[this.shadowFreeTop] as number;
+    const index = slot - this.slotCount;
+    this.shadowFirstGranule[index] = first;
+    this.shadowGranules[index] = need;
+    const base = kHeaderWords + slot * kSlotWords;
+    const control = this.control;
+    control[base + kSlotDataOffset] = this.layout.shadowArenaOffset + first * kShadowGranuleBytes;
+    control[base + kSlotGeneration] = ((control[base + kSlotGeneration] as number) + 1) & kGenerationMask;
+    assert(control[base + kSlotState] === kSlotStateFree, 'a free shadow descriptor is Free');
+    Atomics.store(control, base + kSlotState, kSlotStateAllocated);
+    this.runSpans[slot] = 1;
+    return slot;
+  }
+
+  /** First fit of `need` clear granule bits from `start` to the arena's end (no wrap); -1: none. */
+  private findGranules(start: number, need: number): number {
+    const bits = this.granuleBits;
+    const end = this.granuleCount;
+    let run = 0;
+    let granule = start;
+    while (granule < end) {
+      const word = bits[granule >>> 5] as number;
+      if (word === -1) {
+        // 32 granules in use: skip the word.
+        run = 0;
+        granule = (granule | 31) + 1;
+        continue;
+      }
+      if (word === 0 && (granule & 31) === 0 && granule + 32 <= end) {
+        if (run + 32 >= need) return granule - run;
+        run += 32;
+        granule += 32;
+        continue;
+      }
+      if ((word & (1 << (granule & 31))) === 0) {
+        run += 1;
+        if (run === need) return granule - need + 1;
+      } else {
+        run = 0;
+      }
+      granule += 1;
+    }
+    return -1;
+  }
+
+  private freeShadow(slot: number): void {
+    const index = slot - this.slotCount;
+    const first = this.shadowFirstGranule[index] as number;
+    const count = this.shadowGranules[index] as number;
+    assert(count >= 1, 'a live shadow holds granules');
+    const bits = this.granuleBits;
+    for (let granule = first; granule < first + count; granule++) {
+      const mask = 1 << (granule & 31);
+      assert(((bits[granule >>> 5] as number) & mask) !== 0, 'a shadow frees only its own granules');
+      bits[granule >>> 5] = (bits[granule >>> 5] as number) & ~mask;
+    }
+    this.shadowGranules[index] = 0;
+    this.freeGranuleCount += count;
+    this.runSpans[slot] = 0;
+    Atomics.store(this.control, this.word(slot, kSlotState), kSlotStateFree);
+    this.shadowFree[this.shadowFreeTop] = slot;
+    this.shadowFreeTop += 1;
+    assert(this.shadowFreeTop <= this.shadowSlots && this.freeGranuleCount <= this.granuleCount, 'shadow allocator counts in range');
+  }
+
   /** Master: release the run that starts at `firstSlot` (after the client reply is sent). */
   free(firstSlot: number): void {
     assert(this.isMaster, 'free is master-only');
     this.checkSlot(firstSlot);
+    if (firstSlot >= this.slotCount) {
+      const state = this.field(firstSlot, kSlotState);
+      assert(state === kSlotStateAllocated || state === kSlotStateDispatched, 'free a live shadow');
+      this.freeShadow(firstSlot);
+      return;
+    }
     const state = this.field(firstSlot, kSlotState);
     assert(state === kSlotStateAllocated || state === kSlotStateDispatched, 'free a live run head');
     const spanSlots = this.runSpans[firstSlot] as number;

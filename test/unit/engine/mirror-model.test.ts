@@ -66,9 +66,12 @@ const kWriteBehindRuns = Number(process.env['ENBD_MODEL_WB_RUNS'] ?? 25);
  * Write-behind regressions, [seed, runs]: 303407100 (a fast leg's server crash losing unflushed
  * writes while a failed write's shadow was cancelled: the write-mostly leg kept its marks and was
  * copied over from the crashed leg); 1044934363 (the first fix left the write-mostly leg marked
- * but in sync when another leg became the failed write's reference: it never resynced).
+ * but in sync when another leg became the failed write's reference: it never resynced);
+ * 148356139 (with metadata: a shadow queued behind later overlapping writes that were already
+ * waiting, and one of them, sent synchronously to the write-mostly leg at the bound, overtook it:
+ * the legs diverged; shadows are now queued at the head, RangeLock.acquireNext).
  */
-const kWriteBehindRegressions: ReadonlyArray<readonly [number, number]> = [[303407100, 1], [1044934363, 3]];
+const kWriteBehindRegressions: ReadonlyArray<readonly [number, number]> = [[303407100, 1], [1044934363, 3], [148356139, 5]];
 /** With metadata each store holds the data area plus 12 KiB of metadata (4 KiB bitmap, 2 superblocks). */
 const kMetaLegBytes = kDeviceBytes + 12 * 1024;
 

@@ -109,3 +109,18 @@ test('model: no overlapping holders, FIFO among overlapping requests', () => {
     { numRuns: 500 },
   );
 });
+
+test('acquireNext queues at the head: granted right after the holder, before requests that waited longer', () => {
+  const lock = new RangeLock(8);
+  const granted = new Int32Array(8);
+  assert.equal(lock.acquire(0, 0, 4096), true); // the client write
+  assert.equal(lock.acquire(1, 0, 4096), false); // a later write to the same chunk, waiting
+  assert.equal(lock.acquire(2, 8192, 4096), true); // unrelated
+  lock.acquireNext(3, 0, 4096); // the client write's shadow, queued after 1 arrived
+  assert.equal(lock.waiting, 2);
+  assert.equal(lock.release(0, granted), 1);
+  assert.equal(granted[0], 3, 'the shadow goes first');
+  assert.equal(lock.release(3, granted), 1);
+  assert.equal(granted[0], 1, 'then the later write');
+  assert.throws(() => lock.acquireNext(4, 100_000, 4096), /follows a holder/);
+});
