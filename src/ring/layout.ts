@@ -46,6 +46,11 @@
  *   kSlotErrno        W actors: Atomics.compareExchange(0 -> errno): the first failure's NBD
  *                     errno (aggregate). Master: Atomics.store(0) before dispatch.
  *   kSlotReadLeg      W master (setReadLeg) before dispatch: which leg serves a READ (-1: none).
+ *   kSlotChainLeg     W master (setChainLeg, chain-inbox.ts) before dispatching a resync copy's
+ *                     READ: target leg + 1 (0: none); Atomics.store. Cleared (Atomics.store 0) by
+ *                     resetMasks on every dispatch and by the READ leg's actor when it hands the
+ *                     slot on (chainToWrite, which then also writes command, flags and the masks
+ *                     of the WRITE: the one place an actor writes descriptor words besides acks).
  *   kSlotLegErrnoBase + i  (i in 0..kMaxLegs-1)
  *                     W actor of leg i: Atomics.store(errno) BEFORE its failed/visited ors.
  *                     Master: Atomics.store(0) before dispatch for every leg of the previous
@@ -105,7 +110,9 @@ export const kSlotVisitedMask = 9;
 export const kSlotFailedMask = 10;
 export const kSlotErrno = 11;
 export const kSlotReadLeg = 12;
-// Words 13..15 spare.
+/** Resync copy READ: target leg + 1 its actor hands the slot to as a WRITE (chain-inbox.ts); 0 none. */
+export const kSlotChainLeg = 13;
+// Words 14..15 spare.
 export const kSlotLegErrnoBase = 16;
 // Words 47..63 spare.
 /** Descriptor stride: 64 words = 256 bytes (four cache lines). */

@@ -62,6 +62,7 @@ import {
   kSlotOffsetHigh,
   kSlotOffsetLow,
   kSlotReadLeg,
+  kSlotChainLeg,
   kSlotSpanSlots,
   kSlotState,
   kSlotStateAllocated,
@@ -256,6 +257,7 @@ export class RequestRing {
     Atomics.store(control, base + kSlotVisitedMask, 0);
     Atomics.store(control, base + kSlotFailedMask, 0);
     Atomics.store(control, base + kSlotErrno, 0);
+    Atomics.store(control, base + kSlotChainLeg, 0);
   }
 
   /**

@@ -104,6 +104,8 @@ export class SpscQueue {
   private head: number;
   private cachedTail: number;
   private sleeping = false;
+  /** Consumer: the Atomics.waitAsync Promise of the last sleep until it resolves. */
+  private pendingWait: Promise<WaitResult> | null = null;
 
   private constructor(buffer: SharedArrayBuffer) {
     this.buffer = buffer;
@@ -264,13 +266,21 @@ export class SpscQueue {
       this.awake();
       return null;
     }
+    // A wait still pending from an earlier call (its consumer was woken by something else,
+    // e.g. a chain inbox): reuse it rather than stack a second waiter on the word.
+    if (this.pendingWait !== null) return this.pendingWait;
     this.words[kQueueWaitCount] = ((this.words[kQueueWaitCount] as number) + 1) | 0;
     const result = atomicsAsync.waitAsync(this.words, kQueueTail, this.head, timeoutMs);
     if (!result.async) {
       this.awake();
       return null;
     }
-    return result.value;
+    const pending = result.value;
+    this.pendingWait = pending;
+    void pending.then(() => {
+      if (this.pendingWait === pending) this.pendingWait = null;
+    });
+    return pending;
   }
 
   /** Whether the consumer has announced it is sleeping (any thread; for tests and stats). */
