@@ -4,7 +4,7 @@
  * other threads, context switches (per thread, from /proc/self/task), and, with --perf,
  * syscalls and context switches of the whole process (`perf stat -p`) over the resync.
  * `node dist/bench/resync-probe.js [--size-mib 512] [--writes 1311] [--rounds 4] [--perf]
- *  [--direct] [--verify] [--block 4096]`.
+ *  [--direct] [--verify] [--block 4096] [--gap BYTES] [--lanes N] [--no-chain]`.
  * Threads: main thread (the mirror runs in this process, its actors on worker threads); the
  * legs are `nbdkit memory` children on Unix sockets.
  *
@@ -107,6 +107,7 @@ async function main(): Promise<void> {
       legs: [uris[0] as string, uris[1] as string], actorEntry: kConnectionActorEntry, logger, logLevel: 'warn', bitmapChunkBytes: 4096,
       reconnectMinMs: 60_000, reconnectMaxMs: 60_000, resyncRates: { minBytesPerSecond: 0, maxBytesPerSecond: 0 },
       ...(process.argv.includes('--gap') ? { resyncGapBytes: numberFlag('--gap', 65536) } : {}),
+      ...(process.argv.includes('--no-chain') ? { resyncChain: false } : {}),
       ...(process.argv.includes('--lanes') ? { resyncLanes: numberFlag('--lanes', 128) } : {}),
     }, { logger });
     const mirror = served.mirror;

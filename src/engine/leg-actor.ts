@@ -34,12 +34,20 @@
  *   the same path as a device's onClose, once per connection. Probation probe (probe()):
  *   READ one block at 0, WRITE the same bytes back, FLUSH; only for a leg that gets no client
  *   I/O (otherwise the write-back could undo a client write between the two).
+ * - Chained resync copies (init.chain): a copy READ this actor completed without error goes on
+ *   as a WRITE to the leg the master named (chainOn: descriptor rewritten, bit set in that
+ *   leg's inbox, the inbox rung once per turn with the completion publish); slots other legs
+ *   handed here are drained with the dispatch queue, and the actor sleeps on both
+ *   (sleepOnBoth: each wait is reused while pending).
  * - Every close is bounded (kCloseBoundMs): a leg that never finishes closing has its slots
  *   acked with EIO and is left to close in the background.
  *
  * Invariants:
  * - Every slot taken from the dispatch queue (or copy message) is acked exactly once.
- * - The actor never writes slot descriptor fields other than through ackSlot.
+ * - The actor never writes slot descriptor fields other than through ackSlot, and, for a
+ *   chained resync copy whose READ it completed, chainToWrite (src/ring/chain-inbox.ts).
+ * - A chained slot goes either to the master (READ failed, or no chain word) or to exactly one
+ *   other leg's inbox, never both.
  * - slotOwner[slot] !== null only between submit to that device and the slot's ack.
  * - A connection's drop is reported at most once, and only while it is the current device.
  */

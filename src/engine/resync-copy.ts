@@ -10,7 +10,9 @@
  *   allocate a run of slots (wait behind client requests if the ring is full)
  *   -> range lock of [offset, offset+length) (a client write there waits for at most one copy)
  *   -> READ on a source leg up to date for the range (re-picked at dispatch, after the lock)
- *   -> rephase the slot to a WRITE on the target leg
+ *   -> chained (default): the source's actor hands the slot to the target's actor as a WRITE
+ *      (src/ring/chain-inbox.ts); the master sees only the WRITE's completion. Not chained
+ *      (resyncChain off, or the READ failed): back here, rephase the slot to a WRITE
  *   -> on success within the target's epoch: clear the range's bits, still under the lock.
  *
  * Design notes
