@@ -162,7 +162,14 @@ async function main(): Promise<void> {
       const windowStartUs = Number(process.hrtime.bigint() / 1000n);
       const threadsMid = threadSamples();
       const notifiesMid = notifies();
-      while (inSyncAt === 0) await sleep(1);
+      let firstCopyAt = 0;
+      let halfAt = 0;
+      while (inSyncAt === 0) {
+        const left = mirror.legStatus()[1]?.dirtyBytes ?? 0;
+        if (firstCopyAt === 0 && left < dirtyBytes) firstCopyAt = performance.now();
+        if (halfAt === 0 && left <= dirtyBytes / 2) halfAt = performance.now();
+        await sleep(1);
+      }
       const windowEndUs = Number(process.hrtime.bigint() / 1000n);
       const threadsAfter = threadSamples();
       const notifiesEnd = notifies();
@@ -195,6 +202,8 @@ async function main(): Promise<void> {
       const line = {
         round, writes, dirtyKiB: dirtyBytes / 1024, copies,
         reconnectMs: +(reconnectedAt - startedAt).toFixed(1), copyMs: +copyMs.toFixed(1), totalMs: +totalMs.toFixed(1),
+        firstCopyMs: firstCopyAt === 0 ? null : +(firstCopyAt - reconnectedAt).toFixed(1),
+        halfMs: halfAt === 0 ? null : +(halfAt - reconnectedAt).toFixed(1),
         copiesPerSec: Math.round(copies / (copyMs / 1000)), writesPerSec: Math.round(writes / (totalMs / 1000)),
         directIops: direct === null ? null : Math.round(direct), directRatio: direct === null ? null : +(writes / (totalMs / 1000) / direct).toFixed(3),
         cpuMsPerCopy: +(((cpu.user + cpu.system) / 1000) / Math.max(1, copies)).toFixed(3),

@@ -42,7 +42,9 @@
  * Notifies are batched: one per publish, and only while the consumer announced sleeping.
  *
  * Allocation: push/stage/publish/pop/drain allocate nothing. `waitAsync` returns the Promise
- * made by Atomics.waitAsync (one per sleep, not per entry). A pending Atomics.waitAsync does
+ * made by Atomics.waitAsync (one per sleep, not per entry); while that Promise is pending a
+ * later call (a consumer woken by something else, e.g. its chain inbox, going back to sleep)
+ * announces sleeping again and returns the same Promise instead of stacking a second waiter. A pending Atomics.waitAsync does
  * not by itself keep a Node thread alive: the consumer thread needs another ref'd handle (a
  * socket, a parentPort listener) while it sleeps.
  */

@@ -11,6 +11,7 @@
 import { afterEach, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { ChainInboxes } from '../../../src/ring/chain-inbox.js';
+import { SpscQueue } from '../../../src/ring/spsc-queue.js';
 import { makeStores, openFaultMirror, waitFor, legStates, type FaultMirror } from '../../helpers/fault-device.js';
 import { assertSameBytes } from '../../helpers/mirror.js';
 
@@ -151,5 +152,25 @@ describe('chained resync copies', () => {
     assert.equal(await wait, 'ok');
     assert.equal(inboxes.drain(3, (slot) => seen.push(slot)), 1);
     assert.deepEqual(seen, [5, 40, 63, 0]);
+  });
+
+  test('dispatch queue: a sleep while an earlier wait is pending reuses it and is still woken', async () => {
+    const queue = SpscQueue.create(8);
+    const first = queue.waitAsync();
+    assert.ok(first !== null);
+    // Woken by something else (the inbox): drain finds nothing, then sleep again.
+    assert.equal(queue.drain(() => undefined, 8), 0);
+    const second = queue.waitAsync();
+    assert.equal(second, first, 'no second waiter on the word');
+    assert.equal(queue.consumerSleeping, true, 'sleeping announced again, so the producer notifies');
+    assert.equal(queue.push(7), true);
+    assert.equal(await second, 'ok');
+    const seen: number[] = [];
+    assert.equal(queue.drain((value) => seen.push(value), 8), 1);
+    assert.deepEqual(seen, [7]);
+    const third = queue.waitAsync();
+    assert.ok(third !== null && third !== first, 'a new sleep after the wait resolved gets a new wait');
+    queue.push(8);
+    assert.equal(await third, 'ok');
   });
 });
