@@ -4,7 +4,8 @@
  * other threads, context switches (per thread, from /proc/self/task), and, with --perf,
  * syscalls and context switches of the whole process (`perf stat -p`) over the resync.
  * `node dist/bench/resync-probe.js [--size-mib 512] [--writes 1311] [--rounds 4] [--perf]
- *  [--direct] [--verify] [--block 4096] [--gap BYTES] [--lanes N] [--no-chain]`.
+ *  [--direct] [--verify] [--block 4096] [--gap BYTES] [--lanes N] [--no-chain] [--full]`
+ * (--full: every chunk of leg 1 marked instead of the scattered writes).
  * Threads: main thread (the mirror runs in this process, its actors on worker threads); the
  * legs are `nbdkit memory` children on Unix sockets.
  *
@@ -139,7 +140,8 @@ async function main(): Promise<void> {
       while (picked.size < writes) picked.add(random() % units);
       const offsets = [...picked];
       let next = 0;
-      await Promise.all(Array.from({ length: 64 }, async () => {
+      if (flag('--full')) mirror.markLegDirty(1);
+      else await Promise.all(Array.from({ length: 64 }, async () => {
         while (next < offsets.length) {
           const offset = (offsets[next] as number) * blockBytes;
           next += 1;
