@@ -126,7 +126,9 @@ async function main(): Promise<void> {
       return seed;
     };
     const handles = mirror.debugHandles() as unknown as { mirror: { doorbell: { notifyCount: number } }; legs: Array<{ dispatch: { notifyCount: number; waitCount: number }; completion: { waitCount: number } }> };
-    const notifies = (): number[] => [handles.mirror.doorbell.notifyCount, ...handles.legs.map((leg) => leg.dispatch.notifyCount)];
+    const chain = (handles.mirror as unknown as { chain: { counts(leg: number): { notifies: number } } | null }).chain;
+    // [master doorbell, leg 0 dispatch, leg 1 dispatch, leg 1 chain inbox] notifies
+    const notifies = (): number[] => [handles.mirror.doorbell.notifyCount, ...handles.legs.map((leg) => leg.dispatch.notifyCount), chain?.counts(1).notifies ?? 0];
     for (let round = -1; round < rounds; round += 1) {
       let direct: number | null = null;
       if (flag('--direct') && round >= 0) {

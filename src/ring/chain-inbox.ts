@@ -11,6 +11,7 @@
  * SAB layout (Int32Array), for leg i at base i * stride (stride = kInboxHeaderWords + one bit
  * per slot, rounded up to whole words and a 64-byte line):
  *   kInboxCount    (0)   producers: Atomics.add once per batch posted (the wake-up count).
+ *   kInboxNotifyCount (1) producers: Atomics.add per notify issued (statistics).
  *   kInboxSleeping (16)  consumer: Atomics.store 1 before Atomics.waitAsync on count, 0 when
  *                        awake. Producers Atomics.load it after their add.
  *   bits from kInboxHeaderWords (32): bit s of word s >> 5: slot s was handed to this leg.
@@ -43,6 +44,7 @@ import { kSlotChainLeg, kMaxLegs, kSlotCommand, kSlotErrno, kSlotFailedMask, kSl
 import type { RequestRing } from './request-ring.js';
 
 export const kInboxCount = 0;
+export const kInboxNotifyCount = 1;
 export const kInboxSleeping = 16;
 export const kInboxHeaderWords = 32;
 
@@ -98,7 +100,14 @@ export class ChainInboxes {
     // Every waiter: normally one; two only while the master still drains a gone actor's inbox
     // (mirror.ts adoptInbox) after a new actor took the leg index.
     Atomics.notify(this.words, base + kInboxCount);
+    Atomics.add(this.words, base + kInboxNotifyCount, 1);
     return true;
+  }
+
+  /** Statistics: rings and notifies into leg `legIndex`'s inbox. */
+  counts(legIndex: number): { rings: number; notifies: number } {
+    const base = legIndex * this.stride;
+    return { rings: Atomics.load(this.words, base + kInboxCount), notifies: Atomics.load(this.words, base + kInboxNotifyCount) };
   }
 
   // ---- consumer (the inbox leg's actor) -----------------------------------------------------
