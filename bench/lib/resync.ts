@@ -382,6 +382,8 @@ class ResyncScenario {
       legs: [...this.legUris], actorEntry: kConnectionActorEntry, logger: this.logger, logLevel: 'warn', bitmapChunkBytes: kBlockBytes,
       reconnectMinMs: 60_000, reconnectMaxMs: 60_000,
       resyncRates: { minBytesPerSecond: 0, maxBytesPerSecond: 0 },
+      // A/B of chained copies in one session (issue 15): ENBD_BENCH_RESYNC_CHAIN=0 turns them off.
+      ...(process.env['ENBD_BENCH_RESYNC_CHAIN'] === '0' ? { resyncChain: false } : {}),
     }, { logger: this.logger });
     this.mirror = this.served.mirror;
     assert(this.mirror.sizeBytes === this.options.sizeBytes, 'mirror has the legs\' size');

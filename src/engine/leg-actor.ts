@@ -34,12 +34,20 @@
  *   the same path as a device's onClose, once per connection. Probation probe (probe()):
  *   READ one block at 0, WRITE the same bytes back, FLUSH; only for a leg that gets no client
  *   I/O (otherwise the write-back could undo a client write between the two).
+ * - Chained resync copies (init.chain): a copy READ this actor completed without error goes on
+ *   as a WRITE to the leg the master named (chainOn: descriptor rewritten, bit set in that
+ *   leg's inbox, the inbox rung once per turn with the completion publish); slots other legs
+ *   handed here are drained with the dispatch queue, and the actor sleeps on both
+ *   (sleepOnBoth: each wait is reused while pending).
  * - Every close is bounded (kCloseBoundMs): a leg that never finishes closing has its slots
  *   acked with EIO and is left to close in the background.
  *
  * Invariants:
  * - Every slot taken from the dispatch queue (or copy message) is acked exactly once.
- * - The actor never writes slot descriptor fields other than through ackSlot.
+ * - The actor never writes slot descriptor fields other than through ackSlot, and, for a
+ *   chained resync copy whose READ it completed, chainToWrite (src/ring/chain-inbox.ts).
+ * - A chained slot goes either to the master (READ failed, or no chain word) or to exactly one
+ *   other leg's inbox, never both.
  * - slotOwner[slot] !== null only between submit to that device and the slot's ack.
  * - A connection's drop is reported at most once, and only while it is the current device.
  */
@@ -53,6 +61,7 @@ import { errnoNames } from '../nbd/protocol-names.js';
 import { RequestRing } from '../ring/request-ring.js';
 import { Doorbell, SpscQueue } from '../ring/spsc-queue.js';
 import { ackSlot } from '../ring/visited-mask.js';
+import { ChainInboxes, chainToWrite } from '../ring/chain-inbox.js';
 import { openLeg, parseLegUri, type LegAddress } from '../stubs/open-leg.js';
 import type { Extent } from '../core/block-device.js';
 import type { CopyMessage, LegActorApi, LegActorInit, LegCheck, LegDeviceOpener, LegInfo, LegStats } from './messages.js';
@@ -117,6 +126,15 @@ export class LegActor implements LegActorApi {
   private readonly publishBound = (): void => this.publishCompletions();
   private readonly statistics: LegStats = { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, inFlight: 0, connected: false, latencySumMs: 0, latencyCount: 0 };
   private readonly issuedAt: Float64Array;
+  /** Chained resync copies (src/ring/chain-inbox.ts): every leg's inbox; null when off. */
+  private readonly chain: ChainInboxes | null;
+  /** Legs this turn handed slots to (rung once in publishCompletions). */
+  private chainedTo = 0;
+  /** Completions staged since the last publish (a turn that only chained rings no doorbell). */
+  private completionsStaged = false;
+  /** The actor sleeps on its queue and its inbox; the first wake-up runs the pump. */
+  private asleep = false;
+  private readonly wakeBound = (): void => this.wake();
 
   constructor(
     private readonly init: LegActorInit,
@@ -134,6 +152,7 @@ export class LegActor implements LegActorApi {
     this.events = new Int32Array(init.events);
     this.issuedAt = new Float64Array(this.ring.descriptorCount);
     this.slotOwner = new Array<BlockDevice | null>(this.ring.descriptorCount).fill(null);
+    this.chain = init.chain !== undefined ? ChainInboxes.attach(init.chain, this.ring.slotCount) : null;
     const idleProbeMs = init.idleProbeMs ?? 0;
     assert(Number.isFinite(idleProbeMs) && idleProbeMs >= 0, 'idleProbeMs is a number >= 0');
     this.idleProbeMs = idleProbeMs;
@@ -186,9 +205,14 @@ export class LegActor implements LegActorApi {
   private pump(): void {
     this.pumpScheduled = false;
     if (!this.running || this.paused) return;
-    const drained = this.dispatch.drain(this.issueBound, kDrainBatch);
+    const chainSnapshot = this.chain?.snapshot(this.legIndex) ?? 0;
+    const drained = this.dispatch.drain(this.issueBound, kDrainBatch) + this.drainChained();
     if (drained > 0) {
       this.schedulePump();
+      return;
+    }
+    if (this.chain !== null) {
+      this.sleepOnBoth(chainSnapshot);
       return;
     }
     const wait = this.dispatch.waitAsync();
@@ -201,6 +225,78 @@ export class LegActor implements LegActorApi {
       this.pumpScheduled = false;
       this.pump();
     });
+  }
+
+  // ---- chained resync copies (src/ring/chain-inbox.ts) ----------------------------------
+
+  /** Issues the WRITEs other legs' actors handed to this leg. */
+  private drainChained(): number {
+    return this.chain === null ? 0 : this.chain.drain(this.legIndex, this.issueBound);
+  }
+
+  /**
+   * Sleeps on the dispatch queue and the chain inbox at once: the first to fire runs the pump
+   * (the other's wait stays armed and is reused by the next sleep: no stacked waiters).
+   */
+  private sleepOnBoth(chainSnapshot: number): void {
+    const chain = this.chain as ChainInboxes;
+    const wait = this.dispatch.waitAsync();
+    const chainWait = wait === null ? null : chain.waitAsync(this.legIndex, chainSnapshot);
+    if (wait === null || chainWait === null) {
+      this.schedulePump();
+      return;
+    }
+    this.pumpScheduled = true;
+    this.asleep = true;
+    if (wait !== this.dispatchWait) {
+      this.dispatchWait = wait;
+      void wait.then(() => {
+        if (this.dispatchWait === wait) this.dispatchWait = null;
+        this.wake();
+      });
+    }
+    if (chainWait !== this.chainWait) {
+      this.chainWait = chainWait;
+      void chainWait.then(this.wakeBound);
+    }
+  }
+
+  private dispatchWait: Promise<unknown> | null = null;
+  private chainWait: Promise<unknown> | null = null;
+
+  private wake(): void {
+    if (!this.asleep) return;
+    this.asleep = false;
+    this.pumpScheduled = false;
+    this.pump();
+  }
+
+  /**
+   * READ ack of a copy that goes on to another leg (the master set the chain word): hands the
+   * slot to that leg's actor as a WRITE; the master sees only the WRITE's completion.
+   */
+  private chainOn(slot: number): boolean {
+    if (this.chain === null) return false;
+    const next = chainToWrite(this.ring, slot, p.kCmdWrite);
+    if (next < 0) return false;
+    this.chain.post(next, slot);
+    this.chainedTo |= 1 << next;
+    if (!this.publishScheduled) {
+      this.publishScheduled = true;
+      setImmediate(this.publishBound);
+    }
+    return true;
+  }
+
+  private ringChained(): void {
+    const chain = this.chain;
+    let legs = this.chainedTo;
+    this.chainedTo = 0;
+    while (chain !== null && legs !== 0) {
+      const leg = 31 - Math.clz32(legs & -legs);
+      legs &= legs - 1;
+      chain.ring(leg);
+    }
   }
 
   /** Per-leg copy mode: a WRITE payload posted as a private copy. */
@@ -272,8 +368,10 @@ export class LegActor implements LegActorApi {
       this.statistics.bytesWritten += ring.lengthBytes(slot);
     }
     if (ackSlot(ring, slot, this.legIndex, errno !== 0, errno)) {
+      if (errno === 0 && command === p.kCmdRead && this.chainOn(slot)) return;
       const staged = this.completion.stage(slot);
       assert(staged, 'completion queue holds every slot');
+      this.completionsStaged = true;
       if (!this.publishScheduled) {
         this.publishScheduled = true;
         setImmediate(this.publishBound);
@@ -283,6 +381,9 @@ export class LegActor implements LegActorApi {
 
   private publishCompletions(): void {
     this.publishScheduled = false;
+    if (this.chainedTo !== 0) this.ringChained();
+    if (!this.completionsStaged) return;
+    this.completionsStaged = false;
     this.completion.publish();
     this.doorbell.ring();
   }

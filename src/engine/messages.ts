@@ -39,6 +39,11 @@ export interface LegActorInit {
   idleProbeMs?: number;
   /** Connections per NBD leg when its URI does not say (used with multi-conn only; default 1). */
   connections?: number;
+  /**
+   * Chained resync copies (src/ring/chain-inbox.ts): every leg's inbox in one SAB. Absent: the
+   * actor never chains (copy READs go back to the master as before).
+   */
+  chain?: SharedArrayBuffer;
 }
 
 /** Opens a leg's server stub (the default: src/stubs/open-leg.ts; tests inject fault legs). */

@@ -56,6 +56,7 @@ import { LegHealth, kDefaultHealthPolicy, type HealthPolicy, type LegState } fro
 import { Leg } from './leg.js';
 import { SlotTable } from './slot-table.js';
 import { ResyncCopier } from './resync-copy.js';
+import { ChainInboxes } from '../ring/chain-inbox.js';
 import { LegLifecycle, checkOf } from './leg-lifecycle.js';
 import { Resync, type ResyncHost, type ResyncProgress, type ResyncRates } from './resync.js';
 import { resyncWindow } from './resync-window.js';
@@ -103,6 +104,11 @@ export interface MirrorOptions {
    * (default 64 KiB), see resync-window.ts.
    */
   resyncLanes?: number;
+  /**
+   * Chained resync copies (default on): the READ leg's actor hands a copy straight to the target
+   * leg's actor as a WRITE (src/ring/chain-inbox.ts); off: every phase goes through the master.
+   */
+  resyncChain?: boolean;
   resyncCopyBytes?: number;
   resyncGapBytes?: number;
   /**
@@ -217,6 +223,8 @@ export interface MirrorStats {
   writeBytesCopied: number;
   ringSlotsInUse: number;
   legs: LegStatus[];
+  /** Resync copy WRITEs since start: all of them, and those the READ leg's actor chained. */
+  resyncWrites?: { total: number; chained: number };
 }
 
 const kInternalTokenBase = 0x4000_0000;
@@ -314,6 +322,10 @@ export class MirrorDevice implements BlockDevice {
   private closed = false;
   /** Per-leg drop counters bumped by the actors (see LegActorInit.events). */
   private readonly events: Int32Array;
+  /** Chained resync copies: every leg's inbox (src/ring/chain-inbox.ts); null with resyncChain off. */
+  private readonly chain: ChainInboxes | null;
+  /** Legs whose gone actor's inbox the master drains (adoptInbox). */
+  private readonly adoptedInboxes = new WeakSet<Leg>();
   private readonly copier: ResyncCopier;
   private readonly lifecycle: LegLifecycle;
   private readonly slotWaiters: Array<() => void> = [];
@@ -353,6 +365,7 @@ export class MirrorDevice implements BlockDevice {
     this.rangeLock = new RangeLock(this.ring.descriptorCount);
     this.granted = new Int32Array(this.ring.descriptorCount);
     this.slots = new SlotTable(this.ring.descriptorCount);
+    this.chain = options.resyncChain === false ? null : ChainInboxes.create(this.ring.slotCount);
     this.events = new Int32Array(new SharedArrayBuffer(kMaxLegs * 4));
     this.options = options;
     this.reads = new ReadChooser(options.readPolicy ?? 'least-pending', options.writeMostly ?? []);
@@ -392,6 +405,7 @@ export class MirrorDevice implements BlockDevice {
       upToDateFor: (leg, offsetBytes, lengthBytes) => this.upToDateFor(leg, offsetBytes, lengthBytes),
       failLeg: (leg, reason) => this.lifecycle.failLeg(leg, reason),
       markUnlessSole: (leg, offsetBytes, lengthBytes) => this.markUnlessSole(leg, offsetBytes, lengthBytes),
+      chains: () => this.chain !== null && this.copyMode !== 'per-leg',
       ...(options.resyncVerify === true ? {
         checksum: (leg: Leg, offsetBytes: number, lengthBytes: number) => this.verifier.compareForResync(leg.index, leg.epoch, offsetBytes, lengthBytes),
       } : {}),
@@ -544,6 +558,7 @@ export class MirrorDevice implements BlockDevice {
       requestTimeoutMs: this.options.legTimeoutMs ?? 0,
       idleProbeMs: this.options.idleProbeMs ?? 5000,
       connections: this.options.legConnections ?? 1,
+      ...(this.chain !== null ? { chain: this.chain.buffer } : {}),
     };
     const leg = this.startLeg(init, dispatch, completion);
     leg.health = new LegHealth(leg, this.logger, this.healthPolicy);
@@ -1478,6 +1493,29 @@ export class MirrorDevice implements BlockDevice {
       if (this.ring.state(slot) !== 2) continue;
       if (abandonLeg(this.ring, slot, leg.index, p.kEIo)) this.onSlotComplete(slot);
     }
+    this.adoptInbox(leg);
+  }
+
+  /**
+   * A gone actor's chain inbox (src/ring/chain-inbox.ts): another actor may still hand it a
+   * copy whose READ was in flight. The master takes over as the inbox's one consumer and acks
+   * every such slot for the leg with EIO, until the leg's record is replaced (addLeg).
+   */
+  private adoptInbox(leg: Leg): void {
+    const chain = this.chain;
+    if (chain === null || this.adoptedInboxes.has(leg)) return;
+    this.adoptedInboxes.add(leg);
+    const drainOnce = (): void => {
+      if (this.closed || this.legs[leg.index] !== leg) return;
+      const snapshot = chain.snapshot(leg.index);
+      chain.drain(leg.index, (slot) => {
+        if (abandonLeg(this.ring, slot, leg.index, p.kEIo)) this.onSlotComplete(slot);
+      });
+      const wait = chain.waitAsync(leg.index, snapshot);
+      if (wait === null) setImmediate(drainOnce);
+      else void wait.then(drainOnce);
+    };
+    drainOnce();
   }
 
   // ---- operator controls (control plane, bench, tests) ------------------------------------
@@ -1780,6 +1818,7 @@ export class MirrorDevice implements BlockDevice {
       writeBytesCopied: this.counters.writeBytesCopied,
       ringSlotsInUse: this.ring.slotCount - this.ring.freeCount,
       legs: this.legStatus(),
+      resyncWrites: this.copier.writeCounts(),
     };
   }
 

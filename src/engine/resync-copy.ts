@@ -10,7 +10,9 @@
  *   allocate a run of slots (wait behind client requests if the ring is full)
  *   -> range lock of [offset, offset+length) (a client write there waits for at most one copy)
  *   -> READ on a source leg up to date for the range (re-picked at dispatch, after the lock)
- *   -> rephase the slot to a WRITE on the target leg
+ *   -> chained (default): the source's actor hands the slot to the target's actor as a WRITE
+ *      (src/ring/chain-inbox.ts); the master sees only the WRITE's completion. Not chained
+ *      (resyncChain off, or the READ failed): back here, rephase the slot to a WRITE
  *   -> on success within the target's epoch: clear the range's bits, still under the lock.
  *
  * Design notes
@@ -28,6 +30,7 @@
 import * as p from '../nbd/protocol.js';
 import { errnoNames } from '../nbd/protocol-names.js';
 import type { RequestRing } from '../ring/request-ring.js';
+import { setChainLeg } from '../ring/chain-inbox.js';
 import type { Leg } from './leg.js';
 import type { CopyOutcome } from './resync.js';
 import type { SlotTable } from './slot-table.js';
@@ -54,6 +57,8 @@ export interface CopyHost {
   upToDateFor(leg: Leg, offsetBytes: number, lengthBytes: number): boolean;
   failLeg(leg: Leg, reason: string): void;
   markUnlessSole(leg: Leg, offsetBytes: number, lengthBytes: number): void;
+  /** The READ leg's actor may hand a copy straight to the target's actor (chain-inbox.ts). */
+  chains?: () => boolean;
   /**
    * Checksum resync (--resync-verify, src/engine/verify.ts): compares the piece on a source and
    * on the target under the range lock, clears the bits of what is the same (clearMatched) and
@@ -64,8 +69,15 @@ export interface CopyHost {
 
 export class ResyncCopier {
   private readonly done = new Map<number, (outcome: CopyOutcome) => void>();
+  /** 1: the slot's READ was dispatched chained (its target leg's inFlight counts the WRITE). */
+  private readonly chained: Uint8Array;
+  /** Copy WRITEs completed, and how many of them the READ leg's actor chained (stats). */
+  private writesDone = 0;
+  private writesChained = 0;
 
-  constructor(private readonly host: CopyHost) {}
+  constructor(private readonly host: CopyHost) {
+    this.chained = new Uint8Array(host.ring.slotCount);
+  }
 
   /**
    * Copies [offset, offset+length) to the resyncing leg, piece by piece from legs that hold
@@ -183,6 +195,13 @@ export class ResyncCopier {
     }
     ring.resetMasks(slot, source.bit);
     ring.setReadLeg(slot, source.index);
+    if (this.host.chains?.() === true) {
+      // The READ goes on as a WRITE to the target without coming back here (chain-inbox.ts):
+      // the target's inFlight counts it from now; onPhaseComplete settles both legs.
+      setChainLeg(ring, slot, target.index);
+      this.chained[slot] = 1;
+      target.inFlight += 1;
+    }
     return true;
   }
 
@@ -192,6 +211,20 @@ export class ResyncCopier {
     const target = legs[slots.copyLeg[slot] ?? 0] as Leg;
     const offsetBytes = ring.offsetBytes(slot);
     const lengthBytes = ring.lengthBytes(slot);
+    if (phase === 1 && this.chained[slot] === 1) {
+      // onSlotComplete took one off the legs of the mask that completed: the target's (chained:
+      // the WRITE, counted at prepareRead) or the source's (the READ came back here).
+      this.chained[slot] = 0;
+      const source = legs[ring.readLeg(slot)];
+      if (ring.command(slot) === p.kCmdWrite) {
+        if (source !== undefined) source.inFlight -= 1;
+        this.writesChained += 1;
+        slots.phase[slot] = 2;
+        phase = 2;
+      } else {
+        target.inFlight -= 1;
+      }
+    }
     if (phase === 1) {
       if (failed !== 0) {
         const source = legs[ring.readLeg(slot)] as Leg;
@@ -210,7 +243,14 @@ export class ResyncCopier {
       this.host.dispatch(slot);
       return;
     }
+    this.writesDone += 1;
     if (failed !== 0) {
+      // A failure from the target's connection of an earlier epoch says nothing of its current
+      // one (it already failed since the copy started): the copy just ends.
+      if (target.epoch !== slots.epoch[slot]) {
+        this.end(slot, 'stopped');
+        return;
+      }
       const errno = ring.legErrno(slot, target.index);
       this.host.failLeg(target, `WRITE for a resync failed with ${errnoNames[errno] ?? errno}`);
       this.end(slot, 'target-failed');
@@ -226,6 +266,10 @@ export class ResyncCopier {
     this.end(slot, 'copied');
   }
 
+  writeCounts(): { total: number; chained: number } {
+    return { total: this.writesDone, chained: this.writesChained };
+  }
+
   /** The copy still counts: its target is resyncing in the epoch the copy started in. */
   private stillWanted(target: Leg, slot: number): boolean {
     return target.state === 'resyncing' && target.epoch === this.host.slots.epoch[slot];
@@ -233,6 +277,7 @@ export class ResyncCopier {
 
   private end(slot: number, outcome: CopyOutcome): void {
     const slots = this.host.slots;
+    this.chained[slot] = 0;
     slots.phase[slot] = 0;
     slots.copyLeg[slot] = -1;
     const resolve = this.done.get(slot);

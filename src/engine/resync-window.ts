@@ -13,7 +13,7 @@
  *   and 0.36-0.45 context switches in the process, 16 made 2.2-2.4 and 0.85-0.96); 1 MiB copies
  *   of a 256 KiB-slot ring: 32 in flight (32 MiB, half the default ring).
  * - Gap: 64 KiB of clean chunks between two dirty runs are copied with them. A copy's fixed
- *   cost (two requests, four thread hops, the range lock) is worth far more than 64 KiB of
+ *   cost (two requests, three thread hops with chained copies, the range lock) is worth far more than 64 KiB of
  *   memcpy and socket bandwidth on these legs; the bytes copied then exceed the dirty bytes.
  *   Not with on-leg metadata: a copy may write a chunk only while its bit is durable on every
  *   admitted leg (the keeper's write intent, invariant I1 of meta-keeper.ts), and a clean gap

@@ -62,6 +62,11 @@
  *                     the dispatch queue tail store: byte offset of the shadow's data in the
  *                     data SAB (inside the arena). Slot descriptors: unused (data at slot *
  *                     slotBytes).
+ *   kSlotChainLeg     (word 14) W master (setChainLeg, chain-inbox.ts) before dispatching a resync copy's
+ *                     READ: target leg + 1 (0: none); Atomics.store. Cleared (Atomics.store 0) by
+ *                     resetMasks on every dispatch and by the READ leg's actor when it hands the
+ *                     slot on (chainToWrite, which then also writes command, flags and the masks
+ *                     of the WRITE: the one place an actor writes descriptor words besides acks).
  *   kSlotLegErrnoBase + i  (i in 0..kMaxLegs-1)
  *                     W actor of leg i: Atomics.store(errno) BEFORE its failed/visited ors.
  *                     Master: Atomics.store(0) before dispatch for every leg of the previous
@@ -132,7 +137,9 @@ export const kSlotFailedMask = 10;
 export const kSlotErrno = 11;
 export const kSlotReadLeg = 12;
 export const kSlotDataOffset = 13;
-// Words 14..15 spare.
+/** Resync copy READ: target leg + 1 its actor hands the slot to as a WRITE (chain-inbox.ts); 0 none. */
+export const kSlotChainLeg = 14;
+// Word 15 spare.
 export const kSlotLegErrnoBase = 16;
 // Words 47..63 spare.
 /** Descriptor stride: 64 words = 256 bytes (four cache lines). */

@@ -80,6 +80,7 @@ import {
   kSlotOffsetHigh,
   kSlotOffsetLow,
   kSlotReadLeg,
+  kSlotChainLeg,
   kSlotSpanSlots,
   kSlotState,
   kSlotStateAllocated,
@@ -303,6 +304,7 @@ export class RequestRing {
     Atomics.store(control, base + kSlotVisitedMask, 0);
     Atomics.store(control, base + kSlotFailedMask, 0);
     Atomics.store(control, base + kSlotErrno, 0);
+    Atomics.store(control, base + kSlotChainLeg, 0);
   }
 
   /**

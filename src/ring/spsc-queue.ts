@@ -42,7 +42,9 @@
  * Notifies are batched: one per publish, and only while the consumer announced sleeping.
  *
  * Allocation: push/stage/publish/pop/drain allocate nothing. `waitAsync` returns the Promise
- * made by Atomics.waitAsync (one per sleep, not per entry). A pending Atomics.waitAsync does
+ * made by Atomics.waitAsync (one per sleep, not per entry); while that Promise is pending a
+ * later call (a consumer woken by something else, e.g. its chain inbox, going back to sleep)
+ * announces sleeping again and returns the same Promise instead of stacking a second waiter. A pending Atomics.waitAsync does
  * not by itself keep a Node thread alive: the consumer thread needs another ref'd handle (a
  * socket, a parentPort listener) while it sleeps.
  */
@@ -104,6 +106,8 @@ export class SpscQueue {
   private head: number;
   private cachedTail: number;
   private sleeping = false;
+  /** Consumer: the Atomics.waitAsync Promise of the last sleep until it resolves. */
+  private pendingWait: Promise<WaitResult> | null = null;
 
   private constructor(buffer: SharedArrayBuffer) {
     this.buffer = buffer;
@@ -264,13 +268,21 @@ export class SpscQueue {
       this.awake();
       return null;
     }
+    // A wait still pending from an earlier call (its consumer was woken by something else,
+    // e.g. a chain inbox): reuse it rather than stack a second waiter on the word.
+    if (this.pendingWait !== null) return this.pendingWait;
     this.words[kQueueWaitCount] = ((this.words[kQueueWaitCount] as number) + 1) | 0;
     const result = atomicsAsync.waitAsync(this.words, kQueueTail, this.head, timeoutMs);
     if (!result.async) {
       this.awake();
       return null;
     }
-    return result.value;
+    const pending = result.value;
+    this.pendingWait = pending;
+    void pending.then(() => {
+      if (this.pendingWait === pending) this.pendingWait = null;
+    });
+    return pending;
   }
 
   /** Whether the consumer has announced it is sleeping (any thread; for tests and stats). */
