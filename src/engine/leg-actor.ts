@@ -13,8 +13,16 @@
  *   event loop (so its sockets get serviced) and sleeps with Atomics.waitAsync only when its
  *   queue is empty. Completions are staged and published once per event-loop turn
  *   (setImmediate), followed by one doorbell ring.
- * - The slot's data is handed to the stub as a view of the ring (`ring.dataView`): a WRITE is
- *   sent from shared memory, a READ lands in shared memory. No copy in shared mode.
+ * - Spin before sleeping (init.spinMicros, src/engine/wake-policy.ts): once the queue runs
+ *   empty the actor re-checks it once per event-loop turn for up to spinMicros before it
+ *   announces sleeping, so a master publishing within that window needs no Atomics.notify.
+ *   The window restarts whenever a check finds entries; hits are counted in the queue
+ *   (noteSpinHit), sleeps in its waitCount.
+ * - The slot's data is handed to the stub as a Buffer view of the ring: a WRITE is sent from
+ *   shared memory, a READ lands in shared memory. No copy in shared mode. The view of each
+ *   slot is cached with its length (`slotView`), so a steady workload (the same request size
+ *   on a slot) creates no view per request; a Buffer, not a plain Uint8Array, so the socket
+ *   does not wrap it again.
  * - Per-leg copy mode (bench experiment): the master posts a private copy of a WRITE payload;
  *   the actor writes from that copy and acks the same visited mask.
  * - Slot ownership: `slotOwner[slot]` names the device a slot was submitted to until it is
@@ -110,6 +118,10 @@ export class LegActor implements LegActorApi {
   private paused = false;
   private pumpScheduled = false;
   private publishScheduled = false;
+  /** Spin budget in ms (init.spinMicros / 1000); 0 = sleep as soon as the queue is empty. */
+  private readonly spinMs: number;
+  /** performance.now() when the queue was first found empty in this spin, -1 when not spinning. */
+  private spinStartMs = -1;
   /** Per-leg copy mode: the private payload copy of each slot in flight. */
   private readonly copies: (Uint8Array | null)[];
   private readonly issueBound = (slot: number): void => this.issue(slot, null);
@@ -117,6 +129,8 @@ export class LegActor implements LegActorApi {
   private readonly publishBound = (): void => this.publishCompletions();
   private readonly statistics: LegStats = { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, inFlight: 0, connected: false, latencySumMs: 0, latencyCount: 0 };
   private readonly issuedAt: Float64Array;
+  /** Per slot: the last exact-length Buffer view handed to the device (reused while the length repeats). */
+  private readonly views: (Buffer | null)[];
 
   constructor(
     private readonly init: LegActorInit,
@@ -134,10 +148,14 @@ export class LegActor implements LegActorApi {
     this.events = new Int32Array(init.events);
     this.issuedAt = new Float64Array(this.ring.slotCount);
     this.slotOwner = new Array<BlockDevice | null>(this.ring.slotCount).fill(null);
+    this.views = new Array<Buffer | null>(this.ring.slotCount).fill(null);
     const idleProbeMs = init.idleProbeMs ?? 0;
     assert(Number.isFinite(idleProbeMs) && idleProbeMs >= 0, 'idleProbeMs is a number >= 0');
     this.idleProbeMs = idleProbeMs;
     this.idleAnswerMs = init.requestTimeoutMs > 0 ? init.requestTimeoutMs : idleProbeMs;
+    const spinMicros = init.spinMicros ?? 0;
+    assert(Number.isFinite(spinMicros) && spinMicros >= 0, 'spinMicros is a number >= 0');
+    this.spinMs = spinMicros / 1000;
   }
 
   async open(): Promise<LegInfo | { error: PlainError }> {
@@ -182,14 +200,30 @@ export class LegActor implements LegActorApi {
     setImmediate(this.pumpBound);
   }
 
-  /** Drains a batch; yields to the event loop; sleeps on the queue when it is empty. */
+  /**
+   * Drains a batch; yields to the event loop; when the queue is empty, re-checks it once per
+   * turn for up to spinMs, then sleeps on it.
+   */
   private pump(): void {
     this.pumpScheduled = false;
     if (!this.running || this.paused) return;
     const drained = this.dispatch.drain(this.issueBound, kDrainBatch);
     if (drained > 0) {
+      if (this.spinStartMs >= 0) {
+        this.dispatch.noteSpinHit();
+        this.spinStartMs = -1;
+      }
       this.schedulePump();
       return;
+    }
+    if (this.spinMs > 0) {
+      const nowMs = performance.now();
+      if (this.spinStartMs < 0) this.spinStartMs = nowMs;
+      if (nowMs - this.spinStartMs < this.spinMs) {
+        this.schedulePump();
+        return;
+      }
+      this.spinStartMs = -1;
     }
     const wait = this.dispatch.waitAsync();
     if (wait === null) {
@@ -226,7 +260,7 @@ export class LegActor implements LegActorApi {
         this.copies[slot] = copy;
         data = copy;
       } else {
-        data = ring.dataView(slot, lengthBytes);
+        data = this.slotView(slot, lengthBytes);
       }
     }
     this.statistics.requests += 1;
@@ -236,6 +270,18 @@ export class LegActor implements LegActorApi {
     assert(this.slotOwner[slot] === null, 'a slot is issued once per dispatch');
     this.slotOwner[slot] = device;
     device.submit(command, ring.flags(slot), ring.offsetBytes(slot), lengthBytes, data, slot);
+  }
+
+  /** An exact-length Buffer view from the start of `slot` (may span a run); cached per slot. */
+  private slotView(slot: number, lengthBytes: number): Buffer {
+    const cached = this.views[slot] ?? null;
+    if (cached !== null && cached.length === lengthBytes) return cached;
+    const ring = this.ring;
+    const at = ring.dataOffset(slot);
+    assert(at + lengthBytes <= ring.data.length, 'view inside the data area');
+    const view = Buffer.from(ring.data.buffer, ring.data.byteOffset + at, lengthBytes);
+    this.views[slot] = view;
+    return view;
   }
 
   /** A device's completion: slots it still owns are acked; probe tokens go to their waiter. */

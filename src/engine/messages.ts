@@ -39,6 +39,8 @@ export interface LegActorInit {
   idleProbeMs?: number;
   /** Connections per NBD leg when its URI does not say (used with multi-conn only; default 1). */
   connections?: number;
+  /** µs the actor polls its empty dispatch queue before sleeping (src/engine/wake-policy.ts; default 0). */
+  spinMicros?: number;
 }
 
 /** Opens a leg's server stub (the default: src/stubs/open-leg.ts; tests inject fault legs). */
