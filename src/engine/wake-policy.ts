@@ -17,8 +17,13 @@
  *   as before (the lost-wakeup protocol of src/ring/spsc-queue.ts is unchanged: a spinning
  *   consumer simply has its sleeping flag at 0).
  * - Default budget by CPUs this process may run on (os.availableParallelism(), which honours
- *   taskset): on one CPU a spinning thread only delays the producer it waits for, so 0.
- *   ENBD_SPIN_US overrides both budgets (tuning and the bench's A/B; a number of microseconds).
+ *   taskset): 0 up to kSpinCpusMin - 1 CPUs, kActorSpinMicrosDefault / kMasterSpinMicrosDefault
+ *   from kSpinCpusMin on. On one CPU a spinning thread only delays the producer it waits for;
+ *   on this project's 2-vCPU hosts (fio, the legs and the mirror's threads sharing them) a 50 us
+ *   poll caught the next publish in under 3 % of its windows and cost CPU per request, so 2
+ *   CPUs get no spin either (bench/README.md, "Actor wake-ups"). With 4+ CPUs the budget is
+ *   the design's guess, not measured here. ENBD_SPIN_US overrides both budgets (tuning and the
+ *   bench's A/B; a number of microseconds).
  *
  * Invariants: budgets are finite integers >= 0 and at most kSpinMicrosMax.
  */
@@ -26,9 +31,11 @@ import { availableParallelism } from 'node:os';
 
 /** Upper bound of a budget: a consumer never polls longer than this before sleeping. */
 export const kSpinMicrosMax = 1000;
-/** Default actor budget with 2 or more CPUs (see bench/README.md, "Actor wake-ups"). */
+/** Fewest CPUs at which the default budgets are non-zero. */
+export const kSpinCpusMin = 4;
+/** Default actor budget with kSpinCpusMin or more CPUs (see bench/README.md, "Actor wake-ups"). */
 export const kActorSpinMicrosDefault = 50;
-/** Default master budget with 2 or more CPUs. */
+/** Default master budget with kSpinCpusMin or more CPUs. */
 export const kMasterSpinMicrosDefault = 50;
 
 export interface WakePolicy {
@@ -50,7 +57,7 @@ export function defaultWakePolicy(cpus = availableParallelism(), env: NodeJS.Pro
     const micros = clampMicros(Number(override));
     return { actorSpinMicros: micros, masterSpinMicros: micros };
   }
-  if (cpus <= 1) return { actorSpinMicros: 0, masterSpinMicros: 0 };
+  if (cpus < kSpinCpusMin) return { actorSpinMicros: 0, masterSpinMicros: 0 };
   return { actorSpinMicros: kActorSpinMicrosDefault, masterSpinMicros: kMasterSpinMicrosDefault };
 }
 
