@@ -21,8 +21,9 @@
  * - The slot's data is handed to the stub as a Buffer view of the ring: a WRITE is sent from
  *   shared memory, a READ lands in shared memory. No copy in shared mode. The view of each
  *   slot is cached with its length (`slotView`), so a steady workload (the same request size
- *   on a slot) creates no view per request; a Buffer, not a plain Uint8Array, so the socket
- *   does not wrap it again.
+ *   on a slot) creates no view per request. A plain Uint8Array, not a Buffer: Buffer's slice()
+ *   aliases instead of copying, and a stub (the model test's fault legs) snapshots a WRITE's
+ *   payload with slice().
  * - Per-leg copy mode (bench experiment): the master posts a private copy of a WRITE payload;
  *   the actor writes from that copy and acks the same visited mask.
  * - Slot ownership: `slotOwner[slot]` names the device a slot was submitted to until it is
@@ -129,8 +130,8 @@ export class LegActor implements LegActorApi {
   private readonly publishBound = (): void => this.publishCompletions();
   private readonly statistics: LegStats = { requests: 0, bytesRead: 0, bytesWritten: 0, errors: 0, inFlight: 0, connected: false, latencySumMs: 0, latencyCount: 0 };
   private readonly issuedAt: Float64Array;
-  /** Per slot: the last exact-length Buffer view handed to the device (reused while the length repeats). */
-  private readonly views: (Buffer | null)[];
+  /** Per slot: the last exact-length view handed to the device (reused while the length repeats). */
+  private readonly views: (Uint8Array | null)[];
 
   constructor(
     private readonly init: LegActorInit,
@@ -148,7 +149,7 @@ export class LegActor implements LegActorApi {
     this.events = new Int32Array(init.events);
     this.issuedAt = new Float64Array(this.ring.slotCount);
     this.slotOwner = new Array<BlockDevice | null>(this.ring.slotCount).fill(null);
-    this.views = new Array<Buffer | null>(this.ring.slotCount).fill(null);
+    this.views = new Array<Uint8Array | null>(this.ring.slotCount).fill(null);
     const idleProbeMs = init.idleProbeMs ?? 0;
     assert(Number.isFinite(idleProbeMs) && idleProbeMs >= 0, 'idleProbeMs is a number >= 0');
     this.idleProbeMs = idleProbeMs;
@@ -272,14 +273,11 @@ export class LegActor implements LegActorApi {
     device.submit(command, ring.flags(slot), ring.offsetBytes(slot), lengthBytes, data, slot);
   }
 
-  /** An exact-length Buffer view from the start of `slot` (may span a run); cached per slot. */
-  private slotView(slot: number, lengthBytes: number): Buffer {
+  /** An exact-length view from the start of `slot` (may span a run); cached per slot. */
+  private slotView(slot: number, lengthBytes: number): Uint8Array {
     const cached = this.views[slot] ?? null;
     if (cached !== null && cached.length === lengthBytes) return cached;
-    const ring = this.ring;
-    const at = ring.dataOffset(slot);
-    assert(at + lengthBytes <= ring.data.length, 'view inside the data area');
-    const view = Buffer.from(ring.data.buffer, ring.data.byteOffset + at, lengthBytes);
+    const view = this.ring.dataView(slot, lengthBytes);
     this.views[slot] = view;
     return view;
   }

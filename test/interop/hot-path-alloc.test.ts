@@ -28,8 +28,8 @@ const kQueueDepth = 16;
 const kBudgetBytesPerRequest = 1024;
 /**
  * The same with two NBD legs and inline actors: master + two actors and their NBD clients.
- * 2026-12-01: 1150-1730 B (it varies with how many event-loop turns the actors' polls take);
- * 1750-1930 B before the actor's per-slot views and the client's per-position header views.
+ * 2026-12-01: 1260-1670 B (it varies with the event-loop turns per batch); 1750-1930 B before
+ * the actor's per-slot views and the client's per-position header views.
  */
 const kBudgetNbdLegsBytesPerRequest = 2048;
 const kChild = fileURLToPath(new URL('../helpers/alloc-server.js', import.meta.url));

@@ -12,9 +12,9 @@
  *   turn leaves in one writev. A WRITE's payload is the caller's view, written as is (never
  *   copied); the header run before it is handed over first to keep the order. Arena bytes are
  *   reused once the socket reports the write that carried them as done. A one-header run (a
- *   WRITE's own header) is a view the arena caches per position, and callers pass Buffer views
- *   (the leg actor caches one per ring slot), so a WRITE costs two chunks of the turn's one
- *   writev and no new view. Header and payload stay two chunks: joining them would need a copy
+ *   WRITE's own header) is a view the arena caches per position and the leg actor caches its
+ *   payload view per ring slot, so a WRITE costs two chunks of the turn's one writev and no
+ *   view of ours (Node's Writable still wraps a plain Uint8Array payload in a Buffer). Header and payload stay two chunks: joining them would need a copy
  *   of the payload (a second userspace copy per WRITE) or a header area in front of every ring
  *   slot (runs of slots must stay contiguous).
  *   nextTick, not setImmediate (measured with 4 KiB requests against nbdkit memory on a Unix

@@ -8,20 +8,21 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { truncateSync, writeFileSync } from 'node:fs';
-import { defaultWakePolicy, kActorSpinMicrosDefault, kSpinCpusMin, kSpinMicrosMax } from '../../../src/engine/wake-policy.js';
+import { defaultWakePolicy, kActorSpinMicrosDefault, kMasterSpinMicrosDefault, kSpinMicrosMax } from '../../../src/engine/wake-policy.js';
 import { MirrorDevice } from '../../../src/engine/mirror.js';
 import { createLogger } from '../../../src/core/log.js';
 import { scratch } from '../../helpers/tools.js';
 
-test('budgets: 0 below kSpinCpusMin CPUs, the default from there, ENBD_SPIN_US overrides and is clamped', () => {
+test('budgets: 0 on one CPU, the defaults (0 today) with more, ENBD_SPIN_US overrides and is clamped', () => {
   assert.deepEqual(defaultWakePolicy(1, {}), { actorSpinMicros: 0, masterSpinMicros: 0 });
-  assert.deepEqual(defaultWakePolicy(kSpinCpusMin - 1, {}), { actorSpinMicros: 0, masterSpinMicros: 0 });
-  assert.equal(defaultWakePolicy(kSpinCpusMin, {}).actorSpinMicros, kActorSpinMicrosDefault);
+  assert.equal(defaultWakePolicy(2, {}).actorSpinMicros, kActorSpinMicrosDefault);
+  assert.equal(defaultWakePolicy(16, {}).masterSpinMicros, kMasterSpinMicrosDefault);
   assert.deepEqual(defaultWakePolicy(8, { ENBD_SPIN_US: '0' }), { actorSpinMicros: 0, masterSpinMicros: 0 });
   assert.deepEqual(defaultWakePolicy(1, { ENBD_SPIN_US: '120' }), { actorSpinMicros: 120, masterSpinMicros: 120 });
   assert.equal(defaultWakePolicy(2, { ENBD_SPIN_US: '1e9' }).actorSpinMicros, kSpinMicrosMax);
   assert.equal(defaultWakePolicy(2, { ENBD_SPIN_US: '-5' }).actorSpinMicros, 0);
   assert.equal(defaultWakePolicy(8, { ENBD_SPIN_US: 'fast' }).actorSpinMicros, kActorSpinMicrosDefault, 'not a number: ignored');
+  assert.equal(defaultWakePolicy(1, { ENBD_SPIN_US: '' }).actorSpinMicros, 0, 'empty: unset');
 });
 
 async function writeAndRead(spinMicros: number): Promise<ReturnType<MirrorDevice['wakeCounters']>> {
