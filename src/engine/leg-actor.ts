@@ -13,8 +13,17 @@
  *   event loop (so its sockets get serviced) and sleeps with Atomics.waitAsync only when its
  *   queue is empty. Completions are staged and published once per event-loop turn
  *   (setImmediate), followed by one doorbell ring.
- * - The slot's data is handed to the stub as a view of the ring (`ring.dataView`): a WRITE is
- *   sent from shared memory, a READ lands in shared memory. No copy in shared mode.
+ * - Spin before sleeping (init.spinMicros, src/engine/wake-policy.ts): once the queue runs
+ *   empty the actor re-checks it once per event-loop turn for up to spinMicros before it
+ *   announces sleeping, so a master publishing within that window needs no Atomics.notify.
+ *   The window restarts whenever a check finds entries; hits are counted in the queue
+ *   (noteSpinHit), sleeps in its waitCount.
+ * - The slot's data is handed to the stub as a Buffer view of the ring: a WRITE is sent from
+ *   shared memory, a READ lands in shared memory. No copy in shared mode. The view of each
+ *   slot is cached with its length (`slotView`), so a steady workload (the same request size
+ *   on a slot) creates no view per request. A plain Uint8Array, not a Buffer: Buffer's slice()
+ *   aliases instead of copying, and a stub (the model test's fault legs) snapshots a WRITE's
+ *   payload with slice().
  * - Per-leg copy mode (bench experiment): the master posts a private copy of a WRITE payload;
  *   the actor writes from that copy and acks the same visited mask.
  * - Slot ownership: `slotOwner[slot]` names the device a slot was submitted to until it is
@@ -119,6 +128,10 @@ export class LegActor implements LegActorApi {
   private paused = false;
   private pumpScheduled = false;
   private publishScheduled = false;
+  /** Spin budget in ms (init.spinMicros / 1000); 0 = sleep as soon as the queue is empty. */
+  private readonly spinMs: number;
+  /** performance.now() when the queue was first found empty in this spin, -1 when not spinning. */
+  private spinStartMs = -1;
   /** Per-leg copy mode: the private payload copy of each slot in flight. */
   private readonly copies: (Uint8Array | null)[];
   private readonly issueBound = (slot: number): void => this.issue(slot, null);
@@ -135,6 +148,8 @@ export class LegActor implements LegActorApi {
   /** The actor sleeps on its queue and its inbox; the first wake-up runs the pump. */
   private asleep = false;
   private readonly wakeBound = (): void => this.wake();
+  /** Per slot: the last exact-length view handed to the device (reused while the length repeats). */
+  private readonly views: (Uint8Array | null)[];
 
   constructor(
     private readonly init: LegActorInit,
@@ -153,10 +168,14 @@ export class LegActor implements LegActorApi {
     this.issuedAt = new Float64Array(this.ring.descriptorCount);
     this.slotOwner = new Array<BlockDevice | null>(this.ring.descriptorCount).fill(null);
     this.chain = init.chain !== undefined ? ChainInboxes.attach(init.chain, this.ring.slotCount) : null;
+    this.views = new Array<Uint8Array | null>(this.ring.descriptorCount).fill(null);
     const idleProbeMs = init.idleProbeMs ?? 0;
     assert(Number.isFinite(idleProbeMs) && idleProbeMs >= 0, 'idleProbeMs is a number >= 0');
     this.idleProbeMs = idleProbeMs;
     this.idleAnswerMs = init.requestTimeoutMs > 0 ? init.requestTimeoutMs : idleProbeMs;
+    const spinMicros = init.spinMicros ?? 0;
+    assert(Number.isFinite(spinMicros) && spinMicros >= 0, 'spinMicros is a number >= 0');
+    this.spinMs = spinMicros / 1000;
   }
 
   async open(): Promise<LegInfo | { error: PlainError }> {
@@ -201,15 +220,31 @@ export class LegActor implements LegActorApi {
     setImmediate(this.pumpBound);
   }
 
-  /** Drains a batch; yields to the event loop; sleeps on the queue when it is empty. */
+  /**
+   * Drains a batch; yields to the event loop; when the queue is empty, re-checks it once per
+   * turn for up to spinMs, then sleeps on it.
+   */
   private pump(): void {
     this.pumpScheduled = false;
     if (!this.running || this.paused) return;
     const chainSnapshot = this.chain?.snapshot(this.legIndex) ?? 0;
     const drained = this.dispatch.drain(this.issueBound, kDrainBatch) + this.drainChained();
     if (drained > 0) {
+      if (this.spinStartMs >= 0) {
+        this.dispatch.noteSpinHit();
+        this.spinStartMs = -1;
+      }
       this.schedulePump();
       return;
+    }
+    if (this.spinMs > 0) {
+      const nowMs = performance.now();
+      if (this.spinStartMs < 0) this.spinStartMs = nowMs;
+      if (nowMs - this.spinStartMs < this.spinMs) {
+        this.schedulePump();
+        return;
+      }
+      this.spinStartMs = -1;
     }
     if (this.chain !== null) {
       this.sleepOnBoth(chainSnapshot);
@@ -322,7 +357,7 @@ export class LegActor implements LegActorApi {
         this.copies[slot] = copy;
         data = copy;
       } else {
-        data = ring.dataView(slot, lengthBytes);
+        data = this.slotView(slot, lengthBytes);
       }
     }
     this.statistics.requests += 1;
@@ -332,6 +367,19 @@ export class LegActor implements LegActorApi {
     assert(this.slotOwner[slot] === null, 'a slot is issued once per dispatch');
     this.slotOwner[slot] = device;
     device.submit(command, ring.flags(slot), ring.offsetBytes(slot), lengthBytes, data, slot);
+  }
+
+  /**
+   * An exact-length view from the start of `slot` (may span a run); cached per slot. The cache
+   * is keyed by length and by where the bytes start: a shadow descriptor's data moves between
+   * uses (its granule run in the arena, kSlotDataOffset), a ring slot's never does.
+   */
+  private slotView(slot: number, lengthBytes: number): Uint8Array {
+    const cached = this.views[slot] ?? null;
+    if (cached !== null && cached.length === lengthBytes && cached.byteOffset === this.ring.data.byteOffset + this.ring.dataOffset(slot)) return cached;
+    const view = this.ring.dataView(slot, lengthBytes);
+    this.views[slot] = view;
+    return view;
   }
 
   /** A device's completion: slots it still owns are acked; probe tokens go to their waiter. */

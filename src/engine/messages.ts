@@ -44,6 +44,8 @@ export interface LegActorInit {
    * actor never chains (copy READs go back to the master as before).
    */
   chain?: SharedArrayBuffer;
+  /** µs the actor polls its empty dispatch queue before sleeping (src/engine/wake-policy.ts; default 0). */
+  spinMicros?: number;
 }
 
 /** Opens a leg's server stub (the default: src/stubs/open-leg.ts; tests inject fault legs). */

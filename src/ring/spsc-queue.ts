@@ -17,6 +17,8 @@
  *   word kQueueSleeping   (17)  consumer: Atomics.store 1 before sleeping, 0 on its next
  *                               pop/drain. Producer Atomics.loads it after publishing.
  *   word kQueueWaitCount  (18)  consumer: plain write (statistics: sleeps started).
+ *   word kQueueSpinHitCount (19) consumer: plain write (statistics: checks that found entries
+ *                               while the consumer polled instead of sleeping, noteSpinHit).
  *   word kQueueMagicWord  (32)  creator, once (kQueueMagic). kQueueCapacityWord (33) creator,
  *                               once.
  *   words kQueueEntriesBase .. +capacity-1: entry i lives at (counter & mask). Producer plain
@@ -57,6 +59,7 @@ export const kQueueNotifyCount = 1;
 export const kQueueHead = 16;
 export const kQueueSleeping = 17;
 export const kQueueWaitCount = 18;
+export const kQueueSpinHitCount = 19;
 export const kQueueMagicWord = 32;
 export const kQueueCapacityWord = 33;
 export const kQueueEntriesBase = 48;
@@ -68,6 +71,10 @@ export const kQueueCapacityMax = 1 << 20;
 export const kBellCount = 0;
 export const kBellNotifyCount = 1;
 export const kBellSleeping = 16;
+/** Consumer, plain write (statistics): sleeps started. */
+export const kBellWaitCount = 17;
+/** Consumer, plain write (statistics): polls that found a ring instead of sleeping. */
+export const kBellSpinHitCount = 18;
 export const kBellMagicWord = 32;
 export const kBellWords = 48;
 export const kBellMagic = 0x42454c4c; // 'BELL'
@@ -294,6 +301,16 @@ export class SpscQueue {
   get waitCount(): number {
     return Atomics.load(this.words, kQueueWaitCount);
   }
+
+  /** Consumer (statistics): a poll found entries, so a sleep and its notify were avoided. */
+  noteSpinHit(): void {
+    this.words[kQueueSpinHitCount] = ((this.words[kQueueSpinHitCount] as number) + 1) | 0;
+  }
+
+  /** Statistics: polls that found entries (consumer-written). */
+  get spinHitCount(): number {
+    return Atomics.load(this.words, kQueueSpinHitCount);
+  }
 }
 
 /**
@@ -302,7 +319,8 @@ export class SpscQueue {
  * sleeping. The consumer takes `snapshot()`, scans its queues, then `waitAsync(snapshot)`: it
  * sleeps only if no ring happened since the snapshot (same argument as the queue above, with
  * the count in place of tail). Layout: kBellCount (producers, Atomics.add), kBellNotifyCount
- * (producers, Atomics.add, statistics), kBellSleeping (consumer, Atomics.store) on its own line.
+ * (producers, Atomics.add, statistics), kBellSleeping (consumer, Atomics.store) on its own line,
+ * then kBellWaitCount and kBellSpinHitCount (consumer, plain writes, statistics).
  */
 export class Doorbell {
   readonly buffer: SharedArrayBuffer;
@@ -356,6 +374,7 @@ export class Doorbell {
       this.snapshot();
       return null;
     }
+    this.words[kBellWaitCount] = ((this.words[kBellWaitCount] as number) + 1) | 0;
     const result = atomicsAsync.waitAsync(this.words, kBellCount, snapshot, timeoutMs);
     if (!result.async) {
       this.snapshot();
@@ -371,5 +390,20 @@ export class Doorbell {
   /** Statistics: notifies issued by ring(). */
   get notifyCount(): number {
     return Atomics.load(this.words, kBellNotifyCount);
+  }
+
+  /** Consumer (statistics): a poll found a ring, so a sleep and its notify were avoided. */
+  noteSpinHit(): void {
+    this.words[kBellSpinHitCount] = ((this.words[kBellSpinHitCount] as number) + 1) | 0;
+  }
+
+  /** Statistics: sleeps the consumer started (consumer-written). */
+  get waitCount(): number {
+    return Atomics.load(this.words, kBellWaitCount);
+  }
+
+  /** Statistics: polls that found a ring (consumer-written). */
+  get spinHitCount(): number {
+    return Atomics.load(this.words, kBellSpinHitCount);
   }
 }

@@ -7,6 +7,8 @@
  *   "measure\n"  the same again (no GC forced); prints one JSON line with the deltas
  * Any GC inside the window (a scavenge would free what was allocated) is reported, so the
  * parent can tell a clean window from a spoiled one.
+ * ENBD_ALLOC_PLACEMENT=inline: leg actors on the main thread (legs may then be NBD URIs, and the
+ * window covers the actors' and their NBD clients' send path too).
  * ENBD_ALLOC_EXTRA_BYTES (test only): allocate a Buffer of that size per completed request, to
  * prove the budget catches a per-request allocation.
  * Thread: child main thread (the session master); the leg actors on workers.
@@ -27,7 +29,9 @@ let gcCount = 0;
 new PerformanceObserver((list) => (gcCount += list.getEntries().length)).observe({ entryTypes: ['gc'] });
 
 const logger = createLogger({ level: 'silent', pretty: false });
-const served = await openMirrorServer({ legs: [legA, legB], logger, actorEntry: kConnectionActorEntry }, { logger, directReceive: true });
+// ENBD_ALLOC_PLACEMENT=inline (test only): the leg actors and their NBD clients on this thread, so their allocations count too.
+const placement = process.env['ENBD_ALLOC_PLACEMENT'] === 'inline' ? 'inline' : 'workers';
+const served = await openMirrorServer({ legs: [legA, legB], logger, actorEntry: kConnectionActorEntry, placement }, { logger, directReceive: true });
 const kept: Buffer[] = [];
 if (extraBytes > 0) {
   // the deliberate regression: one Buffer per released request buffer (kept, bounded)

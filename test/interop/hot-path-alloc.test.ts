@@ -16,7 +16,7 @@ import { truncateSync, writeFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { NbdClient } from '../../src/nbd/client/client.js';
-import { scratch, unixUri, waitForUnixListener } from '../helpers/tools.js';
+import { MemoryLegs, requires, scratch, unixUri, waitForUnixListener } from '../helpers/tools.js';
 import { TrackedChild } from '../../harness/process.js';
 
 const kLegBytes = 64 * 1024 * 1024;
@@ -26,6 +26,12 @@ const kWindowRequests = 4000;
 const kQueueDepth = 16;
 /** Bytes per request the main thread may allocate in the steady state (today: about 430). */
 const kBudgetBytesPerRequest = 1024;
+/**
+ * The same with two NBD legs and inline actors: master + two actors and their NBD clients.
+ * 2026-12-01: 1260-1670 B (it varies with the event-loop turns per batch); 1750-1930 B before
+ * the actor's per-slot views and the client's per-position header views.
+ */
+const kBudgetNbdLegsBytesPerRequest = 2048;
 const kChild = fileURLToPath(new URL('../helpers/alloc-server.js', import.meta.url));
 
 interface Window {
@@ -48,17 +54,27 @@ async function writeLoop(client: NbdClient, count: number, startIndex: number, d
   await Promise.all(lanes);
 }
 
-/** One measured window against a fresh child; `extraBytes` > 0 plants a per-request Buffer. */
-async function measure(extraBytes: number): Promise<Window> {
+/**
+ * One measured window against a fresh child; `extraBytes` > 0 plants a per-request Buffer.
+ * `nbdLegs`: two nbdkit memory legs and inline placement, so the leg actors' and NBD clients'
+ * send path is measured too (the file-leg window sees only the master's thread).
+ */
+async function measure(extraBytes: number, nbdLegs = false): Promise<Window> {
   const dir = scratch('enbd-alloc-');
-  const legs = [dir.path('a.img'), dir.path('b.img')];
-  for (const leg of legs) {
-    writeFileSync(leg, '');
-    truncateSync(leg, kLegBytes);
+  const nbdkits = new MemoryLegs(() => dir, kLegBytes);
+  const legs: string[] = [];
+  if (nbdLegs) {
+    for (let index = 0; index < 2; index += 1) legs.push((await nbdkits.start()).uri);
+  } else {
+    for (const leg of [dir.path('a.img'), dir.path('b.img')]) {
+      writeFileSync(leg, '');
+      truncateSync(leg, kLegBytes);
+      legs.push(leg);
+    }
   }
   const socketPath = dir.path('m.sock');
   const process_ = spawn(process.execPath, ['--expose-gc', '--max-semi-space-size=64', '--min-semi-space-size=64', kChild, socketPath, ...legs], {
-    env: { ...process.env, ENBD_ALLOC_EXTRA_BYTES: String(extraBytes) },
+    env: { ...process.env, ENBD_ALLOC_EXTRA_BYTES: String(extraBytes), ...(nbdLegs ? { ENBD_ALLOC_PLACEMENT: 'inline' } : {}) },
     stdio: ['pipe', 'pipe', 'pipe'],
   });
   const child = new TrackedChild(process_);
@@ -86,15 +102,16 @@ async function measure(extraBytes: number): Promise<Window> {
     await client?.close().catch(() => undefined);
     process_.stdin.end('stop\n');
     await child.stop('SIGTERM', 10_000);
+    await nbdkits.stopAll();
     dir.cleanup();
   }
 }
 
 /** A window with a GC inside says nothing (the GC freed part of it): try again, a few times. */
-async function cleanWindow(extraBytes: number): Promise<Window> {
+async function cleanWindow(extraBytes: number, nbdLegs = false): Promise<Window> {
   let last: Window | null = null;
   for (let attempt = 0; attempt < 3; attempt += 1) {
-    last = await measure(extraBytes);
+    last = await measure(extraBytes, nbdLegs);
     if (last.gcs === 0) return last;
   }
   assert.fail(`every window had a GC inside (last: ${JSON.stringify(last)}); raise the young generation`);
@@ -106,4 +123,13 @@ test(`steady 4 KiB writes through the server into the ring allocate under ${kBud
   const perRequest = window.allocatedBytes / window.requests;
   process.stderr.write(`hot-path allocation: ${perRequest.toFixed(0)} B per 4 KiB write over ${window.requests} writes\n`);
   assert.ok(perRequest <= kBudgetBytesPerRequest, `${perRequest.toFixed(0)} B allocated per request; budget ${kBudgetBytesPerRequest}`);
+});
+
+test(`the same over two nbdkit memory legs with inline actors (actor + NBD client send path) allocates under ${kBudgetNbdLegsBytesPerRequest} B per request`, { timeout: 120_000 }, async (t) => {
+  if (!requires(t, 'nbdkit')) return;
+  const window = await cleanWindow(Number(process.env['ENBD_ALLOC_EXTRA_BYTES_PARENT'] ?? 0), true);
+  assert.ok(window.requests >= kWindowRequests, `the window saw ${window.requests} writes`);
+  const perRequest = window.allocatedBytes / window.requests;
+  process.stderr.write(`hot-path allocation (nbd legs, inline): ${perRequest.toFixed(0)} B per 4 KiB write over ${window.requests} writes\n`);
+  assert.ok(perRequest <= kBudgetNbdLegsBytesPerRequest, `${perRequest.toFixed(0)} B allocated per request; budget ${kBudgetNbdLegsBytesPerRequest}`);
 });

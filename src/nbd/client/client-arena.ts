@@ -15,6 +15,10 @@
  * be a post-wrap run: every pre-wrap run ends above `tail`. When the arena is empty it restarts
  * at 0. When full, `reserve` returns -1 and the caller writes that header from its own buffer.
  *
+ * A run of one header (the common case before a WRITE payload, which splits the run) is handed
+ * over as a view cached per header position (headers sit at multiples of 28 bytes), created on
+ * first use and kept: a steady stream of WRITEs creates no view per request.
+ *
  * Invariants:
  * - Bytes of a run handed to the sink are not handed out again before that run is released.
  * - runEndsCount <= capacity / kRequestHeaderBytes + 1.
@@ -36,6 +40,8 @@ export class HeaderArena {
   private readonly runEnds: Int32Array;
   private runEndsFirst = 0;
   private runEndsCount = 0;
+  /** Cached one-header views by position (at / kRequestHeaderBytes), filled on first use. */
+  private readonly headerViews: (Buffer | null)[];
 
   constructor(
     readonly capacityBytes: number,
@@ -44,6 +50,7 @@ export class HeaderArena {
     assert(capacityBytes >= 2 * kRequestHeaderBytes, 'arena holds at least two headers');
     this.buffer = Buffer.alloc(capacityBytes);
     this.runEnds = new Int32Array(Math.ceil(capacityBytes / kRequestHeaderBytes) + 2);
+    this.headerViews = new Array<Buffer | null>(Math.floor(capacityBytes / kRequestHeaderBytes)).fill(null);
   }
 
   get pendingRuns(): number {
@@ -85,7 +92,19 @@ export class HeaderArena {
     this.runEnds[(this.runEndsFirst + this.runEndsCount) % this.runEnds.length] = end;
     this.runEndsCount += 1;
     this.runStart = end;
-    this.sink.writeRun(this.buffer.subarray(start, end));
+    this.sink.writeRun(end - start === kRequestHeaderBytes ? this.headerView(start) : this.buffer.subarray(start, end));
+  }
+
+  /** The cached view of the one header at `at` (a multiple of kRequestHeaderBytes). */
+  private headerView(at: number): Buffer {
+    const index = at / kRequestHeaderBytes;
+    assert(Number.isInteger(index) && index < this.headerViews.length, 'headers sit at multiples of the header size');
+    let view = this.headerViews[index] ?? null;
+    if (view === null) {
+      view = this.buffer.subarray(at, at + kRequestHeaderBytes);
+      this.headerViews[index] = view;
+    }
+    return view;
   }
 
   /** The sink wrote the oldest outstanding run: its bytes may be reused. */

@@ -11,7 +11,12 @@
  *   hands the pending header run to the socket and uncorks, so everything submitted in one
  *   turn leaves in one writev. A WRITE's payload is the caller's view, written as is (never
  *   copied); the header run before it is handed over first to keep the order. Arena bytes are
- *   reused once the socket reports the write that carried them as done.
+ *   reused once the socket reports the write that carried them as done. A one-header run (a
+ *   WRITE's own header) is a view the arena caches per position and the leg actor caches its
+ *   payload view per ring slot, so a WRITE costs two chunks of the turn's one writev and no
+ *   view of ours (Node's Writable still wraps a plain Uint8Array payload in a Buffer). Header and payload stay two chunks: joining them would need a copy
+ *   of the payload (a second userspace copy per WRITE) or a header area in front of every ring
+ *   slot (runs of slots must stay contiguous).
  *   nextTick, not setImmediate (measured with 4 KiB requests against nbdkit memory on a Unix
  *   socket, 2 cores): queue depth 1 ~35k vs ~19-34k IOPS, depth 8 ~100-150k vs ~65-140k, depth
  *   64 about equal. Completions arrive in one onread callback, so the resubmits they trigger
