@@ -78,6 +78,30 @@ describe('write-behind shadow arena over fault legs', () => {
     assertSameBytes(storeA.bytes, storeB.bytes, 'legs identical');
   });
 
+  test('a shadow descriptor reused over another granule run sends that run\'s bytes (no stale cached view)', async () => {
+    // 12 KiB bound: three granules, three descriptors. Each round leaves descriptors and
+    // granules paired differently (shadows of 4 and 8 KiB, landing in batches), so a descriptor
+    // comes back with the same length over a different run; a view cached by length alone
+    // would send leg 1 an older shadow's bytes at the new offset.
+    const run = await start({ writeMostly: [1], writeBehindBytes: 12 * kKiB });
+    const [storeA, storeB] = run.stores as [FaultMirror['stores'][number], FaultMirror['stores'][number]];
+    let seed = 1;
+    for (let round = 0; round < 12; round += 1) {
+      storeB.hang = true;
+      const lengths = round % 3 === 0 ? [4, 8] : round % 3 === 1 ? [8, 4] : [4, 4, 4];
+      let offset = round * 64 * kKiB;
+      for (const lengthKiB of lengths) {
+        assert.equal(await run.driver.write(offset, filled(lengthKiB * kKiB, seed)), 0);
+        offset += lengthKiB * kKiB + 4 * kKiB;
+        seed += 1;
+      }
+      storeB.hang = false;
+      storeB.release();
+      assert.ok(await waitFor(() => (run.mirror.legStatus()[1]?.behindBytes ?? -1) === 0, kSettleMs), `round ${round}: leg 1 caught up`);
+      assertSameBytes(storeA.bytes, storeB.bytes, `round ${round}: legs identical`);
+    }
+  });
+
   test('a full arena sends the write synchronously (acknowledged once leg 1 has it); freed out of order, it is reused', async () => {
     // 16 KiB bound: four granules.
     const run = await start({ writeMostly: [1], writeBehindBytes: 16 * kKiB });
