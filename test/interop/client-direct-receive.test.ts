@@ -33,21 +33,15 @@ import {
   kIHaveOptLow,
   kOptGo,
   kOptStructuredReply,
-  kOptionReplyMagicHigh,
-  kOptionReplyMagicLow,
   kRepAck,
   kRepErrUnsup,
   kRepInfo,
   kReplyFlagDone,
-  kReplyTypeError,
   kReplyTypeNone,
-  kReplyTypeOffsetData,
-  kReplyTypeOffsetHole,
-  kSimpleReplyMagic,
-  kStructuredReplyMagic,
   kTxFlagHasFlags,
 } from '../../src/nbd/protocol.js';
 import { requires, scratch, startNbdkit, unixUri, waitFor } from '../helpers/tools.js';
+import { dataChunk, errorChunk, holeChunk, optionReply, simpleReply, structuredChunk, u64 } from '../helpers/nbd-wire.js';
 
 const kMiB = 1024 * 1024;
 const kExportBytes = 64 * kMiB;
@@ -68,60 +62,6 @@ function patternBytes(offsetBytes: number, lengthBytes: number): Buffer {
   const data = Buffer.allocUnsafe(lengthBytes);
   for (let index = 0; index < lengthBytes; index += 1) data[index] = patternByte(offsetBytes + index);
   return data;
-}
-
-function u64(value: number): Buffer {
-  const buffer = Buffer.alloc(8);
-  buffer.writeBigUInt64BE(BigInt(value));
-  return buffer;
-}
-
-function optionReply(option: number, type: number, payload: Buffer = Buffer.alloc(0)): Buffer {
-  const header = Buffer.alloc(20);
-  header.writeUInt32BE(kOptionReplyMagicHigh, 0);
-  header.writeUInt32BE(kOptionReplyMagicLow, 4);
-  header.writeUInt32BE(option, 8);
-  header.writeUInt32BE(type, 12);
-  header.writeUInt32BE(payload.length, 16);
-  return Buffer.concat([header, payload]);
-}
-
-function simpleReply(cookie: Buffer, errno: number): Buffer {
-  const header = Buffer.alloc(16);
-  header.writeUInt32BE(kSimpleReplyMagic, 0);
-  header.writeUInt32BE(errno, 4);
-  cookie.copy(header, 8);
-  return header;
-}
-
-function chunk(cookie: Buffer, flags: number, type: number, payload: Buffer): Buffer {
-  const header = Buffer.alloc(20);
-  header.writeUInt32BE(kStructuredReplyMagic, 0);
-  header.writeUInt16BE(flags, 4);
-  header.writeUInt16BE(type, 6);
-  cookie.copy(header, 8);
-  header.writeUInt32BE(payload.length, 16);
-  return Buffer.concat([header, payload]);
-}
-
-function dataChunk(cookie: Buffer, offsetBytes: number, data: Buffer, done: boolean): Buffer {
-  return chunk(cookie, done ? kReplyFlagDone : 0, kReplyTypeOffsetData, Buffer.concat([u64(offsetBytes), data]));
-}
-
-function holeChunk(cookie: Buffer, offsetBytes: number, lengthBytes: number): Buffer {
-  const payload = Buffer.alloc(12);
-  u64(offsetBytes).copy(payload, 0);
-  payload.writeUInt32BE(lengthBytes, 8);
-  return chunk(cookie, 0, kReplyTypeOffsetHole, payload);
-}
-
-function errorChunk(cookie: Buffer, errno: number, message: string): Buffer {
-  const text = Buffer.from(message);
-  const payload = Buffer.alloc(6 + text.length);
-  payload.writeUInt32BE(errno, 0);
-  payload.writeUInt16BE(text.length, 4);
-  text.copy(payload, 6);
-  return chunk(cookie, kReplyFlagDone, kReplyTypeError, payload);
 }
 
 /**
@@ -328,11 +268,11 @@ test('structured replies: OFFSET_DATA chunks out of order, a hole and a NONE chu
     const { cookie, offsetBytes: base, lengthBytes } = request;
     const quarter = lengthBytes / 4;
     // [3q, 4q) data, [0, q) data, [q, 2q) hole, [2q, 3q) data in a dribble, then NONE + DONE.
-    socket.write(dataChunk(cookie, base + 3 * quarter, patternBytes(base + 3 * quarter, quarter), false));
-    socket.write(dataChunk(cookie, base, patternBytes(base, quarter), false));
-    socket.write(holeChunk(cookie, base + quarter, quarter));
-    await dribble(socket, dataChunk(cookie, base + 2 * quarter, patternBytes(base + 2 * quarter, quarter), false), 20_000, base);
-    socket.write(chunk(cookie, kReplyFlagDone, kReplyTypeNone, Buffer.alloc(0)));
+    socket.write(dataChunk(cookie, 0, base + 3 * quarter, patternBytes(base + 3 * quarter, quarter)));
+    socket.write(dataChunk(cookie, 0, base, patternBytes(base, quarter)));
+    socket.write(holeChunk(cookie, 0, base + quarter, quarter));
+    await dribble(socket, dataChunk(cookie, 0, base + 2 * quarter, patternBytes(base + 2 * quarter, quarter)), 20_000, base);
+    socket.write(structuredChunk(cookie, kReplyFlagDone, kReplyTypeNone));
   });
   const lengthBytes = 2 * kMiB;
   for (const [round, offsetBytes] of [0, 8 * kMiB, 16 * kMiB].entries()) {
@@ -352,11 +292,11 @@ test('structured error chunk mid-READ: the READ fails with its errno, the stream
   const { client } = await fakeSetup(t, true, (socket, request) => {
     const { cookie, offsetBytes, lengthBytes } = request;
     if (offsetBytes === 4 * kMiB) {
-      socket.write(dataChunk(cookie, offsetBytes, patternBytes(offsetBytes, lengthBytes / 2), false));
-      socket.write(errorChunk(cookie, kEIo, 'medium error'));
+      socket.write(dataChunk(cookie, 0, offsetBytes, patternBytes(offsetBytes, lengthBytes / 2)));
+      socket.write(errorChunk(cookie, kReplyFlagDone, kEIo, 'medium error'));
       return;
     }
-    socket.write(dataChunk(cookie, offsetBytes, patternBytes(offsetBytes, lengthBytes), true));
+    socket.write(dataChunk(cookie, kReplyFlagDone, offsetBytes, patternBytes(offsetBytes, lengthBytes)));
   });
   const good = sabTarget(kMiB);
   await client.readInto(0, good.target);

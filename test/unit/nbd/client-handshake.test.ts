@@ -27,8 +27,6 @@ import {
   kNbdMagicLow,
   kOptExportName,
   kOptGo,
-  kOptionReplyMagicHigh,
-  kOptionReplyMagicLow,
   kOptSetMetaContext,
   kOptStructuredReply,
   kRepAck,
@@ -38,6 +36,7 @@ import {
   kRepInfo,
   kRepMetaContext,
 } from '../../../src/nbd/protocol.js';
+import { optionReply as reply } from '../../helpers/nbd-wire.js';
 
 type Answer = Buffer[] | 'close';
 
@@ -92,16 +91,6 @@ function greeting(flags: number): Buffer {
   bytes.writeUInt32BE(kIHaveOptLow, 12);
   bytes.writeUInt16BE(flags, 16);
   return bytes;
-}
-
-function reply(option: number, type: number, payload: Buffer = Buffer.alloc(0)): Buffer {
-  const header = Buffer.alloc(20);
-  header.writeUInt32BE(kOptionReplyMagicHigh, 0);
-  header.writeUInt32BE(kOptionReplyMagicLow, 4);
-  header.writeUInt32BE(option, 8);
-  header.writeUInt32BE(type, 12);
-  header.writeUInt32BE(payload.length, 16);
-  return Buffer.concat([header, payload]);
 }
 
 function infoExport(sizeBytes: number, flags: number): Buffer {

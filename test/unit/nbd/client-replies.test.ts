@@ -24,11 +24,9 @@ import {
   kReplyTypeError,
   kReplyTypeErrorOffset,
   kReplyTypeNone,
-  kReplyTypeOffsetData,
   kReplyTypeOffsetHole,
-  kSimpleReplyMagic,
-  kStructuredReplyMagic,
 } from '../../../src/nbd/protocol.js';
+import { dataChunk, errorChunk, holeChunk, simpleReply as simple, structuredChunk as chunk } from '../../helpers/nbd-wire.js';
 
 interface Recorded {
   done: [number, number][];
@@ -66,55 +64,6 @@ function start(table: RequestTable, command: number, offsetBytes: number, data: 
   table.lengthBytes[slot] = lengthBytes;
   table.data[slot] = data;
   return [table.generation[slot] as number, slot];
-}
-
-function simple(cookie: [number, number], errno: number, data: Uint8Array = new Uint8Array(0)): Buffer {
-  const frame = Buffer.alloc(16 + data.length);
-  frame.writeUInt32BE(kSimpleReplyMagic, 0);
-  frame.writeUInt32BE(errno, 4);
-  frame.writeUInt32BE(cookie[0], 8);
-  frame.writeUInt32BE(cookie[1], 12);
-  frame.set(data, 16);
-  return frame;
-}
-
-function chunk(cookie: [number, number], flags: number, type: number, payload: Uint8Array = new Uint8Array(0)): Buffer {
-  const frame = Buffer.alloc(20 + payload.length);
-  frame.writeUInt32BE(kStructuredReplyMagic, 0);
-  frame.writeUInt16BE(flags, 4);
-  frame.writeUInt16BE(type, 6);
-  frame.writeUInt32BE(cookie[0], 8);
-  frame.writeUInt32BE(cookie[1], 12);
-  frame.writeUInt32BE(payload.length, 16);
-  frame.set(payload, 20);
-  return frame;
-}
-
-function u64(value: number): Buffer {
-  const bytes = Buffer.alloc(8);
-  bytes.writeUInt32BE(Math.floor(value / 2 ** 32), 0);
-  bytes.writeUInt32BE(value >>> 0, 4);
-  return bytes;
-}
-
-function dataChunk(cookie: [number, number], flags: number, offsetBytes: number, data: Uint8Array): Buffer {
-  return chunk(cookie, flags, kReplyTypeOffsetData, Buffer.concat([u64(offsetBytes), data]));
-}
-
-function holeChunk(cookie: [number, number], flags: number, offsetBytes: number, lengthBytes: number): Buffer {
-  const size = Buffer.alloc(4);
-  size.writeUInt32BE(lengthBytes, 0);
-  return chunk(cookie, flags, kReplyTypeOffsetHole, Buffer.concat([u64(offsetBytes), size]));
-}
-
-function errorChunk(cookie: [number, number], flags: number, errno: number, message: string, type = kReplyTypeError, offset: number | null = null): Buffer {
-  const text = Buffer.from(message);
-  const head = Buffer.alloc(6);
-  head.writeUInt32BE(errno, 0);
-  head.writeUInt16BE(text.length, 4);
-  const parts: Buffer[] = [head, text];
-  if (offset !== null) parts.push(u64(offset));
-  return chunk(cookie, flags, type, Buffer.concat(parts));
 }
 
 function feed(parser: ReplyParser, stream: Buffer, cuts: number[] = []): void {
