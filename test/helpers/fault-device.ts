@@ -639,6 +639,13 @@ export interface FaultMirror {
 }
 
 /** Stores named fault-leg-0.. of `sizeBytes` each. */
+/** `lengthBytes` of a non-trivial pattern that differs per `seed` (data for writes in tests). */
+export function filled(lengthBytes: number, seed: number): Uint8Array {
+  const data = new Uint8Array(lengthBytes);
+  for (let index = 0; index < lengthBytes; index += 1) data[index] = (seed * 131 + index * 7 + (index >> 9)) & 0xff;
+  return data;
+}
+
 export function makeStores(count: number, sizeBytes: number): FaultStore[] {
   return Array.from({ length: count }, (_, index) => new FaultStore(`fault-leg-${index}`, sizeBytes));
 }

@@ -16,8 +16,8 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { existsSync, readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs';
-import { scratch, enbdMain, run } from '../helpers/tools.js';
+import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { scratch, enbdMain, run, sparseFile } from '../helpers/tools.js';
 import { readNbd, startMirror, stopAllMirrors, assertSameBytes } from '../helpers/mirror.js';
 import { enbd, enbdOk } from '../helpers/meta-legs.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
@@ -32,10 +32,7 @@ after(async () => {
 });
 
 function fileLeg(name: string, sizeBytes: number): string {
-  const path = dir.path(`${name}.img`);
-  writeFileSync(path, '');
-  truncateSync(path, sizeBytes);
-  return `file://${path}`;
+  return `file://${sparseFile(dir.path(`${name}.img`), sizeBytes)}`;
 }
 
 test('the lean backup tree prints the full tree\'s usage errors (exit 2) and help', async () => {

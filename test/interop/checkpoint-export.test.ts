@@ -14,8 +14,8 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { statSync, truncateSync, writeFileSync, readFileSync } from 'node:fs';
-import { requires, runOk, scratch } from '../helpers/tools.js';
+import { statSync, readFileSync } from 'node:fs';
+import { requires, runOk, scratch, sparseFile } from '../helpers/tools.js';
 import { readNbd, startMirror, stopAllMirrors, assertSameBytes } from '../helpers/mirror.js';
 import { enbdOk } from '../helpers/meta-legs.js';
 import { ControlClient } from '../../src/control/client.js';
@@ -31,10 +31,7 @@ after(async () => {
 });
 
 function fileLeg(name: string, sizeBytes: number): string {
-  const path = dir.path(`${name}.img`);
-  writeFileSync(path, '');
-  truncateSync(path, sizeBytes);
-  return `file://${path}`;
+  return `file://${sparseFile(dir.path(`${name}.img`), sizeBytes)}`;
 }
 
 /** Expected [start, end, dirty] runs over the device from a set of dirty chunk indexes. */

@@ -42,6 +42,7 @@ import { commandNames, errnoNames } from '../../../src/nbd/protocol-names.js';
 import type { MirrorDevice } from '../../../src/engine/mirror.js';
 import {
   legStates, makeStores, openFaultMirror, waitFor, type FaultMirror, type FaultStore,
+  filled,
 } from '../../helpers/fault-device.js';
 import { assertSameBytes, firstDifference } from '../../helpers/mirror.js';
 
@@ -54,12 +55,6 @@ afterEach(async () => {
   await open?.close();
   open = null;
 });
-
-function filled(lengthBytes: number, seed: number): Uint8Array {
-  const data = new Uint8Array(lengthBytes);
-  for (let index = 0; index < lengthBytes; index += 1) data[index] = (seed * 131 + index * 7 + (index >> 9)) & 0xff;
-  return data;
-}
 
 function stateOf(mirror: MirrorDevice, leg: number): string {
   return legStates(mirror)[leg] ?? 'missing';

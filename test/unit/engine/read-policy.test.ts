@@ -13,7 +13,7 @@ import { afterEach, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { ReadChooser, parseReadPolicy, type ReadCandidate } from '../../../src/engine/read-policy.js';
 import type { MirrorOptions } from '../../../src/engine/mirror.js';
-import { legStates, makeStores, openFaultMirror, waitFor, type FaultMirror } from '../../helpers/fault-device.js';
+import { legStates, makeStores, openFaultMirror, waitFor, filled, type FaultMirror } from '../../helpers/fault-device.js';
 import { assertSameBytes } from '../../helpers/mirror.js';
 
 const kKiB = 1024;
@@ -22,12 +22,6 @@ const kSettleMs = 10_000;
 
 function legsOf(inFlight: number[]): ReadCandidate[] {
   return inFlight.map((count, index) => ({ index, bit: 1 << index, inFlight: count }));
-}
-
-function filled(lengthBytes: number, seed: number): Uint8Array {
-  const data = new Uint8Array(lengthBytes);
-  for (let index = 0; index < lengthBytes; index += 1) data[index] = (seed * 131 + index * 7 + (index >> 9)) & 0xff;
-  return data;
 }
 
 describe('ReadChooser', () => {

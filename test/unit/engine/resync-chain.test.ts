@@ -12,7 +12,7 @@ import { afterEach, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { ChainInboxes } from '../../../src/ring/chain-inbox.js';
 import { SpscQueue } from '../../../src/ring/spsc-queue.js';
-import { makeStores, openFaultMirror, waitFor, legStates, type FaultMirror } from '../../helpers/fault-device.js';
+import { makeStores, openFaultMirror, waitFor, legStates, filled, type FaultMirror } from '../../helpers/fault-device.js';
 import { assertSameBytes } from '../../helpers/mirror.js';
 
 const kKiB = 1024;
@@ -24,12 +24,6 @@ afterEach(async () => {
   await open?.close();
   open = null;
 });
-
-function filled(lengthBytes: number, seed: number): Uint8Array {
-  const data = new Uint8Array(lengthBytes);
-  for (let index = 0; index < lengthBytes; index += 1) data[index] = (seed * 37 + index * 11 + (index >> 8)) & 0xff;
-  return data;
-}
 
 async function waitLeg(mirror: FaultMirror['mirror'], leg: number, state: string, what: string): Promise<void> {
   const ok = await waitFor(() => legStates(mirror)[leg] === state, kSettleMs);

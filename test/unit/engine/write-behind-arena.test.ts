@@ -13,18 +13,12 @@ import { afterEach, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import type { MirrorOptions } from '../../../src/engine/mirror.js';
 import { shadowRingOptions } from '../../../src/engine/write-behind.js';
-import { legStates, makeStores, openFaultMirror, waitFor, type FaultMirror } from '../../helpers/fault-device.js';
+import { legStates, makeStores, openFaultMirror, waitFor, filled, type FaultMirror } from '../../helpers/fault-device.js';
 import { assertSameBytes } from '../../helpers/mirror.js';
 
 const kKiB = 1024;
 const kDeviceBytes = 1024 * kKiB;
 const kSettleMs = 20_000;
-
-function filled(lengthBytes: number, seed: number): Uint8Array {
-  const data = new Uint8Array(lengthBytes);
-  for (let index = 0; index < lengthBytes; index += 1) data[index] = (seed * 131 + index * 7 + (index >> 9)) & 0xff;
-  return data;
-}
 
 describe('write-behind shadow arena over fault legs', () => {
   let open: FaultMirror | null = null;
