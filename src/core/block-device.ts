@@ -48,6 +48,14 @@ export interface Extent {
 
 export type CompletionHandler = (token: number, errno: number) => void;
 
+/** A device buffer lent for one request (BlockDevice.acquireBuffer). */
+export interface BufferLease {
+  /** Names the buffer to submit and releaseBuffer; >= 0. */
+  readonly handle: number;
+  /** Exactly the asked length. */
+  readonly view: Uint8Array;
+}
+
 export interface BlockDevice {
   readonly sizeBytes: number;
   readonly features: DeviceFeatures;
@@ -66,18 +74,28 @@ export interface BlockDevice {
     lengthBytes: number,
     data: Uint8Array | null,
     token: number,
+    /** The lease handle when `data` is a lent device buffer (acquireBuffer), else -1. */
+    handle?: number,
   ): void;
   /** base:allocation extents from offset; may cover less or (last extent) more than asked. */
   getExtents(offsetBytes: number, lengthBytes: number): Promise<Extent[]>;
   /**
    * Optional buffer provider: a device that wants payloads in its own memory (the mirror's
-   * shared ring) returns a view of `lengthBytes` for the request `token`, or null when none is
-   * free right now (the caller waits for `onBufferAvailable`). The caller gives the buffer back
-   * with `releaseBuffer` once it no longer reads it (after the reply left, or on error).
+   * shared ring) lends a buffer of `lengthBytes` for the request `token`, or returns null when
+   * none is free right now (the caller waits for `onBufferAvailable`). The lease's `handle`
+   * names the buffer from then on: the caller keeps it with its request and passes it to
+   * `submit` and `releaseBuffer` (the device keeps no token-to-buffer table). The lease object
+   * itself may be reused by the device at the next acquire: copy its two fields out at once.
+   * The caller gives the buffer back with `releaseBuffer(handle)` once it no longer reads it
+   * (after the reply left, or on error), except a WRITE's buffer when
+   * `writeBuffersReturnAtCompletion` is set: the device takes that one back itself when it
+   * completes the WRITE (the caller never reads a WRITE's payload after submit).
    */
-  acquireBuffer?(command: number, lengthBytes: number, token: number): Uint8Array | null;
-  releaseBuffer?(token: number): void;
+  acquireBuffer?(command: number, lengthBytes: number, token: number): BufferLease | null;
+  releaseBuffer?(handle: number): void;
   onBufferAvailable?: (() => void) | null;
+  /** With the buffer provider: a submitted WRITE's lent buffer returns at its completion. */
+  readonly writeBuffersReturnAtCompletion?: boolean;
   /**
    * Optional, with the buffer provider: total bytes of the buffers it can hand out (the mirror:
    * ring slots x slot bytes). The server then keeps each connection to a fair share of them

@@ -15,7 +15,14 @@
  *   actor stages the slot on its completion queue and rings the doorbell
  *   master (doorbell wake) -> drain completion queues -> onSlotComplete: leg failures,
  *   read retry, range-lock release, reply via the server's completion handler
- *   server -> releaseBuffer after the reply left -> ring.free
+ *   WRITE: its slot returns to the ring at completion (writeBuffersReturnAtCompletion: the
+ *   server never reads a WRITE's payload after submit); READ: server -> releaseBuffer(handle)
+ *   after the reply left -> ring.free
+ *   The lease handle acquireBuffer returns is the slot index: the server keeps it in its
+ *   request record and passes it to submit/releaseBuffer, so the master keeps no
+ *   token-to-slot table. A full ring: every waiter waits in SlotWaiters (slot-waiters.ts),
+ *   which hands freed slots out in one order (payload-less client requests, the server's
+ *   buffers, the engine's own runs).
  *
  * Design notes
  * | request        | legs targeted                       | result                                 |
@@ -31,12 +38,13 @@
  *   least one in-sync leg holds it; a leg that missed a write it was sent is never read again
  *   (it leaves the in-sync set before the client hears success).
  * - Overlapping data-changing requests reach every leg in arrival order (RangeLock).
- * - A slot is freed exactly once: by releaseBuffer (slots handed to the server) or at
- *   completion (internal slots: FLUSH, TRIM, ZERO, CACHE, shutdown flushes).
+ * - A slot is freed exactly once: by releaseBuffer (READ slots lent to the server) or at
+ *   completion (lent WRITE slots, and internal slots: FLUSH, TRIM, ZERO, CACHE, shutdown
+ *   flushes).
  */
 import { Worker, MessageChannel } from 'node:worker_threads';
 import * as Comlink from 'comlink';
-import type { BlockDevice, BlockSizes, CompletionHandler, DeviceFeatures, Extent } from '../core/block-device.js';
+import type { BlockDevice, BlockSizes, BufferLease, CompletionHandler, DeviceFeatures, Extent } from '../core/block-device.js';
 import type { Logger } from '../core/log.js';
 import { assert } from '../core/assert.js';
 import { EnbdError } from '../core/errors.js';
@@ -56,6 +64,7 @@ import { defaultWakePolicy, type WakePolicy } from './wake-policy.js';
 import { LegHealth, kDefaultHealthPolicy, type HealthPolicy, type LegState } from './leg-health.js';
 import { Leg } from './leg.js';
 import { SlotTable } from './slot-table.js';
+import { SlotWaiters, type QueuedSubmit, type SlotGiver } from './slot-waiters.js';
 import { ResyncCopier } from './resync-copy.js';
 import { ChainInboxes } from '../ring/chain-inbox.js';
 import { LegLifecycle, checkOf } from './leg-lifecycle.js';
@@ -250,12 +259,10 @@ const kUnflushedPoolPages = 16;
 const kRequestLevelErrnos = new Set([p.kEInval, p.kENoSpc, p.kENotSup, p.kEPerm, p.kEOverflow]);
 
 
-interface PendingSubmit {
-  command: number;
-  flags: number;
-  offsetBytes: number;
-  lengthBytes: number;
-  token: number;
+/** A lent buffer: one reused object (the caller copies its fields out at once). */
+class SlotLease implements BufferLease {
+  handle = -1;
+  view: Uint8Array = new Uint8Array(0);
 }
 
 function nextPowerOfTwo(value: number): number {
@@ -293,6 +300,9 @@ export class MirrorDevice implements BlockDevice {
     return this.ring.slotBytes;
   }
   onBufferAvailable: (() => void) | null = null;
+  /** A WRITE's lent slot goes back to the ring when the WRITE completes (no releaseBuffer). */
+  readonly writeBuffersReturnAtCompletion = true;
+  private readonly lease = new SlotLease();
   private readonly ring: RequestRing;
   private readonly legs: Leg[] = [];
   private readonly doorbell: Doorbell;
@@ -307,11 +317,11 @@ export class MirrorDevice implements BlockDevice {
   private readonly logger: Logger;
   /** Per-slot request table (src/engine/slot-table.ts). */
   readonly slots: SlotTable;
-  private slotOfToken = new Int32Array(1 << 16).fill(-1);
-  private readonly pendingSubmits: PendingSubmit[] = [];
+  /** Everything waiting for ring slots, and the order freed slots go out in. */
+  private readonly waiters = new SlotWaiters();
+  private readonly slotGiver: SlotGiver;
   private readonly internalWaiters = new Map<number, (errno: number) => void>();
   private nextInternalToken = kInternalTokenBase;
-  private bufferWanted = false;
   private publishScheduled = false;
   private readonly publishBound = (): void => this.publishDispatches();
   private readonly onSlotCompleteBound = (slot: number): void => this.onSlotComplete(slot);
@@ -335,7 +345,6 @@ export class MirrorDevice implements BlockDevice {
   private readonly adoptedInboxes = new WeakSet<Leg>();
   private readonly copier: ResyncCopier;
   private readonly lifecycle: LegLifecycle;
-  private readonly slotWaiters: Array<() => void> = [];
   private readonly options: MirrorOptions;
   private resyncRates: ResyncRates;
   private clientRequests = 0;
@@ -386,13 +395,19 @@ export class MirrorDevice implements BlockDevice {
       minBytesPerSecond: options.resyncRates?.minBytesPerSecond ?? 32 * 1024 * 1024,
       maxBytesPerSecond: options.resyncRates?.maxBytesPerSecond ?? 0,
     };
+    this.slotGiver = {
+      allocateOne: () => this.ring.allocate(1),
+      freeCount: () => this.ring.freeCount,
+      start: (slot, queued) => this.startQueued(slot, queued),
+      notifyServer: () => this.onBufferAvailable?.(),
+    };
     this.copier = new ResyncCopier({
       ring: this.ring,
       slots: this.slots,
       legs: this.legs,
       isClosed: () => this.closed,
       flushes: () => this.features.flush,
-      slotsFreed: () => new Promise<void>((resolve) => this.slotWaiters.push(resolve)),
+      slotsFreed: () => this.waiters.internalWait(),
       freeUnused: (slot) => {
         this.ring.free(slot);
         this.afterFree();
@@ -488,7 +503,7 @@ export class MirrorDevice implements BlockDevice {
       legs: () => this.legs,
       slotsFor: (lengthBytes) => this.ring.slotsFor(lengthBytes),
       allocate: (span) => this.ring.allocate(span),
-      slotsFreed: () => new Promise<void>((resolve) => this.slotWaiters.push(resolve)),
+      slotsFreed: () => this.waiters.internalWait(),
       bindInternal: (slot, span) => {
         this.bindToken(slot, this.takeInternalToken(), true);
         this.slots.span[slot] = span;
@@ -888,24 +903,27 @@ export class MirrorDevice implements BlockDevice {
 
   // ---- submission -------------------------------------------------------------------------
 
-  acquireBuffer(_command: number, lengthBytes: number, token: number): Uint8Array | null {
+  acquireBuffer(_command: number, lengthBytes: number, token: number): BufferLease | null {
     const span = this.ring.slotsFor(lengthBytes);
     const slot = this.ring.allocate(span);
     if (slot < 0) {
-      this.bufferWanted = true;
+      this.waiters.serverRefused();
       return null;
     }
+    assert(token < kInternalTokenBase, 'server tokens are below the internal range');
     this.bindToken(slot, token, false);
     this.slots.span[slot] = span;
-    return this.ring.dataView(slot, lengthBytes);
+    const lease = this.lease;
+    lease.handle = slot;
+    lease.view = this.ring.dataView(slot, lengthBytes);
+    return lease;
   }
 
-  releaseBuffer(token: number): void {
-    const slot = this.slotOfToken[token] ?? -1;
-    assert(slot >= 0, 'release a buffer that was acquired');
-    this.slotOfToken[token] = -1;
-    this.slots.token[slot] = -1;
-    this.ring.free(slot);
+  /** `handle`: the slot acquireBuffer lent (a READ's, or a WRITE's that was never submitted). */
+  releaseBuffer(handle: number): void {
+    assert(handle >= 0 && handle < this.ring.slotCount && (this.slots.token[handle] ?? -1) >= 0 && this.slots.internal[handle] === 0, 'release a lent buffer');
+    this.slots.token[handle] = -1;
+    this.ring.free(handle);
     this.afterFree();
   }
 
@@ -916,53 +934,37 @@ export class MirrorDevice implements BlockDevice {
     return token;
   }
 
+  /** `internal` true: the engine frees the slot at completion (its own runs, payload-less client requests, lent WRITEs once submitted). */
   private bindToken(slot: number, token: number, internal: boolean): void {
-    // Only slots handed to the server are found by token (submit, releaseBuffer).
-    if (!internal) {
-      assert(token < kInternalTokenBase, 'server tokens are below the internal range');
-      while (token >= this.slotOfToken.length) {
-        const grown = new Int32Array(this.slotOfToken.length * 2).fill(-1);
-        grown.set(this.slotOfToken);
-        this.slotOfToken = grown;
-      }
-      this.slotOfToken[token] = slot;
-    }
     this.slots.token[slot] = token;
     this.slots.internal[slot] = internal ? 1 : 0;
   }
 
   private afterFree(): void {
-    while (this.pendingSubmits.length > 0) {
-      const slot = this.ring.allocate(1);
-      if (slot < 0) return;
-      const next = this.pendingSubmits.shift() as PendingSubmit;
-      this.bindToken(slot, next.token, true);
-      this.slots.span[slot] = 1;
-      this.start(slot, next.command, next.flags, next.offsetBytes, next.lengthBytes);
-    }
-    if (this.bufferWanted) {
-      this.bufferWanted = false;
-      this.onBufferAvailable?.();
-    }
-    // Resync copies wait behind client requests for slots: wake every waiting copy (each one
-    // retries and waits again if its run of slots is still not free), so none is left asleep
-    // once the ring drains.
-    if (this.slotWaiters.length > 0 && this.ring.freeCount > 0) for (const wake of this.slotWaiters.splice(0)) wake();
+    this.waiters.onFreed(this.slotGiver);
   }
 
-  submit(command: number, flags: number, offsetBytes: number, lengthBytes: number, data: Uint8Array | null, token: number): void {
+  private startQueued(slot: number, queued: QueuedSubmit): void {
+    this.bindToken(slot, queued.token, true);
+    this.slots.span[slot] = 1;
+    this.start(slot, queued.command, queued.flags, queued.offsetBytes, queued.lengthBytes);
+  }
+
+  submit(command: number, flags: number, offsetBytes: number, lengthBytes: number, data: Uint8Array | null, token: number, handle = -1): void {
     this.inFlight += 1;
     this.clientRequests += 1;
     this.counters.requests.set(command, (this.counters.requests.get(command) ?? 0) + 1);
     if (lengthBytes > 0) this.counters.bytes.set(command, (this.counters.bytes.get(command) ?? 0) + lengthBytes);
-    let slot = token < kInternalTokenBase ? this.slotOfToken[token] ?? -1 : -1;
+    let slot = handle;
     if (slot >= 0) {
-      assert(data !== null, 'READ/WRITE data lives in an acquired ring slot');
+      assert(data !== null && slot < this.ring.slotCount && this.slots.token[slot] === token && this.slots.internal[slot] === 0, 'READ/WRITE data lives in the ring slot lent for this token');
+      // A WRITE's slot comes back at completion (writeBuffersReturnAtCompletion).
+      if (command === p.kCmdWrite) this.slots.internal[slot] = 1;
     } else {
       // Requests without a payload buffer (FLUSH, TRIM, ZERO, CACHE, zero-length WRITE).
       slot = this.ring.allocate(1);
       if (slot < 0) {
-        this.pendingSubmits.push({ command, flags, offsetBytes, lengthBytes, token });
+        this.waiters.queueSubmit(command, flags, offsetBytes, lengthBytes, token);
         return;
       }
       this.bindToken(slot, token, true);
@@ -1939,7 +1941,10 @@ export class MirrorDevice implements BlockDevice {
       this.lifecycle.clearReconnect(leg);
       leg.resync?.nudge();
     }
-    for (const wake of this.slotWaiters.splice(0)) wake();
+    for (const queued of this.waiters.drainAll()) {
+      this.inFlight -= 1;
+      this.deliver(queued.token, p.kEIo);
+    }
     await Promise.all(this.legs.filter((leg) => leg.worker !== null || leg.inline !== null).map(async (leg) => await this.stopActor(leg)));
   }
 }

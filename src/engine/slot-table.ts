@@ -8,8 +8,10 @@
  *
  * | field    | set by                          | meaning                                            |
  * |----------|---------------------------------|----------------------------------------------------|
- * | token    | bind (acquireBuffer/submit)     | the server's (or an internal) token; -1 free       |
- * | internal | bind                            | 1: the engine frees the slot at completion         |
+ * | token    | bind (acquireBuffer/submit)     | the server's (or an internal) token; -1 free; the  |
+ * |          |                                 | slot index is the server's lease handle            |
+ * | internal | bind; submit of a lent WRITE    | 1: the engine frees the slot at completion (its own|
+ * |          |                                 | runs, payload-less client requests, lent WRITEs)   |
  * | span     | bind                            | slots in the request's run                         |
  * | tried    | start / retryRead               | legs a READ was already sent to                    |
  * | upToDate | settleWriteTarget (under lock)  | targeted legs clean for the whole range at dispatch|

@@ -358,6 +358,13 @@ const kTargets: FuzzTarget[] = [
     directReceive: true,
     answersAll: true,
   },
+  {
+    // the server gives every buffer back itself (a device without writeBuffersReturnAtCompletion)
+    label: 'buffer-lending device, server releases WRITE buffers',
+    device: () => new PooledMemoryDevice({ sizeBytes: kSizeBytes, completion: 'shuffled', poolBytes: kMaxPayloadBytes, unitBytes: 4096, refuseEvery: 6, returnWritesAtCompletion: false }),
+    directReceive: true,
+    answersAll: true,
+  },
 ];
 
 async function checkProperty<T>(arbitrary: fc.Arbitrary<T>, runs: number, predicate: (value: T) => Promise<void>, describeExample: (value: T) => string): Promise<void> {
@@ -469,6 +476,8 @@ for (const [targetIndex, target] of kTargets.entries()) describe(`NBD server fuz
     if (device instanceof PooledMemoryDevice) {
       assert.equal(device.lentCount, 0, 'every lent buffer came back');
       assert.ok(device.acquiredCount > 0 && device.refusedCount > 0, `the server used the lent buffers (${device.acquiredCount}) and met none free (${device.refusedCount})`);
+      if (device.writeBuffersReturnAtCompletion) assert.ok(device.returnedAtCompletion > 0, 'WRITE buffers came back at completion');
+      else assert.equal(device.returnedAtCompletion, 0, 'the server released every buffer itself');
     }
   });
 

@@ -9,8 +9,9 @@
  * parent can tell a clean window from a spoiled one.
  * ENBD_ALLOC_PLACEMENT=inline: leg actors on the main thread (legs may then be NBD URIs, and the
  * window covers the actors' and their NBD clients' send path too).
- * ENBD_ALLOC_EXTRA_BYTES (test only): allocate a Buffer of that size per completed request, to
- * prove the budget catches a per-request allocation.
+ * ENBD_ALLOC_EXTRA_BYTES (test only): allocate a Buffer of that size per submitted request, to
+ * prove the budget catches a per-request allocation (added at submit: a WRITE's buffer is no
+ * longer released by the server).
  * Thread: child main thread (the session master); the leg actors on workers.
  */
 import { PerformanceObserver } from 'node:perf_hooks';
@@ -34,13 +35,13 @@ const placement = process.env['ENBD_ALLOC_PLACEMENT'] === 'inline' ? 'inline' : 
 const served = await openMirrorServer({ legs: [legA, legB], logger, actorEntry: kConnectionActorEntry, placement }, { logger, directReceive: true });
 const kept: Buffer[] = [];
 if (extraBytes > 0) {
-  // the deliberate regression: one Buffer per released request buffer (kept, bounded)
-  const device = served.mirror as unknown as { releaseBuffer(token: number): void };
-  const release = device.releaseBuffer.bind(served.mirror);
-  device.releaseBuffer = (token: number) => {
+  // the deliberate regression: one Buffer per submitted request (kept, bounded)
+  const device = served.mirror as unknown as { submit(...args: unknown[]): void };
+  const submit = device.submit.bind(served.mirror) as (...args: unknown[]) => void;
+  device.submit = (...args: unknown[]) => {
     kept.push(Buffer.alloc(extraBytes));
     if (kept.length > 100_000) kept.length = 0;
-    release(token);
+    submit(...args);
   };
 }
 await served.server.listenUnix(socketPath);

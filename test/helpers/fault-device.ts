@@ -513,7 +513,8 @@ export function faultOpener(stores: FaultStore[]): LegDeviceOpener {
 
 /**
  * Submits requests to a MirrorDevice the way the NBD server does (acquireBuffer for READ and
- * non-empty WRITE payloads, releaseBuffer after completion) and resolves each with its errno.
+ * non-empty WRITE payloads, the lease handle to submit, releaseBuffer(handle) after a READ's
+ * completion; a WRITE's slot returns by itself) and resolves each with its errno.
  */
 export class MirrorDriver {
   private nextToken = 1;
@@ -543,43 +544,40 @@ export class MirrorDriver {
     return token;
   }
 
-  private async buffer(command: number, lengthBytes: number, token: number): Promise<Uint8Array> {
+  private async buffer(command: number, lengthBytes: number, token: number): Promise<{ handle: number; view: Uint8Array }> {
     for (;;) {
-      const view = this.mirror.acquireBuffer(command, lengthBytes, token);
-      if (view !== null) return view;
+      const lease = this.mirror.acquireBuffer(command, lengthBytes, token);
+      if (lease !== null) return { handle: lease.handle, view: lease.view };
       await new Promise<void>((resolve) => this.bufferWaiters.push(resolve));
     }
   }
 
   /** Submits now (`onSubmit` runs just before, so a caller learns the true arrival order). */
-  private run(command: number, flags: number, offsetBytes: number, lengthBytes: number, data: Uint8Array | null, token: number, onSubmit?: () => void): Promise<number> {
+  private run(command: number, flags: number, offsetBytes: number, lengthBytes: number, data: Uint8Array | null, token: number, onSubmit?: () => void, handle = -1): Promise<number> {
     const result = new Promise<number>((resolve) => this.done.set(token, resolve));
     onSubmit?.();
-    this.mirror.submit(command, flags, offsetBytes, lengthBytes, data, token);
+    this.mirror.submit(command, flags, offsetBytes, lengthBytes, data, token, handle);
     return result;
   }
 
+  /** WRITE: the mirror takes the lent slot back at completion (writeBuffersReturnAtCompletion). */
   async write(offsetBytes: number, data: Uint8Array, flags = 0, onSubmit?: () => void): Promise<number> {
     const token = this.token();
     if (data.length === 0) return await this.run(p.kCmdWrite, flags, offsetBytes, 0, null, token, onSubmit);
-    const view = await this.buffer(p.kCmdWrite, data.length, token);
-    view.set(data);
-    try {
-      return await this.run(p.kCmdWrite, flags, offsetBytes, data.length, view, token, onSubmit);
-    } finally {
-      this.mirror.releaseBuffer(token);
-    }
+    const lease = await this.buffer(p.kCmdWrite, data.length, token);
+    lease.view.set(data);
+    return await this.run(p.kCmdWrite, flags, offsetBytes, data.length, lease.view, token, onSubmit, lease.handle);
   }
 
   /** READ: `{ errno, data }` (data only when errno is 0). */
   async read(offsetBytes: number, lengthBytes: number): Promise<{ errno: number; data: Uint8Array | null }> {
     const token = this.token();
-    const view = await this.buffer(p.kCmdRead, lengthBytes, token);
+    const lease = await this.buffer(p.kCmdRead, lengthBytes, token);
     try {
-      const errno = await this.run(p.kCmdRead, 0, offsetBytes, lengthBytes, view, token);
-      return { errno, data: errno === 0 ? view.slice() : null };
+      const errno = await this.run(p.kCmdRead, 0, offsetBytes, lengthBytes, lease.view, token, undefined, lease.handle);
+      return { errno, data: errno === 0 ? lease.view.slice() : null };
     } finally {
-      this.mirror.releaseBuffer(token);
+      this.mirror.releaseBuffer(lease.handle);
     }
   }
 

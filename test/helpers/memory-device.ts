@@ -13,7 +13,7 @@
  * - Out-of-range requests (which a correct server never submits) complete with EINVAL/ENOSPC
  *   and are counted in `rejectedCount` so a test can assert the server validated first.
  */
-import type { BlockDevice, BlockSizes, CompletionHandler, DeviceFeatures, Extent } from '../../src/core/block-device.js';
+import type { BlockDevice, BlockSizes, BufferLease, CompletionHandler, DeviceFeatures, Extent } from '../../src/core/block-device.js';
 import {
   kCmdCache,
   kCmdFlush,
@@ -208,23 +208,35 @@ export interface PooledMemoryDeviceOptions extends MemoryDeviceOptions {
   unitBytes: number;
   /** Refuse every Nth acquire although a buffer is free (then wake the server later); 0 = never. */
   refuseEvery?: number;
+  /** A submitted WRITE's buffer returns at its completion (writeBuffersReturnAtCompletion; default true). */
+  returnWritesAtCompletion?: boolean;
 }
 
 /**
  * A MemoryDevice that also lends request buffers, like the mirror's ring (acquireBuffer /
  * releaseBuffer / onBufferAvailable): a fixed pool, so under load it has none free and the
- * server must wait for onBufferAvailable. Counts misuse (a release of a token it did not lend,
- * a second acquire for a token it holds) in `bufferErrors`; `lentCount` is what is out now.
+ * server must wait for onBufferAvailable. Leases have handles of their own (never the token).
+ * With `returnWritesAtCompletion` (default true, as the mirror) a submitted WRITE's buffer
+ * comes back when the WRITE completes. Counts misuse in `bufferErrors`: a release of a handle
+ * it did not lend or that it takes back itself, a second acquire for a token it holds, a
+ * submit whose handle was lent for another token; `lentCount` is what is out now.
  */
 export class PooledMemoryDevice extends MemoryDevice {
   readonly bufferCapacityBytes: number;
   readonly bufferUnitBytes: number;
+  readonly writeBuffersReturnAtCompletion: boolean;
   onBufferAvailable: (() => void) | null = null;
   acquiredCount = 0;
   refusedCount = 0;
+  /** WRITE buffers the device took back at completion. */
+  returnedAtCompletion = 0;
   readonly bufferErrors: string[] = [];
   private freeBytes: number;
-  private readonly lent = new Map<number, number>();
+  private nextHandle = 1000;
+  private readonly lent = new Map<number, { charge: number; token: number; takenBack: boolean }>();
+  private readonly tokensLent = new Set<number>();
+  /** Submitted WRITEs whose buffer returns at completion: token -> handle. */
+  private readonly returnOnComplete = new Map<number, number>();
   private wakeScheduled = false;
 
   constructor(private readonly pool: PooledMemoryDeviceOptions) {
@@ -232,14 +244,27 @@ export class PooledMemoryDevice extends MemoryDevice {
     this.bufferCapacityBytes = pool.poolBytes;
     this.bufferUnitBytes = pool.unitBytes;
     this.freeBytes = pool.poolBytes;
+    this.writeBuffersReturnAtCompletion = pool.returnWritesAtCompletion ?? true;
   }
 
   get lentCount(): number {
     return this.lent.size;
   }
 
-  acquireBuffer(_command: number, lengthBytes: number, token: number): Uint8Array | null {
-    if (this.lent.has(token)) this.bufferErrors.push(`token ${token} acquired twice`);
+  override setCompletionHandler(handler: CompletionHandler): void {
+    super.setCompletionHandler((token, errno) => {
+      const handle = this.returnOnComplete.get(token);
+      if (handle !== undefined) {
+        this.returnOnComplete.delete(token);
+        this.returnedAtCompletion += 1;
+        this.giveBack(handle);
+      }
+      handler(token, errno);
+    });
+  }
+
+  acquireBuffer(_command: number, lengthBytes: number, token: number): BufferLease | null {
+    if (this.tokensLent.has(token)) this.bufferErrors.push(`token ${token} acquired twice`);
     const charge = Math.max(1, Math.ceil(lengthBytes / this.pool.unitBytes)) * this.pool.unitBytes;
     const refuse = this.pool.refuseEvery !== undefined && this.pool.refuseEvery > 0 && (this.acquiredCount + this.refusedCount) % this.pool.refuseEvery === this.pool.refuseEvery - 1;
     if (charge > this.freeBytes || refuse) {
@@ -249,18 +274,44 @@ export class PooledMemoryDevice extends MemoryDevice {
     }
     this.acquiredCount += 1;
     this.freeBytes -= charge;
-    this.lent.set(token, charge);
-    return new Uint8Array(lengthBytes);
+    const handle = this.nextHandle;
+    this.nextHandle += 1;
+    this.lent.set(handle, { charge, token, takenBack: false });
+    this.tokensLent.add(token);
+    return { handle, view: new Uint8Array(lengthBytes) };
   }
 
-  releaseBuffer(token: number): void {
-    const charge = this.lent.get(token);
-    if (charge === undefined) {
-      this.bufferErrors.push(`token ${token} released but not lent`);
+  override submit(command: number, flags: number, offsetBytes: number, lengthBytes: number, data: Uint8Array | null, token: number, handle = -1): void {
+    if (handle >= 0) {
+      const entry = this.lent.get(handle);
+      if (entry === undefined || entry.token !== token) this.bufferErrors.push(`submit of token ${token} with handle ${handle} not lent for it`);
+      else if (command === kCmdWrite && this.writeBuffersReturnAtCompletion) {
+        entry.takenBack = true;
+        this.returnOnComplete.set(token, handle);
+      }
+    }
+    super.submit(command, flags, offsetBytes, lengthBytes, data, token);
+  }
+
+  releaseBuffer(handle: number): void {
+    const entry = this.lent.get(handle);
+    if (entry === undefined) {
+      this.bufferErrors.push(`handle ${handle} released but not lent`);
       return;
     }
-    this.lent.delete(token);
-    this.freeBytes += charge;
+    if (entry.takenBack) {
+      this.bufferErrors.push(`handle ${handle} released, but the device takes that WRITE buffer back itself`);
+      return;
+    }
+    this.giveBack(handle);
+  }
+
+  private giveBack(handle: number): void {
+    const entry = this.lent.get(handle);
+    if (entry === undefined) return;
+    this.lent.delete(handle);
+    this.tokensLent.delete(entry.token);
+    this.freeBytes += entry.charge;
     this.scheduleWake();
   }
 

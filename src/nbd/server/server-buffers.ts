@@ -14,12 +14,18 @@
  * are reused, so a steady workload allocates nothing per request; the pool keeps at most
  * kLargeBuffersKept buffers and kLargeBufferBytesKept bytes.
  *
+ * A device with `writeBuffersReturnAtCompletion` takes a submitted WRITE's buffer back itself
+ * when the WRITE completes (`submitting` marks the record), so only READ buffers and WRITE
+ * buffers that were never submitted (the connection closed mid-payload) are released here.
+ *
  * Invariants:
- * - A device buffer is released exactly once (release clears `fromDevice`).
+ * - A device buffer is released exactly once (release clears `fromDevice`): by
+ *   `releaseBuffer(handle)`, or by the device itself for a submitted WRITE (`deviceTakesBack`).
  * - A share charge is released exactly as acquired (release clears `chargeBytes`).
  */
 import type { BlockDevice } from '../../core/block-device.js';
 import { assert } from '../../core/assert.js';
+import * as p from '../protocol.js';
 import type { BufferShare, ShareUser } from './buffer-share.js';
 import type { RequestRecord } from './server-records.js';
 
@@ -55,11 +61,13 @@ export class RecordBuffers {
       const share = this.host.bufferShare;
       const charge = share === null ? 0 : share.chargeFor(record.lengthBytes);
       if (share !== null && !share.mayAcquire(this.user, charge)) return false;
-      const view = device.acquireBuffer(record.command, record.lengthBytes, record.token);
-      if (view === null) return false;
-      assert(view.length === record.lengthBytes, 'device buffer has the asked length');
-      record.data = view;
+      const lease = device.acquireBuffer(record.command, record.lengthBytes, record.token);
+      if (lease === null) return false;
+      assert(lease.view.length === record.lengthBytes && lease.handle >= 0, 'device buffer has the asked length');
+      record.data = lease.view;
+      record.deviceHandle = lease.handle;
       record.fromDevice = true;
+      record.deviceTakesBack = false;
       record.chargeBytes = charge;
       if (share !== null) share.acquired(this.user, charge);
       return true;
@@ -78,11 +86,23 @@ export class RecordBuffers {
     return true;
   }
 
+  /**
+   * `record` (holding a device buffer) is being submitted: a WRITE's buffer goes back to a
+   * device with writeBuffersReturnAtCompletion by itself, so release must not return it.
+   */
+  submitting(record: RequestRecord): void {
+    if (record.fromDevice && record.command === p.kCmdWrite && this.host.device.writeBuffersReturnAtCompletion === true) {
+      record.deviceTakesBack = true;
+    }
+  }
+
   /** Gives back what `acquire` took for `record` (it keeps `data`; the caller clears it). */
   release(record: RequestRecord): void {
     if (record.fromDevice) {
-      this.host.device.releaseBuffer?.(record.token);
+      if (!record.deviceTakesBack) this.host.device.releaseBuffer?.(record.deviceHandle);
       record.fromDevice = false;
+      record.deviceTakesBack = false;
+      record.deviceHandle = -1;
       if (record.chargeBytes > 0) {
         this.host.bufferShare?.released(this.user, record.chargeBytes);
         record.chargeBytes = 0;

@@ -526,7 +526,7 @@ export class ServerConnection implements ShareUser, RecordOwner {
         this.setAwaiting(record);
         return false;
       }
-      this.host.device.submit(command, record.flags, record.offsetBytes, record.lengthBytes, record.data, record.token);
+      this.host.device.submit(command, record.flags, record.offsetBytes, record.lengthBytes, record.data, record.token, record.deviceHandle);
       return true;
     }
     if (command === p.kCmdBlockStatus) {
@@ -554,7 +554,7 @@ export class ServerConnection implements ShareUser, RecordOwner {
     if (record.command === p.kCmdRead) {
       if (!this.buffers.acquire(record)) return false;
       this.setAwaiting(null);
-      this.host.device.submit(record.command, record.flags, record.offsetBytes, record.lengthBytes, record.data, record.token);
+      this.host.device.submit(record.command, record.flags, record.offsetBytes, record.lengthBytes, record.data, record.token, record.deviceHandle);
       return true;
     }
     if (!this.buffers.acquire(record)) return false;
@@ -583,7 +583,8 @@ export class ServerConnection implements ShareUser, RecordOwner {
 
   private submit(record: RequestRecord): void {
     record.state = RecordState.Device;
-    this.host.device.submit(record.command, record.flags, record.offsetBytes, record.lengthBytes, record.data, record.token);
+    this.buffers.submitting(record);
+    this.host.device.submit(record.command, record.flags, record.offsetBytes, record.lengthBytes, record.data, record.token, record.deviceHandle);
   }
 
   private blockStatus(record: RequestRecord): void {

@@ -22,7 +22,9 @@
  *
  * Invariants:
  * - A record is on the free stack exactly when its state is free.
- * - `data` is null for a free record; `fromDevice`/`chargeBytes` say who must get it back.
+ * - `data` is null for a free record; `fromDevice`/`chargeBytes` say who must get it back;
+ *   `deviceHandle` names a lent device buffer until it went back (`deviceTakesBack`: the
+ *   device took it back itself at the WRITE's completion).
  */
 import { kTwoPow32 } from '../../core/u64.js';
 
@@ -53,6 +55,10 @@ export class RequestRecord {
   cookieLow = 0;
   data: Uint8Array | null = null;
   fromDevice = false;
+  /** The device's lease handle for `data` when fromDevice (BlockDevice.acquireBuffer), else -1. */
+  deviceHandle = -1;
+  /** The device takes `data` back itself (a submitted WRITE, writeBuffersReturnAtCompletion). */
+  deviceTakesBack = false;
   ownBuffer: Buffer | null = null;
   /** A buffer from the connection's large-buffer pool, returned on release. */
   largeBuffer: Buffer | null = null;
@@ -85,5 +91,7 @@ export function decodeRequestHeader(bytes: Buffer, position: number, record: Req
   record.lengthBytes = bytes.readUInt32BE(position + 24);
   record.data = null;
   record.fromDevice = false;
+  record.deviceHandle = -1;
+  record.deviceTakesBack = false;
   record.filledBytes = 0;
 }

@@ -196,12 +196,11 @@ test('(c) a write a leg fails is acknowledged only after the other leg durably r
     });
     (stores[1] as FaultStore).eio = 'writes';
     const token = 77;
-    const view = mirror.acquireBuffer(p.kCmdWrite, 4096, token);
-    assert.ok(view !== null);
-    view.set(pattern(8, 4096));
-    mirror.submit(p.kCmdWrite, 0, offset + 4096, 4096, view, token);
-    await done;
-    mirror.releaseBuffer(token);
+    const lease = mirror.acquireBuffer(p.kCmdWrite, 4096, token);
+    assert.ok(lease !== null);
+    lease.view.set(pattern(8, 4096));
+    mirror.submit(p.kCmdWrite, 0, offset + 4096, 4096, lease.view, token, lease.handle);
+    await done; // the WRITE's slot went back to the ring at completion
     assert.equal(seen.length, 1);
     const [ack] = seen;
     assert.equal(ack?.errno, 0, 'the write succeeded on leg 0');

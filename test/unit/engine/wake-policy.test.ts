@@ -39,17 +39,21 @@ async function writeAndRead(spinMicros: number): Promise<ReturnType<MirrorDevice
   try {
     const pending = new Map<number, (errno: number) => void>();
     mirror.setCompletionHandler((token, errno) => pending.get(token)?.(errno));
-    // The server's buffer seam: acquire a ring view, fill it (WRITE), submit, read it, release.
+    // The server's buffer seam: acquire a ring slot, fill it (WRITE), submit with its handle,
+    // read it and release it (READ; a WRITE's slot returns at completion).
     const request = async (command: number, offset: number, data: Buffer, token: number): Promise<number> => {
-      const view = mirror.acquireBuffer(command, data.length, token);
-      assert.ok(view !== null, 'a free ring slot');
+      const lease = mirror.acquireBuffer(command, data.length, token);
+      assert.ok(lease !== null, 'a free ring slot');
+      const { handle, view } = lease;
       if (command === 1) view.set(data);
       const errno = await new Promise<number>((resolve) => {
         pending.set(token, resolve);
-        mirror.submit(command, 0, offset, data.length, view, token);
+        mirror.submit(command, 0, offset, data.length, view, token, handle);
       });
-      if (command === 0) data.set(view);
-      mirror.releaseBuffer(token);
+      if (command === 0) {
+        data.set(view);
+        mirror.releaseBuffer(handle);
+      }
       return errno;
     };
     for (let round = 0; round < 20; round += 1) {

@@ -28,6 +28,7 @@ import * as p from '../../../src/nbd/protocol.js';
 import { MemoryDevice, PooledMemoryDevice } from '../../helpers/memory-device.js';
 import { NbdProbe, ProbeClosedError, ProbeTimeoutError } from '../../helpers/nbd-probe.js';
 import { scratch, waitFor, type Scratch } from '../../helpers/tools.js';
+import type { BufferLease } from '../../../src/core/block-device.js';
 
 const kSizeBytes = 4 * 1024 * 1024;
 const kExportName = 'drain';
@@ -37,7 +38,7 @@ class GatedDevice extends PooledMemoryDevice {
   private gated = true;
   gatedRefusals = 0;
 
-  override acquireBuffer(command: number, lengthBytes: number, token: number): Uint8Array | null {
+  override acquireBuffer(command: number, lengthBytes: number, token: number): BufferLease | null {
     if (this.gated) {
       this.gatedRefusals += 1;
       return null;
