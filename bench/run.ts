@@ -113,7 +113,8 @@ const kHelp = `usage: node dist/bench/run.js [options]
   --tls-only           only the TLS measurements (no cases, no workloads, no metadata, no resync)
   --no-verify-phase    skip the online-verify measurements (default: run them after the resync)
   --verify-only        only the verify measurements: enbd verify vs nbdcopy to null:, 1/2/4
-                       hash threads, sha256/blake2b512 (device --verify-size-mib)
+                       hash threads, 16 lanes, sha256/blake2b512, two nbdcopy readers at once
+                       and the CPU bound (device --verify-size-mib)
   --verify-size-mib N  device size for the verify measurements (default ${kDefaultVerifySizeMiB}, quick ${kQuickVerifySizeMiB})
   --no-cbt             skip the changed-block tracking measurements (default: run them after TLS)
   --cbt-only           only the changed-block tracking measurements: 4K randwrite with 0/1/4
