@@ -74,6 +74,7 @@ import { ChainInboxes, chainToWrite } from '../ring/chain-inbox.js';
 import { openLeg, parseLegUri, type LegAddress } from '../stubs/open-leg.js';
 import type { Extent } from '../core/block-device.js';
 import type { CopyMessage, LegActorApi, LegActorInit, LegCheck, LegDeviceOpener, LegInfo, LegStats } from './messages.js';
+import { SpinWindow } from './wake-policy.js';
 
 const kDrainBatch = 256;
 /** disconnect()/shutdown() wait this long for a leg's close, then abandon it. */
@@ -128,10 +129,8 @@ export class LegActor implements LegActorApi {
   private paused = false;
   private pumpScheduled = false;
   private publishScheduled = false;
-  /** Spin budget in ms (init.spinMicros / 1000); 0 = sleep as soon as the queue is empty. */
-  private readonly spinMs: number;
-  /** performance.now() when the queue was first found empty in this spin, -1 when not spinning. */
-  private spinStartMs = -1;
+  /** Poll window after the queue ran empty (init.spinMicros; 0 = sleep at once). */
+  private readonly spin: SpinWindow;
   /** Per-leg copy mode: the private payload copy of each slot in flight. */
   private readonly copies: (Uint8Array | null)[];
   private readonly issueBound = (slot: number): void => this.issue(slot, null);
@@ -175,7 +174,7 @@ export class LegActor implements LegActorApi {
     this.idleAnswerMs = init.requestTimeoutMs > 0 ? init.requestTimeoutMs : idleProbeMs;
     const spinMicros = init.spinMicros ?? 0;
     assert(Number.isFinite(spinMicros) && spinMicros >= 0, 'spinMicros is a number >= 0');
-    this.spinMs = spinMicros / 1000;
+    this.spin = new SpinWindow(spinMicros);
   }
 
   async open(): Promise<LegInfo | { error: PlainError }> {
@@ -230,21 +229,13 @@ export class LegActor implements LegActorApi {
     const chainSnapshot = this.chain?.snapshot(this.legIndex) ?? 0;
     const drained = this.dispatch.drain(this.issueBound, kDrainBatch) + this.drainChained();
     if (drained > 0) {
-      if (this.spinStartMs >= 0) {
-        this.dispatch.noteSpinHit();
-        this.spinStartMs = -1;
-      }
+      if (this.spin.worked()) this.dispatch.noteSpinHit();
       this.schedulePump();
       return;
     }
-    if (this.spinMs > 0) {
-      const nowMs = performance.now();
-      if (this.spinStartMs < 0) this.spinStartMs = nowMs;
-      if (nowMs - this.spinStartMs < this.spinMs) {
-        this.schedulePump();
-        return;
-      }
-      this.spinStartMs = -1;
+    if (this.spin.pollAgain()) {
+      this.schedulePump();
+      return;
     }
     if (this.chain !== null) {
       this.sleepOnBoth(chainSnapshot);

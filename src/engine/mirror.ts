@@ -60,7 +60,7 @@ import { DirtyMap } from '../bitmap/dirty-map.js';
 import { LatencyHistograms } from '../core/latency.js';
 import { withTimeout } from '../core/timeout.js';
 import { RangeLock } from './range-lock.js';
-import { defaultWakePolicy, type WakePolicy } from './wake-policy.js';
+import { defaultWakePolicy, SpinWindow, type WakePolicy } from './wake-policy.js';
 import { LegHealth, kDefaultHealthPolicy, type HealthPolicy, type LegState } from './leg-health.js';
 import { Leg } from './leg.js';
 import { SlotTable } from './slot-table.js';
@@ -328,8 +328,8 @@ export class MirrorDevice implements BlockDevice {
   private readonly pumpBound = (): void => this.pumpCompletions();
   /** Spin budgets (src/engine/wake-policy.ts). */
   private readonly wake: WakePolicy;
-  /** performance.now() when the master's completion poll started, -1 while it sleeps. */
-  private spinStartMs = -1;
+  /** The master's poll window over its completion queues (wake.masterSpinMicros). */
+  private readonly spin: SpinWindow;
   /** Read policy, write-mostly legs, per-leg read counters and latency. */
   readonly reads: ReadChooser;
   /** Read-error repair: a leg's READ EIO rewrites the range on it (src/engine/read-repair.ts). */
@@ -379,6 +379,7 @@ export class MirrorDevice implements BlockDevice {
     this.ring = RequestRing.create({ ...options.ring, ...shadowRingOptions(options) });
     this.doorbell = Doorbell.create();
     this.wake = options.wakePolicy ?? defaultWakePolicy();
+    this.spin = new SpinWindow(this.wake.masterSpinMicros);
     this.rangeLock = new RangeLock(this.ring.descriptorCount);
     this.granted = new Int32Array(this.ring.descriptorCount);
     this.slots = new SlotTable(this.ring.descriptorCount);
@@ -1241,20 +1242,16 @@ export class MirrorDevice implements BlockDevice {
         this.lifecycle.onLegDropped(leg);
       }
     }
-    const spinMicros = this.wake.masterSpinMicros;
-    if (spinMicros > 0) {
-      const nowMs = performance.now();
-      if (drained > 0) {
-        if (this.spinStartMs >= 0) this.doorbell.noteSpinHit();
-        this.spinStartMs = nowMs;
-      } else if (this.spinStartMs < 0) {
-        this.spinStartMs = nowMs;
-      }
-      if (nowMs - this.spinStartMs < spinMicros / 1000) {
+    const spin = this.spin;
+    if (drained > 0) {
+      if (spin.worked()) this.doorbell.noteSpinHit();
+      if (spin.budgetMs > 0) {
         setImmediate(this.pumpBound);
         return;
       }
-      this.spinStartMs = -1;
+    } else if (spin.pollAgain()) {
+      setImmediate(this.pumpBound);
+      return;
     }
     const wait = this.doorbell.waitAsync(snapshot);
     if (wait === null) setImmediate(this.pumpBound);

@@ -54,8 +54,45 @@ export function defaultWakePolicy(cpus = availableParallelism(), env: NodeJS.Pro
     const micros = clampMicros(Number(override));
     return { actorSpinMicros: micros, masterSpinMicros: micros };
   }
+  // One CPU: never spin (a spinning thread only delays the producer it waits for), whatever
+  // the defaults for more CPUs become.
   if (cpus <= 1) return { actorSpinMicros: 0, masterSpinMicros: 0 };
   return { actorSpinMicros: kActorSpinMicrosDefault, masterSpinMicros: kMasterSpinMicrosDefault };
 }
 
 export { clampMicros as clampSpinMicros };
+
+/**
+ * One consumer's bounded poll window (the design notes above), shared by the connection actor's
+ * dispatch pump and the master's completion pump. The window opens at the first empty check
+ * after work and closes at the next drain that finds work (a spin hit) or when the budget has
+ * passed (the consumer then sleeps). Plain fields: one thread.
+ */
+export class SpinWindow {
+  readonly budgetMs: number;
+  private startMs = -1;
+
+  constructor(budgetMicros: number) {
+    this.budgetMs = budgetMicros / 1000;
+  }
+
+  /** A drain found work: true when it came while polling (a spin hit); the window closes. */
+  worked(): boolean {
+    const hit = this.startMs >= 0;
+    this.startMs = -1;
+    return hit;
+  }
+
+  /** The queue was empty: true = check again on the next turn; false = sleep now. */
+  pollAgain(): boolean {
+    if (this.budgetMs <= 0) return false;
+    const nowMs = performance.now();
+    if (this.startMs < 0) {
+      this.startMs = nowMs;
+      return true;
+    }
+    if (nowMs - this.startMs < this.budgetMs) return true;
+    this.startMs = -1;
+    return false;
+  }
+}

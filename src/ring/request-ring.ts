@@ -496,7 +496,7 @@ export class RequestRing {
     assert(this.isMaster, 'allocateShadow is master-only');
     const need = lengthBytes <= kShadowGranuleBytes ? 1 : Math.ceil(lengthBytes / kShadowGranuleBytes);
     if (this.shadowFreeTop === 0 || need > this.freeGranuleCount) return -1;
-    const first = this.findGranules(0, need);
+    const first = this.findGranules(need);
     if (first < 0) return -1;
     const bits = this.granuleBits;
     for (let granule = first; granule < first + need; granule++) bits[granule >>> 5] = (bits[granule >>> 5] as number) | (1 << (granule & 31));
@@ -516,12 +516,12 @@ export class RequestRing {
     return slot;
   }
 
-  /** First fit of `need` clear granule bits from `start` to the arena's end (no wrap); -1: none. */
-  private findGranules(start: number, need: number): number {
+  /** First fit of `need` clear granule bits from the arena's start to its end; -1: none. */
+  private findGranules(need: number): number {
     const bits = this.granuleBits;
     const end = this.granuleCount;
     let run = 0;
-    let granule = start;
+    let granule = 0;
     while (granule < end) {
       const word = bits[granule >>> 5] as number;
       if (word === -1) {

@@ -8,7 +8,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { truncateSync, writeFileSync } from 'node:fs';
-import { defaultWakePolicy, kActorSpinMicrosDefault, kMasterSpinMicrosDefault, kSpinMicrosMax } from '../../../src/engine/wake-policy.js';
+import { defaultWakePolicy, kActorSpinMicrosDefault, kMasterSpinMicrosDefault, kSpinMicrosMax, SpinWindow } from '../../../src/engine/wake-policy.js';
 import { MirrorDevice } from '../../../src/engine/mirror.js';
 import { createLogger } from '../../../src/core/log.js';
 import { scratch } from '../../helpers/tools.js';
@@ -23,6 +23,24 @@ test('budgets: 0 on one CPU, the defaults (0 today) with more, ENBD_SPIN_US over
   assert.equal(defaultWakePolicy(2, { ENBD_SPIN_US: '-5' }).actorSpinMicros, 0);
   assert.equal(defaultWakePolicy(8, { ENBD_SPIN_US: 'fast' }).actorSpinMicros, kActorSpinMicrosDefault, 'not a number: ignored');
   assert.equal(defaultWakePolicy(1, { ENBD_SPIN_US: '' }).actorSpinMicros, 0, 'empty: unset');
+});
+
+test('SpinWindow: no budget never polls; a window opens at the first empty check, counts a hit, and closes after its budget', async () => {
+  const off = new SpinWindow(0);
+  assert.equal(off.pollAgain(), false, 'budget 0: sleep at once');
+  assert.equal(off.worked(), false, 'no window, no hit');
+  const wide = new SpinWindow(kSpinMicrosMax * 1000);
+  assert.equal(wide.worked(), false, 'work without polling first is no hit');
+  assert.equal(wide.pollAgain(), true, 'the first empty check opens the window');
+  assert.equal(wide.pollAgain(), true, 'still inside it');
+  assert.equal(wide.worked(), true, 'work found while polling: a hit');
+  assert.equal(wide.worked(), false, 'the hit closed the window');
+  const short = new SpinWindow(1000); // 1 ms
+  assert.equal(short.pollAgain(), true);
+  await new Promise((resolve) => setTimeout(resolve, 5));
+  assert.equal(short.pollAgain(), false, 'past the budget: sleep');
+  assert.equal(short.worked(), false, 'the window closed when it ran out');
+  assert.equal(short.pollAgain(), true, 'the next empty check opens a new window');
 });
 
 async function writeAndRead(spinMicros: number): Promise<ReturnType<MirrorDevice['wakeCounters']>> {
