@@ -46,6 +46,7 @@
  *   while the client still waits for that token.
  * - A request is executed at most once; a discarded request never touches the bytes.
  */
+import assert from 'node:assert/strict';
 import type { BlockDevice, BlockSizes, CompletionHandler, DeviceFeatures, Extent } from '../../src/core/block-device.js';
 import { EnbdError } from '../../src/core/errors.js';
 import { createLogger } from '../../src/core/log.js';
@@ -602,6 +603,29 @@ export async function waitFor(predicate: () => boolean, deadlineMs: number, step
     await new Promise((resolve) => setTimeout(resolve, stepMs));
   }
   return true;
+}
+
+/**
+ * `request` was started while `store` hangs: waits `waitMs` (is it still unanswered?), then
+ * lets the store answer what it holds and returns both facts for the caller to assert.
+ */
+export async function answeredAfterRelease(store: FaultStore, request: Promise<number>, waitMs = 200): Promise<{ heldBack: boolean; errno: number }> {
+  let answered = false;
+  const settled = request.then((errno) => {
+    answered = true;
+    return errno;
+  });
+  const heldBack = !(await waitFor(() => answered, waitMs));
+  store.hang = false;
+  store.release();
+  return { heldBack, errno: await settled };
+}
+
+/** Waits until leg `leg` is in one of `states`; fails with the states it saw otherwise. */
+export async function waitLegState(mirror: MirrorDevice, leg: number, states: readonly string[], what: string, deadlineMs: number): Promise<void> {
+  const stateOf = (): string => legStates(mirror)[leg] ?? 'missing';
+  const ok = await waitFor(() => states.includes(stateOf()), deadlineMs);
+  assert.ok(ok, `${what}: leg ${leg} reached ${states.join('/')} (it is ${stateOf()}; legs ${legStates(mirror).join(', ')})`);
 }
 
 // ---- a mirror over fault legs ---------------------------------------------------------------

@@ -43,6 +43,7 @@ import type { MirrorDevice } from '../../../src/engine/mirror.js';
 import {
   legStates, makeStores, openFaultMirror, waitFor, type FaultMirror, type FaultStore,
   filled,
+  waitLegState,
 } from '../../helpers/fault-device.js';
 import { assertSameBytes, firstDifference } from '../../helpers/mirror.js';
 
@@ -61,8 +62,7 @@ function stateOf(mirror: MirrorDevice, leg: number): string {
 }
 
 async function waitState(mirror: MirrorDevice, leg: number, states: string[], what: string): Promise<void> {
-  const ok = await waitFor(() => states.includes(stateOf(mirror, leg)), kSettleMs);
-  assert.ok(ok, `${what}: leg ${leg} reached ${states.join('/')} (it is ${stateOf(mirror, leg)}; legs ${legStates(mirror).join(', ')})`);
+  await waitLegState(mirror, leg, states, what, kSettleMs);
 }
 
 async function waitAllInSync(mirror: MirrorDevice, what: string): Promise<void> {

@@ -13,7 +13,7 @@ import { afterEach, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { ReadChooser, parseReadPolicy, type ReadCandidate } from '../../../src/engine/read-policy.js';
 import type { MirrorOptions } from '../../../src/engine/mirror.js';
-import { legStates, makeStores, openFaultMirror, waitFor, filled, type FaultMirror } from '../../helpers/fault-device.js';
+import { legStates, makeStores, openFaultMirror, waitFor, filled, answeredAfterRelease, type FaultMirror } from '../../helpers/fault-device.js';
 import { assertSameBytes } from '../../helpers/mirror.js';
 
 const kKiB = 1024;
@@ -213,15 +213,9 @@ describe('read policy and slow legs over fault legs', () => {
     const storeB = run.stores[1] as FaultMirror['stores'][number];
     storeB.hang = true;
     assert.equal(await run.driver.write(0, filled(16 * kKiB, 50)), 0, 'within the bound: acknowledged at once');
-    let acked = false;
-    const beyond = run.driver.write(64 * kKiB, filled(4 * kKiB, 51)).then((errno) => {
-      acked = true;
-      return errno;
-    });
-    assert.equal(await waitFor(() => acked, 200), false, 'beyond the bound the write waits for leg 1');
-    storeB.hang = false;
-    storeB.release();
-    assert.equal(await beyond, 0);
+    const beyond = await answeredAfterRelease(storeB, run.driver.write(64 * kKiB, filled(4 * kKiB, 51)));
+    assert.equal(beyond.heldBack, true, 'beyond the bound the write waits for leg 1');
+    assert.equal(beyond.errno, 0);
     assert.ok(await waitFor(() => (run.mirror.legStatus()[1]?.behindBytes ?? -1) === 0, kSettleMs));
     assertSameBytes(run.stores[0]?.bytes as Uint8Array, storeB.bytes, 'legs identical');
   });

@@ -12,7 +12,7 @@ import { afterEach, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { ChainInboxes } from '../../../src/ring/chain-inbox.js';
 import { SpscQueue } from '../../../src/ring/spsc-queue.js';
-import { makeStores, openFaultMirror, waitFor, legStates, filled, type FaultMirror } from '../../helpers/fault-device.js';
+import { makeStores, openFaultMirror, waitFor, waitLegState, legStates, filled, type FaultMirror, type FaultStore } from '../../helpers/fault-device.js';
 import { assertSameBytes } from '../../helpers/mirror.js';
 
 const kKiB = 1024;
@@ -25,9 +25,17 @@ afterEach(async () => {
   open = null;
 });
 
+/** Two fault legs A and B, no request timeout, no resync gaps; B failed by hand (its writes go dirty). */
+async function openWithLegBOut(): Promise<Pick<FaultMirror, 'mirror' | 'driver'> & { storeA: FaultStore; storeB: FaultStore }> {
+  const stores = makeStores(2, kDeviceBytes);
+  const [storeA, storeB] = stores as [FaultStore, FaultStore];
+  open = await openFaultMirror(stores, { legTimeoutMs: 0 }, { resyncGapBytes: 0 });
+  open.mirror.failLegByHand(1, 'test');
+  return { mirror: open.mirror, driver: open.driver, storeA, storeB };
+}
+
 async function waitLeg(mirror: FaultMirror['mirror'], leg: number, state: string, what: string): Promise<void> {
-  const ok = await waitFor(() => legStates(mirror)[leg] === state, kSettleMs);
-  assert.ok(ok, `${what}: leg ${leg} is ${legStates(mirror)[leg]}, wanted ${state}`);
+  await waitLegState(mirror, leg, [state], what, kSettleMs);
 }
 
 describe('chained resync copies', () => {
@@ -60,11 +68,7 @@ describe('chained resync copies', () => {
   });
 
   test('a target that fails while chained WRITEs are in flight keeps its bits and resyncs once back', async () => {
-    const stores = makeStores(2, kDeviceBytes);
-    const [storeA, storeB] = stores as [typeof stores[0], typeof stores[0]];
-    open = await openFaultMirror(stores, { legTimeoutMs: 0 }, { resyncGapBytes: 0 });
-    const { mirror, driver } = open;
-    mirror.failLegByHand(1, 'test');
+    const { storeA, storeB, mirror, driver } = await openWithLegBOut();
     for (let block = 0; block < 16; block += 1) assert.equal(await driver.write(block * 32 * kKiB, filled(4 * kKiB, block + 1)), 0);
     const dirty = mirror.legStatus()[1]?.dirtyBytes ?? 0;
     assert.equal(dirty, 16 * 4 * kKiB);
@@ -89,11 +93,7 @@ describe('chained resync copies', () => {
   });
 
   test('a client write racing a chained copy of its range waits for it and wins on both legs', async () => {
-    const stores = makeStores(2, kDeviceBytes);
-    const [storeA, storeB] = stores as [typeof stores[0], typeof stores[0]];
-    open = await openFaultMirror(stores, { legTimeoutMs: 0 }, { resyncGapBytes: 0 });
-    const { mirror, driver } = open;
-    mirror.failLegByHand(1, 'test');
+    const { storeA, storeB, mirror, driver } = await openWithLegBOut();
     const offset = 256 * kKiB;
     assert.equal(await driver.write(offset, filled(16 * kKiB, 1)), 0);
     mirror.pauseResync(true);

@@ -13,7 +13,7 @@ import { afterEach, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import type { MirrorOptions } from '../../../src/engine/mirror.js';
 import { shadowRingOptions } from '../../../src/engine/write-behind.js';
-import { legStates, makeStores, openFaultMirror, waitFor, filled, type FaultMirror } from '../../helpers/fault-device.js';
+import { legStates, makeStores, openFaultMirror, waitFor, filled, answeredAfterRelease, type FaultMirror } from '../../helpers/fault-device.js';
 import { assertSameBytes } from '../../helpers/mirror.js';
 
 const kKiB = 1024;
@@ -103,15 +103,9 @@ describe('write-behind shadow arena over fault legs', () => {
     storeB.hang = true;
     for (let index = 0; index < 4; index += 1) assert.equal(await run.driver.write(index * 64 * kKiB, filled(4 * kKiB, 60 + index)), 0);
     assert.equal(run.mirror.legStatus()[1]?.behindBytes, 16 * kKiB);
-    let acked = false;
-    const beyond = run.driver.write(512 * kKiB, filled(4 * kKiB, 70)).then((errno) => {
-      acked = true;
-      return errno;
-    });
-    assert.equal(await waitFor(() => acked, 200), false, 'arena and bound full: the write waits for leg 1');
-    storeB.hang = false;
-    storeB.release();
-    assert.equal(await beyond, 0);
+    const beyond = await answeredAfterRelease(storeB, run.driver.write(512 * kKiB, filled(4 * kKiB, 70)));
+    assert.equal(beyond.heldBack, true, 'arena and bound full: the write waits for leg 1');
+    assert.equal(beyond.errno, 0);
     assert.ok((run.mirror.legStatus()[1]?.boundHits ?? 0) >= 1);
     assert.ok(await waitFor(() => (run.mirror.legStatus()[1]?.behindBytes ?? -1) === 0, kSettleMs));
     // The arena is free again: more shadows fit, including one of the whole arena.
