@@ -37,7 +37,7 @@ import { runFio } from './lib/fio.js';
 import { startNbdkitLeg } from './lib/legs.js';
 import type { ManagedProcess } from './lib/proc.js';
 import { kWorkloads } from './lib/workloads.js';
-import { compareLegs } from './lib/resync.js';
+import { compareLegs, xorshift32 } from './lib/resync.js';
 
 interface ThreadSample {
   cpuTicks: number;
@@ -116,15 +116,7 @@ async function main(): Promise<void> {
     await served.server.listenUnix(exportSocket);
     const client = await NbdClient.connect(unixUri(exportSocket));
     const units = sizeBytes / blockBytes;
-    let seed = 12345;
-    const random = (): number => {
-      seed ^= seed << 13;
-      seed >>>= 0;
-      seed ^= seed >>> 17;
-      seed ^= seed << 5;
-      seed >>>= 0;
-      return seed;
-    };
+    const random = xorshift32(12345);
     const handles = mirror.debugHandles() as unknown as { mirror: { doorbell: { notifyCount: number } }; legs: Array<{ dispatch: { notifyCount: number; waitCount: number }; completion: { waitCount: number } }> };
     const chain = (handles.mirror as unknown as { chain: { counts(leg: number): { notifies: number } } | null }).chain;
     // [master doorbell, leg 0 dispatch, leg 1 dispatch, leg 1 chain inbox] notifies

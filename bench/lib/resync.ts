@@ -192,7 +192,12 @@ export const kResyncTargets = { partialSpeedupMin: 10, fullThroughputRatioMin: 0
 
 /** xorshift32: deterministic offsets per round, no dependency. */
 function makeRandom(seed: number): () => number {
-  let state = (seed * 2654435761) >>> 0 || 1;
+  return xorshift32((seed * 2654435761) >>> 0 || 1);
+}
+
+/** The xorshift32 generator from a raw non-zero state (the probe seeds it directly). */
+export function xorshift32(initial: number): () => number {
+  let state = initial >>> 0;
   return () => {
     state ^= state << 13;
     state >>>= 0;
