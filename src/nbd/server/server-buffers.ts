@@ -46,10 +46,15 @@ export class RecordBuffers {
   private readonly largeBuffers: Buffer[] = [];
   private largeBufferBytes = 0;
 
+  /** The device takes submitted WRITE buffers back itself (fixed for the device's life). */
+  private readonly deviceTakesWrites: boolean;
+
   constructor(
     private readonly host: BufferHost,
     private readonly user: ShareUser,
-  ) {}
+  ) {
+    this.deviceTakesWrites = host.device.writeBuffersReturnAtCompletion === true;
+  }
 
   /**
    * Gets a buffer for READ or WRITE data; false when this connection is over its fair share of
@@ -91,7 +96,7 @@ export class RecordBuffers {
    * device with writeBuffersReturnAtCompletion by itself, so release must not return it.
    */
   submitting(record: RequestRecord): void {
-    if (record.fromDevice && record.command === p.kCmdWrite && this.host.device.writeBuffersReturnAtCompletion === true) {
+    if (record.fromDevice && record.command === p.kCmdWrite && this.deviceTakesWrites) {
       record.deviceTakesBack = true;
     }
   }
