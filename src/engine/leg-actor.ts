@@ -16,12 +16,14 @@
  * - Spin before sleeping (init.spinMicros, src/engine/wake-policy.ts): once the queue runs
  *   empty the actor re-checks it once per event-loop turn for up to spinMicros before it
  *   announces sleeping, so a master publishing within that window needs no Atomics.notify.
- *   The window restarts whenever a check finds entries; hits are counted in the queue
- *   (noteSpinHit), sleeps in its waitCount.
+ *   A check that finds entries closes the window (SpinWindow; a hit if it came while polling,
+ *   counted in the queue by noteSpinHit), the next empty check opens a new one; sleeps are in
+ *   the queue's waitCount.
  * - The slot's data is handed to the stub as a Buffer view of the ring: a WRITE is sent from
  *   shared memory, a READ lands in shared memory. No copy in shared mode. The view of each
- *   slot is cached with its length (`slotView`), so a steady workload (the same request size
- *   on a slot) creates no view per request. A plain Uint8Array, not a Buffer: Buffer's slice()
+ *   slot is cached with its length and start (`slotView`; a shadow descriptor's bytes move
+ *   within the arena between uses), so a steady workload (the same request size on a slot)
+ *   creates no view per request. A plain Uint8Array, not a Buffer: Buffer's slice()
  *   aliases instead of copying, and a stub (the model test's fault legs) snapshots a WRITE's
  *   payload with slice().
  * - Per-leg copy mode (bench experiment): the master posts a private copy of a WRITE payload;

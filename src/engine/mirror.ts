@@ -1226,9 +1226,9 @@ export class MirrorDevice implements BlockDevice {
   // ---- completion -------------------------------------------------------------------------
 
   /**
-   * Drains every completion queue; then polls them once per event-loop turn for up to the
-   * master's spin budget (the window restarts at every non-empty drain), then sleeps on the
-   * doorbell until an actor rings it.
+   * Drains every completion queue; after a drain that found work it checks again on the next
+   * turn when the master has a spin budget; once they run empty it polls them once per turn
+   * for up to that budget (SpinWindow), then sleeps on the doorbell until an actor rings it.
    */
   private pumpCompletions(): void {
     if (this.closed) return;
