@@ -123,8 +123,13 @@ export class MetaKeeper {
   private readonly chunkCount: number;
   private readonly perLeg: (LegMetaState | null)[] = [];
   private members: MemberRecord[];
-  /** The member table as last written (state and UUID per slot). */
-  private writtenTable = '';
+  /**
+   * The member table last chosen for writing (state and UUID per slot): written, or being
+   * written by the loop. onLegState compares against this, not against the table already on the
+   * legs: a leg that left and came back while the table saying it left was being written must
+   * still get a table saying it is back (else the legs keep recording it stale).
+   */
+  private scheduledTable = '';
   private events: number;
   private readonly owner: OwnerRecord;
   private readonly plan: AssembledArray['plan'];
@@ -172,7 +177,7 @@ export class MetaKeeper {
         fullSync: leg.role === 'full-resync',
       };
     }
-    this.writtenTable = this.tableKey(this.members);
+    this.scheduledTable = this.tableKey(this.members);
     this.checkpoints = options.checkpoints ?? null;
     if (this.checkpoints !== null) this.restoreCheckpoints(this.checkpoints, assembled);
     const heartbeatMs = options.heartbeatMs ?? kHeartbeatMs;
@@ -239,7 +244,7 @@ export class MetaKeeper {
     if (state === null || state === undefined) return;
     if (leg.state === 'in-sync') state.fullSync = false;
     const table = this.desiredTable();
-    if (this.tableKey(table) === this.writtenTable && !this.outOfSyncMarks()) return;
+    if (this.tableKey(table) === this.scheduledTable && !this.outOfSyncMarks()) return;
     this.tableChanged = true;
     this.holding = true;
     this.kick();
@@ -353,9 +358,9 @@ export class MetaKeeper {
         await this.writePages(this.admittedMask());
         this.events += 1;
         this.members = this.desiredTable();
+        this.scheduledTable = this.tableKey(this.members);
         for (const member of this.members) if (member.state === 'in-sync') member.events = this.events;
         await this.writeSuperblocks('active', this.owner);
-        this.writtenTable = this.tableKey(this.members);
         if (!this.tableChanged) this.releaseHeld();
         continue;
       }

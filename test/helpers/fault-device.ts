@@ -122,6 +122,8 @@ export class FaultStore {
   eioBudget = Number.POSITIVE_INFINITY;
   eioAnswered = 0;
   hang = false;
+  /** Holds (as `hang` does) only the requests it returns true for; release() lets them go. */
+  holdIf: ((request: { command: number; offsetBytes: number; lengthBytes: number }) => boolean) | null = null;
   slowMs = 0;
   refuseOpen = false;
   strict = false;
@@ -153,6 +155,7 @@ export class FaultStore {
     this.eio = 'none';
     this.eioBudget = Number.POSITIVE_INFINITY;
     this.hang = false;
+    this.holdIf = null;
     this.slowMs = 0;
     this.refuseOpen = false;
   }
@@ -223,7 +226,7 @@ export class FaultStore {
       this.eioAnswered += 1;
       request.errno = p.kEIo;
     }
-    if (this.hang) {
+    if (this.hang || (this.holdIf !== null && this.holdIf(request))) {
       request.held = true;
       return;
     }

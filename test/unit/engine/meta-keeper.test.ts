@@ -56,7 +56,7 @@ interface MetaMirror {
 }
 
 /** createArray (--assume-clean) and assembleArray on the stores, then an inline mirror with the metadata. */
-async function openMetaMirror(stores: FaultStore[], heartbeatMs: number): Promise<MetaMirror> {
+async function openMetaMirror(stores: FaultStore[], heartbeatMs: number, tuning: Partial<Record<'legTimeoutMs', number>> = {}): Promise<MetaMirror> {
   const created = await Promise.all(stores.map(async (store) => await store.connect(0)));
   await createArray(stores.map((store, index) => ({ uri: store.name, meta: new LegMeta(created[index] as NonNullable<(typeof created)[number]>) })), {
     name: 'keeper-test', assumeClean: true, force: false, bitmapChunkBytes: kMetaChunkBytes,
@@ -64,7 +64,7 @@ async function openMetaMirror(stores: FaultStore[], heartbeatMs: number): Promis
   await Promise.all(created.map(async (device) => await device.close()));
   const devices = await Promise.all(stores.map(async (store) => await store.connect(0)));
   const assembled = await assembleArray(stores.map((store) => store.name), devices, { forceSource: null, degraded: false });
-  const fm = await openFaultMirror(stores, {}, { metadata: assembled, heartbeatMs });
+  const fm = await openFaultMirror(stores, tuning, { metadata: assembled, heartbeatMs });
   return { fm, mirror: fm.mirror, stores, layout: assembled.plan.layout };
 }
 
@@ -212,6 +212,48 @@ test('(c) a write a leg fails is acknowledged only after the other leg durably r
     assert.notEqual(legStates(mirror)[1], 'in-sync');
   } finally {
     (stores[1] as FaultStore).heal();
+    await fm.close();
+  }
+});
+
+test('(c2) a leg that fails again while the table saying it is back is being written is recorded stale before the next write it misses is acknowledged', async () => {
+  const stores = makeStores(2, kLegBytes);
+  // Long leg timeouts: leg 0's superblock write is held on purpose below.
+  const { fm, mirror, layout } = await openMetaMirror(stores, 60_000, { legTimeoutMs: 60_000 });
+  const [store0, store1] = stores as [FaultStore, FaultStore];
+  const superblockAt = new Set(superblockOffsets(store0.sizeBytes));
+  const memberOnLeg0 = (): string | undefined => superblockOf(store0, true)?.members[1]?.state;
+  try {
+    // Leg 1 misses a write, is recorded stale, comes back and waits (paused) to resync.
+    mirror.failLegByHand(1);
+    assert.equal(await fm.driver.write(2 * kMetaChunkBytes, pattern(20, 4096)), 0);
+    assert.ok(await waitFor(() => memberOnLeg0() === 'needs-resync', 5000), 'leg 0 records leg 1 stale');
+    mirror.pauseResync(true);
+    await mirror.reconnectLegNow(1);
+    assert.ok(await waitFor(() => legStates(mirror)[1] === 'resyncing', 5000), `leg 1 resyncing: ${legStates(mirror).join(',')}`);
+    // The resync ends: the keeper writes a table saying leg 1 is in sync; leg 0's copy is held.
+    store0.holdIf = (request) => request.command === p.kCmdWrite && superblockAt.has(request.offsetBytes);
+    mirror.pauseResync(false);
+    assert.ok(await waitFor(() => legStates(mirror)[1] === 'in-sync' && store0.heldCount === 1, 5000), `the in-sync table's write is held on leg 0: ${legStates(mirror).join(',')}, held ${store0.heldCount}`);
+    // Leg 1 fails again before that write lands, and misses the next write.
+    mirror.failLegByHand(1);
+    let recordedAtAck: string | undefined = 'not acknowledged';
+    const missed = fm.driver.write(5 * kMetaChunkBytes, pattern(21, 4096)).then((errno) => {
+      recordedAtAck = memberOnLeg0();
+      return errno;
+    });
+    await sleep(20);
+    store0.holdIf = null;
+    store0.release();
+    assert.equal(await missed, 0);
+    assert.equal(recordedAtAck, 'needs-resync', 'when the write leg 1 missed is acknowledged, leg 0 durably records leg 1 as stale');
+    assert.equal(memberOnLeg0(), 'needs-resync');
+    assert.ok(bitmapTest(bitmapOf(store0, layout, true), 5), 'and the missed chunk\'s bit is durable on leg 0');
+    assert.deepEqual(legStates(mirror), ['in-sync', 'failed']);
+    assert.ok(store1.bytes.subarray(5 * kMetaChunkBytes, 5 * kMetaChunkBytes + 4096).every((byte) => byte === 0), 'leg 1 never got the write');
+  } finally {
+    store0.heal();
+    store0.release();
     await fm.close();
   }
 });
