@@ -111,7 +111,9 @@ describe('enbd mirror: read repair, read policy and write-behind over nbdkit leg
   test('each read policy picks the legs it should (reads counted per leg)', async () => {
     const legs = [
       await startLeg(image('rp-0.img')),
-      await startLeg(image('rp-1.img'), ['--filter=delay'], ['rdelay=5ms', 'wdelay=5ms']),
+      // 40 ms, not a few: on a loaded 2-core CI machine the undelayed leg's reads took ~6 ms, and a
+      // 5 ms delay was too close to tell the legs apart reliably.
+      await startLeg(image('rp-1.img'), ['--filter=delay'], ['rdelay=40ms', 'wdelay=5ms']),
     ];
     const mirror = await mirrorOf(legs, 'rp', { readPolicy: 'primary', writeMostly: [] });
     const client = await NbdClient.connect(mirror.uri);
