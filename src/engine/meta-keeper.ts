@@ -96,6 +96,8 @@ interface LegMetaState {
   attemptedSequence: number;
   /** Its contents are unknown until a full resync ends. */
   fullSync: boolean;
+  /** The member table (tableKey) its newest superblock durably holds, '' when unknown. */
+  writtenTable: string;
 }
 
 export type { KeeperStatus };
@@ -175,9 +177,12 @@ export class MetaKeeper {
         lastSequence: leg.lastSequence,
         attemptedSequence: leg.lastSequence,
         fullSync: leg.role === 'full-resync',
+        writtenTable: '',
       };
     }
     this.scheduledTable = this.tableKey(this.members);
+    // Assembly's claim wrote the plan's member table to every leg.
+    for (const state of this.perLeg) if (state != null) state.writtenTable = this.scheduledTable;
     this.checkpoints = options.checkpoints ?? null;
     if (this.checkpoints !== null) this.restoreCheckpoints(this.checkpoints, assembled);
     const heartbeatMs = options.heartbeatMs ?? kHeartbeatMs;
@@ -244,7 +249,9 @@ export class MetaKeeper {
     if (state === null || state === undefined) return;
     if (leg.state === 'in-sync') state.fullSync = false;
     const table = this.desiredTable();
-    if (this.tableKey(table) === this.scheduledTable && !this.outOfSyncMarks()) return;
+    // An admitted leg (one just back from probation) holds an older table: it gets this one too.
+    const stale = leg.admitted && state.writtenTable !== this.scheduledTable;
+    if (this.tableKey(table) === this.scheduledTable && !stale && !this.outOfSyncMarks()) return;
     this.tableChanged = true;
     this.holding = true;
     this.kick();
@@ -260,7 +267,7 @@ export class MetaKeeper {
     if (slot < 0) slot = this.members.length;
     const legUuid = randomUUID();
     this.members[slot] = { legUuid, state: 'needs-full-sync', events: 0, recoveryOffsetBytes: 0 };
-    this.perLeg[leg.index] = { slotIndex: slot, legUuid, layout: computeLayout(legSizeBytes, this.chunkBytes), lastCopy: 1, lastSequence: 0, attemptedSequence: -1, fullSync: true };
+    this.perLeg[leg.index] = { slotIndex: slot, legUuid, layout: computeLayout(legSizeBytes, this.chunkBytes), lastCopy: 1, lastSequence: 0, attemptedSequence: -1, fullSync: true, writtenTable: '' };
   }
 
   /** A leg of `legSizeBytes` can hold the data area plus its metadata. */
@@ -494,6 +501,7 @@ export class MetaKeeper {
     const copy = 1 - legState.lastCopy;
     const sequence = legState.lastSequence + 1;
     const sb = superblockFor(this.plan, legState.layout, legState, this.members, this.events, state, owner, nowMs, checkpoints);
+    const table = this.tableKey(this.members);
     legState.attemptedSequence = sequence;
     const offsets = superblockOffsets(legState.layout.legSizeBytes);
     let failed = await this.host.metaIo(p.kCmdWrite, offsets[copy] as number, encodeSuperblock(sb, copy, sequence), leg.bit);
@@ -505,6 +513,7 @@ export class MetaKeeper {
     }
     legState.lastCopy = copy;
     legState.lastSequence = sequence;
+    legState.writtenTable = table;
     return true;
   }
 
@@ -542,7 +551,8 @@ export class MetaKeeper {
     }
     if (fresh) {
       const nowMs = Date.now();
-      const sb0 = superblockFor(this.plan, legState.layout, legState, this.desiredTable(), this.events, 'active', this.owner, nowMs, this.checkpointRecords('active', this.owner, nowMs));
+      const table = this.desiredTable();
+      const sb0 = superblockFor(this.plan, legState.layout, legState, table, this.events, 'active', this.owner, nowMs, this.checkpointRecords('active', this.owner, nowMs));
       const both = new Uint8Array(2 * kSuperblockBytes);
       both.set(encodeSuperblock(sb0, 0, 1), 0);
       both.set(encodeSuperblock(sb0, 1, 2), kSuperblockBytes);
@@ -551,6 +561,7 @@ export class MetaKeeper {
       if (failed !== 0) return false;
       legState.lastSequence = 2;
       legState.lastCopy = 1;
+      legState.writtenTable = this.tableKey(table);
     }
     if (!this.host.fua() && this.host.flushes()) {
       if ((await this.host.metaIo(p.kCmdFlush, 0, new Uint8Array(0), leg.bit)) !== 0) return false;

@@ -1,0 +1,115 @@
+/**
+ * Races between the metadata keeper's I/O loop (src/engine/meta-keeper.ts, one metadata request
+ * at a time) and leg state changes that happen while it awaits. Each test holds a chosen
+ * metadata request on a store (FaultStore.holdIf), changes leg states while it is held, lets it
+ * go (store.release()), and checks what the legs durably hold against what the engine did:
+ *   (r1) a leg admitted (probation -> resyncing) while the loop writes a member table that no
+ *        admitted leg was left to take: the leg gets that table before the next write it is
+ *        sent is acknowledged (else its durable table still records the failed leg in sync);
+ *   (r2) a write parked for one chunk's bit while another chunk of its range, already durable,
+ *        is cleared as quiet: the write still goes out and is acknowledged (it does not wait for
+ *        a bit nobody sets again);
+ *   (r3) a leg removed and its index reused by `leg add` before the table recording the removal
+ *        was chosen: the old member is recorded removed, not left in sync forever;
+ *   (r4) a `leg add` whose metadata writes fail: its member slot does not stay needs-full-sync
+ *        (which would keep every bit from ever clearing).
+ *
+ * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts).
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { assembleArray } from '../../../src/meta/assemble.js';
+import { createArray } from '../../../src/meta/create-array.js';
+import { superblockOffsets, type LegLayout } from '../../../src/meta/layout.js';
+import { LegMeta, bitmapTest, inspectCopy } from '../../../src/meta/leg-meta.js';
+import type { Superblock } from '../../../src/meta/superblock.js';
+import * as p from '../../../src/nbd/protocol.js';
+import { legStates, makeStores, openFaultMirror, waitFor, type FaultMirror, type FaultStore } from '../../helpers/fault-device.js';
+
+const kLegBytes = 1024 * 1024;
+const kMetaChunkBytes = 64 * 1024;
+
+interface MetaMirror {
+  fm: FaultMirror;
+  layout: LegLayout;
+}
+
+/** createArray (--assume-clean) and assembleArray on the stores, then an inline mirror with the metadata. */
+async function openMetaMirror(stores: FaultStore[], heartbeatMs: number, extraStores: FaultStore[] = []): Promise<MetaMirror> {
+  const created = await Promise.all(stores.map(async (store) => await store.connect(0)));
+  await createArray(stores.map((store, index) => ({ uri: store.name, meta: new LegMeta(created[index] as NonNullable<(typeof created)[number]>) })), {
+    name: 'keeper-races', assumeClean: true, force: false, bitmapChunkBytes: kMetaChunkBytes,
+  });
+  await Promise.all(created.map(async (device) => await device.close()));
+  const devices = await Promise.all(stores.map(async (store) => await store.connect(0)));
+  const assembled = await assembleArray(stores.map((store) => store.name), devices, { forceSource: null, degraded: false });
+  // Long leg timeouts: metadata requests are held on purpose. Extra stores can be added later (leg add).
+  const opened = await openFaultMirror([...stores, ...extraStores], { legTimeoutMs: 60_000 }, { metadata: assembled, heartbeatMs, legs: stores.map((store) => store.name) });
+  return { fm: opened, layout: assembled.plan.layout };
+}
+
+/** The newest valid superblock on the store's bytes (`durable`: as of its last flush/FUA). */
+function superblockOf(store: FaultStore, durable = true): Superblock | null {
+  const bytes = durable ? store.durable : store.bytes;
+  const offsets = superblockOffsets(store.sizeBytes);
+  const copies = offsets.map((offset, copy) => inspectCopy(copy, offset, bytes.slice(offset, offset + 4096))).filter((copy) => copy.status === 'valid');
+  copies.sort((a, b) => (b.sequence ?? 0) - (a.sequence ?? 0));
+  return copies[0]?.superblock ?? null;
+}
+
+function bitmapOf(store: FaultStore, layout: LegLayout): Uint8Array {
+  return store.durable.slice(layout.bitmapOffsetBytes, layout.bitmapOffsetBytes + layout.bitmapBytes);
+}
+
+function pattern(seed: number, length: number): Uint8Array {
+  const data = new Uint8Array(length);
+  let x = (seed * 2654435761) >>> 0;
+  for (let index = 0; index < length; index += 1) {
+    x = (Math.imul(x, 1103515245) + 12345) >>> 0;
+    data[index] = x >>> 24;
+  }
+  return data;
+}
+
+function isBitmapPageWrite(request: { command: number; offsetBytes: number }, layout: LegLayout): boolean {
+  return request.command === p.kCmdWrite && request.offsetBytes >= layout.bitmapOffsetBytes && request.offsetBytes < layout.bitmapOffsetBytes + layout.bitmapAreaBytes;
+}
+
+test('(r1) a leg admitted while the loop writes a table no admitted leg took gets that table before its next write is acknowledged', async () => {
+  const stores = makeStores(2, kLegBytes);
+  const [store0, store1] = stores as [FaultStore, FaultStore];
+  const { fm, layout } = await openMetaMirror(stores, 60_000);
+  const { mirror } = fm;
+  try {
+    // Leg 1 misses a write; leg 0 records it stale.
+    mirror.failLegByHand(1);
+    assert.equal(await fm.driver.write(2 * kMetaChunkBytes, pattern(1, 4096)), 0);
+    assert.ok(await waitFor(() => superblockOf(store0)?.members[1]?.state === 'needs-resync', 5000), 'leg 0 records leg 1 stale');
+    mirror.pauseResync(true);
+    // Leg 1 comes back; its admission (the whole bitmap written to it) is held.
+    store1.holdIf = (request) => isBitmapPageWrite(request, layout);
+    const returned = mirror.reconnectLegNow(1);
+    assert.ok(await waitFor(() => store1.heldCount === 1, 5000), `leg 1's admission is held: ${legStates(mirror).join(',')}`);
+    // Meanwhile leg 0 goes away for good: the table saying so has no admitted leg to go to.
+    store0.refuseOpen = true;
+    store0.drop();
+    assert.ok(await waitFor(() => legStates(mirror)[0] !== 'in-sync', 5000), 'leg 0 left');
+    store1.holdIf = null;
+    store1.release();
+    await returned;
+    assert.equal(legStates(mirror)[1], 'resyncing', `leg 1 admitted: ${legStates(mirror).join(',')}`);
+    // A write to a chunk leg 1 holds succeeds on leg 1 alone: leg 0 misses it.
+    let recordedAtAck: string | undefined = 'not acknowledged';
+    const errno = await fm.driver.write(5 * kMetaChunkBytes, pattern(2, 4096), 0).then((answer) => {
+      recordedAtAck = superblockOf(store1)?.members[0]?.state;
+      return answer;
+    });
+    assert.equal(errno, 0, 'leg 1 holds the range: the write succeeds');
+    assert.equal(recordedAtAck, 'needs-resync', 'when the write leg 0 missed is acknowledged, leg 1 durably records leg 0 as stale');
+    assert.ok(bitmapTest(bitmapOf(store1, layout), 5), 'and the chunk\'s bit is durable on leg 1');
+  } finally {
+    store0.heal();
+    for (const store of stores) store.release();
+    await fm.close();
+  }
+});
