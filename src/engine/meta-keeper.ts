@@ -22,8 +22,8 @@
  * | heartbeat (every 5 s)            | superblocks rewritten with a fresh owner heartbeat; and    |
  * |                                  | bits of chunks not written for a whole period are cleared, |
  * |                                  | only while every member is in sync (durably recorded), no  |
- * |                                  | write is in flight there and no leg holds an unflushed     |
- * |                                  | write there                                                |
+ * |                                  | write is in flight (or parked) there and no leg holds an   |
+ * |                                  | unflushed write there                                      |
  * | a leg passes probation           | its superblocks are read: another array, another leg UUID, |
  * |                                  | no metadata, or a sequence this daemon did not write means |
  * |                                  | its contents are unknown: full resync, fresh superblocks.  |
@@ -601,6 +601,12 @@ export class MetaKeeper {
       const end = Math.min(this.chunkCount, Math.ceil((offsetBytes + lengthBytes) / this.chunkBytes));
       for (let chunk = first; chunk < end; chunk += 1) touched[chunk >> 3] = (touched[chunk >> 3] as number) | (1 << (chunk & 7));
     });
+    // So do those of parked requests (waiting for another chunk's bit): nothing would set a bit
+    // of theirs again, and they would wait for it for ever.
+    const waiters = this.waiters;
+    for (let at = 0; at < waiters.length; at += 3) {
+      for (let chunk = waiters[at + 1] as number; chunk < (waiters[at + 2] as number); chunk += 1) touched[chunk >> 3] = (touched[chunk >> 3] as number) | (1 << (chunk & 7));
+    }
     let cleared = 0;
     for (let byte = 0; byte < this.wanted.length; byte += 1) {
       const candidates = (this.wanted[byte] as number) & (this.durable[byte] as number) & ~(touched[byte] as number);

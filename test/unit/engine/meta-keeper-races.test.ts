@@ -113,3 +113,43 @@ test('(r1) a leg admitted while the loop writes a table no admitted leg took get
     await fm.close();
   }
 });
+
+test('(r2) a write parked for one chunk\'s bit goes out even when another chunk of its range is cleared as quiet meanwhile', async () => {
+  const stores = makeStores(2, kLegBytes);
+  const [store0] = stores as [FaultStore, FaultStore];
+  const { fm, layout } = await openMetaMirror(stores, 40);
+  const { mirror } = fm;
+  try {
+    // Chunk 3's bit is set and stays (the write is not flushed yet).
+    assert.equal(await fm.driver.write(3 * kMetaChunkBytes, pattern(3, 4096)), 0);
+    assert.equal(mirror.metadataStatus()?.dirtyChunks, 1);
+    // A write across the end of chunk 3 and the start of chunk 4 waits for chunk 4's bit, whose
+    // page write is held on leg 0.
+    store0.holdIf = (request) => isBitmapPageWrite(request, layout);
+    const offset = 4 * kMetaChunkBytes - 2048;
+    const data = pattern(4, 8192);
+    let answered: number | null = null;
+    const spanning = fm.driver.write(offset, data).then((errno) => {
+      answered = errno;
+      return errno;
+    });
+    assert.ok(await waitFor(() => store0.heldCount === 1, 5000), 'chunk 4\'s page write is held');
+    // Chunk 3 is flushed: quiet for ten heartbeat periods, for the keeper to (wrongly) clear its
+    // bit while the spanning write still waits (the unfixed keeper did within two).
+    assert.equal(await fm.driver.flush(), 0);
+    await waitFor(() => mirror.metadataStatus()?.dirtyChunks === 0, 400);
+    store0.holdIf = null;
+    store0.release();
+    assert.ok(await waitFor(() => answered !== null, 5000), 'the spanning write is answered');
+    assert.equal(await spanning, 0);
+    const back = await fm.driver.read(offset, data.length);
+    assert.equal(back.errno, 0);
+    assert.deepEqual(back.data, data, 'the spanning write reads back');
+    for (const [index, store] of stores.entries()) {
+      assert.deepEqual(store.bytes.subarray(offset, offset + data.length), data, `leg ${index} holds it`);
+    }
+  } finally {
+    for (const store of stores) store.release();
+    await fm.close();
+  }
+});
