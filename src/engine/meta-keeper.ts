@@ -259,6 +259,11 @@ export class MetaKeeper {
 
   /** A new leg (enbd leg add): a member slot and a UUID; fresh metadata is written at admission. */
   addLeg(leg: Leg, legSizeBytes: number): void {
+    // The index is a removed leg's: its member is removed now, even if the table recording that
+    // was not chosen yet (desiredTable no longer sees it once its index belongs to the new leg).
+    const previous = this.perLeg[leg.index];
+    const previousRecord = previous == null ? undefined : this.members[previous.slotIndex];
+    if (previous != null && previousRecord !== undefined && previousRecord.legUuid === previous.legUuid) this.members[previous.slotIndex] = { ...previousRecord, state: 'removed' };
     const inUse = new Set<number>();
     for (const [index, state] of this.perLeg.entries()) {
       if (state != null && index !== leg.index && this.host.legs[index]?.state !== 'removed') inUse.add(state.slotIndex);

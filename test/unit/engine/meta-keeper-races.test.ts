@@ -153,3 +153,48 @@ test('(r2) a write parked for one chunk\'s bit goes out even when another chunk 
     await fm.close();
   }
 });
+
+/** The state of every leg by index (removed legs absent). */
+function stateOf(fm: FaultMirror, index: number): string | undefined {
+  return fm.mirror.legStatus().find((leg) => leg.index === index)?.state;
+}
+
+test('(r3) a leg removed and its index reused by leg add before the removal\'s table was chosen is recorded removed, not in sync', async () => {
+  const stores = makeStores(3, kLegBytes);
+  const [extra] = makeStores(4, kLegBytes).slice(3) as [FaultStore];
+  const [store0, store1] = stores as [FaultStore, FaultStore, FaultStore];
+  const { fm } = await openMetaMirror(stores, 60_000, [extra]);
+  const { mirror } = fm;
+  const superblockAt = new Set(superblockOffsets(store0.sizeBytes));
+  try {
+    assert.equal(await fm.driver.write(kMetaChunkBytes, pattern(5, 4096)), 0);
+    const oldUuid = superblockOf(store1)?.legUuid;
+    assert.ok(oldUuid !== undefined);
+    // Leg 2 leaves: the table saying so is held on its way to leg 0.
+    store0.holdIf = (request) => request.command === p.kCmdWrite && superblockAt.has(request.offsetBytes);
+    mirror.failLegByHand(2);
+    assert.ok(await waitFor(() => store0.heldCount === 1, 5000), 'the table write is held on leg 0');
+    // Meanwhile leg 1 is removed and a new leg added in its index.
+    await mirror.removeLeg(1);
+    const added = mirror.addLeg(extra.name);
+    // Its admission waits behind the held write: let the loop go on.
+    assert.ok(await waitFor(() => mirror.legStatus().some((leg) => leg.index === 1 && leg.uri === extra.name), 5000), 'the new leg takes index 1');
+    store0.holdIf = null;
+    store0.release();
+    assert.equal(await added, 1);
+    assert.ok(await waitFor(() => stateOf(fm, 1) === 'in-sync', 10_000), `the new leg resynced: ${legStates(mirror).join(',')}`);
+    // A write acknowledged now: the removed leg missed it.
+    let recordedAtAck: string | undefined = 'not acknowledged';
+    const errno = await fm.driver.write(6 * kMetaChunkBytes, pattern(6, 4096)).then((answer) => {
+      recordedAtAck = superblockOf(store0)?.members.find((member) => member.legUuid === oldUuid)?.state;
+      return answer;
+    });
+    assert.equal(errno, 0);
+    assert.notEqual(recordedAtAck, 'in-sync', 'when a write the removed leg missed is acknowledged, leg 0 does not record the removed leg in sync');
+    const status = mirror.metadataStatus();
+    assert.ok(status?.members.every((member) => member.legUuid !== oldUuid || member.state === 'removed'), `the keeper's table: ${JSON.stringify(status?.members)}`);
+  } finally {
+    for (const store of [...stores, extra]) store.release();
+    await fm.close();
+  }
+});
