@@ -275,6 +275,21 @@ export class MetaKeeper {
     this.perLeg[leg.index] = { slotIndex: slot, legUuid, layout: computeLayout(legSizeBytes, this.chunkBytes), lastCopy: 1, lastSequence: 0, attemptedSequence: -1, fullSync: true, writtenTable: '' };
   }
 
+  /**
+   * A leg add failed after addLeg (its admission's metadata I/O failed): its member slot is given
+   * up (removed), so the table does not wait for it to sync for ever.
+   */
+  forgetLeg(index: number): void {
+    const state = this.perLeg[index];
+    if (state == null) return;
+    const record = this.members[state.slotIndex];
+    if (record !== undefined && record.legUuid === state.legUuid) this.members[state.slotIndex] = { ...record, state: 'removed' };
+    this.perLeg[index] = null;
+    if (this.tableKey(this.desiredTable()) === this.scheduledTable) return;
+    this.tableChanged = true;
+    this.kick();
+  }
+
   /** A leg of `legSizeBytes` can hold the data area plus its metadata. */
   fits(legSizeBytes: number): boolean {
     try {

@@ -1678,6 +1678,7 @@ export class MirrorDevice implements BlockDevice {
       // Fresh metadata (a new member slot and UUID) before it takes any client I/O.
       this.keeper.addLeg(leg, leg.info.sizeBytes);
       if (!(await this.keeper.admit(leg)) || this.closed) {
+        this.keeper.forgetLeg(index);
         if (previous === undefined) this.legs.length = index;
         else this.legs[index] = previous;
         await this.stopActor(leg);

@@ -61,6 +61,12 @@ function bitmapOf(store: FaultStore, layout: LegLayout): Uint8Array {
   return store.durable.slice(layout.bitmapOffsetBytes, layout.bitmapOffsetBytes + layout.bitmapBytes);
 }
 
+function setBits(bitmap: Uint8Array, layout: LegLayout): number[] {
+  const bits: number[] = [];
+  for (let chunk = 0; chunk < layout.chunkCount; chunk += 1) if (bitmapTest(bitmap, chunk)) bits.push(chunk);
+  return bits;
+}
+
 function pattern(seed: number, length: number): Uint8Array {
   const data = new Uint8Array(length);
   let x = (seed * 2654435761) >>> 0;
@@ -193,6 +199,35 @@ test('(r3) a leg removed and its index reused by leg add before the removal\'s t
     assert.notEqual(recordedAtAck, 'in-sync', 'when a write the removed leg missed is acknowledged, leg 0 does not record the removed leg in sync');
     const status = mirror.metadataStatus();
     assert.ok(status?.members.every((member) => member.legUuid !== oldUuid || member.state === 'removed'), `the keeper's table: ${JSON.stringify(status?.members)}`);
+  } finally {
+    for (const store of [...stores, extra]) store.release();
+    await fm.close();
+  }
+});
+
+test('(r4) a leg add whose metadata writes fail leaves no member needing a full sync behind: bits still clear', async () => {
+  const stores = makeStores(2, kLegBytes);
+  const [extra] = makeStores(3, kLegBytes).slice(2) as [FaultStore];
+  const [store0] = stores as [FaultStore, FaultStore];
+  const { fm, layout } = await openMetaMirror(stores, 40, [extra]);
+  const { mirror } = fm;
+  const superblockRead = superblockOffsets(extra.sizeBytes)[0];
+  try {
+    // The new leg passes its probe; its admission's superblock READ is held, then its writes fail.
+    extra.holdIf = (request) => request.command === p.kCmdRead && request.offsetBytes === superblockRead;
+    const added = mirror.addLeg(extra.name);
+    assert.ok(await waitFor(() => extra.heldCount === 1, 5000), 'the admission\'s READ is held');
+    extra.holdIf = null;
+    extra.eio = 'writes';
+    extra.release();
+    await assert.rejects(added, /writing its metadata failed/);
+    assert.deepEqual(legStates(mirror), ['in-sync', 'in-sync']);
+    // Every member in sync again: a flushed write's bit clears after quiet periods.
+    assert.equal(await fm.driver.write(2 * kMetaChunkBytes, pattern(7, 4096)), 0);
+    assert.equal(await fm.driver.flush(), 0);
+    const cleared = await waitFor(() => setBits(bitmapOf(store0, layout), layout).length === 0, 5000);
+    assert.ok(cleared, `bits cleared on leg 0 (${setBits(bitmapOf(store0, layout), layout).join(',')}); table ${JSON.stringify(superblockOf(store0)?.members.map((member) => member.state))}`);
+    assert.ok(superblockOf(store0)?.members.every((member) => member.state === 'in-sync' || member.state === 'removed'), 'no member left needing a sync');
   } finally {
     for (const store of [...stores, extra]) store.release();
     await fm.close();
