@@ -47,7 +47,7 @@
  * Invariants:
  * - A data-changing request is sent to no leg before its chunks' bits are durable on every
  *   leg that was admitted when the bits were written (a leg admitted later got the whole
- *   bitmap first).
+ *   bitmap first, and every page and table written from its admission's end on: `admitting`).
  * - A bit is cleared only while every member is in sync and durably recorded so.
  * - Metadata I/O is one request at a time (one reserved slot): page writes, superblock writes
  *   and identity reads never interleave.
@@ -146,6 +146,12 @@ export class MetaKeeper {
   private stopped = false;
   private readonly logger: Logger;
   private readonly admitQueue: Array<{ leg: Leg; done: (ok: boolean) => void }> = [];
+  /**
+   * Legs whose admission (admitNow) passed and that are not admitted yet (the lifecycle moves
+   * them on a few microtasks later). They take every metadata write like admitted legs: a bit or
+   * table written in that gap, with them left out, would never reach them.
+   */
+  private admitting = 0;
   /** Set while resuming waiters with no admitted leg (they go on and fail for want of a leg). */
   private passAll = false;
   private readonly counters = { intentWaits: 0, bitmapWrites: 0, superblockWrites: 0 };
@@ -247,6 +253,7 @@ export class MetaKeeper {
   onLegState(leg: Leg): void {
     const state = this.perLeg[leg.index];
     if (state === null || state === undefined) return;
+    if (leg.state !== 'probation' && leg.state !== 'reconnecting') this.admitting &= ~leg.bit;
     if (leg.state === 'in-sync') state.fullSync = false;
     const table = this.desiredTable();
     // An admitted leg (one just back from probation) holds an older table: it gets this one too.
@@ -285,6 +292,7 @@ export class MetaKeeper {
     const record = this.members[state.slotIndex];
     if (record !== undefined && record.legUuid === state.legUuid) this.members[state.slotIndex] = { ...record, state: 'removed' };
     this.perLeg[index] = null;
+    this.admitting &= ~(1 << index);
     if (this.tableKey(this.desiredTable()) === this.scheduledTable) return;
     this.tableChanged = true;
     this.kick();
@@ -376,7 +384,9 @@ export class MetaKeeper {
     while (!this.stopped && !this.host.isClosed()) {
       const admission = this.admitQueue.shift();
       if (admission !== undefined) {
-        admission.done(await this.admitNow(admission.leg));
+        const admitted = await this.admitNow(admission.leg);
+        if (admitted) this.admitting |= admission.leg.bit;
+        admission.done(admitted);
         continue;
       }
       if (this.tableChanged) {
@@ -414,8 +424,13 @@ export class MetaKeeper {
 
   private admittedMask(): number {
     let mask = 0;
-    for (const leg of this.host.legs) if (leg.admitted && this.perLeg[leg.index] != null) mask |= leg.bit;
+    for (const leg of this.host.legs) if (this.takesMetadata(leg) && this.perLeg[leg.index] != null) mask |= leg.bit;
     return mask;
+  }
+
+  /** Admitted, or admission passed and the lifecycle is about to admit it (`admitting`). */
+  private takesMetadata(leg: Leg): boolean {
+    return leg.admitted || (this.admitting & leg.bit) !== 0;
   }
 
   private releaseHeld(): void {
@@ -502,7 +517,7 @@ export class MetaKeeper {
 
   private failLegs(failed: number, reason: string): void {
     if (failed === 0) return;
-    for (const leg of this.host.legs) if ((failed & leg.bit) !== 0 && leg.admitted) this.host.failLeg(leg, reason);
+    for (const leg of this.host.legs) if ((failed & leg.bit) !== 0 && this.takesMetadata(leg)) this.host.failLeg(leg, reason);
   }
 
   /** A superblock (the current table, `state`, `owner`) on every admitted leg, each to its older copy. */
@@ -512,7 +527,7 @@ export class MetaKeeper {
     const checkpoints = this.checkpointRecords(state, owner, nowMs);
     for (const leg of this.host.legs) {
       const legState = this.perLeg[leg.index];
-      if (!leg.admitted || legState == null) continue;
+      if (!this.takesMetadata(leg) || legState == null) continue;
       await this.writeSuperblock(leg, legState, state, owner, nowMs, checkpoints);
     }
   }

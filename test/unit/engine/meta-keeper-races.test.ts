@@ -233,3 +233,43 @@ test('(r4) a leg add whose metadata writes fail leaves no member needing a full 
     await fm.close();
   }
 });
+
+test('(r5) a bit set while a returning leg\'s admission is written, with no leg admitted meanwhile, is durable on that leg before a write there is acknowledged', async () => {
+  const stores = makeStores(2, kLegBytes);
+  const [store0, store1] = stores as [FaultStore, FaultStore];
+  const { fm, layout } = await openMetaMirror(stores, 60_000);
+  const { mirror } = fm;
+  try {
+    mirror.failLegByHand(1);
+    assert.equal(await fm.driver.write(2 * kMetaChunkBytes, pattern(8, 4096)), 0);
+    assert.ok(await waitFor(() => superblockOf(store0)?.members[1]?.state === 'needs-resync', 5000), 'leg 0 records leg 1 stale');
+    mirror.pauseResync(true);
+    // Leg 1's admission (its whole bitmap, chunk 7's bit not set yet) is held.
+    store1.holdIf = (request) => isBitmapPageWrite(request, layout);
+    const returned = mirror.reconnectLegNow(1);
+    assert.ok(await waitFor(() => store1.heldCount === 1, 5000), 'leg 1\'s admission is held');
+    // A write to clean chunk 7 waits for its bit (behind the admission); then leg 0 goes for good.
+    const first = fm.driver.write(7 * kMetaChunkBytes, pattern(9, 4096));
+    assert.ok(await waitFor(() => mirror.metadataStatus()?.intentWaits === 2, 5000), 'the write to chunk 7 waits for its bit');
+    store0.refuseOpen = true;
+    store0.drop();
+    assert.ok(await waitFor(() => legStates(mirror)[0] !== 'in-sync', 5000), 'leg 0 left');
+    store1.holdIf = null;
+    store1.release();
+    await returned;
+    assert.equal(legStates(mirror)[1], 'resyncing', `leg 1 admitted: ${legStates(mirror).join(',')}`);
+    await first; // EIO or not: no leg was admitted when it was resumed
+    // The next write to chunk 7 goes to leg 1: its bit must be durable there by the ack.
+    let bitAtAck: boolean | null = null;
+    const errno = await fm.driver.write(7 * kMetaChunkBytes + 4096, pattern(10, 4096)).then((answer) => {
+      bitAtAck = bitmapTest(bitmapOf(store1, layout), 7);
+      return answer;
+    });
+    assert.equal(errno, 0, 'leg 1 holds chunk 7: the write succeeds');
+    assert.equal(bitAtAck, true, 'chunk 7\'s bit (leg 0 missed the write) is durable on leg 1 when the write is acknowledged');
+  } finally {
+    store0.heal();
+    for (const store of stores) store.release();
+    await fm.close();
+  }
+});
