@@ -220,6 +220,7 @@ export class LegLifecycle {
    */
   spillUnflushed(leg: Leg): void {
     leg.flushSlot = -1;
+    leg.flushSkipped = false;
     if (leg.unflushed === null || leg.dirty === null) return;
     for (const half of leg.unflushed) this.mergeUnflushed(leg, half);
   }
@@ -250,6 +251,7 @@ export class LegLifecycle {
     const dirty = leg.dirty as DirtyMap;
     const unflushed = leg.unflushed as [DirtyMap, DirtyMap];
     leg.flushSlot = -1;
+    leg.flushSkipped = false;
     leg.epoch += 1;
     // Writes it alone held when it left may have been lost while it was out (its server may have
     // restarted): where another leg holds them now, they are copied again. The rest is durable

@@ -39,6 +39,12 @@ export class Leg {
   unflushedCurrent = 0;
   /** The FLUSH slot whose success clears unflushed[1 - current], or -1. */
   flushSlot = -1;
+  /**
+   * A FLUSH went to the leg while flushSlot's was still out: it did not swap halves, so the
+   * writes in unflushed[current] it covered stay recorded. When flushSlot's settles, the engine
+   * sends one more FLUSH if that half holds anything (else those bits would never clear).
+   */
+  flushSkipped = false;
   dropsSeen = 0;
   /** The lifecycle's failure sequence number of this leg's last failure (0 = never). */
   failedAtSeq = 0;

@@ -1112,7 +1112,10 @@ export class MirrorDevice implements BlockDevice {
       if ((target & leg.bit) === 0) continue;
       // A leg with writes behind does not hold every acknowledged write.
       if (leg.state === 'in-sync' && (this.behind?.behindBytes[leg.index] ?? 0) === 0) inSync |= leg.bit;
-      if (leg.flushSlot !== -1) continue;
+      if (leg.flushSlot !== -1) {
+        leg.flushSkipped = true;
+        continue;
+      }
       leg.flushSlot = slot;
       leg.unflushedCurrent ^= 1;
     }
@@ -1121,11 +1124,22 @@ export class MirrorDevice implements BlockDevice {
 
   /** FLUSH answered: a leg that flushed forgets the writes the flush covered. */
   private settleFlush(slot: number, target: number, failed: number): void {
+    let again = false;
     for (const leg of this.legs) {
       if ((target & leg.bit) === 0 || leg.flushSlot !== slot) continue;
       leg.flushSlot = -1;
       if ((failed & leg.bit) === 0) leg.flushingUnflushed?.clearAll();
       // A failed flush fails the leg (failLegsOf), which spills its unflushed record.
+      // A FLUSH skipped meanwhile left its writes in the current half: one more FLUSH takes them.
+      if (leg.flushSkipped) {
+        leg.flushSkipped = false;
+        if ((failed & leg.bit) === 0 && (leg.currentUnflushed?.dirtyChunkCount() ?? 0) > 0) again = true;
+      }
+    }
+    if (again && this.features.flush && !this.closed) {
+      queueMicrotask(() => {
+        if (!this.closed) void this.runInternal(p.kCmdFlush, 0, 0, 0);
+      });
     }
   }
 

@@ -612,6 +612,23 @@ export async function waitFor(predicate: () => boolean, deadlineMs: number, step
  * `request` was started while `store` hangs: waits `waitMs` (is it still unanswered?), then
  * lets the store answer what it holds and returns both facts for the caller to assert.
  */
+/**
+ * `promise`, or a rejection naming `what` (and `context()`) after `deadlineMs`: a request the
+ * engine lost then fails its test with the steps that led there instead of hanging it until the
+ * runner's timeout kills the file.
+ */
+export async function within<T>(promise: Promise<T>, deadlineMs: number, what: string, context: () => string = () => ''): Promise<T> {
+  let timer: NodeJS.Timeout | null = null;
+  const expired = new Promise<never>((_resolve, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: not settled after ${deadlineMs} ms${context()}`)), deadlineMs);
+  });
+  try {
+    return await Promise.race([promise, expired]);
+  } finally {
+    if (timer !== null) clearTimeout(timer);
+  }
+}
+
 export async function answeredAfterRelease(store: FaultStore, request: Promise<number>, waitMs = 200): Promise<{ heldBack: boolean; errno: number }> {
   let answered = false;
   const settled = request.then((errno) => {

@@ -38,7 +38,7 @@ import { LegMeta, bitmapTest, inspectCopy } from '../../../src/meta/leg-meta.js'
 import type { Superblock } from '../../../src/meta/superblock.js';
 import type { MirrorDevice } from '../../../src/engine/mirror.js';
 import * as p from '../../../src/nbd/protocol.js';
-import { legStates, makeStores, openFaultMirror, waitFor, type FaultMirror, type FaultStore } from '../../helpers/fault-device.js';
+import { legStates, makeStores, openFaultMirror, waitFor, within, type FaultMirror, type FaultStore } from '../../helpers/fault-device.js';
 
 const kLegBytes = 1024 * 1024;
 const kMetaChunkBytes = 64 * 1024;
@@ -176,6 +176,34 @@ test('(b) bits clear after a quiet heartbeat period once flushed and all legs ar
   }
 });
 
+test('(b2) a FLUSH sent while another FLUSH is still out on a leg still lets the writes it covers count as durable: their bits clear', async () => {
+  const stores = makeStores(2, kLegBytes);
+  const { fm, mirror, layout } = await openMetaMirror(stores, 40, { legTimeoutMs: 60_000 });
+  const store0 = stores[0] as FaultStore;
+  try {
+    assert.equal(await fm.driver.write(1 * kMetaChunkBytes, pattern(30, 4096)), 0);
+    // The first FLUSH is held on leg 0; a write and a second FLUSH follow while it is out.
+    let held = true;
+    store0.holdIf = (request) => held && request.command === p.kCmdFlush;
+    const first = fm.driver.flush();
+    assert.ok(await waitFor(() => store0.heldCount === 1, 5000), 'the first FLUSH is held on leg 0');
+    held = false;
+    assert.equal(await fm.driver.write(7 * kMetaChunkBytes, pattern(31, 4096)), 0);
+    const second = fm.driver.flush();
+    await sleep(20);
+    store0.release();
+    assert.deepEqual([await first, await second], [0, 0]);
+    // Both writes were flushed on both legs (the second FLUSH covers the second write): quiet
+    // heartbeats clear both bits, with no further FLUSH from the client.
+    const cleared = await waitFor(() => stores.every((store) => setBits(bitmapOf(store, layout, true), layout).length === 0), 5000);
+    assert.ok(cleared, `bits cleared: ${stores.map((store) => setBits(bitmapOf(store, layout, true), layout).join(',')).join(' / ')} (legs ${legStates(mirror).join(',')})`);
+  } finally {
+    store0.heal();
+    store0.release();
+    await fm.close();
+  }
+});
+
 test('(c) a write a leg fails is acknowledged only after the other leg durably records it needs-resync at higher events', async () => {
   const stores = makeStores(2, kLegBytes);
   const { fm, mirror, layout } = await openMetaMirror(stores, 60_000);
@@ -200,7 +228,7 @@ test('(c) a write a leg fails is acknowledged only after the other leg durably r
     assert.ok(lease !== null);
     lease.view.set(pattern(8, 4096));
     mirror.submit(p.kCmdWrite, 0, offset + 4096, 4096, lease.view, token, lease.handle);
-    await done; // the WRITE's slot went back to the ring at completion
+    await within(done, 30_000, 'the WRITE leg 1 failed'); // its slot went back to the ring at completion
     assert.equal(seen.length, 1);
     const [ack] = seen;
     assert.equal(ack?.errno, 0, 'the write succeeded on leg 0');
@@ -337,6 +365,8 @@ const keeperOpArb: fc.Arbitrary<KeeperOp> = fc.oneof(
 );
 
 const kAdmitted = new Set(['in-sync', 'resyncing']);
+/** A step's request or command that has not settled by then was lost (the test fails, naming it). */
+const kStepDeadlineMs = 30_000;
 
 /** I2: chunks marked in an out-of-sync leg's dirty map whose bit is missing on some admitted leg. */
 function missingMarks(meta: MetaMirror): string[] {
@@ -409,7 +439,7 @@ test('property: bitmap set/clear rules against a model (random writes, quiet per
         }
         return kept.map(async ({ offset, length }) => {
           const data = pattern(writeSeed++, length);
-          const errno = await fm.driver.write(offset, data);
+          const errno = await within(fm.driver.write(offset, data), kStepDeadlineMs, `write ${offset}+${length}`, context);
           assert.equal(errno, 0, `write ${offset}+${length} acknowledged (some leg is in sync)${context()}`);
           expected.set(data, offset);
         });
@@ -434,7 +464,7 @@ test('property: bitmap set/clear rules against a model (random writes, quiet per
               await sleep(150);
               break;
             case 'flush':
-              assert.equal(await fm.driver.flush(), 0, `FLUSH${context()}`);
+              assert.equal(await within(fm.driver.flush(), kStepDeadlineMs, 'FLUSH', context), 0, `FLUSH${context()}`);
               break;
             case 'fail':
               if (states[op.leg] === 'in-sync' && inSync > 1) {
@@ -451,7 +481,7 @@ test('property: bitmap set/clear rules against a model (random writes, quiet per
               if (states[op.leg] === 'in-sync' && inSync > 1) await dropAndWait(op.leg, op.kind === 'crash');
               break;
             case 'return':
-              if (states[op.leg] === 'failed' || states[op.leg] === 'faulty') await mirror.reconnectLegNow(op.leg);
+              if (states[op.leg] === 'failed' || states[op.leg] === 'faulty') await within(mirror.reconnectLegNow(op.leg), kStepDeadlineMs, `reconnect leg ${op.leg}`, context);
               break;
             case 'drop-during-writes': {
               const writes = runWrites(op.items);
@@ -466,15 +496,15 @@ test('property: bitmap set/clear rules against a model (random writes, quiet per
           assert.ok(settled, `I2: ${missingMarks(meta).join('; ')}${context()}`);
         }
         // The end: every leg back, quiet, identical and equal to the model, bits cleared.
-        for (const [index, state] of legStates(mirror).entries()) if (state === 'failed' || state === 'faulty') await mirror.reconnectLegNow(index);
+        for (const [index, state] of legStates(mirror).entries()) if (state === 'failed' || state === 'faulty') await within(mirror.reconnectLegNow(index), kStepDeadlineMs, `reconnect leg ${index}`, context);
         assert.ok(await waitFor(() => legStates(mirror).every((state) => state === 'in-sync'), 10_000), `all in sync at the end${context()}`);
         for (const [index, store] of stores.entries()) assert.deepEqual(store.bytes.subarray(0, expected.length), expected, `leg ${index} holds the model's bytes${context()}`);
-        const finalFlush = await fm.driver.flush();
+        const finalFlush = await within(fm.driver.flush(), kStepDeadlineMs, 'the final FLUSH', context);
         assert.equal(finalFlush, 0, `the final FLUSH with every leg in sync${context()}\nlast leg events: ${JSON.stringify(fm.events.slice(-8))}`);
         assert.ok(await waitFor(() => stores.every((store) => setBits(bitmapOf(store, meta.layout, true), meta.layout).length === 0), 5000), `bits cleared once all are in sync and quiet${context()}`);
         assert.deepEqual(violations, []);
       } finally {
-        await fm.close();
+        await within(fm.close(), kStepDeadlineMs, 'close', context);
       }
     }),
     { numRuns: kRuns, includeErrorInReport: true, endOnFailure: true, ...(kSeed !== undefined ? { seed: kSeed } : {}), ...(kPath !== undefined ? { path: kPath } : {}) },
