@@ -12,7 +12,10 @@
  *   (r3) a leg removed and its index reused by `leg add` before the table recording the removal
  *        was chosen: the old member is recorded removed, not left in sync forever;
  *   (r4) a `leg add` whose metadata writes fail: its member slot does not stay needs-full-sync
- *        (which would keep every bit from ever clearing).
+ *        (which would keep every bit from ever clearing);
+ *   (r5) a bit set while a returning leg's admission is written, its page written while no leg
+ *        was admitted (the other leg failed): the returning leg holds the bit before a write to
+ *        that chunk it takes (and the failed leg misses) is acknowledged.
  *
  * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts).
  */
