@@ -99,7 +99,11 @@ export function scratch(prefix = 'enbd-test-'): Scratch {
   return {
     dir,
     path: (name: string) => join(dir, name),
-    cleanup: () => rmSync(dir, { recursive: true, force: true }),
+    // ENBD_KEEP_SCRATCH=1 keeps it (legs, logs) to look at after a failure.
+    cleanup: () => {
+      if (process.env['ENBD_KEEP_SCRATCH'] === '1') process.stderr.write(`scratch kept: ${dir}\n`);
+      else rmSync(dir, { recursive: true, force: true });
+    },
   };
 }
 
