@@ -131,6 +131,8 @@ export class LegLifecycle {
       leg.failureReason = `cannot fence the old connection: ${check.reason}`;
       this.logger.debug({ leg: leg.index, reason: check.reason }, 'fence not proven yet; retrying');
       this.host.emitState(leg);
+      // Two fences may have run at once (the operator's reconnect): one retry timer.
+      this.clearReconnect(leg);
       leg.reconnectTimer = setTimeout(() => {
         leg.reconnectTimer = null;
         void this.fenceLeg(leg);

@@ -1633,8 +1633,9 @@ export class MirrorDevice implements BlockDevice {
     if (state === 'failed' || state === 'faulty' || state === 'fencing') {
       if (state !== 'fencing') this.lifecycle.move(leg, 'fencing', 'reconnect by the operator: fencing the old connection first');
       await this.lifecycle.fenceLeg(leg);
-      this.lifecycle.clearReconnect(leg);
+      // Not proven: the fence's retry timer stays (else the leg stayed fencing forever).
       if (leg.state !== 'degraded') return leg.state;
+      this.lifecycle.clearReconnect(leg);
     }
     await this.lifecycle.reconnectLeg(leg);
     return leg.state;
