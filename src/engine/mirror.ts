@@ -1317,7 +1317,10 @@ export class MirrorDevice implements BlockDevice {
       errno = ring.errno(slot) || p.kEIo;
     } else if (isDataChanging(command)) {
       const held = target & ~lost;
-      if ((held & (this.slots.upToDate[slot] ?? 0)) === 0) errno = p.kEIo;
+      // ...and still clean there now: a leg marked for the range while the request was in
+      // flight (a read error's repair or mark, a leaving leg's spilled unflushed writes) is not
+      // read there, so the write would be acknowledged on no readable leg.
+      if (!this.cleanHolder(held & (this.slots.upToDate[slot] ?? 0), ring.offsetBytes(slot), ring.lengthBytes(slot))) errno = p.kEIo;
       // A failed write's shadows are cancelled before any leg's marks are settled: a shadow
       // that will never land must not count as holding the range (markUnlessSole).
       if (errno !== 0) this.behind?.onMainDone(slot, false);
@@ -1338,6 +1341,15 @@ export class MirrorDevice implements BlockDevice {
       if (errno === 0 && this.keeper !== null && this.keeper.holdCompletion(slot, errno)) return;
     }
     this.finishSlot(slot, errno);
+  }
+
+  /** True when some leg of `mask` is clean in its dirty map for the range (or keeps none). */
+  private cleanHolder(mask: number, offsetBytes: number, lengthBytes: number): boolean {
+    if (mask === 0) return false;
+    for (const leg of this.legs) {
+      if ((mask & leg.bit) !== 0 && (leg.dirty === null || !leg.dirty.testRange(offsetBytes, lengthBytes))) return true;
+    }
+    return false;
   }
 
   /** Legs of `mask` that failed (left the mirror) after failure sequence number `seq`. */

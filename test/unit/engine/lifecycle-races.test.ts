@@ -5,12 +5,19 @@
  * lets them go (store.release()), and checks the mirror's promise or its liveness:
  *   (l1) an operator reconnect of a leg whose fence is being retried, when its own fence is not
  *        proven either: the leg still retries the fence (it does not stay `fencing` forever once
- *        the old connection drains).
+ *        the old connection drains);
+ *   (l2) a client READ that fails with EIO on a leg while a WRITE to the same range is in flight
+ *        there (read repair marks the leg mid-write), and the write then fails on the other leg:
+ *        the write is not acknowledged while no leg can serve it (every leg's bit set), and the
+ *        range becomes readable again once the legs settle;
+ *   (l3) as (l2) with FUA and read repair off (the reading leg fails and leaves): an acknowledged
+ *        FUA write is readable, and the legs settle.
  *
  * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts).
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import * as p from '../../../src/nbd/protocol.js';
 import { filled, legStates, makeStores, openFaultMirror, waitFor, waitLegState, within, type FaultStore } from '../../helpers/fault-device.js';
 
 const kLegBytes = 256 * 1024;
@@ -37,4 +44,59 @@ test('(l1) an operator reconnect whose fence is not proven leaves the leg retryi
   } finally {
     await fm.close();
   }
+});
+
+/**
+ * (l2)/(l3): leg 0 serves reads (leg 1 is write-mostly); a READ of chunk 0 is held on leg 0 and
+ * answered EIO while a WRITE to chunk 0 is in flight, applied on leg 0 and held on leg 1, which
+ * then fails it. Returns the write's errno and the data written.
+ */
+async function readFailsMidWrite(flags: number, readRepair: boolean): Promise<void> {
+  const stores = makeStores(2, kLegBytes);
+  const [store0, store1] = stores as [FaultStore, FaultStore];
+  const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 }, { writeMostly: [1], readRepair });
+  const { mirror } = fm;
+  const context = (): string => ` (legs ${legStates(mirror).join(',')}, readable ${JSON.stringify(mirror.readableLegs(0, 4096))})`;
+  try {
+    assert.equal(await fm.driver.write(0, filled(4096, 1)), 0);
+    // The READ goes to leg 0 (leg 1 is write-mostly), held there, to be answered EIO.
+    store0.eio = 'reads';
+    store0.eioBudget = 1;
+    store0.holdIf = (request) => request.command === p.kCmdRead;
+    const read = fm.driver.read(0, 4096);
+    assert.ok(await waitFor(() => store0.heldCount === 1, 5000), 'the READ is held on leg 0');
+    store0.holdIf = null;
+    // The WRITE: applied on leg 0, held on leg 1 (to fail there).
+    store1.holdIf = (request) => request.command === p.kCmdWrite;
+    store1.eio = 'writes';
+    store1.eioBudget = 1;
+    const data = filled(4096, 2);
+    const write = fm.driver.write(0, data, flags);
+    assert.ok(await waitFor(() => store1.heldCount === 1 && store0.applied.length === 2, 5000), 'the WRITE reached both legs');
+    // The READ fails on leg 0 while the WRITE is in flight; it is retried on leg 1 (old data).
+    store0.release();
+    const readAnswer = await within(read, 5000, 'read', context);
+    assert.equal(readAnswer.errno, 0, 'leg 1 serves the read');
+    // Then the WRITE fails on leg 1.
+    store1.holdIf = null;
+    store1.release();
+    const errno = await within(write, 5000, 'write', context);
+    // Once the legs settle (leg 1 returns), the range is readable and every leg agrees.
+    assert.ok(await waitFor(() => mirror.readableLegs(0, 4096).length > 0 && legStates(mirror).every((state) => state === 'in-sync'), 5000), `the legs settle and chunk 0 is readable${context()}`);
+    const after = await fm.driver.read(0, 4096);
+    assert.equal(after.errno, 0, 'chunk 0 reads');
+    if (errno === 0) assert.deepEqual(after.data, data, 'the acknowledged write reads back');
+    else assert.ok([filled(4096, 1), data].some((each) => Buffer.from(each).equals(Buffer.from(after.data as Uint8Array))), 'a failed write leaves either version');
+    for (const store of stores) assert.deepEqual(store.bytes.slice(0, 4096), after.data, `${store.name} holds what the mirror reads`);
+  } finally {
+    await fm.close();
+  }
+}
+
+test('(l2) a read repair marking a leg mid-write does not let the write succeed on no readable leg', async () => {
+  await readFailsMidWrite(0, true);
+});
+
+test('(l3) a leg marked and failed mid-FUA-write (read error, no repair) does not leave an acknowledged write unreadable', async () => {
+  await readFailsMidWrite(p.kCmdFlagFua, false);
 });
