@@ -1120,6 +1120,7 @@ export class MirrorDevice implements BlockDevice {
       leg.unflushedCurrent ^= 1;
     }
     this.slots.inSync[slot] = inSync;
+    this.slots.seq[slot] = this.lifecycle.failSeq;
   }
 
   /** FLUSH answered: a leg that flushed forgets the writes the flush covered. */
@@ -1328,9 +1329,11 @@ export class MirrorDevice implements BlockDevice {
       if (errno !== 0) this.behind?.settleFailed(ring.offsetBytes(slot), ring.lengthBytes(slot));
     } else if (failed !== 0) {
       // FLUSH: durable if a leg that was in sync at dispatch (it holds every acknowledged
-      // write) flushed; with none in sync, only if every targeted leg flushed.
+      // write) flushed; with none in sync, only if every targeted leg flushed. A leg that left
+      // since dispatch does not count: its unflushed record was spilled (marked where a leg
+      // that failed this FLUSH holds the range), so that leg's copy is the one that counts.
       const inSync = this.slots.inSync[slot] ?? 0;
-      if (inSync !== 0 ? (inSync & ~failed) === 0 : true) errno = p.kEIo;
+      if ((inSync & ~failed & ~this.leftSince(this.slots.seq[slot] ?? 0, inSync)) === 0) errno = p.kEIo;
       this.failLegsOf(slot, command, target, failed);
     }
     if (isDataChanging(command)) {

@@ -16,7 +16,7 @@
  * | tried    | start / retryRead               | legs a READ was already sent to                    |
  * | upToDate | settleWriteTarget (under lock)  | targeted legs clean for the whole range at dispatch|
  * | inSync   | settleWriteTarget / FLUSH start | targeted legs that were in sync at dispatch        |
- * | seq      | settleWriteTarget               | the lifecycle's failure sequence at dispatch: a leg |
+ * | seq      | settleWriteTarget / FLUSH start | the lifecycle's failure sequence at dispatch: a leg |
  * |          |                                 | that failed after it may have lost an unflushed ack|
  * | started  | start                           | performance.now() at arrival (latency)             |
  * | kind     | start                           | latency kind (kLatencyKinds index), -1 none        |

@@ -11,7 +11,11 @@
  *        the write is not acknowledged while no leg can serve it (every leg's bit set), and the
  *        range becomes readable again once the legs settle;
  *   (l3) as (l2) with FUA and read repair off (the reading leg fails and leaves): an acknowledged
- *        FUA write is readable, and the legs settle.
+ *        FUA write is readable, and the legs settle;
+ *   (l4) a FLUSH answered by one leg, which then leaves (its unflushed record spilled: marked
+ *        where the other leg holds the range), while the other leg's FLUSH fails: the FLUSH is
+ *        not acknowledged on the strength of the leg that left (the other leg, now the one that
+ *        counts, may lose the write in a crash).
  *
  * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts).
  */
@@ -99,4 +103,39 @@ test('(l2) a read repair marking a leg mid-write does not let the write succeed 
 
 test('(l3) a leg marked and failed mid-FUA-write (read error, no repair) does not leave an acknowledged write unreadable', async () => {
   await readFailsMidWrite(p.kCmdFlagFua, false);
+});
+
+test('(l4) a FLUSH is not acknowledged by a leg that left before it completed while the other leg failed it', async () => {
+  const stores = makeStores(2, kLegBytes);
+  const [store0, store1] = stores as [FaultStore, FaultStore];
+  const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 });
+  const { mirror } = fm;
+  const context = (): string => ` (legs ${legStates(mirror).join(',')})`;
+  try {
+    const data = filled(4096, 3);
+    assert.equal(await fm.driver.write(0, data), 0, 'both legs hold the write (unflushed)');
+    // The FLUSH: done on leg 0, held on leg 1 (to fail there).
+    store1.holdIf = (request) => request.command === p.kCmdFlush;
+    store1.eio = 'flushes';
+    store1.eioBudget = 1;
+    const flush = fm.driver.flush();
+    assert.ok(await waitFor(() => store1.heldCount === 1 && Buffer.from(store0.durable.slice(0, 4096)).equals(Buffer.from(data)), 5000), 'leg 0 flushed, leg 1 holds the FLUSH');
+    // Leg 0 leaves before the FLUSH completes: its unflushed record marks it where leg 1 holds the range.
+    mirror.failLegByHand(0);
+    store1.holdIf = null;
+    store1.release();
+    const errno = await within(flush, 5000, 'flush', context);
+    // Leg 1 failed the FLUSH and left; its server crashes (what it did not flush is gone).
+    await waitLegState(mirror, 1, ['fencing', 'degraded', 'reconnecting', 'probation', 'resyncing', 'in-sync'], 'leg 1 failed the FLUSH', 5000);
+    store1.crash();
+    store1.heal();
+    assert.notEqual(await mirror.reconnectLegNow(0), 'failed');
+    assert.ok(await waitFor(() => legStates(mirror).every((state) => state === 'in-sync'), 5000), `the legs settle${context()}`);
+    const read = await fm.driver.read(0, 4096);
+    assert.equal(read.errno, 0);
+    if (errno === 0) assert.deepEqual(read.data, data, 'a write before an acknowledged FLUSH survives a crash of a leg');
+    for (const store of stores) assert.deepEqual(store.bytes.slice(0, 4096), read.data, `${store.name} holds what the mirror reads`);
+  } finally {
+    await fm.close();
+  }
 });
