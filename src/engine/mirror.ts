@@ -1332,8 +1332,9 @@ export class MirrorDevice implements BlockDevice {
       // write) flushed; with none in sync, only if every targeted leg flushed. A leg that left
       // since dispatch does not count: its unflushed record was spilled (marked where a leg
       // that failed this FLUSH holds the range), so that leg's copy is the one that counts.
+      // Nor does one no longer in sync (a read repair marked it: it no longer counts there).
       const inSync = this.slots.inSync[slot] ?? 0;
-      if ((inSync & ~failed & ~this.leftSince(this.slots.seq[slot] ?? 0, inSync)) === 0) errno = p.kEIo;
+      if ((inSync & ~failed & ~this.leftSince(this.slots.seq[slot] ?? 0, inSync) & this.inSyncMask()) === 0) errno = p.kEIo;
       this.failLegsOf(slot, command, target, failed);
     }
     if (isDataChanging(command)) {
@@ -1344,6 +1345,13 @@ export class MirrorDevice implements BlockDevice {
       if (errno === 0 && this.keeper !== null && this.keeper.holdCompletion(slot, errno)) return;
     }
     this.finishSlot(slot, errno);
+  }
+
+  /** The legs in sync now. */
+  private inSyncMask(): number {
+    let mask = 0;
+    for (const leg of this.legs) if (leg.state === 'in-sync') mask |= leg.bit;
+    return mask;
   }
 
   /** True when some leg of `mask` is clean in its dirty map for the range (or keeps none). */

@@ -15,7 +15,9 @@
  *   (l4) a FLUSH answered by one leg, which then leaves (its unflushed record spilled: marked
  *        where the other leg holds the range), while the other leg's FLUSH fails: the FLUSH is
  *        not acknowledged on the strength of the leg that left (the other leg, now the one that
- *        counts, may lose the write in a crash).
+ *        counts, may lose the write in a crash);
+ *   (l5) as (l4), the leg that flushed marked by a read repair instead of leaving (it stays
+ *        admitted, resyncing): the FLUSH is not acknowledged on its strength either.
  *
  * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts).
  */
@@ -135,6 +137,46 @@ test('(l4) a FLUSH is not acknowledged by a leg that left before it completed wh
     assert.equal(read.errno, 0);
     if (errno === 0) assert.deepEqual(read.data, data, 'a write before an acknowledged FLUSH survives a crash of a leg');
     for (const store of stores) assert.deepEqual(store.bytes.slice(0, 4096), read.data, `${store.name} holds what the mirror reads`);
+  } finally {
+    await fm.close();
+  }
+});
+
+test('(l5) a FLUSH is not acknowledged by a leg a read repair marked before it completed while the other leg failed it', async () => {
+  const stores = makeStores(2, kLegBytes);
+  const [store0, store1] = stores as [FaultStore, FaultStore];
+  // Leg 1 write-mostly: reads go to leg 0.
+  const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 }, { writeMostly: [1] });
+  const { mirror } = fm;
+  const context = (): string => ` (legs ${legStates(mirror).join(',')})`;
+  try {
+    const data = filled(4096, 4);
+    assert.equal(await fm.driver.write(0, data), 0, 'both legs hold the write (unflushed)');
+    // Leg 0's repair copy waits until the FLUSH has completed.
+    mirror.pauseResync(true);
+    store1.holdIf = (request) => request.command === p.kCmdFlush;
+    store1.eio = 'flushes';
+    store1.eioBudget = 1;
+    const flush = fm.driver.flush();
+    assert.ok(await waitFor(() => store1.heldCount === 1 && Buffer.from(store0.durable.slice(0, 4096)).equals(Buffer.from(data)), 5000), 'leg 0 flushed, leg 1 holds the FLUSH');
+    // A READ fails on leg 0: the range is marked there (leg 1 holds it), leg 0 resyncs it.
+    store0.eio = 'reads';
+    store0.eioBudget = 1;
+    const read = await within(fm.driver.read(0, 4096), 5000, 'read', context);
+    assert.equal(read.errno, 0, 'leg 1 serves the read');
+    assert.equal(legStates(mirror)[0], 'resyncing', 'leg 0 is being repaired');
+    store1.holdIf = null;
+    store1.release();
+    const errno = await within(flush, 5000, 'flush', context);
+    await waitLegState(mirror, 1, ['fencing', 'degraded', 'reconnecting', 'probation', 'resyncing', 'in-sync'], 'leg 1 failed the FLUSH', 5000);
+    store1.crash();
+    store1.heal();
+    mirror.pauseResync(false);
+    assert.ok(await waitFor(() => legStates(mirror).every((state) => state === 'in-sync'), 5000), `the legs settle${context()}`);
+    const after = await fm.driver.read(0, 4096);
+    assert.equal(after.errno, 0);
+    if (errno === 0) assert.deepEqual(after.data, data, 'a write before an acknowledged FLUSH survives a crash of a leg');
+    for (const store of stores) assert.deepEqual(store.bytes.slice(0, 4096), after.data, `${store.name} holds what the mirror reads`);
   } finally {
     await fm.close();
   }
