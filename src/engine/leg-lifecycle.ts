@@ -200,14 +200,17 @@ export class LegLifecycle {
   /** Probation: the probe must pass before the leg takes client I/O again. */
   async probation(leg: Leg): Promise<void> {
     this.move(leg, 'probation', null);
+    // A failure bumps the epoch: a probation that resumes after the leg failed and reached a
+    // new probation (its own probe not passed yet) must not go on in that one's place.
+    const epoch = leg.epoch;
     const check = await checkOf(leg.api.probe(this.probeTimeoutMs));
-    if (this.host.isClosed() || leg.state !== 'probation') return;
+    if (this.host.isClosed() || leg.state !== 'probation' || leg.epoch !== epoch) return;
     if (!check.ok) {
       this.failLeg(leg, `probation failed: ${check.reason}`);
       return;
     }
     const admitted = await this.host.admit(leg);
-    if (this.host.isClosed() || (leg.state as LegState) !== 'probation') return;
+    if (this.host.isClosed() || (leg.state as LegState) !== 'probation' || leg.epoch !== epoch) return;
     if (!admitted) {
       this.failLeg(leg, 'probation failed: its metadata could not be read or written');
       return;

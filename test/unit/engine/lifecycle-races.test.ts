@@ -17,7 +17,10 @@
  *        not acknowledged on the strength of the leg that left (the other leg, now the one that
  *        counts, may lose the write in a crash);
  *   (l5) as (l4), the leg that flushed marked by a read repair instead of leaving (it stays
- *        admitted, resyncing): the FLUSH is not acknowledged on its strength either.
+ *        admitted, resyncing): the FLUSH is not acknowledged on its strength either;
+ *   (l6) a returning leg whose admission (on-leg metadata) waits behind the keeper's other
+ *        I/O, failed by the operator and reconnected meanwhile: when the old admission ends,
+ *        the leg is not admitted while its new probe is still unanswered.
  *
  * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts).
  */
@@ -177,6 +180,47 @@ test('(l5) a FLUSH is not acknowledged by a leg a read repair marked before it c
     assert.equal(after.errno, 0);
     if (errno === 0) assert.deepEqual(after.data, data, 'a write before an acknowledged FLUSH survives a crash of a leg');
     for (const store of stores) assert.deepEqual(store.bytes.slice(0, 4096), after.data, `${store.name} holds what the mirror reads`);
+  } finally {
+    await fm.close();
+  }
+});
+
+test('(l6) an admission that ends after the leg failed and came back does not admit it past its new probe', async () => {
+  const stores = makeStores(2, 4 * 1024 * 1024);
+  const [store0, store1] = stores as [FaultStore, FaultStore];
+  const fm = await openFaultMirror(stores, { metadata: true, legTimeoutMs: 60_000, probeTimeoutMs: 30_000 });
+  const { mirror } = fm;
+  const dataBytes = mirror.sizeBytes;
+  const context = (): string => ` (legs ${legStates(mirror).join(',')})`;
+  try {
+    mirror.failLegByHand(1);
+    // The keeper's next metadata write to leg 0 (the write intent of a client write) is held:
+    // the keeper's loop waits, and leg 1's admission queues behind it.
+    store0.holdIf = (request) => request.command === p.kCmdWrite && request.offsetBytes >= dataBytes;
+    const write = fm.driver.write(0, filled(4096, 5));
+    assert.ok(await waitFor(() => store0.heldCount > 0, 5000), 'a metadata write is held on leg 0');
+    const firstReturn = mirror.reconnectLegNow(1);
+    const flushes = (): number => store1.receivedOf((request) => request.command === p.kCmdFlush).length;
+    const before = flushes();
+    assert.ok(await waitFor(() => legStates(mirror)[1] === 'probation' && flushes() > before, 5000), `leg 1 passed its probe and waits for its admission${context()}`);
+    // (The probe's answer reaches the lifecycle a few turns later; then the admission queues.)
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    // The operator fails it again and brings it back; its new probe is held.
+    mirror.failLegByHand(1);
+    store1.holdIf = (request) => request.command === p.kCmdRead && request.offsetBytes < dataBytes;
+    const secondReturn = mirror.reconnectLegNow(1);
+    assert.ok(await waitFor(() => store1.heldCount === 1, 5000), `leg 1's new probe is held${context()}`);
+    // The keeper goes on: the old admission runs and ends.
+    store0.holdIf = null;
+    store0.release();
+    assert.equal(await within(write, 5000, 'write', context), 0);
+    await new Promise((resolve) => setTimeout(resolve, 200));
+    assert.equal(store1.heldCount, 1, 'the new probe is still unanswered');
+    assert.equal(legStates(mirror)[1], 'probation', 'so leg 1 is still on probation');
+    store1.holdIf = null;
+    store1.release();
+    await within(Promise.all([firstReturn, secondReturn]), 5000, 'both reconnects', context);
+    await waitLegState(mirror, 1, ['in-sync'], 'leg 1 after its probe', 5000);
   } finally {
     await fm.close();
   }
