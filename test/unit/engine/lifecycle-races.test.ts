@@ -20,7 +20,11 @@
  *        admitted, resyncing): the FLUSH is not acknowledged on its strength either;
  *   (l6) a returning leg whose admission (on-leg metadata) waits behind the keeper's other
  *        I/O, failed by the operator and reconnected meanwhile: when the old admission ends,
- *        the leg is not admitted while its new probe is still unanswered.
+ *        the leg is not admitted while its new probe is still unanswered;
+ *   (l7) a resync copy whose READ is held on the source while its target fails and returns (a
+ *        new epoch): the old copy clears no bit of the new epoch (its chained WRITE may reach
+ *        the new connection), a client write to the range waits for it (range lock), and the
+ *        legs end identical, holding the client's data (a check that passed: no fix needed).
  *
  * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts).
  */
@@ -221,6 +225,44 @@ test('(l6) an admission that ends after the leg failed and came back does not ad
     store1.release();
     await within(Promise.all([firstReturn, secondReturn]), 5000, 'both reconnects', context);
     await waitLegState(mirror, 1, ['in-sync'], 'leg 1 after its probe', 5000);
+  } finally {
+    await fm.close();
+  }
+});
+
+test('(l7) a resync copy that lands after its target failed and returned clears nothing and is not overtaken', async () => {
+  const stores = makeStores(2, kLegBytes);
+  const store0 = stores[0] as FaultStore;
+  const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 });
+  const { mirror } = fm;
+  const context = (): string => ` (legs ${legStates(mirror).join(',')})`;
+  try {
+    mirror.failLegByHand(1);
+    assert.equal(await fm.driver.write(0, filled(4096, 6)), 0, 'leg 1 misses the write');
+    mirror.pauseResync(true);
+    assert.equal(await mirror.reconnectLegNow(1), 'resyncing');
+    // The copy's READ is held on leg 0.
+    store0.holdIf = (request) => request.command === p.kCmdRead;
+    mirror.pauseResync(false);
+    assert.ok(await waitFor(() => store0.heldCount === 1, 5000), `the copy's READ is held${context()}`);
+    // Leg 1 fails and returns meanwhile (its resync starts over in a new epoch).
+    mirror.failLegByHand(1);
+    const data = filled(4096, 7);
+    let acked = false;
+    const write = fm.driver.write(0, data).then((errno) => {
+      acked = true;
+      return errno;
+    });
+    assert.notEqual(await mirror.reconnectLegNow(1), 'failed');
+    assert.equal(acked, false, 'the client write waits for the copy (range lock)');
+    store0.holdIf = null;
+    store0.release();
+    assert.equal(await within(write, 5000, 'write', context), 0);
+    await waitLegState(mirror, 1, ['in-sync'], 'leg 1 after its resync', 5000);
+    const read = await fm.driver.read(0, 4096);
+    assert.equal(read.errno, 0);
+    assert.deepEqual(read.data, data, 'the client write reads back');
+    for (const store of stores) assert.deepEqual(store.bytes.slice(0, 4096), data, `${store.name} holds the client write`);
   } finally {
     await fm.close();
   }
