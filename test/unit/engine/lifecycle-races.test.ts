@@ -24,7 +24,11 @@
  *   (l7) a resync copy whose READ is held on the source while its target fails and returns (a
  *        new epoch): the old copy clears no bit of the new epoch (its chained WRITE may reach
  *        the new connection), a client write to the range waits for it (range lock), and the
- *        legs end identical, holding the client's data (a check that passed: no fix needed).
+ *        legs end identical, holding the client's data (a check that passed: no fix needed);
+ *   (l8) a write answered by a leg that then leaves, crashes (losing it) and returns in sync
+ *        before the write completes on the other leg: the leg is not read for that range
+ *        until it holds the write again (passes: the completion marks it and fails it again, as
+ *        a leg that left since dispatch, and it resyncs the range).
  *
  * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts).
  */
@@ -263,6 +267,35 @@ test('(l7) a resync copy that lands after its target failed and returned clears 
     assert.equal(read.errno, 0);
     assert.deepEqual(read.data, data, 'the client write reads back');
     for (const store of stores) assert.deepEqual(store.bytes.slice(0, 4096), data, `${store.name} holds the client write`);
+  } finally {
+    await fm.close();
+  }
+});
+
+test('(l8) a leg that left and returned while a write it answered was in flight is not read there until it is copied again', async () => {
+  const stores = makeStores(2, kLegBytes);
+  const [store0, store1] = stores as [FaultStore, FaultStore];
+  const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 });
+  const { mirror } = fm;
+  const context = (): string => ` (legs ${legStates(mirror).join(',')}, readable ${JSON.stringify(mirror.readableLegs(0, 4096))})`;
+  try {
+    const data = filled(4096, 8);
+    store1.holdIf = (request) => request.command === p.kCmdWrite;
+    const write = fm.driver.write(0, data);
+    assert.ok(await waitFor(() => store1.heldCount === 1 && store0.applied.length === 1, 5000), 'leg 0 has the write, leg 1 holds it');
+    await new Promise((resolve) => setTimeout(resolve, 50)); // leg 0's answer reaches the master
+    // Leg 0 leaves; its server crashes (the unflushed write is gone); it comes back at once.
+    mirror.failLegByHand(0);
+    store0.crash();
+    store0.heal();
+    assert.equal(await mirror.reconnectLegNow(0), 'in-sync', 'leg 0 missed nothing it knows of');
+    store1.holdIf = null;
+    store1.release();
+    assert.equal(await within(write, 5000, 'write', context), 0, 'leg 1 holds the write');
+    // Every leg the mirror reads chunk 0 from holds the write; once quiet, both legs do.
+    for (const index of mirror.readableLegs(0, 4096)) assert.deepEqual(stores[index]?.bytes.slice(0, 4096), data, `readable leg ${index} holds the write${context()}`);
+    assert.ok(await waitFor(() => legStates(mirror).every((state) => state === 'in-sync') && (mirror.dirtyMap(0)?.dirtyChunkCount() ?? 0) === 0, 5000), `the legs settle with no marks${context()}`);
+    for (const store of stores) assert.deepEqual(store.bytes.slice(0, 4096), data, `${store.name} holds the write`);
   } finally {
     await fm.close();
   }
