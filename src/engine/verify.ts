@@ -49,6 +49,8 @@
  * - Slots of a unit are freed only after every READ, hash and WRITE of it settled.
  * - The lock is taken after the slots were allocated (never wait for slots holding a lock).
  * - A mismatch is counted, logged and repaired only from copies read under the unit's lock.
+ * - A READ or repair WRITE that failed fails its leg only if the leg is still in the epoch it
+ *   was sent in (one that failed and came back meanwhile is not failed again).
  */
 import type { Extent } from '../core/block-device.js';
 import type { Logger } from '../core/log.js';
@@ -507,6 +509,8 @@ export class Verifier {
    * failed is failed. Returns the copies that read (no digests yet).
    */
   private async readCopies(legs: readonly VerifyLeg[], slots: readonly number[], offsetBytes: number, lengthBytes: number): Promise<UnitCopy[]> {
+    // Epochs at dispatch: a failure answered for an older epoch is not this leg's any more.
+    const epochs = legs.map((leg) => leg.epoch);
     const failed = await Promise.all(legs.map(async (leg, at) => {
       const slot = slots[at] as number;
       return await this.request(slot, () => this.host.read(slot, leg.index, offsetBytes, lengthBytes));
@@ -515,6 +519,9 @@ export class Verifier {
     for (const [at, leg] of legs.entries()) {
       const slot = slots[at] as number;
       if (failed[at] !== 0) {
+        // The leg failed (and maybe came back) while the other READs were awaited: that
+        // failure dealt with its marks; failing it again would fail its new epoch.
+        if (leg.epoch !== epochs[at]) continue;
         const errno = this.host.errnoName(leg.index, slot);
         this.host.markUnlessSole(leg.index, offsetBytes, lengthBytes);
         this.host.failLeg(leg.index, `READ for a verify failed with ${errno}`);
@@ -625,9 +632,11 @@ export class Verifier {
     }
     let ok = true;
     await Promise.all([...rewrite].map(async (copy) => {
+      const epoch = copy.leg.epoch;
       const failed = await this.request(copy.slot, () => this.host.write(copy.slot, copy.leg.bit));
       if (failed === 0) return;
       ok = false;
+      if (copy.leg.epoch !== epoch) return; // failed since (its marks were settled then)
       this.host.markUnlessSole(copy.leg.index, offsetBytes, lengthBytes);
       this.host.failLeg(copy.leg.index, `WRITE for a verify repair failed with ${this.host.errnoName(copy.leg.index, copy.slot)}`);
     }));
