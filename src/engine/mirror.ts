@@ -522,6 +522,9 @@ export class MirrorDevice implements BlockDevice {
         this.dispatch(slot);
       },
       write: (slot, mask) => {
+        // A repair changes what a read of the range may answer (the leg was readable there):
+        // every active checkpoint counts it as changed, before the leg gets the bytes.
+        this.checkpointSet?.mark(this.ring.offsetBytes(slot), this.ring.lengthBytes(slot));
         this.ring.rephase(slot, p.kCmdWrite, this.features.fua ? p.kCmdFlagFua : 0, mask);
         this.dispatch(slot);
       },

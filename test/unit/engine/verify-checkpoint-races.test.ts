@@ -6,6 +6,9 @@
  *   (v1) a verify READ on a leg whose failure is delivered late (the verify waits for the other
  *        leg's READ of the unit) while the leg failed and came back in sync meanwhile: the old
  *        failure does not fail the leg again in its new epoch;
+ *   (v2) a verify repair rewrites a leg that the mirror could read the range from: a checkpoint
+ *        created before marks the repaired range (what a client reads there may have changed,
+ *        so `backup --since` must copy it).
  *
  * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts;
  * the verify's hash pool runs one real worker thread).
@@ -46,6 +49,32 @@ test('(v1) a verify READ failure delivered after the leg failed and came back do
     store1.release();
     await within(mirror.verifyDone(), 5000, 'verify', context);
     assert.equal(legStates(mirror)[0], 'in-sync', `leg 0 stays in sync${context()} (events since: ${JSON.stringify(fm.events.slice(failures))})`);
+  } finally {
+    await fm.close();
+  }
+});
+
+test('(v2) a verify repair marks the repaired range in an active checkpoint', async () => {
+  const stores = makeStores(2, kLegBytes);
+  const [store0, store1] = stores as [FaultStore, FaultStore];
+  const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 }, kVerify);
+  const { mirror } = fm;
+  try {
+    const data = filled(kLegBytes, 2);
+    assert.equal(await fm.driver.write(0, data), 0);
+    const checkpoints = mirror.checkpointOperations();
+    await checkpoints.create('c1');
+    assert.deepEqual(checkpoints.runs('c1', 0, kLegBytes, 16), [], 'nothing changed since c1');
+    // Leg 1's bytes change behind the mirror's back (a bad disk): reads served there differ.
+    const bad = 128 * 1024;
+    store1.bytes.fill(0xee, bad, bad + 4096);
+    mirror.startVerify({ repair: true });
+    await within(mirror.verifyDone(), 5000, 'verify');
+    const progress = mirror.verifyStatus().current;
+    assert.equal(progress?.repairedChunks, 1, 'the piece was repaired');
+    assert.deepEqual(store1.bytes, store0.bytes, 'the legs agree after the repair');
+    const runs = checkpoints.runs('c1', 0, kLegBytes, 16);
+    assert.ok(runs.some((run) => run.offsetBytes <= bad && run.offsetBytes + run.lengthBytes >= bad + 4096), `c1 marks the repaired range (runs ${JSON.stringify(runs)})`);
   } finally {
     await fm.close();
   }
