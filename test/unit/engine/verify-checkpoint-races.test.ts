@@ -8,7 +8,12 @@
  *        failure does not fail the leg again in its new epoch;
  *   (v2) a verify repair rewrites a leg that the mirror could read the range from: a checkpoint
  *        created before marks the repaired range (what a client reads there may have changed,
- *        so `backup --since` must copy it).
+ *        so `backup --since` must copy it);
+ *   (v3) a checkpoint created while a client write is parked on its write intent (the keeper's
+ *        page write held): the checkpoint marks the write (passes: the resumed dispatch marks
+ *        every active checkpoint again);
+ *   (v4) a freeze while a write is held on one leg: the frozen and the new checkpoint both mark
+ *        it, a later write only the new one (passes: the freeze seeds the new map).
  *
  * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts;
  * the verify's hash pool runs one real worker thread).
@@ -75,6 +80,59 @@ test('(v2) a verify repair marks the repaired range in an active checkpoint', as
     assert.deepEqual(store1.bytes, store0.bytes, 'the legs agree after the repair');
     const runs = checkpoints.runs('c1', 0, kLegBytes, 16);
     assert.ok(runs.some((run) => run.offsetBytes <= bad && run.offsetBytes + run.lengthBytes >= bad + 4096), `c1 marks the repaired range (runs ${JSON.stringify(runs)})`);
+  } finally {
+    await fm.close();
+  }
+});
+
+test('(v3) a checkpoint created while a write waits for its write intent marks the write (passes: the resumed dispatch marks again)', async () => {
+  const stores = makeStores(2, 4 * 1024 * 1024);
+  const [store0] = stores as [FaultStore, FaultStore];
+  const fm = await openFaultMirror(stores, { metadata: true, legTimeoutMs: 60_000 });
+  const { mirror } = fm;
+  const dataBytes = mirror.sizeBytes;
+  try {
+    const checkpoints = mirror.checkpointOperations();
+    // The keeper's write-intent page write is held: the client write is parked (not dispatched).
+    store0.holdIf = (request) => request.command === p.kCmdWrite && request.offsetBytes >= dataBytes;
+    const data = filled(4096, 3);
+    const write = fm.driver.write(64 * 1024, data);
+    assert.ok(await waitFor(() => store0.heldCount > 0, 5000), 'a metadata write is held on leg 0');
+    store0.holdIf = null;
+    const created = checkpoints.create('c1');
+    store0.release();
+    assert.equal(await within(write, 5000, 'write'), 0);
+    await within(created, 5000, 'checkpoint create');
+    const runs = checkpoints.runs('c1', 0, dataBytes, 16);
+    assert.ok(runs.some((run) => run.offsetBytes <= 64 * 1024 && run.offsetBytes + run.lengthBytes >= 68 * 1024), `c1 marks the parked write (runs ${JSON.stringify(runs)})`);
+  } finally {
+    await fm.close();
+  }
+});
+
+test('(v4) a freeze while a write is in flight on a leg: both the frozen and the new checkpoint mark it (passes)', async () => {
+  const stores = makeStores(2, kLegBytes);
+  const [, store1] = stores as [FaultStore, FaultStore];
+  const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 });
+  const { mirror } = fm;
+  try {
+    const checkpoints = mirror.checkpointOperations();
+    await checkpoints.create('c1');
+    store1.holdIf = (request) => request.command === p.kCmdWrite;
+    const write = fm.driver.write(8192, filled(4096, 4));
+    assert.ok(await waitFor(() => store1.heldCount === 1, 5000), 'the write is held on leg 1');
+    store1.holdIf = null;
+    await checkpoints.freeze('c1', 'c2');
+    store1.release();
+    assert.equal(await within(write, 5000, 'write'), 0);
+    for (const name of ['c1', 'c2']) {
+      const runs = checkpoints.runs(name, 0, kLegBytes, 16);
+      assert.ok(runs.some((run) => run.offsetBytes <= 8192 && run.offsetBytes + run.lengthBytes >= 12288), `${name} marks the write in flight (runs ${JSON.stringify(runs)})`);
+    }
+    // A write after the freeze is in c2 only.
+    assert.equal(await fm.driver.write(65536, filled(4096, 5)), 0);
+    assert.ok(!checkpoints.runs('c1', 0, kLegBytes, 16).some((run) => run.offsetBytes <= 65536 && run.offsetBytes + run.lengthBytes > 65536), 'c1 is frozen');
+    assert.ok(checkpoints.runs('c2', 0, kLegBytes, 16).some((run) => run.offsetBytes <= 65536 && run.offsetBytes + run.lengthBytes > 65536), 'c2 is active');
   } finally {
     await fm.close();
   }
