@@ -503,6 +503,7 @@ export class MirrorDevice implements BlockDevice {
       isClosed: () => this.closed,
       legs: () => this.legs,
       slotsFor: (lengthBytes) => this.ring.slotsFor(lengthBytes),
+      slotsMax: () => this.ring.slotCount - (this.metaSlot >= 0 ? (this.slots.span[this.metaSlot] ?? 1) : 0),
       allocate: (span) => this.ring.allocate(span),
       slotsFreed: () => this.waiters.internalWait(),
       bindInternal: (slot, span) => {

@@ -10,7 +10,7 @@
  * and touches bytes otherwise only to patch a slot for a repair; digests are computed in place
  * on the pool's workers (the SAB is shared with them).
  *
- * Path of one unit (kUnitBytes, 1 MiB; compared in pieces of `chunkBytes`, 64 KiB):
+ * Path of one unit (kUnitBytes, 1 MiB, less when the ring is small; compared in pieces of `chunkBytes`, 64 KiB):
  *   skip it if every in-sync leg reports it as reading zero (base:allocation, 64 MiB windows)
  *   -> allocate one slot run per in-sync leg (waits behind client requests; no lock held)
  *   -> optimistic pass, no range lock: READ from every in-sync leg (phase 4), compare the
@@ -48,6 +48,8 @@
  * Invariants:
  * - Slots of a unit are freed only after every READ, hash and WRITE of it settled.
  * - The lock is taken after the slots were allocated (never wait for slots holding a lock).
+ * - A unit's runs fit in the ring at once (the unit shrinks for a small ring); runs that could
+ *   never fit are not waited for (the unit counts as unchecked).
  * - A mismatch is counted, logged and repaired only from copies read under the unit's lock.
  * - A READ or repair WRITE that failed fails its leg only if the leg is still in the epoch it
  *   was sent in (one that failed and came back meanwhile is not failed again).
@@ -76,6 +78,8 @@ export interface VerifyHost {
   isClosed(): boolean;
   legs(): readonly VerifyLeg[];
   slotsFor(lengthBytes: number): number;
+  /** The most slots the verifier could ever hold at once (the ring less reserved runs). */
+  slotsMax(): number;
   /** A run of `span` slots, or -1 when none is free now. */
   allocate(span: number): number;
   slotsFreed(): Promise<void>;
@@ -384,7 +388,8 @@ export class Verifier {
   private async lane(): Promise<void> {
     while (this.keepGoing() && this.cursor < this.endBytes) {
       const offsetBytes = this.cursor;
-      const lengthBytes = Math.min(kUnitBytes - (offsetBytes % kUnitBytes), this.endBytes - offsetBytes);
+      const unitBytes = this.unitBytesFor(this.inSyncLegs().length);
+      const lengthBytes = Math.min(unitBytes - (offsetBytes % unitBytes), this.endBytes - offsetBytes);
       this.cursor += lengthBytes;
       const state = this.progressState as Progress;
       if (await this.readsZeroEverywhere(offsetBytes, lengthBytes)) {
@@ -473,9 +478,23 @@ export class Verifier {
     return common ?? [];
   }
 
-  /** Allocates one run per leg (waits, holding no lock); [] when the mirror closed. */
+  /**
+   * The unit for `legs` copies: 1 MiB, halved (down to one piece) while a run per leg would not
+   * fit in the ring at once (a small --ring-slots/--slot-bytes); units stay aligned to it.
+   */
+  private unitBytesFor(legs: number): number {
+    let unit = kUnitBytes;
+    while (unit > this.chunkBytes && Math.max(1, legs) * this.host.slotsFor(unit) > this.host.slotsMax()) unit /= 2;
+    return unit;
+  }
+
+  /**
+   * Allocates one run per leg (waits, holding no lock); [] when the mirror closed, or when the
+   * runs could never be held at once (waiting would wait forever: the unit is not compared).
+   */
   private async allocateRuns(count: number, lengthBytes: number): Promise<number[]> {
     const span = this.host.slotsFor(lengthBytes);
+    if (count * span > this.host.slotsMax()) return [];
     for (;;) {
       const slots: number[] = [];
       while (slots.length < count) {

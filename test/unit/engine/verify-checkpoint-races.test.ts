@@ -13,7 +13,10 @@
  *        page write held): the checkpoint marks the write (passes: the resumed dispatch marks
  *        every active checkpoint again);
  *   (v4) a freeze while a write is held on one leg: the frozen and the new checkpoint both mark
- *        it, a later write only the new one (passes: the freeze seeds the new map).
+ *        it, a later write only the new one (passes: the freeze seeds the new map);
+ *   (v5) a verify of three legs on a ring smaller than three 1 MiB runs: it ends (it waited for
+ *        slots forever, and so did `verify stop` and the mirror's close) and compares every
+ *        byte (the unit shrinks to fit the ring).
  *
  * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts;
  * the verify's hash pool runs one real worker thread).
@@ -133,6 +136,30 @@ test('(v4) a freeze while a write is in flight on a leg: both the frozen and the
     assert.equal(await fm.driver.write(65536, filled(4096, 5)), 0);
     assert.ok(!checkpoints.runs('c1', 0, kLegBytes, 16).some((run) => run.offsetBytes <= 65536 && run.offsetBytes + run.lengthBytes > 65536), 'c1 is frozen');
     assert.ok(checkpoints.runs('c2', 0, kLegBytes, 16).some((run) => run.offsetBytes <= 65536 && run.offsetBytes + run.lengthBytes > 65536), 'c2 is active');
+  } finally {
+    await fm.close();
+  }
+});
+
+test('(v5) a verify whose unit runs cannot all fit in the ring at once ends (and still compares the legs)', async () => {
+  // Three legs of 1 MiB, a ring of 32 x 64 KiB: one 1 MiB run per leg is 48 slots, the ring 32.
+  const stores = makeStores(3, 1024 * 1024);
+  const [, , store2] = stores as [FaultStore, FaultStore, FaultStore];
+  const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 }, kVerify);
+  const { mirror } = fm;
+  try {
+    assert.equal(await fm.driver.write(0, filled(64 * 1024, 6)), 0);
+    store2.bytes.fill(0x5a, 512 * 1024, 512 * 1024 + 4096);
+    mirror.startVerify({ repair: true });
+    const ended = await waitFor(() => mirror.verifyStatus().current?.running === false, 5000);
+    if (!ended) {
+      const stop = mirror.stopVerify();
+      assert.fail(`the verify did not end (stop ${await Promise.race([stop.then(() => 'ended'), new Promise((resolve) => setTimeout(() => resolve('hangs too'), 1000))])}): ${JSON.stringify(mirror.verifyStatus().current)}`);
+    }
+    const progress = mirror.verifyStatus().current;
+    assert.equal(progress?.bytesChecked, 1024 * 1024, `every byte compared: ${JSON.stringify(progress)}`);
+    assert.equal(progress?.mismatchChunks, 1);
+    assert.deepEqual(store2.bytes, (stores[0] as FaultStore).bytes, 'leg 2 repaired (majority)');
   } finally {
     await fm.close();
   }

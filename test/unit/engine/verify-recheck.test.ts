@@ -49,6 +49,7 @@ class FakeMirror {
       isClosed: () => false,
       legs: () => legs,
       slotsFor: (lengthBytes) => Math.ceil(lengthBytes / kSlotBytes),
+      slotsMax: () => kSlots,
       allocate: (span) => {
         for (let slot = 0; slot + span <= kSlots; slot += 1) {
           if (this.used.subarray(slot, slot + span).every((used) => used === 0)) {
