@@ -16,7 +16,10 @@
  *        it, a later write only the new one (passes: the freeze seeds the new map);
  *   (v5) a verify of three legs on a ring smaller than three 1 MiB runs: it ends (it waited for
  *        slots forever, and so did `verify stop` and the mirror's close) and compares every
- *        byte (the unit shrinks to fit the ring).
+ *        byte (the unit shrinks to fit the ring);
+ *   (v6) a client WRITE and WRITE_ZEROES into a unit whose repair WRITE is held on the leg being
+ *        repaired: they wait for the repair and land after it (passes: the repair holds the
+ *        unit's range lock until its WRITEs completed).
  *
  * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts;
  * the verify's hash pool runs one real worker thread).
@@ -160,6 +163,45 @@ test('(v5) a verify whose unit runs cannot all fit in the ring at once ends (and
     assert.equal(progress?.bytesChecked, 1024 * 1024, `every byte compared: ${JSON.stringify(progress)}`);
     assert.equal(progress?.mismatchChunks, 1);
     assert.deepEqual(store2.bytes, (stores[0] as FaultStore).bytes, 'leg 2 repaired (majority)');
+  } finally {
+    await fm.close();
+  }
+});
+
+test('(v6) a client WRITE and WRITE_ZEROES to a range whose repair WRITE is held wait for it and are not overwritten (passes: the unit lock)', async () => {
+  const stores = makeStores(2, kLegBytes);
+  const [store0, store1] = stores as [FaultStore, FaultStore];
+  const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 }, kVerify);
+  const { mirror } = fm;
+  const context = (): string => ` (legs ${legStates(mirror).join(',')})`;
+  try {
+    assert.equal(await fm.driver.write(0, filled(kLegBytes, 7)), 0);
+    store1.bytes.fill(0x33, 4096, 8192);
+    // The repair WRITE (the whole unit, to leg 1) is held.
+    store1.holdIf = (request) => request.command === p.kCmdWrite && request.lengthBytes === kLegBytes;
+    mirror.startVerify({ repair: true });
+    assert.ok(await waitFor(() => store1.heldCount === 1, 5000), `the repair WRITE is held${context()}`);
+    store1.holdIf = null;
+    let writeDone = false;
+    const data = filled(4096, 8);
+    const write = fm.driver.write(4096, data).then((errno) => {
+      writeDone = true;
+      return errno;
+    });
+    const zero = fm.driver.zero(16384, 4096);
+    assert.ok(!(await waitFor(() => writeDone, 200)), 'the client write waits for the repair');
+    store1.release();
+    assert.equal(await within(write, 5000, 'write', context), 0);
+    assert.equal(await within(zero, 5000, 'zero', context), 0);
+    await within(mirror.verifyDone(), 5000, 'verify', context);
+    const read = await fm.driver.read(0, kLegBytes);
+    assert.equal(read.errno, 0);
+    const expected = filled(kLegBytes, 7);
+    expected.set(data, 4096);
+    expected.fill(0, 16384, 20480);
+    assert.deepEqual(read.data, expected, 'the client writes are what the mirror reads');
+    assert.deepEqual(store0.bytes, expected, 'leg 0 holds them');
+    assert.deepEqual(store1.bytes, expected, 'leg 1 holds them (the repair did not overwrite them)');
   } finally {
     await fm.close();
   }
