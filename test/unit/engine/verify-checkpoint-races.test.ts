@@ -19,7 +19,10 @@
  *        byte (the unit shrinks to fit the ring);
  *   (v6) a client WRITE and WRITE_ZEROES into a unit whose repair WRITE is held on the leg being
  *        repaired: they wait for the repair and land after it (passes: the repair holds the
- *        unit's range lock until its WRITEs completed).
+ *        unit's range lock until its WRITEs completed);
+ *   (v7) the leg a repair targets fails after its copy was read under the lock: the repair ends,
+ *        a client write to the unit is not blocked, and the leg returns holding what the mirror
+ *        reads (passes).
  *
  * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts;
  * the verify's hash pool runs one real worker thread).
@@ -202,6 +205,40 @@ test('(v6) a client WRITE and WRITE_ZEROES to a range whose repair WRITE is held
     assert.deepEqual(read.data, expected, 'the client writes are what the mirror reads');
     assert.deepEqual(store0.bytes, expected, 'leg 0 holds them');
     assert.deepEqual(store1.bytes, expected, 'leg 1 holds them (the repair did not overwrite them)');
+  } finally {
+    await fm.close();
+  }
+});
+
+test('(v7) a repair whose target leg failed while the unit was being read ends, and the leg returns holding what the mirror reads (passes)', async () => {
+  const stores = makeStores(2, kLegBytes);
+  const [store0, store1] = stores as [FaultStore, FaultStore];
+  const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 }, kVerify);
+  const { mirror } = fm;
+  const context = (): string => ` (legs ${legStates(mirror).join(',')})`;
+  try {
+    assert.equal(await fm.driver.write(0, filled(kLegBytes, 9)), 0);
+    store1.bytes.fill(0x44, 0, 4096);
+    // The second verify READ on leg 0 (the re-check under the lock) is held.
+    let reads = 0;
+    store0.holdIf = (request) => isVerifyRead(request) && ++reads === 2;
+    mirror.startVerify({ repair: true });
+    assert.ok(await waitFor(() => store0.heldCount === 1 && store1.received.filter(isVerifyRead).length === 2, 5000), `the re-check READs are out${context()}`);
+    store0.holdIf = null;
+    // Leg 1 leaves with its copy read; the repair then targets a leg that is gone.
+    mirror.failLegByHand(1);
+    store0.release();
+    await within(mirror.verifyDone(), 5000, 'verify', context);
+    const data = filled(4096, 10);
+    assert.equal(await within(fm.driver.write(0, data), 5000, 'write', context), 0, 'a client write to the unit is not blocked');
+    assert.notEqual(await mirror.reconnectLegNow(1), 'failed');
+    await waitLegState(mirror, 1, ['in-sync'], 'leg 1 back', 5000);
+    const expected = filled(kLegBytes, 9);
+    expected.set(data, 0);
+    const read = await fm.driver.read(0, kLegBytes);
+    assert.deepEqual(read.data, expected);
+    assert.deepEqual(store0.bytes, expected, 'leg 0 holds it');
+    assert.deepEqual(store1.bytes, expected, 'leg 1 holds it');
   } finally {
     await fm.close();
   }
