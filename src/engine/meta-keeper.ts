@@ -269,8 +269,7 @@ export class MetaKeeper {
     // The index is a removed leg's: its member is removed now, even if the table recording that
     // was not chosen yet (desiredTable no longer sees it once its index belongs to the new leg).
     const previous = this.perLeg[leg.index];
-    const previousRecord = previous == null ? undefined : this.members[previous.slotIndex];
-    if (previous != null && previousRecord !== undefined && previousRecord.legUuid === previous.legUuid) this.members[previous.slotIndex] = { ...previousRecord, state: 'removed' };
+    if (previous != null) this.recordRemoved(previous);
     const inUse = new Set<number>();
     for (const [index, state] of this.perLeg.entries()) {
       if (state != null && index !== leg.index && this.host.legs[index]?.state !== 'removed') inUse.add(state.slotIndex);
@@ -289,13 +288,18 @@ export class MetaKeeper {
   forgetLeg(index: number): void {
     const state = this.perLeg[index];
     if (state == null) return;
-    const record = this.members[state.slotIndex];
-    if (record !== undefined && record.legUuid === state.legUuid) this.members[state.slotIndex] = { ...record, state: 'removed' };
+    this.recordRemoved(state);
     this.perLeg[index] = null;
     this.admitting &= ~(1 << index);
     if (this.tableKey(this.desiredTable()) === this.scheduledTable) return;
     this.tableChanged = true;
     this.kick();
+  }
+
+  /** The leg's member (if its slot still holds it) is recorded removed. */
+  private recordRemoved(state: LegMetaState): void {
+    const record = this.members[state.slotIndex];
+    if (record !== undefined && record.legUuid === state.legUuid) this.members[state.slotIndex] = { ...record, state: 'removed' };
   }
 
   /** A leg of `legSizeBytes` can hold the data area plus its metadata. */
@@ -632,16 +636,12 @@ export class MetaKeeper {
     }
     // Chunks of requests still in flight stay (touched before this tick, answered after it).
     this.host.forEachWriteInFlight((offsetBytes, lengthBytes) => {
-      const first = Math.floor(offsetBytes / this.chunkBytes);
-      const end = Math.min(this.chunkCount, Math.ceil((offsetBytes + lengthBytes) / this.chunkBytes));
-      for (let chunk = first; chunk < end; chunk += 1) touched[chunk >> 3] = (touched[chunk >> 3] as number) | (1 << (chunk & 7));
+      this.touch(Math.floor(offsetBytes / this.chunkBytes), Math.min(this.chunkCount, Math.ceil((offsetBytes + lengthBytes) / this.chunkBytes)));
     });
     // So do those of parked requests (waiting for another chunk's bit): nothing would set a bit
     // of theirs again, and they would wait for it for ever.
     const waiters = this.waiters;
-    for (let at = 0; at < waiters.length; at += 3) {
-      for (let chunk = waiters[at + 1] as number; chunk < (waiters[at + 2] as number); chunk += 1) touched[chunk >> 3] = (touched[chunk >> 3] as number) | (1 << (chunk & 7));
-    }
+    for (let at = 0; at < waiters.length; at += 3) this.touch(waiters[at + 1] as number, waiters[at + 2] as number);
     let cleared = 0;
     for (let byte = 0; byte < this.wanted.length; byte += 1) {
       const candidates = (this.wanted[byte] as number) & (this.durable[byte] as number) & ~(touched[byte] as number);
@@ -658,6 +658,12 @@ export class MetaKeeper {
     }
     touched.fill(0);
     if (cleared > 0) this.logger.debug({ cleared }, 'write-intent bits cleared');
+  }
+
+  /** Chunks [first, end) count as touched in this period. */
+  private touch(first: number, end: number): void {
+    const touched = this.touched;
+    for (let chunk = first; chunk < end; chunk += 1) touched[chunk >> 3] = (touched[chunk >> 3] as number) | (1 << (chunk & 7));
   }
 
   /** Some leg holds an unflushed write there, or has the chunk marked in its dirty map. */

@@ -441,9 +441,7 @@ export class MirrorDevice implements BlockDevice {
       sizeBytes: () => this.sizeBytes,
       emitState: (leg) => this.emitState(leg),
       startResync: (leg) => this.startResync(leg),
-      flushLegs: () => {
-        if (this.features.flush && !this.closed) void this.runInternal(p.kCmdFlush, 0, 0, 0);
-      },
+      flushLegs: () => this.flushLegs(),
       markUnlessSole: (leg, offsetBytes, lengthBytes) => this.markUnlessSole(leg, offsetBytes, lengthBytes),
       admit: async (leg) => this.keeper === null ? true : await this.keeper.admit(leg),
     }, options, this.healthPolicy, this.logger);
@@ -1141,11 +1139,12 @@ export class MirrorDevice implements BlockDevice {
         if ((failed & leg.bit) === 0 && (leg.currentUnflushed?.dirtyChunkCount() ?? 0) > 0) again = true;
       }
     }
-    if (again && this.features.flush && !this.closed) {
-      queueMicrotask(() => {
-        if (!this.closed) void this.runInternal(p.kCmdFlush, 0, 0, 0);
-      });
-    }
+    if (again) queueMicrotask(() => this.flushLegs());
+  }
+
+  /** An engine FLUSH of every admitted leg (a resync's copies, writes a skipped FLUSH covered). */
+  private flushLegs(): void {
+    if (this.features.flush && !this.closed) void this.runInternal(p.kCmdFlush, 0, 0, 0);
   }
 
   private get allLegsMask(): number {
