@@ -21,79 +21,26 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { assembleArray } from '../../../src/meta/assemble.js';
-import { createArray } from '../../../src/meta/create-array.js';
-import { superblockOffsets, type LegLayout } from '../../../src/meta/layout.js';
-import { LegMeta, bitmapTest, inspectCopy } from '../../../src/meta/leg-meta.js';
-import type { Superblock } from '../../../src/meta/superblock.js';
+import { superblockOffsets } from '../../../src/meta/layout.js';
+import { bitmapTest } from '../../../src/meta/leg-meta.js';
 import * as p from '../../../src/nbd/protocol.js';
-import { legStates, makeStores, openFaultMirror, waitFor, type FaultMirror, type FaultStore } from '../../helpers/fault-device.js';
+import { legStates, makeStores, waitFor, type FaultMirror, type FaultStore } from '../../helpers/fault-device.js';
+import { bitmapOf, isBitmapPageWrite, kMetaChunkBytes, openMetaMirror, pattern, setBits, superblockOf } from '../../helpers/meta-mirror.js';
 
 const kLegBytes = 1024 * 1024;
-const kMetaChunkBytes = 64 * 1024;
-
-interface MetaMirror {
-  fm: FaultMirror;
-  layout: LegLayout;
-}
-
-/** createArray (--assume-clean) and assembleArray on the stores, then an inline mirror with the metadata. */
-async function openMetaMirror(stores: FaultStore[], heartbeatMs: number, extraStores: FaultStore[] = []): Promise<MetaMirror> {
-  const created = await Promise.all(stores.map(async (store) => await store.connect(0)));
-  await createArray(stores.map((store, index) => ({ uri: store.name, meta: new LegMeta(created[index] as NonNullable<(typeof created)[number]>) })), {
-    name: 'keeper-races', assumeClean: true, force: false, bitmapChunkBytes: kMetaChunkBytes,
-  });
-  await Promise.all(created.map(async (device) => await device.close()));
-  const devices = await Promise.all(stores.map(async (store) => await store.connect(0)));
-  const assembled = await assembleArray(stores.map((store) => store.name), devices, { forceSource: null, degraded: false });
-  // Long leg timeouts: metadata requests are held on purpose. Extra stores can be added later (leg add).
-  const opened = await openFaultMirror([...stores, ...extraStores], { legTimeoutMs: 60_000 }, { metadata: assembled, heartbeatMs, legs: stores.map((store) => store.name) });
-  return { fm: opened, layout: assembled.plan.layout };
-}
-
-/** The newest valid superblock on the store's bytes (`durable`: as of its last flush/FUA). */
-function superblockOf(store: FaultStore, durable = true): Superblock | null {
-  const bytes = durable ? store.durable : store.bytes;
-  const offsets = superblockOffsets(store.sizeBytes);
-  const copies = offsets.map((offset, copy) => inspectCopy(copy, offset, bytes.slice(offset, offset + 4096))).filter((copy) => copy.status === 'valid');
-  copies.sort((a, b) => (b.sequence ?? 0) - (a.sequence ?? 0));
-  return copies[0]?.superblock ?? null;
-}
-
-function bitmapOf(store: FaultStore, layout: LegLayout): Uint8Array {
-  return store.durable.slice(layout.bitmapOffsetBytes, layout.bitmapOffsetBytes + layout.bitmapBytes);
-}
-
-function setBits(bitmap: Uint8Array, layout: LegLayout): number[] {
-  const bits: number[] = [];
-  for (let chunk = 0; chunk < layout.chunkCount; chunk += 1) if (bitmapTest(bitmap, chunk)) bits.push(chunk);
-  return bits;
-}
-
-function pattern(seed: number, length: number): Uint8Array {
-  const data = new Uint8Array(length);
-  let x = (seed * 2654435761) >>> 0;
-  for (let index = 0; index < length; index += 1) {
-    x = (Math.imul(x, 1103515245) + 12345) >>> 0;
-    data[index] = x >>> 24;
-  }
-  return data;
-}
-
-function isBitmapPageWrite(request: { command: number; offsetBytes: number }, layout: LegLayout): boolean {
-  return request.command === p.kCmdWrite && request.offsetBytes >= layout.bitmapOffsetBytes && request.offsetBytes < layout.bitmapOffsetBytes + layout.bitmapAreaBytes;
-}
+/** Long leg timeouts: metadata requests are held on purpose. */
+const kHeld = { legTimeoutMs: 60_000 };
 
 test('(r1) a leg admitted while the loop writes a table no admitted leg took gets that table before its next write is acknowledged', async () => {
   const stores = makeStores(2, kLegBytes);
   const [store0, store1] = stores as [FaultStore, FaultStore];
-  const { fm, layout } = await openMetaMirror(stores, 60_000);
+  const { fm, layout } = await openMetaMirror(stores, 60_000, { tuning: kHeld });
   const { mirror } = fm;
   try {
     // Leg 1 misses a write; leg 0 records it stale.
     mirror.failLegByHand(1);
     assert.equal(await fm.driver.write(2 * kMetaChunkBytes, pattern(1, 4096)), 0);
-    assert.ok(await waitFor(() => superblockOf(store0)?.members[1]?.state === 'needs-resync', 5000), 'leg 0 records leg 1 stale');
+    assert.ok(await waitFor(() => superblockOf(store0, true)?.members[1]?.state === 'needs-resync', 5000), 'leg 0 records leg 1 stale');
     mirror.pauseResync(true);
     // Leg 1 comes back; its admission (the whole bitmap written to it) is held.
     store1.holdIf = (request) => isBitmapPageWrite(request, layout);
@@ -110,12 +57,12 @@ test('(r1) a leg admitted while the loop writes a table no admitted leg took get
     // A write to a chunk leg 1 holds succeeds on leg 1 alone: leg 0 misses it.
     let recordedAtAck: string | undefined = 'not acknowledged';
     const errno = await fm.driver.write(5 * kMetaChunkBytes, pattern(2, 4096), 0).then((answer) => {
-      recordedAtAck = superblockOf(store1)?.members[0]?.state;
+      recordedAtAck = superblockOf(store1, true)?.members[0]?.state;
       return answer;
     });
     assert.equal(errno, 0, 'leg 1 holds the range: the write succeeds');
     assert.equal(recordedAtAck, 'needs-resync', 'when the write leg 0 missed is acknowledged, leg 1 durably records leg 0 as stale');
-    assert.ok(bitmapTest(bitmapOf(store1, layout), 5), 'and the chunk\'s bit is durable on leg 1');
+    assert.ok(bitmapTest(bitmapOf(store1, layout, true), 5), 'and the chunk\'s bit is durable on leg 1');
   } finally {
     store0.heal();
     for (const store of stores) store.release();
@@ -126,7 +73,7 @@ test('(r1) a leg admitted while the loop writes a table no admitted leg took get
 test('(r2) a write parked for one chunk\'s bit goes out even when another chunk of its range is cleared as quiet meanwhile', async () => {
   const stores = makeStores(2, kLegBytes);
   const [store0] = stores as [FaultStore, FaultStore];
-  const { fm, layout } = await openMetaMirror(stores, 40);
+  const { fm, layout } = await openMetaMirror(stores, 40, { tuning: kHeld });
   const { mirror } = fm;
   try {
     // Chunk 3's bit is set and stays (the write is not flushed yet).
@@ -172,12 +119,12 @@ test('(r3) a leg removed and its index reused by leg add before the removal\'s t
   const stores = makeStores(3, kLegBytes);
   const [extra] = makeStores(4, kLegBytes).slice(3) as [FaultStore];
   const [store0, store1] = stores as [FaultStore, FaultStore, FaultStore];
-  const { fm } = await openMetaMirror(stores, 60_000, [extra]);
+  const { fm } = await openMetaMirror(stores, 60_000, { tuning: kHeld, extraStores: [extra] });
   const { mirror } = fm;
   const superblockAt = new Set(superblockOffsets(store0.sizeBytes));
   try {
     assert.equal(await fm.driver.write(kMetaChunkBytes, pattern(5, 4096)), 0);
-    const oldUuid = superblockOf(store1)?.legUuid;
+    const oldUuid = superblockOf(store1, true)?.legUuid;
     assert.ok(oldUuid !== undefined);
     // Leg 2 leaves: the table saying so is held on its way to leg 0.
     store0.holdIf = (request) => request.command === p.kCmdWrite && superblockAt.has(request.offsetBytes);
@@ -195,7 +142,7 @@ test('(r3) a leg removed and its index reused by leg add before the removal\'s t
     // A write acknowledged now: the removed leg missed it.
     let recordedAtAck: string | undefined = 'not acknowledged';
     const errno = await fm.driver.write(6 * kMetaChunkBytes, pattern(6, 4096)).then((answer) => {
-      recordedAtAck = superblockOf(store0)?.members.find((member) => member.legUuid === oldUuid)?.state;
+      recordedAtAck = superblockOf(store0, true)?.members.find((member) => member.legUuid === oldUuid)?.state;
       return answer;
     });
     assert.equal(errno, 0);
@@ -212,7 +159,7 @@ test('(r4) a leg add whose metadata writes fail leaves no member needing a full 
   const stores = makeStores(2, kLegBytes);
   const [extra] = makeStores(3, kLegBytes).slice(2) as [FaultStore];
   const [store0] = stores as [FaultStore, FaultStore];
-  const { fm, layout } = await openMetaMirror(stores, 40, [extra]);
+  const { fm, layout } = await openMetaMirror(stores, 40, { tuning: kHeld, extraStores: [extra] });
   const { mirror } = fm;
   const superblockRead = superblockOffsets(extra.sizeBytes)[0];
   try {
@@ -228,9 +175,9 @@ test('(r4) a leg add whose metadata writes fail leaves no member needing a full 
     // Every member in sync again: a flushed write's bit clears after quiet periods.
     assert.equal(await fm.driver.write(2 * kMetaChunkBytes, pattern(7, 4096)), 0);
     assert.equal(await fm.driver.flush(), 0);
-    const cleared = await waitFor(() => setBits(bitmapOf(store0, layout), layout).length === 0, 5000);
-    assert.ok(cleared, `bits cleared on leg 0 (${setBits(bitmapOf(store0, layout), layout).join(',')}); table ${JSON.stringify(superblockOf(store0)?.members.map((member) => member.state))}`);
-    assert.ok(superblockOf(store0)?.members.every((member) => member.state === 'in-sync' || member.state === 'removed'), 'no member left needing a sync');
+    const cleared = await waitFor(() => setBits(bitmapOf(store0, layout, true), layout).length === 0, 5000);
+    assert.ok(cleared, `bits cleared on leg 0 (${setBits(bitmapOf(store0, layout, true), layout).join(',')}); table ${JSON.stringify(superblockOf(store0, true)?.members.map((member) => member.state))}`);
+    assert.ok(superblockOf(store0, true)?.members.every((member) => member.state === 'in-sync' || member.state === 'removed'), 'no member left needing a sync');
   } finally {
     for (const store of [...stores, extra]) store.release();
     await fm.close();
@@ -240,12 +187,12 @@ test('(r4) a leg add whose metadata writes fail leaves no member needing a full 
 test('(r5) a bit set while a returning leg\'s admission is written, with no leg admitted meanwhile, is durable on that leg before a write there is acknowledged', async () => {
   const stores = makeStores(2, kLegBytes);
   const [store0, store1] = stores as [FaultStore, FaultStore];
-  const { fm, layout } = await openMetaMirror(stores, 60_000);
+  const { fm, layout } = await openMetaMirror(stores, 60_000, { tuning: kHeld });
   const { mirror } = fm;
   try {
     mirror.failLegByHand(1);
     assert.equal(await fm.driver.write(2 * kMetaChunkBytes, pattern(8, 4096)), 0);
-    assert.ok(await waitFor(() => superblockOf(store0)?.members[1]?.state === 'needs-resync', 5000), 'leg 0 records leg 1 stale');
+    assert.ok(await waitFor(() => superblockOf(store0, true)?.members[1]?.state === 'needs-resync', 5000), 'leg 0 records leg 1 stale');
     mirror.pauseResync(true);
     // Leg 1's admission (its whole bitmap, chunk 7's bit not set yet) is held.
     store1.holdIf = (request) => isBitmapPageWrite(request, layout);
@@ -265,7 +212,7 @@ test('(r5) a bit set while a returning leg\'s admission is written, with no leg 
     // The next write to chunk 7 goes to leg 1: its bit must be durable there by the ack.
     let bitAtAck: boolean | null = null;
     const errno = await fm.driver.write(7 * kMetaChunkBytes + 4096, pattern(10, 4096)).then((answer) => {
-      bitAtAck = bitmapTest(bitmapOf(store1, layout), 7);
+      bitAtAck = bitmapTest(bitmapOf(store1, layout, true), 7);
       return answer;
     });
     assert.equal(errno, 0, 'leg 1 holds chunk 7: the write succeeds');

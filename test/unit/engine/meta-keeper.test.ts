@@ -32,75 +32,19 @@ import assert from 'node:assert/strict';
 import { setTimeout as sleep } from 'node:timers/promises';
 import fc from 'fast-check';
 import { assembleArray } from '../../../src/meta/assemble.js';
-import { createArray } from '../../../src/meta/create-array.js';
-import { superblockOffsets, type LegLayout } from '../../../src/meta/layout.js';
-import { LegMeta, bitmapTest, inspectCopy } from '../../../src/meta/leg-meta.js';
+import { superblockOffsets } from '../../../src/meta/layout.js';
+import { bitmapTest } from '../../../src/meta/leg-meta.js';
 import type { Superblock } from '../../../src/meta/superblock.js';
-import type { MirrorDevice } from '../../../src/engine/mirror.js';
 import * as p from '../../../src/nbd/protocol.js';
-import { legStates, makeStores, openFaultMirror, waitFor, within, type FaultMirror, type FaultStore } from '../../helpers/fault-device.js';
+import { legStates, makeStores, waitFor, within, type FaultStore } from '../../helpers/fault-device.js';
+import { bitmapOf, isBitmapPageWrite, kMetaChunkBytes, openMetaMirror, pattern, setBits, superblockOf, type MetaMirror } from '../../helpers/meta-mirror.js';
 
 const kLegBytes = 1024 * 1024;
-const kMetaChunkBytes = 64 * 1024;
 const kRuns = Number(process.env['ENBD_KEEPER_RUNS'] ?? 10);
 const kCiSeed = 20261201;
 /** ENBD_KEEPER_PATH (with ENBD_KEEPER_SEED) replays one failing case from fast-check's report. */
 const kPath = process.env['ENBD_KEEPER_PATH'];
 const kSeed = process.env['ENBD_KEEPER_SEED'] !== undefined ? Number(process.env['ENBD_KEEPER_SEED']) : process.env['CI'] === 'true' ? kCiSeed : undefined;
-
-interface MetaMirror {
-  fm: FaultMirror;
-  mirror: MirrorDevice;
-  stores: FaultStore[];
-  layout: LegLayout;
-}
-
-/** createArray (--assume-clean) and assembleArray on the stores, then an inline mirror with the metadata. */
-async function openMetaMirror(stores: FaultStore[], heartbeatMs: number, tuning: Partial<Record<'legTimeoutMs', number>> = {}): Promise<MetaMirror> {
-  const created = await Promise.all(stores.map(async (store) => await store.connect(0)));
-  await createArray(stores.map((store, index) => ({ uri: store.name, meta: new LegMeta(created[index] as NonNullable<(typeof created)[number]>) })), {
-    name: 'keeper-test', assumeClean: true, force: false, bitmapChunkBytes: kMetaChunkBytes,
-  });
-  await Promise.all(created.map(async (device) => await device.close()));
-  const devices = await Promise.all(stores.map(async (store) => await store.connect(0)));
-  const assembled = await assembleArray(stores.map((store) => store.name), devices, { forceSource: null, degraded: false });
-  const fm = await openFaultMirror(stores, tuning, { metadata: assembled, heartbeatMs });
-  return { fm, mirror: fm.mirror, stores, layout: assembled.plan.layout };
-}
-
-/** The newest valid superblock on the store's bytes (`durable`: as of its last flush/FUA). */
-function superblockOf(store: FaultStore, durable = false): Superblock | null {
-  const bytes = durable ? store.durable : store.bytes;
-  const offsets = superblockOffsets(store.sizeBytes);
-  const copies = offsets.map((offset, copy) => inspectCopy(copy, offset, bytes.slice(offset, offset + 4096))).filter((copy) => copy.status === 'valid');
-  copies.sort((a, b) => (b.sequence ?? 0) - (a.sequence ?? 0));
-  return copies[0]?.superblock ?? null;
-}
-
-function bitmapOf(store: FaultStore, layout: LegLayout, durable = false): Uint8Array {
-  const bytes = durable ? store.durable : store.bytes;
-  return bytes.slice(layout.bitmapOffsetBytes, layout.bitmapOffsetBytes + layout.bitmapBytes);
-}
-
-function setBits(bitmap: Uint8Array, layout: LegLayout): number[] {
-  const bits: number[] = [];
-  for (let chunk = 0; chunk < layout.chunkCount; chunk += 1) if (bitmapTest(bitmap, chunk)) bits.push(chunk);
-  return bits;
-}
-
-function pattern(seed: number, length: number): Uint8Array {
-  const data = new Uint8Array(length);
-  let x = (seed * 2654435761) >>> 0;
-  for (let index = 0; index < length; index += 1) {
-    x = (Math.imul(x, 1103515245) + 12345) >>> 0;
-    data[index] = x >>> 24;
-  }
-  return data;
-}
-
-function isBitmapPageWrite(command: number, offsetBytes: number, layout: LegLayout): boolean {
-  return command === p.kCmdWrite && offsetBytes >= layout.bitmapOffsetBytes && offsetBytes < layout.bitmapOffsetBytes + layout.bitmapAreaBytes;
-}
 
 test('(a) a first write to a clean chunk goes to no leg before its bit is durable on every leg; a second write costs no bitmap write', async () => {
   const stores = makeStores(2, kLegBytes);
@@ -114,23 +58,23 @@ test('(a) a first write to a clean chunk goes to no leg before its bit is durabl
     let lastBitmap = -1;
     let firstData = Number.POSITIVE_INFINITY;
     for (const [index, store] of stores.entries()) {
-      const pages = store.applied.slice(appliedMark[index]).filter((write) => isBitmapPageWrite(write.command, write.offsetBytes, layout));
+      const pages = store.applied.slice(appliedMark[index]).filter((write) => isBitmapPageWrite(write, layout));
       const dataWrites = store.received.slice(receivedMark[index]).filter((request) => request.command === p.kCmdWrite && request.offsetBytes === offset);
       assert.equal(pages.length, 1, `leg ${index}: one bitmap page write`);
       assert.equal(dataWrites.length, 1, `leg ${index}: one data write`);
-      const pageRequest = store.received.slice(receivedMark[index]).find((request) => isBitmapPageWrite(request.command, request.offsetBytes, layout));
+      const pageRequest = store.received.slice(receivedMark[index]).find((request) => isBitmapPageWrite(request, layout));
       assert.ok(pageRequest !== undefined && (pageRequest.flags & p.kCmdFlagFua) !== 0, `leg ${index}: the bitmap page write is FUA`);
       lastBitmap = Math.max(lastBitmap, (pages[0] as { sequence: number }).sequence);
       firstData = Math.min(firstData, (dataWrites[0] as { sequence: number }).sequence);
       assert.deepEqual(setBits(bitmapOf(store, layout, true), layout), [3], `leg ${index}: chunk 3's bit is durable`);
     }
     assert.ok(lastBitmap < firstData, `every leg applied the bitmap page (last at ${lastBitmap}) before any leg received the data write (first at ${firstData})`);
-    const pagesBefore = stores.map((store) => store.received.filter((request) => isBitmapPageWrite(request.command, request.offsetBytes, layout)).length);
+    const pagesBefore = stores.map((store) => store.received.filter((request) => isBitmapPageWrite(request, layout)).length);
     const status = mirror.metadataStatus();
     assert.ok(status !== null && status.intentWaits === 1 && status.dirtyChunks === 1, `one wait, one dirty chunk: ${JSON.stringify(status)}`);
     assert.equal(await fm.driver.write(offset + 20_000, pattern(2, 30_000)), 0);
     assert.equal(await fm.driver.write(3 * kMetaChunkBytes, pattern(3, 512)), 0);
-    const pagesAfter = stores.map((store) => store.received.filter((request) => isBitmapPageWrite(request.command, request.offsetBytes, layout)).length);
+    const pagesAfter = stores.map((store) => store.received.filter((request) => isBitmapPageWrite(request, layout)).length);
     assert.deepEqual(pagesAfter, pagesBefore, 'writes to a dirty chunk write no bitmap page');
     assert.equal(mirror.metadataStatus()?.intentWaits, 1, 'and do not wait');
   } finally {
@@ -178,7 +122,7 @@ test('(b) bits clear after a quiet heartbeat period once flushed and all legs ar
 
 test('(b2) a FLUSH sent while another FLUSH is still out on a leg still lets the writes it covers count as durable: their bits clear', async () => {
   const stores = makeStores(2, kLegBytes);
-  const { fm, mirror, layout } = await openMetaMirror(stores, 40, { legTimeoutMs: 60_000 });
+  const { fm, mirror, layout } = await openMetaMirror(stores, 40, { tuning: { legTimeoutMs: 60_000 } });
   const store0 = stores[0] as FaultStore;
   try {
     assert.equal(await fm.driver.write(1 * kMetaChunkBytes, pattern(30, 4096)), 0);
@@ -247,7 +191,7 @@ test('(c) a write a leg fails is acknowledged only after the other leg durably r
 test('(c2) a leg that fails again while the table saying it is back is being written is recorded stale before the next write it misses is acknowledged', async () => {
   const stores = makeStores(2, kLegBytes);
   // Long leg timeouts: leg 0's superblock write is held on purpose below.
-  const { fm, mirror, layout } = await openMetaMirror(stores, 60_000, { legTimeoutMs: 60_000 });
+  const { fm, mirror, layout } = await openMetaMirror(stores, 60_000, { tuning: { legTimeoutMs: 60_000 } });
   const [store0, store1] = stores as [FaultStore, FaultStore];
   const superblockAt = new Set(superblockOffsets(store0.sizeBytes));
   const memberOnLeg0 = (): string | undefined => superblockOf(store0, true)?.members[1]?.state;
