@@ -35,7 +35,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as p from '../../../src/nbd/protocol.js';
-import { filled, legStates, makeStores, openFaultMirror, waitFor, waitLegState, within, type FaultStore } from '../../helpers/fault-device.js';
+import { filled, legStates, makeStores, openFaultMirror, waitFor, waitLegState, within, type FaultMirror, type FaultStore } from '../../helpers/fault-device.js';
 
 const kLegBytes = 256 * 1024;
 
@@ -118,6 +118,38 @@ test('(l3) a leg marked and failed mid-FUA-write (read error, no repair) does no
   await readFailsMidWrite(p.kCmdFlagFua, false);
 });
 
+/**
+ * `data` is written at 0 on both legs (unflushed), then a FLUSH that leg 0 completes and store 1
+ * holds, to answer EIO once released. Resolves (the FLUSH still out, wrapped) once both are so.
+ */
+async function flushDoneOnLegZeroHeldOnLegOne(fm: FaultMirror, store0: FaultStore, store1: FaultStore, data: Uint8Array): Promise<{ flush: Promise<number> }> {
+  assert.equal(await fm.driver.write(0, data), 0, 'both legs hold the write (unflushed)');
+  store1.holdIf = (request) => request.command === p.kCmdFlush;
+  store1.eio = 'flushes';
+  store1.eioBudget = 1;
+  const flush = fm.driver.flush();
+  assert.ok(await waitFor(() => store1.heldCount === 1 && Buffer.from(store0.durable.slice(0, 4096)).equals(Buffer.from(data)), 5000), 'leg 0 flushed, leg 1 holds the FLUSH');
+  return { flush };
+}
+
+/**
+ * Leg 1 failed the FLUSH (answered `errno` to the client) and left; its server crashes (what it
+ * did not flush is gone). After `bringBack`, the legs settle in sync: a write before an
+ * acknowledged FLUSH reads back, and every leg holds what the mirror reads.
+ */
+async function crashLegOneAndSettle(fm: FaultMirror, store1: FaultStore, errno: number, data: Uint8Array, bringBack: () => Promise<void> | void): Promise<void> {
+  const { mirror } = fm;
+  await waitLegState(mirror, 1, ['fencing', 'degraded', 'reconnecting', 'probation', 'resyncing', 'in-sync'], 'leg 1 failed the FLUSH', 5000);
+  store1.crash();
+  store1.heal();
+  await bringBack();
+  assert.ok(await waitFor(() => legStates(mirror).every((state) => state === 'in-sync'), 5000), `the legs settle (legs ${legStates(mirror).join(',')})`);
+  const read = await fm.driver.read(0, 4096);
+  assert.equal(read.errno, 0);
+  if (errno === 0) assert.deepEqual(read.data, data, 'a write before an acknowledged FLUSH survives a crash of a leg');
+  for (const store of fm.stores) assert.deepEqual(store.bytes.slice(0, 4096), read.data, `${store.name} holds what the mirror reads`);
+}
+
 test('(l4) a FLUSH is not acknowledged by a leg that left before it completed while the other leg failed it', async () => {
   const stores = makeStores(2, kLegBytes);
   const [store0, store1] = stores as [FaultStore, FaultStore];
@@ -126,28 +158,15 @@ test('(l4) a FLUSH is not acknowledged by a leg that left before it completed wh
   const context = (): string => ` (legs ${legStates(mirror).join(',')})`;
   try {
     const data = filled(4096, 3);
-    assert.equal(await fm.driver.write(0, data), 0, 'both legs hold the write (unflushed)');
-    // The FLUSH: done on leg 0, held on leg 1 (to fail there).
-    store1.holdIf = (request) => request.command === p.kCmdFlush;
-    store1.eio = 'flushes';
-    store1.eioBudget = 1;
-    const flush = fm.driver.flush();
-    assert.ok(await waitFor(() => store1.heldCount === 1 && Buffer.from(store0.durable.slice(0, 4096)).equals(Buffer.from(data)), 5000), 'leg 0 flushed, leg 1 holds the FLUSH');
+    const { flush } = await flushDoneOnLegZeroHeldOnLegOne(fm, store0, store1, data);
     // Leg 0 leaves before the FLUSH completes: its unflushed record marks it where leg 1 holds the range.
     mirror.failLegByHand(0);
     store1.holdIf = null;
     store1.release();
     const errno = await within(flush, 5000, 'flush', context);
-    // Leg 1 failed the FLUSH and left; its server crashes (what it did not flush is gone).
-    await waitLegState(mirror, 1, ['fencing', 'degraded', 'reconnecting', 'probation', 'resyncing', 'in-sync'], 'leg 1 failed the FLUSH', 5000);
-    store1.crash();
-    store1.heal();
-    assert.notEqual(await mirror.reconnectLegNow(0), 'failed');
-    assert.ok(await waitFor(() => legStates(mirror).every((state) => state === 'in-sync'), 5000), `the legs settle${context()}`);
-    const read = await fm.driver.read(0, 4096);
-    assert.equal(read.errno, 0);
-    if (errno === 0) assert.deepEqual(read.data, data, 'a write before an acknowledged FLUSH survives a crash of a leg');
-    for (const store of stores) assert.deepEqual(store.bytes.slice(0, 4096), read.data, `${store.name} holds what the mirror reads`);
+    await crashLegOneAndSettle(fm, store1, errno, data, async () => {
+      assert.notEqual(await mirror.reconnectLegNow(0), 'failed');
+    });
   } finally {
     await fm.close();
   }
@@ -162,14 +181,9 @@ test('(l5) a FLUSH is not acknowledged by a leg a read repair marked before it c
   const context = (): string => ` (legs ${legStates(mirror).join(',')})`;
   try {
     const data = filled(4096, 4);
-    assert.equal(await fm.driver.write(0, data), 0, 'both legs hold the write (unflushed)');
     // Leg 0's repair copy waits until the FLUSH has completed.
     mirror.pauseResync(true);
-    store1.holdIf = (request) => request.command === p.kCmdFlush;
-    store1.eio = 'flushes';
-    store1.eioBudget = 1;
-    const flush = fm.driver.flush();
-    assert.ok(await waitFor(() => store1.heldCount === 1 && Buffer.from(store0.durable.slice(0, 4096)).equals(Buffer.from(data)), 5000), 'leg 0 flushed, leg 1 holds the FLUSH');
+    const { flush } = await flushDoneOnLegZeroHeldOnLegOne(fm, store0, store1, data);
     // A READ fails on leg 0: the range is marked there (leg 1 holds it), leg 0 resyncs it.
     store0.eio = 'reads';
     store0.eioBudget = 1;
@@ -179,15 +193,9 @@ test('(l5) a FLUSH is not acknowledged by a leg a read repair marked before it c
     store1.holdIf = null;
     store1.release();
     const errno = await within(flush, 5000, 'flush', context);
-    await waitLegState(mirror, 1, ['fencing', 'degraded', 'reconnecting', 'probation', 'resyncing', 'in-sync'], 'leg 1 failed the FLUSH', 5000);
-    store1.crash();
-    store1.heal();
-    mirror.pauseResync(false);
-    assert.ok(await waitFor(() => legStates(mirror).every((state) => state === 'in-sync'), 5000), `the legs settle${context()}`);
-    const after = await fm.driver.read(0, 4096);
-    assert.equal(after.errno, 0);
-    if (errno === 0) assert.deepEqual(after.data, data, 'a write before an acknowledged FLUSH survives a crash of a leg');
-    for (const store of stores) assert.deepEqual(store.bytes.slice(0, 4096), after.data, `${store.name} holds what the mirror reads`);
+    await crashLegOneAndSettle(fm, store1, errno, data, () => {
+      mirror.pauseResync(false);
+    });
   } finally {
     await fm.close();
   }

@@ -21,7 +21,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { superblockOffsets } from '../../../src/meta/layout.js';
+import { superblockOffsets, type LegLayout } from '../../../src/meta/layout.js';
 import { bitmapTest } from '../../../src/meta/leg-meta.js';
 import * as p from '../../../src/nbd/protocol.js';
 import { legStates, makeStores, waitFor, type FaultMirror, type FaultStore } from '../../helpers/fault-device.js';
@@ -31,21 +31,31 @@ const kLegBytes = 1024 * 1024;
 /** Long leg timeouts: metadata requests are held on purpose. */
 const kHeld = { legTimeoutMs: 60_000 };
 
+/**
+ * Leg 1 misses a write (pattern `seed`) and leg 0 durably records it stale; resync paused, leg 1
+ * is reconnected and its admission (the whole bitmap written to it) is held on store 1.
+ * Resolves once the admission's first page write is held, with the reconnect still running
+ * (wrapped: an async function would otherwise wait for it).
+ */
+async function returnLegOneHeldAtAdmission(fm: FaultMirror, store0: FaultStore, store1: FaultStore, layout: LegLayout, seed: number): Promise<{ returned: Promise<unknown> }> {
+  const { mirror } = fm;
+  mirror.failLegByHand(1);
+  assert.equal(await fm.driver.write(2 * kMetaChunkBytes, pattern(seed, 4096)), 0);
+  assert.ok(await waitFor(() => superblockOf(store0, true)?.members[1]?.state === 'needs-resync', 5000), 'leg 0 records leg 1 stale');
+  mirror.pauseResync(true);
+  store1.holdIf = (request) => isBitmapPageWrite(request, layout);
+  const returned = mirror.reconnectLegNow(1);
+  assert.ok(await waitFor(() => store1.heldCount === 1, 5000), `leg 1's admission is held: ${legStates(mirror).join(',')}`);
+  return { returned };
+}
+
 test('(r1) a leg admitted while the loop writes a table no admitted leg took gets that table before its next write is acknowledged', async () => {
   const stores = makeStores(2, kLegBytes);
   const [store0, store1] = stores as [FaultStore, FaultStore];
   const { fm, layout } = await openMetaMirror(stores, 60_000, { tuning: kHeld });
   const { mirror } = fm;
   try {
-    // Leg 1 misses a write; leg 0 records it stale.
-    mirror.failLegByHand(1);
-    assert.equal(await fm.driver.write(2 * kMetaChunkBytes, pattern(1, 4096)), 0);
-    assert.ok(await waitFor(() => superblockOf(store0, true)?.members[1]?.state === 'needs-resync', 5000), 'leg 0 records leg 1 stale');
-    mirror.pauseResync(true);
-    // Leg 1 comes back; its admission (the whole bitmap written to it) is held.
-    store1.holdIf = (request) => isBitmapPageWrite(request, layout);
-    const returned = mirror.reconnectLegNow(1);
-    assert.ok(await waitFor(() => store1.heldCount === 1, 5000), `leg 1's admission is held: ${legStates(mirror).join(',')}`);
+    const { returned } = await returnLegOneHeldAtAdmission(fm, store0, store1, layout, 1);
     // Meanwhile leg 0 goes away for good: the table saying so has no admitted leg to go to.
     store0.refuseOpen = true;
     store0.drop();
@@ -190,14 +200,8 @@ test('(r5) a bit set while a returning leg\'s admission is written, with no leg 
   const { fm, layout } = await openMetaMirror(stores, 60_000, { tuning: kHeld });
   const { mirror } = fm;
   try {
-    mirror.failLegByHand(1);
-    assert.equal(await fm.driver.write(2 * kMetaChunkBytes, pattern(8, 4096)), 0);
-    assert.ok(await waitFor(() => superblockOf(store0, true)?.members[1]?.state === 'needs-resync', 5000), 'leg 0 records leg 1 stale');
-    mirror.pauseResync(true);
     // Leg 1's admission (its whole bitmap, chunk 7's bit not set yet) is held.
-    store1.holdIf = (request) => isBitmapPageWrite(request, layout);
-    const returned = mirror.reconnectLegNow(1);
-    assert.ok(await waitFor(() => store1.heldCount === 1, 5000), 'leg 1\'s admission is held');
+    const { returned } = await returnLegOneHeldAtAdmission(fm, store0, store1, layout, 8);
     // A write to clean chunk 7 waits for its bit (behind the admission); then leg 0 goes for good.
     const first = fm.driver.write(7 * kMetaChunkBytes, pattern(9, 4096));
     assert.ok(await waitFor(() => mirror.metadataStatus()?.intentWaits === 2, 5000), 'the write to chunk 7 waits for its bit');

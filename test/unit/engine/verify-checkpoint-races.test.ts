@@ -31,7 +31,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as p from '../../../src/nbd/protocol.js';
 import { kHashWorkerEntry } from '../../../src/cli/actor-entry.js';
-import { filled, legStates, makeStores, openFaultMirror, waitFor, waitLegState, within, type FaultStore } from '../../helpers/fault-device.js';
+import { filled, legStates, makeStores, openFaultMirror, waitFor, waitLegState, within, type FaultMirror, type FaultStore } from '../../helpers/fault-device.js';
 
 /** One verify unit: the whole device (a verify READ is recognisable by its length). */
 const kLegBytes = 256 * 1024;
@@ -39,12 +39,17 @@ const kVerify = { verify: { threads: 1, lanes: 1, workerEntry: kHashWorkerEntry 
 
 const isVerifyRead = (request: { command: number; lengthBytes: number }): boolean => request.command === p.kCmdRead && request.lengthBytes === kLegBytes;
 
-test('(v1) a verify READ failure delivered after the leg failed and came back does not fail it again', async () => {
-  const stores = makeStores(2, kLegBytes);
-  const [store0, store1] = stores as [FaultStore, FaultStore];
+/** A 2-leg (or `count`) inline fault mirror with the verify's hash pool, leg timeouts long (requests are held). */
+async function openVerifyRig(count = 2, legBytes = kLegBytes): Promise<{ fm: FaultMirror; mirror: FaultMirror['mirror']; stores: FaultStore[]; context: () => string }> {
+  const stores = makeStores(count, legBytes);
   const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 }, kVerify);
   const { mirror } = fm;
-  const context = (): string => ` (legs ${legStates(mirror).join(',')})`;
+  return { fm, mirror, stores, context: () => ` (legs ${legStates(mirror).join(',')})` };
+}
+
+test('(v1) a verify READ failure delivered after the leg failed and came back does not fail it again', async () => {
+  const { fm, mirror, stores, context } = await openVerifyRig();
+  const [store0, store1] = stores as [FaultStore, FaultStore];
   try {
     assert.equal(await fm.driver.write(0, filled(4096, 1)), 0);
     store0.holdIf = isVerifyRead;
@@ -69,10 +74,8 @@ test('(v1) a verify READ failure delivered after the leg failed and came back do
 });
 
 test('(v2) a verify repair marks the repaired range in an active checkpoint', async () => {
-  const stores = makeStores(2, kLegBytes);
+  const { fm, mirror, stores } = await openVerifyRig();
   const [store0, store1] = stores as [FaultStore, FaultStore];
-  const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 }, kVerify);
-  const { mirror } = fm;
   try {
     const data = filled(kLegBytes, 2);
     assert.equal(await fm.driver.write(0, data), 0);
@@ -149,10 +152,8 @@ test('(v4) a freeze while a write is in flight on a leg: both the frozen and the
 
 test('(v5) a verify whose unit runs cannot all fit in the ring at once ends (and still compares the legs)', async () => {
   // Three legs of 1 MiB, a ring of 32 x 64 KiB: one 1 MiB run per leg is 48 slots, the ring 32.
-  const stores = makeStores(3, 1024 * 1024);
+  const { fm, mirror, stores } = await openVerifyRig(3, 1024 * 1024);
   const [, , store2] = stores as [FaultStore, FaultStore, FaultStore];
-  const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 }, kVerify);
-  const { mirror } = fm;
   try {
     assert.equal(await fm.driver.write(0, filled(64 * 1024, 6)), 0);
     store2.bytes.fill(0x5a, 512 * 1024, 512 * 1024 + 4096);
@@ -172,11 +173,8 @@ test('(v5) a verify whose unit runs cannot all fit in the ring at once ends (and
 });
 
 test('(v6) a client WRITE and WRITE_ZEROES to a range whose repair WRITE is held wait for it and are not overwritten (passes: the unit lock)', async () => {
-  const stores = makeStores(2, kLegBytes);
+  const { fm, mirror, stores, context } = await openVerifyRig();
   const [store0, store1] = stores as [FaultStore, FaultStore];
-  const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 }, kVerify);
-  const { mirror } = fm;
-  const context = (): string => ` (legs ${legStates(mirror).join(',')})`;
   try {
     assert.equal(await fm.driver.write(0, filled(kLegBytes, 7)), 0);
     store1.bytes.fill(0x33, 4096, 8192);
@@ -211,11 +209,8 @@ test('(v6) a client WRITE and WRITE_ZEROES to a range whose repair WRITE is held
 });
 
 test('(v7) a repair whose target leg failed while the unit was being read ends, and the leg returns holding what the mirror reads (passes)', async () => {
-  const stores = makeStores(2, kLegBytes);
+  const { fm, mirror, stores, context } = await openVerifyRig();
   const [store0, store1] = stores as [FaultStore, FaultStore];
-  const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 }, kVerify);
-  const { mirror } = fm;
-  const context = (): string => ` (legs ${legStates(mirror).join(',')})`;
   try {
     assert.equal(await fm.driver.write(0, filled(kLegBytes, 9)), 0);
     store1.bytes.fill(0x44, 0, 4096);
