@@ -141,6 +141,11 @@ export function encodeSuperblock(superblock: Superblock, copyIndex: number, sequ
   assert(copyIndex >= 0 && copyIndex < kSuperblockCopies && Number.isInteger(copyIndex), 'copy index 0 or 1');
   assert(Number.isSafeInteger(sequence) && sequence >= 1, 'sequence is a positive safe integer');
   checkSuperblock(superblock);
+  // The reader takes only safe non-negative integers: writing anything else would leave a copy it refuses.
+  if (!isCount(superblock.events)) fail(`events ${superblock.events} is not a safe non-negative integer`);
+  for (const member of superblock.members) {
+    if (!isCount(member.events) || !isCount(member.recoveryOffsetBytes)) fail(`member ${member.legUuid} has events or recovery offset that is not a safe non-negative integer`);
+  }
   checkText('array name', superblock.arrayName, kNameBytesMax);
   if (superblock.owner !== null) checkText('owner host', superblock.owner.host, kHostBytesMax);
   const payload = packr.pack(toWire(superblock));

@@ -191,7 +191,9 @@ test('any corruption of one copy on the leg falls back to the other and reports 
 });
 
 test('writes alternate: each goes to the copy not in use, with the next sequence', async () => {
-  const superblock = fc.sample(superblockArbitrary, 1)[0] as Superblock;
+  const sampled = fc.sample(superblockArbitrary, 1)[0] as Superblock;
+  // Room for six more events: the sample may sit at Number.MAX_SAFE_INTEGER, past which encode refuses.
+  const superblock = { ...sampled, events: sampled.events % 1_000_000_000 };
   const { meta } = await freshLeg(superblock);
   await meta.read();
   for (let round = 0; round < 6; round += 1) {
@@ -207,6 +209,12 @@ test('writes alternate: each goes to the copy not in use, with the next sequence
     assert.equal(other?.status, 'valid');
     assert.equal(other?.sequence, written.sequence - 1);
   }
+});
+
+test('encode refuses an events count the reader would refuse (past Number.MAX_SAFE_INTEGER)', () => {
+  const superblock = fc.sample(superblockArbitrary, 1)[0] as Superblock;
+  assert.throws(() => encodeSuperblock({ ...superblock, events: Number.MAX_SAFE_INTEGER + 2 }, 0, 1), (error: unknown) => error instanceof EnbdError && error.code === 'ENBD_ERR_META' && /events/.test(error.message));
+  assert.ok(encodeSuperblock({ ...superblock, events: Number.MAX_SAFE_INTEGER }, 0, 1).length > 0);
 });
 
 test('a write after a torn copy goes to the torn copy, keeping the good one', async () => {
