@@ -24,6 +24,7 @@
 import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { propertyRuns } from '../helpers/runs.js';
 import { connect } from 'node:net';
 import { setImmediate as yieldToLoop, setTimeout as sleep } from 'node:timers/promises';
 import { createNbdServer, type NbdServer } from '../../src/nbd/server/server.js';
@@ -34,7 +35,7 @@ import { MemoryDevice, PooledMemoryDevice } from '../helpers/memory-device.js';
 import { NbdProbe, assembleRead } from '../helpers/nbd-probe.js';
 import { scratch, waitFor, type Scratch } from '../helpers/tools.js';
 
-const kRuns = Number(process.env['ENBD_FUZZ_RUNS'] ?? 3000);
+const kRuns = propertyRuns(3000);
 const kSeed = process.env['ENBD_FUZZ_SEED'] === undefined ? undefined : Number(process.env['ENBD_FUZZ_SEED']);
 const kSizeBytes = 1024 * 1024;
 const kMaxPayloadBytes = 65536;

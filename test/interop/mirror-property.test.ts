@@ -25,6 +25,7 @@ import { after, before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { closeSync, openSync, readSync, truncateSync, writeFileSync } from 'node:fs';
 import fc from 'fast-check';
+import { propertyRuns } from '../helpers/runs.js';
 import { NbdClient } from '../../src/nbd/client/client.js';
 import { kCmdFlagFua } from '../../src/nbd/protocol.js';
 import { scratch, startNbdkit, unixUri, type Child, type Scratch } from '../helpers/tools.js';
@@ -354,7 +355,7 @@ propertySuite('mirror property: workers, shared ring, legs nbdkit + nbdkit + fil
   placement: 'workers',
   copyMode: 'shared',
   trimIdentity: true,
-  runs: 60,
+  runs: propertyRuns(60),
 });
 
 propertySuite('mirror property: inline, per-leg copies, small ring (16 x 4K), legs nbdkit + nbdkit', {
@@ -363,5 +364,5 @@ propertySuite('mirror property: inline, per-leg copies, small ring (16 x 4K), le
   copyMode: 'per-leg',
   ring: { slotCount: 16, slotBytes: 4096 },
   trimIdentity: true,
-  runs: 40,
+  runs: propertyRuns(40),
 });

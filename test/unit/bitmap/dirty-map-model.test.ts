@@ -17,6 +17,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { propertyRuns } from '../../helpers/runs.js';
 import {
   DirtyMap, kEntrySentinel, kHeaderWords, type DirtyRun,
 } from '../../../src/bitmap/dirty-map.js';
@@ -41,7 +42,7 @@ const coverage: Coverage = {
   exhausted: 0, materialised: 0, released: 0, sentinelStayed: 0, exactChecks: 0,
   overReported: 0, checks: 0,
 };
-const kRuns = Number(process.env['ENBD_FUZZ_RUNS'] ?? 3000);
+const kRuns = propertyRuns(3000);
 
 /** The map's dirty set as one byte per chunk, read through isChunkDirty. */
 function mapDirtySet(map: DirtyMap): Uint8Array {

@@ -8,9 +8,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { propertyRuns } from '../../helpers/runs.js';
 import { FrameDecoder, FrameError, encodeFrame, kFrameBodyBytesMax, kFrameHeaderBytes } from '../../../src/control/frame.js';
 
-const kRuns = Number(process.env['ENBD_FUZZ_RUNS'] ?? 300);
+const kRuns = propertyRuns(300);
 
 /** Values msgpack carries unchanged (no -0, no undefined, no '__proto__' keys). */
 const message: fc.Arbitrary<unknown> = fc.letrec((tie) => ({

@@ -9,6 +9,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { propertyRuns } from '../../helpers/runs.js';
 import { CheckpointSet, changedRuns, decodeRuns, kCheckpointsMax } from '../../../src/engine/checkpoints.js';
 import { EnbdError } from '../../../src/core/errors.js';
 import { decodeSuperblock, encodeSuperblock, type Superblock } from '../../../src/meta/superblock.js';
@@ -100,7 +101,7 @@ test('stored maps restore a superset of the original at any budget, exact with r
       if (budgetBytes >= 400 && !unclean) assert.equal(restored.dirtyChunkCount(), original.dirtyChunkCount(), 'exact with room');
       assert.equal(back.list()[0]?.createdMs, 7);
     },
-  ), { numRuns: 300 });
+  ), { numRuns: propertyRuns(300) });
 });
 
 test('damaged runs mark everything; decodeRuns rejects truncated pairs', () => {

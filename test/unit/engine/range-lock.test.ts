@@ -6,6 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { propertyRuns } from '../../helpers/runs.js';
 import { RangeLock } from '../../../src/engine/range-lock.js';
 
 test('non-overlapping ranges are granted at once; overlapping ones queue', () => {
@@ -106,7 +107,7 @@ test('model: no overlapping holders, FIFO among overlapping requests', () => {
         assert.equal(lock.waiting, waiting.length);
       }
     }),
-    { numRuns: 500 },
+    { numRuns: propertyRuns(500) },
   );
 });
 

@@ -5,6 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { propertyRuns } from '../../helpers/runs.js';
 import { RateWindow } from '../../../src/engine/rate-window.js';
 
 test('a steady 10 MB/s reads as 10 MB/s once a second has passed', () => {
@@ -44,5 +45,5 @@ test('property: the rate never exceeds the bytes moved in the window over the sp
       assert.ok(rate >= 0);
       assert.ok(rate <= total * 1000 / 1000 + 1e-6, `rate ${rate} with ${total} bytes in total`);
     }
-  }));
+  }), { numRuns: propertyRuns(100) });
 });

@@ -10,6 +10,7 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { propertyRuns } from '../../helpers/runs.js';
 import { DirtyMap } from '../../../src/bitmap/dirty-map.js';
 import { createLogger } from '../../../src/core/log.js';
 import { RequestRing } from '../../../src/ring/request-ring.js';
@@ -117,7 +118,7 @@ describe('Resync copy window', () => {
           assert.equal(host.done, 1);
         },
       ),
-      { numRuns: 80 },
+      { numRuns: propertyRuns(80) },
     );
   });
 

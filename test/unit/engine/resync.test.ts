@@ -8,6 +8,7 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { propertyRuns } from '../../helpers/runs.js';
 import { DirtyMap } from '../../../src/bitmap/dirty-map.js';
 import { createLogger } from '../../../src/core/log.js';
 import { Resync, type CopyOutcome, type ResyncHost } from '../../../src/engine/resync.js';
@@ -71,7 +72,7 @@ describe('Resync scheduling', () => {
         assert.equal(host.done, 1);
         assert.equal(resync.progress().bytesDone, chunks.length * kChunk);
       }),
-      { numRuns: 60 },
+      { numRuns: propertyRuns(60) },
     );
   });
 

@@ -7,6 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { propertyRuns } from '../../helpers/runs.js';
 import { EnbdError } from '../../../src/core/errors.js';
 import { bitmapPageOfChunk, computeLayout, defaultBitmapChunkBytes, superblockOffsets } from '../../../src/meta/layout.js';
 
@@ -14,7 +15,7 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 const GiB = 1024 * MiB;
 const TiB = 1024 * GiB;
-const kRuns = Number(process.env['ENBD_FUZZ_RUNS'] ?? 500);
+const kRuns = propertyRuns(500);
 
 function isMetaError(error: unknown): boolean {
   return error instanceof EnbdError && error.code === 'ENBD_ERR_META';

@@ -10,6 +10,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { propertyRuns } from '../../helpers/runs.js';
 import { Packr } from 'msgpackr';
 import { EnbdError } from '../../../src/core/errors.js';
 import { crc32c } from '../../../src/meta/crc32c.js';
@@ -27,7 +28,7 @@ import {
 import { kCmdWrite, kEIo } from '../../../src/nbd/protocol.js';
 import { MemoryDevice } from '../../helpers/memory-device.js';
 
-const kRuns = Number(process.env['ENBD_FUZZ_RUNS'] ?? 300);
+const kRuns = propertyRuns(300);
 const kLegBytes = 1024 * 1024;
 const kLayout = computeLayout(kLegBytes, 4096);
 const kStates: MemberState[] = ['in-sync', 'needs-resync', 'needs-full-sync', 'removed'];

@@ -9,6 +9,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { propertyRuns } from '../../helpers/runs.js';
 import { BufferShare, fairShareBytes, mayAcquireShare, type ShareUser } from '../../../src/nbd/server/buffer-share.js';
 
 const kMiB = 1024 * 1024;
@@ -136,6 +137,6 @@ test('model: counters match the users, and a newcomer one unit is never refused 
         assert.equal(share.mayAcquire(user(), kSlotBytes), true, 'a newcomer may ask for one unit');
       }
     }),
-    { numRuns: 300 },
+    { numRuns: propertyRuns(300) },
   );
 });

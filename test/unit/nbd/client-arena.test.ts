@@ -7,6 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { propertyRuns } from '../../helpers/runs.js';
 import { HeaderArena } from '../../../src/nbd/client/client-arena.js';
 import { kRequestHeaderBytes } from '../../../src/nbd/protocol.js';
 
@@ -74,7 +75,7 @@ test('property: runs in flight are never overwritten and order is kept', () => {
         simulate(capacityBytes, operations);
       },
     ),
-    { numRuns: 1000 },
+    { numRuns: propertyRuns(1000) },
   );
 });
 

@@ -7,6 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { propertyRuns } from '../../helpers/runs.js';
 import { ReplyParser, type ReplyEvents } from '../../../src/nbd/client/client-replies.js';
 import { normalizeErrno } from '../../../src/nbd/protocol-names.js';
 import { RequestTable, kRequestSlotsInitial, kRequestSlotsMax } from '../../../src/nbd/client/client-requests.js';
@@ -324,7 +325,7 @@ test('property: any split of a reply stream gives the same results as the whole 
       assert.equal(table.inUseCount, 0);
       assert.ok(parser.isIdle);
     }),
-    { numRuns: 500 },
+    { numRuns: propertyRuns(500) },
   );
 });
 
@@ -402,7 +403,7 @@ test('property: direct receive (directTarget/directReceived, wantBytes lookahead
       assert.equal(table.inUseCount, 0);
       assert.ok(parser.isIdle);
     }),
-    { numRuns: 300 },
+    { numRuns: propertyRuns(300) },
   );
 });
 
@@ -444,7 +445,7 @@ test('property: random bytes never crash the parser (protocol error or nothing)'
       feed(parser, Buffer.from(bytes), cuts);
       assert.ok(recorded.protocolErrors.length <= 1);
     }),
-    { numRuns: 1000 },
+    { numRuns: propertyRuns(1000) },
   );
 });
 

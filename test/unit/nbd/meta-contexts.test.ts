@@ -8,6 +8,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { propertyRuns } from '../../helpers/runs.js';
 import { DirtyMap } from '../../../src/bitmap/dirty-map.js';
 import { kDirtyFlag, mapExtents, matchMetaContexts } from '../../../src/nbd/server/meta-contexts.js';
 
@@ -49,6 +50,6 @@ test('extents follow the map at chunk boundaries, merged, clipped, gap-free (pro
       assert.ok(at <= offset + asked);
       if (extents.length < extentsMax) assert.equal(at, offset + asked, 'the whole range is covered');
     },
-  ), { numRuns: 300 });
+  ), { numRuns: propertyRuns(300) });
   assert.deepEqual(mapExtents(null, 0, 8192, 10), [{ lengthBytes: 8192, flags: kDirtyFlag }], 'a vanished context reads dirty');
 });

@@ -6,6 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { propertyRuns } from '../../helpers/runs.js';
 import { describeNbdAddress, formatNbdUri, parseNbdUri, type NbdAddress } from '../../../src/nbd/uri.js';
 import { EnbdError } from '../../../src/core/errors.js';
 
@@ -118,7 +119,7 @@ test('property: parseNbdUri(formatNbdUri(a)) equals a', () => {
       // fc.record builds null-prototype objects; compare as plain ones.
       assert.deepEqual(parseNbdUri(formatNbdUri(address)), { ...address });
     }),
-    { numRuns: 2000 },
+    { numRuns: propertyRuns(2000) },
   );
 });
 
@@ -133,6 +134,6 @@ test('property: parsing arbitrary text either succeeds or throws ENBD_ERR_URI', 
         assert.equal(error.code, 'ENBD_ERR_URI');
       }
     }),
-    { numRuns: 2000 },
+    { numRuns: propertyRuns(2000) },
   );
 });

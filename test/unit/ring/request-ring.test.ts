@@ -8,6 +8,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { propertyRuns } from '../../helpers/runs.js';
 import { RequestRing } from '../../../src/ring/request-ring.js';
 import {
   kSlotStateAllocated,
@@ -251,6 +252,6 @@ test('allocator matches a simple model (fast-check)', () => {
         }
       },
     ),
-    { numRuns: 300 },
+    { numRuns: propertyRuns(300) },
   );
 });

@@ -11,6 +11,7 @@ import { Worker } from 'node:worker_threads';
 import { once } from 'node:events';
 import { setImmediate as yieldTurn, setTimeout as sleepMs } from 'node:timers/promises';
 import fc from 'fast-check';
+import { propertyRuns } from '../../helpers/runs.js';
 import {
   Doorbell,
   SpscQueue,
@@ -105,7 +106,7 @@ test('random push/pop/drain sequences match an array model (fast-check)', () => 
         checkAgainstModel(producer, SpscQueue.attach(producer.buffer), ops);
       },
     ),
-    { numRuns: 300 },
+    { numRuns: propertyRuns(300) },
   );
 });
 
@@ -123,7 +124,7 @@ test('counters wrap past 2^31 and 2^32 without losing entries (fast-check)', () 
         checkAgainstModel(producer, SpscQueue.attach(created.buffer), ops);
       },
     ),
-    { numRuns: 200 },
+    { numRuns: propertyRuns(200) },
   );
 });
 

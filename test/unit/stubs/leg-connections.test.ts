@@ -10,6 +10,7 @@
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
+import { propertyRuns } from '../../helpers/runs.js';
 import { noFeatures, type BlockDevice, type CompletionHandler, type Extent } from '../../../src/core/block-device.js';
 import { EnbdError } from '../../../src/core/errors.js';
 import * as p from '../../../src/nbd/protocol.js';
@@ -135,7 +136,7 @@ describe('ConnectionGroup', () => {
         for (const [token, errno] of completed) assert.equal(errno, errnos.get(token));
         assert.deepEqual(group.pendingPerConnection(), new Array<number>(count).fill(0));
       },
-    ), { numRuns: 200 });
+    ), { numRuns: propertyRuns(200) });
   });
 });
 
