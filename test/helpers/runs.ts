@@ -1,6 +1,6 @@
 /**
- * Run counts for property tests (fast-check `numRuns`), so a soak can push every property file
- * far past what CI runs without editing it.
+ * Run counts and the seed of property tests (fast-check), so a soak can push every property file
+ * far past what CI runs without editing it, and CI runs the same cases every time.
  * Threads: test process main thread.
  *
  * Design notes
@@ -12,12 +12,27 @@
  * | ENBD_FUZZ_RUNS=n   | exactly n runs everywhere (wins over the scale; the older    |
  * |                    | knob of the fuzz, frame, layout and superblock files)       |
  *
- * The seed is fast-check's own (a new one each run unless the file fixes one); a failure's
- * report names it, so `{ seed, path }` replays it.
+ * Seed (set once, when a property file imports this module, as fast-check's global default;
+ * a file's own `seed` option still wins):
+ *
+ * | knob               | seed                                                        |
+ * |--------------------|-------------------------------------------------------------|
+ * | ENBD_FUZZ_SEED=s   | s everywhere (replays a failure a soak reported)            |
+ * | CI=true (or 1)     | kCiSeed: a green CI says the same cases pass each time, so a |
+ * |                    | rare case a soak has not met cannot fail one landing only   |
+ * | (neither)          | a new seed each run (developers' runs keep exploring)        |
+ *
+ * A failure's report names its seed and path; `ENBD_FUZZ_SEED=<seed>` reruns the same cases.
+ * The mirror model, keeper and assemble files keep their own seed knobs (same kCiSeed rule).
  *
  * Invariant: the result is a positive safe integer (a bad knob throws instead of running 0 or
  * NaN runs, which fast-check would treat as "pass").
  */
+
+import fc from 'fast-check';
+
+/** The seed of every property under CI (the model, keeper and assemble files use it too). */
+export const kCiSeed = 20261201;
 
 function positiveNumber(name: string): number | undefined {
   const text = process.env[name];
@@ -37,3 +52,18 @@ export function propertyRuns(defaultRuns: number): number {
   if (!Number.isSafeInteger(runs)) throw new RangeError(`ENBD_RUNS_SCALE gives ${runs} runs`);
   return runs;
 }
+
+function chosenSeed(): number | undefined {
+  const text = process.env['ENBD_FUZZ_SEED'];
+  if (text !== undefined && text !== '') {
+    const seed = Number(text);
+    if (!Number.isSafeInteger(seed)) throw new RangeError(`ENBD_FUZZ_SEED must be an integer, got '${text}'`);
+    return seed;
+  }
+  const ci = process.env['CI'];
+  return ci === 'true' || ci === '1' ? kCiSeed : undefined;
+}
+
+/** The seed every property of this process starts from, or undefined for a new one each run. */
+export const propertySeed: number | undefined = chosenSeed();
+if (propertySeed !== undefined) fc.configureGlobal({ ...fc.readConfigureGlobal(), seed: propertySeed });
