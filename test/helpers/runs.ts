@@ -23,6 +23,11 @@
  * | (neither)          | a new seed each run (developers' runs keep exploring)        |
  *
  * A failure's report names its seed and path; `ENBD_FUZZ_SEED=<seed>` reruns the same cases.
+ *
+ * Sizes: importing this module also makes an explicit `maxLength` (arrays, strings, commands)
+ * the real bound of what is drawn (fast-check's `defaultSizeToMaxWhenMaxSpecified`). Without it
+ * fast-check 4 draws at most about 10 items whatever maxLength says, and a property written for
+ * 400 steps (a ring that wraps, a pool that runs dry) only ever saw 10.
  * The mirror model, keeper and assemble files keep their own seed knobs (same kCiSeed rule).
  *
  * Invariant: the result is a positive safe integer (a bad knob throws instead of running 0 or
@@ -66,4 +71,10 @@ function chosenSeed(): number | undefined {
 
 /** The seed every property of this process starts from, or undefined for a new one each run. */
 export const propertySeed: number | undefined = chosenSeed();
-if (propertySeed !== undefined) fc.configureGlobal({ ...fc.readConfigureGlobal(), seed: propertySeed });
+fc.configureGlobal({
+  ...fc.readConfigureGlobal(),
+  // An explicit maxLength means what it says: fast-check 4 otherwise sizes arrays and strings
+  // 'small' (at most 2 x minLength + 10 items), so `{ maxLength: 400 }` never drew more than 10.
+  defaultSizeToMaxWhenMaxSpecified: true,
+  ...(propertySeed !== undefined ? { seed: propertySeed } : {}),
+});
