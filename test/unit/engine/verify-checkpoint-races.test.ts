@@ -55,14 +55,14 @@ test('(v1) a verify READ failure delivered after the leg failed and came back do
     store0.holdIf = isVerifyRead;
     store1.holdIf = isVerifyRead;
     mirror.startVerify();
-    assert.ok(await waitFor(() => store0.heldCount === 1 && store1.heldCount === 1, 5000), `the verify READs are held on both legs${context()}`);
+    assert.ok(await waitFor(() => store0.heldCount === 1 && store1.heldCount === 1, 30_000), `the verify READs are held on both legs${context()}`);
     store0.holdIf = null;
     store1.holdIf = null;
     // Leg 0 leaves: its verify READ fails now (the verify waits for leg 1's); it comes back.
     mirror.failLegByHand(0);
     store0.release();
     await mirror.reconnectLegNow(0);
-    await waitLegState(mirror, 0, ['in-sync'], 'leg 0 back', 5000);
+    await waitLegState(mirror, 0, ['in-sync'], 'leg 0 back', 30_000);
     const failures = fm.events.length;
     // Leg 1 answers: the unit's reads are settled; leg 0's old failure is from its old epoch.
     store1.release();
@@ -109,7 +109,7 @@ test('(v3) a checkpoint created while a write waits for its write intent marks t
     store0.holdIf = (request) => request.command === p.kCmdWrite && request.offsetBytes >= dataBytes;
     const data = filled(4096, 3);
     const write = fm.driver.write(64 * 1024, data);
-    assert.ok(await waitFor(() => store0.heldCount > 0, 5000), 'a metadata write is held on leg 0');
+    assert.ok(await waitFor(() => store0.heldCount > 0, 30_000), 'a metadata write is held on leg 0');
     store0.holdIf = null;
     const created = checkpoints.create('c1');
     store0.release();
@@ -132,7 +132,7 @@ test('(v4) a freeze while a write is in flight on a leg: both the frozen and the
     await checkpoints.create('c1');
     store1.holdIf = (request) => request.command === p.kCmdWrite;
     const write = fm.driver.write(8192, filled(4096, 4));
-    assert.ok(await waitFor(() => store1.heldCount === 1, 5000), 'the write is held on leg 1');
+    assert.ok(await waitFor(() => store1.heldCount === 1, 30_000), 'the write is held on leg 1');
     store1.holdIf = null;
     await checkpoints.freeze('c1', 'c2');
     store1.release();
@@ -158,7 +158,7 @@ test('(v5) a verify whose unit runs cannot all fit in the ring at once ends (and
     assert.equal(await fm.driver.write(0, filled(64 * 1024, 6)), 0);
     store2.bytes.fill(0x5a, 512 * 1024, 512 * 1024 + 4096);
     mirror.startVerify({ repair: true });
-    const ended = await waitFor(() => mirror.verifyStatus().current?.running === false, 5000);
+    const ended = await waitFor(() => mirror.verifyStatus().current?.running === false, 30_000);
     if (!ended) {
       const stop = mirror.stopVerify();
       assert.fail(`the verify did not end (stop ${await Promise.race([stop.then(() => 'ended'), new Promise((resolve) => setTimeout(() => resolve('hangs too'), 1000))])}): ${JSON.stringify(mirror.verifyStatus().current)}`);
@@ -181,7 +181,7 @@ test('(v6) a client WRITE and WRITE_ZEROES to a range whose repair WRITE is held
     // The repair WRITE (the whole unit, to leg 1) is held.
     store1.holdIf = (request) => request.command === p.kCmdWrite && request.lengthBytes === kLegBytes;
     mirror.startVerify({ repair: true });
-    assert.ok(await waitFor(() => store1.heldCount === 1, 5000), `the repair WRITE is held${context()}`);
+    assert.ok(await waitFor(() => store1.heldCount === 1, 30_000), `the repair WRITE is held${context()}`);
     store1.holdIf = null;
     let writeDone = false;
     const data = filled(4096, 8);
@@ -218,7 +218,7 @@ test('(v7) a repair whose target leg failed while the unit was being read ends, 
     let reads = 0;
     store0.holdIf = (request) => isVerifyRead(request) && ++reads === 2;
     mirror.startVerify({ repair: true });
-    assert.ok(await waitFor(() => store0.heldCount === 1 && store1.received.filter(isVerifyRead).length === 2, 5000), `the re-check READs are out${context()}`);
+    assert.ok(await waitFor(() => store0.heldCount === 1 && store1.received.filter(isVerifyRead).length === 2, 30_000), `the re-check READs are out${context()}`);
     store0.holdIf = null;
     // Leg 1 leaves with its copy read; the repair then targets a leg that is gone.
     mirror.failLegByHand(1);
@@ -227,7 +227,7 @@ test('(v7) a repair whose target leg failed while the unit was being read ends, 
     const data = filled(4096, 10);
     assert.equal(await within(fm.driver.write(0, data), 5000, 'write', context), 0, 'a client write to the unit is not blocked');
     assert.notEqual(await mirror.reconnectLegNow(1), 'failed');
-    await waitLegState(mirror, 1, ['in-sync'], 'leg 1 back', 5000);
+    await waitLegState(mirror, 1, ['in-sync'], 'leg 1 back', 30_000);
     const expected = filled(kLegBytes, 9);
     expected.set(data, 0);
     const read = await fm.driver.read(0, kLegBytes);
