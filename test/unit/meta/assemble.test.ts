@@ -848,9 +848,10 @@ test('property (safety), legs without generation history (older metadata): the s
 
 // Exact: a start is refused as a split brain only when no given leg holds every write the others
 // hold. The generation history removed most needless refusals (the safety runs count them:
-// "needless", ~4x fewer than without it); what remains is a resync target whose last in-sync
-// generation the metadata does not record (it is judged by the generation it was resyncing in).
-// --force-source resolves those.
-test('property (exact): random histories refuse exactly the split brains', { todo: 'needless refusals remain for resync targets (their last in-sync generation is not recorded); --force-source resolves them' }, () => {
+// "needless", ~9x fewer than without it). What remains involves a given resync target (recorded
+// needs-resync or needs-full-sync) whose generation shows it took writes in a run the trusted leg
+// never saw. The model counts a target's writes as its source's only; the planner still refuses
+// (the target's metadata proves those acknowledged writes exist), and --force-source resolves it.
+test('property (exact): random histories refuse exactly the split brains', { todo: 'refusals remain where a given resync target took writes in a run the trusted leg never saw (the model counts them as its source\'s); --force-source resolves them' }, () => {
   historyProperty(false);
 });
