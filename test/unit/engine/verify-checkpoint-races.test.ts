@@ -22,7 +22,11 @@
  *        unit's range lock until its WRITEs completed);
  *   (v7) the leg a repair targets fails after its copy was read under the lock: the repair ends,
  *        a client write to the unit is not blocked, and the leg returns holding what the mirror
- *        reads (passes).
+ *        reads (passes);
+ *   (v8) with on-leg metadata, a repair WRITE takes write intent like a client write: the
+ *        unit's bits are durable on the legs before the leg gets the bytes (a crash mid-repair
+ *        then resyncs the unit and, after the unclean stop, checkpoints mark it from the bitmap;
+ *        before, the checkpoint's mark lived in memory only until the next superblock write).
  *
  * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts;
  * the verify's hash pool runs one real worker thread).
@@ -32,6 +36,7 @@ import assert from 'node:assert/strict';
 import * as p from '../../../src/nbd/protocol.js';
 import { kHashWorkerEntry } from '../../../src/cli/actor-entry.js';
 import { filled, legStates, makeStores, openFaultMirror, waitFor, waitLegState, within, type FaultMirror, type FaultStore } from '../../helpers/fault-device.js';
+import { bitmapOf, kMetaChunkBytes, openMetaMirror, setBits } from '../../helpers/meta-mirror.js';
 
 /** One verify unit: the whole device (a verify READ is recognisable by its length). */
 const kLegBytes = 256 * 1024;
@@ -234,6 +239,34 @@ test('(v7) a repair whose target leg failed while the unit was being read ends, 
     assert.deepEqual(read.data, expected);
     assert.deepEqual(store0.bytes, expected, 'leg 0 holds it');
     assert.deepEqual(store1.bytes, expected, 'leg 1 holds it');
+  } finally {
+    await fm.close();
+  }
+});
+
+test('(v8) with on-leg metadata a repair WRITE waits for write intent: the unit\'s bits are durable on both legs before the leg gets the bytes', async () => {
+  const stores = makeStores(2, 2 * 1024 * 1024);
+  const [store0, store1] = stores as [FaultStore, FaultStore];
+  const { fm, mirror, layout } = await openMetaMirror(stores, 60_000, { tuning: { legTimeoutMs: 60_000 }, extra: kVerify });
+  const context = (): string => ` (legs ${legStates(mirror).join(',')}; bits ${setBits(bitmapOf(store0, layout), layout).join(',')} / ${setBits(bitmapOf(store1, layout), layout).join(',')})`;
+  try {
+    assert.deepEqual(setBits(bitmapOf(store0, layout, true), layout), [], 'a fresh array: no bits');
+    // Leg 1's bytes change behind the mirror's back in chunk 3; the repair WRITE to leg 1 is held.
+    const bad = 3 * kMetaChunkBytes + 512;
+    store1.bytes.fill(0x6b, bad, bad + 4096);
+    store1.durable.fill(0x6b, bad, bad + 4096);
+    store1.holdIf = (request) => request.command === p.kCmdWrite && request.offsetBytes < layout.dataSizeBytes;
+    mirror.startVerify({ repair: true });
+    assert.ok(await waitFor(() => store1.heldCount === 1, 30_000), `the repair WRITE reached leg 1${context()}`);
+    const chunk = Math.floor(bad / kMetaChunkBytes);
+    for (const [index, store] of stores.entries()) {
+      assert.ok(setBits(bitmapOf(store, layout, true), layout).includes(chunk), `chunk ${chunk}'s bit is durable on leg ${index} while the repair WRITE is out${context()}`);
+    }
+    store1.holdIf = null;
+    store1.release();
+    await within(mirror.verifyDone(), 30_000, 'verify', context);
+    assert.equal(mirror.verifyStatus().current?.repairedChunks, 1);
+    assert.deepEqual(store1.bytes.subarray(0, layout.dataSizeBytes), store0.bytes.subarray(0, layout.dataSizeBytes), 'the legs agree after the repair');
   } finally {
     await fm.close();
   }
