@@ -47,7 +47,7 @@ test('(l1) an operator reconnect whose fence is not proven leaves the leg retryi
   const { mirror } = fm;
   try {
     store1.hang = true;
-    assert.equal(await within(fm.driver.write(0, filled(4096, 1)), 5000, 'write'), 0, 'leg 0 holds the write');
+    assert.equal(await within(fm.driver.write(0, filled(4096, 1)), 30_000, 'write'), 0, 'leg 0 holds the write');
     assert.ok(await waitFor(() => mirror.legStatus()[1]?.failureReason?.startsWith('cannot fence') === true, 30_000), `leg 1's first fence is not proven: ${legStates(mirror).join(',')}`);
     // The lifecycle waits for its retry timer now; the operator's attempt fails too.
     assert.equal(await mirror.reconnectLegNow(1), 'fencing', 'the old connection still holds a request');
@@ -92,12 +92,12 @@ async function readFailsMidWrite(flags: number, readRepair: boolean): Promise<vo
     assert.ok(await waitFor(() => store1.heldCount === 1 && store0.applied.length === 2, 30_000), 'the WRITE reached both legs');
     // The READ fails on leg 0 while the WRITE is in flight; it is retried on leg 1 (old data).
     store0.release();
-    const readAnswer = await within(read, 5000, 'read', context);
+    const readAnswer = await within(read, 30_000, 'read', context);
     assert.equal(readAnswer.errno, 0, 'leg 1 serves the read');
     // Then the WRITE fails on leg 1.
     store1.holdIf = null;
     store1.release();
-    const errno = await within(write, 5000, 'write', context);
+    const errno = await within(write, 30_000, 'write', context);
     // Once the legs settle (leg 1 returns), the range is readable and every leg agrees.
     assert.ok(await waitFor(() => mirror.readableLegs(0, 4096).length > 0 && legStates(mirror).every((state) => state === 'in-sync'), 30_000), `the legs settle and chunk 0 is readable${context()}`);
     const after = await fm.driver.read(0, 4096);
@@ -163,7 +163,7 @@ test('(l4) a FLUSH is not acknowledged by a leg that left before it completed wh
     mirror.failLegByHand(0);
     store1.holdIf = null;
     store1.release();
-    const errno = await within(flush, 5000, 'flush', context);
+    const errno = await within(flush, 30_000, 'flush', context);
     await crashLegOneAndSettle(fm, store1, errno, data, async () => {
       assert.notEqual(await mirror.reconnectLegNow(0), 'failed');
     });
@@ -187,12 +187,12 @@ test('(l5) a FLUSH is not acknowledged by a leg a read repair marked before it c
     // A READ fails on leg 0: the range is marked there (leg 1 holds it), leg 0 resyncs it.
     store0.eio = 'reads';
     store0.eioBudget = 1;
-    const read = await within(fm.driver.read(0, 4096), 5000, 'read', context);
+    const read = await within(fm.driver.read(0, 4096), 30_000, 'read', context);
     assert.equal(read.errno, 0, 'leg 1 serves the read');
     assert.equal(legStates(mirror)[0], 'resyncing', 'leg 0 is being repaired');
     store1.holdIf = null;
     store1.release();
-    const errno = await within(flush, 5000, 'flush', context);
+    const errno = await within(flush, 30_000, 'flush', context);
     await crashLegOneAndSettle(fm, store1, errno, data, () => {
       mirror.pauseResync(false);
     });
@@ -229,13 +229,13 @@ test('(l6) an admission that ends after the leg failed and came back does not ad
     // The keeper goes on: the old admission runs and ends.
     store0.holdIf = null;
     store0.release();
-    assert.equal(await within(write, 5000, 'write', context), 0);
+    assert.equal(await within(write, 30_000, 'write', context), 0);
     await new Promise((resolve) => setTimeout(resolve, 200));
     assert.equal(store1.heldCount, 1, 'the new probe is still unanswered');
     assert.equal(legStates(mirror)[1], 'probation', 'so leg 1 is still on probation');
     store1.holdIf = null;
     store1.release();
-    await within(Promise.all([firstReturn, secondReturn]), 5000, 'both reconnects', context);
+    await within(Promise.all([firstReturn, secondReturn]), 30_000, 'both reconnects', context);
     await waitLegState(mirror, 1, ['in-sync'], 'leg 1 after its probe', 30_000);
   } finally {
     await fm.close();
@@ -269,7 +269,7 @@ test('(l7) a resync copy that lands after its target failed and returned clears 
     assert.equal(acked, false, 'the client write waits for the copy (range lock)');
     store0.holdIf = null;
     store0.release();
-    assert.equal(await within(write, 5000, 'write', context), 0);
+    assert.equal(await within(write, 30_000, 'write', context), 0);
     await waitLegState(mirror, 1, ['in-sync'], 'leg 1 after its resync', 30_000);
     const read = await fm.driver.read(0, 4096);
     assert.equal(read.errno, 0);
@@ -299,7 +299,7 @@ test('(l8) a leg that left and returned while a write it answered was in flight 
     assert.equal(await mirror.reconnectLegNow(0), 'in-sync', 'leg 0 missed nothing it knows of');
     store1.holdIf = null;
     store1.release();
-    assert.equal(await within(write, 5000, 'write', context), 0, 'leg 1 holds the write');
+    assert.equal(await within(write, 30_000, 'write', context), 0, 'leg 1 holds the write');
     // Every leg the mirror reads chunk 0 from holds the write; once quiet, both legs do.
     for (const index of mirror.readableLegs(0, 4096)) assert.deepEqual(stores[index]?.bytes.slice(0, 4096), data, `readable leg ${index} holds the write${context()}`);
     assert.ok(await waitFor(() => legStates(mirror).every((state) => state === 'in-sync') && (mirror.dirtyMap(0)?.dirtyChunkCount() ?? 0) === 0, 30_000), `the legs settle with no marks${context()}`);

@@ -71,7 +71,7 @@ test('(v1) a verify READ failure delivered after the leg failed and came back do
     const failures = fm.events.length;
     // Leg 1 answers: the unit's reads are settled; leg 0's old failure is from its old epoch.
     store1.release();
-    await within(mirror.verifyDone(), 5000, 'verify', context);
+    await within(mirror.verifyDone(), 30_000, 'verify', context);
     assert.equal(legStates(mirror)[0], 'in-sync', `leg 0 stays in sync${context()} (events since: ${JSON.stringify(fm.events.slice(failures))})`);
   } finally {
     await fm.close();
@@ -91,7 +91,7 @@ test('(v2) a verify repair marks the repaired range in an active checkpoint', as
     const bad = 128 * 1024;
     store1.bytes.fill(0xee, bad, bad + 4096);
     mirror.startVerify({ repair: true });
-    await within(mirror.verifyDone(), 5000, 'verify');
+    await within(mirror.verifyDone(), 30_000, 'verify');
     const progress = mirror.verifyStatus().current;
     assert.equal(progress?.repairedChunks, 1, 'the piece was repaired');
     assert.deepEqual(store1.bytes, store0.bytes, 'the legs agree after the repair');
@@ -118,8 +118,8 @@ test('(v3) a checkpoint created while a write waits for its write intent marks t
     store0.holdIf = null;
     const created = checkpoints.create('c1');
     store0.release();
-    assert.equal(await within(write, 5000, 'write'), 0);
-    await within(created, 5000, 'checkpoint create');
+    assert.equal(await within(write, 30_000, 'write'), 0);
+    await within(created, 30_000, 'checkpoint create');
     const runs = checkpoints.runs('c1', 0, dataBytes, 16);
     assert.ok(runs.some((run) => run.offsetBytes <= 64 * 1024 && run.offsetBytes + run.lengthBytes >= 68 * 1024), `c1 marks the parked write (runs ${JSON.stringify(runs)})`);
   } finally {
@@ -141,7 +141,7 @@ test('(v4) a freeze while a write is in flight on a leg: both the frozen and the
     store1.holdIf = null;
     await checkpoints.freeze('c1', 'c2');
     store1.release();
-    assert.equal(await within(write, 5000, 'write'), 0);
+    assert.equal(await within(write, 30_000, 'write'), 0);
     for (const name of ['c1', 'c2']) {
       const runs = checkpoints.runs(name, 0, kLegBytes, 16);
       assert.ok(runs.some((run) => run.offsetBytes <= 8192 && run.offsetBytes + run.lengthBytes >= 12288), `${name} marks the write in flight (runs ${JSON.stringify(runs)})`);
@@ -197,9 +197,9 @@ test('(v6) a client WRITE and WRITE_ZEROES to a range whose repair WRITE is held
     const zero = fm.driver.zero(16384, 4096);
     assert.ok(!(await waitFor(() => writeDone, 200)), 'the client write waits for the repair');
     store1.release();
-    assert.equal(await within(write, 5000, 'write', context), 0);
-    assert.equal(await within(zero, 5000, 'zero', context), 0);
-    await within(mirror.verifyDone(), 5000, 'verify', context);
+    assert.equal(await within(write, 30_000, 'write', context), 0);
+    assert.equal(await within(zero, 30_000, 'zero', context), 0);
+    await within(mirror.verifyDone(), 30_000, 'verify', context);
     const read = await fm.driver.read(0, kLegBytes);
     assert.equal(read.errno, 0);
     const expected = filled(kLegBytes, 7);
@@ -228,9 +228,9 @@ test('(v7) a repair whose target leg failed while the unit was being read ends, 
     // Leg 1 leaves with its copy read; the repair then targets a leg that is gone.
     mirror.failLegByHand(1);
     store0.release();
-    await within(mirror.verifyDone(), 5000, 'verify', context);
+    await within(mirror.verifyDone(), 30_000, 'verify', context);
     const data = filled(4096, 10);
-    assert.equal(await within(fm.driver.write(0, data), 5000, 'write', context), 0, 'a client write to the unit is not blocked');
+    assert.equal(await within(fm.driver.write(0, data), 30_000, 'write', context), 0, 'a client write to the unit is not blocked');
     assert.notEqual(await mirror.reconnectLegNow(1), 'failed');
     await waitLegState(mirror, 1, ['in-sync'], 'leg 1 back', 30_000);
     const expected = filled(kLegBytes, 9);
