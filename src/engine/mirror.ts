@@ -525,6 +525,15 @@ export class MirrorDevice implements BlockDevice {
         // every active checkpoint counts it as changed, before the leg gets the bytes.
         this.checkpointSet?.mark(this.ring.offsetBytes(slot), this.ring.lengthBytes(slot));
         this.ring.rephase(slot, p.kCmdWrite, this.features.fua ? p.kCmdFlagFua : 0, mask);
+        // Write intent, as for a client write (v8): the unit's bits are durable on the legs
+        // before the leg gets the bytes, so a crash mid-repair resyncs the unit, and after that
+        // unclean stop the checkpoints mark it from the bitmap (their in-memory mark is lost).
+        // The keeper resumes the slot through dispatch (phase 4 goes straight to the legs).
+        const keeper = this.keeper;
+        if (keeper !== null && !keeper.covers(this.ring.offsetBytes(slot), this.ring.lengthBytes(slot))) {
+          keeper.park(slot, this.ring.offsetBytes(slot), this.ring.lengthBytes(slot));
+          return;
+        }
         this.dispatch(slot);
       },
       finish: (slot, locked) => {
