@@ -126,6 +126,8 @@ export class FaultStore {
   holdIf: ((request: { command: number; offsetBytes: number; lengthBytes: number }) => boolean) | null = null;
   slowMs = 0;
   refuseOpen = false;
+  /** Connections opened from now on advertise no FUA (the mirror then sends none). */
+  noFua = false;
   strict = false;
   readonly connections = new Set<FaultLeg>();
   private readonly pending = new Set<ServerRequest>();
@@ -321,7 +323,7 @@ type ConnectionState = 'open' | 'failed' | 'closed';
 
 export class FaultLeg implements BlockDevice {
   readonly sizeBytes: number;
-  readonly features: DeviceFeatures = {
+  features: DeviceFeatures = {
     readOnly: false, flush: true, fua: true, trim: true, writeZeroes: true, fastZero: false,
     cache: true, multiConn: true, rotational: false, blockStatus: true,
   };
@@ -341,6 +343,7 @@ export class FaultLeg implements BlockDevice {
   constructor(readonly store: FaultStore, readonly id: number, readonly requestTimeoutMs: number) {
     this.sizeBytes = store.sizeBytes;
     this.description = `fault leg ${store.name} #${id}`;
+    if (store.noFua) this.features = { ...this.features, fua: false };
     if (requestTimeoutMs > 0) {
       const periodMs = Math.max(1, Math.floor(requestTimeoutMs / 4));
       this.timeoutTimer = setInterval(() => this.checkTimeouts(), periodMs);

@@ -26,7 +26,10 @@
  *   (v8) with on-leg metadata, a repair WRITE takes write intent like a client write: the
  *        unit's bits are durable on the legs before the leg gets the bytes (a crash mid-repair
  *        then resyncs the unit and, after the unclean stop, checkpoints mark it from the bitmap;
- *        before, the checkpoint's mark lived in memory only until the next superblock write).
+ *        before, the checkpoint's mark lived in memory only until the next superblock write);
+ *   (v9) legs without FUA: a repair WRITE is recorded unflushed on the leg it rewrites, so a
+ *        leg that loses its volatile writes (crash before any FLUSH) resyncs the unit when it
+ *        returns (before, it returned holding the bad bytes again, readable as in sync).
  *
  * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts;
  * the verify's hash pool runs one real worker thread).
@@ -267,6 +270,39 @@ test('(v8) with on-leg metadata a repair WRITE waits for write intent: the unit\
     await within(mirror.verifyDone(), 30_000, 'verify', context);
     assert.equal(mirror.verifyStatus().current?.repairedChunks, 1);
     assert.deepEqual(store1.bytes.subarray(0, layout.dataSizeBytes), store0.bytes.subarray(0, layout.dataSizeBytes), 'the legs agree after the repair');
+  } finally {
+    await fm.close();
+  }
+});
+
+test('(v9) legs without FUA: a repair WRITE counts as unflushed, so a leg that loses it in a crash resyncs the unit when it returns', async () => {
+  const stores = makeStores(2, kLegBytes);
+  const [store0, store1] = stores as [FaultStore, FaultStore];
+  for (const store of stores) store.noFua = true;
+  const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 }, kVerify);
+  const { mirror } = fm;
+  const context = (): string => ` (legs ${legStates(mirror).join(',')})`;
+  try {
+    assert.equal(await fm.driver.write(0, filled(kLegBytes, 9)), 0);
+    assert.equal(await fm.driver.flush(), 0);
+    // A bad spot on leg 1, durable (what it reads after any restart).
+    const bad = 96 * 1024;
+    store1.bytes.fill(0x5c, bad, bad + 4096);
+    store1.durable.fill(0x5c, bad, bad + 4096);
+    mirror.startVerify({ repair: true });
+    await within(mirror.verifyDone(), 30_000, 'verify', context);
+    assert.equal(mirror.verifyStatus().current?.repairedChunks, 1, 'the piece was repaired');
+    assert.deepEqual(store1.bytes, store0.bytes, 'repaired in leg 1\'s volatile bytes');
+    // Leg 1 crashes before any FLUSH: the repair is lost there, the bad bytes are back.
+    store1.crash();
+    await waitLegState(mirror, 1, ['degraded', 'fencing', 'reconnecting', 'probation', 'resyncing', 'failed'], 'leg 1 leaves', 30_000);
+    await waitLegState(mirror, 1, ['in-sync'], 'leg 1 returns', 30_000);
+    assert.deepEqual(Buffer.from(store1.bytes.subarray(bad, bad + 4096)), Buffer.from(store0.bytes.subarray(bad, bad + 4096)), `leg 1 was resynced where the lost repair was${context()}`);
+    for (let round = 0; round < 8; round += 1) {
+      const read = await fm.driver.read(bad, 4096);
+      assert.equal(read.errno, 0);
+      assert.deepEqual(Buffer.from(read.data ?? new Uint8Array(0)), Buffer.from(filled(kLegBytes, 9).subarray(bad, bad + 4096)), `read ${round} answers the written bytes`);
+    }
   } finally {
     await fm.close();
   }
