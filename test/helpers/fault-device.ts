@@ -128,6 +128,8 @@ export class FaultStore {
   refuseOpen = false;
   /** Connections opened from now on advertise no FUA (the mirror then sends none). */
   noFua = false;
+  /** While set, connect() waits for it before opening (a reconnect held mid-way). */
+  openGate: Promise<void> | null = null;
   strict = false;
   readonly connections = new Set<FaultLeg>();
   private readonly pending = new Set<ServerRequest>();
@@ -142,6 +144,7 @@ export class FaultStore {
   /** Opens a new connection (what the opener does), or throws when refuseOpen is set. */
   async connect(requestTimeoutMs: number): Promise<FaultLeg> {
     await new Promise((resolve) => setImmediate(resolve));
+    if (this.openGate !== null) await this.openGate;
     if (this.refuseOpen) {
       this.refusedOpens += 1;
       throw new EnbdError('ENBD_ERR_CONNECT', `fault store ${this.name} refused the connection`);
