@@ -1211,6 +1211,8 @@ export class MirrorDevice implements BlockDevice {
       } else if (phase === 0 && isDataChanging(ring.command(slot))) {
         // Checkpoints are marked before any leg gets the data (so before the ack).
         this.checkpointSet?.mark(ring.offsetBytes(slot), ring.lengthBytes(slot));
+        // A verify's zero-skip answer for the range's window is out of date from now on.
+        this.verifier.noteWrite(ring.offsetBytes(slot), ring.lengthBytes(slot));
         // Write intent: the chunks' bits are durable on the legs before any leg gets the data.
         const keeper = this.keeper;
         if (keeper !== null && !keeper.covers(ring.offsetBytes(slot), ring.lengthBytes(slot))) {

@@ -130,6 +130,8 @@ export class FaultStore {
   noFua = false;
   /** While set, connect() waits for it before opening (a reconnect held mid-way). */
   openGate: Promise<void> | null = null;
+  /** getExtents reports 64 KiB blocks of zero bytes as hole+zero (else everything is data). */
+  reportZeros = false;
   strict = false;
   readonly connections = new Set<FaultLeg>();
   private readonly pending = new Set<ServerRequest>();
@@ -455,7 +457,18 @@ export class FaultLeg implements BlockDevice {
     await new Promise((resolve) => setImmediate(resolve));
     if (this.state !== 'open' || this.fenced) throw new EnbdError('ENBD_ERR_IO', `${this.description} is not connected`, p.kEIo);
     const end = Math.min(this.sizeBytes, offsetBytes + Math.max(1, lengthBytes));
-    return [{ lengthBytes: end - offsetBytes, flags: 0 }];
+    if (!this.store.reportZeros) return [{ lengthBytes: end - offsetBytes, flags: 0 }];
+    const extents: Extent[] = [];
+    const block = 64 * 1024;
+    for (let at = offsetBytes; at < end;) {
+      const stop = Math.min(end, (Math.floor(at / block) + 1) * block);
+      const flags = this.store.bytes.subarray(at, stop).every((byte) => byte === 0) ? p.kStateHole | p.kStateZero : 0;
+      const last = extents[extents.length - 1];
+      if (last !== undefined && last.flags === flags) last.lengthBytes += stop - at;
+      else extents.push({ lengthBytes: stop - at, flags });
+      at = stop;
+    }
+    return extents;
   }
 
   /**

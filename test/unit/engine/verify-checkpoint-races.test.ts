@@ -29,7 +29,10 @@
  *        before, the checkpoint's mark lived in memory only until the next superblock write);
  *   (v9) legs without FUA: a repair WRITE is recorded unflushed on the leg it rewrites, so a
  *        leg that loses its volatile writes (crash before any FLUSH) resyncs the unit when it
- *        returns (before, it returned holding the bad bytes again, readable as in sync).
+ *        returns (before, it returned holding the bad bytes again, readable as in sync);
+ *   (v10) a client write into a 64 MiB window whose zero-skip answer the verify already holds:
+ *        the written unit is verified, not skipped as zeros (the answer was reused for the
+ *        whole window).
  *
  * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts;
  * the verify's hash pool runs one real worker thread).
@@ -303,6 +306,40 @@ test('(v9) legs without FUA: a repair WRITE counts as unflushed, so a leg that l
       assert.equal(read.errno, 0);
       assert.deepEqual(Buffer.from(read.data ?? new Uint8Array(0)), Buffer.from(filled(kLegBytes, 9).subarray(bad, bad + 4096)), `read ${round} answers the written bytes`);
     }
+  } finally {
+    await fm.close();
+  }
+});
+
+test('(v10) a client write after the verify asked which units read zero: the written unit is compared, not skipped', async () => {
+  const kMiB = 1024 * 1024;
+  const stores = makeStores(2, 4 * kMiB);
+  const [store0, store1] = stores as [FaultStore, FaultStore];
+  for (const store of stores) store.reportZeros = true;
+  // A ring with room for a client write beside the verify's two 1 MiB runs.
+  const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 }, { ...kVerify, ring: { slotCount: 128, slotBytes: 64 * 1024 } });
+  const { mirror } = fm;
+  const context = (): string => ` (legs ${legStates(mirror).join(',')}; ${JSON.stringify(mirror.verifyStatus().current)})`;
+  try {
+    // Unit 0 holds data (it is read); units 1-3 read zero on both legs.
+    assert.equal(await fm.driver.write(0, filled(64 * 1024, 10)), 0);
+    const isUnit0Read = (request: { command: number; offsetBytes: number; lengthBytes: number }): boolean => request.command === p.kCmdRead && request.offsetBytes === 0 && request.lengthBytes === kMiB;
+    store0.holdIf = isUnit0Read;
+    store1.holdIf = isUnit0Read;
+    mirror.startVerify();
+    assert.ok(await waitFor(() => store0.heldCount + store1.heldCount >= 1, 30_000), `the verify reads unit 0${context()}`);
+    // The window's answer (units 1-3 zero) is known now. A client write lands in unit 2; then
+    // leg 1's copy of it goes bad behind the mirror's back.
+    assert.equal(await within(fm.driver.write(2 * kMiB, filled(64 * 1024, 11)), 30_000, 'client write', context), 0);
+    store1.bytes.fill(0x77, 2 * kMiB + 4096, 2 * kMiB + 8192);
+    store0.holdIf = null;
+    store1.holdIf = null;
+    store0.release();
+    store1.release();
+    await within(mirror.verifyDone(), 30_000, 'verify', context);
+    const progress = mirror.verifyStatus().current;
+    assert.equal(progress?.mismatchChunks, 1, `the written unit was compared and differs${context()}`);
+    assert.equal(progress?.bytesSkipped, 2 * kMiB, `units 1 and 3 were skipped as zeros${context()}`);
   } finally {
     await fm.close();
   }
