@@ -28,7 +28,10 @@
  *   (l8) a write answered by a leg that then leaves, crashes (losing it) and returns in sync
  *        before the write completes on the other leg: the leg is not read for that range
  *        until it holds the write again (passes: the completion marks it and fails it again, as
- *        a leg that left since dispatch, and it resyncs the range).
+ *        a leg that left since dispatch, and it resyncs the range);
+ *   (l9) the operator fails a leg whose reconnect is connecting: the connection that opens
+ *        afterwards is closed (it stayed open until the next fence), and the operator's
+ *        reconnect still brings the leg back.
  *
  * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts).
  */
@@ -305,6 +308,36 @@ test('(l8) a leg that left and returned while a write it answered was in flight 
     assert.ok(await waitFor(() => legStates(mirror).every((state) => state === 'in-sync') && (mirror.dirtyMap(0)?.dirtyChunkCount() ?? 0) === 0, 30_000), `the legs settle with no marks${context()}`);
     for (const store of stores) assert.deepEqual(store.bytes.slice(0, 4096), data, `${store.name} holds the write`);
   } finally {
+    await fm.close();
+  }
+});
+
+test('(l9) an operator fail while the leg is reconnecting: the connection that opens afterwards is closed, not kept', async () => {
+  const stores = makeStores(2, kLegBytes);
+  const store1 = stores[1] as FaultStore;
+  const fm = await openFaultMirror(stores, {});
+  const { mirror } = fm;
+  const open = (): number => [...store1.connections].filter((connection) => connection.state === 'open').length;
+  let letOpen: () => void = () => undefined;
+  try {
+    assert.equal(open(), 1);
+    store1.openGate = new Promise<void>((resolve) => {
+      letOpen = resolve;
+    });
+    store1.drop();
+    await waitLegState(mirror, 1, ['reconnecting'], 'leg 1 reconnects (its connect held)', 30_000);
+    mirror.failLegByHand(1);
+    assert.equal(legStates(mirror)[1], 'failed');
+    letOpen();
+    store1.openGate = null;
+    assert.ok(await waitFor(() => store1.opens >= 2 && open() === 0, 10_000), `the late connection is closed (open: ${open()}, opened ${store1.opens})`);
+    assert.equal(legStates(mirror)[1], 'failed', 'the leg stays failed');
+    // The operator's reconnect still brings it back.
+    await mirror.reconnectLegNow(1);
+    await waitLegState(mirror, 1, ['in-sync'], 'leg 1 after the operator reconnect', 30_000);
+    assert.equal(open(), 1, 'one connection again');
+  } finally {
+    letOpen();
     await fm.close();
   }
 });

@@ -26,7 +26,13 @@
  *   (v8) with on-leg metadata, a repair WRITE takes write intent like a client write: the
  *        unit's bits are durable on the legs before the leg gets the bytes (a crash mid-repair
  *        then resyncs the unit and, after the unclean stop, checkpoints mark it from the bitmap;
- *        before, the checkpoint's mark lived in memory only until the next superblock write).
+ *        before, the checkpoint's mark lived in memory only until the next superblock write);
+ *   (v9) legs without FUA: a repair WRITE is recorded unflushed on the leg it rewrites, so a
+ *        leg that loses its volatile writes (crash before any FLUSH) resyncs the unit when it
+ *        returns (before, it returned holding the bad bytes again, readable as in sync);
+ *   (v10) a client write into a 64 MiB window whose zero-skip answer the verify already holds:
+ *        the written unit is verified, not skipped as zeros (the answer was reused for the
+ *        whole window).
  *
  * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts;
  * the verify's hash pool runs one real worker thread).
@@ -267,6 +273,73 @@ test('(v8) with on-leg metadata a repair WRITE waits for write intent: the unit\
     await within(mirror.verifyDone(), 30_000, 'verify', context);
     assert.equal(mirror.verifyStatus().current?.repairedChunks, 1);
     assert.deepEqual(store1.bytes.subarray(0, layout.dataSizeBytes), store0.bytes.subarray(0, layout.dataSizeBytes), 'the legs agree after the repair');
+  } finally {
+    await fm.close();
+  }
+});
+
+test('(v9) legs without FUA: a repair WRITE counts as unflushed, so a leg that loses it in a crash resyncs the unit when it returns', async () => {
+  const stores = makeStores(2, kLegBytes);
+  const [store0, store1] = stores as [FaultStore, FaultStore];
+  for (const store of stores) store.noFua = true;
+  const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 }, kVerify);
+  const { mirror } = fm;
+  const context = (): string => ` (legs ${legStates(mirror).join(',')})`;
+  try {
+    assert.equal(await fm.driver.write(0, filled(kLegBytes, 9)), 0);
+    assert.equal(await fm.driver.flush(), 0);
+    // A bad spot on leg 1, durable (what it reads after any restart).
+    const bad = 96 * 1024;
+    store1.bytes.fill(0x5c, bad, bad + 4096);
+    store1.durable.fill(0x5c, bad, bad + 4096);
+    mirror.startVerify({ repair: true });
+    await within(mirror.verifyDone(), 30_000, 'verify', context);
+    assert.equal(mirror.verifyStatus().current?.repairedChunks, 1, 'the piece was repaired');
+    assert.deepEqual(store1.bytes, store0.bytes, 'repaired in leg 1\'s volatile bytes');
+    // Leg 1 crashes before any FLUSH: the repair is lost there, the bad bytes are back.
+    store1.crash();
+    await waitLegState(mirror, 1, ['degraded', 'fencing', 'reconnecting', 'probation', 'resyncing', 'failed'], 'leg 1 leaves', 30_000);
+    await waitLegState(mirror, 1, ['in-sync'], 'leg 1 returns', 30_000);
+    assert.deepEqual(Buffer.from(store1.bytes.subarray(bad, bad + 4096)), Buffer.from(store0.bytes.subarray(bad, bad + 4096)), `leg 1 was resynced where the lost repair was${context()}`);
+    for (let round = 0; round < 8; round += 1) {
+      const read = await fm.driver.read(bad, 4096);
+      assert.equal(read.errno, 0);
+      assert.deepEqual(Buffer.from(read.data ?? new Uint8Array(0)), Buffer.from(filled(kLegBytes, 9).subarray(bad, bad + 4096)), `read ${round} answers the written bytes`);
+    }
+  } finally {
+    await fm.close();
+  }
+});
+
+test('(v10) a client write after the verify asked which units read zero: the written unit is compared, not skipped', async () => {
+  const kMiB = 1024 * 1024;
+  const stores = makeStores(2, 4 * kMiB);
+  const [store0, store1] = stores as [FaultStore, FaultStore];
+  for (const store of stores) store.reportZeros = true;
+  // A ring with room for a client write beside the verify's two 1 MiB runs.
+  const fm = await openFaultMirror(stores, { legTimeoutMs: 60_000 }, { ...kVerify, ring: { slotCount: 128, slotBytes: 64 * 1024 } });
+  const { mirror } = fm;
+  const context = (): string => ` (legs ${legStates(mirror).join(',')}; ${JSON.stringify(mirror.verifyStatus().current)})`;
+  try {
+    // Unit 0 holds data (it is read); units 1-3 read zero on both legs.
+    assert.equal(await fm.driver.write(0, filled(64 * 1024, 10)), 0);
+    const isUnit0Read = (request: { command: number; offsetBytes: number; lengthBytes: number }): boolean => request.command === p.kCmdRead && request.offsetBytes === 0 && request.lengthBytes === kMiB;
+    store0.holdIf = isUnit0Read;
+    store1.holdIf = isUnit0Read;
+    mirror.startVerify();
+    assert.ok(await waitFor(() => store0.heldCount + store1.heldCount >= 1, 30_000), `the verify reads unit 0${context()}`);
+    // The window's answer (units 1-3 zero) is known now. A client write lands in unit 2; then
+    // leg 1's copy of it goes bad behind the mirror's back.
+    assert.equal(await within(fm.driver.write(2 * kMiB, filled(64 * 1024, 11)), 30_000, 'client write', context), 0);
+    store1.bytes.fill(0x77, 2 * kMiB + 4096, 2 * kMiB + 8192);
+    store0.holdIf = null;
+    store1.holdIf = null;
+    store0.release();
+    store1.release();
+    await within(mirror.verifyDone(), 30_000, 'verify', context);
+    const progress = mirror.verifyStatus().current;
+    assert.equal(progress?.mismatchChunks, 1, `the written unit was compared and differs${context()}`);
+    assert.equal(progress?.bytesSkipped, 2 * kMiB, `units 1 and 3 were skipped as zeros${context()}`);
   } finally {
     await fm.close();
   }
