@@ -57,7 +57,7 @@ else
   snap > $D/s1; stopw
   echo "0 0 total" > $D/window
 fi
-python3 - "$D" "$KIND ${EXTRA} $(basename $(dirname $(dirname $(dirname $MAIN))))" <<'PY'
+python3 - "$D" "$KIND ${EXTRA} $(dirname $(dirname $(dirname $(dirname $MAIN))))" <<'PY'
 import json,sys,collections
 d=sys.argv[1]
 j=json.load(open(d+'/fio.json'))['jobs'][0]
