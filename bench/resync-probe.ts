@@ -4,9 +4,11 @@
  * other threads, context switches (per thread, from /proc/self/task), and, with --perf,
  * syscalls and context switches of the whole process (`perf stat -p`) over the resync.
  * `node dist/bench/resync-probe.js [--size-mib 512] [--writes 1311] [--rounds 4] [--perf]
- *  [--direct] [--verify] [--block 4096] [--gap BYTES] [--lanes N] [--no-chain] [--full] [--timeline]`
+ *  [--direct] [--verify] [--block 4096] [--gap BYTES] [--lanes N] [--no-chain] [--full] [--timeline]
+ *  [--slots N] [--slot-kib K]`
  * (--full: every chunk of leg 1 marked instead of the scattered writes; --timeline: the ms spent
- * with 0-15, 16-31, ... copies in flight while the map was not empty, sampled every ms).
+ * with 0-15, 16-31, ... copies in flight while the map was not empty, sampled every ms; --slots,
+ * --slot-kib: the ring's shape, default 256 x 256 KiB; the window is at most half its slots).
  * Threads: main thread (the mirror runs in this process, its actors on worker threads); the
  * legs are `nbdkit memory` children on Unix sockets.
  *
@@ -111,6 +113,8 @@ async function main(): Promise<void> {
       ...(process.argv.includes('--gap') ? { resyncGapBytes: numberFlag('--gap', 65536) } : {}),
       ...(process.argv.includes('--no-chain') ? { resyncChain: false } : {}),
       ...(process.argv.includes('--lanes') ? { resyncLanes: numberFlag('--lanes', 128) } : {}),
+      ...(process.argv.includes('--slots') || process.argv.includes('--slot-kib')
+        ? { ring: { slotCount: numberFlag('--slots', 256), slotBytes: numberFlag('--slot-kib', 256) * 1024 } } : {}),
     }, { logger });
     const mirror = served.mirror;
     const exportSocket = join(runDir, 'export.sock');
