@@ -130,6 +130,7 @@ export function formatExamine(report: ExamineReport, nowMs = Date.now()): string
     `   Bitmap offset : ${sb.bitmapOffsetBytes} (${formatBytes(sb.bitmapAreaBytes)} on the leg)`,
     `    Dirty chunks : ${report.dirtyChunks === null ? 'unknown (layout mismatch)' : `${report.dirtyChunks} of ${report.chunkCount ?? 0}`}`,
     `          Events : ${sb.events}`,
+    `      Generation : ${sb.generations === undefined ? 'none recorded (metadata from before generation history)' : `${sb.generations[0] ?? ''}${sb.generations.length > 1 ? ` (after ${sb.generations.length - 1}: ${sb.generations.slice(1, 4).join(', ')}${sb.generations.length > 4 ? ', ...' : ''})` : ''}`}`,
     `           State : ${sb.state}`,
     `           Owner : ${owner}`,
     `         Created : ${time(sb.createdMs)}`,

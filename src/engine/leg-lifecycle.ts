@@ -178,7 +178,13 @@ export class LegLifecycle {
     } catch (error) {
       info = { error: { message: describeError(error) } };
     }
-    if (this.host.isClosed() || (leg.state as LegState) !== 'reconnecting') return;
+    if (this.host.isClosed()) return;
+    if ((leg.state as LegState) !== 'reconnecting') {
+      // Failed or removed by the operator meanwhile (l9): the connection that just opened is
+      // not wanted; close it now rather than leave it open until the next fence.
+      if (!('error' in info)) void leg.api.disconnect().catch(() => undefined);
+      return;
+    }
     let problem: string | null = null;
     if ('error' in info) problem = info.error.message;
     else if (info.sizeBytes < this.host.sizeBytes()) problem = `it has ${info.sizeBytes} bytes now, fewer than the export's ${this.host.sizeBytes()}`;

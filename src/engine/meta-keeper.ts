@@ -63,7 +63,7 @@ import { bitmapCount, inspectCopy } from '../meta/leg-meta.js';
 import { superblockFor, kHeartbeatMs, type AssembledArray } from '../meta/assemble.js';
 import { randomUUID } from 'node:crypto';
 import type { Leg } from './leg.js';
-import { kPayloadBytesMax, superblockPayloadBytes, type CheckpointRecord } from '../meta/superblock.js';
+import { kGenerationsMax, kPayloadBytesMax, newGenerationId, superblockPayloadBytes, type CheckpointRecord } from '../meta/superblock.js';
 import type { CheckpointSet } from './checkpoints.js';
 
 /** What the keeper needs of the session master. */
@@ -133,6 +133,8 @@ export class MetaKeeper {
    */
   private scheduledTable = '';
   private events: number;
+  /** Generation history written with the table, newest first (a new one per events bump; assemble.ts). */
+  private generations: string[];
   private readonly owner: OwnerRecord;
   private readonly plan: AssembledArray['plan'];
   /** Parked requests: slot, first chunk, end chunk (triples). */
@@ -173,6 +175,7 @@ export class MetaKeeper {
     this.pagePending = new Uint8Array(Math.max(1, this.layout.bitmapAreaBytes / kMetaBlockBytes));
     this.members = assembled.plan.members.map((member) => ({ ...member }));
     this.events = assembled.plan.events;
+    this.generations = [...(assembled.plan.generations ?? [])];
     this.owner = { ...assembled.owner };
     for (const [index, leg] of assembled.legs.entries()) {
       this.perLeg[index] = {
@@ -398,6 +401,7 @@ export class MetaKeeper {
         this.outOfSyncMarks();
         await this.writePages(this.admittedMask());
         this.events += 1;
+        this.newGeneration();
         this.members = this.desiredTable();
         this.scheduledTable = this.tableKey(this.members);
         for (const member of this.members) if (member.state === 'in-sync') member.events = this.events;
@@ -539,7 +543,7 @@ export class MetaKeeper {
   private async writeSuperblock(leg: Leg, legState: LegMetaState, state: 'active' | 'clean', owner: OwnerRecord | null, nowMs: number, checkpoints: CheckpointRecord[]): Promise<boolean> {
     const copy = 1 - legState.lastCopy;
     const sequence = legState.lastSequence + 1;
-    const sb = superblockFor(this.plan, legState.layout, legState, this.members, this.events, state, owner, nowMs, checkpoints);
+    const sb = superblockFor(this.plan, legState.layout, legState, this.members, this.events, state, owner, nowMs, checkpoints, this.generations);
     const table = this.tableKey(this.members);
     legState.attemptedSequence = sequence;
     const offsets = superblockOffsets(legState.layout.legSizeBytes);
@@ -591,7 +595,7 @@ export class MetaKeeper {
     if (fresh) {
       const nowMs = Date.now();
       const table = this.desiredTable();
-      const sb0 = superblockFor(this.plan, legState.layout, legState, table, this.events, 'active', this.owner, nowMs, this.checkpointRecords('active', this.owner, nowMs));
+      const sb0 = superblockFor(this.plan, legState.layout, legState, table, this.events, 'active', this.owner, nowMs, this.checkpointRecords('active', this.owner, nowMs), this.generations);
       const both = new Uint8Array(2 * kSuperblockBytes);
       both.set(encodeSuperblock(sb0, 0, 1), 0);
       both.set(encodeSuperblock(sb0, 1, 2), kSuperblockBytes);
@@ -705,9 +709,15 @@ export class MetaKeeper {
       await this.writePages(this.admittedMask());
     }
     this.events += 1;
+    this.newGeneration();
     for (const member of this.members) if (member.state === 'in-sync') member.events = this.events;
     await this.writeSuperblocks('clean', null);
     this.releaseHeld();
+  }
+
+  /** A member-table change or stop: a new generation, the old ones after it (bounded). */
+  private newGeneration(): void {
+    this.generations = [newGenerationId(), ...this.generations].slice(0, kGenerationsMax);
   }
 
   // ---- checkpoints --------------------------------------------------------------------------
@@ -739,7 +749,7 @@ export class MetaKeeper {
     let baseBytes = 0;
     for (const [index, legState] of this.perLeg.entries()) {
       if (legState == null || this.host.legs[index] === undefined) continue;
-      const sb = superblockFor(this.plan, legState.layout, legState, this.members, this.events, state, owner, nowMs);
+      const sb = superblockFor(this.plan, legState.layout, legState, this.members, this.events, state, owner, nowMs, [], this.generations);
       baseBytes = Math.max(baseBytes, superblockPayloadBytes(sb));
     }
     const nameBytes = checkpoints.names().reduce((sum, name) => sum + Buffer.byteLength(name) + 48, 0);

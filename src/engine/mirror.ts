@@ -525,6 +525,20 @@ export class MirrorDevice implements BlockDevice {
         // every active checkpoint counts it as changed, before the leg gets the bytes.
         this.checkpointSet?.mark(this.ring.offsetBytes(slot), this.ring.lengthBytes(slot));
         this.ring.rephase(slot, p.kCmdWrite, this.features.fua ? p.kCmdFlagFua : 0, mask);
+        // Not durable until the next FLUSH (without FUA): recorded unflushed on the legs it
+        // rewrites before they get it (v9), so a leg that drops and loses it resyncs the unit.
+        if (this.flushTracking) {
+          for (const leg of this.legs) if ((mask & leg.bit) !== 0) leg.currentUnflushed?.markRange(this.ring.offsetBytes(slot), this.ring.lengthBytes(slot));
+        }
+        // Write intent, as for a client write (v8): the unit's bits are durable on the legs
+        // before the leg gets the bytes, so a crash mid-repair resyncs the unit, and after that
+        // unclean stop the checkpoints mark it from the bitmap (their in-memory mark is lost).
+        // The keeper resumes the slot through dispatch (phase 4 goes straight to the legs).
+        const keeper = this.keeper;
+        if (keeper !== null && !keeper.covers(this.ring.offsetBytes(slot), this.ring.lengthBytes(slot))) {
+          keeper.park(slot, this.ring.offsetBytes(slot), this.ring.lengthBytes(slot));
+          return;
+        }
         this.dispatch(slot);
       },
       finish: (slot, locked) => {
@@ -1197,6 +1211,8 @@ export class MirrorDevice implements BlockDevice {
       } else if (phase === 0 && isDataChanging(ring.command(slot))) {
         // Checkpoints are marked before any leg gets the data (so before the ack).
         this.checkpointSet?.mark(ring.offsetBytes(slot), ring.lengthBytes(slot));
+        // A verify's zero-skip answer for the range's window is out of date from now on.
+        this.verifier.noteWrite(ring.offsetBytes(slot), ring.lengthBytes(slot));
         // Write intent: the chunks' bits are durable on the legs before any leg gets the data.
         const keeper = this.keeper;
         if (keeper !== null && !keeper.covers(ring.offsetBytes(slot), ring.lengthBytes(slot))) {

@@ -213,7 +213,8 @@ export class Verifier {
   private readonly bucket = new TokenBucket();
   private lastLog = 0;
   private readonly rateWindow = new RateWindow();
-  private readonly zeroWindows = new Map<number, Promise<Array<[number, number]>>>();
+  /** Zero-skip answers per 64 MiB window; `stale` once a client write was dispatched into the window. */
+  private readonly zeroWindows = new Map<number, { runs: Promise<Array<[number, number]>>; stale: boolean }>();
   private totals = { mismatchChunks: 0, checkedBytes: 0, repairedChunks: 0 };
   /** Units whose optimistic pass differed and were re-checked under the lock (tests, debug). */
   recheckedUnits = 0;
@@ -437,15 +438,33 @@ export class Verifier {
   /** True when every in-sync leg reports the whole range as reading zero. */
   private async readsZeroEverywhere(offsetBytes: number, lengthBytes: number): Promise<boolean> {
     const windowStart = Math.floor(offsetBytes / kZeroWindowBytes) * kZeroWindowBytes;
-    let runs = this.zeroWindows.get(windowStart);
-    if (runs === undefined) {
-      runs = this.zeroRunsOf(windowStart, Math.min(kZeroWindowBytes, this.host.sizeBytes() - windowStart));
-      this.zeroWindows.set(windowStart, runs);
+    let window = this.zeroWindows.get(windowStart);
+    if (window === undefined) {
+      window = { runs: this.zeroRunsOf(windowStart, Math.min(kZeroWindowBytes, this.host.sizeBytes() - windowStart)), stale: false };
+      this.zeroWindows.set(windowStart, window);
       // Lanes are at most lanes x 1 MiB apart: two windows are in use at most.
       for (const key of this.zeroWindows.keys()) if (key < windowStart - kZeroWindowBytes) this.zeroWindows.delete(key);
     }
     const end = offsetBytes + lengthBytes;
-    return (await runs).some(([start, stop]) => start <= offsetBytes && stop >= end);
+    const runs = await window.runs;
+    // A write into the window since the question was asked: the answer may be out of date.
+    if (window.stale) return false;
+    return runs.some(([start, stop]) => start <= offsetBytes && stop >= end);
+  }
+
+  /**
+   * A client's data-changing request is being dispatched: a zero-skip answer for its window no
+   * longer counts (the next unit there asks again). Hot path: a Map size check when no verify runs.
+   */
+  noteWrite(offsetBytes: number, lengthBytes: number): void {
+    if (this.zeroWindows.size === 0) return;
+    const first = Math.floor(offsetBytes / kZeroWindowBytes) * kZeroWindowBytes;
+    for (let windowStart = first; windowStart < offsetBytes + Math.max(1, lengthBytes); windowStart += kZeroWindowBytes) {
+      const window = this.zeroWindows.get(windowStart);
+      if (window === undefined) continue;
+      window.stale = true;
+      this.zeroWindows.delete(windowStart);
+    }
   }
 
   /** Ranges of the window that every in-sync leg reports as reading zero ([] when unknown). */

@@ -19,7 +19,11 @@
  * |                                               | other host: heartbeat fresher than stale)  |
  * | a stale claim (crash)                         | taken over, logged; the stop was unclean   |
  * | split brain: two legs each record the other   | refused unless --force-source names the    |
- * | as not in sync                                | survivor                                   |
+ * | as not in sync, and no given leg in sync went | survivor                                   |
+ * | on from both their last generations           |                                            |
+ * |                                               |                                            |
+ * | (generations: superblock `generations`; a new | a leg whose history holds another's current|
+ * | one per assembly and per table change)        | generation holds all that leg holds        |
  * | a member of the array not given (not removed) | refused unless --degraded                  |
  * | a blank leg, or one whose UUID the array does | a new member: full resync                  |
  * | not know for its slot                         |                                            |
@@ -42,7 +46,7 @@ import { assert } from '../core/assert.js';
 import { EnbdError, describeError } from '../core/errors.js';
 import { computeLayout, type LegLayout } from './layout.js';
 import { LegMeta, type LegMetaRead } from './leg-meta.js';
-import { kMembersMax, type CheckpointRecord, type MemberRecord, type OwnerRecord, type Superblock } from './superblock.js';
+import { kGenerationsMax, kMembersMax, newGenerationId, type CheckpointRecord, type MemberRecord, type OwnerRecord, type Superblock } from './superblock.js';
 
 /** A heartbeat older than this marks another host's claim as stale (the owner writes every 5 s). */
 export const kClaimStaleMs = 30_000;
@@ -71,6 +75,8 @@ export interface AssemblyOptions {
   /** True when a process with this pid runs on this host. */
   pidAlive: (pid: number) => boolean;
   newUuid?: () => string;
+  /** A new generation id (16 hex digits; default random). */
+  newGeneration?: () => string;
   staleClaimMs?: number;
   /**
    * Write-mostly legs (indexes in the --leg list): after an unclean stop they are not chosen as
@@ -107,6 +113,8 @@ export interface AssemblyPlan {
   events: number;
   /** Member table to write, by slot. */
   members: MemberRecord[];
+  /** Generation history to write, newest first: a new generation, then the reference leg's. */
+  generations: string[];
   legs: PlannedLeg[];
   /** Union of the given legs' bitmaps: the chunks a bitmap resync copies. */
   bitmap: Uint8Array;
@@ -152,6 +160,19 @@ function recordsStale(a: Superblock, b: Superblock): boolean {
 /** Does the leg record itself as in sync (it ran as a source, not as a resync target)? */
 function selfInSync(sb: Superblock): boolean {
   return sb.members[sb.slotIndex]?.state === 'in-sync';
+}
+
+/**
+ * Does `a` hold everything `b` holds? True when `a` records itself in sync and its generation
+ * history holds b's current generation: `b` took its writes in that generation (or before it,
+ * on the same line), and `a` went on from it as a member in sync, or resynced from one that did.
+ * What `b` got of that generation's last writes and `a` did not (a crash, a write in flight when
+ * b left) is under bits of the write-intent bitmap that every leg admitted then holds, and bits
+ * are never cleared while a member is out. False without generations (older metadata).
+ */
+function descendsFrom(a: Superblock, b: Superblock): boolean {
+  const current = b.generations?.[0];
+  return current !== undefined && selfInSync(a) && (a.generations ?? []).includes(current);
 }
 
 /** Plans an assembly from what every given leg holds; throws EnbdError('ENBD_ERR_META') when refused. */
@@ -210,6 +231,13 @@ export function planAssembly(found: FoundLeg[], options: AssemblyOptions): Assem
       // One table (a generation written to both while both resynced) records both stale and each
       // itself stale too: no divergence. A split brain has at least one leg that ran as in-sync.
       if (a.index >= b.index || !recordsStale(a.sb, b.sb) || !recordsStale(b.sb, a.sb) || (!selfInSync(a.sb) && !selfInSync(b.sb))) continue;
+      // A given leg (one of the two, or a third) went on from both legs' last generations: it
+      // holds what each holds, so neither's writes are lost (the others resync from the bitmap).
+      const holder = valid.find((c) => (c === a || descendsFrom(c.sb, a.sb)) && (c === b || descendsFrom(c.sb, b.sb)));
+      if (holder !== undefined) {
+        notes.push(`legs ${a.index} and ${b.index} each record the other out of sync, but leg ${holder.index} went on from the last generation of ${holder === a || holder === b ? `leg ${holder === a ? b.index : a.index}` : 'both'}: no split brain, the stale leg resyncs`);
+        continue;
+      }
       if (forced === null) {
         refuse(`split brain: leg ${a.index} (${a.leg.uri}, events ${a.sb.events}) and leg ${b.index} (${b.leg.uri}, events ${b.sb.events}) each ran without the other and may each hold writes the other lacks; pick the survivor with --force-source LEG (the other legs are resynced from it; their differing writes are lost)`);
       }
@@ -245,7 +273,9 @@ export function planAssembly(found: FoundLeg[], options: AssemblyOptions): Assem
     // leg took it while this one was away) may have run alone and hold writes they lack: refused
     // unless --force-source names the survivor.
     const own = leg.read.superblock;
-    if (own !== null && own.arrayUuid === reference.sb.arrayUuid && selfInSync(own) && forced === null) {
+    // Unless a given leg went on from its last generation (then it holds nothing they lack).
+    const heldElsewhere = own !== null && valid.some((c) => c.sb !== own && descendsFrom(c.sb, own));
+    if (own !== null && own.arrayUuid === reference.sb.arrayUuid && selfInSync(own) && forced === null && !heldElsewhere) {
       refuse(`leg ${index} (${leg.uri}) is a member of this array (leg UUID ${own.legUuid}, slot ${own.slotIndex}, events ${own.events}) that the freshest legs no longer know in its slot, yet it records itself in sync: it may hold writes the others lack (a split brain); pick the survivor with --force-source LEG, or wipe this leg's metadata (enbd create --force on it alone) to add it as a new leg`);
     }
     const dataSize = (() => {
@@ -337,6 +367,7 @@ export function planAssembly(found: FoundLeg[], options: AssemblyOptions): Assem
     refuse(`no leg is known to be up to date (${legs.map((leg, index) => `leg ${index}: ${leg.why}`).join('; ')}); name the leg to trust with --force-source LEG`);
   }
   const events = maxEvents + 1;
+  const generations = [(options.newGeneration ?? newGenerationId)(), ...(reference.sb.generations ?? [])].slice(0, kGenerationsMax);
   for (const planned of legs) {
     const record = table[planned.slotIndex] as MemberRecord;
     record.legUuid = planned.legUuid;
@@ -360,6 +391,7 @@ export function planAssembly(found: FoundLeg[], options: AssemblyOptions): Assem
     previousEvents: maxEvents,
     events,
     members: table,
+    generations,
     legs,
     bitmap,
     unclean,
@@ -403,7 +435,7 @@ export interface AssembledArray {
  * The superblock a leg gets for a member table and state: the array's data size, the bitmap
  * where this leg's own layout puts it (`legLayout`: a larger leg keeps its metadata at its end).
  */
-export function superblockFor(plan: Pick<AssemblyPlan, 'arrayUuid' | 'arrayName' | 'createdMs' | 'layout'>, legLayout: LegLayout, leg: { slotIndex: number; legUuid: string }, members: MemberRecord[], events: number, state: Superblock['state'], owner: OwnerRecord | null, nowMs: number, checkpoints: CheckpointRecord[] = []): Superblock {
+export function superblockFor(plan: Pick<AssemblyPlan, 'arrayUuid' | 'arrayName' | 'createdMs' | 'layout'>, legLayout: LegLayout, leg: { slotIndex: number; legUuid: string }, members: MemberRecord[], events: number, state: Superblock['state'], owner: OwnerRecord | null, nowMs: number, checkpoints: CheckpointRecord[] = [], generations: readonly string[] = []): Superblock {
   assert(legLayout.dataSizeBytes >= plan.layout.dataSizeBytes && legLayout.bitmapChunkBytes === plan.layout.bitmapChunkBytes, 'the leg holds the array');
   return {
     arrayUuid: plan.arrayUuid,
@@ -422,6 +454,7 @@ export function superblockFor(plan: Pick<AssemblyPlan, 'arrayUuid' | 'arrayName'
     createdMs: plan.createdMs,
     updatedMs: nowMs,
     ...(checkpoints.length > 0 ? { checkpoints } : {}),
+    ...(generations.length > 0 ? { generations: [...generations] } : {}),
   };
 }
 
@@ -462,7 +495,7 @@ export async function assembleArray(uris: string[], devices: BlockDevice[], opti
       const layout = computeLayout(meta.sizeBytes, plan.layout.bitmapChunkBytes);
       // The bitmap first, then the superblock that points at it.
       await meta.writeBitmapPages(layout, plan.bitmap.length === layout.bitmapBytes ? plan.bitmap : resized(plan.bitmap, layout.bitmapBytes), 0, layout.bitmapAreaBytes / 4096);
-      const sb = superblockFor(plan, layout, planned, plan.members, plan.events, 'active', owner, full.nowMs, plan.checkpoints);
+      const sb = superblockFor(plan, layout, planned, plan.members, plan.events, 'active', owner, full.nowMs, plan.checkpoints, plan.generations);
       const written = await meta.writeSuperblock(sb);
       legs.push({ ...planned, legSizeBytes: meta.sizeBytes, lastCopy: written.copyIndex, lastSequence: written.sequence });
     }

@@ -14,6 +14,7 @@
  * |                   | needs-full-sync (the first assembly copies leg 0 to them)          |
  * | members[i].events | 1 (the creation is generation 1)                                   |
  * | events            | 1                                                                  |
+ * | generations       | one random id, the same on every leg (the array's first generation) |
  * | state             | clean (nothing in flight)                                          |
  * | owner             | null (no daemon holds the legs)                                    |
  *
@@ -29,7 +30,7 @@ import { assert } from '../core/assert.js';
 import { EnbdError } from '../core/errors.js';
 import { computeLayout, defaultBitmapChunkBytes, type LegLayout } from './layout.js';
 import type { LegMeta } from './leg-meta.js';
-import { kMembersMax, type MemberRecord, type Superblock } from './superblock.js';
+import { kMembersMax, newGenerationId, type MemberRecord, type Superblock } from './superblock.js';
 
 export interface CreateLeg {
   uri: string;
@@ -112,6 +113,7 @@ export async function createArray(legs: CreateLeg[], options: CreateArrayOptions
   const newUuid = options.newUuid ?? randomUUID;
   const nowMs = options.nowMs ?? Date.now();
   const arrayUuid = newUuid();
+  const generation = newGenerationId();
   const members: MemberRecord[] = legs.map((_leg, slot) => ({
     legUuid: newUuid(),
     state: options.assumeClean || slot === 0 ? 'in-sync' : 'needs-full-sync',
@@ -137,6 +139,7 @@ export async function createArray(legs: CreateLeg[], options: CreateArrayOptions
       owner: null,
       createdMs: nowMs,
       updatedMs: nowMs,
+      generations: [generation],
     };
     // Bitmap first: a crash between the two leaves a leg without a valid superblock (blank
     // or the old one), never a new superblock over a stale bitmap.

@@ -32,6 +32,7 @@
  * - decodeSuperblock throws nothing but EnbdError('ENBD_ERR_META') for any input bytes.
  * - encode(decode(x)) round-trips every field (tested with fast-check).
  */
+import { randomBytes } from 'node:crypto';
 import { Packr } from 'msgpackr';
 import { assert } from '../core/assert.js';
 import { kTwoPow32 } from '../core/u64.js';
@@ -101,6 +102,24 @@ export interface Superblock {
   updatedMs: number;
   /** Checkpoints (changed-block tracking, src/engine/checkpoints.ts); absent in older metadata. */
   checkpoints?: CheckpointRecord[];
+  /**
+   * Generation history, newest first: [0] is the generation this table belongs to, the rest the
+   * ones before it on this leg's line (at most kGenerationsMax; 16 hex digits each, random). A new
+   * generation begins at every assembly and every member-table change, so two legs that ran apart
+   * never share one; a leg whose history holds another leg's current generation descends from it
+   * (src/meta/assemble.ts uses that to tell a stale leg from a split brain). Absent in older metadata.
+   */
+  generations?: string[];
+}
+
+/** Generations kept in a superblock (older ones are dropped: an ancestor that old is judged without them). */
+export const kGenerationsMax = 32;
+/** A generation id: 16 lowercase hex digits (8 random bytes). */
+export const kGenerationPattern = /^[0-9a-f]{16}$/;
+
+/** A new generation id: 8 random bytes as 16 hex digits. */
+export function newGenerationId(): string {
+  return randomBytes(8).toString('hex');
 }
 
 /**
@@ -118,6 +137,8 @@ export interface CheckpointRecord {
 
 /** compatFeatures bit: the payload lists checkpoints (older readers ignore them). */
 export const kCompatCheckpoints = 1;
+/** compatFeatures bit: the payload carries the generation history (older readers ignore it). */
+export const kCompatGenerations = 2;
 
 export interface DecodedCopy {
   superblock: Superblock;
@@ -146,6 +167,10 @@ export function encodeSuperblock(superblock: Superblock, copyIndex: number, sequ
   for (const member of superblock.members) {
     if (!isCount(member.events) || !isCount(member.recoveryOffsetBytes)) fail(`member ${member.legUuid} has events or recovery offset that is not a safe non-negative integer`);
   }
+  const generations = superblock.generations ?? [];
+  if (generations.length > kGenerationsMax || !generations.every((id) => kGenerationPattern.test(id))) {
+    fail(`generations must be at most ${kGenerationsMax} ids of 16 hex digits`);
+  }
   checkText('array name', superblock.arrayName, kNameBytesMax);
   if (superblock.owner !== null) checkText('owner host', superblock.owner.host, kHostBytesMax);
   const payload = packr.pack(toWire(superblock));
@@ -155,7 +180,7 @@ export function encodeSuperblock(superblock: Superblock, copyIndex: number, sequ
   block.set(kMagicBytes, kOffsetMagic);
   view.setUint32(kOffsetVersion, kFormatVersion, true);
   view.setUint32(kOffsetIncompat, 0, true);
-  view.setUint32(kOffsetCompat, (superblock.checkpoints?.length ?? 0) > 0 ? kCompatCheckpoints : 0, true);
+  view.setUint32(kOffsetCompat, ((superblock.checkpoints?.length ?? 0) > 0 ? kCompatCheckpoints : 0) | ((superblock.generations?.length ?? 0) > 0 ? kCompatGenerations : 0), true);
   view.setUint32(kOffsetBlockBytes, kSuperblockBytes, true);
   view.setUint32(kOffsetSequence, sequence % kTwoPow32, true);
   view.setUint32(kOffsetSequence + 4, Math.floor(sequence / kTwoPow32), true);
@@ -188,6 +213,7 @@ function toWire(superblock: Superblock): Record<string, unknown> {
     owner: superblock.owner === null ? null : [superblock.owner.host, superblock.owner.pid, superblock.owner.heartbeatMs],
     createdMs: superblock.createdMs,
     updatedMs: superblock.updatedMs,
+    ...((superblock.generations?.length ?? 0) > 0 ? { generations: Buffer.from((superblock.generations ?? []).join(''), 'hex') } : {}),
     ...((superblock.checkpoints?.length ?? 0) > 0 ? { checkpoints: (superblock.checkpoints ?? []).map((record) => [record.name, record.createdMs, record.frozen ? 1 : 0, record.granularityBytes, record.unitBytes, record.runs]) } : {}),
   };
 }
@@ -281,6 +307,8 @@ function fromWire(wire: unknown): Superblock {
   };
   const checkpoints = checkpointsFromWire(wire['checkpoints']);
   if (checkpoints.length > 0) superblock.checkpoints = checkpoints;
+  const generations = generationsFromWire(wire['generations']);
+  if (generations.length > 0) superblock.generations = generations;
   checkSuperblock(superblock);
   return superblock;
 }
@@ -301,6 +329,17 @@ function membersFromWire(value: unknown): MemberRecord[] {
     if (name !== undefined && name !== null && !(isString(name) && kMemberNamePattern.test(name))) fail(`member ${slot} has a bad name`);
     return { legUuid, state, events, recoveryOffsetBytes, ...(isString(name) ? { name } : {}) };
   });
+}
+
+function generationsFromWire(value: unknown): string[] {
+  if (value === undefined || value === null) return [];
+  if (!(value instanceof Uint8Array) || value.length % 8 !== 0 || value.length > 8 * kGenerationsMax) {
+    fail(`generations is not a byte string of at most ${kGenerationsMax} 8-byte ids`);
+  }
+  const hex = Buffer.from(value.buffer, value.byteOffset, value.length).toString('hex');
+  const ids: string[] = [];
+  for (let at = 0; at < hex.length; at += 16) ids.push(hex.slice(at, at + 16));
+  return ids;
 }
 
 function checkpointsFromWire(value: unknown): CheckpointRecord[] {

@@ -126,6 +126,12 @@ export class FaultStore {
   holdIf: ((request: { command: number; offsetBytes: number; lengthBytes: number }) => boolean) | null = null;
   slowMs = 0;
   refuseOpen = false;
+  /** Connections opened from now on advertise no FUA (the mirror then sends none). */
+  noFua = false;
+  /** While set, connect() waits for it before opening (a reconnect held mid-way). */
+  openGate: Promise<void> | null = null;
+  /** getExtents reports 64 KiB blocks of zero bytes as hole+zero (else everything is data). */
+  reportZeros = false;
   strict = false;
   readonly connections = new Set<FaultLeg>();
   private readonly pending = new Set<ServerRequest>();
@@ -140,6 +146,7 @@ export class FaultStore {
   /** Opens a new connection (what the opener does), or throws when refuseOpen is set. */
   async connect(requestTimeoutMs: number): Promise<FaultLeg> {
     await new Promise((resolve) => setImmediate(resolve));
+    if (this.openGate !== null) await this.openGate;
     if (this.refuseOpen) {
       this.refusedOpens += 1;
       throw new EnbdError('ENBD_ERR_CONNECT', `fault store ${this.name} refused the connection`);
@@ -321,7 +328,7 @@ type ConnectionState = 'open' | 'failed' | 'closed';
 
 export class FaultLeg implements BlockDevice {
   readonly sizeBytes: number;
-  readonly features: DeviceFeatures = {
+  features: DeviceFeatures = {
     readOnly: false, flush: true, fua: true, trim: true, writeZeroes: true, fastZero: false,
     cache: true, multiConn: true, rotational: false, blockStatus: true,
   };
@@ -341,6 +348,7 @@ export class FaultLeg implements BlockDevice {
   constructor(readonly store: FaultStore, readonly id: number, readonly requestTimeoutMs: number) {
     this.sizeBytes = store.sizeBytes;
     this.description = `fault leg ${store.name} #${id}`;
+    if (store.noFua) this.features = { ...this.features, fua: false };
     if (requestTimeoutMs > 0) {
       const periodMs = Math.max(1, Math.floor(requestTimeoutMs / 4));
       this.timeoutTimer = setInterval(() => this.checkTimeouts(), periodMs);
@@ -449,7 +457,18 @@ export class FaultLeg implements BlockDevice {
     await new Promise((resolve) => setImmediate(resolve));
     if (this.state !== 'open' || this.fenced) throw new EnbdError('ENBD_ERR_IO', `${this.description} is not connected`, p.kEIo);
     const end = Math.min(this.sizeBytes, offsetBytes + Math.max(1, lengthBytes));
-    return [{ lengthBytes: end - offsetBytes, flags: 0 }];
+    if (!this.store.reportZeros) return [{ lengthBytes: end - offsetBytes, flags: 0 }];
+    const extents: Extent[] = [];
+    const block = 64 * 1024;
+    for (let at = offsetBytes; at < end;) {
+      const stop = Math.min(end, (Math.floor(at / block) + 1) * block);
+      const flags = this.store.bytes.subarray(at, stop).every((byte) => byte === 0) ? p.kStateHole | p.kStateZero : 0;
+      const last = extents[extents.length - 1];
+      if (last !== undefined && last.flags === flags) last.lengthBytes += stop - at;
+      else extents.push({ lengthBytes: stop - at, flags });
+      at = stop;
+    }
+    return extents;
   }
 
   /**

@@ -170,6 +170,8 @@ export interface ExamineJson {
     state: string;
     owner: { host: string; pid: number; heartbeatMs: number } | null;
     members: Array<{ legUuid: string; state: string; events: number }>;
+    /** Generation history, newest first (absent in metadata from before it). */
+    generations?: string[];
   } | null;
   dirtyChunks: number | null;
 }

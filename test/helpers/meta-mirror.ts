@@ -10,7 +10,7 @@ import { createArray } from '../../src/meta/create-array.js';
 import { superblockOffsets, type LegLayout } from '../../src/meta/layout.js';
 import { LegMeta, bitmapTest, inspectCopy } from '../../src/meta/leg-meta.js';
 import type { Superblock } from '../../src/meta/superblock.js';
-import type { MirrorDevice } from '../../src/engine/mirror.js';
+import type { MirrorDevice, MirrorOptions } from '../../src/engine/mirror.js';
 import * as p from '../../src/nbd/protocol.js';
 import { openFaultMirror, type FaultMirror, type FaultMirrorTuning, type FaultStore } from './fault-device.js';
 
@@ -29,6 +29,8 @@ export interface MetaMirrorOptions {
   tuning?: FaultMirrorTuning;
   /** Stores the mirror can open later (leg add), not members of the array. */
   extraStores?: FaultStore[];
+  /** More mirror options (e.g. `verify`). */
+  extra?: Partial<MirrorOptions>;
 }
 
 /** createArray (--assume-clean) and assembleArray on the stores, then an inline mirror with the metadata. */
@@ -40,7 +42,7 @@ export async function openMetaMirror(stores: FaultStore[], heartbeatMs: number, 
   await Promise.all(created.map(async (device) => await device.close()));
   const devices = await Promise.all(stores.map(async (store) => await store.connect(0)));
   const assembled = await assembleArray(stores.map((store) => store.name), devices, { forceSource: null, degraded: false });
-  const fm = await openFaultMirror([...stores, ...(options.extraStores ?? [])], options.tuning ?? {}, { metadata: assembled, heartbeatMs, legs: stores.map((store) => store.name) });
+  const fm = await openFaultMirror([...stores, ...(options.extraStores ?? [])], options.tuning ?? {}, { ...(options.extra ?? {}), metadata: assembled, heartbeatMs, legs: stores.map((store) => store.name) });
   return { fm, mirror: fm.mirror, stores, layout: assembled.plan.layout };
 }
 

@@ -10,6 +10,8 @@
  * |--------------------------|-----------------------------------------------------------|------------------------------------|
  * | different / foreign legs | A+B and C+D created apart; mirror A+C; legs with no meta  | refused, naming both arrays / enbd create |
  * | split brain              | A alone writes X, B alone writes Y, then A+B              | refused; --force-source 0 converges to A |
+ * | no split brain (history) | A+C write X; A+B (B resyncs) write Y; then B+C            | accepted without --force-source: B's  |
+ * |                          |                                                           | generation history holds C's; C resyncs |
  *
  * Threads: test process main thread; nbdkit, the daemon and the CLI are child processes.
  */
@@ -109,6 +111,44 @@ describe('enbd mirror --metadata leg: issue 11 refusals on nbdkit file legs', { 
       assertSameBytes(area, versionA, 'both legs equal leg 0\'s version');
     } finally {
       assert.equal(await forced.stop('SIGTERM'), 0);
+    }
+  });
+
+  test('legs that each record the other stale are no split brain when one went on from the other\'s generation: assembled, the stale one resynced', async () => {
+    const a = await legs.leg('s6-a');
+    const b = await legs.leg('s6-b');
+    const c = await legs.leg('s6-c');
+    await createArray([a, b, c], ['--assume-clean']);
+    const dataSize = await dataSizeOf(a);
+    const x = randomBytes(kMiB);
+    const y = randomBytes(kMiB);
+    // A + C without B: X. Then A + B without C: B resyncs X from A, then Y.
+    const ac = await startMetaMirror(dir, [a, c], 's6-ac', ['--degraded']);
+    await writeFlush(ac.mirror.uri, 2 * kMiB, x);
+    assert.equal(await ac.stop('SIGTERM'), 0);
+    const ab = await startMetaMirror(dir, [a, b], 's6-ab', ['--degraded']);
+    await ab.control.waitStates(['in-sync', 'in-sync'], 30_000);
+    await writeFlush(ab.mirror.uri, 8 * kMiB, y);
+    assert.equal(await ab.stop('SIGTERM'), 0);
+    // B records C stale (it left in the A + B run) and C records B stale (the A + C run): the
+    // member tables alone look like a split brain. B's history holds C's last generation.
+    const onB = (await examine(b.uri)).superblock;
+    const onC = (await examine(c.uri)).superblock;
+    assert.equal(onB?.members[2]?.state, 'needs-resync');
+    assert.equal(onC?.members[1]?.state, 'needs-resync');
+    const lastOfC = onC?.generations?.[0];
+    assert.ok(lastOfC !== undefined && (onB?.generations ?? []).includes(lastOfC), `B's history ${JSON.stringify(onB?.generations)} holds C's generation ${String(lastOfC)}`);
+    assert.ok(!c.dataArea(dataSize).subarray(8 * kMiB, 9 * kMiB).equals(y), 'C lacks Y before the B + C run');
+
+    const bc = await startMetaMirror(dir, [b, c], 's6-bc', ['--degraded']);
+    try {
+      await bc.control.waitStates(['in-sync', 'in-sync'], 30_000);
+      assertSameBytes(await readNbd(bc.mirror.uri, 2 * kMiB, kMiB), x, 'X reads back');
+      assertSameBytes(await readNbd(bc.mirror.uri, 8 * kMiB, kMiB), y, 'Y reads back');
+      const area = assertLegsIdentical([b, c], dataSize, 'B and C after the resync');
+      assertSameBytes(area.subarray(8 * kMiB, 9 * kMiB), y, 'C holds Y now');
+    } finally {
+      assert.equal(await bc.stop('SIGTERM'), 0);
     }
   });
 });

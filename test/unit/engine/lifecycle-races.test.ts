@@ -28,7 +28,10 @@
  *   (l8) a write answered by a leg that then leaves, crashes (losing it) and returns in sync
  *        before the write completes on the other leg: the leg is not read for that range
  *        until it holds the write again (passes: the completion marks it and fails it again, as
- *        a leg that left since dispatch, and it resyncs the range).
+ *        a leg that left since dispatch, and it resyncs the range);
+ *   (l9) the operator fails a leg whose reconnect is connecting: the connection that opens
+ *        afterwards is closed (it stayed open until the next fence), and the operator's
+ *        reconnect still brings the leg back.
  *
  * Threads: test main thread (the legs run inline over FaultStores, test/helpers/fault-device.ts).
  */
@@ -47,14 +50,14 @@ test('(l1) an operator reconnect whose fence is not proven leaves the leg retryi
   const { mirror } = fm;
   try {
     store1.hang = true;
-    assert.equal(await within(fm.driver.write(0, filled(4096, 1)), 5000, 'write'), 0, 'leg 0 holds the write');
-    assert.ok(await waitFor(() => mirror.legStatus()[1]?.failureReason?.startsWith('cannot fence') === true, 5000), `leg 1's first fence is not proven: ${legStates(mirror).join(',')}`);
+    assert.equal(await within(fm.driver.write(0, filled(4096, 1)), 30_000, 'write'), 0, 'leg 0 holds the write');
+    assert.ok(await waitFor(() => mirror.legStatus()[1]?.failureReason?.startsWith('cannot fence') === true, 30_000), `leg 1's first fence is not proven: ${legStates(mirror).join(',')}`);
     // The lifecycle waits for its retry timer now; the operator's attempt fails too.
     assert.equal(await mirror.reconnectLegNow(1), 'fencing', 'the old connection still holds a request');
     // The old connection drains: the leg fences, reconnects and returns (by itself).
     store1.hang = false;
     store1.release();
-    await waitLegState(mirror, 1, ['in-sync'], 'leg 1 after its old connection drained', 5000);
+    await waitLegState(mirror, 1, ['in-sync'], 'leg 1 after its old connection drained', 30_000);
     const read = await fm.driver.read(0, 4096);
     assert.equal(read.errno, 0);
     assert.deepEqual(read.data, filled(4096, 1));
@@ -81,7 +84,7 @@ async function readFailsMidWrite(flags: number, readRepair: boolean): Promise<vo
     store0.eioBudget = 1;
     store0.holdIf = (request) => request.command === p.kCmdRead;
     const read = fm.driver.read(0, 4096);
-    assert.ok(await waitFor(() => store0.heldCount === 1, 5000), 'the READ is held on leg 0');
+    assert.ok(await waitFor(() => store0.heldCount === 1, 30_000), 'the READ is held on leg 0');
     store0.holdIf = null;
     // The WRITE: applied on leg 0, held on leg 1 (to fail there).
     store1.holdIf = (request) => request.command === p.kCmdWrite;
@@ -89,17 +92,17 @@ async function readFailsMidWrite(flags: number, readRepair: boolean): Promise<vo
     store1.eioBudget = 1;
     const data = filled(4096, 2);
     const write = fm.driver.write(0, data, flags);
-    assert.ok(await waitFor(() => store1.heldCount === 1 && store0.applied.length === 2, 5000), 'the WRITE reached both legs');
+    assert.ok(await waitFor(() => store1.heldCount === 1 && store0.applied.length === 2, 30_000), 'the WRITE reached both legs');
     // The READ fails on leg 0 while the WRITE is in flight; it is retried on leg 1 (old data).
     store0.release();
-    const readAnswer = await within(read, 5000, 'read', context);
+    const readAnswer = await within(read, 30_000, 'read', context);
     assert.equal(readAnswer.errno, 0, 'leg 1 serves the read');
     // Then the WRITE fails on leg 1.
     store1.holdIf = null;
     store1.release();
-    const errno = await within(write, 5000, 'write', context);
+    const errno = await within(write, 30_000, 'write', context);
     // Once the legs settle (leg 1 returns), the range is readable and every leg agrees.
-    assert.ok(await waitFor(() => mirror.readableLegs(0, 4096).length > 0 && legStates(mirror).every((state) => state === 'in-sync'), 5000), `the legs settle and chunk 0 is readable${context()}`);
+    assert.ok(await waitFor(() => mirror.readableLegs(0, 4096).length > 0 && legStates(mirror).every((state) => state === 'in-sync'), 30_000), `the legs settle and chunk 0 is readable${context()}`);
     const after = await fm.driver.read(0, 4096);
     assert.equal(after.errno, 0, 'chunk 0 reads');
     if (errno === 0) assert.deepEqual(after.data, data, 'the acknowledged write reads back');
@@ -128,7 +131,7 @@ async function flushDoneOnLegZeroHeldOnLegOne(fm: FaultMirror, store0: FaultStor
   store1.eio = 'flushes';
   store1.eioBudget = 1;
   const flush = fm.driver.flush();
-  assert.ok(await waitFor(() => store1.heldCount === 1 && Buffer.from(store0.durable.slice(0, 4096)).equals(Buffer.from(data)), 5000), 'leg 0 flushed, leg 1 holds the FLUSH');
+  assert.ok(await waitFor(() => store1.heldCount === 1 && Buffer.from(store0.durable.slice(0, 4096)).equals(Buffer.from(data)), 30_000), 'leg 0 flushed, leg 1 holds the FLUSH');
   return { flush };
 }
 
@@ -139,11 +142,11 @@ async function flushDoneOnLegZeroHeldOnLegOne(fm: FaultMirror, store0: FaultStor
  */
 async function crashLegOneAndSettle(fm: FaultMirror, store1: FaultStore, errno: number, data: Uint8Array, bringBack: () => Promise<void> | void): Promise<void> {
   const { mirror } = fm;
-  await waitLegState(mirror, 1, ['fencing', 'degraded', 'reconnecting', 'probation', 'resyncing', 'in-sync'], 'leg 1 failed the FLUSH', 5000);
+  await waitLegState(mirror, 1, ['fencing', 'degraded', 'reconnecting', 'probation', 'resyncing', 'in-sync'], 'leg 1 failed the FLUSH', 30_000);
   store1.crash();
   store1.heal();
   await bringBack();
-  assert.ok(await waitFor(() => legStates(mirror).every((state) => state === 'in-sync'), 5000), `the legs settle (legs ${legStates(mirror).join(',')})`);
+  assert.ok(await waitFor(() => legStates(mirror).every((state) => state === 'in-sync'), 30_000), `the legs settle (legs ${legStates(mirror).join(',')})`);
   const read = await fm.driver.read(0, 4096);
   assert.equal(read.errno, 0);
   if (errno === 0) assert.deepEqual(read.data, data, 'a write before an acknowledged FLUSH survives a crash of a leg');
@@ -163,7 +166,7 @@ test('(l4) a FLUSH is not acknowledged by a leg that left before it completed wh
     mirror.failLegByHand(0);
     store1.holdIf = null;
     store1.release();
-    const errno = await within(flush, 5000, 'flush', context);
+    const errno = await within(flush, 30_000, 'flush', context);
     await crashLegOneAndSettle(fm, store1, errno, data, async () => {
       assert.notEqual(await mirror.reconnectLegNow(0), 'failed');
     });
@@ -187,12 +190,12 @@ test('(l5) a FLUSH is not acknowledged by a leg a read repair marked before it c
     // A READ fails on leg 0: the range is marked there (leg 1 holds it), leg 0 resyncs it.
     store0.eio = 'reads';
     store0.eioBudget = 1;
-    const read = await within(fm.driver.read(0, 4096), 5000, 'read', context);
+    const read = await within(fm.driver.read(0, 4096), 30_000, 'read', context);
     assert.equal(read.errno, 0, 'leg 1 serves the read');
     assert.equal(legStates(mirror)[0], 'resyncing', 'leg 0 is being repaired');
     store1.holdIf = null;
     store1.release();
-    const errno = await within(flush, 5000, 'flush', context);
+    const errno = await within(flush, 30_000, 'flush', context);
     await crashLegOneAndSettle(fm, store1, errno, data, () => {
       mirror.pauseResync(false);
     });
@@ -214,29 +217,29 @@ test('(l6) an admission that ends after the leg failed and came back does not ad
     // the keeper's loop waits, and leg 1's admission queues behind it.
     store0.holdIf = (request) => request.command === p.kCmdWrite && request.offsetBytes >= dataBytes;
     const write = fm.driver.write(0, filled(4096, 5));
-    assert.ok(await waitFor(() => store0.heldCount > 0, 5000), 'a metadata write is held on leg 0');
+    assert.ok(await waitFor(() => store0.heldCount > 0, 30_000), 'a metadata write is held on leg 0');
     const firstReturn = mirror.reconnectLegNow(1);
     const flushes = (): number => store1.receivedOf((request) => request.command === p.kCmdFlush).length;
     const before = flushes();
-    assert.ok(await waitFor(() => legStates(mirror)[1] === 'probation' && flushes() > before, 5000), `leg 1 passed its probe and waits for its admission${context()}`);
+    assert.ok(await waitFor(() => legStates(mirror)[1] === 'probation' && flushes() > before, 30_000), `leg 1 passed its probe and waits for its admission${context()}`);
     // (The probe's answer reaches the lifecycle a few turns later; then the admission queues.)
     await new Promise((resolve) => setTimeout(resolve, 100));
     // The operator fails it again and brings it back; its new probe is held.
     mirror.failLegByHand(1);
     store1.holdIf = (request) => request.command === p.kCmdRead && request.offsetBytes < dataBytes;
     const secondReturn = mirror.reconnectLegNow(1);
-    assert.ok(await waitFor(() => store1.heldCount === 1, 5000), `leg 1's new probe is held${context()}`);
+    assert.ok(await waitFor(() => store1.heldCount === 1, 30_000), `leg 1's new probe is held${context()}`);
     // The keeper goes on: the old admission runs and ends.
     store0.holdIf = null;
     store0.release();
-    assert.equal(await within(write, 5000, 'write', context), 0);
+    assert.equal(await within(write, 30_000, 'write', context), 0);
     await new Promise((resolve) => setTimeout(resolve, 200));
     assert.equal(store1.heldCount, 1, 'the new probe is still unanswered');
     assert.equal(legStates(mirror)[1], 'probation', 'so leg 1 is still on probation');
     store1.holdIf = null;
     store1.release();
-    await within(Promise.all([firstReturn, secondReturn]), 5000, 'both reconnects', context);
-    await waitLegState(mirror, 1, ['in-sync'], 'leg 1 after its probe', 5000);
+    await within(Promise.all([firstReturn, secondReturn]), 30_000, 'both reconnects', context);
+    await waitLegState(mirror, 1, ['in-sync'], 'leg 1 after its probe', 30_000);
   } finally {
     await fm.close();
   }
@@ -256,7 +259,7 @@ test('(l7) a resync copy that lands after its target failed and returned clears 
     // The copy's READ is held on leg 0.
     store0.holdIf = (request) => request.command === p.kCmdRead;
     mirror.pauseResync(false);
-    assert.ok(await waitFor(() => store0.heldCount === 1, 5000), `the copy's READ is held${context()}`);
+    assert.ok(await waitFor(() => store0.heldCount === 1, 30_000), `the copy's READ is held${context()}`);
     // Leg 1 fails and returns meanwhile (its resync starts over in a new epoch).
     mirror.failLegByHand(1);
     const data = filled(4096, 7);
@@ -269,8 +272,8 @@ test('(l7) a resync copy that lands after its target failed and returned clears 
     assert.equal(acked, false, 'the client write waits for the copy (range lock)');
     store0.holdIf = null;
     store0.release();
-    assert.equal(await within(write, 5000, 'write', context), 0);
-    await waitLegState(mirror, 1, ['in-sync'], 'leg 1 after its resync', 5000);
+    assert.equal(await within(write, 30_000, 'write', context), 0);
+    await waitLegState(mirror, 1, ['in-sync'], 'leg 1 after its resync', 30_000);
     const read = await fm.driver.read(0, 4096);
     assert.equal(read.errno, 0);
     assert.deepEqual(read.data, data, 'the client write reads back');
@@ -290,7 +293,7 @@ test('(l8) a leg that left and returned while a write it answered was in flight 
     const data = filled(4096, 8);
     store1.holdIf = (request) => request.command === p.kCmdWrite;
     const write = fm.driver.write(0, data);
-    assert.ok(await waitFor(() => store1.heldCount === 1 && store0.applied.length === 1, 5000), 'leg 0 has the write, leg 1 holds it');
+    assert.ok(await waitFor(() => store1.heldCount === 1 && store0.applied.length === 1, 30_000), 'leg 0 has the write, leg 1 holds it');
     await new Promise((resolve) => setTimeout(resolve, 50)); // leg 0's answer reaches the master
     // Leg 0 leaves; its server crashes (the unflushed write is gone); it comes back at once.
     mirror.failLegByHand(0);
@@ -299,12 +302,42 @@ test('(l8) a leg that left and returned while a write it answered was in flight 
     assert.equal(await mirror.reconnectLegNow(0), 'in-sync', 'leg 0 missed nothing it knows of');
     store1.holdIf = null;
     store1.release();
-    assert.equal(await within(write, 5000, 'write', context), 0, 'leg 1 holds the write');
+    assert.equal(await within(write, 30_000, 'write', context), 0, 'leg 1 holds the write');
     // Every leg the mirror reads chunk 0 from holds the write; once quiet, both legs do.
     for (const index of mirror.readableLegs(0, 4096)) assert.deepEqual(stores[index]?.bytes.slice(0, 4096), data, `readable leg ${index} holds the write${context()}`);
-    assert.ok(await waitFor(() => legStates(mirror).every((state) => state === 'in-sync') && (mirror.dirtyMap(0)?.dirtyChunkCount() ?? 0) === 0, 5000), `the legs settle with no marks${context()}`);
+    assert.ok(await waitFor(() => legStates(mirror).every((state) => state === 'in-sync') && (mirror.dirtyMap(0)?.dirtyChunkCount() ?? 0) === 0, 30_000), `the legs settle with no marks${context()}`);
     for (const store of stores) assert.deepEqual(store.bytes.slice(0, 4096), data, `${store.name} holds the write`);
   } finally {
+    await fm.close();
+  }
+});
+
+test('(l9) an operator fail while the leg is reconnecting: the connection that opens afterwards is closed, not kept', async () => {
+  const stores = makeStores(2, kLegBytes);
+  const store1 = stores[1] as FaultStore;
+  const fm = await openFaultMirror(stores, {});
+  const { mirror } = fm;
+  const open = (): number => [...store1.connections].filter((connection) => connection.state === 'open').length;
+  let letOpen: () => void = () => undefined;
+  try {
+    assert.equal(open(), 1);
+    store1.openGate = new Promise<void>((resolve) => {
+      letOpen = resolve;
+    });
+    store1.drop();
+    await waitLegState(mirror, 1, ['reconnecting'], 'leg 1 reconnects (its connect held)', 30_000);
+    mirror.failLegByHand(1);
+    assert.equal(legStates(mirror)[1], 'failed');
+    letOpen();
+    store1.openGate = null;
+    assert.ok(await waitFor(() => store1.opens >= 2 && open() === 0, 10_000), `the late connection is closed (open: ${open()}, opened ${store1.opens})`);
+    assert.equal(legStates(mirror)[1], 'failed', 'the leg stays failed');
+    // The operator's reconnect still brings it back.
+    await mirror.reconnectLegNow(1);
+    await waitLegState(mirror, 1, ['in-sync'], 'leg 1 after the operator reconnect', 30_000);
+    assert.equal(open(), 1, 'one connection again');
+  } finally {
+    letOpen();
     await fm.close();
   }
 });

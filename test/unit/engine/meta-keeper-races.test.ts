@@ -41,11 +41,11 @@ async function returnLegOneHeldAtAdmission(fm: FaultMirror, store0: FaultStore, 
   const { mirror } = fm;
   mirror.failLegByHand(1);
   assert.equal(await fm.driver.write(2 * kMetaChunkBytes, pattern(seed, 4096)), 0);
-  assert.ok(await waitFor(() => superblockOf(store0, true)?.members[1]?.state === 'needs-resync', 5000), 'leg 0 records leg 1 stale');
+  assert.ok(await waitFor(() => superblockOf(store0, true)?.members[1]?.state === 'needs-resync', 30_000), 'leg 0 records leg 1 stale');
   mirror.pauseResync(true);
   store1.holdIf = (request) => isBitmapPageWrite(request, layout);
   const returned = mirror.reconnectLegNow(1);
-  assert.ok(await waitFor(() => store1.heldCount === 1, 5000), `leg 1's admission is held: ${legStates(mirror).join(',')}`);
+  assert.ok(await waitFor(() => store1.heldCount === 1, 30_000), `leg 1's admission is held: ${legStates(mirror).join(',')}`);
   return { returned };
 }
 
@@ -59,7 +59,7 @@ test('(r1) a leg admitted while the loop writes a table no admitted leg took get
     // Meanwhile leg 0 goes away for good: the table saying so has no admitted leg to go to.
     store0.refuseOpen = true;
     store0.drop();
-    assert.ok(await waitFor(() => legStates(mirror)[0] !== 'in-sync', 5000), 'leg 0 left');
+    assert.ok(await waitFor(() => legStates(mirror)[0] !== 'in-sync', 30_000), 'leg 0 left');
     store1.holdIf = null;
     store1.release();
     await returned;
@@ -99,14 +99,14 @@ test('(r2) a write parked for one chunk\'s bit goes out even when another chunk 
       answered = errno;
       return errno;
     });
-    assert.ok(await waitFor(() => store0.heldCount === 1, 5000), 'chunk 4\'s page write is held');
+    assert.ok(await waitFor(() => store0.heldCount === 1, 30_000), 'chunk 4\'s page write is held');
     // Chunk 3 is flushed: quiet for ten heartbeat periods, for the keeper to (wrongly) clear its
     // bit while the spanning write still waits (the unfixed keeper did within two).
     assert.equal(await fm.driver.flush(), 0);
     await waitFor(() => mirror.metadataStatus()?.dirtyChunks === 0, 400);
     store0.holdIf = null;
     store0.release();
-    assert.ok(await waitFor(() => answered !== null, 5000), 'the spanning write is answered');
+    assert.ok(await waitFor(() => answered !== null, 30_000), 'the spanning write is answered');
     assert.equal(await spanning, 0);
     const back = await fm.driver.read(offset, data.length);
     assert.equal(back.errno, 0);
@@ -139,12 +139,12 @@ test('(r3) a leg removed and its index reused by leg add before the removal\'s t
     // Leg 2 leaves: the table saying so is held on its way to leg 0.
     store0.holdIf = (request) => request.command === p.kCmdWrite && superblockAt.has(request.offsetBytes);
     mirror.failLegByHand(2);
-    assert.ok(await waitFor(() => store0.heldCount === 1, 5000), 'the table write is held on leg 0');
+    assert.ok(await waitFor(() => store0.heldCount === 1, 30_000), 'the table write is held on leg 0');
     // Meanwhile leg 1 is removed and a new leg added in its index.
     await mirror.removeLeg(1);
     const added = mirror.addLeg(extra.name);
     // Its admission waits behind the held write: let the loop go on.
-    assert.ok(await waitFor(() => mirror.legStatus().some((leg) => leg.index === 1 && leg.uri === extra.name), 5000), 'the new leg takes index 1');
+    assert.ok(await waitFor(() => mirror.legStatus().some((leg) => leg.index === 1 && leg.uri === extra.name), 30_000), 'the new leg takes index 1');
     store0.holdIf = null;
     store0.release();
     assert.equal(await added, 1);
@@ -176,7 +176,7 @@ test('(r4) a leg add whose metadata writes fail leaves no member needing a full 
     // The new leg passes its probe; its admission's superblock READ is held, then its writes fail.
     extra.holdIf = (request) => request.command === p.kCmdRead && request.offsetBytes === superblockRead;
     const added = mirror.addLeg(extra.name);
-    assert.ok(await waitFor(() => extra.heldCount === 1, 5000), 'the admission\'s READ is held');
+    assert.ok(await waitFor(() => extra.heldCount === 1, 30_000), 'the admission\'s READ is held');
     extra.holdIf = null;
     extra.eio = 'writes';
     extra.release();
@@ -185,7 +185,7 @@ test('(r4) a leg add whose metadata writes fail leaves no member needing a full 
     // Every member in sync again: a flushed write's bit clears after quiet periods.
     assert.equal(await fm.driver.write(2 * kMetaChunkBytes, pattern(7, 4096)), 0);
     assert.equal(await fm.driver.flush(), 0);
-    const cleared = await waitFor(() => setBits(bitmapOf(store0, layout, true), layout).length === 0, 5000);
+    const cleared = await waitFor(() => setBits(bitmapOf(store0, layout, true), layout).length === 0, 30_000);
     assert.ok(cleared, `bits cleared on leg 0 (${setBits(bitmapOf(store0, layout, true), layout).join(',')}); table ${JSON.stringify(superblockOf(store0, true)?.members.map((member) => member.state))}`);
     assert.ok(superblockOf(store0, true)?.members.every((member) => member.state === 'in-sync' || member.state === 'removed'), 'no member left needing a sync');
   } finally {
@@ -204,10 +204,10 @@ test('(r5) a bit set while a returning leg\'s admission is written, with no leg 
     const { returned } = await returnLegOneHeldAtAdmission(fm, store0, store1, layout, 8);
     // A write to clean chunk 7 waits for its bit (behind the admission); then leg 0 goes for good.
     const first = fm.driver.write(7 * kMetaChunkBytes, pattern(9, 4096));
-    assert.ok(await waitFor(() => mirror.metadataStatus()?.intentWaits === 2, 5000), 'the write to chunk 7 waits for its bit');
+    assert.ok(await waitFor(() => mirror.metadataStatus()?.intentWaits === 2, 30_000), 'the write to chunk 7 waits for its bit');
     store0.refuseOpen = true;
     store0.drop();
-    assert.ok(await waitFor(() => legStates(mirror)[0] !== 'in-sync', 5000), 'leg 0 left');
+    assert.ok(await waitFor(() => legStates(mirror)[0] !== 'in-sync', 30_000), 'leg 0 left');
     store1.holdIf = null;
     store1.release();
     await returned;

@@ -92,12 +92,12 @@ test('(b) bits clear after a quiet heartbeat period once flushed and all legs ar
     await sleep(300);
     assert.deepEqual(stores.map((store) => setBits(bitmapOf(store, layout, true), layout)), [[1], [1]], 'an unflushed write keeps its bit');
     assert.equal(await fm.driver.flush(), 0);
-    const cleared = await waitFor(() => stores.every((store) => setBits(bitmapOf(store, layout, true), layout).length === 0), 5000);
+    const cleared = await waitFor(() => stores.every((store) => setBits(bitmapOf(store, layout, true), layout).length === 0), 30_000);
     assert.ok(cleared, `bits cleared on every leg after quiet periods: ${stores.map((store) => setBits(bitmapOf(store, layout), layout).join(',')).join(' / ')}`);
     assert.equal(mirror.metadataStatus()?.dirtyChunks, 0);
     // FUA writes are durable at once: cleared without a FLUSH.
     assert.equal(await fm.driver.write(6 * kMetaChunkBytes, pattern(9, 4096), p.kCmdFlagFua), 0);
-    assert.ok(await waitFor(() => stores.every((store) => setBits(bitmapOf(store, layout, true), layout).length === 0), 5000), 'a FUA write\'s bit clears without a FLUSH');
+    assert.ok(await waitFor(() => stores.every((store) => setBits(bitmapOf(store, layout, true), layout).length === 0), 30_000), 'a FUA write\'s bit clears without a FLUSH');
 
     // A leg out: bits written since, and bits set before, stay.
     assert.equal(await fm.driver.write(2 * kMetaChunkBytes, pattern(5, 4096)), 0);
@@ -112,8 +112,8 @@ test('(b) bits clear after a quiet heartbeat period once flushed and all legs ar
     assert.equal(sb?.members[1]?.state, 'needs-resync');
     // Back in sync: resynced, then cleared.
     await mirror.reconnectLegNow(1);
-    assert.ok(await waitFor(() => legStates(mirror).every((state) => state === 'in-sync'), 5000), `leg 1 back in sync: ${legStates(mirror).join(',')}`);
-    assert.ok(await waitFor(() => stores.every((store) => setBits(bitmapOf(store, layout, true), layout).length === 0), 5000), 'bits cleared once all are in sync');
+    assert.ok(await waitFor(() => legStates(mirror).every((state) => state === 'in-sync'), 30_000), `leg 1 back in sync: ${legStates(mirror).join(',')}`);
+    assert.ok(await waitFor(() => stores.every((store) => setBits(bitmapOf(store, layout, true), layout).length === 0), 30_000), 'bits cleared once all are in sync');
     assert.deepEqual(stores[1]?.bytes.subarray(0, layout.dataSizeBytes), stores[0]?.bytes.subarray(0, layout.dataSizeBytes));
   } finally {
     await fm.close();
@@ -130,7 +130,7 @@ test('(b2) a FLUSH sent while another FLUSH is still out on a leg still lets the
     let held = true;
     store0.holdIf = (request) => held && request.command === p.kCmdFlush;
     const first = fm.driver.flush();
-    assert.ok(await waitFor(() => store0.heldCount === 1, 5000), 'the first FLUSH is held on leg 0');
+    assert.ok(await waitFor(() => store0.heldCount === 1, 30_000), 'the first FLUSH is held on leg 0');
     held = false;
     assert.equal(await fm.driver.write(7 * kMetaChunkBytes, pattern(31, 4096)), 0);
     const second = fm.driver.flush();
@@ -139,7 +139,7 @@ test('(b2) a FLUSH sent while another FLUSH is still out on a leg still lets the
     assert.deepEqual([await first, await second], [0, 0]);
     // Both writes were flushed on both legs (the second FLUSH covers the second write): quiet
     // heartbeats clear both bits, with no further FLUSH from the client.
-    const cleared = await waitFor(() => stores.every((store) => setBits(bitmapOf(store, layout, true), layout).length === 0), 5000);
+    const cleared = await waitFor(() => stores.every((store) => setBits(bitmapOf(store, layout, true), layout).length === 0), 30_000);
     assert.ok(cleared, `bits cleared: ${stores.map((store) => setBits(bitmapOf(store, layout, true), layout).join(',')).join(' / ')} (legs ${legStates(mirror).join(',')})`);
   } finally {
     store0.heal();
@@ -199,14 +199,14 @@ test('(c2) a leg that fails again while the table saying it is back is being wri
     // Leg 1 misses a write, is recorded stale, comes back and waits (paused) to resync.
     mirror.failLegByHand(1);
     assert.equal(await fm.driver.write(2 * kMetaChunkBytes, pattern(20, 4096)), 0);
-    assert.ok(await waitFor(() => memberOnLeg0() === 'needs-resync', 5000), 'leg 0 records leg 1 stale');
+    assert.ok(await waitFor(() => memberOnLeg0() === 'needs-resync', 30_000), 'leg 0 records leg 1 stale');
     mirror.pauseResync(true);
     await mirror.reconnectLegNow(1);
-    assert.ok(await waitFor(() => legStates(mirror)[1] === 'resyncing', 5000), `leg 1 resyncing: ${legStates(mirror).join(',')}`);
+    assert.ok(await waitFor(() => legStates(mirror)[1] === 'resyncing', 30_000), `leg 1 resyncing: ${legStates(mirror).join(',')}`);
     // The resync ends: the keeper writes a table saying leg 1 is in sync; leg 0's copy is held.
     store0.holdIf = (request) => request.command === p.kCmdWrite && superblockAt.has(request.offsetBytes);
     mirror.pauseResync(false);
-    assert.ok(await waitFor(() => legStates(mirror)[1] === 'in-sync' && store0.heldCount === 1, 5000), `the in-sync table's write is held on leg 0: ${legStates(mirror).join(',')}, held ${store0.heldCount}`);
+    assert.ok(await waitFor(() => legStates(mirror)[1] === 'in-sync' && store0.heldCount === 1, 30_000), `the in-sync table's write is held on leg 0: ${legStates(mirror).join(',')}, held ${store0.heldCount}`);
     // Leg 1 fails again before that write lands, and misses the next write.
     mirror.failLegByHand(1);
     let recordedAtAck: string | undefined = 'not acknowledged';
@@ -263,20 +263,20 @@ test('(e) a leg whose device was wiped comes back resyncing everything, with fre
     const legUuid = superblockOf(stores[1] as FaultStore)?.legUuid;
     mirror.pauseResync(true);
     (stores[1] as FaultStore).blank();
-    assert.ok(await waitFor(() => legStates(mirror)[1] === 'resyncing', 5000), `leg 1 back and resyncing: ${legStates(mirror).join(',')}`);
+    assert.ok(await waitFor(() => legStates(mirror)[1] === 'resyncing', 30_000), `leg 1 back and resyncing: ${legStates(mirror).join(',')}`);
     const map = mirror.dirtyMap(1);
     assert.equal(map?.dirtyBytes(), layout.dataSizeBytes, 'everything dirty: a full resync');
-    assert.ok(await waitFor(() => mirror.metadataStatus()?.members[1]?.state === 'needs-full-sync', 5000), `recorded needs-full-sync: ${JSON.stringify(mirror.metadataStatus()?.members)}`);
+    assert.ok(await waitFor(() => mirror.metadataStatus()?.members[1]?.state === 'needs-full-sync', 30_000), `recorded needs-full-sync: ${JSON.stringify(mirror.metadataStatus()?.members)}`);
     const fresh = superblockOf(stores[1] as FaultStore, true);
     assert.equal(fresh?.arrayUuid, superblockOf(stores[0] as FaultStore)?.arrayUuid, 'fresh superblocks of this array on the wiped leg');
     assert.equal(fresh?.legUuid, legUuid, 'in its own slot, with its UUID');
     // (metadataStatus shows the table once the keeper built it; its superblock write follows.)
-    assert.ok(await waitFor(() => superblockOf(stores[0] as FaultStore, true)?.members[1]?.state === 'needs-full-sync', 5000), 'leg 0 records it needs a full sync');
+    assert.ok(await waitFor(() => superblockOf(stores[0] as FaultStore, true)?.members[1]?.state === 'needs-full-sync', 30_000), 'leg 0 records it needs a full sync');
     assert.ok(setBits(bitmapOf(stores[0] as FaultStore, layout, true), layout).length >= Math.ceil(layout.chunkCount / 3), 'bits stay while it resyncs');
     mirror.pauseResync(false);
     assert.ok(await waitFor(() => legStates(mirror).every((state) => state === 'in-sync'), 10_000), `in sync again: ${legStates(mirror).join(',')}`);
     assert.deepEqual(stores[1]?.bytes.subarray(0, layout.dataSizeBytes), stores[0]?.bytes.subarray(0, layout.dataSizeBytes), 'identical data areas');
-    assert.ok(await waitFor(() => superblockOf(stores[0] as FaultStore, true)?.members[1]?.state === 'in-sync', 5000), 'recorded in sync');
+    assert.ok(await waitFor(() => superblockOf(stores[0] as FaultStore, true)?.members[1]?.state === 'in-sync', 30_000), 'recorded in sync');
   } finally {
     await fm.close();
   }
@@ -392,7 +392,7 @@ test('property: bitmap set/clear rules against a model (random writes, quiet per
       const dropAndWait = async (leg: number, crash = false): Promise<void> => {
         if (crash) (stores[leg] as FaultStore).crash();
         else (stores[leg] as FaultStore).drop();
-        assert.ok(await waitFor(() => legStates(mirror)[leg] !== 'in-sync', 3000), `leg ${leg} left after its drop${context()}`);
+        assert.ok(await waitFor(() => legStates(mirror)[leg] !== 'in-sync', 30_000), `leg ${leg} left after its drop${context()}`);
       };
       try {
         for (const op of ops) {
@@ -436,7 +436,7 @@ test('property: bitmap set/clear rules against a model (random writes, quiet per
             }
           }
           assert.deepEqual(violations, [], `I1: a data write reached a leg before its bit was durable on every admitted leg${context()}`);
-          const settled = await waitFor(() => missingMarks(meta).length === 0, 3000);
+          const settled = await waitFor(() => missingMarks(meta).length === 0, 30_000);
           assert.ok(settled, `I2: ${missingMarks(meta).join('; ')}${context()}`);
         }
         // The end: every leg back, quiet, identical and equal to the model, bits cleared.
@@ -445,7 +445,7 @@ test('property: bitmap set/clear rules against a model (random writes, quiet per
         for (const [index, store] of stores.entries()) assert.deepEqual(store.bytes.subarray(0, expected.length), expected, `leg ${index} holds the model's bytes${context()}`);
         const finalFlush = await within(fm.driver.flush(), kStepDeadlineMs, 'the final FLUSH', context);
         assert.equal(finalFlush, 0, `the final FLUSH with every leg in sync${context()}\nlast leg events: ${JSON.stringify(fm.events.slice(-8))}`);
-        assert.ok(await waitFor(() => stores.every((store) => setBits(bitmapOf(store, meta.layout, true), meta.layout).length === 0), 5000), `bits cleared once all are in sync and quiet${context()}`);
+        assert.ok(await waitFor(() => stores.every((store) => setBits(bitmapOf(store, meta.layout, true), meta.layout).length === 0), 30_000), `bits cleared once all are in sync and quiet${context()}`);
         assert.deepEqual(violations, []);
       } finally {
         await within(fm.close(), kStepDeadlineMs, 'close', context);

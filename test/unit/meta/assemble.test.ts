@@ -36,7 +36,7 @@ import { planAssembly, assembleArray, superblockFor, type AssemblyOptions, type 
 import { createArray } from '../../../src/meta/create-array.js';
 import { computeLayout, superblockOffsets, type LegLayout } from '../../../src/meta/layout.js';
 import { LegMeta, bitmapSet, bitmapTest, inspectCopy, type LegMetaRead } from '../../../src/meta/leg-meta.js';
-import { encodeSuperblock, type ArrayState, type MemberRecord, type MemberState, type OwnerRecord, type Superblock } from '../../../src/meta/superblock.js';
+import { encodeSuperblock, kGenerationsMax, type ArrayState, type MemberRecord, type MemberState, type OwnerRecord, type Superblock } from '../../../src/meta/superblock.js';
 import { MemoryDevice } from '../../helpers/memory-device.js';
 
 const kLegBytes = 1024 * 1024;
@@ -64,7 +64,12 @@ interface SbSpec {
   legUuid?: string;
   uuids?: string[];
   layout?: LegLayout;
+  /** Generation history, newest first (ids are padded to 16 hex digits: 'a1' -> '00000000000000a1'). */
+  generations?: string[];
 }
+
+/** A generation id for tests: `hex` padded to 16 hex digits. */
+const gen = (hex: string): string => hex.padStart(16, '0');
 
 function sbOf(spec: SbSpec): Superblock {
   const uuids = spec.uuids ?? kUuids;
@@ -81,6 +86,8 @@ function sbOf(spec: SbSpec): Superblock {
     spec.state ?? 'clean',
     spec.owner ?? null,
     kNow - 1000,
+    [],
+    (spec.generations ?? []).map(gen),
   );
 }
 
@@ -310,15 +317,50 @@ test('split brain through a replaced leg: a new member synced from one side, the
   refused([leg2, leg0], opts({ degraded: true }), /split brain/, /--force-source/);
 });
 
-test('no split brain when the legs a stale leg ran with were later resynced into the other (needless refusal)', { todo: 'over-strict: refused as split brain, --force-source resolves it; needs generation history' }, () => {
+test('no split brain when the legs a stale leg ran with were later resynced into the other (generation history)', () => {
   // Found by the history property. 3 legs; leg 1 fails and legs 0, 2 take writes (events 3);
   // crash. Legs 1, 0 run: leg 1 resyncs from leg 0 and ends in sync (events 5), so it holds leg
   // 2's writes too; crash. Now legs 1 and 2 are given: each records the other as not in sync,
   // yet leg 1 holds everything leg 2 holds (leg 2 went on only while leg 0 was with it).
-  const leg1 = legOf('leg1', sbOf({ slot: 1, members: [['in-sync', 5], ['in-sync', 5], ['needs-resync', 3]], events: 5, state: 'active' }));
-  const leg2 = legOf('leg2', sbOf({ slot: 2, members: [['in-sync', 3], ['needs-resync', 2], ['in-sync', 3]], events: 3, state: 'active' }));
-  const plan = planAssembly([leg1, leg2], opts({ degraded: true }));
-  assert.deepEqual(roles(plan), ['in-sync', 'bitmap-resync']);
+  // Generations: leg 2 stopped in generation 3; leg 1's line went 2, 3 (leg 0's run with leg 2,
+  // the table leg 1 got from leg 0), 4 (the run of legs 1 and 0), 5 (leg 1 resynced).
+  const leg1 = legOf('leg1', sbOf({ slot: 1, members: [['in-sync', 5], ['in-sync', 5], ['needs-resync', 3]], events: 5, state: 'active', generations: ['5', '4', '3', '2'] }), [7]);
+  const leg2 = legOf('leg2', sbOf({ slot: 2, members: [['in-sync', 3], ['needs-resync', 2], ['in-sync', 3]], events: 3, state: 'active', generations: ['3', '2'] }), [9]);
+  for (const order of [[leg1, leg2], [leg2, leg1]]) {
+    const plan = planAssembly(order, opts({ degraded: true, newGeneration: () => gen('6') }));
+    const roleOf = (uri: string): string | undefined => plan.legs.find((leg) => leg.uri === uri)?.role;
+    assert.equal(roleOf('leg1'), 'in-sync');
+    assert.equal(roleOf('leg2'), 'bitmap-resync');
+    assert.ok(plan.notes.some((note) => /went on from the last generation of leg \d: no split brain/.test(note)), plan.notes.join('; '));
+    assert.ok(bitmapTest(plan.bitmap, 7) && bitmapTest(plan.bitmap, 9), 'the resync copies both legs\' marked chunks');
+    assert.deepEqual(plan.generations, ['6', '5', '4', '3', '2'].map(gen), 'a new generation on the trusted leg\'s line');
+  }
+  // Without the history (metadata from before generations) the same tables are refused, as before.
+  const old1 = legOf('leg1', sbOf({ slot: 1, members: [['in-sync', 5], ['in-sync', 5], ['needs-resync', 3]], events: 5, state: 'active' }));
+  const old2 = legOf('leg2', sbOf({ slot: 2, members: [['in-sync', 3], ['needs-resync', 2], ['in-sync', 3]], events: 3, state: 'active' }));
+  refused([old1, old2], opts({ degraded: true }), /split brain/, /--force-source/);
+});
+
+test('generation history: legs that went on from a common generation apart are a split brain; a resync target\'s history proves nothing', () => {
+  // Both ran alone from generation 2.
+  const a = legOf('a', sbOf({ slot: 0, members: [['in-sync', 8], ['needs-resync', 5]], events: 8, generations: ['8', '2'] }), [1]);
+  const b = legOf('b', sbOf({ slot: 1, members: [['needs-resync', 5], ['in-sync', 7]], events: 7, generations: ['7', '2'] }), [2]);
+  refused([a, b], opts(), /split brain: leg 0 \(a, events 8\) and leg 1 \(b, events 7\)/);
+  // Leg c holds b's generation in its history but records itself needs-resync (its resync never
+  // ended): it does not hold everything b holds, so b's own run without c still counts.
+  const c = legOf('c', sbOf({ slot: 0, members: [['needs-resync', 9], ['needs-resync', 7]], events: 9, generations: ['9', '7', '2'] }));
+  const b2 = legOf('b', sbOf({ slot: 1, members: [['needs-resync', 5], ['in-sync', 7]], events: 7, generations: ['7', '2'] }));
+  refused([c, b2], opts(), /split brain/);
+});
+
+test('generation history is bounded: the plan keeps the newest kGenerationsMax ids', () => {
+  const long = Array.from({ length: kGenerationsMax }, (_unused, at) => (1000 - at).toString(16));
+  const a = legOf('a', sbOf({ slot: 0, members: [['in-sync', 5], ['in-sync', 5]], events: 5, generations: long }));
+  const b = legOf('b', sbOf({ slot: 1, members: [['in-sync', 5], ['in-sync', 5]], events: 5, generations: long }));
+  const plan = planAssembly([a, b], opts({ newGeneration: () => gen('ffff') }));
+  assert.equal(plan.generations.length, kGenerationsMax);
+  assert.equal(plan.generations[0], gen('ffff'));
+  assert.equal(plan.generations[kGenerationsMax - 1], gen(long[kGenerationsMax - 2] as string));
 });
 
 test('a leg that records itself needs-full-sync gets a full resync even where the other leg\'s table says needs-resync', () => {
@@ -518,7 +560,7 @@ function isSubset(a: Set<number>, b: Set<number>): boolean {
 
 class History {
   readonly legs: ModelLeg[] = [];
-  running: { members: MemberRecord[]; events: number; owner: OwnerRecord; plan: AssemblyPlan } | null = null;
+  running: { members: MemberRecord[]; events: number; generations: string[]; owner: OwnerRecord; plan: AssemblyPlan } | null = null;
   /** What the array last served: the acknowledged writes of its in-sync legs. */
   truth = new Set<number>();
   /** Writes given up by an operator's --force-source (no longer data to keep). */
@@ -527,13 +569,14 @@ class History {
   private nextPid = 1000;
   private nowMs = kNow;
   private uuidCounter = 0;
+  private generationCounter = 1;
   readonly log: string[] = [];
-  stats = { starts: 0, refusedSplit: 0, refusedStale: 0, refusedBlank: 0, accepted: 0, forced: 0, staleTrustedUnknowable: 0 };
+  stats = { starts: 0, refusedSplit: 0, refusedStale: 0, refusedBlank: 0, accepted: 0, forced: 0, staleTrustedUnknowable: 0, needless: 0 };
 
   constructor() {
     const members: MemberRecord[] = kUuids.map((legUuid) => ({ legUuid, state: 'in-sync', events: 1, recoveryOffsetBytes: 0 }));
     for (let slot = 0; slot < kLegs; slot += 1) {
-      const sb = superblockFor({ arrayUuid: kArray, arrayName: 'model', createdMs: 1, layout: kLayout }, kLayout, { slotIndex: slot, legUuid: kUuids[slot] as string }, members, 1, 'clean', null, kNow);
+      const sb = superblockFor({ arrayUuid: kArray, arrayName: 'model', createdMs: 1, layout: kLayout }, kLayout, { slotIndex: slot, legUuid: kUuids[slot] as string }, members, 1, 'clean', null, kNow, [], [gen('1')]);
       this.legs.push({ sb, writes: new Set(), auth: new Set(), run: 'out', fullSync: false, doubt: false, slot, legUuid: kUuids[slot] as string });
     }
   }
@@ -559,16 +602,23 @@ class History {
   private tableChange(): void {
     const running = this.running as NonNullable<History['running']>;
     running.events += 1;
+    running.generations = [this.newGeneration(), ...running.generations].slice(0, kGenerationsMax);
     running.members = this.table();
     for (const member of running.members) if (member.state === 'in-sync') member.events = running.events;
     this.writeSuperblocks('active', running.owner);
+  }
+
+  /** The model's generation ids: a counter (the daemon's are random). */
+  private newGeneration(): string {
+    this.generationCounter += 1;
+    return gen(this.generationCounter.toString(16));
   }
 
   private writeSuperblocks(state: ArrayState, owner: OwnerRecord | null): void {
     const running = this.running as NonNullable<History['running']>;
     this.nowMs += 1000;
     for (const leg of this.admitted()) {
-      leg.sb = superblockFor({ ...running.plan, layout: kLayout }, kLayout, { slotIndex: leg.slot, legUuid: leg.legUuid }, running.members, running.events, state, owner === null ? null : { ...owner, heartbeatMs: this.nowMs }, this.nowMs);
+      leg.sb = superblockFor({ ...running.plan, layout: kLayout }, kLayout, { slotIndex: leg.slot, legUuid: leg.legUuid }, running.members, running.events, state, owner === null ? null : { ...owner, heartbeatMs: this.nowMs }, this.nowMs, [], withGenerations ? running.generations : []);
     }
   }
 
@@ -633,6 +683,7 @@ class History {
         return;
       case 'stop':
         running.events += 1;
+        running.generations = [this.newGeneration(), ...running.generations].slice(0, kGenerationsMax);
         running.members = this.table();
         for (const member of running.members) if (member.state === 'in-sync') member.events = running.events;
         this.writeSuperblocks('clean', null);
@@ -670,6 +721,7 @@ class History {
       nowMs: this.nowMs,
       pidAlive: () => false,
       newUuid: () => `model-uuid-${this.uuidCounter++}`,
+      newGeneration: () => this.newGeneration(),
     });
     // Legs whose contents the metadata knows (a blank leg, or one whose full resync never ended, holds nothing to keep).
     const known = given.filter((leg) => leg.sb !== null && !leg.fullSync);
@@ -710,6 +762,7 @@ class History {
       }
       // S3: any other refusal needs a reason the model agrees with.
       assert.ok(!anyCurrent || allBlank || safetyOnly, `refused although leg(s) hold the served data and there is no split brain: ${error.message}${context()}`);
+      if (anyCurrent && !allBlank) this.stats.needless += 1;
       if (allBlank) this.stats.refusedBlank += 1;
       else this.stats.refusedStale += 1;
       return;
@@ -736,7 +789,7 @@ class History {
   /** The claim: every given leg gets the plan's table, events, state active, this owner. */
   private begin(given: ModelLeg[], plan: AssemblyPlan, pid: number): void {
     const owner: OwnerRecord = { host: kHost, pid, heartbeatMs: this.nowMs };
-    this.running = { members: plan.members.map((member) => ({ ...member })), events: plan.events, owner, plan };
+    this.running = { members: plan.members.map((member) => ({ ...member })), events: plan.events, generations: [...plan.generations], owner, plan };
     // A leg not given misses this run (the metadata records it so, writes or not).
     for (const leg of this.legs) if (!given.includes(leg)) leg.doubt = true;
     for (const [at, leg] of given.entries()) {
@@ -755,9 +808,12 @@ class History {
   }
 }
 
-function historyProperty(safety: boolean): void {
+/** False: the model's legs carry no generation history (metadata written before it existed). */
+let withGenerations = true;
+
+function historyProperty(safety: boolean): Record<string, number> {
   safetyOnly = safety || kSafetyOnly;
-  const totals = { starts: 0, refusedSplit: 0, refusedStale: 0, refusedBlank: 0, accepted: 0, forced: 0, staleTrustedUnknowable: 0 };
+  const totals = { starts: 0, refusedSplit: 0, refusedStale: 0, refusedBlank: 0, accepted: 0, forced: 0, staleTrustedUnknowable: 0, needless: 0 };
   fc.assert(
     fc.property(fc.array(runArb, { minLength: 1, maxLength: 8 }), (runs) => {
       const history = new History();
@@ -770,15 +826,32 @@ function historyProperty(safety: boolean): void {
   // The generator must reach the interesting cases, else the property proves little.
   assert.ok(totals.refusedSplit > 0, `some split brains were generated: ${JSON.stringify(totals)}`);
   assert.ok(totals.accepted > totals.starts / 4, `most starts assemble: ${JSON.stringify(totals)}`);
+  return totals;
 }
 
-test('property (safety): random histories never trust a stale leg nor miss a split brain', () => {
-  historyProperty(true);
+test('property (safety): random histories never trust a stale leg nor miss a split brain', (t) => {
+  const totals = historyProperty(true);
+  // needless: refused although a given leg held the served data and no split brain (the exact
+  // property below fails on the first); compare with the run without generations.
+  t.diagnostic(`with generation history: ${JSON.stringify(totals)}`);
 });
 
-// Known over-strict case (test "no split brain when the legs a stale leg ran with were later
-// resynced into the other"): a start is refused as split brain though one leg holds everything;
-// the operator's way out is --force-source. Exactness needs DRBD-style generation history.
-test('property (exact): random histories refuse exactly the split brains', { todo: 'needless split-brain refusals remain (see the test above); --force-source resolves them' }, () => {
+test('property (safety), legs without generation history (older metadata): the same rules hold', (t) => {
+  withGenerations = false;
+  try {
+    const totals = historyProperty(true);
+    t.diagnostic(`without generation history: ${JSON.stringify(totals)}`);
+  } finally {
+    withGenerations = true;
+  }
+});
+
+// Exact: a start is refused as a split brain only when no given leg holds every write the others
+// hold. The generation history removed most needless refusals (the safety runs count them:
+// "needless", ~9x fewer than without it). What remains involves a given resync target (recorded
+// needs-resync or needs-full-sync) whose generation shows it took writes in a run the trusted leg
+// never saw. The model counts a target's writes as its source's only; the planner still refuses
+// (the target's metadata proves those acknowledged writes exist), and --force-source resolves it.
+test('property (exact): random histories refuse exactly the split brains', { todo: 'refusals remain where a given resync target took writes in a run the trusted leg never saw (the model counts them as its source\'s); --force-source resolves them' }, () => {
   historyProperty(false);
 });

@@ -20,6 +20,7 @@ import {
   encodeSuperblock,
   kChecksumOffset,
   kHeaderBytes,
+  kGenerationsMax,
   kMembersMax,
   type MemberState,
   type Superblock,
@@ -48,11 +49,13 @@ const superblockArbitrary: fc.Arbitrary<Superblock> = fc
     owner: fc.option(fc.record({ host: fc.string({ maxLength: 64 }), pid: fc.nat(), heartbeatMs: safeCount }, { noNullPrototype: true }), { nil: null }),
     createdMs: safeCount,
     updatedMs: safeCount,
+    generations: fc.array(fc.stringMatching(/^[0-9a-f]{16}$/), { maxLength: kGenerationsMax }),
   }, { noNullPrototype: true })
-  .map(({ slotSeed, members, ...rest }) => {
+  .map(({ slotSeed, members, generations, ...rest }) => {
     const slotIndex = slotSeed % members.length;
     return {
       ...rest,
+      ...(generations.length > 0 ? { generations } : {}),
       members,
       slotIndex,
       legUuid: (members[slotIndex] as { legUuid: string }).legUuid,
@@ -215,6 +218,16 @@ test('encode refuses an events count the reader would refuse (past Number.MAX_SA
   const superblock = fc.sample(superblockArbitrary, 1)[0] as Superblock;
   assert.throws(() => encodeSuperblock({ ...superblock, events: Number.MAX_SAFE_INTEGER + 2 }, 0, 1), (error: unknown) => error instanceof EnbdError && error.code === 'ENBD_ERR_META' && /events/.test(error.message));
   assert.ok(encodeSuperblock({ ...superblock, events: Number.MAX_SAFE_INTEGER }, 0, 1).length > 0);
+});
+
+test('generations: more than kGenerationsMax, or ids that are not 16 hex digits, are refused on encode', () => {
+  const superblock = fc.sample(superblockArbitrary, 1)[0] as Superblock;
+  const tooMany = Array.from({ length: kGenerationsMax + 1 }, (_unused, at) => at.toString(16).padStart(16, '0'));
+  for (const generations of [tooMany, ['xyz'], ['0123456789ABCDEF']]) {
+    assert.throws(() => encodeSuperblock({ ...superblock, generations }, 0, 1), (error: unknown) => isMetaError(error) && /generations/.test((error as Error).message));
+  }
+  const round = decodeSuperblock(encodeSuperblock({ ...superblock, generations: ['00000000000000ff', '0123456789abcdef'] }, 0, 1));
+  assert.deepEqual(round.superblock.generations, ['00000000000000ff', '0123456789abcdef']);
 });
 
 test('a write after a torn copy goes to the torn copy, keeping the good one', async () => {
