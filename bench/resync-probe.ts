@@ -4,8 +4,11 @@
  * other threads, context switches (per thread, from /proc/self/task), and, with --perf,
  * syscalls and context switches of the whole process (`perf stat -p`) over the resync.
  * `node dist/bench/resync-probe.js [--size-mib 512] [--writes 1311] [--rounds 4] [--perf]
- *  [--direct] [--verify] [--block 4096] [--gap BYTES] [--lanes N] [--no-chain] [--full]`
- * (--full: every chunk of leg 1 marked instead of the scattered writes).
+ *  [--direct] [--verify] [--block 4096] [--gap BYTES] [--lanes N] [--no-chain] [--full] [--timeline]
+ *  [--slots N] [--slot-kib K]`
+ * (--full: every chunk of leg 1 marked instead of the scattered writes; --timeline: the ms spent
+ * with 0-15, 16-31, ... copies in flight while the map was not empty, sampled every ms; --slots,
+ * --slot-kib: the ring's shape, default 256 x 256 KiB; the window is at most half its slots).
  * Threads: main thread (the mirror runs in this process, its actors on worker threads); the
  * legs are `nbdkit memory` children on Unix sockets.
  *
@@ -110,6 +113,8 @@ async function main(): Promise<void> {
       ...(process.argv.includes('--gap') ? { resyncGapBytes: numberFlag('--gap', 65536) } : {}),
       ...(process.argv.includes('--no-chain') ? { resyncChain: false } : {}),
       ...(process.argv.includes('--lanes') ? { resyncLanes: numberFlag('--lanes', 128) } : {}),
+      ...(process.argv.includes('--slots') || process.argv.includes('--slot-kib')
+        ? { ring: { slotCount: numberFlag('--slots', 256), slotBytes: numberFlag('--slot-kib', 256) * 1024 } } : {}),
     }, { logger });
     const mirror = served.mirror;
     const exportSocket = join(runDir, 'export.sock');
@@ -160,8 +165,20 @@ async function main(): Promise<void> {
       const notifiesMid = notifies();
       let firstCopyAt = 0;
       let halfAt = 0;
+      let lastCopyAt = 0;
+      /** --timeline: time-weighted copies in flight (buckets of 16) while copying. */
+      const inFlightMs = new Array<number>(10).fill(0);
+      let sampledAt = performance.now();
       while (inSyncAt === 0) {
-        const left = mirror.legStatus()[1]?.dirtyBytes ?? 0;
+        const status = mirror.legStatus()[1];
+        const left = status?.dirtyBytes ?? 0;
+        const now = performance.now();
+        if (firstCopyAt !== 0 && left > 0) {
+          const bucket = Math.min(9, Math.floor((status?.resync?.copiesInFlight ?? 0) / 16));
+          inFlightMs[bucket] = (inFlightMs[bucket] ?? 0) + (now - sampledAt);
+        }
+        sampledAt = now;
+        if (lastCopyAt === 0 && left === 0) lastCopyAt = now;
         if (firstCopyAt === 0 && left < dirtyBytes) firstCopyAt = performance.now();
         if (halfAt === 0 && left <= dirtyBytes / 2) halfAt = performance.now();
         await sleep(1);
@@ -200,6 +217,8 @@ async function main(): Promise<void> {
         reconnectMs: +(reconnectedAt - startedAt).toFixed(1), copyMs: +copyMs.toFixed(1), totalMs: +totalMs.toFixed(1),
         firstCopyMs: firstCopyAt === 0 ? null : +(firstCopyAt - reconnectedAt).toFixed(1),
         halfMs: halfAt === 0 ? null : +(halfAt - reconnectedAt).toFixed(1),
+        emptyToInSyncMs: lastCopyAt === 0 ? null : +(inSyncAt - lastCopyAt).toFixed(1),
+        ...(flag('--timeline') ? { inFlightMsBy16: inFlightMs.map((ms) => Math.round(ms)).join('/') } : {}),
         copiesPerSec: Math.round(copies / (copyMs / 1000)), writesPerSec: Math.round(writes / (totalMs / 1000)),
         directIops: direct === null ? null : Math.round(direct), directRatio: direct === null ? null : +(writes / (totalMs / 1000) / direct).toFixed(3),
         cpuMsPerCopy: +(((cpu.user + cpu.system) / 1000) / Math.max(1, copies)).toFixed(3),

@@ -111,7 +111,7 @@ export interface MirrorOptions {
   /** Resync rate floor and ceiling in bytes/s (ceiling 0 = unlimited). */
   resyncRates?: Partial<ResyncRates>;
   /**
-   * Resync copies in flight per leg (default 128; their slots never more than half the ring),
+   * Resync copies in flight per leg (default 192; their slots never more than three quarters of the ring),
    * the largest copy (default 1 MiB), and the clean gap between dirty runs copied with them
    * (default 64 KiB), see resync-window.ts.
    */

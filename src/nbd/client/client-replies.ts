@@ -2,8 +2,10 @@
  * Incremental parser for NBD transmission replies on the client side: simple replies and
  * structured reply chunks, fed with whatever byte ranges the socket delivers (split or merged
  * at any boundary). READ data is copied straight from the receive buffer into the request's
- * destination (one copy), or, with direct receive, read by the socket straight into it (no
- * copy: `directTarget` / `directReceived`, driven by NbdClient); OFFSET_HOLE zero-fills it.
+ * destination (one copy; copyBytes keeps it word by word when the receive-buffer position is
+ * not 8-byte congruent with the ring slot), or, with direct receive, read by the socket
+ * straight into it (no copy: `directTarget` / `directReceived`, driven by NbdClient);
+ * OFFSET_HOLE zero-fills it.
  * Other chunk payloads are handed out as views of the receive buffer, or of a grow-only scratch
  * buffer when a payload straddles reads.
  * Threads: the NbdClient's thread only.
@@ -32,6 +34,7 @@
  * - No allocation per reply on the data path (payload scratch grows rarely, bounded).
  */
 import { assert } from '../../core/assert.js';
+import { copyBytes } from '../../core/copy-bytes.js';
 import { kTwoPow32 } from '../../core/u64.js';
 import {
   kCmdBlockStatus,
@@ -424,7 +427,7 @@ export class ReplyParser {
     const target = this.table.data[slot];
     assert(target !== null && target !== undefined, 'READ has a destination');
     const countBytes = Math.min(this.dataRemainingBytes, end - position);
-    buffer.copy(target, this.dataTargetBytes, position, position + countBytes);
+    copyBytes(target, this.dataTargetBytes, buffer, position, position + countBytes);
     this.dataTargetBytes += countBytes;
     this.dataRemainingBytes -= countBytes;
     this.dataBytesCopied += countBytes;

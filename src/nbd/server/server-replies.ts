@@ -6,7 +6,9 @@
  *
  * Design notes
  * Headers and small READ payloads (up to kInlineReadBytesMax) are appended to the output
- * arena; large READ payloads are written as their own buffers (the record goes to state
+ * arena (copyBytes: the slot -> arena copy of a payload behind a 28-byte structured header is
+ * not 8-byte congruent every other reply, and V8 copies such pairs out of shared memory byte by
+ * byte); large READ payloads are written as their own buffers (the record goes to state
  * writing until the socket has written it). The socket is corked on the first reply of an
  * event-loop turn and uncorked once in setImmediate, so a turn's replies leave in one writev.
  * The arena is reset only when the socket has nothing pending (writableLength 0), so no
@@ -18,6 +20,7 @@
  * - After `stop()` nothing more is flushed (the connection is closed).
  */
 import type { Socket } from 'node:net';
+import { copyBytes } from '../../core/copy-bytes.js';
 import * as p from '../protocol.js';
 import { RecordState, kTwoPow32, type RequestRecord } from './server-records.js';
 
@@ -92,7 +95,7 @@ export class ReplyWriter {
     }
     if (length <= kInlineReadBytesMax) {
       const at = this.reserve(length);
-      this.out.set(record.data, at);
+      copyBytes(this.out, at, record.data, 0, length);
       return true;
     }
     this.flushSegment();

@@ -15,7 +15,7 @@ import { DirtyMap } from '../../../src/bitmap/dirty-map.js';
 import { createLogger } from '../../../src/core/log.js';
 import { RequestRing } from '../../../src/ring/request-ring.js';
 import { Resync, kBusyCopies, type CopyOutcome, type ResyncHost } from '../../../src/engine/resync.js';
-import { kDefaultResyncGapBytes, resyncWindow } from '../../../src/engine/resync-window.js';
+import { kDefaultResyncCopies, kDefaultResyncGapBytes, resyncWindow } from '../../../src/engine/resync-window.js';
 import type { AssembledArray } from '../../../src/meta/assemble.js';
 
 const kChunk = 4096;
@@ -159,10 +159,11 @@ describe('Resync copy window', () => {
     }
   });
 
-  test('the mirror window: half the ring, the default gap, copies capped at the largest request', () => {
+  test('the mirror window: three quarters of the ring, the default gap, copies capped at the largest request', () => {
     const ring = RequestRing.create({ slotCount: 64, slotBytes: 64 * 1024 });
     const window = resyncWindow({}, ring);
-    assert.equal(window.maxFootprintBytes, 32 * 64 * 1024);
+    assert.equal(window.maxFootprintBytes, 48 * 64 * 1024);
+    assert.equal(window.maxCopies, kDefaultResyncCopies);
     assert.equal(window.gapBytes, kDefaultResyncGapBytes);
     assert.ok((window.maxCopyBytes ?? 0) <= ring.maxRequestBytes);
     assert.equal(resyncWindow({ resyncLanes: 3, resyncGapBytes: 0 }, ring).maxCopies, 3);
