@@ -180,6 +180,10 @@ test('(c) a write a leg fails is acknowledged only after the other leg durably r
     assert.equal(ack.sb.members[1]?.state, 'needs-resync', 'at the ack, leg 0 already records leg 1 as needing a resync');
     assert.ok(ack.sb.events > before.events, `with higher events (${ack.sb.events} > ${before.events})`);
     assert.equal(ack.sb.members[0]?.events, ack.sb.events, 'leg 0 in sync at the new events');
+    // The table change began a new generation; the one before follows it in the history.
+    const [current, previous] = ack.sb.generations ?? [];
+    assert.ok(current !== undefined && current !== before.generations?.[0], `a new generation (${String(current)} after ${String(before.generations?.[0])})`);
+    assert.equal(previous, before.generations?.[0], 'the previous generation is next in the history');
     assert.ok(bitmapTest(bitmapOf(stores[0] as FaultStore, layout, true), 4), 'the missed chunk\'s bit is durable on leg 0');
     assert.notEqual(legStates(mirror)[1], 'in-sync');
   } finally {
@@ -245,6 +249,9 @@ test('(d) close() writes state clean, no owner and a zero bitmap on every leg', 
     assert.equal(sb?.owner, null, `leg ${index}: no owner`);
     assert.ok((sb?.events ?? 0) > (claimed?.events ?? 0), `leg ${index}: events bumped`);
     assert.ok(sb?.members.every((member) => member.state === 'in-sync' && member.events === sb.events), `leg ${index}: all in sync at the final events`);
+    const claimedGeneration: string | undefined = claimed?.generations?.[0];
+    assert.ok(claimedGeneration !== undefined && sb?.generations?.[0] !== claimedGeneration && (sb?.generations ?? []).includes(claimedGeneration), `leg ${index}: the stop began a generation on the claim's line (${JSON.stringify(sb?.generations)} after ${String(claimedGeneration)})`);
+    assert.equal(sb?.generations?.[0], superblockOf(stores[0] as FaultStore, true)?.generations?.[0], `leg ${index}: the same generation as leg 0`);
     const area = store.durable.subarray(layout.bitmapOffsetBytes, layout.bitmapOffsetBytes + layout.bitmapAreaBytes);
     assert.ok(area.every((byte) => byte === 0), `leg ${index}: the bitmap area is zero`);
   }
