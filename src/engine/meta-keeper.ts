@@ -63,7 +63,7 @@ import { bitmapCount, inspectCopy } from '../meta/leg-meta.js';
 import { superblockFor, kHeartbeatMs, type AssembledArray } from '../meta/assemble.js';
 import { randomUUID } from 'node:crypto';
 import type { Leg } from './leg.js';
-import { kGenerationsMax, kPayloadBytesMax, newGenerationId, superblockPayloadBytes, type CheckpointRecord } from '../meta/superblock.js';
+import { kPayloadBytesMax, nextGenerations, superblockPayloadBytes, type CheckpointRecord } from '../meta/superblock.js';
 import type { CheckpointSet } from './checkpoints.js';
 
 /** What the keeper needs of the session master. */
@@ -400,8 +400,7 @@ export class MetaKeeper {
         this.tableChanged = false;
         this.outOfSyncMarks();
         await this.writePages(this.admittedMask());
-        this.events += 1;
-        this.newGeneration();
+        this.nextEvents();
         this.members = this.desiredTable();
         this.scheduledTable = this.tableKey(this.members);
         for (const member of this.members) if (member.state === 'in-sync') member.events = this.events;
@@ -708,16 +707,16 @@ export class MetaKeeper {
     } else if (this.pagePending.includes(1)) {
       await this.writePages(this.admittedMask());
     }
-    this.events += 1;
-    this.newGeneration();
+    this.nextEvents();
     for (const member of this.members) if (member.state === 'in-sync') member.events = this.events;
     await this.writeSuperblocks('clean', null);
     this.releaseHeld();
   }
 
-  /** A member-table change or stop: a new generation, the old ones after it (bounded). */
-  private newGeneration(): void {
-    this.generations = [newGenerationId(), ...this.generations].slice(0, kGenerationsMax);
+  /** A member-table change or stop: events + 1 and a new generation, the old ones after it (bounded). */
+  private nextEvents(): void {
+    this.events += 1;
+    this.generations = nextGenerations(this.generations);
   }
 
   // ---- checkpoints --------------------------------------------------------------------------

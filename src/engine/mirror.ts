@@ -527,18 +527,12 @@ export class MirrorDevice implements BlockDevice {
         this.ring.rephase(slot, p.kCmdWrite, this.features.fua ? p.kCmdFlagFua : 0, mask);
         // Not durable until the next FLUSH (without FUA): recorded unflushed on the legs it
         // rewrites before they get it (v9), so a leg that drops and loses it resyncs the unit.
-        if (this.flushTracking) {
-          for (const leg of this.legs) if ((mask & leg.bit) !== 0) leg.currentUnflushed?.markRange(this.ring.offsetBytes(slot), this.ring.lengthBytes(slot));
-        }
+        if (this.flushTracking) this.recordUnflushed(slot, mask);
         // Write intent, as for a client write (v8): the unit's bits are durable on the legs
         // before the leg gets the bytes, so a crash mid-repair resyncs the unit, and after that
         // unclean stop the checkpoints mark it from the bitmap (their in-memory mark is lost).
         // The keeper resumes the slot through dispatch (phase 4 goes straight to the legs).
-        const keeper = this.keeper;
-        if (keeper !== null && !keeper.covers(this.ring.offsetBytes(slot), this.ring.lengthBytes(slot))) {
-          keeper.park(slot, this.ring.offsetBytes(slot), this.ring.lengthBytes(slot));
-          return;
-        }
+        if (this.parkedForIntent(slot)) return;
         this.dispatch(slot);
       },
       finish: (slot, locked) => {
@@ -1196,6 +1190,17 @@ export class MirrorDevice implements BlockDevice {
     return this.reads.pick(this.legs, (leg) => (leg.bit & excludeMask) === 0 && this.upToDateFor(leg, offsetBytes, lengthBytes));
   }
 
+  /**
+   * Write intent: true when the slot's chunks are not all durably marked yet and the keeper took
+   * the slot (it resumes it through dispatch once they are). False: go on (no keeper, or covered).
+   */
+  private parkedForIntent(slot: number): boolean {
+    const keeper = this.keeper;
+    if (keeper === null || keeper.covers(this.ring.offsetBytes(slot), this.ring.lengthBytes(slot))) return false;
+    keeper.park(slot, this.ring.offsetBytes(slot), this.ring.lengthBytes(slot));
+    return true;
+  }
+
   private dispatch(slot: number): void {
     const ring = this.ring;
     if (ring.state(slot) !== 2) {
@@ -1214,11 +1219,7 @@ export class MirrorDevice implements BlockDevice {
         // A verify's zero-skip answer for the range's window is out of date from now on.
         this.verifier.noteWrite(ring.offsetBytes(slot), ring.lengthBytes(slot));
         // Write intent: the chunks' bits are durable on the legs before any leg gets the data.
-        const keeper = this.keeper;
-        if (keeper !== null && !keeper.covers(ring.offsetBytes(slot), ring.lengthBytes(slot))) {
-          keeper.park(slot, ring.offsetBytes(slot), ring.lengthBytes(slot));
-          return;
-        }
+        if (this.parkedForIntent(slot)) return;
         if (!this.settleWriteTarget(slot)) return;
       }
       ring.markDispatched(slot);

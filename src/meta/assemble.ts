@@ -46,7 +46,7 @@ import { assert } from '../core/assert.js';
 import { EnbdError, describeError } from '../core/errors.js';
 import { computeLayout, type LegLayout } from './layout.js';
 import { LegMeta, type LegMetaRead } from './leg-meta.js';
-import { kGenerationsMax, kMembersMax, newGenerationId, type CheckpointRecord, type MemberRecord, type OwnerRecord, type Superblock } from './superblock.js';
+import { kMembersMax, newGenerationId, nextGenerations, type CheckpointRecord, type MemberRecord, type OwnerRecord, type Superblock } from './superblock.js';
 
 /** A heartbeat older than this marks another host's claim as stale (the owner writes every 5 s). */
 export const kClaimStaleMs = 30_000;
@@ -367,7 +367,7 @@ export function planAssembly(found: FoundLeg[], options: AssemblyOptions): Assem
     refuse(`no leg is known to be up to date (${legs.map((leg, index) => `leg ${index}: ${leg.why}`).join('; ')}); name the leg to trust with --force-source LEG`);
   }
   const events = maxEvents + 1;
-  const generations = [(options.newGeneration ?? newGenerationId)(), ...(reference.sb.generations ?? [])].slice(0, kGenerationsMax);
+  const generations = nextGenerations(reference.sb.generations ?? [], (options.newGeneration ?? newGenerationId)());
   for (const planned of legs) {
     const record = table[planned.slotIndex] as MemberRecord;
     record.legUuid = planned.legUuid;

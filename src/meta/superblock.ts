@@ -122,6 +122,11 @@ export function newGenerationId(): string {
   return randomBytes(8).toString('hex');
 }
 
+/** A new generation `id` in front of `history` (newest first), bounded to kGenerationsMax. */
+export function nextGenerations(history: readonly string[], id: string = newGenerationId()): string[] {
+  return [id, ...history].slice(0, kGenerationsMax);
+}
+
 /**
  * A checkpoint as kept in the payload (wire: [name, createdMs, frozen 0/1, granularityBytes,
  * unitBytes, runs bin]); `runs` are LEB128 (gap, length) pairs of changed units of unitBytes.
