@@ -49,6 +49,13 @@ async function returnLegOneHeldAtAdmission(fm: FaultMirror, store0: FaultStore, 
   return { returned };
 }
 
+/** Leg 0 goes away for good (its store refuses reconnects); resolves once it is out of sync. */
+async function loseForGood(mirror: FaultMirror['mirror'], store0: FaultStore): Promise<void> {
+  store0.refuseOpen = true;
+  store0.drop();
+  assert.ok(await waitFor(() => legStates(mirror)[0] !== 'in-sync', 30_000), 'leg 0 left');
+}
+
 test('(r1) a leg admitted while the loop writes a table no admitted leg took gets that table before its next write is acknowledged', async () => {
   const stores = makeStores(2, kLegBytes);
   const [store0, store1] = stores as [FaultStore, FaultStore];
@@ -57,9 +64,7 @@ test('(r1) a leg admitted while the loop writes a table no admitted leg took get
   try {
     const { returned } = await returnLegOneHeldAtAdmission(fm, store0, store1, layout, 1);
     // Meanwhile leg 0 goes away for good: the table saying so has no admitted leg to go to.
-    store0.refuseOpen = true;
-    store0.drop();
-    assert.ok(await waitFor(() => legStates(mirror)[0] !== 'in-sync', 30_000), 'leg 0 left');
+    await loseForGood(mirror, store0);
     store1.holdIf = null;
     store1.release();
     await returned;
@@ -205,9 +210,7 @@ test('(r5) a bit set while a returning leg\'s admission is written, with no leg 
     // A write to clean chunk 7 waits for its bit (behind the admission); then leg 0 goes for good.
     const first = fm.driver.write(7 * kMetaChunkBytes, pattern(9, 4096));
     assert.ok(await waitFor(() => mirror.metadataStatus()?.intentWaits === 2, 30_000), 'the write to chunk 7 waits for its bit');
-    store0.refuseOpen = true;
-    store0.drop();
-    assert.ok(await waitFor(() => legStates(mirror)[0] !== 'in-sync', 30_000), 'leg 0 left');
+    await loseForGood(mirror, store0);
     store1.holdIf = null;
     store1.release();
     await returned;

@@ -36,7 +36,7 @@ import { planAssembly, assembleArray, superblockFor, type AssemblyOptions, type 
 import { createArray } from '../../../src/meta/create-array.js';
 import { computeLayout, superblockOffsets, type LegLayout } from '../../../src/meta/layout.js';
 import { LegMeta, bitmapSet, bitmapTest, inspectCopy, type LegMetaRead } from '../../../src/meta/leg-meta.js';
-import { encodeSuperblock, kGenerationsMax, type ArrayState, type MemberRecord, type MemberState, type OwnerRecord, type Superblock } from '../../../src/meta/superblock.js';
+import { encodeSuperblock, kGenerationsMax, nextGenerations, type ArrayState, type MemberRecord, type MemberState, type OwnerRecord, type Superblock } from '../../../src/meta/superblock.js';
 import { MemoryDevice } from '../../helpers/memory-device.js';
 
 const kLegBytes = 1024 * 1024;
@@ -598,14 +598,17 @@ class History {
     return table;
   }
 
-  /** A member-table change (MetaKeeper loop): events + 1, superblocks on every admitted leg. */
-  private tableChange(): void {
+  /**
+   * A member-table change (MetaKeeper loop), or with 'clean' the clean stop: events + 1, a new
+   * generation, superblocks on every admitted leg.
+   */
+  private tableChange(state: ArrayState = 'active'): void {
     const running = this.running as NonNullable<History['running']>;
     running.events += 1;
-    running.generations = [this.newGeneration(), ...running.generations].slice(0, kGenerationsMax);
+    running.generations = nextGenerations(running.generations, this.newGeneration());
     running.members = this.table();
     for (const member of running.members) if (member.state === 'in-sync') member.events = running.events;
-    this.writeSuperblocks('active', running.owner);
+    this.writeSuperblocks(state, state === 'active' ? running.owner : null);
   }
 
   /** The model's generation ids: a counter (the daemon's are random). */
@@ -682,11 +685,7 @@ class History {
         this.endRun();
         return;
       case 'stop':
-        running.events += 1;
-        running.generations = [this.newGeneration(), ...running.generations].slice(0, kGenerationsMax);
-        running.members = this.table();
-        for (const member of running.members) if (member.state === 'in-sync') member.events = running.events;
-        this.writeSuperblocks('clean', null);
+        this.tableChange('clean');
         this.endRun();
         return;
     }
